@@ -1,0 +1,10 @@
+//! lessnat: run and upgrade services on your own hosts with no load balancer and
+//! no NAT in the steady state.
+//!
+//! The pipeline is spec → observe → plan → apply; see `docs/architecture.md`.
+//! This crate holds the library; `main.rs` is a thin command-line front.
+
+pub mod cli;
+pub mod diagnostic;
+pub mod schema;
+pub mod spec;

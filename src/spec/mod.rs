@@ -1,0 +1,355 @@
+//! The spec: what a lessnat user writes in YAML. Every field's doc comment
+//! becomes its description in the JSON Schema, shown as hover text in editors.
+
+mod address;
+mod de;
+mod duration;
+mod load;
+mod located;
+mod placeholder;
+mod tree;
+mod validate;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use address::{Address, Subnet};
+pub use duration::{DurationError, HumanDuration};
+pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
+pub use located::Located;
+pub use placeholder::{PlaceholderError, render_placeholders};
+
+/// The spec format version this build of lessnat reads.
+pub const SPEC_VERSION: u32 = 1;
+
+/// A lessnat spec: the nodes of a site and the services that run on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "lessnat spec")]
+pub struct Spec {
+    /// Version of the spec format. Always `1`.
+    #[schemars(range(min = 1, max = 1))]
+    pub version: Located<u32>,
+    /// The hosts lessnat manages: workers that run services, and load-balancer nodes.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
+    /// The services to run.
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// A host managed by lessnat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Node {
+    /// Name of the node, as given to `--node`: lowercase letters, digits and `-`.
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"), length(max = 40))]
+    pub name: Located<String>,
+    /// The node's address on the data-centre network.
+    pub address: Located<Address>,
+    /// Routed mode: the subnet container addresses on this node live in, e.g. `10.20.1.0/24`.
+    /// Load-balancer nodes route it via `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_subnet: Option<Located<Subnet>>,
+    /// Makes this node a load balancer for routed services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// Load-balancer settings of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// Identifier of this load balancer, 1 to 63. It is carried in the DSCP bits of
+    /// forwarded packets so that workers send replies back through the same node.
+    #[schemars(range(min = 1, max = 63))]
+    pub id: Located<u8>,
+    /// Virtual IP addresses this node accepts traffic on for routed services.
+    #[serde(default)]
+    pub vips: Vec<Located<Address>>,
+}
+
+/// How a service's containers are attached to the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    /// The container shares the node's network (Docker `--network host`) and listens
+    /// on the node's ports. Upgrades redirect new connections to a temporary port.
+    #[default]
+    Host,
+    /// Each replica gets its own address from its node's `containerSubnet`, reached
+    /// through load-balancer nodes by routing, keeping real client addresses.
+    Routed,
+}
+
+/// A service: one container image, run in host mode on one node or in routed mode as replicas.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Name of the service: lowercase letters, digits and `-`; used in container names.
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"), length(max = 40))]
+    pub name: Located<String>,
+    /// `host` (default) or `routed`.
+    #[serde(default)]
+    pub network: NetworkMode,
+    /// Host mode: the node the service runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Located<String>>,
+    /// Routed mode: one entry per replica, each on a node with a `containerSubnet`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Replica>,
+    /// The container image, e.g. `registry.example/web:2.1`. Changing it triggers an upgrade.
+    pub image: Located<String>,
+    /// Command and arguments; the image's default when omitted. `{port}` stands for the
+    /// port the container must listen on (the canonical port, or the temporary port
+    /// during an upgrade); `{port.NAME}` for a named port when there are several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<Located<String>>,
+    /// Environment variables. Values may use `{port}` and `{port.NAME}` like `command`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<Located<String>, Located<String>>,
+    /// The ports the service listens on. At least one.
+    pub ports: Vec<Port>,
+    /// How lessnat decides that a container is ready. Without it, a container is
+    /// ready when it runs and, if the service has a TCP port, its first TCP port
+    /// accepts connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Located<Health>>,
+    /// How a new image or setting is rolled out.
+    #[serde(default)]
+    pub upgrade: Upgrade,
+}
+
+/// A routed-mode replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Replica {
+    /// The node that runs this replica; it needs a `containerSubnet`.
+    pub node: Located<String>,
+    /// The replica's own address, inside its node's `containerSubnet`.
+    pub address: Located<Address>,
+}
+
+/// Transport protocol of a port.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP (default).
+    #[default]
+    Tcp,
+    /// UDP. UDP has no connections to drain: at redirect and unredirect lessnat
+    /// deletes the service's UDP conntrack entries so flows move at once.
+    Udp,
+}
+
+impl Protocol {
+    /// The protocol's name as written in specs and nftables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// A port a service listens on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Port {
+    /// Name of the port, used in `{port.NAME}` and `health.http.port`.
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"), length(max = 40))]
+    pub name: Located<String>,
+    /// The canonical port clients connect to.
+    #[schemars(range(min = 1))]
+    pub port: Located<u16>,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Host mode, `redirect-drain` upgrades: the port the next version listens on while
+    /// new connections are redirected to it. Must be free on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub temp_port: Option<Located<u16>>,
+    /// Routed mode: a virtual IP of a load-balancer node that serves this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Located<Address>>,
+    /// Routed mode: the port on the VIP; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub vip_port: Option<Located<u16>>,
+}
+
+/// Readiness check run by lessnat itself. Give exactly one of `http`, `tcp` or `exec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("oneOf" = [
+    {"required": ["http"]},
+    {"required": ["tcp"]},
+    {"required": ["exec"]}
+]))]
+pub struct Health {
+    /// An HTTP GET that must answer 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// A TCP connection that must be accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    /// A command run inside the container that must exit 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<Located<String>>>,
+    /// Time between checks. Default `1s`.
+    #[serde(default = "default_interval")]
+    pub interval: Located<HumanDuration>,
+    /// Time one check may take. Default `1s`.
+    #[serde(default = "default_timeout")]
+    pub timeout: Located<HumanDuration>,
+    /// Consecutive passing checks before the container counts as healthy. Default `2`.
+    #[serde(default = "default_healthy_after")]
+    #[schemars(range(min = 1))]
+    pub healthy_after: Located<u32>,
+    /// How long a new container may take to become healthy before the upgrade fails. Default `60s`.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout: Located<HumanDuration>,
+}
+
+fn default_interval() -> Located<HumanDuration> {
+    HumanDuration::secs(1).into()
+}
+
+fn default_timeout() -> Located<HumanDuration> {
+    HumanDuration::secs(1).into()
+}
+
+fn default_healthy_after() -> Located<u32> {
+    2.into()
+}
+
+fn default_start_timeout() -> Located<HumanDuration> {
+    HumanDuration::secs(60).into()
+}
+
+/// HTTP health check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCheck {
+    /// Request path, e.g. `/healthz`.
+    pub path: Located<String>,
+    /// Name of the TCP port to probe; the service's first TCP port when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Located<String>>,
+}
+
+/// TCP health check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpCheck {
+    /// Name of the TCP port to probe; the service's first TCP port when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Located<String>>,
+}
+
+/// How a service is upgraded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upgrade {
+    /// `redirect-drain` (default, zero downtime) or `stop-start` (stops the old
+    /// container before starting the new one: downtime).
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// How long to wait for the old version's connections to finish. Default `5m`.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Located<HumanDuration>,
+    /// What to do when connections remain after `drainTimeout`: `proceed` (default;
+    /// they are cut when the old container stops) or `rollback`.
+    #[serde(default)]
+    pub on_drain_timeout: OnDrainTimeout,
+    /// What to do when a stage fails: `rollback` (default) or `pause` (leave the
+    /// host as it is for inspection; `lessnat plan` shows how to go on).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// How long a container gets between SIGTERM and SIGKILL when it is stopped. Default `10s`.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: Located<HumanDuration>,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        Upgrade {
+            strategy: Strategy::default(),
+            drain_timeout: default_drain_timeout(),
+            on_drain_timeout: OnDrainTimeout::default(),
+            on_failure: OnFailure::default(),
+            stop_timeout: default_stop_timeout(),
+        }
+    }
+}
+
+fn default_drain_timeout() -> Located<HumanDuration> {
+    HumanDuration::secs(300).into()
+}
+
+fn default_stop_timeout() -> Located<HumanDuration> {
+    HumanDuration::secs(10).into()
+}
+
+/// Upgrade strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Start the next version beside the old one, redirect new connections to it,
+    /// drain the old one, swap, remove the redirect. No dropped connections.
+    #[default]
+    RedirectDrain,
+    /// Stop the old version, then start the new one. Simple, with downtime.
+    StopStart,
+}
+
+/// What to do when connections remain after the drain timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDrainTimeout {
+    /// Go on; remaining connections are cut when the old container stops.
+    #[default]
+    Proceed,
+    /// Undo the upgrade and keep the old version.
+    Rollback,
+}
+
+/// What to do when an upgrade stage fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Undo completed stages in reverse, leaving the old version serving.
+    #[default]
+    Rollback,
+    /// Stop where it failed and leave the state for inspection.
+    Pause,
+}
+
+impl Spec {
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name.value == name)
+    }
+}
+
+impl Service {
+    /// The service's port called `name`.
+    pub fn port(&self, name: &str) -> Option<&Port> {
+        self.ports.iter().find(|p| p.name.value == name)
+    }
+}
