@@ -8,3 +8,6 @@ pub mod cli;
 pub mod diagnostic;
 pub mod schema;
 pub mod spec;
+pub mod netns;
+pub mod observe;
+pub mod ownership;

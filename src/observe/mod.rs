@@ -1,0 +1,237 @@
+//! The observed state of one host: what lessnat owns there, read from the live
+//! system. It serialises to JSON so the planner can be tested on fixtures
+//! (`testdata/plans/*/observed.json`) without touching a host.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ownership::Slot;
+
+/// Version of the observed-state JSON format.
+pub const OBSERVED_FORMAT: u32 = 1;
+
+/// Everything lessnat owns on one node, as found there.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Observed {
+    /// Format version, [`OBSERVED_FORMAT`].
+    pub format: u32,
+    /// The node this was observed on.
+    pub node: String,
+    /// lessnat's nftables tables (other tables are not read).
+    pub nft: NftState,
+    /// Policy routing rules and routes in lessnat's ranges.
+    pub routing: RoutingState,
+    /// Containers labelled as lessnat's.
+    pub containers: Vec<Container>,
+    /// Containers *not* labelled as lessnat's whose names lessnat would use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign_containers: Vec<ForeignContainer>,
+    /// Connection tracking counts.
+    pub conntrack: ConntrackState,
+    /// Things the observers noticed that make the picture less reliable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// lessnat's nftables tables.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftState {
+    /// The tables, by family and name.
+    pub tables: Vec<NftTable>,
+}
+
+/// One nftables table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftTable {
+    /// `inet`, `ip`, `ip6`, ...
+    pub family: String,
+    /// Table name.
+    pub name: String,
+    /// The table's comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Chains, in the order nft lists them.
+    pub chains: Vec<NftChain>,
+    /// Maps (and sets), in the order nft lists them.
+    pub maps: Vec<NftMap>,
+}
+
+/// One chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftChain {
+    /// Chain name.
+    pub name: String,
+    /// The hook of a base chain; `None` for a regular chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<NftHook>,
+    /// Rules, in order.
+    pub rules: Vec<NftRule>,
+}
+
+/// Where a base chain hooks into the packet path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftHook {
+    /// `nat`, `filter` or `route`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `prerouting`, `output`, `forward`, ...
+    pub hook: String,
+    /// Numeric priority.
+    pub priority: i32,
+    /// `accept` or `drop`.
+    pub policy: String,
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftRule {
+    /// The rule's comment; lessnat identifies its rules by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The rule's statements in nftables JSON, as `nft -j` reports them.
+    pub expr: Vec<serde_json::Value>,
+}
+
+/// One map or set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftMap {
+    /// Map name.
+    pub name: String,
+    /// Key type, e.g. `inet_service`.
+    pub key: String,
+    /// Value type for maps, e.g. `inet_service`; `None` for sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The map's comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Elements, sorted by key.
+    pub elements: Vec<NftElement>,
+}
+
+/// One map element `key : value` (sets: value is `null`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftElement {
+    /// The key in nftables JSON, e.g. `8000`.
+    pub key: serde_json::Value,
+    /// The value in nftables JSON, e.g. `18000`.
+    #[serde(default)]
+    pub value: serde_json::Value,
+}
+
+/// Policy routing state in lessnat's ranges.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingState {
+    /// `ip rule`s whose priority is in [`RULE_PRIORITIES`](crate::ownership::RULE_PRIORITIES).
+    pub rules: Vec<IpRule>,
+    /// Routes in tables of [`ROUTE_TABLES`](crate::ownership::ROUTE_TABLES).
+    pub routes: Vec<Route>,
+}
+
+/// One policy routing rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpRule {
+    /// `inet` or `inet6`.
+    pub family: String,
+    /// Rule priority.
+    pub priority: u32,
+    /// Firewall mark matched, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<u32>,
+    /// Mask applied to the mark, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmask: Option<u32>,
+    /// Routing table looked up.
+    pub table: u32,
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Routing table id.
+    pub table: u32,
+    /// Destination in CIDR form; `default` for the default route.
+    pub destination: String,
+    /// Next hop, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Output interface, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// A container labelled as lessnat's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Container {
+    /// Docker container id.
+    pub id: String,
+    /// Container name, without Docker's leading `/`.
+    pub name: String,
+    /// The service (from the `io.lessnat.service` label).
+    pub service: String,
+    /// The container's role, from its name.
+    pub slot: Slot,
+    /// Hash of the service spec it was made from (`io.lessnat.spec` label).
+    pub spec_hash: String,
+    /// Image reference it was created from.
+    pub image: String,
+    /// Docker state: `created`, `running`, `paused`, `restarting`, `exited`, `dead`.
+    pub state: String,
+    /// Docker's health status, when the image defines a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// Main process id, when running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// A container lessnat does not own but whose name it would use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForeignContainer {
+    /// Docker container id.
+    pub id: String,
+    /// Container name.
+    pub name: String,
+}
+
+/// Connection tracking as seen on the node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackState {
+    /// Whether conntrack could be read at all.
+    pub available: bool,
+    /// Entries counted by protocol, ports and state (only non-zero counts).
+    pub flows: Vec<FlowCount>,
+    /// Entries in the table (`nf_conntrack_count`).
+    pub table_count: u64,
+    /// Table size limit (`nf_conntrack_max`).
+    pub table_max: u64,
+}
+
+/// How many conntrack entries share a protocol, ports and state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowCount {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Destination port of the original direction (what the client dialled).
+    pub orig_dport: u16,
+    /// Source port of the reply direction (what actually answers; differs after a redirect).
+    pub reply_sport: u16,
+    /// TCP state (`ESTABLISHED`, `TIME_WAIT`, ...); empty for UDP.
+    pub state: String,
+    /// Number of entries.
+    pub count: u64,
+}

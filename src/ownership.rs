@@ -1,0 +1,98 @@
+//! What lessnat owns on a host, and how it recognises it. Everything else —
+//! other nftables tables, routing rules and tables, containers — is never
+//! modified and never appears in a plan.
+
+use std::ops::RangeInclusive;
+
+use serde::{Deserialize, Serialize};
+
+/// The nftables family of lessnat's table.
+pub const NFT_FAMILY: &str = "inet";
+/// The name of lessnat's nftables table.
+pub const NFT_TABLE: &str = "lessnat";
+/// The comment on lessnat's table, so people reading `nft list ruleset` know who owns it.
+pub const NFT_TABLE_COMMENT: &str = "managed by lessnat; changes here are undone by lessnat apply";
+
+/// Policy routing rule priorities lessnat uses (routed mode); others are left alone.
+pub const RULE_PRIORITIES: RangeInclusive<u32> = 27_000..=27_999;
+/// Routing table ids lessnat uses (routed mode). Never 253–255 (default, main, local).
+pub const ROUTE_TABLES: RangeInclusive<u32> = 27_000..=27_999;
+
+/// Container label naming the service a container belongs to. Its presence marks
+/// the container as lessnat's.
+pub const LABEL_SERVICE: &str = "io.lessnat.service";
+/// Container label holding the hash of the service spec the container was made from.
+pub const LABEL_SPEC: &str = "io.lessnat.spec";
+/// Container label naming the node the container was started for.
+pub const LABEL_NODE: &str = "io.lessnat.node";
+
+/// The role a container plays for its service. It is carried by the container
+/// name (`lessnat-web`, `lessnat-web.next`, `lessnat-web.prev`), because a
+/// container changes role during an upgrade and Docker labels cannot change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// The container serving the canonical ports.
+    Primary,
+    /// The new version during an upgrade, on the temporary ports.
+    Next,
+    /// The old version, stopped and kept for rollback until the upgrade finishes.
+    Prev,
+}
+
+impl Slot {
+    /// All slots, in the order they are shown.
+    pub const ALL: [Slot; 3] = [Slot::Primary, Slot::Next, Slot::Prev];
+
+    /// The slot's name as used in container names and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Primary => "primary",
+            Slot::Next => "next",
+            Slot::Prev => "prev",
+        }
+    }
+}
+
+/// The container name for `service` in `slot`. Service names cannot contain
+/// `.`, so the suffix is unambiguous.
+pub fn container_name(service: &str, slot: Slot) -> String {
+    match slot {
+        Slot::Primary => format!("lessnat-{service}"),
+        Slot::Next => format!("lessnat-{service}.next"),
+        Slot::Prev => format!("lessnat-{service}.prev"),
+    }
+}
+
+/// Reads a container name made by [`container_name`] back into service and slot.
+pub fn parse_container_name(name: &str) -> Option<(&str, Slot)> {
+    let rest = name.strip_prefix('/').unwrap_or(name).strip_prefix("lessnat-")?;
+    let (service, slot) = match rest.split_once('.') {
+        None => (rest, Slot::Primary),
+        Some((service, "next")) => (service, Slot::Next),
+        Some((service, "prev")) => (service, Slot::Prev),
+        Some(_) => return None,
+    };
+    (!service.is_empty()).then_some((service, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names_round_trip() {
+        for slot in Slot::ALL {
+            let name = container_name("web-1", slot);
+            assert_eq!(parse_container_name(&name), Some(("web-1", slot)));
+        }
+        assert_eq!(parse_container_name("/lessnat-web"), Some(("web", Slot::Primary)));
+        assert_eq!(parse_container_name("lessnat-web.old"), None);
+        assert_eq!(parse_container_name("nginx"), None);
+    }
+
+    #[test]
+    fn ranges_avoid_reserved_tables() {
+        assert!(!ROUTE_TABLES.contains(&253) && !ROUTE_TABLES.contains(&254) && !ROUTE_TABLES.contains(&255));
+    }
+}

@@ -1,0 +1,131 @@
+//! Shared helpers for privileged integration tests: skipping (or failing under
+//! `LESSNAT_REQUIRE_PRIVILEGED=1`) when root, tools or Docker are missing, and
+//! network namespaces that are always removed.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use lessnat::netns::Netns;
+
+/// Whether missing privileges must fail the test instead of skipping it.
+pub fn privileged_required() -> bool {
+    std::env::var_os("LESSNAT_REQUIRE_PRIVILEGED").is_some_and(|v| v == "1")
+}
+
+fn skip_or_fail(test: &str, why: &str) -> bool {
+    if privileged_required() {
+        panic!("{test}: {why}, and LESSNAT_REQUIRE_PRIVILEGED=1");
+    }
+    eprintln!("SKIPPED {test}: {why} (set LESSNAT_REQUIRE_PRIVILEGED=1 to fail instead)");
+    false
+}
+
+fn has_command(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// True when the test may use root, network namespaces and the given commands.
+pub fn root_with(test: &str, commands: &[&str]) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        return skip_or_fail(test, "needs root");
+    }
+    for command in ["ip"].iter().chain(commands) {
+        if !has_command(command) {
+            return skip_or_fail(test, &format!("needs the `{command}` command"));
+        }
+    }
+    true
+}
+
+/// True when a Docker engine answers.
+pub fn docker(test: &str) -> bool {
+    let ok = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok || skip_or_fail(test, "needs a running Docker engine")
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace made for one test, deleted when dropped (also on panic).
+pub struct TestNetns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl TestNetns {
+    /// Creates a fresh namespace with loopback up.
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let name = format!("lnt-{tag}-{}-{n}", std::process::id());
+        run("ip", &["netns", "add", &name]);
+        let ns = TestNetns { name };
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace as lessnat's backends take it.
+    pub fn netns(&self) -> Netns {
+        Netns::from_arg(&self.name)
+    }
+
+    /// Runs a command inside the namespace; panics when it fails.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace and returns its output whatever the status.
+    pub fn try_exec(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec: {e}"))
+    }
+
+    /// Feeds an nft script to `nft -f -` inside the namespace.
+    pub fn nft(&self, script: &str) {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write script");
+        let output = child.wait_with_output().expect("wait nft");
+        assert!(output.status.success(), "nft -f failed: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+    }
+}
