@@ -4,10 +4,11 @@
 //! The pipeline is spec → observe → plan → apply; see `docs/architecture.md`.
 //! This crate holds the library; `main.rs` is a thin command-line front.
 
+pub mod backend;
 pub mod cli;
 pub mod diagnostic;
-pub mod schema;
-pub mod spec;
 pub mod netns;
 pub mod observe;
 pub mod ownership;
+pub mod schema;
+pub mod spec;

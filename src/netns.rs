@@ -32,7 +32,9 @@ pub enum NetnsError {
         source: std::io::Error,
     },
     /// `setns()` refused (usually: not root).
-    #[error("cannot enter network namespace {path}: {source} (lessnat needs root, or CAP_SYS_ADMIN, for --netns)")]
+    #[error(
+        "cannot enter network namespace {path}: {source} (lessnat needs root, or CAP_SYS_ADMIN, for --netns)"
+    )]
     Enter {
         /// The namespace file.
         path: PathBuf,
@@ -99,8 +101,14 @@ mod tests {
 
     #[test]
     fn names_and_paths() {
-        assert_eq!(Netns::from_arg("lb-1"), Netns::Path("/run/netns/lb-1".into()));
-        assert_eq!(Netns::from_arg("/proc/1/ns/net"), Netns::Path("/proc/1/ns/net".into()));
+        assert_eq!(
+            Netns::from_arg("lb-1"),
+            Netns::Path("/run/netns/lb-1".into())
+        );
+        assert_eq!(
+            Netns::from_arg("/proc/1/ns/net"),
+            Netns::Path("/proc/1/ns/net".into())
+        );
     }
 
     #[test]
@@ -110,7 +118,12 @@ mod tests {
 
     #[test]
     fn missing_namespace_is_a_clear_error() {
-        let error = Netns::from_arg("lessnat-no-such-ns").run(|| ()).expect_err("no such namespace");
-        assert!(error.to_string().contains("/run/netns/lessnat-no-such-ns"), "{error}");
+        let error = Netns::from_arg("lessnat-no-such-ns")
+            .run(|| ())
+            .expect_err("no such namespace");
+        assert!(
+            error.to_string().contains("/run/netns/lessnat-no-such-ns"),
+            "{error}"
+        );
     }
 }

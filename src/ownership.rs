@@ -13,6 +13,10 @@ pub const NFT_TABLE: &str = "lessnat";
 /// The comment on lessnat's table, so people reading `nft list ruleset` know who owns it.
 pub const NFT_TABLE_COMMENT: &str = "managed by lessnat; changes here are undone by lessnat apply";
 
+/// Socket mark (SO_MARK) on lessnat's own health probes. The redirect rules skip
+/// packets with this mark, so a probe reaches the port it means to probe.
+pub const PROBE_MARK: u32 = 0x6c6e;
+
 /// Policy routing rule priorities lessnat uses (routed mode); others are left alone.
 pub const RULE_PRIORITIES: RangeInclusive<u32> = 27_000..=27_999;
 /// Routing table ids lessnat uses (routed mode). Never 253–255 (default, main, local).
@@ -66,7 +70,10 @@ pub fn container_name(service: &str, slot: Slot) -> String {
 
 /// Reads a container name made by [`container_name`] back into service and slot.
 pub fn parse_container_name(name: &str) -> Option<(&str, Slot)> {
-    let rest = name.strip_prefix('/').unwrap_or(name).strip_prefix("lessnat-")?;
+    let rest = name
+        .strip_prefix('/')
+        .unwrap_or(name)
+        .strip_prefix("lessnat-")?;
     let (service, slot) = match rest.split_once('.') {
         None => (rest, Slot::Primary),
         Some((service, "next")) => (service, Slot::Next),
@@ -86,13 +93,20 @@ mod tests {
             let name = container_name("web-1", slot);
             assert_eq!(parse_container_name(&name), Some(("web-1", slot)));
         }
-        assert_eq!(parse_container_name("/lessnat-web"), Some(("web", Slot::Primary)));
+        assert_eq!(
+            parse_container_name("/lessnat-web"),
+            Some(("web", Slot::Primary))
+        );
         assert_eq!(parse_container_name("lessnat-web.old"), None);
         assert_eq!(parse_container_name("nginx"), None);
     }
 
     #[test]
     fn ranges_avoid_reserved_tables() {
-        assert!(!ROUTE_TABLES.contains(&253) && !ROUTE_TABLES.contains(&254) && !ROUTE_TABLES.contains(&255));
+        assert!(
+            !ROUTE_TABLES.contains(&253)
+                && !ROUTE_TABLES.contains(&254)
+                && !ROUTE_TABLES.contains(&255)
+        );
     }
 }

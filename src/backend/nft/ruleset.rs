@@ -1,0 +1,175 @@
+//! The nftables table lessnat wants on a host-mode node, as a value of the same
+//! type observation produces, so desired and observed compare with `==`.
+//!
+//! The table is always present with empty, hooked nat chains: conntrack then
+//! tracks every flow from its first packet, so when a redirect appears, packets
+//! of established flows are recognised as such and are not redirected. Each
+//! chain holds one static rule per protocol,
+//! `meta l4proto tcp fib daddr type local meta mark != PROBE redirect to :tcp dport map @redirect_tcp`;
+//! an upgrade adds and removes only the map element `PORT : TEMP_PORT`, so the
+//! packet path stays O(1) however many upgrades run.
+
+use serde_json::{Value, json};
+
+use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+use crate::ownership::{NFT_FAMILY, NFT_TABLE, PROBE_MARK};
+use crate::spec::Protocol;
+
+/// Hook priority of lessnat's nat chains: before Docker's nat chains (-100).
+pub const NAT_PRIORITY: i32 = -110;
+
+/// New connections to `port` are sent to `temp_port` on the same host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Redirect {
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// The canonical port.
+    pub port: u16,
+    /// The temporary port the next version listens on.
+    pub temp_port: u16,
+}
+
+/// The name of the redirect map for `protocol`.
+pub fn redirect_map_name(protocol: Protocol) -> String {
+    format!("redirect_{}", protocol.as_str())
+}
+
+/// The comment that identifies the redirect rule for `protocol`.
+pub fn redirect_rule_comment(protocol: Protocol) -> String {
+    format!("lessnat redirect-{}", protocol.as_str())
+}
+
+const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
+
+/// lessnat's host-mode table with `redirects` active.
+pub fn host_table(redirects: &[Redirect]) -> NftTable {
+    let maps = PROTOCOLS
+        .iter()
+        .map(|&protocol| {
+            let mut elements: Vec<NftElement> = redirects
+                .iter()
+                .filter(|r| r.protocol == protocol)
+                .map(|r| NftElement {
+                    key: json!(r.port),
+                    value: json!(r.temp_port),
+                })
+                .collect();
+            elements.sort_by_key(|e| e.key.as_u64());
+            NftMap {
+                name: redirect_map_name(protocol),
+                key: "inet_service".into(),
+                data: Some("inet_service".into()),
+                comment: None,
+                elements,
+            }
+        })
+        .collect();
+    let chains = ["prerouting", "output"]
+        .into_iter()
+        .map(|hook| NftChain {
+            name: hook.to_string(),
+            hook: Some(NftHook {
+                kind: "nat".into(),
+                hook: hook.into(),
+                priority: NAT_PRIORITY,
+                policy: "accept".into(),
+            }),
+            rules: PROTOCOLS.iter().map(|&p| redirect_rule(p)).collect(),
+        })
+        .collect();
+    NftTable {
+        family: NFT_FAMILY.into(),
+        name: NFT_TABLE.into(),
+        comment: None,
+        chains,
+        maps,
+    }
+}
+
+fn redirect_rule(protocol: Protocol) -> NftRule {
+    let proto = protocol.as_str();
+    let matches = |op: &str, left: Value, right: Value| json!({"match": {"op": op, "left": left, "right": right}});
+    NftRule {
+        comment: Some(redirect_rule_comment(protocol)),
+        expr: vec![
+            matches("==", json!({"meta": {"key": "l4proto"}}), json!(proto)),
+            matches(
+                "==",
+                json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+                json!("local"),
+            ),
+            matches("!=", json!({"meta": {"key": "mark"}}), json!(PROBE_MARK)),
+            json!({"redirect": {"port": {"map": {
+                "key": {"payload": {"protocol": proto, "field": "dport"}},
+                "data": format!("@{}", redirect_map_name(protocol)),
+            }}}}),
+        ],
+    }
+}
+
+/// The redirects a table carries: the elements of its redirect maps.
+pub fn redirects_in(table: &NftTable) -> Vec<Redirect> {
+    let mut found = Vec::new();
+    for protocol in PROTOCOLS {
+        let Some(map) = table
+            .maps
+            .iter()
+            .find(|m| m.name == redirect_map_name(protocol))
+        else {
+            continue;
+        };
+        for element in &map.elements {
+            let port = element.key.as_u64().and_then(|p| u16::try_from(p).ok());
+            let temp = element.value.as_u64().and_then(|p| u16::try_from(p).ok());
+            if let (Some(port), Some(temp_port)) = (port, temp) {
+                found.push(Redirect {
+                    protocol,
+                    port,
+                    temp_port,
+                });
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steady_state_has_hooked_chains_and_empty_maps() {
+        let table = host_table(&[]);
+        assert_eq!(table.chains.len(), 2);
+        assert!(table.chains.iter().all(|c| {
+            c.hook
+                .as_ref()
+                .is_some_and(|h| h.kind == "nat" && h.priority == -110)
+        }));
+        assert!(table.maps.iter().all(|m| m.elements.is_empty()));
+        assert!(redirects_in(&table).is_empty());
+    }
+
+    #[test]
+    fn redirects_round_trip_through_the_maps() {
+        let redirects = vec![
+            Redirect {
+                protocol: Protocol::Tcp,
+                port: 8000,
+                temp_port: 18000,
+            },
+            Redirect {
+                protocol: Protocol::Udp,
+                port: 53,
+                temp_port: 10053,
+            },
+        ];
+        let table = host_table(&redirects);
+        let mut expected = redirects.clone();
+        expected.sort();
+        assert_eq!(redirects_in(&table), expected);
+        // Rules never change with redirects: only map elements do.
+        assert_eq!(table.chains, host_table(&[]).chains);
+    }
+}
