@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
-use crate::diagnostic::Style;
 use crate::schema::spec_schema_json;
 use crate::spec::load_file;
+use crate::style::Style;
 
 /// Run and upgrade services on your own hosts, with no load balancer and no NAT in the steady state.
 #[derive(Debug, Parser)]

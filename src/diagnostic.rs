@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::style::Style;
+
 /// A position in a source file: 1-based line and column (in characters), and
 /// the character offset and length of the text it covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -64,24 +66,6 @@ pub struct Report {
     pub source: String,
     /// The problems, in file order.
     pub diagnostics: Vec<Diagnostic>,
-}
-
-/// Terminal styling for rendered reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Style {
-    /// Plain text, for files, pipes and `--no-color`.
-    Plain,
-    /// ANSI colours, for a terminal.
-    Color,
-}
-
-impl Style {
-    fn paint(self, code: &str, text: &str) -> String {
-        match self {
-            Style::Plain => text.to_string(),
-            Style::Color => format!("\x1b[{code}m{text}\x1b[0m"),
-        }
-    }
 }
 
 impl Report {

@@ -6,9 +6,12 @@
 
 pub mod backend;
 pub mod cli;
+pub mod desired;
 pub mod diagnostic;
 pub mod netns;
 pub mod observe;
 pub mod ownership;
+pub mod plan;
 pub mod schema;
 pub mod spec;
+pub mod style;

@@ -27,6 +27,8 @@ pub const ROUTE_TABLES: RangeInclusive<u32> = 27_000..=27_999;
 pub const LABEL_SERVICE: &str = "io.lessnat.service";
 /// Container label holding the hash of the service spec the container was made from.
 pub const LABEL_SPEC: &str = "io.lessnat.spec";
+/// Container label listing the container's canonical ports, e.g. `8000/tcp,53/udp`.
+pub const LABEL_PORTS: &str = "io.lessnat.ports";
 /// Container label naming the node the container was started for.
 pub const LABEL_NODE: &str = "io.lessnat.node";
 

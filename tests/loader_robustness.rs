@@ -24,7 +24,7 @@ fn assert_well_formed(bytes: &[u8]) {
                 }
             }
             // Rendering must not panic either.
-            let _ = report.render(lessnat::diagnostic::Style::Plain);
+            let _ = report.render(lessnat::style::Style::Plain);
         }
     }
 }

@@ -186,6 +186,9 @@ pub struct Container {
     pub spec_hash: String,
     /// Image reference it was created from.
     pub image: String,
+    /// Canonical ports (`io.lessnat.ports` label), e.g. `["8000/tcp"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
     /// Docker state: `created`, `running`, `paused`, `restarting`, `exited`, `dead`.
     pub state: String,
     /// Docker's health status, when the image defines a health check.

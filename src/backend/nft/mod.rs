@@ -2,3 +2,4 @@
 //! written to the host through `nft -j`.
 
 pub mod ruleset;
+pub mod text;

@@ -1,0 +1,213 @@
+//! What a node should run according to the spec: its containers and whether it
+//! needs lessnat's nftables table. Pure: derived from the spec alone.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::spec::{NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders};
+
+/// One port of a container as it will be started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredPort {
+    /// The port's name in the spec.
+    pub name: String,
+    /// The canonical port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// The temporary port used during redirect-drain upgrades (host mode).
+    pub temp_port: Option<u16>,
+}
+
+/// The container a service should have on a node, in the form that decides
+/// whether a running container is current: anything here that changes means a
+/// new container. Upgrade settings are not part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredContainer {
+    /// The service name.
+    pub service: String,
+    /// Image reference.
+    pub image: String,
+    /// `host` or `routed`.
+    pub network: NetworkMode,
+    /// Command template with `{port}` placeholders (filled in per slot).
+    pub command: Vec<String>,
+    /// Environment templates.
+    pub env: BTreeMap<String, String>,
+    /// Ports.
+    pub ports: Vec<DesiredPort>,
+    /// Routed mode: this replica's address.
+    pub address: Option<String>,
+}
+
+impl DesiredContainer {
+    /// A short, stable hash of everything above, stored in the `io.lessnat.spec`
+    /// label so a later run can tell whether a container is current.
+    pub fn spec_hash(&self) -> String {
+        let canonical = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&canonical);
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The canonical ports as the `io.lessnat.ports` label lists them: `8000/tcp`.
+    pub fn port_labels(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+            .collect()
+    }
+
+    /// The command with placeholders filled in: canonical ports, or temporary
+    /// ports when `temporary` (the `next` container during an upgrade).
+    pub fn command_for(&self, temporary: bool) -> Result<Vec<String>, PlaceholderError> {
+        self.command
+            .iter()
+            .map(|arg| self.fill(arg, temporary))
+            .collect()
+    }
+
+    /// The environment with placeholders filled in, as for [`Self::command_for`].
+    pub fn env_for(&self, temporary: bool) -> Result<BTreeMap<String, String>, PlaceholderError> {
+        self.env
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), self.fill(v, temporary)?)))
+            .collect()
+    }
+
+    fn fill(&self, template: &str, temporary: bool) -> Result<String, PlaceholderError> {
+        let number = |port: &DesiredPort| match (temporary, port.temp_port) {
+            (true, Some(temp)) => temp,
+            _ => port.port,
+        };
+        render_placeholders(template, |name| match name {
+            None if self.ports.len() == 1 => Ok(number(&self.ports[0])),
+            None => Err(PlaceholderError::Ambiguous {
+                count: self.ports.len(),
+            }),
+            Some(name) => self
+                .ports
+                .iter()
+                .find(|p| p.name == name)
+                .map(number)
+                .ok_or_else(|| PlaceholderError::UnknownPort {
+                    name: name.to_string(),
+                }),
+        })
+    }
+}
+
+/// What one node should have.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredNode<'a> {
+    /// The node's name.
+    pub node: String,
+    /// Services that run on this node, with their containers, in spec order.
+    pub services: Vec<(&'a Service, DesiredContainer)>,
+}
+
+impl DesiredNode<'_> {
+    /// Whether the node needs lessnat's host-mode nftables table.
+    pub fn needs_host_table(&self) -> bool {
+        self.services
+            .iter()
+            .any(|(s, _)| s.network == NetworkMode::Host)
+    }
+}
+
+/// Derives what `node` should run from a validated spec.
+pub fn desired_node<'a>(spec: &'a Spec, node: &str) -> DesiredNode<'a> {
+    let services = spec
+        .services
+        .iter()
+        .filter_map(|service| {
+            let address = match service.network {
+                NetworkMode::Host => {
+                    (service.node.as_deref().map(String::as_str) == Some(node)).then_some(None)?
+                }
+                NetworkMode::Routed => {
+                    let replica = service.replicas.iter().find(|r| r.node.value == node)?;
+                    Some(replica.address.to_string())
+                }
+            };
+            Some((service, container_for(service, address)))
+        })
+        .collect();
+    DesiredNode {
+        node: node.to_string(),
+        services,
+    }
+}
+
+fn container_for(service: &Service, address: Option<String>) -> DesiredContainer {
+    DesiredContainer {
+        service: service.name.value.clone(),
+        image: service.image.value.clone(),
+        network: service.network,
+        command: service.command.iter().map(|c| c.value.clone()).collect(),
+        env: service
+            .env
+            .iter()
+            .map(|(k, v)| (k.value.clone(), v.value.clone()))
+            .collect(),
+        ports: service
+            .ports
+            .iter()
+            .map(|p| DesiredPort {
+                name: p.name.value.clone(),
+                port: p.port.value,
+                protocol: p.protocol,
+                temp_port: p.temp_port.as_ref().map(|t| t.value),
+            })
+            .collect(),
+        address,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::load_bytes;
+
+    fn spec(text: &str) -> Spec {
+        load_bytes("t.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)))
+    }
+
+    const HOST: &str = "version: 1\nnodes: [{name: a, address: 192.0.2.1}, {name: b, address: 192.0.2.2}]\nservices:\n  - name: web\n    node: a\n    image: web:1\n    command: [\"-listen=:{port}\"]\n    env: { PORT: \"{port.http}\" }\n    ports: [{name: http, port: 8000, tempPort: 18000}]\n    upgrade: { drainTimeout: 1m }\n";
+
+    #[test]
+    fn services_land_on_their_node() {
+        let spec = spec(HOST);
+        assert_eq!(desired_node(&spec, "a").services.len(), 1);
+        assert!(desired_node(&spec, "b").services.is_empty());
+        assert!(desired_node(&spec, "a").needs_host_table());
+    }
+
+    #[test]
+    fn placeholders_fill_canonical_or_temporary_ports() {
+        let spec = spec(HOST);
+        let (_, container) = &desired_node(&spec, "a").services[0];
+        assert_eq!(
+            container.command_for(false).expect("fills"),
+            vec!["-listen=:8000"]
+        );
+        assert_eq!(
+            container.command_for(true).expect("fills"),
+            vec!["-listen=:18000"]
+        );
+        assert_eq!(container.env_for(true).expect("fills")["PORT"], "18000");
+    }
+
+    #[test]
+    fn hash_ignores_upgrade_settings_but_not_the_image() {
+        let base = spec(HOST);
+        let slower = spec(&HOST.replace("drainTimeout: 1m", "drainTimeout: 9m"));
+        let newer = spec(&HOST.replace("web:1", "web:2"));
+        let hash = |s: &Spec| desired_node(s, "a").services[0].1.spec_hash();
+        assert_eq!(hash(&base), hash(&slower));
+        assert_ne!(hash(&base), hash(&newer));
+        assert_eq!(hash(&base).len(), 16);
+    }
+}

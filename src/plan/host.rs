@@ -1,0 +1,592 @@
+//! Planning one host-mode service: create, restart, replace, a new staged
+//! upgrade, or the rest of one found in flight.
+
+use super::{
+    Action, Change, Decision, DiffLine, Drift, FieldChange, InFlight, Resource, Slots, Stage,
+    StageName, Upgrade,
+};
+use crate::backend::nft::ruleset::Redirect;
+use crate::desired::DesiredContainer;
+use crate::observe::{Container, NftTable, Observed};
+use crate::ownership::{Slot, container_name};
+use crate::spec::{HumanDuration, OnDrainTimeout, Protocol, Service, Strategy};
+
+/// Whether a redirect found in the table is one of `service`'s (its port and temp port).
+pub(super) fn belongs_to(service: &Service, redirect: &Redirect) -> bool {
+    service.ports.iter().any(|p| {
+        p.protocol == redirect.protocol
+            && p.port.value == redirect.port
+            && p.temp_port.as_ref().map(|t| t.value) == Some(redirect.temp_port)
+    })
+}
+
+fn container_resource(service: &str, slot: Slot) -> Resource {
+    Resource::Container {
+        service: service.to_string(),
+        slot,
+        name: container_name(service, slot),
+    }
+}
+
+/// A change that creates the primary container.
+pub(super) fn create_primary(resource: Resource, container: &DesiredContainer) -> Change {
+    let mut fields = vec![
+        FieldChange {
+            name: "image".into(),
+            old: None,
+            new: Some(container.image.clone()),
+        },
+        FieldChange {
+            name: "spec".into(),
+            old: None,
+            new: Some(container.spec_hash()),
+        },
+        FieldChange {
+            name: "ports".into(),
+            old: None,
+            new: Some(ports_text(container)),
+        },
+    ];
+    if let Ok(command) = container.command_for(false)
+        && !command.is_empty()
+    {
+        fields.push(FieldChange {
+            name: "command".into(),
+            old: None,
+            new: Some(format!("{command:?}")),
+        });
+    }
+    if let Some(address) = &container.address {
+        fields.push(FieldChange {
+            name: "address".into(),
+            old: None,
+            new: Some(address.clone()),
+        });
+    }
+    Change {
+        action: Action::Create,
+        resource,
+        reason: "not running yet".into(),
+        fields,
+        diff: Vec::new(),
+        upgrade: None,
+    }
+}
+
+fn ports_text(container: &DesiredContainer) -> String {
+    container.port_labels().join(", ")
+}
+
+/// The field changes between a running container and the desired one.
+pub(super) fn container_fields(
+    found: &Container,
+    container: &DesiredContainer,
+) -> Vec<FieldChange> {
+    let mut fields = Vec::new();
+    if found.image != container.image {
+        fields.push(FieldChange {
+            name: "image".into(),
+            old: Some(found.image.clone()),
+            new: Some(container.image.clone()),
+        });
+    }
+    let ports = container.port_labels();
+    if !found.ports.is_empty() && found.ports != ports {
+        fields.push(FieldChange {
+            name: "ports".into(),
+            old: Some(found.ports.join(", ")),
+            new: Some(ports.join(", ")),
+        });
+    }
+    fields.push(FieldChange {
+        name: "spec".into(),
+        old: Some(found.spec_hash.clone()),
+        new: Some(container.spec_hash()),
+    });
+    fields
+}
+
+/// A current container that is not running: drift, and a start.
+pub(super) fn restart_if_stopped(
+    found: &Container,
+    resource: Resource,
+    drift: &mut Vec<Drift>,
+) -> Option<Change> {
+    if found.state == "running" {
+        return None;
+    }
+    drift.push(Drift {
+        resource: resource.clone(),
+        what: format!("the container is {}; lessnat left it running", found.state),
+    });
+    Some(Change {
+        action: Action::Update,
+        resource,
+        reason: "start the stopped container".into(),
+        fields: vec![FieldChange {
+            name: "state".into(),
+            old: Some(found.state.clone()),
+            new: Some("running".into()),
+        }],
+        diff: Vec::new(),
+        upgrade: None,
+    })
+}
+
+/// Plans one host-mode service.
+pub(super) fn plan_service(
+    service: &Service,
+    container: &DesiredContainer,
+    mine: &Slots,
+    redirects: &[Redirect],
+    observed: &Observed,
+    drift: &mut Vec<Drift>,
+) -> Option<Change> {
+    let name = &service.name.value;
+    let hash = container.spec_hash();
+    if mine.next.is_some() || mine.prev.is_some() {
+        return Some(in_flight(service, container, mine, redirects, observed));
+    }
+    if !redirects.is_empty() {
+        // A redirect with no next container behind it: left over, or made by hand.
+        drift.push(Drift {
+            resource: container_resource(name, Slot::Next),
+            what: "a redirect exists but the next container is gone".into(),
+        });
+    }
+    let resource = container_resource(name, Slot::Primary);
+    let Some(primary) = mine.primary else {
+        return Some(create_primary(resource, container));
+    };
+    if primary.spec_hash == hash {
+        return restart_if_stopped(primary, resource, drift);
+    }
+    let fields = container_fields(primary, container);
+    if primary.state != "running" {
+        return Some(Change {
+            action: Action::Replace,
+            resource,
+            reason: format!(
+                "the spec changed and the container is {}: nothing to drain",
+                primary.state
+            ),
+            fields,
+            diff: Vec::new(),
+            upgrade: None,
+        });
+    }
+    if !primary.ports.is_empty() && primary.ports != container.port_labels() {
+        return Some(Change {
+            action: Action::Replace,
+            resource,
+            reason: "the ports changed: clients must move to the new ports, so there is nothing to redirect".into(),
+            fields,
+            diff: Vec::new(),
+            upgrade: None,
+        });
+    }
+    match service.upgrade.strategy {
+        Strategy::StopStart => Some(Change {
+            action: Action::Replace,
+            resource: Resource::Service { name: name.clone() },
+            reason: "stop-start upgrade: the service is down between stop and healthy".into(),
+            fields,
+            diff: Vec::new(),
+            upgrade: Some(Upgrade {
+                strategy: Strategy::StopStart,
+                in_flight: None,
+                stages: stop_start_stages(service),
+            }),
+        }),
+        Strategy::RedirectDrain => Some(Change {
+            action: Action::Upgrade,
+            resource: Resource::Service { name: name.clone() },
+            reason: "the spec changed: zero-downtime upgrade".into(),
+            fields,
+            diff: Vec::new(),
+            upgrade: Some(Upgrade {
+                strategy: Strategy::RedirectDrain,
+                in_flight: None,
+                stages: upgrade_stages(service, observed, None),
+            }),
+        }),
+    }
+}
+
+/// Where an upgrade found on the host stands, from live state alone.
+fn reached(mine: &Slots, redirects: &[Redirect]) -> StageName {
+    let redirected = !redirects.is_empty();
+    match (
+        mine.prev.is_some(),
+        mine.primary.is_some(),
+        mine.next.is_some(),
+    ) {
+        (true, false, _) => StageName::Drain, // swap began: old stopped, new primary not made yet
+        (true, true, true) if redirected => StageName::Swap,
+        (true, true, true) => StageName::Unredirect,
+        (true, true, false) => StageName::DrainNext,
+        (false, _, _) if redirected => StageName::Redirect,
+        (false, _, _) => StageName::StartNext,
+    }
+}
+
+fn in_flight(
+    service: &Service,
+    container: &DesiredContainer,
+    mine: &Slots,
+    redirects: &[Redirect],
+    observed: &Observed,
+) -> Change {
+    let name = &service.name.value;
+    let hash = container.spec_hash();
+    let reached = reached(mine, redirects);
+    let next_ok = mine.next.is_none_or(|n| n.state == "running");
+    let next_current = mine.next.is_none_or(|n| n.spec_hash == hash);
+    let (decision, why) = if reached >= StageName::Swap {
+        let why = if next_current {
+            "the new version already serves the canonical ports"
+        } else {
+            "the new version already serves the canonical ports; the spec changed again, so the next plan upgrades once more"
+        };
+        (Decision::Resume, why.to_string())
+    } else if !next_ok {
+        let state = mine.next.map(|n| n.state.as_str()).unwrap_or("gone");
+        (Decision::RollBack, format!("the next container is {state}"))
+    } else if !next_current {
+        (
+            Decision::RollBack,
+            "the spec changed since this upgrade started".to_string(),
+        )
+    } else {
+        (
+            Decision::Resume,
+            "the next container is running and current".to_string(),
+        )
+    };
+    let stages = match decision {
+        Decision::Resume => upgrade_stages(service, observed, Some(reached)),
+        Decision::RollBack => rollback_stages(service, reached),
+    };
+    let mut fields = Vec::new();
+    if let (Some(old), Some(new)) = (mine.primary.or(mine.prev), mine.next)
+        && old.image != new.image
+    {
+        fields.push(FieldChange {
+            name: "image".into(),
+            old: Some(old.image.clone()),
+            new: Some(new.image.clone()),
+        });
+    }
+    let verb = match decision {
+        Decision::Resume => "resume",
+        Decision::RollBack => "roll back",
+    };
+    Change {
+        action: Action::Upgrade,
+        resource: Resource::Service { name: name.clone() },
+        reason: format!(
+            "{verb} the upgrade in flight, stopped after stage {}",
+            reached.as_str()
+        ),
+        fields,
+        diff: Vec::new(),
+        upgrade: Some(Upgrade {
+            strategy: Strategy::RedirectDrain,
+            in_flight: Some(InFlight {
+                reached,
+                decision,
+                why,
+            }),
+            stages,
+        }),
+    }
+}
+
+fn port_list(service: &Service, temporary: bool) -> String {
+    let ports: Vec<String> = service
+        .ports
+        .iter()
+        .map(|p| {
+            let number = if temporary {
+                p.temp_port.as_ref().map_or(p.port.value, |t| t.value)
+            } else {
+                p.port.value
+            };
+            format!("{number}/{}", p.protocol.as_str())
+        })
+        .collect();
+    ports.join(", ")
+}
+
+fn redirect_list(service: &Service) -> String {
+    let pairs: Vec<String> = service
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let temp = p.temp_port.as_ref()?;
+            Some(format!(
+                "{}/{} -> {}",
+                p.port.value,
+                p.protocol.as_str(),
+                temp.value
+            ))
+        })
+        .collect();
+    pairs.join(", ")
+}
+
+fn established(observed: &Observed, protocol: Protocol, dport: u16, sport: u16) -> u64 {
+    observed
+        .conntrack
+        .flows
+        .iter()
+        .filter(|f| {
+            f.protocol == protocol.as_str() && f.orig_dport == dport && f.reply_sport == sport
+        })
+        .filter(|f| protocol == Protocol::Udp || f.state == "ESTABLISHED")
+        .map(|f| f.count)
+        .sum()
+}
+
+fn udp_note(service: &Service) -> Option<String> {
+    let udp: Vec<String> = service
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Udp)
+        .map(|p| format!("{}/udp", p.port.value))
+        .collect();
+    (!udp.is_empty()).then(|| {
+        format!(
+            "; UDP has no connections to drain: conntrack entries of {} are deleted so flows move",
+            udp.join(", ")
+        )
+    })
+}
+
+fn stage(
+    name: StageName,
+    done: bool,
+    action: String,
+    wait: Option<String>,
+    timeout: Option<HumanDuration>,
+) -> Stage {
+    Stage {
+        name,
+        done,
+        action,
+        wait,
+        timeout,
+    }
+}
+
+fn upgrade_stages(
+    service: &Service,
+    observed: &Observed,
+    reached: Option<StageName>,
+) -> Vec<Stage> {
+    let name = &service.name.value;
+    let health = service.health.as_ref().map(|h| h.start_timeout.value);
+    let start_timeout = health.unwrap_or(HumanDuration::secs(60));
+    let drain_timeout = service.upgrade.drain_timeout.value;
+    let done = |s: StageName| reached.is_some_and(|r| s <= r);
+    let tcp = |temporary: bool| -> u64 {
+        service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Tcp)
+            .map(|p| {
+                let temp = p.temp_port.as_ref().map_or(p.port.value, |t| t.value);
+                let sport = if temporary { temp } else { p.port.value };
+                established(observed, Protocol::Tcp, p.port.value, sport)
+            })
+            .sum()
+    };
+    let on_timeout = match service.upgrade.on_drain_timeout {
+        OnDrainTimeout::Proceed => "then proceed",
+        OnDrainTimeout::Rollback => "then roll back",
+    };
+    let udp = udp_note(service).unwrap_or_default();
+    let count = |n: u64| {
+        if observed.conntrack.available {
+            format!(" (now {n})")
+        } else {
+            String::new()
+        }
+    };
+    vec![
+        stage(
+            StageName::StartNext,
+            done(StageName::StartNext),
+            format!(
+                "start \"{}\" with the new spec on {}",
+                container_name(name, Slot::Next),
+                port_list(service, true)
+            ),
+            Some("healthy".into()),
+            Some(start_timeout),
+        ),
+        stage(
+            StageName::Redirect,
+            done(StageName::Redirect),
+            format!(
+                "send new connections {} (one nft transaction){udp}",
+                redirect_list(service)
+            ),
+            None,
+            None,
+        ),
+        stage(
+            StageName::Drain,
+            done(StageName::Drain),
+            format!(
+                "let the old container finish its connections on {}",
+                port_list(service, false)
+            ),
+            Some(format!(
+                "no established connections left{}, {on_timeout}",
+                count(tcp(false))
+            )),
+            Some(drain_timeout),
+        ),
+        stage(
+            StageName::Swap,
+            done(StageName::Swap),
+            format!(
+                "stop \"{}\" (kept as \"{}\"), start the new spec on {}",
+                container_name(name, Slot::Primary),
+                container_name(name, Slot::Prev),
+                port_list(service, false)
+            ),
+            Some("healthy".into()),
+            Some(start_timeout),
+        ),
+        stage(
+            StageName::Unredirect,
+            done(StageName::Unredirect),
+            format!("remove the redirect (one nft transaction){udp}"),
+            None,
+            None,
+        ),
+        stage(
+            StageName::DrainNext,
+            done(StageName::DrainNext),
+            format!(
+                "let \"{}\" finish its connections on {}",
+                container_name(name, Slot::Next),
+                port_list(service, true)
+            ),
+            Some(format!(
+                "no established connections left{}",
+                count(tcp(true))
+            )),
+            Some(drain_timeout),
+        ),
+        stage(
+            StageName::Finish,
+            false,
+            format!(
+                "remove \"{}\" and \"{}\"",
+                container_name(name, Slot::Next),
+                container_name(name, Slot::Prev)
+            ),
+            None,
+            None,
+        ),
+    ]
+}
+
+fn rollback_stages(service: &Service, reached: StageName) -> Vec<Stage> {
+    let name = &service.name.value;
+    let mut stages = Vec::new();
+    if reached >= StageName::Drain {
+        stages.push(stage(
+            StageName::Restore,
+            false,
+            format!(
+                "start \"{}\" again as \"{}\"",
+                container_name(name, Slot::Prev),
+                container_name(name, Slot::Primary)
+            ),
+            Some("healthy".into()),
+            service.health.as_ref().map(|h| h.start_timeout.value),
+        ));
+    }
+    if reached >= StageName::Redirect {
+        stages.push(stage(
+            StageName::Unredirect,
+            false,
+            "remove the redirect (one nft transaction)".into(),
+            None,
+            None,
+        ));
+    }
+    stages.push(stage(
+        StageName::RemoveNext,
+        false,
+        format!("stop and remove \"{}\"", container_name(name, Slot::Next)),
+        None,
+        None,
+    ));
+    stages
+}
+
+fn stop_start_stages(service: &Service) -> Vec<Stage> {
+    let name = &service.name.value;
+    vec![
+        stage(
+            StageName::Stop,
+            false,
+            format!(
+                "stop and remove \"{}\" (the service is down from here)",
+                container_name(name, Slot::Primary)
+            ),
+            None,
+            Some(service.upgrade.stop_timeout.value),
+        ),
+        stage(
+            StageName::Start,
+            false,
+            format!("start the new spec on {}", port_list(service, false)),
+            Some("healthy".into()),
+            service.health.as_ref().map(|h| h.start_timeout.value),
+        ),
+    ]
+}
+
+/// A line diff between two tables' nft text (either may be absent). When both
+/// exist, only the changed lines and three lines around them are kept, with
+/// `...` between distant hunks.
+pub(super) fn table_diff(old: Option<&NftTable>, new: Option<&NftTable>) -> Vec<DiffLine> {
+    let context = old.is_some() && new.is_some();
+    let old = old
+        .map(crate::backend::nft::text::render_table)
+        .unwrap_or_default();
+    let new = new
+        .map(crate::backend::nft::text::render_table)
+        .unwrap_or_default();
+    let diff = similar::TextDiff::from_lines(&old, &new);
+    let line = |change: similar::Change<&str>| DiffLine {
+        tag: match change.tag() {
+            similar::ChangeTag::Delete => '-',
+            similar::ChangeTag::Insert => '+',
+            similar::ChangeTag::Equal => ' ',
+        },
+        text: change.value().trim_end_matches('\n').to_string(),
+    };
+    if !context {
+        return diff.iter_all_changes().map(line).collect();
+    }
+    let mut lines = Vec::new();
+    for (index, group) in diff.grouped_ops(3).iter().enumerate() {
+        if index > 0 {
+            lines.push(DiffLine {
+                tag: ' ',
+                text: "...".into(),
+            });
+        }
+        for op in group {
+            lines.extend(diff.iter_changes(op).map(line));
+        }
+    }
+    lines
+}

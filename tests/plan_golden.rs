@@ -1,0 +1,362 @@
+//! Golden tests of the planner: each `testdata/plans/<case>/` holds a spec, an
+//! observed-state fixture, and the expected plan as text and JSON.
+//!
+//! `LESSNAT_BLESS=1 cargo test --test plan_golden` rewrites the expected plans.
+//! The observed fixtures are inputs; they were written by
+//! `cargo test --test plan_golden -- --ignored write_observed_fixtures`, which
+//! builds them from the cases below (rerun it when the table shape changes).
+
+use std::path::{Path, PathBuf};
+
+use lessnat::backend::nft::ruleset::{Redirect, host_table};
+use lessnat::desired::desired_node;
+use lessnat::observe::{
+    ConntrackState, Container, FlowCount, ForeignContainer, IpRule, NftTable, OBSERVED_FORMAT,
+    Observed, Route,
+};
+use lessnat::ownership::{Slot, container_name};
+use lessnat::plan::{plan, render::render};
+use lessnat::spec::{Protocol, Spec, load_bytes};
+use lessnat::style::Style;
+
+fn cases_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/plans")
+}
+
+fn load_spec(path: &Path) -> Spec {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    load_bytes(&path.display().to_string(), &bytes)
+        .unwrap_or_else(|r| panic!("{}", r.render(Style::Plain)))
+}
+
+fn assert_golden(path: &Path, actual: &str) {
+    if std::env::var_os("LESSNAT_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(path, actual).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (LESSNAT_BLESS=1 creates it)", path.display()));
+    assert!(
+        expected == actual,
+        "{} differs:\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}
+
+#[test]
+fn plans_match_their_golden_files() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(cases_dir())
+        .expect("read testdata/plans")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 15,
+        "expected at least 15 plan cases, found {}",
+        cases.len()
+    );
+    for case in cases {
+        let spec = load_spec(&case.join("spec.yaml"));
+        let observed_text =
+            std::fs::read_to_string(case.join("observed.json")).expect("observed.json");
+        let observed: Observed =
+            serde_json::from_str(&observed_text).expect("observed.json parses");
+        let made = plan(&spec, &observed.node, &observed);
+        assert_eq!(
+            made,
+            plan(&spec, &observed.node, &observed),
+            "planning is deterministic"
+        );
+        assert_golden(&case.join("plan.txt"), &render(&made, Style::Plain));
+        let json = serde_json::to_string_pretty(&made).expect("plan serialises") + "\n";
+        assert_golden(&case.join("plan.json"), &json);
+        let back: lessnat::plan::Plan = serde_json::from_str(&json).expect("plan JSON reads back");
+        assert_eq!(back, made, "{}: JSON round trip", case.display());
+    }
+}
+
+// ---- fixture construction (inputs) ----
+
+struct Fixture<'a> {
+    spec: &'a Spec,
+    node: &'a str,
+    observed: Observed,
+}
+
+impl<'a> Fixture<'a> {
+    fn new(spec: &'a Spec, node: &'a str) -> Self {
+        let observed = Observed {
+            format: OBSERVED_FORMAT,
+            node: node.to_string(),
+            conntrack: ConntrackState {
+                available: true,
+                flows: Vec::new(),
+                table_count: 0,
+                table_max: 262_144,
+            },
+            ..Observed::default()
+        };
+        Fixture {
+            spec,
+            node,
+            observed,
+        }
+    }
+
+    fn hash_of(spec: &Spec, node: &str, service: &str) -> String {
+        desired_node(spec, node)
+            .services
+            .iter()
+            .find(|(s, _)| s.name.value == service)
+            .map(|(_, c)| c.spec_hash())
+            .expect("service on node")
+    }
+
+    fn table(mut self, redirects: &[Redirect]) -> Self {
+        self.observed.nft.tables.push(host_table(redirects));
+        self
+    }
+
+    fn raw_table(mut self, table: NftTable) -> Self {
+        self.observed.nft.tables.push(table);
+        self
+    }
+
+    /// A container of `service` made from `from` (a spec: the current one or an older one).
+    fn container(mut self, from: &Spec, service: &str, slot: Slot, state: &str) -> Self {
+        let desired = desired_node(from, self.node);
+        let (_, c) = desired
+            .services
+            .iter()
+            .find(|(s, _)| s.name.value == service)
+            .expect("service on node");
+        let n = self.observed.containers.len() + 1;
+        self.observed.containers.push(Container {
+            id: format!("{n:0>12}"),
+            name: container_name(service, slot),
+            service: service.to_string(),
+            slot,
+            spec_hash: c.spec_hash(),
+            image: c.image.clone(),
+            ports: c.port_labels(),
+            state: state.to_string(),
+            health: None,
+            pid: (state == "running").then_some(1000 + n as u32),
+        });
+        self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+
+    fn flows(
+        mut self,
+        protocol: &str,
+        orig_dport: u16,
+        reply_sport: u16,
+        state: &str,
+        count: u64,
+    ) -> Self {
+        self.observed.conntrack.flows.push(FlowCount {
+            protocol: protocol.into(),
+            orig_dport,
+            reply_sport,
+            state: state.into(),
+            count,
+        });
+        self.observed.conntrack.table_count += count;
+        self
+    }
+
+    fn write(self, case: &str) {
+        let _ = self.spec;
+        let dir = cases_dir().join(case);
+        std::fs::create_dir_all(&dir).expect("case dir");
+        let text = serde_json::to_string_pretty(&self.observed).expect("serialise") + "\n";
+        std::fs::write(dir.join("observed.json"), text).expect("write observed.json");
+    }
+}
+
+fn spec_text(case: &str) -> String {
+    std::fs::read_to_string(cases_dir().join(case).join("spec.yaml")).expect("spec.yaml")
+}
+
+fn spec_from(text: &str) -> Spec {
+    load_bytes("fixture.yaml", text.as_bytes())
+        .unwrap_or_else(|r| panic!("{}", r.render(Style::Plain)))
+}
+
+const TCP_8000: Redirect = Redirect {
+    protocol: Protocol::Tcp,
+    port: 8000,
+    temp_port: 18000,
+};
+
+#[test]
+#[ignore = "writes the observed.json fixtures; run by hand when their shape changes"]
+fn write_observed_fixtures() {
+    // Host mode, one service.
+    let host = spec_text("fresh-install");
+    let current = spec_from(&host);
+    let older = spec_from(&host.replace("web:2.1", "web:2.0"));
+    let other = spec_from(&host.replace("web:2.1", "web:2.2"));
+    let on = |s| Fixture::new(s, "web-1");
+
+    on(&current).write("fresh-install");
+    Fixture::new(&spec_from(&spec_text("empty-host")), "web-1").write("empty-host");
+    on(&current)
+        .table(&[])
+        .container(&current, "web", Slot::Primary, "running")
+        .write("no-changes");
+    on(&current)
+        .table(&[])
+        .container(&older, "web", Slot::Primary, "running")
+        .flows("tcp", 8000, 8000, "ESTABLISHED", 4)
+        .write("upgrade-image");
+    on(&current)
+        .table(&[])
+        .container(&older, "web", Slot::Primary, "running")
+        .container(&current, "web", Slot::Next, "running")
+        .write("in-flight-start-next");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&older, "web", Slot::Primary, "running")
+        .container(&current, "web", Slot::Next, "running")
+        .flows("tcp", 8000, 8000, "ESTABLISHED", 3)
+        .flows("tcp", 8000, 8000, "TIME_WAIT", 40)
+        .flows("tcp", 8000, 18000, "ESTABLISHED", 12)
+        .write("in-flight-drain");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&older, "web", Slot::Prev, "exited")
+        .container(&current, "web", Slot::Next, "running")
+        .write("in-flight-swap-started");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&older, "web", Slot::Prev, "exited")
+        .container(&current, "web", Slot::Primary, "running")
+        .container(&current, "web", Slot::Next, "running")
+        .write("in-flight-swapped");
+    on(&current)
+        .table(&[])
+        .container(&older, "web", Slot::Prev, "exited")
+        .container(&current, "web", Slot::Primary, "running")
+        .container(&current, "web", Slot::Next, "running")
+        .flows("tcp", 8000, 18000, "ESTABLISHED", 2)
+        .write("in-flight-unredirected");
+    on(&current)
+        .table(&[])
+        .container(&older, "web", Slot::Prev, "exited")
+        .container(&current, "web", Slot::Primary, "running")
+        .write("in-flight-finish");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&older, "web", Slot::Primary, "running")
+        .container(&current, "web", Slot::Next, "exited")
+        .write("in-flight-next-died");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&older, "web", Slot::Primary, "running")
+        .container(&other, "web", Slot::Next, "running")
+        .write("in-flight-spec-changed");
+    on(&current)
+        .table(&[TCP_8000])
+        .container(&current, "web", Slot::Primary, "running")
+        .write("drift-leftover-redirect");
+    on(&current)
+        .table(&[])
+        .container(&current, "web", Slot::Primary, "exited")
+        .write("drift-container-stopped");
+    let mut broken = host_table(&[]);
+    broken.chains[0].rules.remove(0);
+    on(&current)
+        .raw_table(broken)
+        .container(&current, "web", Slot::Primary, "running")
+        .write("drift-rule-deleted");
+    let mut foreign = on(&current);
+    foreign.observed.foreign_containers.push(ForeignContainer {
+        id: "f00000000001".into(),
+        name: "lessnat-web".into(),
+    });
+    foreign.write("drift-foreign-container");
+    let mut alien = on(&current)
+        .table(&[])
+        .container(&current, "web", Slot::Primary, "running");
+    alien.observed.nft.tables.push(NftTable {
+        family: "ip".into(),
+        name: "filter".into(),
+        comment: None,
+        chains: Vec::new(),
+        maps: Vec::new(),
+    });
+    alien.write("foreign-table-ignored");
+    let moved = spec_from(
+        &spec_text("port-change")
+            .replace("port: 8080", "port: 8000")
+            .replace("tempPort: 18080", "tempPort: 18000"),
+    );
+    let port_change = spec_from(&spec_text("port-change"));
+    on(&port_change)
+        .table(&[])
+        .container(&moved, "web", Slot::Primary, "running")
+        .write("port-change");
+    let stop_start = spec_text("stop-start-upgrade");
+    let stop_start_now = spec_from(&stop_start);
+    let stop_start_old = spec_from(&stop_start.replace("web:2.1", "web:2.0"));
+    on(&stop_start_now)
+        .table(&[])
+        .container(&stop_start_old, "web", Slot::Primary, "running")
+        .write("stop-start-upgrade");
+
+    // A service removed from the spec: its container and (no host service left) the table go.
+    let removed_from = spec_from(&host);
+    let mut removed = Fixture::new(&removed_from, "web-1").table(&[]).container(
+        &removed_from,
+        "web",
+        Slot::Primary,
+        "running",
+    );
+    removed.observed.routing.rules.push(IpRule {
+        family: "inet".into(),
+        priority: 27001,
+        fwmark: Some(1),
+        fwmask: None,
+        table: 27001,
+    });
+    removed.observed.routing.routes.push(Route {
+        table: 27001,
+        destination: "default".into(),
+        gateway: Some("192.0.2.2".into()),
+        device: None,
+    });
+    removed.write("service-removed");
+
+    // UDP: an upgrade shows that flows are moved by deleting conntrack entries.
+    let udp = spec_text("udp-upgrade");
+    let udp_now = spec_from(&udp);
+    let udp_old = spec_from(&udp.replace("resolver:1.4", "resolver:1.3"));
+    Fixture::new(&udp_now, "dns-1")
+        .table(&[])
+        .container(&udp_old, "resolver", Slot::Primary, "running")
+        .flows("udp", 53, 53, "", 17)
+        .write("udp-upgrade");
+
+    // Routed: this node's replica moved address, another service's replica left the node.
+    let routed = spec_text("routed-replicas");
+    let routed_now = spec_from(&routed);
+    let routed_before = spec_from(&routed.replace("10.20.1.6", "10.20.1.5").replace(
+        "- { node: web-2, address: 10.20.2.7 }",
+        "- { node: web-1, address: 10.20.1.7 }",
+    ));
+    Fixture::new(&routed_now, "web-1")
+        .container(&routed_before, "api", Slot::Primary, "running")
+        .container(&routed_before, "search", Slot::Primary, "running")
+        .write("routed-replicas");
+
+    // Conntrack nearly full: a warning.
+    let mut full = on(&current)
+        .table(&[])
+        .container(&current, "web", Slot::Primary, "running");
+    full.observed.conntrack.table_count = 255_000;
+    full.observed.warnings.push("conntrack table is 97% full (255000 of 262144): new flows may be dropped and drain counts are unreliable; raise net.netfilter.nf_conntrack_max".into());
+    full.write("warning-conntrack-full");
+}
