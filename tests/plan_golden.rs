@@ -79,13 +79,12 @@ fn plans_match_their_golden_files() {
 // ---- fixture construction (inputs) ----
 
 struct Fixture<'a> {
-    spec: &'a Spec,
     node: &'a str,
     observed: Observed,
 }
 
 impl<'a> Fixture<'a> {
-    fn new(spec: &'a Spec, node: &'a str) -> Self {
+    fn new(_spec: &'a Spec, node: &'a str) -> Self {
         let observed = Observed {
             format: OBSERVED_FORMAT,
             node: node.to_string(),
@@ -102,15 +101,6 @@ impl<'a> Fixture<'a> {
             node,
             observed,
         }
-    }
-
-    fn hash_of(spec: &Spec, node: &str, service: &str) -> String {
-        desired_node(spec, node)
-            .services
-            .iter()
-            .find(|(s, _)| s.name.value == service)
-            .map(|(_, c)| c.spec_hash())
-            .expect("service on node")
     }
 
     fn table(mut self, redirects: &[Redirect]) -> Self {
@@ -168,7 +158,6 @@ impl<'a> Fixture<'a> {
     }
 
     fn write(self, case: &str) {
-        let _ = self.spec;
         let dir = cases_dir().join(case);
         std::fs::create_dir_all(&dir).expect("case dir");
         let text = serde_json::to_string_pretty(&self.observed).expect("serialise") + "\n";
