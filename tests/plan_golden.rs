@@ -84,7 +84,7 @@ struct Fixture<'a> {
 }
 
 impl<'a> Fixture<'a> {
-    fn new(_spec: &'a Spec, node: &'a str) -> Self {
+    fn new(node: &'a str) -> Self {
         let observed = Observed {
             format: OBSERVED_FORMAT,
             node: node.to_string(),
@@ -96,11 +96,7 @@ impl<'a> Fixture<'a> {
             },
             ..Observed::default()
         };
-        Fixture {
-            spec,
-            node,
-            observed,
-        }
+        Fixture { node, observed }
     }
 
     fn table(mut self, redirects: &[Redirect]) -> Self {
@@ -188,25 +184,24 @@ fn write_observed_fixtures() {
     let current = spec_from(&host);
     let older = spec_from(&host.replace("web:2.1", "web:2.0"));
     let other = spec_from(&host.replace("web:2.1", "web:2.2"));
-    let on = |s| Fixture::new(s, "web-1");
 
-    on(&current).write("fresh-install");
-    Fixture::new(&spec_from(&spec_text("empty-host")), "web-1").write("empty-host");
-    on(&current)
+    Fixture::new("web-1").write("fresh-install");
+    Fixture::new("web-1").write("empty-host");
+    Fixture::new("web-1")
         .table(&[])
         .container(&current, "web", Slot::Primary, "running")
         .write("no-changes");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[])
         .container(&older, "web", Slot::Primary, "running")
         .flows("tcp", 8000, 8000, "ESTABLISHED", 4)
         .write("upgrade-image");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[])
         .container(&older, "web", Slot::Primary, "running")
         .container(&current, "web", Slot::Next, "running")
         .write("in-flight-start-next");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&older, "web", Slot::Primary, "running")
         .container(&current, "web", Slot::Next, "running")
@@ -214,62 +209,63 @@ fn write_observed_fixtures() {
         .flows("tcp", 8000, 8000, "TIME_WAIT", 40)
         .flows("tcp", 8000, 18000, "ESTABLISHED", 12)
         .write("in-flight-drain");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&older, "web", Slot::Prev, "exited")
         .container(&current, "web", Slot::Next, "running")
         .write("in-flight-swap-started");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&older, "web", Slot::Prev, "exited")
         .container(&current, "web", Slot::Primary, "running")
         .container(&current, "web", Slot::Next, "running")
         .write("in-flight-swapped");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[])
         .container(&older, "web", Slot::Prev, "exited")
         .container(&current, "web", Slot::Primary, "running")
         .container(&current, "web", Slot::Next, "running")
         .flows("tcp", 8000, 18000, "ESTABLISHED", 2)
         .write("in-flight-unredirected");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[])
         .container(&older, "web", Slot::Prev, "exited")
         .container(&current, "web", Slot::Primary, "running")
         .write("in-flight-finish");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&older, "web", Slot::Primary, "running")
         .container(&current, "web", Slot::Next, "exited")
         .write("in-flight-next-died");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&older, "web", Slot::Primary, "running")
         .container(&other, "web", Slot::Next, "running")
         .write("in-flight-spec-changed");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[TCP_8000])
         .container(&current, "web", Slot::Primary, "running")
         .write("drift-leftover-redirect");
-    on(&current)
+    Fixture::new("web-1")
         .table(&[])
         .container(&current, "web", Slot::Primary, "exited")
         .write("drift-container-stopped");
     let mut broken = host_table(&[]);
     broken.chains[0].rules.remove(0);
-    on(&current)
+    Fixture::new("web-1")
         .raw_table(broken)
         .container(&current, "web", Slot::Primary, "running")
         .write("drift-rule-deleted");
-    let mut foreign = on(&current);
+    let mut foreign = Fixture::new("web-1");
     foreign.observed.foreign_containers.push(ForeignContainer {
         id: "f00000000001".into(),
         name: "lessnat-web".into(),
     });
     foreign.write("drift-foreign-container");
-    let mut alien = on(&current)
-        .table(&[])
-        .container(&current, "web", Slot::Primary, "running");
+    let mut alien =
+        Fixture::new("web-1")
+            .table(&[])
+            .container(&current, "web", Slot::Primary, "running");
     alien.observed.nft.tables.push(NftTable {
         family: "ip".into(),
         name: "filter".into(),
@@ -283,27 +279,23 @@ fn write_observed_fixtures() {
             .replace("port: 8080", "port: 8000")
             .replace("tempPort: 18080", "tempPort: 18000"),
     );
-    let port_change = spec_from(&spec_text("port-change"));
-    on(&port_change)
+    Fixture::new("web-1")
         .table(&[])
         .container(&moved, "web", Slot::Primary, "running")
         .write("port-change");
     let stop_start = spec_text("stop-start-upgrade");
-    let stop_start_now = spec_from(&stop_start);
     let stop_start_old = spec_from(&stop_start.replace("web:2.1", "web:2.0"));
-    on(&stop_start_now)
+    Fixture::new("web-1")
         .table(&[])
         .container(&stop_start_old, "web", Slot::Primary, "running")
         .write("stop-start-upgrade");
 
     // A service removed from the spec: its container and (no host service left) the table go.
     let removed_from = spec_from(&host);
-    let mut removed = Fixture::new(&removed_from, "web-1").table(&[]).container(
-        &removed_from,
-        "web",
-        Slot::Primary,
-        "running",
-    );
+    let mut removed =
+        Fixture::new("web-1")
+            .table(&[])
+            .container(&removed_from, "web", Slot::Primary, "running");
     removed.observed.routing.rules.push(IpRule {
         family: "inet".into(),
         priority: 27001,
@@ -321,9 +313,8 @@ fn write_observed_fixtures() {
 
     // UDP: an upgrade shows that flows are moved by deleting conntrack entries.
     let udp = spec_text("udp-upgrade");
-    let udp_now = spec_from(&udp);
     let udp_old = spec_from(&udp.replace("resolver:1.4", "resolver:1.3"));
-    Fixture::new(&udp_now, "dns-1")
+    Fixture::new("dns-1")
         .table(&[])
         .container(&udp_old, "resolver", Slot::Primary, "running")
         .flows("udp", 53, 53, "", 17)
@@ -331,20 +322,20 @@ fn write_observed_fixtures() {
 
     // Routed: this node's replica moved address, another service's replica left the node.
     let routed = spec_text("routed-replicas");
-    let routed_now = spec_from(&routed);
     let routed_before = spec_from(&routed.replace("10.20.1.6", "10.20.1.5").replace(
         "- { node: web-2, address: 10.20.2.7 }",
         "- { node: web-1, address: 10.20.1.7 }",
     ));
-    Fixture::new(&routed_now, "web-1")
+    Fixture::new("web-1")
         .container(&routed_before, "api", Slot::Primary, "running")
         .container(&routed_before, "search", Slot::Primary, "running")
         .write("routed-replicas");
 
     // Conntrack nearly full: a warning.
-    let mut full = on(&current)
-        .table(&[])
-        .container(&current, "web", Slot::Primary, "running");
+    let mut full =
+        Fixture::new("web-1")
+            .table(&[])
+            .container(&current, "web", Slot::Primary, "running");
     full.observed.conntrack.table_count = 255_000;
     full.observed.warnings.push("conntrack table is 97% full (255000 of 262144): new flows may be dropped and drain counts are unreliable; raise net.netfilter.nf_conntrack_max".into());
     full.write("warning-conntrack-full");
