@@ -9,8 +9,12 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
+use crate::netns::Netns;
+use crate::observe::Observed;
+use crate::plan::saved::{SAVED_PLAN_FORMAT, SavedPlan};
+use crate::plan::{plan, render::render};
 use crate::schema::spec_schema_json;
-use crate::spec::load_file;
+use crate::spec::{Spec, load_file};
 use crate::style::Style;
 
 /// Run and upgrade services on your own hosts, with no load balancer and no NAT in the steady state.
@@ -35,6 +39,21 @@ struct GlobalArgs {
     /// Log what lessnat does to stderr: -v info, -vv debug, -vvv trace (RUST_LOG overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The node of the spec this host is. Defaults to the spec's only node, or
+    /// the node named like this host.
+    #[arg(long, global = true, env = "LESSNAT_NODE", value_name = "NAME")]
+    node: Option<String>,
+    /// Work inside this network namespace: a name under /run/netns, or a path.
+    #[arg(long, global = true, value_name = "NAME|PATH")]
+    netns: Option<String>,
+}
+
+/// Where observed state comes from.
+#[derive(Debug, Args)]
+struct ObserveArgs {
+    /// Plan against a snapshot saved by `lessnat show --json` instead of the live host.
+    #[arg(long, value_name = "FILE")]
+    observed: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +66,37 @@ enum Command {
         /// Spec files to check.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+    },
+    /// Show what would change on this node to match the spec.
+    ///
+    /// Reads the live host (lessnat's nftables table, its routing rules and
+    /// routes, its containers, conntrack), compares it with the spec and prints
+    /// the changes: + create, ~ update in place, -/+ replace, - destroy,
+    /// >> staged upgrade. Changes nothing.
+    Plan {
+        /// The spec file.
+        #[arg(short = 'f', long = "file", value_name = "SPEC")]
+        spec: PathBuf,
+        /// Save the plan to FILE, for `lessnat apply FILE` (Terraform's -out).
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the plan as JSON (format described in docs/plan-json.md).
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        #[command(flatten)]
+        observe: ObserveArgs,
+    },
+    /// Show what lessnat owns on this host, or a saved plan.
+    Show {
+        /// A plan file saved with `plan --out`; without it, the live host.
+        #[arg(value_name = "PLANFILE")]
+        plan: Option<PathBuf>,
+        /// Print JSON: the observed snapshot (usable with `plan --observed`), or the plan.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the spec's JSON Schema (draft-07), for editor validation and completion.
     Schema,
@@ -109,9 +159,153 @@ fn style_for(global: &GlobalArgs, is_terminal: bool) -> Style {
     }
 }
 
+/// The exit code of `plan --detailed-exitcode` when there are changes.
+const EXIT_CHANGES: u8 = 2;
+
+fn stdout_style(global: &GlobalArgs) -> Style {
+    style_for(global, std::io::stdout().is_terminal())
+}
+
+/// Loads a spec, printing its problems and failing when it is invalid.
+fn load_spec(global: &GlobalArgs, path: &std::path::Path) -> anyhow::Result<Spec> {
+    load_file(path).map_err(|report| {
+        eprint!(
+            "{}",
+            report.render(style_for(global, std::io::stderr().is_terminal()))
+        );
+        anyhow::anyhow!("{} is not a valid spec", path.display())
+    })
+}
+
+/// Which node of the spec this host is.
+fn pick_node(global: &GlobalArgs, spec: &Spec) -> anyhow::Result<String> {
+    let names: Vec<&str> = spec.nodes.iter().map(|n| n.name.value.as_str()).collect();
+    if let Some(node) = &global.node {
+        anyhow::ensure!(
+            names.contains(&node.as_str()),
+            "the spec has no node named `{node}`; its nodes are {}",
+            crate::diagnostic::one_of(&names)
+        );
+        return Ok(node.clone());
+    }
+    if let [only] = names.as_slice() {
+        return Ok(only.to_string());
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    if names.contains(&host.as_str()) {
+        return Ok(host);
+    }
+    anyhow::bail!(
+        "the spec has {} nodes and none is named like this host (`{host}`); say which one this is with --node NAME (or LESSNAT_NODE)",
+        names.len()
+    )
+}
+
+fn netns(global: &GlobalArgs) -> Netns {
+    global
+        .netns
+        .as_deref()
+        .map(Netns::from_arg)
+        .unwrap_or_default()
+}
+
+/// Observed state: from a snapshot file, or read from the live host.
+fn observe(global: &GlobalArgs, args: &ObserveArgs, node: &str) -> anyhow::Result<Observed> {
+    if let Some(path) = &args.observed {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let observed: Observed = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not an observed-state snapshot", path.display()))?;
+        anyhow::ensure!(
+            observed.node == node,
+            "{} was observed on node `{}`, not `{node}`",
+            path.display(),
+            observed.node
+        );
+        return Ok(observed);
+    }
+    crate::observe::live::observe(node, &netns(global)).context("reading the live host")
+}
+
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match &cli.command {
+        Command::Plan {
+            spec: spec_path,
+            out,
+            json,
+            detailed_exitcode,
+            observe: observe_args,
+        } => {
+            let spec = load_spec(&cli.global, spec_path)?;
+            let node = pick_node(&cli.global, &spec)?;
+            let observed = observe(&cli.global, observe_args, &node)?;
+            let plan = plan(&spec, &node, &observed);
+            let changed = !plan.is_empty();
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &plan)?;
+                writeln!(stdout)?;
+            } else {
+                stdout.write_all(render(&plan, stdout_style(&cli.global)).as_bytes())?;
+            }
+            if let Some(out) = out {
+                let saved = SavedPlan {
+                    format: SAVED_PLAN_FORMAT,
+                    lessnat_version: env!("CARGO_PKG_VERSION").to_string(),
+                    spec_file: spec_path.display().to_string(),
+                    spec,
+                    observed,
+                    plan,
+                };
+                saved
+                    .write(out)
+                    .with_context(|| format!("saving the plan to {}", out.display()))?;
+                if !*json && changed {
+                    writeln!(
+                        stdout,
+                        "\nSaved the plan to {}. To carry it out: lessnat apply {}",
+                        out.display(),
+                        out.display()
+                    )?;
+                }
+            }
+            Ok(exit_for(*detailed_exitcode, changed))
+        }
+        Command::Show {
+            plan: Some(path),
+            json,
+        } => {
+            let saved = SavedPlan::read(path)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &saved.plan)?;
+                writeln!(stdout)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "Saved plan made from {} with lessnat {}\n",
+                    saved.spec_file, saved.lessnat_version
+                )?;
+                stdout.write_all(render(&saved.plan, stdout_style(&cli.global)).as_bytes())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { plan: None, json } => {
+            let node = cli.global.node.clone().unwrap_or_default();
+            let observed = crate::observe::live::observe(&node, &netns(&cli.global))
+                .context("reading the live host")?;
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &observed)?;
+                writeln!(stdout)?;
+            } else {
+                stdout.write_all(
+                    crate::observe::show::render(&observed, stdout_style(&cli.global)).as_bytes(),
+                )?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => {
             let style = style_for(&cli.global, std::io::stderr().is_terminal());
             let mut all_valid = true;
@@ -154,6 +348,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .context("rendering the man page")?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn exit_for(detailed: bool, changed: bool) -> ExitCode {
+    if detailed && changed {
+        ExitCode::from(EXIT_CHANGES)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -2,6 +2,9 @@
 //! system. It serialises to JSON so the planner can be tested on fixtures
 //! (`testdata/plans/*/observed.json`) without touching a host.
 
+pub mod live;
+pub mod show;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ownership::Slot;

@@ -5,6 +5,7 @@ mod fingerprint;
 mod host;
 mod model;
 pub mod render;
+pub mod saved;
 
 use std::collections::BTreeSet;
 
