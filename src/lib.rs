@@ -8,6 +8,8 @@ pub mod backend;
 pub mod cli;
 pub mod desired;
 pub mod diagnostic;
+pub mod journal;
+pub mod lock;
 pub mod netns;
 pub mod observe;
 pub mod ownership;

@@ -1,0 +1,107 @@
+//! The exclusive apply lock: one `apply` per state directory at a time. The
+//! lock is an `flock` on a file, so it is released when the holder exits, even
+//! by `kill -9`; the file records who holds it, for the message a second apply
+//! prints.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// The lock file's name inside the state directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Taking the lock failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error(
+        "another lessnat holds the lock {path}: {holder}; wait for it to finish (or, if it is stuck, stop that process)"
+    )]
+    Held {
+        /// The lock file.
+        path: PathBuf,
+        /// Who holds it, as they recorded it.
+        holder: String,
+    },
+    /// The lock file could not be opened or written.
+    #[error("cannot use the lock file {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A held lock; released when dropped.
+#[derive(Debug)]
+pub struct ApplyLock {
+    _lock: Flock<File>,
+}
+
+impl ApplyLock {
+    /// Takes the lock in `state_dir` (created if missing) without waiting.
+    /// `what` describes the holder, e.g. `lessnat apply -f spec.yaml`.
+    pub fn acquire(state_dir: &Path, what: &str) -> Result<ApplyLock, LockError> {
+        let path = state_dir.join(LOCK_FILE);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "a process that has not said who it is".to_string()
+                } else {
+                    holder.to_string()
+                };
+                return Err(LockError::Held { path, holder });
+            }
+            Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+        };
+        let since = humantime::format_rfc3339_seconds(SystemTime::now());
+        let record = format!("pid {} ({what}) since {since}\n", std::process::id());
+        let file: &mut File = &mut lock;
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        file.write_all(record.as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        Ok(ApplyLock { _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_is_told_who_has_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = ApplyLock::acquire(dir.path(), "lessnat apply -f a.yaml").expect("first lock");
+        let error = ApplyLock::acquire(dir.path(), "lessnat apply -f b.yaml")
+            .expect_err("second is refused");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
+        assert!(message.contains("lessnat apply -f a.yaml"), "{message}");
+        drop(first);
+        ApplyLock::acquire(dir.path(), "lessnat apply -f b.yaml").expect("free again after drop");
+    }
+}
