@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cli;
 pub mod desired;
 pub mod diagnostic;
+pub mod health;
 pub mod journal;
 pub mod lock;
 pub mod netns;
