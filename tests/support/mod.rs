@@ -21,12 +21,15 @@ fn skip_or_fail(test: &str, why: &str) -> bool {
     false
 }
 
+/// Whether `name` is an executable file on PATH (tools disagree on a version flag:
+/// `ip --version` exits 255).
 fn has_command(name: &str) -> bool {
-    Command::new(name)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 /// True when the test may use root, network namespaces and the given commands.
@@ -54,7 +57,10 @@ pub fn docker(test: &str) -> bool {
 
 /// Runs a command and panics with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         output.status.success(),
         "{program} {args:?} failed: {}{}",
@@ -120,12 +126,18 @@ impl TestNetns {
             .write_all(script.as_bytes())
             .expect("write script");
         let output = child.wait_with_output().expect("wait nft");
-        assert!(output.status.success(), "nft -f failed: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "nft -f failed: {}\n{script}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
     }
 }
