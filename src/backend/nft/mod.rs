@@ -1,5 +1,5 @@
 //! nftables: lessnat's own table, built as a value ([`ruleset`]), read from and
-//! written to the host through `nft -j`.
+//! written to the host through `nft -j`, and shown as nft text ([`text`]).
 //!
 //! Only `inet lessnat` is ever read or written; other tables are seen by name
 //! only, to know whether ours exists. Every change is one atomic `nft -j -f`
@@ -18,6 +18,7 @@
 mod decode;
 mod encode;
 pub mod ruleset;
+pub mod text;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
