@@ -116,13 +116,18 @@ fn render_change(out: &mut String, change: &Change, style: Style) {
         let _ = writeln!(out, "      {mark} {:width$} = {text}", field.name);
     }
     for line in &change.diff {
-        let text = format!("{} {}", line.tag, line.text);
+        let text = format!("{} {}", line.tag, line.text.replace('\t', "    "));
+        let text = text.trim_end();
         let painted = match line.tag {
-            '+' => style.paint("32", &text),
-            '-' => style.paint("31", &text),
-            _ => text,
+            '+' => style.paint("32", text),
+            '-' => style.paint("31", text),
+            _ => text.to_string(),
         };
-        let _ = writeln!(out, "      {}", painted.trim_end());
+        if painted.is_empty() {
+            out.push('\n');
+        } else {
+            let _ = writeln!(out, "      {painted}");
+        }
     }
     if let Some(upgrade) = &change.upgrade {
         if let Some(in_flight) = &upgrade.in_flight {

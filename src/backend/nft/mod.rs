@@ -1,5 +1,231 @@
 //! nftables: lessnat's own table, built as a value ([`ruleset`]), read from and
-//! written to the host through `nft -j`.
+//! written to the host through `nft -j`, and shown as nft text ([`text`]).
+//!
+//! Only `inet lessnat` is ever read or written; other tables are seen by name
+//! only, to know whether ours exists. Every change is one atomic `nft -j -f`
+//! transaction.
+//!
+//! How the `nftables` crate is used:
+//! - listings run through `nftables::helper::get_current_ruleset_raw`, and their
+//!   JSON is decoded here, not by `nftables::schema`, so rules keep their
+//!   statements exactly as nft reports them (see `decode`);
+//! - transactions are built with the crate's typed [`Batch`] and piped to
+//!   `nft -j -f -` here rather than through `nftables::helper::apply_ruleset`,
+//!   because that helper (0.6.3) does not capture nft's stderr: the reason a
+//!   transaction was refused would be printed on lessnat's own stderr and be
+//!   missing from the error (nftables-rs issue #209).
 
+mod decode;
+mod encode;
 pub mod ruleset;
 pub mod text;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use nftables::batch::Batch;
+use nftables::helper::{self, NftablesError};
+
+use crate::netns::{Netns, NetnsError};
+use crate::observe::{NftState, NftTable};
+use crate::ownership::{NFT_FAMILY, NFT_TABLE};
+
+/// The nft executable, looked up in `PATH`.
+const NFT: &str = "nft";
+
+/// Reading or changing nftables failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The `nft` command is not installed.
+    #[error(
+        "the `nft` command was not found: install the `nftables` package (Debian/Ubuntu: apt-get install nftables)"
+    )]
+    NotInstalled,
+    /// `nft` could not be started or fed its input.
+    #[error("cannot run `{command}`: {source}")]
+    Run {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `nft` ran and reported an error.
+    #[error("`{command}` failed: {stderr}")]
+    Failed {
+        /// The command line, with what it was doing.
+        command: String,
+        /// What nft printed on stderr.
+        stderr: String,
+    },
+    /// `nft` printed something that is not the JSON we expect.
+    #[error("cannot read the output of `{command}`: {detail}")]
+    Output {
+        /// The command line.
+        command: String,
+        /// What is wrong with the output.
+        detail: String,
+    },
+    /// The desired table holds something the `nftables` crate cannot express.
+    #[error("cannot write {what} to nftables: {value} is not supported ({reason})")]
+    Unsupported {
+        /// Which part of the table.
+        what: String,
+        /// The value, as JSON.
+        value: String,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// Asked to write a table lessnat does not own.
+    #[error(
+        "refusing to write table {family} {name}: lessnat only writes its own table {NFT_FAMILY} {NFT_TABLE}"
+    )]
+    NotOwned {
+        /// The table's family.
+        family: String,
+        /// The table's name.
+        name: String,
+    },
+    /// The network namespace could not be entered.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}
+
+/// Reads lessnat's table (`inet lessnat`) in `netns`. Other tables are only
+/// listed by name; a missing table gives an empty [`NftState`].
+pub fn observe(netns: &Netns) -> Result<NftState, NftError> {
+    let command = describe("nft -j list tables", netns);
+    let json = list(netns, &command, &["list", "tables"])?;
+    let names =
+        decode::table_names(&json).map_err(|detail| NftError::Output { command, detail })?;
+    if !names.iter().any(|(f, n)| f == NFT_FAMILY && n == NFT_TABLE) {
+        return Ok(NftState::default());
+    }
+    let command = describe(
+        &format!("nft -j list table {NFT_FAMILY} {NFT_TABLE}"),
+        netns,
+    );
+    let json = match list(netns, &command, &["list", "table", NFT_FAMILY, NFT_TABLE]) {
+        Ok(json) => json,
+        // Deleted between the two listings.
+        Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
+            return Ok(NftState::default());
+        }
+        Err(e) => return Err(e),
+    };
+    let table = decode::table(NFT_FAMILY, NFT_TABLE, &json)
+        .map_err(|detail| NftError::Output { command, detail })?;
+    Ok(NftState {
+        tables: vec![table],
+    })
+}
+
+/// Replaces lessnat's table in `netns` with `desired`, in one atomic
+/// transaction: nothing in between is ever visible to packets. `desired` must
+/// be `inet lessnat`. Conntrack entries are not touched, so established flows
+/// keep their NAT bindings.
+pub fn apply_table(netns: &Netns, desired: &NftTable) -> Result<(), NftError> {
+    transact(
+        netns,
+        "replacing table inet lessnat",
+        encode::replace_table(desired)?,
+    )
+}
+
+/// Deletes lessnat's table in `netns`; succeeds when it is already absent.
+pub fn delete_table(netns: &Netns) -> Result<(), NftError> {
+    transact(netns, "deleting table inet lessnat", encode::delete_table())
+}
+
+/// Runs `nft -j ARGS` in `netns` and returns its output; `command` describes
+/// it in errors.
+fn list(netns: &Netns, command: &str, args: &[&str]) -> Result<String, NftError> {
+    netns
+        .run(|| helper::get_current_ruleset_raw(Some(NFT), args))?
+        .map_err(|e| match e {
+            NftablesError::NftExecution { inner, .. } => run_error(command, inner),
+            NftablesError::NftFailed { stderr, .. } => NftError::Failed {
+                command: command.to_string(),
+                stderr: stderr.trim().to_string(),
+            },
+            other => NftError::Output {
+                command: command.to_string(),
+                detail: other.to_string(),
+            },
+        })
+}
+
+/// Runs `batch` as one `nft -j -f -` transaction in `netns`.
+fn transact(netns: &Netns, doing: &str, batch: Batch) -> Result<(), NftError> {
+    let command = describe(&format!("nft -j -f - ({doing})"), netns);
+    let payload = serde_json::to_string(&batch.to_nftables()).map_err(|e| NftError::Output {
+        command: command.clone(),
+        detail: format!("cannot serialise the commands: {e}"),
+    })?;
+    netns.run(|| {
+        let mut child = Command::new(NFT)
+            .args(["-j", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| run_error(&command, e))?;
+        // nft reads all its input before it writes anything, so this cannot
+        // block on a full stdout or stderr pipe. If nft quits early, its
+        // stderr says why better than the broken pipe does.
+        let written = match child.stdin.take() {
+            Some(mut stdin) => stdin.write_all(payload.as_bytes()),
+            None => Ok(()),
+        };
+        let output = child
+            .wait_with_output()
+            .map_err(|e| run_error(&command, e))?;
+        if !output.status.success() {
+            return Err(NftError::Failed {
+                command: command.clone(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        written.map_err(|e| run_error(&command, e))
+    })?
+}
+
+/// A command line for messages, naming the namespace when it is not ours.
+fn describe(command: &str, netns: &Netns) -> String {
+    match netns {
+        Netns::Current => command.to_string(),
+        Netns::Path(_) => format!("{command} in {netns}"),
+    }
+}
+
+fn run_error(command: &str, error: std::io::Error) -> NftError {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        NftError::NotInstalled
+    } else {
+        NftError::Run {
+            command: command.to_string(),
+            source: error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nft_says_what_to_install() {
+        let error = run_error(
+            "nft -j list tables",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert!(
+            error.to_string().contains("install the `nftables` package"),
+            "{error}"
+        );
+        let error = run_error(
+            "nft -j list tables",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert!(error.to_string().contains("nft -j list tables"), "{error}");
+    }
+}

@@ -1,0 +1,301 @@
+//! Decoding `nft -j list ...` output into the observed-state types.
+//!
+//! We decode the JSON ourselves rather than through `nftables::schema`. Its
+//! statement and expression types are an incomplete model of nft's: one
+//! statement it does not know (a rule added by hand with, say, an `xt` match)
+//! fails the whole listing. And the statements it does know would reach us
+//! re-serialised through its types (flags are `HashSet`s, so their order is
+//! lost) instead of exactly as nft reported them. Observation must show
+//! lessnat's table as it is, hand edits included, so rule statements stay plain
+//! JSON values and only the few object fields we model are typed here.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+
+/// The top-level document `nft -j` prints.
+#[derive(Deserialize)]
+struct Listing {
+    nftables: Vec<serde_json::Map<String, Value>>,
+}
+
+/// A table as `nft -j list tables` reports it.
+#[derive(Deserialize)]
+struct ListedTable {
+    family: String,
+    name: String,
+}
+
+/// A chain as `nft -j list table` reports it.
+#[derive(Deserialize)]
+struct ListedChain {
+    name: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    hook: Option<String>,
+    prio: Option<i32>,
+    policy: Option<String>,
+}
+
+/// A rule as `nft -j list table` reports it.
+#[derive(Deserialize)]
+struct ListedRule {
+    chain: String,
+    comment: Option<String>,
+    #[serde(default)]
+    expr: Vec<Value>,
+}
+
+/// A set or map as `nft -j list table` reports it.
+#[derive(Deserialize)]
+struct ListedSet {
+    name: String,
+    #[serde(rename = "type")]
+    key: Value,
+    map: Option<Value>,
+    comment: Option<String>,
+    #[serde(default)]
+    elem: Vec<Value>,
+}
+
+/// The objects of the given kinds in a listing, in the order nft printed them.
+fn objects<T: DeserializeOwned>(listing: &Listing, kinds: &[&str]) -> Result<Vec<T>, String> {
+    listing
+        .nftables
+        .iter()
+        .flat_map(|object| {
+            kinds
+                .iter()
+                .filter_map(|&kind| Some((kind, object.get(kind)?)))
+        })
+        .map(|(kind, value)| T::deserialize(value).map_err(|e| format!("a {kind} object: {e}")))
+        .collect()
+}
+
+fn parse(json: &str) -> Result<Listing, String> {
+    serde_json::from_str(json).map_err(|e| e.to_string())
+}
+
+/// The `(family, name)` of every table in `nft -j list tables` output.
+pub(super) fn table_names(json: &str) -> Result<Vec<(String, String)>, String> {
+    let listing = parse(json)?;
+    Ok(objects::<ListedTable>(&listing, &["table"])?
+        .into_iter()
+        .map(|t| (t.family, t.name))
+        .collect())
+}
+
+/// The table `family name` from `nft -j list table family name` output.
+pub(super) fn table(family: &str, name: &str, json: &str) -> Result<NftTable, String> {
+    let listing = parse(json)?;
+    let rules = objects::<ListedRule>(&listing, &["rule"])?;
+    let chains = objects::<ListedChain>(&listing, &["chain"])?
+        .into_iter()
+        .map(|chain| decode_chain(chain, &rules))
+        .collect();
+    let maps = objects::<ListedSet>(&listing, &["set", "map"])?
+        .into_iter()
+        .map(decode_set)
+        .collect();
+    Ok(NftTable {
+        family: family.to_string(),
+        name: name.to_string(),
+        // nft 1.0.6 does not report a table's comment in JSON.
+        comment: None,
+        chains,
+        maps,
+    })
+}
+
+/// A chain with its rules, picked from all of the table's rules (nft lists
+/// every chain first, then every rule).
+fn decode_chain(chain: ListedChain, rules: &[ListedRule]) -> NftChain {
+    let hook = match (chain.kind, chain.hook) {
+        (Some(kind), Some(hook)) => Some(NftHook {
+            kind,
+            hook,
+            priority: chain.prio.unwrap_or(0),
+            policy: chain.policy.unwrap_or_else(|| "accept".to_string()),
+        }),
+        _ => None,
+    };
+    NftChain {
+        hook,
+        rules: rules
+            .iter()
+            .filter(|r| r.chain == chain.name)
+            .map(|r| NftRule {
+                comment: r.comment.clone(),
+                expr: r.expr.clone(),
+            })
+            .collect(),
+        name: chain.name,
+    }
+}
+
+fn decode_set(set: ListedSet) -> NftMap {
+    let is_map = set.map.is_some();
+    let mut elements: Vec<NftElement> = set
+        .elem
+        .into_iter()
+        .map(|elem| match elem {
+            // A map element is `[key, value]`.
+            Value::Array(pair) if is_map && pair.len() == 2 => {
+                let mut pair = pair.into_iter();
+                NftElement {
+                    key: pair.next().unwrap_or_default(),
+                    value: pair.next().unwrap_or_default(),
+                }
+            }
+            key => NftElement {
+                key,
+                value: Value::Null,
+            },
+        })
+        .collect();
+    elements.sort_by(|a, b| compare_keys(&a.key, &b.key));
+    NftMap {
+        name: set.name,
+        key: type_name(&set.key),
+        data: set.map.as_ref().map(type_name),
+        comment: set.comment,
+        elements,
+    }
+}
+
+/// A set's type as nft writes it: `inet_service`, or `ipv4_addr . inet_service`
+/// for a concatenation (which JSON reports as an array).
+fn type_name(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().map(type_name).collect::<Vec<_>>().join(" . "),
+        other => other.to_string(),
+    }
+}
+
+/// Orders element keys: numbers numerically, anything else by its JSON text,
+/// numbers first.
+pub(super) fn compare_keys(a: &Value, b: &Value) -> std::cmp::Ordering {
+    match (a.as_u64(), b.as_u64()) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => a.to_string().cmp(&b.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn table_names_come_from_list_tables() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+            {"table": {"family": "ip", "name": "nat", "handle": 1}},
+            {"table": {"family": "inet", "name": "lessnat", "handle": 2}}]}"#;
+        assert_eq!(
+            table_names(json).expect("decodes"),
+            vec![
+                ("ip".to_string(), "nat".to_string()),
+                ("inet".to_string(), "lessnat".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn chains_rules_and_maps_decode_as_nft_reports_them() {
+        // Shaped like nft 1.0.6 output: chains first, then rules, elements unsorted.
+        let json = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "lessnat", "handle": 1}},
+            {"set": {"family": "inet", "name": "s", "table": "lessnat", "type": ["ipv4_addr", "inet_service"], "handle": 2,
+                     "elem": [{"concat": ["10.0.0.1", 80]}]}},
+            {"map": {"family": "inet", "name": "m", "table": "lessnat", "type": "inet_service", "handle": 3,
+                     "map": "inet_service", "comment": "c", "elem": [[8000, 18000], [80, 1080]]}},
+            {"chain": {"family": "inet", "table": "lessnat", "name": "out", "handle": 4,
+                       "type": "nat", "hook": "output", "prio": -110, "policy": "accept"}},
+            {"chain": {"family": "inet", "table": "lessnat", "name": "helper", "handle": 5}},
+            {"rule": {"family": "inet", "table": "lessnat", "chain": "helper", "handle": 6, "expr": [{"accept": null}]}},
+            {"rule": {"family": "inet", "table": "lessnat", "chain": "out", "handle": 7, "comment": "x",
+                      "expr": [{"counter": {"packets": 0, "bytes": 0}}]}},
+            {"rule": {"family": "inet", "table": "lessnat", "chain": "out", "handle": 8}}
+        ]});
+        let table = table("inet", "lessnat", &json.to_string()).expect("decodes");
+        assert_eq!(
+            table,
+            NftTable {
+                family: "inet".into(),
+                name: "lessnat".into(),
+                comment: None,
+                chains: vec![
+                    NftChain {
+                        name: "out".into(),
+                        hook: Some(NftHook {
+                            kind: "nat".into(),
+                            hook: "output".into(),
+                            priority: -110,
+                            policy: "accept".into(),
+                        }),
+                        rules: vec![
+                            NftRule {
+                                comment: Some("x".into()),
+                                expr: vec![json!({"counter": {"packets": 0, "bytes": 0}})],
+                            },
+                            NftRule {
+                                comment: None,
+                                expr: vec![],
+                            },
+                        ],
+                    },
+                    NftChain {
+                        name: "helper".into(),
+                        hook: None,
+                        rules: vec![NftRule {
+                            comment: None,
+                            expr: vec![json!({"accept": null})],
+                        }],
+                    },
+                ],
+                maps: vec![
+                    NftMap {
+                        name: "s".into(),
+                        key: "ipv4_addr . inet_service".into(),
+                        data: None,
+                        comment: None,
+                        elements: vec![NftElement {
+                            key: json!({"concat": ["10.0.0.1", 80]}),
+                            value: Value::Null,
+                        }],
+                    },
+                    NftMap {
+                        name: "m".into(),
+                        key: "inet_service".into(),
+                        data: Some("inet_service".into()),
+                        comment: Some("c".into()),
+                        elements: vec![
+                            NftElement {
+                                key: json!(80),
+                                value: json!(1080),
+                            },
+                            NftElement {
+                                key: json!(8000),
+                                value: json!(18000),
+                            },
+                        ],
+                    },
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_output_is_an_error() {
+        assert!(table_names("not json").is_err());
+        let bad_chain = r#"{"nftables": [{"chain": {"prio": "high"}}]}"#;
+        let error = table("inet", "lessnat", bad_chain).expect_err("bad chain");
+        assert!(error.contains("a chain object"), "{error}");
+    }
+}
