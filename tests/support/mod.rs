@@ -3,6 +3,8 @@
 //! network namespaces that are always removed.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod image;
+
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -54,7 +56,10 @@ pub fn docker(test: &str) -> bool {
 
 /// Runs a command and panics with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         output.status.success(),
         "{program} {args:?} failed: {}{}",
@@ -120,12 +125,18 @@ impl TestNetns {
             .write_all(script.as_bytes())
             .expect("write script");
         let output = child.wait_with_output().expect("wait nft");
-        assert!(output.status.success(), "nft -f failed: {}\n{script}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "nft -f failed: {}\n{script}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
     }
 }
