@@ -29,12 +29,10 @@ pub const LABEL_SERVICE: &str = "io.lessnat.service";
 pub const LABEL_SPEC: &str = "io.lessnat.spec";
 /// Container label listing the container's canonical ports, e.g. `8000/tcp,53/udp`.
 pub const LABEL_PORTS: &str = "io.lessnat.ports";
-/// Container label naming the node the container was started for.
-pub const LABEL_NODE: &str = "io.lessnat.node";
-
 /// The role a container plays for its service. It is carried by the container
-/// name (`lessnat-web`, `lessnat-web.next`, `lessnat-web.prev`), because a
-/// container changes role during an upgrade and Docker labels cannot change.
+/// name (`lessnat-web.web-1`, `lessnat-web.web-1.next`, `lessnat-web.web-1.prev`),
+/// because a container changes role during an upgrade and Docker labels cannot
+/// change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
@@ -60,29 +58,52 @@ impl Slot {
     }
 }
 
-/// The container name for `service` in `slot`. Service names cannot contain
-/// `.`, so the suffix is unambiguous.
-pub fn container_name(service: &str, slot: Slot) -> String {
+/// The container name for `service` on `node` in `slot`: `lessnat-SERVICE.NODE`,
+/// then `.next` or `.prev`. Docker names are global to an engine, so the node is
+/// part of the name: several nodes may share one engine (network namespaces,
+/// tests). Service and node names cannot contain `.`, so the parts are unambiguous.
+pub fn container_name(service: &str, node: &str, slot: Slot) -> String {
     match slot {
-        Slot::Primary => format!("lessnat-{service}"),
-        Slot::Next => format!("lessnat-{service}.next"),
-        Slot::Prev => format!("lessnat-{service}.prev"),
+        Slot::Primary => format!("lessnat-{service}.{node}"),
+        Slot::Next => format!("lessnat-{service}.{node}.next"),
+        Slot::Prev => format!("lessnat-{service}.{node}.prev"),
     }
 }
 
-/// Reads a container name made by [`container_name`] back into service and slot.
-pub fn parse_container_name(name: &str) -> Option<(&str, Slot)> {
+/// A container name made by [`container_name`], read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerName<'a> {
+    /// The service.
+    pub service: &'a str,
+    /// The node.
+    pub node: &'a str,
+    /// The role.
+    pub slot: Slot,
+}
+
+/// Reads a container name made by [`container_name`] (a leading `/`, as Docker
+/// reports names, is allowed).
+pub fn parse_container_name(name: &str) -> Option<ContainerName<'_>> {
     let rest = name
         .strip_prefix('/')
         .unwrap_or(name)
         .strip_prefix("lessnat-")?;
-    let (service, slot) = match rest.split_once('.') {
-        None => (rest, Slot::Primary),
-        Some((service, "next")) => (service, Slot::Next),
-        Some((service, "prev")) => (service, Slot::Prev),
+    let mut parts = rest.split('.');
+    let (service, node) = (parts.next()?, parts.next()?);
+    let slot = match parts.next() {
+        None => Slot::Primary,
+        Some("next") => Slot::Next,
+        Some("prev") => Slot::Prev,
         Some(_) => return None,
     };
-    (!service.is_empty()).then_some((service, slot))
+    if parts.next().is_some() || service.is_empty() || node.is_empty() {
+        return None;
+    }
+    Some(ContainerName {
+        service,
+        node,
+        slot,
+    })
 }
 
 #[cfg(test)]
@@ -92,15 +113,29 @@ mod tests {
     #[test]
     fn container_names_round_trip() {
         for slot in Slot::ALL {
-            let name = container_name("web-1", slot);
-            assert_eq!(parse_container_name(&name), Some(("web-1", slot)));
+            let name = container_name("web", "node-1", slot);
+            let parsed = ContainerName {
+                service: "web",
+                node: "node-1",
+                slot,
+            };
+            assert_eq!(parse_container_name(&name), Some(parsed));
         }
-        assert_eq!(
-            parse_container_name("/lessnat-web"),
-            Some(("web", Slot::Primary))
-        );
-        assert_eq!(parse_container_name("lessnat-web.old"), None);
-        assert_eq!(parse_container_name("nginx"), None);
+        let primary = ContainerName {
+            service: "web",
+            node: "n",
+            slot: Slot::Primary,
+        };
+        assert_eq!(parse_container_name("/lessnat-web.n"), Some(primary));
+        for bad in [
+            "lessnat-web",
+            "lessnat-web.n.old",
+            "lessnat-web.n.next.x",
+            "lessnat-.n",
+            "nginx",
+        ] {
+            assert_eq!(parse_container_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl<'a> Fixture<'a> {
         let n = self.observed.containers.len() + 1;
         self.observed.containers.push(Container {
             id: format!("{n:0>12}"),
-            name: container_name(service, slot),
+            name: container_name(service, self.node, slot),
             service: service.to_string(),
             slot,
             spec_hash: c.spec_hash(),

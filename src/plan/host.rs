@@ -20,11 +20,11 @@ pub(super) fn belongs_to(service: &Service, redirect: &Redirect) -> bool {
     })
 }
 
-fn container_resource(service: &str, slot: Slot) -> Resource {
+fn container_resource(service: &str, node: &str, slot: Slot) -> Resource {
     Resource::Container {
         service: service.to_string(),
         slot,
-        name: container_name(service, slot),
+        name: container_name(service, node, slot),
     }
 }
 
@@ -135,6 +135,7 @@ pub(super) fn restart_if_stopped(
 
 /// Plans one host-mode service.
 pub(super) fn plan_service(
+    node: &str,
     service: &Service,
     container: &DesiredContainer,
     mine: &Slots,
@@ -145,16 +146,18 @@ pub(super) fn plan_service(
     let name = &service.name.value;
     let hash = container.spec_hash();
     if mine.next.is_some() || mine.prev.is_some() {
-        return Some(in_flight(service, container, mine, redirects, observed));
+        return Some(in_flight(
+            node, service, container, mine, redirects, observed,
+        ));
     }
     if !redirects.is_empty() {
         // A redirect with no next container behind it: left over, or made by hand.
         drift.push(Drift {
-            resource: container_resource(name, Slot::Next),
+            resource: container_resource(name, node, Slot::Next),
             what: "a redirect exists but the next container is gone".into(),
         });
     }
-    let resource = container_resource(name, Slot::Primary);
+    let resource = container_resource(name, node, Slot::Primary);
     let Some(primary) = mine.primary else {
         return Some(create_primary(resource, container));
     };
@@ -195,7 +198,7 @@ pub(super) fn plan_service(
             upgrade: Some(Upgrade {
                 strategy: Strategy::StopStart,
                 in_flight: None,
-                stages: stop_start_stages(service),
+                stages: stop_start_stages(node, service),
             }),
         }),
         Strategy::RedirectDrain => Some(Change {
@@ -207,7 +210,7 @@ pub(super) fn plan_service(
             upgrade: Some(Upgrade {
                 strategy: Strategy::RedirectDrain,
                 in_flight: None,
-                stages: upgrade_stages(service, observed, None),
+                stages: upgrade_stages(node, service, observed, None),
             }),
         }),
     }
@@ -231,6 +234,7 @@ fn reached(mine: &Slots, redirects: &[Redirect]) -> StageName {
 }
 
 fn in_flight(
+    node: &str,
     service: &Service,
     container: &DesiredContainer,
     mine: &Slots,
@@ -264,8 +268,8 @@ fn in_flight(
         )
     };
     let stages = match decision {
-        Decision::Resume => upgrade_stages(service, observed, Some(reached)),
-        Decision::RollBack => rollback_stages(service, reached),
+        Decision::Resume => upgrade_stages(node, service, observed, Some(reached)),
+        Decision::RollBack => rollback_stages(node, service, reached),
     };
     let mut fields = Vec::new();
     if let (Some(old), Some(new)) = (mine.primary.or(mine.prev), mine.next)
@@ -380,6 +384,7 @@ fn stage(
 }
 
 fn upgrade_stages(
+    node: &str,
     service: &Service,
     observed: &Observed,
     reached: Option<StageName>,
@@ -419,7 +424,7 @@ fn upgrade_stages(
             done(StageName::StartNext),
             format!(
                 "start \"{}\" with the new spec on {}",
-                container_name(name, Slot::Next),
+                container_name(name, node, Slot::Next),
                 port_list(service, true)
             ),
             Some("healthy".into()),
@@ -453,8 +458,8 @@ fn upgrade_stages(
             done(StageName::Swap),
             format!(
                 "stop \"{}\" (kept as \"{}\"), start the new spec on {}",
-                container_name(name, Slot::Primary),
-                container_name(name, Slot::Prev),
+                container_name(name, node, Slot::Primary),
+                container_name(name, node, Slot::Prev),
                 port_list(service, false)
             ),
             Some("healthy".into()),
@@ -472,7 +477,7 @@ fn upgrade_stages(
             done(StageName::DrainNext),
             format!(
                 "let \"{}\" finish its connections on {}",
-                container_name(name, Slot::Next),
+                container_name(name, node, Slot::Next),
                 port_list(service, true)
             ),
             Some(format!(
@@ -486,8 +491,8 @@ fn upgrade_stages(
             false,
             format!(
                 "remove \"{}\" and \"{}\"",
-                container_name(name, Slot::Next),
-                container_name(name, Slot::Prev)
+                container_name(name, node, Slot::Next),
+                container_name(name, node, Slot::Prev)
             ),
             None,
             None,
@@ -495,7 +500,7 @@ fn upgrade_stages(
     ]
 }
 
-fn rollback_stages(service: &Service, reached: StageName) -> Vec<Stage> {
+fn rollback_stages(node: &str, service: &Service, reached: StageName) -> Vec<Stage> {
     let name = &service.name.value;
     let mut stages = Vec::new();
     if reached >= StageName::Drain {
@@ -504,8 +509,8 @@ fn rollback_stages(service: &Service, reached: StageName) -> Vec<Stage> {
             false,
             format!(
                 "start \"{}\" again as \"{}\"",
-                container_name(name, Slot::Prev),
-                container_name(name, Slot::Primary)
+                container_name(name, node, Slot::Prev),
+                container_name(name, node, Slot::Primary)
             ),
             Some("healthy".into()),
             service.health.as_ref().map(|h| h.start_timeout.value),
@@ -523,14 +528,17 @@ fn rollback_stages(service: &Service, reached: StageName) -> Vec<Stage> {
     stages.push(stage(
         StageName::RemoveNext,
         false,
-        format!("stop and remove \"{}\"", container_name(name, Slot::Next)),
+        format!(
+            "stop and remove \"{}\"",
+            container_name(name, node, Slot::Next)
+        ),
         None,
         None,
     ));
     stages
 }
 
-fn stop_start_stages(service: &Service) -> Vec<Stage> {
+fn stop_start_stages(node: &str, service: &Service) -> Vec<Stage> {
     let name = &service.name.value;
     vec![
         stage(
@@ -538,7 +546,7 @@ fn stop_start_stages(service: &Service) -> Vec<Stage> {
             false,
             format!(
                 "stop and remove \"{}\" (the service is down from here)",
-                container_name(name, Slot::Primary)
+                container_name(name, node, Slot::Primary)
             ),
             None,
             Some(service.upgrade.stop_timeout.value),

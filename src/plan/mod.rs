@@ -41,7 +41,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let mut kept_redirects = BTreeSet::new();
 
     for (service, container) in &desired.services {
-        planner.foreign_name_conflicts(&service.name);
+        planner.foreign_name_conflicts(&service.name, node);
         let mine = planner.containers_of(&service.name);
         match service.network {
             NetworkMode::Host => {
@@ -51,6 +51,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
                     .copied()
                     .collect();
                 let change = host::plan_service(
+                    node,
                     service,
                     container,
                     &mine,
@@ -63,7 +64,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
                 }
                 planner.changes.extend(change);
             }
-            NetworkMode::Routed => planner.routed_service(service, container, &mine),
+            NetworkMode::Routed => planner.routed_service(node, service, container, &mine),
         }
     }
     planner.orphan_containers(
@@ -136,9 +137,9 @@ impl<'a> Planner<'a> {
         slots
     }
 
-    fn foreign_name_conflicts(&mut self, service: &str) {
+    fn foreign_name_conflicts(&mut self, service: &str, node: &str) {
         for slot in Slot::ALL {
-            let name = container_name(service, slot);
+            let name = container_name(service, node, slot);
             if self
                 .observed
                 .foreign_containers
@@ -155,9 +156,15 @@ impl<'a> Planner<'a> {
 
     /// Routed replicas: created, replaced or started. Staged routed upgrades
     /// (load-balancer map switching) come with routed mode's apply.
-    fn routed_service(&mut self, service: &Service, container: &DesiredContainer, mine: &Slots) {
+    fn routed_service(
+        &mut self,
+        node: &str,
+        service: &Service,
+        container: &DesiredContainer,
+        mine: &Slots,
+    ) {
         let hash = container.spec_hash();
-        let name = container_name(&service.name, Slot::Primary);
+        let name = container_name(&service.name, node, Slot::Primary);
         let resource = Resource::Container {
             service: service.name.value.clone(),
             slot: Slot::Primary,

@@ -3,6 +3,8 @@
 //! network namespaces that are always removed.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod image;
+
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
