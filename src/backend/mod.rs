@@ -1,4 +1,6 @@
 //! Backends: the only code that reads or changes the host. Each one can work
 //! inside a network namespace ([`crate::netns::Netns`]).
 
+pub mod conntrack;
+pub mod netlink;
 pub mod nft;
