@@ -90,6 +90,7 @@ impl<'a> Fixture<'a> {
             node: node.to_string(),
             conntrack: ConntrackState {
                 available: true,
+                unavailable_reason: None,
                 flows: Vec::new(),
                 table_count: 0,
                 table_max: 262_144,

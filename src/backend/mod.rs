@@ -1,5 +1,7 @@
 //! Backends: the only code that reads or changes the host. Each one can work
 //! inside a network namespace ([`crate::netns::Netns`]).
 
+pub mod conntrack;
 pub mod docker;
+pub mod netlink;
 pub mod nft;

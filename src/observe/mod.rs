@@ -218,6 +218,9 @@ pub struct ForeignContainer {
 pub struct ConntrackState {
     /// Whether conntrack could be read at all.
     pub available: bool,
+    /// Why conntrack could not be read, when `available` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable_reason: Option<String>,
     /// Entries counted by protocol, ports and state (only non-zero counts).
     pub flows: Vec<FlowCount>,
     /// Entries in the table (`nf_conntrack_count`).

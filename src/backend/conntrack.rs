@@ -1,0 +1,711 @@
+//! Connection tracking over ctnetlink (`NETLINK_NETFILTER`): counts the
+//! kernel's conntrack entries by protocol, ports and TCP state (what the drain
+//! stages wait on) and deletes the entries of a UDP service so its flows move
+//! (UDP has nothing to drain).
+//!
+//! The table is dumped once per call, IPv4 and IPv6 together, and parsed one
+//! netlink message at a time: only the aggregated counts (and, when deleting,
+//! the entries that match) are kept, so a table of 100k+ entries costs no more
+//! memory than a small one.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+
+use netlink_packet_core::{
+    DecodeError, DefaultNla, NLA_HEADER_SIZE, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE,
+    NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer,
+    NlasIterator, Parseable,
+};
+use netlink_packet_netfilter::conntrack::{
+    ConntrackAttribute, ConntrackMessage, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
+};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+use crate::netns::{Netns, NetnsError};
+use crate::observe::{ConntrackState, FlowCount};
+use crate::spec::Protocol;
+
+/// Where the per-namespace conntrack sysctls live.
+const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
+/// A table at least this full (in percent) makes drain counts unreliable.
+pub const FULL_PERCENT: u64 = 90;
+
+// Netfilter subsystem and ctnetlink constants the crate does not export
+// (include/uapi/linux/netfilter/nfnetlink{,_conntrack}.h).
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_ID: u16 = 12;
+const CTA_ZONE: u16 = 18;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+/// The largest datagram a netlink dump sends is 32 KiB; leave room.
+const RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// Reading or changing the conntrack table failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    /// The network namespace could not be entered.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Conntrack is not usable there (module not loaded, ctnetlink missing).
+    #[error("conntrack is not available in {netns}: {reason}")]
+    Unavailable {
+        /// Where.
+        netns: String,
+        /// Why, as [`ConntrackState::unavailable_reason`] reports it.
+        reason: String,
+    },
+    /// A netlink or /proc operation failed.
+    #[error("conntrack in {netns}: cannot {doing}: {source}")]
+    Io {
+        /// Where.
+        netns: String,
+        /// What lessnat was doing.
+        doing: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The kernel's answer did not parse.
+    #[error("conntrack in {netns}: cannot decode the kernel's answer: {source}")]
+    Decode {
+        /// Where.
+        netns: String,
+        /// Why.
+        source: DecodeError,
+    },
+}
+
+/// A failure inside the namespace thread, before it is placed in a namespace.
+#[derive(Debug)]
+enum Fault {
+    Unavailable(String),
+    Io(String, io::Error),
+    Decode(DecodeError),
+}
+
+impl Fault {
+    fn io(doing: impl Into<String>) -> impl FnOnce(io::Error) -> Fault {
+        let doing = doing.into();
+        move |source| Fault::Io(doing, source)
+    }
+
+    fn within(self, netns: &Netns) -> ConntrackError {
+        let netns = netns.to_string();
+        match self {
+            Fault::Unavailable(reason) => ConntrackError::Unavailable { netns, reason },
+            Fault::Io(doing, source) => ConntrackError::Io {
+                netns,
+                doing,
+                source,
+            },
+            Fault::Decode(source) => ConntrackError::Decode { netns, source },
+        }
+    }
+}
+
+/// Reads the conntrack table of `netns`: entry counts by protocol (TCP and UDP
+/// only), original destination port, reply source port and TCP state, plus the
+/// table's fill level. When conntrack cannot be used there the result has
+/// `available: false` and the reason, not an error.
+pub fn observe(netns: &Netns) -> Result<ConntrackState, ConntrackError> {
+    match netns.run(observe_here)? {
+        Ok(state) => Ok(state),
+        Err(Fault::Unavailable(reason)) => Ok(ConntrackState {
+            available: false,
+            unavailable_reason: Some(reason),
+            ..ConntrackState::default()
+        }),
+        Err(fault) => Err(fault.within(netns)),
+    }
+}
+
+/// What makes `state` unreliable for drain decisions, as sentences for the user.
+pub fn warnings(state: &ConntrackState) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !state.available {
+        let reason = state
+            .unavailable_reason
+            .as_deref()
+            .unwrap_or("unknown reason");
+        warnings.push(format!(
+            "conntrack is not available ({reason}): lessnat cannot count the connections \
+             an upgrade waits for, nor move UDP flows"
+        ));
+        return warnings;
+    }
+    if state.table_max > 0 && state.table_count * 100 >= state.table_max * FULL_PERCENT {
+        let percent = state.table_count * 100 / state.table_max;
+        warnings.push(format!(
+            "the conntrack table is {percent}% full ({} of {} entries): the kernel drops \
+             entries when it fills up, so drain counts may miss live connections; raise \
+             net.netfilter.nf_conntrack_max (e.g. sysctl -w net.netfilter.nf_conntrack_max={})",
+            state.table_count,
+            state.table_max,
+            state.table_max.saturating_mul(2),
+        ));
+    }
+    warnings
+}
+
+/// Deletes the conntrack entries (IPv4 and IPv6) of `protocol` whose original
+/// destination port is `orig_dport`, so the flows' next packets are looked up
+/// afresh (and meet the current redirect rules). Returns how many were deleted;
+/// entries that expired meanwhile are not counted.
+pub fn delete_flows(
+    netns: &Netns,
+    protocol: Protocol,
+    orig_dport: u16,
+) -> Result<u64, ConntrackError> {
+    let number = match protocol {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    };
+    netns
+        .run(|| delete_here(number, orig_dport))?
+        .map_err(|fault| fault.within(netns))
+}
+
+fn observe_here() -> Result<ConntrackState, Fault> {
+    let table_count = read_sysctl("nf_conntrack_count")?;
+    let table_max = read_sysctl("nf_conntrack_max")?;
+    let mut counts: HashMap<(u8, u16, u16, Option<u8>), u64> = HashMap::new();
+    let mut socket = Ctnetlink::open()?;
+    socket.dump(|entry| {
+        if let Some(key) = entry.flow_key() {
+            *counts.entry(key).or_default() += 1;
+        }
+    })?;
+    let mut flows: Vec<FlowCount> = counts
+        .into_iter()
+        .map(
+            |((protocol, orig_dport, reply_sport, state), count)| FlowCount {
+                protocol: protocol_name(protocol).to_owned(),
+                orig_dport,
+                reply_sport,
+                state: state.map(tcp_state_name).unwrap_or_default(),
+                count,
+            },
+        )
+        .collect();
+    flows.sort();
+    Ok(ConntrackState {
+        available: true,
+        unavailable_reason: None,
+        flows,
+        table_count,
+        table_max,
+    })
+}
+
+fn delete_here(protocol: u8, orig_dport: u16) -> Result<u64, Fault> {
+    let mut socket = Ctnetlink::open()?;
+    let mut doomed = Vec::new();
+    socket.dump(|entry| {
+        if entry
+            .flow_key()
+            .is_some_and(|(p, dport, _, _)| p == protocol && dport == orig_dport)
+        {
+            doomed.push(entry.delete_request());
+        }
+    })?;
+    let mut deleted = 0;
+    for (family, request) in doomed {
+        match socket.delete(family, request) {
+            Ok(()) => deleted += 1,
+            // Expired (or replaced: the id no longer matches) since the dump.
+            Err(Fault::Io(_, error)) if error.raw_os_error() == Some(nix::libc::ENOENT) => {}
+            Err(fault) => return Err(fault),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Reads one counter from the namespace's conntrack sysctls. A missing file
+/// means the conntrack module is not loaded.
+fn read_sysctl(name: &str) -> Result<u64, Fault> {
+    let path = Path::new(SYSCTL_DIR).join(name);
+    let text = std::fs::read_to_string(&path).map_err(|error| {
+        if error.kind() == io::ErrorKind::NotFound {
+            Fault::Unavailable(format!(
+                "{} does not exist (is the nf_conntrack module loaded?)",
+                path.display()
+            ))
+        } else {
+            Fault::Io(format!("read {}", path.display()), error)
+        }
+    })?;
+    text.trim().parse().map_err(|_| {
+        Fault::Io(
+            format!("read {}", path.display()),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a number: {:?}", text.trim()),
+            ),
+        )
+    })
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    if protocol == IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    }
+}
+
+/// TCP conntrack state names as the `conntrack` tool prints them
+/// (`enum tcp_conntrack` in the kernel).
+fn tcp_state_name(state: u8) -> String {
+    const NAMES: [&str; 10] = [
+        "NONE",
+        "SYN_SENT",
+        "SYN_RECV",
+        "ESTABLISHED",
+        "FIN_WAIT",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "TIME_WAIT",
+        "CLOSE",
+        "SYN_SENT2",
+    ];
+    NAMES
+        .get(usize::from(state))
+        .map_or_else(|| format!("UNKNOWN({state})"), |name| (*name).to_owned())
+}
+
+/// One conntrack entry, with what lessnat reads from it.
+struct Entry<'a> {
+    family: NetfilterProtoFamily,
+    orig: Vec<Tuple>,
+    reply: Vec<Tuple>,
+    tcp_state: Option<u8>,
+    zone: Option<&'a [u8]>,
+    id: Option<&'a [u8]>,
+}
+
+impl<'a> Entry<'a> {
+    /// Parses the payload of a ctnetlink entry message (nfgenmsg + attributes).
+    /// Only the attributes lessnat needs are decoded.
+    fn parse(payload: &'a [u8]) -> Result<Self, DecodeError> {
+        let header = NetfilterHeader::parse(payload)?;
+        let attributes = payload.get(4..).unwrap_or_default();
+        let mut entry = Entry {
+            family: header.family,
+            orig: Vec::new(),
+            reply: Vec::new(),
+            tcp_state: None,
+            zone: None,
+            id: None,
+        };
+        for nla in NlasIterator::new(attributes) {
+            let nla = nla?;
+            match nla.kind() {
+                CTA_TUPLE_ORIG | CTA_TUPLE_REPLY | CTA_PROTOINFO => {
+                    match ConntrackAttribute::parse(&nla)? {
+                        ConntrackAttribute::CtaTupleOrig(tuples) => entry.orig = tuples,
+                        ConntrackAttribute::CtaTupleReply(tuples) => entry.reply = tuples,
+                        ConntrackAttribute::CtaProtoInfo(infos) => {
+                            entry.tcp_state = tcp_state(&infos);
+                        }
+                        _ => {}
+                    }
+                }
+                CTA_ZONE => entry.zone = Some(value(nla)),
+                CTA_ID => entry.id = Some(value(nla)),
+                _ => {}
+            }
+        }
+        Ok(entry)
+    }
+
+    /// `(protocol, original destination port, reply source port, TCP state)`
+    /// for TCP and UDP entries; `None` for other protocols.
+    fn flow_key(&self) -> Option<(u8, u16, u16, Option<u8>)> {
+        let (protocol, _, orig_dport) = ports(&self.orig)?;
+        if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+            return None;
+        }
+        let (_, reply_sport, _) = ports(&self.reply)?;
+        let state = if protocol == IPPROTO_TCP {
+            self.tcp_state
+        } else {
+            None
+        };
+        Some((protocol, orig_dport, reply_sport, state))
+    }
+
+    /// A delete request naming exactly this entry: its original tuple, zone
+    /// and id (so a newer entry with the same tuple is left alone).
+    fn delete_request(self) -> (NetfilterProtoFamily, ConntrackMessage) {
+        let mut attributes = vec![ConntrackAttribute::CtaTupleOrig(self.orig)];
+        for (kind, value) in [(CTA_ZONE, self.zone), (CTA_ID, self.id)] {
+            if let Some(value) = value {
+                attributes.push(ConntrackAttribute::Other(DefaultNla::new(
+                    kind,
+                    value.to_vec(),
+                )));
+            }
+        }
+        (self.family, ConntrackMessage::Delete(attributes))
+    }
+}
+
+/// An attribute's value, borrowed from the received datagram.
+fn value(nla: NlaBuffer<&[u8]>) -> &[u8] {
+    let end = NLA_HEADER_SIZE + nla.value_length();
+    nla.into_inner()
+        .get(NLA_HEADER_SIZE..end)
+        .unwrap_or_default()
+}
+
+/// `(protocol, source port, destination port)` of a tuple.
+fn ports(tuples: &[Tuple]) -> Option<(u8, u16, u16)> {
+    let (mut protocol, mut sport, mut dport) = (None, None, None);
+    for tuple in tuples {
+        if let Tuple::Proto(parts) = tuple {
+            for part in parts {
+                match part {
+                    ProtoTuple::Protocol(p) => protocol = Some(u8::from(*p)),
+                    ProtoTuple::SourcePort(port) => sport = Some(*port),
+                    ProtoTuple::DestinationPort(port) => dport = Some(*port),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some((protocol?, sport?, dport?))
+}
+
+fn tcp_state(infos: &[ProtoInfo]) -> Option<u8> {
+    infos.iter().find_map(|info| match info {
+        ProtoInfo::TCP(parts) => parts.iter().find_map(|part| match part {
+            ProtoInfoTCP::State(state) => Some(*state),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// A ctnetlink socket, opened in the calling thread's network namespace.
+struct Ctnetlink {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+impl Ctnetlink {
+    fn open() -> Result<Self, Fault> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|error| {
+            if error.raw_os_error() == Some(nix::libc::EPROTONOSUPPORT) {
+                Fault::Unavailable(format!("the kernel has no nfnetlink ({error})"))
+            } else {
+                Fault::Io("open a netfilter netlink socket".into(), error)
+            }
+        })?;
+        socket
+            .bind_auto()
+            .map_err(Fault::io("bind the netfilter netlink socket"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(Fault::io("connect the netfilter netlink socket"))?;
+        Ok(Ctnetlink {
+            socket,
+            sequence: 0,
+            buffer: vec![0; RECEIVE_BUFFER],
+        })
+    }
+
+    /// Dumps the whole table (both families), handing each entry to `each`.
+    fn dump(&mut self, mut each: impl FnMut(Entry<'_>)) -> Result<(), Fault> {
+        let sequence = self
+            .send(
+                NetfilterProtoFamily::Unspec,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                ConntrackMessage::Get(Vec::new()),
+            )
+            .map_err(Fault::io("request a conntrack dump"))?;
+        self.receive(sequence, "dump the conntrack table", |payload| {
+            each(Entry::parse(payload)?);
+            Ok(())
+        })
+        .map_err(|fault| match fault {
+            Fault::Io(_, error) if is_unsupported(&error) => Fault::Unavailable(format!(
+                "the kernel refused a conntrack dump ({error}; is nf_conntrack_netlink loaded?)"
+            )),
+            fault => fault,
+        })
+    }
+
+    /// Deletes one entry and waits for the kernel's acknowledgement.
+    fn delete(
+        &mut self,
+        family: NetfilterProtoFamily,
+        request: ConntrackMessage,
+    ) -> Result<(), Fault> {
+        let sequence = self
+            .send(family, NLM_F_REQUEST | NLM_F_ACK, request)
+            .map_err(Fault::io("request a conntrack delete"))?;
+        self.receive(sequence, "delete a conntrack entry", |_| Ok(()))
+    }
+
+    fn send(
+        &mut self,
+        family: NetfilterProtoFamily,
+        flags: u16,
+        message: ConntrackMessage,
+    ) -> io::Result<u32> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(family, 0, 0),
+                message,
+            )),
+        );
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        Ok(self.sequence)
+    }
+
+    /// Reads the answers to request `sequence` until the kernel says it is
+    /// done (or acknowledges, or refuses), handing each ctnetlink message's
+    /// payload to `each` as it arrives.
+    fn receive(
+        &mut self,
+        sequence: u32,
+        doing: &str,
+        mut each: impl FnMut(&[u8]) -> Result<(), DecodeError>,
+    ) -> Result<(), Fault> {
+        loop {
+            let size = self
+                .socket
+                .recv(&mut &mut self.buffer[..], nix::libc::MSG_TRUNC)
+                .map_err(Fault::io(doing))?;
+            if size > self.buffer.len() {
+                return Err(Fault::Io(
+                    doing.into(),
+                    io::Error::other(format!("netlink datagram of {size} bytes truncated")),
+                ));
+            }
+            let mut rest = &self.buffer[..size];
+            while !rest.is_empty() {
+                let message = NetlinkBuffer::new_checked(rest).map_err(Fault::Decode)?;
+                let length = message.length() as usize;
+                rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
+                if message.sequence_number() != sequence {
+                    continue;
+                }
+                match message.message_type() {
+                    NLMSG_ERROR | NLMSG_DONE => {
+                        return status(message.payload()).map_err(Fault::io(doing));
+                    }
+                    kind if kind >> 8 == NFNL_SUBSYS_CTNETLINK => {
+                        each(message.payload()).map_err(Fault::Decode)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// The status code that ends an answer (`NLMSG_ERROR`, or `NLMSG_DONE` of a
+/// dump): 0 is success, otherwise a negated errno.
+fn status(payload: &[u8]) -> io::Result<()> {
+    let code = payload
+        .first_chunk::<4>()
+        .map_or(0, |bytes| i32::from_ne_bytes(*bytes));
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(code.saturating_neg()))
+    }
+}
+
+/// Errors with which the kernel says ctnetlink is not there.
+fn is_unsupported(error: &io::Error) -> bool {
+    use nix::libc::{EAFNOSUPPORT, EINVAL, EOPNOTSUPP, EPROTONOSUPPORT};
+    matches!(
+        error.raw_os_error(),
+        Some(EINVAL | EOPNOTSUPP | EPROTONOSUPPORT | EAFNOSUPPORT)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use netlink_packet_core::Emitable;
+    use netlink_packet_netfilter::conntrack::{IPTuple, Protocol as CtProtocol};
+
+    use super::*;
+
+    fn tuple(protocol: CtProtocol, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<Tuple> {
+        vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(src),
+                IPTuple::DestinationAddress(dst),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(protocol),
+                ProtoTuple::SourcePort(sport),
+                ProtoTuple::DestinationPort(dport),
+            ]),
+        ]
+    }
+
+    /// A ctnetlink entry message payload as the kernel sends it.
+    fn payload(family: NetfilterProtoFamily, attributes: Vec<ConntrackAttribute>) -> Vec<u8> {
+        let message = NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            ConntrackMessage::New(attributes),
+        );
+        let mut bytes = vec![0; message.buffer_len()];
+        message.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn a_redirected_tcp_entry_is_read_and_named_for_deletion() {
+        let client = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let orig = tuple(CtProtocol::Tcp, client, 40000, client, 8000);
+        let zone = ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, vec![0, 7]));
+        let id = ConntrackAttribute::Other(DefaultNla::new(CTA_ID, vec![1, 2, 3, 4]));
+        let bytes = payload(
+            NetfilterProtoFamily::IPv6,
+            vec![
+                ConntrackAttribute::CtaTupleOrig(orig.clone()),
+                ConntrackAttribute::CtaTupleReply(tuple(
+                    CtProtocol::Tcp,
+                    client,
+                    18000,
+                    client,
+                    40000,
+                )),
+                ConntrackAttribute::CtaTimeout(120),
+                ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![
+                    ProtoInfoTCP::OriginalWindowScale(7),
+                    ProtoInfoTCP::State(3),
+                ])]),
+                zone.clone(),
+                id.clone(),
+                ConntrackAttribute::CtaMark(0),
+            ],
+        );
+        let entry = Entry::parse(&bytes).expect("parses");
+        assert_eq!(entry.flow_key(), Some((IPPROTO_TCP, 8000, 18000, Some(3))));
+        let (family, request) = entry.delete_request();
+        assert_eq!(family, NetfilterProtoFamily::IPv6);
+        assert_eq!(
+            request,
+            ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(orig), zone, id])
+        );
+    }
+
+    #[test]
+    fn udp_entries_have_no_state_and_other_protocols_are_skipped() {
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let udp = payload(
+            NetfilterProtoFamily::IPv4,
+            vec![
+                ConntrackAttribute::CtaTupleOrig(tuple(CtProtocol::Udp, local, 5000, local, 53)),
+                ConntrackAttribute::CtaTupleReply(tuple(CtProtocol::Udp, local, 53, local, 5000)),
+            ],
+        );
+        let entry = Entry::parse(&udp).expect("parses");
+        assert_eq!(entry.flow_key(), Some((IPPROTO_UDP, 53, 53, None)));
+
+        let sctp = payload(
+            NetfilterProtoFamily::IPv4,
+            vec![
+                ConntrackAttribute::CtaTupleOrig(tuple(CtProtocol::Sctp, local, 5000, local, 9)),
+                ConntrackAttribute::CtaTupleReply(tuple(CtProtocol::Sctp, local, 9, local, 5000)),
+            ],
+        );
+        assert_eq!(Entry::parse(&sctp).expect("parses").flow_key(), None);
+    }
+
+    #[test]
+    fn truncated_entries_are_decode_errors() {
+        assert!(Entry::parse(&[2, 0]).is_err());
+        assert!(Entry::parse(&[2, 0, 0, 0, 200, 0, 1, 0]).is_err());
+    }
+
+    #[test]
+    fn tcp_states_are_named_like_the_conntrack_tool() {
+        assert_eq!(tcp_state_name(3), "ESTABLISHED");
+        assert_eq!(tcp_state_name(7), "TIME_WAIT");
+        assert_eq!(tcp_state_name(9), "SYN_SENT2");
+        assert_eq!(tcp_state_name(42), "UNKNOWN(42)");
+    }
+
+    #[test]
+    fn answer_status_codes() {
+        assert!(status(&0i32.to_ne_bytes()).is_ok());
+        assert!(status(&[]).is_ok());
+        let error = status(&(-nix::libc::ENOENT).to_ne_bytes()).expect_err("an error");
+        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT));
+    }
+
+    fn state(table_count: u64, table_max: u64) -> ConntrackState {
+        ConntrackState {
+            available: true,
+            table_count,
+            table_max,
+            ..ConntrackState::default()
+        }
+    }
+
+    #[test]
+    fn a_nearly_full_table_is_reported_with_numbers_and_the_sysctl() {
+        let warnings = warnings(&state(59_000, 65_536));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        for needle in [
+            "90% full",
+            "59000 of 65536",
+            "net.netfilter.nf_conntrack_max=131072",
+        ] {
+            assert!(
+                warnings[0].contains(needle),
+                "{needle} not in {}",
+                warnings[0]
+            );
+        }
+        assert!(super::warnings(&state(58_000, 65_536)).is_empty());
+        assert!(super::warnings(&state(0, 0)).is_empty());
+    }
+
+    #[test]
+    fn unavailable_conntrack_is_reported_with_its_reason() {
+        let unavailable = ConntrackState {
+            unavailable_reason: Some("no nf_conntrack".into()),
+            ..ConntrackState::default()
+        };
+        let warnings = warnings(&unavailable);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no nf_conntrack"), "{}", warnings[0]);
+    }
+
+    #[test]
+    fn observed_json_without_a_reason_still_loads() {
+        let state: ConntrackState = serde_json::from_str(
+            r#"{"available": true, "flows": [], "table_count": 1, "table_max": 2}"#,
+        )
+        .expect("loads");
+        assert_eq!(state, self::state(1, 2));
+        assert!(
+            !serde_json::to_string(&state)
+                .expect("json")
+                .contains("unavailable_reason")
+        );
+    }
+}
