@@ -293,7 +293,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { plan: None, json } => {
-            let node = cli.global.node.clone().unwrap_or_default();
+            let node = match &cli.global.node {
+                Some(node) => node.clone(),
+                None => nix::unistd::gethostname()?
+                    .into_string()
+                    .unwrap_or_default(),
+            };
             let observed = crate::observe::live::observe(&node, &netns(&cli.global))
                 .context("reading the live host")?;
             if *json {

@@ -1,19 +1,54 @@
-//! Reading the live host: each backend observes its part, inside the chosen
-//! network namespace.
+//! Reading the live host: each backend observes its part inside the chosen
+//! network namespace, and the parts are put together into one [`Observed`].
 
+use crate::backend::conntrack::{self, ConntrackError};
+use crate::backend::docker::{Docker, DockerError};
+use crate::backend::netlink::{self, NetlinkError};
+use crate::backend::nft::{self, NftError};
 use crate::netns::Netns;
 
-use super::Observed;
+use super::{OBSERVED_FORMAT, Observed};
 
 /// Observing the live host failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
-    /// Live observation is not wired in yet.
-    #[error("live observation is not available in this build")]
-    Unavailable,
+    /// Reading nftables failed.
+    #[error("reading nftables: {0}")]
+    Nft(#[from] NftError),
+    /// Reading routing rules and routes failed.
+    #[error("reading routing rules and routes: {0}")]
+    Netlink(#[from] NetlinkError),
+    /// Reading conntrack failed.
+    #[error("reading conntrack: {0}")]
+    Conntrack(#[from] ConntrackError),
+    /// Talking to Docker failed.
+    #[error("reading containers: {0}")]
+    Docker(#[from] DockerError),
 }
 
-/// Reads what lessnat owns on this host for `node`.
-pub fn observe(_node: &str, _netns: &Netns) -> Result<Observed, ObserveError> {
-    Err(ObserveError::Unavailable)
+/// Reads what lessnat owns on this host for `node`, inside `netns`. Containers
+/// come from the Docker engine at `DOCKER_HOST` (or the default socket).
+pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
+    let docker = Docker::connect()?;
+    observe_with(node, netns, &docker)
+}
+
+/// Like [`observe`], with a Docker client the caller already has.
+pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observed, ObserveError> {
+    let nft = nft::observe(netns)?;
+    let routing = netlink::observe(netns)?;
+    let conntrack = conntrack::observe(netns)?;
+    let (containers, foreign_containers) = docker.observe(node)?;
+    let mut warnings = conntrack::warnings(&conntrack);
+    warnings.sort();
+    Ok(Observed {
+        format: OBSERVED_FORMAT,
+        node: node.to_string(),
+        nft,
+        routing,
+        containers,
+        foreign_containers,
+        conntrack,
+        warnings,
+    })
 }
