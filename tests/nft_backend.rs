@@ -2,8 +2,6 @@
 //! create: what is applied is what is observed, redirects move new connections
 //! only, and nothing outside `inet lessnat` is touched.
 
-// tests/support is shared and not rustfmt-clean yet; drop the skip once it is.
-
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -13,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use lessnat::backend::nft::ruleset::{Redirect, host_table};
-use lessnat::backend::nft::{NftError, apply_table, delete_table, observe};
+use lessnat::backend::nft::{NftError, apply_table, delete_table, observe, set_redirect};
 use lessnat::netns::Netns;
 use lessnat::observe::{NftState, NftTable};
 use lessnat::ownership::PROBE_MARK;
@@ -376,4 +374,32 @@ fn a_refused_transaction_changes_nothing_and_says_why() {
     );
     assert_eq!(observe(&netns).expect("observe"), only(upgrading));
     delete_table(&netns).expect("delete");
+}
+
+#[test]
+fn redirect_elements_are_added_and_removed_alone() {
+    if !support::root_with("redirect_elements_are_added_and_removed_alone", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("elem");
+    let netns = ns.netns();
+    apply_table(&netns, &host_table(&[])).expect("steady state");
+    let web = tcp(8000, 18000);
+    let dns = Redirect {
+        protocol: Protocol::Udp,
+        port: 53,
+        temp_port: 10053,
+    };
+    set_redirect(&netns, &web, true).expect("add tcp");
+    set_redirect(&netns, &dns, true).expect("add udp");
+    set_redirect(&netns, &web, true).expect("adding again is fine");
+    assert_eq!(
+        observe(&netns).expect("observe"),
+        only(host_table(&[web, dns]))
+    );
+    set_redirect(&netns, &web, false).expect("remove tcp");
+    assert_eq!(observe(&netns).expect("observe"), only(host_table(&[dns])));
+    set_redirect(&netns, &web, false).expect("removing an absent element is fine");
+    set_redirect(&netns, &dns, false).expect("remove udp");
+    assert_eq!(observe(&netns).expect("observe"), only(host_table(&[])));
 }

@@ -29,6 +29,7 @@ use nftables::helper::{self, NftablesError};
 use crate::netns::{Netns, NetnsError};
 use crate::observe::{NftState, NftTable};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
+use ruleset::Redirect;
 
 /// The nft executable, looked up in `PATH`.
 const NFT: &str = "nft";
@@ -129,6 +130,20 @@ pub fn apply_table(netns: &Netns, desired: &NftTable) -> Result<(), NftError> {
         "replacing table inet lessnat",
         encode::replace_table(desired)?,
     )
+}
+
+/// Adds (`present`) or removes the map element of one redirect in lessnat's
+/// table, in one transaction; nothing else in the table changes. Removing an
+/// absent element succeeds.
+pub fn set_redirect(netns: &Netns, redirect: &Redirect, present: bool) -> Result<(), NftError> {
+    let doing = format!(
+        "{} redirect {}/{} -> {}",
+        if present { "adding" } else { "removing" },
+        redirect.port,
+        redirect.protocol.as_str(),
+        redirect.temp_port
+    );
+    transact(netns, &doing, encode::set_redirect(redirect, present))
 }
 
 /// Deletes lessnat's table in `netns`; succeeds when it is already absent.
