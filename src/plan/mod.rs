@@ -32,13 +32,8 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         changes: Vec::new(),
         last: Vec::new(),
     };
-    let observed_table = observed
-        .nft
-        .tables
-        .iter()
-        .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE);
+    let observed_table = own_table(observed);
     let observed_redirects = observed_table.map(redirects_in).unwrap_or_default();
-    let mut kept_redirects = BTreeSet::new();
 
     for (service, container) in &desired.services {
         planner.foreign_name_conflicts(&service.name, node);
@@ -59,9 +54,6 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
                     observed,
                     &mut planner.drift,
                 );
-                if mine.next.is_some() {
-                    kept_redirects.extend(redirects);
-                }
                 planner.changes.extend(change);
             }
             NetworkMode::Routed => planner.routed_service(node, service, container, &mine),
@@ -74,8 +66,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    let kept: Vec<Redirect> = kept_redirects.into_iter().collect();
-    planner.host_table(desired.needs_host_table(), observed_table, &kept);
+    planner.host_table(observed_table, desired_table(spec, node, observed));
     planner.routing();
 
     let Planner {
@@ -97,6 +88,42 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         changes: first.into_iter().chain(changes).chain(last).collect(),
         warnings,
     }
+}
+
+/// lessnat's table as observed, if present.
+fn own_table(observed: &Observed) -> Option<&NftTable> {
+    observed
+        .nft
+        .tables
+        .iter()
+        .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE)
+}
+
+/// The nftables table `node` should have, given what is observed: none when no
+/// host-mode service runs there; otherwise lessnat's table, keeping the
+/// redirects of upgrades in flight (their stages add and remove them).
+pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<NftTable> {
+    let desired = desired_node(spec, node);
+    if !desired.needs_host_table() {
+        return None;
+    }
+    let in_flight = |service: &Service| {
+        observed
+            .containers
+            .iter()
+            .any(|c| c.service == service.name.value && c.slot == Slot::Next)
+    };
+    let kept: Vec<Redirect> = own_table(observed)
+        .map(redirects_in)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            desired.services.iter().any(|(s, _)| {
+                s.network == NetworkMode::Host && host::belongs_to(s, r) && in_flight(s)
+            })
+        })
+        .collect();
+    Some(host_table(&kept))
 }
 
 /// The containers one service has on the node, by slot.
@@ -211,15 +238,14 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn host_table(&mut self, needed: bool, observed: Option<&NftTable>, kept: &[Redirect]) {
+    fn host_table(&mut self, observed: Option<&NftTable>, desired: Option<NftTable>) {
         let resource = Resource::NftTable {
             family: NFT_FAMILY.into(),
             name: NFT_TABLE.into(),
         };
-        let desired = host_table(kept);
-        match (needed, observed) {
-            (false, None) => {}
-            (true, None) => {
+        match (desired, observed) {
+            (None, None) => {}
+            (Some(desired), None) => {
                 if !self.observed.containers.is_empty() {
                     self.drift.push(Drift {
                         resource: resource.clone(),
@@ -235,8 +261,8 @@ impl<'a> Planner<'a> {
                     upgrade: None,
                 });
             }
-            (true, Some(found)) if *found == desired => {}
-            (true, Some(found)) => {
+            (Some(desired), Some(found)) if *found == desired => {}
+            (Some(desired), Some(found)) => {
                 self.drift.push(Drift {
                     resource: resource.clone(),
                     what: "rules, chains or maps were changed".into(),
@@ -250,7 +276,7 @@ impl<'a> Planner<'a> {
                     upgrade: None,
                 });
             }
-            (false, Some(found)) => self.last.push(Change {
+            (None, Some(found)) => self.last.push(Change {
                 action: Action::Destroy,
                 resource,
                 reason: "no host-mode service runs on this node".into(),
