@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
+use crate::backend::docker::Docker;
 use crate::netns::Netns;
 use crate::observe::Observed;
 use crate::plan::saved::{SAVED_PLAN_FORMAT, SavedPlan};
@@ -46,6 +47,9 @@ struct GlobalArgs {
     /// Work inside this network namespace: a name under /run/netns, or a path.
     #[arg(long, global = true, value_name = "NAME|PATH")]
     netns: Option<String>,
+    /// Where apply keeps its lock and journal.
+    #[arg(long, global = true, env = "LESSNAT_STATE_DIR", default_value = "/var/lib/lessnat", value_name = "DIR")]
+    state_dir: PathBuf,
 }
 
 /// Where observed state comes from.
@@ -88,6 +92,29 @@ enum Command {
         detailed_exitcode: bool,
         #[command(flatten)]
         observe: ObserveArgs,
+    },
+    /// Make this node match the spec: plan, confirm, carry out.
+    ///
+    /// Upgrades run in stages (start next, redirect, drain, swap, unredirect,
+    /// drain next, finish) and roll back on failure. With PLANFILE, applies a
+    /// plan saved by `plan --out` and refuses it if the host changed since.
+    Apply {
+        /// A plan saved with `lessnat plan --out FILE`.
+        #[arg(value_name = "PLANFILE", conflicts_with = "spec", required_unless_present = "spec")]
+        plan: Option<PathBuf>,
+        /// The spec file: plan and apply in one go.
+        #[arg(short = 'f', long = "file", value_name = "SPEC")]
+        spec: Option<PathBuf>,
+        /// Apply without asking for confirmation (needed when not on a terminal).
+        #[arg(long)]
+        auto_approve: bool,
+    },
+    /// Remove everything lessnat owns on this node: its containers, its nftables
+    /// table, its routing rules. Nothing else is touched.
+    Destroy {
+        /// Destroy without asking for confirmation (needed when not on a terminal).
+        #[arg(long)]
+        auto_approve: bool,
     },
     /// Show what lessnat owns on this host, or a saved plan.
     Show {
@@ -230,9 +257,146 @@ fn observe(global: &GlobalArgs, args: &ObserveArgs, node: &str) -> anyhow::Resul
     crate::observe::live::observe(node, &netns(global)).context("reading the live host")
 }
 
+/// The command line, for the lock file's record of who holds it.
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// Asks on the terminal whether to go on; without a terminal, refuses.
+fn confirm(node: &str, auto_approve: bool, what: &str) -> anyhow::Result<bool> {
+    if auto_approve {
+        return Ok(true);
+    }
+    anyhow::ensure!(
+        std::io::stdin().is_terminal(),
+        "not applying without confirmation: standard input is not a terminal. Review the plan, then run again \
+         with --auto-approve, or save it with `lessnat plan --out FILE` and run `lessnat apply FILE`"
+    );
+    print!("\nDo you want to {what} on node \"{node}\"? Only 'yes' is accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+/// A plan to carry out, with what it was made from.
+struct Planned {
+    spec: Spec,
+    node: String,
+    observed: Observed,
+    plan: crate::plan::Plan,
+    saved: bool,
+}
+
+/// Plans anew from a spec, or reads a saved plan and checks it is not stale.
+fn planned(global: &GlobalArgs, docker: &Docker, spec_path: Option<&std::path::Path>, plan_path: Option<&std::path::Path>) -> anyhow::Result<Planned> {
+    if let Some(path) = plan_path {
+        let saved = SavedPlan::read(path)?;
+        let node = saved.plan.node.clone();
+        let now = crate::observe::live::observe_with(&node, &netns(global), docker).context("reading the live host")?;
+        let changed = crate::apply::stale::changes_since(&saved.observed, &now);
+        if !changed.is_empty() {
+            anyhow::bail!(
+                "the plan in {} is stale: the host changed since it was made:\n  - {}\nMake a new plan: lessnat plan -f {} --out {}",
+                path.display(),
+                changed.join("\n  - "),
+                saved.spec_file,
+                path.display()
+            );
+        }
+        return Ok(Planned { spec: saved.spec, node, observed: now, plan: saved.plan, saved: true });
+    }
+    let spec_path = spec_path.context("give a spec with -f SPEC, or a saved plan file")?;
+    let spec = load_spec(global, spec_path)?;
+    let node = pick_node(global, &spec)?;
+    let observed = crate::observe::live::observe_with(&node, &netns(global), docker).context("reading the live host")?;
+    let plan = plan(&spec, &node, &observed);
+    Ok(Planned { spec, node, observed, plan, saved: false })
+}
+
+/// Carries out a plan, then plans again: once more when the plan rolled back an
+/// upgrade in flight (the upgrade to the current spec comes next).
+fn carry_out(global: &GlobalArgs, docker: &Docker, mut planned: Planned, auto_approve: bool, verb: &str) -> anyhow::Result<ExitCode> {
+    let style = style_for(global, std::io::stdout().is_terminal());
+    print!("{}", render(&planned.plan, style));
+    if planned.plan.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    anyhow::ensure!(
+        planned.plan.conflicts.is_empty(),
+        "not applying: resolve the conflicts listed above first"
+    );
+    if !planned.saved && !confirm(&planned.node, auto_approve, verb)? {
+        println!("Apply cancelled.");
+        return Ok(ExitCode::FAILURE);
+    }
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupt.clone()).context("installing signal handlers")?;
+    }
+    let netns = netns(global);
+    let mut progress = crate::apply::progress::Progress::new(std::io::stdout().is_terminal());
+    let mut total = crate::plan::Summary::default();
+    for _round in 0..3 {
+        let ctx = crate::apply::Context {
+            spec: &planned.spec,
+            node: &planned.node,
+            netns: &netns,
+            docker,
+            journal: crate::journal::JournalFile::in_dir(&global.state_dir),
+            interrupt: &interrupt,
+        };
+        let done = crate::apply::apply(&ctx, &mut progress, &planned.plan, &planned.observed)
+            .context("apply failed")?;
+        total.add += done.add;
+        total.change += done.change;
+        total.destroy += done.destroy;
+        total.upgrade += done.upgrade;
+        let rolled_back = planned.plan.changes.iter().any(|c| {
+            c.upgrade.as_ref().and_then(|u| u.in_flight.as_ref()).is_some_and(|f| f.decision == crate::plan::Decision::RollBack)
+        });
+        if !rolled_back {
+            break;
+        }
+        planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker).context("reading the live host")?;
+        planned.plan = plan(&planned.spec, &planned.node, &planned.observed);
+        if planned.plan.is_empty() {
+            break;
+        }
+        println!("\nThe rolled-back upgrade is followed by the upgrade to the current spec:\n");
+        print!("{}", render(&planned.plan, style));
+    }
+    println!(
+        "\nApply complete! Resources: {} added, {} changed, {} destroyed, {} upgraded.",
+        total.add, total.change, total.destroy, total.upgrade
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match &cli.command {
+        Command::Apply { plan: plan_path, spec, auto_approve } => {
+            drop(stdout);
+            let _lock = crate::lock::ApplyLock::acquire(&cli.global.state_dir, &command_line())?;
+            let docker = Docker::connect()?;
+            let planned = planned(&cli.global, &docker, spec.as_deref(), plan_path.as_deref())?;
+            carry_out(&cli.global, &docker, planned, *auto_approve, "perform these actions")
+        }
+        Command::Destroy { auto_approve } => {
+            drop(stdout);
+            let _lock = crate::lock::ApplyLock::acquire(&cli.global.state_dir, &command_line())?;
+            let docker = Docker::connect()?;
+            let node = match &cli.global.node {
+                Some(node) => node.clone(),
+                None => nix::unistd::gethostname()?.into_string().unwrap_or_default(),
+            };
+            let empty = Spec { version: crate::spec::SPEC_VERSION.into(), nodes: Vec::new(), services: Vec::new() };
+            let observed = crate::observe::live::observe_with(&node, &netns(&cli.global), &docker).context("reading the live host")?;
+            let plan = plan(&empty, &node, &observed);
+            let planned = Planned { spec: empty, node, observed, plan, saved: false };
+            carry_out(&cli.global, &docker, planned, *auto_approve, "destroy everything lessnat owns")
+        }
         Command::Plan {
             spec: spec_path,
             out,

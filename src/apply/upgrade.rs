@@ -1,0 +1,310 @@
+//! Staged upgrades: redirect-drain (design §3) with rollback, and stop-start.
+//! Each completed stage is journaled; rollback reads live state, so it works
+//! the same after a crash as after a failure.
+
+use std::time::Duration;
+
+use super::drain::{Drained, established, wait_drained};
+use super::progress::Progress;
+use super::ready::wait_ready;
+use super::{ApplyError, Context};
+use crate::backend::conntrack;
+use crate::backend::docker::ContainerSpec;
+use crate::backend::nft::{self, ruleset::Redirect};
+use crate::desired::DesiredContainer;
+use crate::journal::{UpgradeRecord, now};
+use crate::ownership::{Slot, container_name};
+use crate::plan::{Decision, InFlight, StageName};
+use crate::spec::{OnDrainTimeout, OnFailure, Protocol, Service};
+
+/// The stages of a redirect-drain upgrade, in order.
+const STAGES: [StageName; 7] = [
+    StageName::StartNext,
+    StageName::Redirect,
+    StageName::Drain,
+    StageName::Swap,
+    StageName::Unredirect,
+    StageName::DrainNext,
+    StageName::Finish,
+];
+
+/// Test hook: `LESSNAT_TEST_KILL_AFTER=STAGE` makes apply kill itself with
+/// SIGKILL right after STAGE is journaled, to test crash recovery.
+const KILL_AFTER: &str = "LESSNAT_TEST_KILL_AFTER";
+
+/// One service's upgrade.
+pub(super) struct Upgrade<'a, 'c> {
+    ctx: &'a Context<'c>,
+    progress: &'a mut Progress,
+    service: &'a Service,
+    desired: &'a DesiredContainer,
+    primary: String,
+    next: String,
+    prev: String,
+}
+
+impl<'a, 'c> Upgrade<'a, 'c> {
+    pub(super) fn new(
+        ctx: &'a Context<'c>,
+        progress: &'a mut Progress,
+        service: &'a Service,
+        desired: &'a DesiredContainer,
+    ) -> Self {
+        let name = |slot| container_name(&service.name, ctx.node, slot);
+        Upgrade {
+            primary: name(Slot::Primary),
+            next: name(Slot::Next),
+            prev: name(Slot::Prev),
+            ctx,
+            progress,
+            service,
+            desired,
+        }
+    }
+
+    fn stop_timeout(&self) -> Duration {
+        self.service.upgrade.stop_timeout.get()
+    }
+
+    fn redirects(&self) -> Vec<Redirect> {
+        self.service
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(Redirect { protocol: p.protocol, port: p.port.value, temp_port: p.temp_port.as_ref()?.value })
+            })
+            .collect()
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, ApplyError> {
+        Ok(self.ctx.docker.state(name)?.is_some())
+    }
+
+    fn journal(&self, reached: Option<StageName>, rolling_back: bool, from: Option<(&str, &str)>) -> Result<(), ApplyError> {
+        let file = &self.ctx.journal;
+        let mut journal = file.read()?;
+        let name = self.service.name.value.clone();
+        let record = journal.upgrades.entry(name).or_insert_with(|| UpgradeRecord {
+            strategy: self.service.upgrade.strategy,
+            from_spec: from.map(|f| f.0.to_string()).unwrap_or_default(),
+            from_image: from.map(|f| f.1.to_string()).unwrap_or_default(),
+            to_spec: self.desired.spec_hash(),
+            reached: None,
+            rolling_back: false,
+            started_at: now(),
+            updated_at: now(),
+        });
+        record.reached = reached;
+        record.rolling_back = rolling_back;
+        record.updated_at = now();
+        file.write(&journal)?;
+        Ok(())
+    }
+
+    fn forget(&self) -> Result<(), ApplyError> {
+        let mut journal = self.ctx.journal.read()?;
+        journal.upgrades.remove(&self.service.name.value);
+        self.ctx.journal.write(&journal)?;
+        Ok(())
+    }
+
+    fn create(&mut self, slot: Slot) -> Result<(), ApplyError> {
+        let spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout()).map_err(|source| {
+            ApplyError::Placeholder { service: self.service.name.value.clone(), source }
+        })?;
+        self.ctx.docker.create(&spec)?;
+        self.ctx.docker.start(&spec.name)?;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), ApplyError> {
+        self.ctx.docker.stop(name, self.stop_timeout())?;
+        self.ctx.docker.remove(name)?;
+        Ok(())
+    }
+
+    /// Moves UDP flows of the service's ports: UDP cannot drain, so its
+    /// conntrack entries are deleted and the next packet of each flow is
+    /// matched afresh (redirected, or not any more).
+    fn move_udp_flows(&self) -> Result<(), ApplyError> {
+        for port in self.service.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+            conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
+        }
+        Ok(())
+    }
+
+    fn set_redirects(&self, present: bool) -> Result<(), ApplyError> {
+        for redirect in self.redirects() {
+            nft::set_redirect(self.ctx.netns, &redirect, present)?;
+        }
+        self.move_udp_flows()
+    }
+
+    /// Runs the upgrade: a new one, or the rest (or the planned rollback) of one
+    /// in flight. A planned rollback succeeds when the old version serves again;
+    /// a new upgrade to the current spec is then planned afresh.
+    pub(super) fn run(&mut self, in_flight: Option<&InFlight>, from: Option<(&str, &str)>) -> Result<(), ApplyError> {
+        match in_flight {
+            None => {
+                self.journal(None, false, from)?;
+                self.forward(None)
+            }
+            Some(InFlight { reached, decision: Decision::Resume, .. }) => {
+                self.progress.step(&format!("{}: resuming the upgrade after stage {}", self.service.name, reached.as_str()));
+                self.journal(Some(*reached), false, from)?;
+                self.forward(Some(*reached))
+            }
+            Some(InFlight { reached, decision: Decision::RollBack, why }) => {
+                self.progress.step(&format!("{}: rolling back the upgrade in flight ({why})", self.service.name));
+                self.journal(Some(*reached), true, from)?;
+                self.rollback()
+            }
+        }
+    }
+
+    fn forward(&mut self, mut reached: Option<StageName>) -> Result<(), ApplyError> {
+        let todo: Vec<StageName> = STAGES.into_iter().filter(|s| reached.is_none_or(|r| *s > r)).collect();
+        for stage in todo {
+            let number = STAGES.iter().position(|s| *s == stage).map_or(0, |i| i + 1);
+            self.progress.step(&format!("{}: stage {number}/7 {}", self.service.name, stage.as_str()));
+            match self.stage(stage) {
+                Ok(()) => {
+                    reached = Some(stage);
+                    if stage == StageName::Finish {
+                        self.forget()?;
+                    } else {
+                        self.journal(reached, false, None)?;
+                    }
+                    kill_if_asked(stage);
+                }
+                Err(error) if stage <= StageName::Swap => return self.fail(stage, error),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// A stage before the new version serves the canonical ports failed.
+    fn fail(&mut self, stage: StageName, error: ApplyError) -> Result<(), ApplyError> {
+        let service = self.service.name.value.clone();
+        if self.service.upgrade.on_failure == OnFailure::Pause {
+            return Err(ApplyError::Paused { service, stage: stage.as_str(), cause: Box::new(error) });
+        }
+        self.progress.step(&format!("{service}: stage {} failed: {error}; rolling back", stage.as_str()));
+        self.journal(None, true, None)?;
+        self.rollback()?;
+        Err(ApplyError::RolledBack { service, cause: error.to_string() })
+    }
+
+    fn stage(&mut self, stage: StageName) -> Result<(), ApplyError> {
+        match stage {
+            StageName::StartNext => {
+                if self.exists(&self.next)? {
+                    self.remove(&self.next.clone())?;
+                }
+                self.create(Slot::Next)?;
+                let next = self.next.clone();
+                wait_ready(self.ctx, self.progress, self.service, &next, true)
+            }
+            StageName::Redirect => self.set_redirects(true),
+            StageName::Drain => {
+                let what = format!("{}: draining {}", self.service.name, self.primary);
+                let timeout = self.service.upgrade.drain_timeout.get();
+                let service = self.service;
+                match wait_drained(self.ctx, self.progress, &what, timeout, |s| established(s, service, false))? {
+                    Drained::Empty => Ok(()),
+                    Drained::TimedOut(left) => match self.service.upgrade.on_drain_timeout {
+                        OnDrainTimeout::Proceed => {
+                            self.progress.step(&format!("{what}: {left} connections still open after the drain timeout; proceeding"));
+                            Ok(())
+                        }
+                        OnDrainTimeout::Rollback => Err(ApplyError::DrainTimeout { service: self.service.name.value.clone(), left }),
+                    },
+                }
+            }
+            StageName::Swap => {
+                if self.exists(&self.primary)? && !self.exists(&self.prev)? {
+                    self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
+                    self.ctx.docker.rename(&self.primary, &self.prev)?;
+                }
+                if !self.exists(&self.primary)? {
+                    self.create(Slot::Primary)?;
+                }
+                let primary = self.primary.clone();
+                wait_ready(self.ctx, self.progress, self.service, &primary, false)
+            }
+            StageName::Unredirect => self.set_redirects(false),
+            StageName::DrainNext => {
+                let what = format!("{}: draining {}", self.service.name, self.next);
+                let timeout = self.service.upgrade.drain_timeout.get();
+                let service = self.service;
+                if let Drained::TimedOut(left) = wait_drained(self.ctx, self.progress, &what, timeout, |s| established(s, service, true))? {
+                    self.progress.step(&format!("{what}: {left} connections still open after the drain timeout; proceeding"));
+                }
+                Ok(())
+            }
+            StageName::Finish => {
+                self.remove(&self.next.clone())?;
+                self.remove(&self.prev.clone())
+            }
+            other => Err(ApplyError::Unsupported { what: format!("stage {} in a redirect-drain upgrade", other.as_str()) }),
+        }
+    }
+
+    /// Puts the old version back, from whatever state the host is in: the
+    /// previous container restored if it was swapped out, redirects removed,
+    /// the next container removed.
+    fn rollback(&mut self) -> Result<(), ApplyError> {
+        if self.exists(&self.prev)? {
+            self.progress.step(&format!("{}: rollback: restoring {}", self.service.name, self.prev));
+            if self.exists(&self.primary)? {
+                self.remove(&self.primary.clone())?;
+            }
+            self.ctx.docker.rename(&self.prev, &self.primary)?;
+            self.ctx.docker.start(&self.primary)?;
+            let primary = self.primary.clone();
+            wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+        }
+        self.progress.step(&format!("{}: rollback: removing the redirect", self.service.name));
+        self.set_redirects(false)?;
+        if self.exists(&self.next)? {
+            self.progress.step(&format!("{}: rollback: removing {}", self.service.name, self.next));
+            self.remove(&self.next.clone())?;
+        }
+        self.forget()
+    }
+
+    /// A stop-start upgrade: the old container is stopped (kept until the new
+    /// one is healthy, then removed; restored if it never is).
+    pub(super) fn stop_start(&mut self) -> Result<(), ApplyError> {
+        let service = self.service.name.value.clone();
+        self.progress.step(&format!("{service}: stop-start: stopping {}", self.primary));
+        if self.exists(&self.prev)? {
+            self.remove(&self.prev.clone())?;
+        }
+        self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
+        self.ctx.docker.rename(&self.primary, &self.prev)?;
+        self.progress.step(&format!("{service}: stop-start: starting the new version"));
+        let started = self.create(Slot::Primary).and_then(|()| {
+            let primary = self.primary.clone();
+            wait_ready(self.ctx, self.progress, self.service, &primary, false)
+        });
+        match started {
+            Ok(()) => self.remove(&self.prev.clone()),
+            Err(error) if self.service.upgrade.on_failure == OnFailure::Pause => {
+                Err(ApplyError::Paused { service, stage: "start", cause: Box::new(error) })
+            }
+            Err(error) => {
+                self.progress.step(&format!("{service}: the new version failed: {error}; restoring the old one"));
+                self.rollback()?;
+                Err(ApplyError::RolledBack { service, cause: error.to_string() })
+            }
+        }
+    }
+}
+
+fn kill_if_asked(stage: StageName) {
+    if std::env::var(KILL_AFTER).is_ok_and(|s| s == stage.as_str()) {
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+    }
+}
