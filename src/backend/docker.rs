@@ -5,21 +5,38 @@
 //! label whose names start with `lessnat-` are reported as foreign, so the
 //! planner never tries to take their names; nothing else is read.
 //!
+//! It also runs the container lifecycle an upgrade needs: [`Docker::create`]
+//! from a [`ContainerSpec`], [`Docker::start`], [`Docker::stop`],
+//! [`Docker::rename`] (a container changes slot by changing name),
+//! [`Docker::remove`], and what health waits use: [`Docker::state`],
+//! [`Docker::logs_tail`] and [`Docker::exec`].
+//!
 //! bollard is async; [`Docker`] keeps the API synchronous with a current-thread
 //! tokio runtime of its own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use bollard::errors::Error as ApiError;
-use bollard::models::{ContainerInspectResponse, ContainerSummary, HealthStatusEnum};
-use bollard::query_parameters::ListContainersOptions;
-use futures_util::{StreamExt, stream};
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary,
+    HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    RenameContainerOptions, StopContainerOptions,
+};
+use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::runtime::Runtime;
 
+use crate::desired::DesiredContainer;
 use crate::observe::{Container, ForeignContainer};
 use crate::ownership::{
-    ContainerName, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, parse_container_name,
+    ContainerName, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name,
+    parse_container_name,
 };
+use crate::spec::{NetworkMode, PlaceholderError};
 
 /// Where the engine is when `DOCKER_HOST` is unset or empty.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -29,6 +46,16 @@ const NAME_PREFIX: &str = "lessnat-";
 
 /// How many containers are inspected at once while observing.
 const INSPECT_CONCURRENCY: usize = 32;
+
+/// How long a stop request may take beyond its timeout: the engine answers
+/// once the container has stopped, after the SIGKILL when the timeout ran out.
+const STOP_MARGIN: Duration = Duration::from_secs(60);
+
+/// How often an exec whose output has ended is inspected for its exit code.
+const EXEC_POLL: Duration = Duration::from_millis(10);
+
+/// How much of an exec's output is kept for the debug log.
+const EXEC_OUTPUT_KEPT: usize = 4096;
 
 /// Talking to the Docker engine failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +99,122 @@ pub enum DockerError {
         /// Why.
         source: ApiError,
     },
+    /// A command run with [`Docker::exec`] did not exit within its timeout.
+    #[error(
+        "Docker engine at {host}: running {command:?} in container {container}: no exit within \
+         {timeout:?}; {}",
+        if *.killed { "the command was killed" } else { "the command may still be running" }
+    )]
+    ExecTimeout {
+        /// The engine address.
+        host: String,
+        /// The container, as the caller named it.
+        container: String,
+        /// The command.
+        command: Vec<String>,
+        /// The timeout.
+        timeout: Duration,
+        /// Whether lessnat killed the command's process (the engine API
+        /// cannot stop an exec; see [`Docker::exec`]).
+        killed: bool,
+    },
+}
+
+/// How a container is attached to the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContainerNetwork {
+    /// The host's network namespace (host mode): the service binds the node's
+    /// ports itself.
+    Host,
+    /// Docker's `none` network, loopback only (routed mode): lessnat wires the
+    /// container in itself, with a veth pair, once it has started.
+    None,
+}
+
+impl ContainerNetwork {
+    /// The engine's name for this network mode: `host` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerNetwork::Host => "host",
+            ContainerNetwork::None => "none",
+        }
+    }
+}
+
+/// Everything lessnat sets when it creates a container.
+///
+/// The restart policy is always `no`: lessnat decides when a container runs.
+/// A container that dies while lessnat waits for it to turn healthy must stay
+/// dead, so the wait sees it exit and rolls back, instead of the engine
+/// restarting it behind lessnat's back; and a stopped `prev` container must
+/// not be revived when the engine restarts, where in host mode it would
+/// compete with the primary for the service's ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSpec {
+    /// The container name, e.g. `lessnat-web.web-1.next`.
+    pub name: String,
+    /// The image reference. It must already be present on the engine: creating
+    /// a container never pulls.
+    pub image: String,
+    /// The command (the arguments given to the image's entrypoint); empty
+    /// keeps the image's own `CMD`.
+    pub command: Vec<String>,
+    /// Environment variables, added to the image's.
+    pub env: BTreeMap<String, String>,
+    /// Labels, added to the image's.
+    pub labels: BTreeMap<String, String>,
+    /// The network mode.
+    pub network: ContainerNetwork,
+    /// How long the engine waits after the stop signal before it kills the
+    /// container, when it stops the container itself (`docker stop` without
+    /// `--time`, engine shutdown). The engine counts whole seconds, so this
+    /// is rounded up.
+    pub stop_timeout: Duration,
+}
+
+impl ContainerSpec {
+    /// The container `desired` needs on `node` in `slot`: its name, the
+    /// labels lessnat recognises it by (service, spec hash, canonical ports),
+    /// and the command and environment with their port placeholders filled:
+    /// temporary ports for [`Slot::Next`] (ports without one keep the
+    /// canonical port), canonical ports otherwise.
+    pub fn for_slot(
+        desired: &DesiredContainer,
+        node: &str,
+        slot: Slot,
+        stop_timeout: Duration,
+    ) -> Result<ContainerSpec, PlaceholderError> {
+        let temporary = slot == Slot::Next;
+        let labels = BTreeMap::from([
+            (LABEL_SERVICE.to_string(), desired.service.clone()),
+            (LABEL_SPEC.to_string(), desired.spec_hash()),
+            (LABEL_PORTS.to_string(), desired.port_labels().join(",")),
+        ]);
+        Ok(ContainerSpec {
+            name: container_name(&desired.service, node, slot),
+            image: desired.image.clone(),
+            command: desired.command_for(temporary)?,
+            env: desired.env_for(temporary)?,
+            labels,
+            network: match desired.network {
+                NetworkMode::Host => ContainerNetwork::Host,
+                NetworkMode::Routed => ContainerNetwork::None,
+            },
+            stop_timeout,
+        })
+    }
+}
+
+/// What [`Docker::state`] reports about a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerStatus {
+    /// Whether its process runs (a paused container counts as running).
+    pub running: bool,
+    /// The exit code once the container has exited; `None` while it runs and
+    /// when it was created but never started.
+    pub exit_code: Option<i64>,
+    /// The host pid of its main process while it runs.
+    pub pid: Option<u32>,
 }
 
 /// A connection to one Docker engine.
@@ -218,6 +361,306 @@ impl Docker {
         Ok((containers, foreign))
     }
 
+    /// Creates a container (it is not started) and returns its id.
+    ///
+    /// Fails when the name is taken or the image is not present on the
+    /// engine: nothing is pulled.
+    pub fn create(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: (!spec.env.is_empty()).then(|| {
+                spec.env
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect()
+            }),
+            labels: Some(
+                spec.labels
+                    .iter()
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+            ),
+            stop_timeout: Some(whole_seconds(spec.stop_timeout)),
+            host_config: Some(HostConfig {
+                network_mode: Some(spec.network.as_str().to_string()),
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        let created = self
+            .runtime
+            .block_on(self.client.create_container(Some(options), body))
+            .map_err(|source| {
+                self.request_error(
+                    format!("creating container {} from image {}", spec.name, spec.image),
+                    source,
+                )
+            })?;
+        for warning in &created.warnings {
+            tracing::warn!(container = spec.name, "Docker engine: {warning}");
+        }
+        Ok(created.id)
+    }
+
+    /// Starts a container. Starting a running container is not an error.
+    pub fn start(&self, id_or_name: &str) -> Result<(), DockerError> {
+        self.runtime
+            .block_on(self.client.start_container(id_or_name, None))
+            .map_err(|source| {
+                self.request_error(format!("starting container {id_or_name}"), source)
+            })
+    }
+
+    /// Stops a container: its stop signal (SIGTERM unless the image sets
+    /// another `STOPSIGNAL`), then SIGKILL when it is still running after
+    /// `timeout` (rounded up to whole seconds, as the engine counts them).
+    /// Returns once it has stopped. Stopping a container that does not run is
+    /// not an error; stopping one that does not exist is.
+    pub fn stop(&self, id_or_name: &str, timeout: Duration) -> Result<(), DockerError> {
+        let options = StopContainerOptions {
+            t: Some(i32::try_from(whole_seconds(timeout)).unwrap_or(i32::MAX)),
+            signal: None,
+        };
+        // The engine answers when the container has stopped, which may take
+        // longer than the client's usual request timeout.
+        let patient = timeout.saturating_add(STOP_MARGIN);
+        let client = self
+            .client
+            .clone()
+            .with_timeout(patient.max(self.client.timeout()));
+        self.runtime
+            .block_on(client.stop_container(id_or_name, Some(options)))
+            .map_err(|source| {
+                self.request_error(format!("stopping container {id_or_name}"), source)
+            })
+    }
+
+    /// Removes a container, killing it first if it runs. Removing a container
+    /// that does not exist is not an error. Its anonymous volumes are kept,
+    /// as `docker rm` keeps them: they may hold data nobody else can reach.
+    pub fn remove(&self, id_or_name: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self
+            .runtime
+            .block_on(self.client.remove_container(id_or_name, Some(options)))
+        {
+            Ok(()) => Ok(()),
+            Err(source) if is_not_found(&source) => Ok(()),
+            Err(source) => {
+                Err(self.request_error(format!("removing container {id_or_name}"), source))
+            }
+        }
+    }
+
+    /// Renames a container: how it changes slot (`lessnat-web.n` becomes
+    /// `lessnat-web.n.prev`). Fails when `new_name` is taken.
+    pub fn rename(&self, id_or_name: &str, new_name: &str) -> Result<(), DockerError> {
+        let options = RenameContainerOptions {
+            name: new_name.to_string(),
+        };
+        self.runtime
+            .block_on(self.client.rename_container(id_or_name, options))
+            .map_err(|source| {
+                self.request_error(
+                    format!("renaming container {id_or_name} to {new_name}"),
+                    source,
+                )
+            })
+    }
+
+    /// Whether a container runs, its exit code once it has exited, and its
+    /// pid; `None` when it does not exist.
+    pub fn state(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, DockerError> {
+        match self
+            .runtime
+            .block_on(self.client.inspect_container(id_or_name, None))
+        {
+            Ok(details) => Ok(Some(status_of(&details))),
+            Err(source) if is_not_found(&source) => Ok(None),
+            Err(source) => {
+                Err(self.request_error(format!("inspecting container {id_or_name}"), source))
+            }
+        }
+    }
+
+    /// The last `lines` lines the container wrote to stdout and stderr,
+    /// interleaved as they were written (invalid UTF-8 replaced), for error
+    /// messages about a container that died.
+    pub fn logs_tail(&self, id_or_name: &str, lines: usize) -> Result<String, DockerError> {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let bytes = self
+            .runtime
+            .block_on(self.client.logs(id_or_name, Some(options)).try_fold(
+                Vec::new(),
+                |mut bytes, chunk| {
+                    bytes.extend_from_slice(chunk.as_ref());
+                    async move { Ok(bytes) }
+                },
+            ))
+            .map_err(|source| {
+                self.request_error(
+                    format!("reading the logs of container {id_or_name}"),
+                    source,
+                )
+            })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Runs `command` in a running container (no shell: the first word is the
+    /// program) and returns its exit code, for `health.exec` checks.
+    ///
+    /// A program that cannot be started (missing, not executable) is not an
+    /// error: the engine reports exit code 126, as `docker exec` does, with
+    /// its reason in the command's output (logged at debug level). A container
+    /// that does not run is an error.
+    ///
+    /// When the command has not exited within `timeout`, this fails with
+    /// [`DockerError::ExecTimeout`]. The engine API cannot stop an exec, so
+    /// lessnat kills the command's process (SIGKILL) itself, by its pid; only
+    /// when the engine is on this host (a `unix://` socket) and the process's
+    /// `/proc/PID/cgroup` names the container, so no other process is ever
+    /// signalled. Whether it did is in the error.
+    pub fn exec(
+        &self,
+        id_or_name: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<i64, DockerError> {
+        self.runtime
+            .block_on(self.exec_async(id_or_name, command, timeout))
+    }
+
+    async fn exec_async(
+        &self,
+        container: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<i64, DockerError> {
+        let now = tokio::time::Instant::now();
+        // A timeout too large for the clock is as good as none.
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let what = || format!("running {command:?} in container {container}");
+        let timed_out = |killed| DockerError::ExecTimeout {
+            host: self.host.clone(),
+            container: container.to_string(),
+            command: command.to_vec(),
+            timeout,
+            killed,
+        };
+        let config = CreateExecOptions {
+            cmd: Some(command.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let exec_id =
+            match tokio::time::timeout_at(deadline, self.client.create_exec(container, config))
+                .await
+            {
+                Ok(created) => {
+                    created
+                        .map_err(|source| self.request_error(what(), source))?
+                        .id
+                }
+                // Created perhaps, but not started: nothing runs.
+                Err(_) => return Err(timed_out(false)),
+            };
+        match tokio::time::timeout_at(deadline, self.finish_exec(container, &exec_id)).await {
+            Ok(finished) => finished.map_err(|source| self.request_error(what(), source)),
+            Err(_) => Err(timed_out(self.kill_exec(&exec_id).await)),
+        }
+    }
+
+    /// Starts a created exec, reads its output to the end and waits for its
+    /// exit code.
+    async fn finish_exec(&self, container: &str, exec_id: &str) -> Result<i64, ApiError> {
+        let options = StartExecOptions {
+            detach: false,
+            tty: false,
+            output_capacity: None,
+        };
+        let mut output = Vec::new();
+        if let StartExecResults::Attached {
+            output: mut stream, ..
+        } = self.client.start_exec(exec_id, Some(options)).await?
+        {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                let room = EXEC_OUTPUT_KEPT.saturating_sub(output.len());
+                output.extend(chunk.as_ref().iter().take(room));
+            }
+        }
+        // The output ends when the process closes it; the engine records the
+        // exit code a moment later.
+        loop {
+            let inspected = self.client.inspect_exec(exec_id).await?;
+            if inspected.running != Some(true)
+                && let Some(code) = inspected.exit_code
+            {
+                tracing::debug!(
+                    container,
+                    exit_code = code,
+                    output = %String::from_utf8_lossy(&output),
+                    "exec finished"
+                );
+                return Ok(code);
+            }
+            tokio::time::sleep(EXEC_POLL).await;
+        }
+    }
+
+    /// Kills the process of an exec that outlived its timeout; see
+    /// [`Docker::exec`] for when it may. Returns whether it was killed.
+    async fn kill_exec(&self, exec_id: &str) -> bool {
+        if !self.host.starts_with("unix://") {
+            return false;
+        }
+        let Ok(inspected) = self.client.inspect_exec(exec_id).await else {
+            return false;
+        };
+        let (Some(true), Some(pid), Some(container_id)) =
+            (inspected.running, inspected.pid, inspected.container_id)
+        else {
+            return false;
+        };
+        let Some(pid) = i32::try_from(pid).ok().filter(|&pid| pid > 0) else {
+            return false;
+        };
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if container_id.is_empty() || !cgroup.contains(&container_id) {
+            tracing::warn!(
+                pid,
+                container = container_id,
+                "not killing the timed-out exec: its pid is not in the container's cgroup here"
+            );
+            return false;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+    }
+
     /// Lists containers in any state matching one engine-side filter.
     async fn list(&self, filter: &str, value: &str) -> Result<Vec<ContainerSummary>, DockerError> {
         let options = ListContainersOptions {
@@ -242,6 +685,47 @@ impl Docker {
             what,
             source,
         }
+    }
+}
+
+/// A duration in whole seconds, rounded up, as the engine takes stop timeouts.
+fn whole_seconds(duration: Duration) -> i64 {
+    let seconds = duration
+        .as_secs()
+        .saturating_add(u64::from(duration.subsec_nanos() > 0));
+    i64::try_from(seconds).unwrap_or(i64::MAX)
+}
+
+/// Whether the engine answered 404: no such container.
+fn is_not_found(error: &ApiError) -> bool {
+    matches!(
+        error,
+        ApiError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// The state an inspect reports, as [`Docker::state`] returns it.
+fn status_of(details: &ContainerInspectResponse) -> ContainerStatus {
+    let state = details.state.as_ref();
+    let running = state.and_then(|s| s.running).unwrap_or(false);
+    let ended = state.and_then(|s| s.status).is_some_and(|s| {
+        matches!(
+            s,
+            ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD
+        )
+    });
+    ContainerStatus {
+        running,
+        exit_code: state
+            .and_then(|s| s.exit_code)
+            .filter(|_| ended && !running),
+        pid: state
+            .and_then(|s| s.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid > 0 && running),
     }
 }
 
@@ -434,6 +918,111 @@ mod tests {
             assert!(matches!(err, DockerError::Host { .. }), "{err:?}");
             assert!(err.to_string().contains(host), "{err}");
         }
+    }
+
+    #[test]
+    fn container_spec_for_each_slot() {
+        let text = "version: 1\nnodes: [{name: a, address: 192.0.2.1, containerSubnet: 10.0.0.0/24}]\nservices:\n  - name: web\n    node: a\n    image: web:1\n    network: host\n    command: [\"--listen\", \":{port.http}\"]\n    env: { PORT: \"{port.http}\" }\n    ports: [{name: http, port: 8000, tempPort: 18000}, {name: dns, port: 53, protocol: udp, tempPort: 10053}]\n  - name: api\n    image: api:1\n    network: routed\n    replicas: [{node: a, address: 10.0.0.5}]\n    ports: [{name: http, port: 8080}]\n";
+        let spec = crate::spec::load_bytes("t.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+        let desired = crate::desired::desired_node(&spec, "a");
+        let (_, web) = &desired.services[0];
+        let stop = Duration::from_secs(10);
+
+        let next = ContainerSpec::for_slot(web, "a", Slot::Next, stop).expect("fills");
+        assert_eq!(next.name, "lessnat-web.a.next");
+        assert_eq!(next.image, "web:1");
+        assert_eq!(next.command, ["--listen", ":18000"]);
+        assert_eq!(next.env["PORT"], "18000");
+        assert_eq!(next.network, ContainerNetwork::Host);
+        assert_eq!(next.stop_timeout, stop);
+        let labels: Vec<(&str, &str)> = next
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let hash = web.spec_hash();
+        assert_eq!(
+            labels,
+            [
+                (LABEL_PORTS, "8000/tcp,53/udp"),
+                (LABEL_SERVICE, "web"),
+                (LABEL_SPEC, hash.as_str()),
+            ]
+        );
+
+        for (slot, name) in [
+            (Slot::Primary, "lessnat-web.a"),
+            (Slot::Prev, "lessnat-web.a.prev"),
+        ] {
+            let spec = ContainerSpec::for_slot(web, "a", slot, stop).expect("fills");
+            assert_eq!(spec.name, name);
+            assert_eq!(spec.command, ["--listen", ":8000"]);
+            assert_eq!(spec.env["PORT"], "8000");
+            assert_eq!(spec.labels, next.labels, "labels do not depend on the slot");
+        }
+
+        let (_, api) = &desired.services[1];
+        let routed = ContainerSpec::for_slot(api, "a", Slot::Primary, stop).expect("fills");
+        assert_eq!(routed.network, ContainerNetwork::None);
+        assert!(routed.command.is_empty() && routed.env.is_empty());
+
+        let mut bad = web.clone();
+        bad.command = vec!["{port.nope}".into()];
+        assert!(ContainerSpec::for_slot(&bad, "a", Slot::Next, stop).is_err());
+    }
+
+    #[test]
+    fn stop_timeouts_round_up_to_seconds() {
+        assert_eq!(whole_seconds(Duration::ZERO), 0);
+        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds(Duration::from_secs(7)), 7);
+        assert_eq!(whole_seconds(Duration::from_millis(7001)), 8);
+        assert_eq!(whole_seconds(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn status_from_inspect() {
+        let details = |status, running, exit_code, pid| ContainerInspectResponse {
+            state: Some(ContainerState {
+                status: Some(status),
+                running: Some(running),
+                exit_code: Some(exit_code),
+                pid: Some(pid),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let status = |running, exit_code, pid| ContainerStatus {
+            running,
+            exit_code,
+            pid,
+        };
+        use ContainerStateStatusEnum::*;
+        assert_eq!(
+            status_of(&details(CREATED, false, 0, 0)),
+            status(false, None, None)
+        );
+        assert_eq!(
+            status_of(&details(RUNNING, true, 0, 42)),
+            status(true, None, Some(42))
+        );
+        assert_eq!(
+            status_of(&details(PAUSED, true, 0, 42)),
+            status(true, None, Some(42))
+        );
+        assert_eq!(
+            status_of(&details(EXITED, false, 2, 0)),
+            status(false, Some(2), None)
+        );
+        assert_eq!(
+            status_of(&details(DEAD, false, 137, 0)),
+            status(false, Some(137), None)
+        );
+        assert_eq!(
+            status_of(&ContainerInspectResponse::default()),
+            status(false, None, None)
+        );
     }
 
     #[test]
