@@ -48,7 +48,13 @@ struct GlobalArgs {
     #[arg(long, global = true, value_name = "NAME|PATH")]
     netns: Option<String>,
     /// Where apply keeps its lock and journal.
-    #[arg(long, global = true, env = "LESSNAT_STATE_DIR", default_value = "/var/lib/lessnat", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "LESSNAT_STATE_DIR",
+        default_value = "/var/lib/lessnat",
+        value_name = "DIR"
+    )]
     state_dir: PathBuf,
 }
 
@@ -100,7 +106,11 @@ enum Command {
     /// plan saved by `plan --out` and refuses it if the host changed since.
     Apply {
         /// A plan saved with `lessnat plan --out FILE`.
-        #[arg(value_name = "PLANFILE", conflicts_with = "spec", required_unless_present = "spec")]
+        #[arg(
+            value_name = "PLANFILE",
+            conflicts_with = "spec",
+            required_unless_present = "spec"
+        )]
         plan: Option<PathBuf>,
         /// The spec file: plan and apply in one go.
         #[arg(short = 'f', long = "file", value_name = "SPEC")]
@@ -289,11 +299,17 @@ struct Planned {
 }
 
 /// Plans anew from a spec, or reads a saved plan and checks it is not stale.
-fn planned(global: &GlobalArgs, docker: &Docker, spec_path: Option<&std::path::Path>, plan_path: Option<&std::path::Path>) -> anyhow::Result<Planned> {
+fn planned(
+    global: &GlobalArgs,
+    docker: &Docker,
+    spec_path: Option<&std::path::Path>,
+    plan_path: Option<&std::path::Path>,
+) -> anyhow::Result<Planned> {
     if let Some(path) = plan_path {
         let saved = SavedPlan::read(path)?;
         let node = saved.plan.node.clone();
-        let now = crate::observe::live::observe_with(&node, &netns(global), docker).context("reading the live host")?;
+        let now = crate::observe::live::observe_with(&node, &netns(global), docker)
+            .context("reading the live host")?;
         let changed = crate::apply::stale::changes_since(&saved.observed, &now);
         if !changed.is_empty() {
             anyhow::bail!(
@@ -304,19 +320,38 @@ fn planned(global: &GlobalArgs, docker: &Docker, spec_path: Option<&std::path::P
                 path.display()
             );
         }
-        return Ok(Planned { spec: saved.spec, node, observed: now, plan: saved.plan, saved: true });
+        return Ok(Planned {
+            spec: saved.spec,
+            node,
+            observed: now,
+            plan: saved.plan,
+            saved: true,
+        });
     }
     let spec_path = spec_path.context("give a spec with -f SPEC, or a saved plan file")?;
     let spec = load_spec(global, spec_path)?;
     let node = pick_node(global, &spec)?;
-    let observed = crate::observe::live::observe_with(&node, &netns(global), docker).context("reading the live host")?;
+    let observed = crate::observe::live::observe_with(&node, &netns(global), docker)
+        .context("reading the live host")?;
     let plan = plan(&spec, &node, &observed);
-    Ok(Planned { spec, node, observed, plan, saved: false })
+    Ok(Planned {
+        spec,
+        node,
+        observed,
+        plan,
+        saved: false,
+    })
 }
 
 /// Carries out a plan, then plans again: once more when the plan rolled back an
 /// upgrade in flight (the upgrade to the current spec comes next).
-fn carry_out(global: &GlobalArgs, docker: &Docker, mut planned: Planned, auto_approve: bool, verb: &str) -> anyhow::Result<ExitCode> {
+fn carry_out(
+    global: &GlobalArgs,
+    docker: &Docker,
+    mut planned: Planned,
+    auto_approve: bool,
+    verb: &str,
+) -> anyhow::Result<ExitCode> {
     let style = style_for(global, std::io::stdout().is_terminal());
     print!("{}", render(&planned.plan, style));
     if planned.plan.is_empty() {
@@ -332,7 +367,8 @@ fn carry_out(global: &GlobalArgs, docker: &Docker, mut planned: Planned, auto_ap
     }
     let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupt.clone()).context("installing signal handlers")?;
+        signal_hook::flag::register(signal, interrupt.clone())
+            .context("installing signal handlers")?;
     }
     let netns = netns(global);
     let mut progress = crate::apply::progress::Progress::new(std::io::stdout().is_terminal());
@@ -353,12 +389,16 @@ fn carry_out(global: &GlobalArgs, docker: &Docker, mut planned: Planned, auto_ap
         total.destroy += done.destroy;
         total.upgrade += done.upgrade;
         let rolled_back = planned.plan.changes.iter().any(|c| {
-            c.upgrade.as_ref().and_then(|u| u.in_flight.as_ref()).is_some_and(|f| f.decision == crate::plan::Decision::RollBack)
+            c.upgrade
+                .as_ref()
+                .and_then(|u| u.in_flight.as_ref())
+                .is_some_and(|f| f.decision == crate::plan::Decision::RollBack)
         });
         if !rolled_back {
             break;
         }
-        planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker).context("reading the live host")?;
+        planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker)
+            .context("reading the live host")?;
         planned.plan = plan(&planned.spec, &planned.node, &planned.observed);
         if planned.plan.is_empty() {
             break;
@@ -376,12 +416,22 @@ fn carry_out(global: &GlobalArgs, docker: &Docker, mut planned: Planned, auto_ap
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     match &cli.command {
-        Command::Apply { plan: plan_path, spec, auto_approve } => {
+        Command::Apply {
+            plan: plan_path,
+            spec,
+            auto_approve,
+        } => {
             drop(stdout);
             let _lock = crate::lock::ApplyLock::acquire(&cli.global.state_dir, &command_line())?;
             let docker = Docker::connect()?;
             let planned = planned(&cli.global, &docker, spec.as_deref(), plan_path.as_deref())?;
-            carry_out(&cli.global, &docker, planned, *auto_approve, "perform these actions")
+            carry_out(
+                &cli.global,
+                &docker,
+                planned,
+                *auto_approve,
+                "perform these actions",
+            )
         }
         Command::Destroy { auto_approve } => {
             drop(stdout);
@@ -389,13 +439,32 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let docker = Docker::connect()?;
             let node = match &cli.global.node {
                 Some(node) => node.clone(),
-                None => nix::unistd::gethostname()?.into_string().unwrap_or_default(),
+                None => nix::unistd::gethostname()?
+                    .into_string()
+                    .unwrap_or_default(),
             };
-            let empty = Spec { version: crate::spec::SPEC_VERSION.into(), nodes: Vec::new(), services: Vec::new() };
-            let observed = crate::observe::live::observe_with(&node, &netns(&cli.global), &docker).context("reading the live host")?;
+            let empty = Spec {
+                version: crate::spec::SPEC_VERSION.into(),
+                nodes: Vec::new(),
+                services: Vec::new(),
+            };
+            let observed = crate::observe::live::observe_with(&node, &netns(&cli.global), &docker)
+                .context("reading the live host")?;
             let plan = plan(&empty, &node, &observed);
-            let planned = Planned { spec: empty, node, observed, plan, saved: false };
-            carry_out(&cli.global, &docker, planned, *auto_approve, "destroy everything lessnat owns")
+            let planned = Planned {
+                spec: empty,
+                node,
+                observed,
+                plan,
+                saved: false,
+            };
+            carry_out(
+                &cli.global,
+                &docker,
+                planned,
+                *auto_approve,
+                "destroy everything lessnat owns",
+            )
         }
         Command::Plan {
             spec: spec_path,

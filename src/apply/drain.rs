@@ -37,7 +37,10 @@ pub(super) fn established(state: &ConntrackState, service: &Service, temporary: 
                 .flows
                 .iter()
                 .filter(|f| {
-                    f.protocol == "tcp" && f.orig_dport == p.port.value && f.reply_sport == reply && f.state == "ESTABLISHED"
+                    f.protocol == "tcp"
+                        && f.orig_dport == p.port.value
+                        && f.reply_sport == reply
+                        && f.state == "ESTABLISHED"
                 })
                 .map(|f| f.count)
                 .sum::<u64>()

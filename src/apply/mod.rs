@@ -93,7 +93,9 @@ pub enum ApplyError {
         logs: String,
     },
     /// Connections remained after the drain timeout and `onDrainTimeout` is `rollback`.
-    #[error("service {service}: {left} connections still open after drainTimeout (onDrainTimeout: rollback)")]
+    #[error(
+        "service {service}: {left} connections still open after drainTimeout (onDrainTimeout: rollback)"
+    )]
     DrainTimeout {
         /// The service.
         service: String,
@@ -104,7 +106,9 @@ pub enum ApplyError {
     #[error("interrupted")]
     Interrupted,
     /// The upgrade failed and was rolled back: the old version serves.
-    #[error("service {service}: the upgrade was rolled back; the previous version serves. Cause: {cause}")]
+    #[error(
+        "service {service}: the upgrade was rolled back; the previous version serves. Cause: {cause}"
+    )]
     RolledBack {
         /// The service.
         service: String,
@@ -112,7 +116,9 @@ pub enum ApplyError {
         cause: String,
     },
     /// The upgrade failed and `onFailure` is `pause`: the host is left as it is.
-    #[error("service {service}: stage {stage} failed and onFailure is pause: the host is left as it is for inspection; `lessnat plan` shows how to resume or roll back. Cause: {cause}")]
+    #[error(
+        "service {service}: stage {stage} failed and onFailure is pause: the host is left as it is for inspection; `lessnat plan` shows how to resume or roll back. Cause: {cause}"
+    )]
     Paused {
         /// The service.
         service: String,
@@ -130,7 +136,12 @@ pub enum ApplyError {
 }
 
 /// Carries out `plan` (made from `observed`) and returns what was done.
-pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan, observed: &Observed) -> Result<Summary, ApplyError> {
+pub fn apply(
+    ctx: &Context,
+    progress: &mut Progress,
+    plan: &Plan,
+    observed: &Observed,
+) -> Result<Summary, ApplyError> {
     for change in &plan.changes {
         if ctx.interrupted() {
             return Err(ApplyError::Interrupted);
@@ -140,13 +151,20 @@ pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan, observed: &Obs
     Ok(plan.summary())
 }
 
-fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change, observed: &Observed) -> Result<(), ApplyError> {
+fn apply_change(
+    ctx: &Context,
+    progress: &mut Progress,
+    change: &Change,
+    observed: &Observed,
+) -> Result<(), ApplyError> {
     let address = change.resource.address();
     let desired = desired_node(ctx.spec, ctx.node);
     let service_named = |name: &str| desired.services.iter().find(|(s, _)| s.name.value == name);
     match (&change.resource, change.action) {
         (Resource::NftTable { .. }, Action::Create | Action::Update) => {
-            progress.step(&format!("{address}: writing lessnat's table (one transaction)"));
+            progress.step(&format!(
+                "{address}: writing lessnat's table (one transaction)"
+            ));
             match desired_table(ctx.spec, ctx.node, observed) {
                 Some(table) => nft::apply_table(ctx.netns, &table)?,
                 None => nft::delete_table(ctx.netns)?,
@@ -161,9 +179,18 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change, observe
             ctx.docker.stop(name, std::time::Duration::from_secs(10))?;
             ctx.docker.remove(name)?;
         }
-        (Resource::Container { service, slot: Slot::Primary, name }, action @ (Action::Create | Action::Update | Action::Replace)) => {
+        (
+            Resource::Container {
+                service,
+                slot: Slot::Primary,
+                name,
+            },
+            action @ (Action::Create | Action::Update | Action::Replace),
+        ) => {
             let Some((spec, container)) = service_named(service) else {
-                return Err(ApplyError::Unsupported { what: format!("{address}: service {service} is not on this node") });
+                return Err(ApplyError::Unsupported {
+                    what: format!("{address}: service {service} is not on this node"),
+                });
             };
             let stop_timeout = spec.upgrade.stop_timeout.get();
             if action == Action::Replace {
@@ -175,14 +202,20 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change, observe
                 progress.step(&format!("{address}: starting"));
             } else {
                 progress.step(&format!("{address}: creating and starting"));
-                let create = ContainerSpec::for_slot(container, ctx.node, Slot::Primary, stop_timeout)
-                    .map_err(|source| ApplyError::Placeholder { service: service.clone(), source })?;
+                let create =
+                    ContainerSpec::for_slot(container, ctx.node, Slot::Primary, stop_timeout)
+                        .map_err(|source| ApplyError::Placeholder {
+                            service: service.clone(),
+                            source,
+                        })?;
                 ctx.docker.create(&create)?;
             }
             ctx.docker.start(name)?;
             if let Err(error) = wait_ready(ctx, progress, spec, name, false) {
                 if spec.upgrade.on_failure == OnFailure::Rollback && action != Action::Update {
-                    progress.step(&format!("{address}: not healthy; removing it so the next apply starts afresh"));
+                    progress.step(&format!(
+                        "{address}: not healthy; removing it so the next apply starts afresh"
+                    ));
                     ctx.docker.stop(name, stop_timeout)?;
                     ctx.docker.remove(name)?;
                 }
@@ -191,10 +224,15 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change, observe
         }
         (Resource::Service { name }, Action::Upgrade | Action::Replace) => {
             let Some((spec, container)) = service_named(name) else {
-                return Err(ApplyError::Unsupported { what: format!("{address}: service {name} is not on this node") });
+                return Err(ApplyError::Unsupported {
+                    what: format!("{address}: service {name} is not on this node"),
+                });
             };
             let in_flight = change.upgrade.as_ref().and_then(|u| u.in_flight.as_ref());
-            let old = observed.containers.iter().find(|c| &c.service == name && c.slot == Slot::Primary);
+            let old = observed
+                .containers
+                .iter()
+                .find(|c| &c.service == name && c.slot == Slot::Primary);
             let from = old.map(|c| (c.spec_hash.as_str(), c.image.as_str()));
             let mut upgrade = Upgrade::new(ctx, progress, spec, container);
             if change.action == Action::Replace {
@@ -204,7 +242,9 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change, observe
             }
         }
         _ => {
-            return Err(ApplyError::Unsupported { what: format!("{} {address}", change.action.symbol()) });
+            return Err(ApplyError::Unsupported {
+                what: format!("{} {address}", change.action.symbol()),
+            });
         }
     }
     Ok(())

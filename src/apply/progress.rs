@@ -19,7 +19,11 @@ pub struct Progress {
 impl Progress {
     /// Progress for a terminal (`live`) or for logs.
     pub fn new(live: bool) -> Self {
-        Progress { live, last_plain: None, showing_live: false }
+        Progress {
+            live,
+            last_plain: None,
+            showing_live: false,
+        }
     }
 
     /// Reports one step.
@@ -53,7 +57,11 @@ impl Progress {
 /// A duration for people: `4m05s`, `12s`.
 pub fn short(duration: Duration) -> String {
     let secs = duration.as_secs();
-    if secs >= 60 { format!("{}m{:02}s", secs / 60, secs % 60) } else { format!("{secs}s") }
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
 }
 
 #[cfg(test)]

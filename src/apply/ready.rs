@@ -21,7 +21,11 @@ const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The port number a probe of `port_name` (or of the first TCP port) uses:
 /// the temporary port for the `next` container, the canonical one otherwise.
-fn probe_port(service: &Service, port_name: Option<&Located<String>>, temporary: bool) -> Option<u16> {
+fn probe_port(
+    service: &Service,
+    port_name: Option<&Located<String>>,
+    temporary: bool,
+) -> Option<u16> {
     let port = match port_name {
         Some(name) => service.port(name)?,
         None => service.ports.iter().find(|p| p.protocol == Protocol::Tcp)?,
@@ -70,7 +74,8 @@ pub(super) fn wait_ready(
         match health {
             Some(h) if h.http.is_some() => {
                 let http = h.http.as_ref().ok_or("no http check")?;
-                let port = probe_port(service, http.port.as_ref(), temporary).ok_or("no TCP port to probe")?;
+                let port = probe_port(service, http.port.as_ref(), temporary)
+                    .ok_or("no TCP port to probe")?;
                 netns
                     .run(|| probe_http(loopback(port), &http.path, probe_timeout))
                     .map_err(|e| e.to_string())?
@@ -81,7 +86,8 @@ pub(super) fn wait_ready(
                 tcp(probe_port(service, port, temporary))
             }
             Some(h) if h.exec.is_some() => {
-                let command: Vec<String> = h.exec.iter().flatten().map(|c| c.value.clone()).collect();
+                let command: Vec<String> =
+                    h.exec.iter().flatten().map(|c| c.value.clone()).collect();
                 match ctx.docker.exec(container, &command, probe_timeout) {
                     Ok(0) => Ok(()),
                     Ok(code) => Err(format!("{command:?} exited with {code}")),

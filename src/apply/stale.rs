@@ -14,14 +14,20 @@ pub fn changes_since(before: &Observed, now: &Observed) -> Vec<String> {
     }
     let mut found = Vec::new();
     let by_name = |o: &Observed| -> BTreeMap<String, Container> {
-        o.containers.iter().map(|c| (c.name.clone(), c.clone())).collect()
+        o.containers
+            .iter()
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect()
     };
     let (old, new) = (by_name(before), by_name(now));
     for (name, was) in &old {
         match new.get(name) {
             None => found.push(format!("container {name} was removed")),
             Some(is) if is.id != was.id => found.push(format!("container {name} was replaced")),
-            Some(is) if is.state != was.state => found.push(format!("container {name} went from {} to {}", was.state, is.state)),
+            Some(is) if is.state != was.state => found.push(format!(
+                "container {name} went from {} to {}",
+                was.state, is.state
+            )),
             Some(is) if is.spec_hash != was.spec_hash || is.image != was.image => {
                 found.push(format!("container {name} changed"))
             }
@@ -68,14 +74,33 @@ mod tests {
 
     #[test]
     fn says_what_changed() {
-        let before = Observed { node: "n".into(), containers: vec![container("running")], ..Observed::default() };
+        let before = Observed {
+            node: "n".into(),
+            containers: vec![container("running")],
+            ..Observed::default()
+        };
         assert!(changes_since(&before, &before.clone()).is_empty());
         let mut pid_only = before.clone();
         pid_only.containers[0].pid = Some(7);
-        assert!(changes_since(&before, &pid_only).is_empty(), "pids are not part of the fingerprint");
-        let stopped = Observed { containers: vec![container("exited")], ..before.clone() };
-        assert_eq!(changes_since(&before, &stopped), vec!["container lessnat-web.n went from running to exited"]);
-        let gone = Observed { containers: vec![], ..before.clone() };
-        assert_eq!(changes_since(&before, &gone), vec!["container lessnat-web.n was removed"]);
+        assert!(
+            changes_since(&before, &pid_only).is_empty(),
+            "pids are not part of the fingerprint"
+        );
+        let stopped = Observed {
+            containers: vec![container("exited")],
+            ..before.clone()
+        };
+        assert_eq!(
+            changes_since(&before, &stopped),
+            vec!["container lessnat-web.n went from running to exited"]
+        );
+        let gone = Observed {
+            containers: vec![],
+            ..before.clone()
+        };
+        assert_eq!(
+            changes_since(&before, &gone),
+            vec!["container lessnat-web.n was removed"]
+        );
     }
 }

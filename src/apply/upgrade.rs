@@ -71,7 +71,11 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             .ports
             .iter()
             .filter_map(|p| {
-                Some(Redirect { protocol: p.protocol, port: p.port.value, temp_port: p.temp_port.as_ref()?.value })
+                Some(Redirect {
+                    protocol: p.protocol,
+                    port: p.port.value,
+                    temp_port: p.temp_port.as_ref()?.value,
+                })
             })
             .collect()
     }
@@ -80,20 +84,28 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         Ok(self.ctx.docker.state(name)?.is_some())
     }
 
-    fn journal(&self, reached: Option<StageName>, rolling_back: bool, from: Option<(&str, &str)>) -> Result<(), ApplyError> {
+    fn journal(
+        &self,
+        reached: Option<StageName>,
+        rolling_back: bool,
+        from: Option<(&str, &str)>,
+    ) -> Result<(), ApplyError> {
         let file = &self.ctx.journal;
         let mut journal = file.read()?;
         let name = self.service.name.value.clone();
-        let record = journal.upgrades.entry(name).or_insert_with(|| UpgradeRecord {
-            strategy: self.service.upgrade.strategy,
-            from_spec: from.map(|f| f.0.to_string()).unwrap_or_default(),
-            from_image: from.map(|f| f.1.to_string()).unwrap_or_default(),
-            to_spec: self.desired.spec_hash(),
-            reached: None,
-            rolling_back: false,
-            started_at: now(),
-            updated_at: now(),
-        });
+        let record = journal
+            .upgrades
+            .entry(name)
+            .or_insert_with(|| UpgradeRecord {
+                strategy: self.service.upgrade.strategy,
+                from_spec: from.map(|f| f.0.to_string()).unwrap_or_default(),
+                from_image: from.map(|f| f.1.to_string()).unwrap_or_default(),
+                to_spec: self.desired.spec_hash(),
+                reached: None,
+                rolling_back: false,
+                started_at: now(),
+                updated_at: now(),
+            });
         record.reached = reached;
         record.rolling_back = rolling_back;
         record.updated_at = now();
@@ -109,9 +121,11 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn create(&mut self, slot: Slot) -> Result<(), ApplyError> {
-        let spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout()).map_err(|source| {
-            ApplyError::Placeholder { service: self.service.name.value.clone(), source }
-        })?;
+        let spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
+            .map_err(|source| ApplyError::Placeholder {
+                service: self.service.name.value.clone(),
+                source,
+            })?;
         self.ctx.docker.create(&spec)?;
         self.ctx.docker.start(&spec.name)?;
         Ok(())
@@ -127,7 +141,12 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// conntrack entries are deleted and the next packet of each flow is
     /// matched afresh (redirected, or not any more).
     fn move_udp_flows(&self) -> Result<(), ApplyError> {
-        for port in self.service.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+        for port in self
+            .service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Udp)
+        {
             conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
         }
         Ok(())
@@ -143,19 +162,38 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// Runs the upgrade: a new one, or the rest (or the planned rollback) of one
     /// in flight. A planned rollback succeeds when the old version serves again;
     /// a new upgrade to the current spec is then planned afresh.
-    pub(super) fn run(&mut self, in_flight: Option<&InFlight>, from: Option<(&str, &str)>) -> Result<(), ApplyError> {
+    pub(super) fn run(
+        &mut self,
+        in_flight: Option<&InFlight>,
+        from: Option<(&str, &str)>,
+    ) -> Result<(), ApplyError> {
         match in_flight {
             None => {
                 self.journal(None, false, from)?;
                 self.forward(None)
             }
-            Some(InFlight { reached, decision: Decision::Resume, .. }) => {
-                self.progress.step(&format!("{}: resuming the upgrade after stage {}", self.service.name, reached.as_str()));
+            Some(InFlight {
+                reached,
+                decision: Decision::Resume,
+                ..
+            }) => {
+                self.progress.step(&format!(
+                    "{}: resuming the upgrade after stage {}",
+                    self.service.name,
+                    reached.as_str()
+                ));
                 self.journal(Some(*reached), false, from)?;
                 self.forward(Some(*reached))
             }
-            Some(InFlight { reached, decision: Decision::RollBack, why }) => {
-                self.progress.step(&format!("{}: rolling back the upgrade in flight ({why})", self.service.name));
+            Some(InFlight {
+                reached,
+                decision: Decision::RollBack,
+                why,
+            }) => {
+                self.progress.step(&format!(
+                    "{}: rolling back the upgrade in flight ({why})",
+                    self.service.name
+                ));
                 self.journal(Some(*reached), true, from)?;
                 self.rollback()
             }
@@ -163,10 +201,17 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn forward(&mut self, mut reached: Option<StageName>) -> Result<(), ApplyError> {
-        let todo: Vec<StageName> = STAGES.into_iter().filter(|s| reached.is_none_or(|r| *s > r)).collect();
+        let todo: Vec<StageName> = STAGES
+            .into_iter()
+            .filter(|s| reached.is_none_or(|r| *s > r))
+            .collect();
         for stage in todo {
             let number = STAGES.iter().position(|s| *s == stage).map_or(0, |i| i + 1);
-            self.progress.step(&format!("{}: stage {number}/7 {}", self.service.name, stage.as_str()));
+            self.progress.step(&format!(
+                "{}: stage {number}/7 {}",
+                self.service.name,
+                stage.as_str()
+            ));
             match self.stage(stage) {
                 Ok(()) => {
                     reached = Some(stage);
@@ -188,12 +233,22 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     fn fail(&mut self, stage: StageName, error: ApplyError) -> Result<(), ApplyError> {
         let service = self.service.name.value.clone();
         if self.service.upgrade.on_failure == OnFailure::Pause {
-            return Err(ApplyError::Paused { service, stage: stage.as_str(), cause: Box::new(error) });
+            return Err(ApplyError::Paused {
+                service,
+                stage: stage.as_str(),
+                cause: Box::new(error),
+            });
         }
-        self.progress.step(&format!("{service}: stage {} failed: {error}; rolling back", stage.as_str()));
+        self.progress.step(&format!(
+            "{service}: stage {} failed: {error}; rolling back",
+            stage.as_str()
+        ));
         self.journal(None, true, None)?;
         self.rollback()?;
-        Err(ApplyError::RolledBack { service, cause: error.to_string() })
+        Err(ApplyError::RolledBack {
+            service,
+            cause: error.to_string(),
+        })
     }
 
     fn stage(&mut self, stage: StageName) -> Result<(), ApplyError> {
@@ -211,14 +266,19 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 let what = format!("{}: draining {}", self.service.name, self.primary);
                 let timeout = self.service.upgrade.drain_timeout.get();
                 let service = self.service;
-                match wait_drained(self.ctx, self.progress, &what, timeout, |s| established(s, service, false))? {
+                match wait_drained(self.ctx, self.progress, &what, timeout, |s| {
+                    established(s, service, false)
+                })? {
                     Drained::Empty => Ok(()),
                     Drained::TimedOut(left) => match self.service.upgrade.on_drain_timeout {
                         OnDrainTimeout::Proceed => {
                             self.progress.step(&format!("{what}: {left} connections still open after the drain timeout; proceeding"));
                             Ok(())
                         }
-                        OnDrainTimeout::Rollback => Err(ApplyError::DrainTimeout { service: self.service.name.value.clone(), left }),
+                        OnDrainTimeout::Rollback => Err(ApplyError::DrainTimeout {
+                            service: self.service.name.value.clone(),
+                            left,
+                        }),
                     },
                 }
             }
@@ -238,8 +298,14 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 let what = format!("{}: draining {}", self.service.name, self.next);
                 let timeout = self.service.upgrade.drain_timeout.get();
                 let service = self.service;
-                if let Drained::TimedOut(left) = wait_drained(self.ctx, self.progress, &what, timeout, |s| established(s, service, true))? {
-                    self.progress.step(&format!("{what}: {left} connections still open after the drain timeout; proceeding"));
+                if let Drained::TimedOut(left) =
+                    wait_drained(self.ctx, self.progress, &what, timeout, |s| {
+                        established(s, service, true)
+                    })?
+                {
+                    self.progress.step(&format!(
+                        "{what}: {left} connections still open after the drain timeout; proceeding"
+                    ));
                 }
                 Ok(())
             }
@@ -247,7 +313,9 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 self.remove(&self.next.clone())?;
                 self.remove(&self.prev.clone())
             }
-            other => Err(ApplyError::Unsupported { what: format!("stage {} in a redirect-drain upgrade", other.as_str()) }),
+            other => Err(ApplyError::Unsupported {
+                what: format!("stage {} in a redirect-drain upgrade", other.as_str()),
+            }),
         }
     }
 
@@ -256,7 +324,10 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// the next container removed.
     fn rollback(&mut self) -> Result<(), ApplyError> {
         if self.exists(&self.prev)? {
-            self.progress.step(&format!("{}: rollback: restoring {}", self.service.name, self.prev));
+            self.progress.step(&format!(
+                "{}: rollback: restoring {}",
+                self.service.name, self.prev
+            ));
             if self.exists(&self.primary)? {
                 self.remove(&self.primary.clone())?;
             }
@@ -265,10 +336,16 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             let primary = self.primary.clone();
             wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
         }
-        self.progress.step(&format!("{}: rollback: removing the redirect", self.service.name));
+        self.progress.step(&format!(
+            "{}: rollback: removing the redirect",
+            self.service.name
+        ));
         self.set_redirects(false)?;
         if self.exists(&self.next)? {
-            self.progress.step(&format!("{}: rollback: removing {}", self.service.name, self.next));
+            self.progress.step(&format!(
+                "{}: rollback: removing {}",
+                self.service.name, self.next
+            ));
             self.remove(&self.next.clone())?;
         }
         self.forget()
@@ -278,13 +355,15 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// one is healthy, then removed; restored if it never is).
     pub(super) fn stop_start(&mut self) -> Result<(), ApplyError> {
         let service = self.service.name.value.clone();
-        self.progress.step(&format!("{service}: stop-start: stopping {}", self.primary));
+        self.progress
+            .step(&format!("{service}: stop-start: stopping {}", self.primary));
         if self.exists(&self.prev)? {
             self.remove(&self.prev.clone())?;
         }
         self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
         self.ctx.docker.rename(&self.primary, &self.prev)?;
-        self.progress.step(&format!("{service}: stop-start: starting the new version"));
+        self.progress
+            .step(&format!("{service}: stop-start: starting the new version"));
         let started = self.create(Slot::Primary).and_then(|()| {
             let primary = self.primary.clone();
             wait_ready(self.ctx, self.progress, self.service, &primary, false)
@@ -292,12 +371,21 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         match started {
             Ok(()) => self.remove(&self.prev.clone()),
             Err(error) if self.service.upgrade.on_failure == OnFailure::Pause => {
-                Err(ApplyError::Paused { service, stage: "start", cause: Box::new(error) })
+                Err(ApplyError::Paused {
+                    service,
+                    stage: "start",
+                    cause: Box::new(error),
+                })
             }
             Err(error) => {
-                self.progress.step(&format!("{service}: the new version failed: {error}; restoring the old one"));
+                self.progress.step(&format!(
+                    "{service}: the new version failed: {error}; restoring the old one"
+                ));
                 self.rollback()?;
-                Err(ApplyError::RolledBack { service, cause: error.to_string() })
+                Err(ApplyError::RolledBack {
+                    service,
+                    cause: error.to_string(),
+                })
             }
         }
     }
