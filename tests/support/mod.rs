@@ -143,3 +143,31 @@ impl Drop for TestNetns {
             .output();
     }
 }
+
+/// Serialises tests (and benchmarks) that use the host's network namespace:
+/// host-mode containers listen there and lessnat's table there is shared, so
+/// only one may upgrade at a time. The lock is machine-wide (a fixed path), so
+/// it also holds across test binaries and checkouts; it is released on drop.
+pub struct HostNetworkGuard {
+    _file: std::fs::File,
+}
+
+/// Waits for exclusive use of the host network namespace.
+pub fn host_network() -> HostNetworkGuard {
+    let path = std::path::Path::new("/run/lock/lessnat-host-network.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
+    HostNetworkGuard { _file: file }
+}
+
+/// A free TCP (and, in practice, UDP) port on loopback, found by binding port 0.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
