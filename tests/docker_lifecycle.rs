@@ -224,6 +224,14 @@ fn next_container_lifecycle() {
         );
     }
 
+    // Created with restart policy `no`; a healthy primary is kept running by the engine.
+    assert_eq!(inspect(&id, "{{.HostConfig.RestartPolicy.Name}}"), "no");
+    docker.keep_running(&id).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        inspect(&id, "{{.HostConfig.RestartPolicy.Name}}"),
+        "unless-stopped"
+    );
+
     // The server takes SIGTERM and exits at once, long before the timeout.
     let started = Instant::now();
     docker

@@ -221,6 +221,7 @@ fn apply_change(
                 }
                 return Err(error);
             }
+            ctx.docker.keep_running(name)?;
         }
         (Resource::Service { name }, Action::Upgrade | Action::Replace) => {
             let Some((spec, container)) = service_named(name) else {

@@ -291,7 +291,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     self.create(Slot::Primary)?;
                 }
                 let primary = self.primary.clone();
-                wait_ready(self.ctx, self.progress, self.service, &primary, false)
+                wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+                Ok(self.ctx.docker.keep_running(&primary)?)
             }
             StageName::Unredirect => self.set_redirects(false),
             StageName::DrainNext => {
@@ -335,6 +336,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.docker.start(&self.primary)?;
             let primary = self.primary.clone();
             wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+            self.ctx.docker.keep_running(&primary)?;
         }
         self.progress.step(&format!(
             "{}: rollback: removing the redirect",
@@ -366,7 +368,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             .step(&format!("{service}: stop-start: starting the new version"));
         let started = self.create(Slot::Primary).and_then(|()| {
             let primary = self.primary.clone();
-            wait_ready(self.ctx, self.progress, self.service, &primary, false)
+            wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+            Ok(self.ctx.docker.keep_running(&primary)?)
         });
         match started {
             Ok(()) => self.remove(&self.prev.clone()),

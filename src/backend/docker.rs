@@ -21,7 +21,7 @@ use bollard::errors::Error as ApiError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary,
-    HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
+    ContainerUpdateBody, HealthStatusEnum, HostConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
@@ -143,12 +143,13 @@ impl ContainerNetwork {
 
 /// Everything lessnat sets when it creates a container.
 ///
-/// The restart policy is always `no`: lessnat decides when a container runs.
+/// The restart policy is `no` at creation: lessnat decides when a container runs.
 /// A container that dies while lessnat waits for it to turn healthy must stay
 /// dead, so the wait sees it exit and rolls back, instead of the engine
 /// restarting it behind lessnat's back; and a stopped `prev` container must
 /// not be revived when the engine restarts, where in host mode it would
-/// compete with the primary for the service's ports.
+/// compete with the primary for the service's ports. Once a primary is healthy,
+/// [`Docker::keep_running`] lets the engine bring it back after a reboot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerSpec {
     /// The container name, e.g. `lessnat-web.web-1.next`.
@@ -475,6 +476,28 @@ impl Docker {
             .map_err(|source| {
                 self.request_error(
                     format!("renaming container {id_or_name} to {new_name}"),
+                    source,
+                )
+            })
+    }
+
+    /// Sets the restart policy of a healthy primary to `unless-stopped`, so the
+    /// engine starts it again after a reboot or an engine restart. A container
+    /// that lessnat stops later (to keep it as `prev`) stays stopped: Docker
+    /// does not restart containers that were stopped on purpose.
+    pub fn keep_running(&self, id_or_name: &str) -> Result<(), DockerError> {
+        let body = ContainerUpdateBody {
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        };
+        self.runtime
+            .block_on(self.client.update_container(id_or_name, body))
+            .map_err(|source| {
+                self.request_error(
+                    format!("setting the restart policy of {id_or_name}"),
                     source,
                 )
             })
