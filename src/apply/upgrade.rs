@@ -183,6 +183,17 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     reached.as_str()
                 ));
                 self.journal(Some(*reached), false, from)?;
+                if *reached < StageName::Swap {
+                    // Live state cannot tell whether `next` ever became healthy
+                    // (a crash or a pause during start-next looks the same), so
+                    // check before any more traffic goes its way.
+                    let next = self.next.clone();
+                    if let Err(error) =
+                        wait_ready(self.ctx, self.progress, self.service, &next, true)
+                    {
+                        return self.fail(StageName::StartNext, error);
+                    }
+                }
                 self.forward(Some(*reached))
             }
             Some(InFlight {
