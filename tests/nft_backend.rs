@@ -403,3 +403,24 @@ fn redirect_elements_are_added_and_removed_alone() {
     set_redirect(&netns, &dns, false).expect("remove udp");
     assert_eq!(observe(&netns).expect("observe"), only(host_table(&[])));
 }
+
+#[test]
+fn notrack_rules_are_reported() {
+    if !support::root_with("notrack_rules_are_reported", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("notrack");
+    let netns = ns.netns();
+    assert!(
+        lessnat::backend::nft::untracked_warnings(&netns)
+            .expect("scan")
+            .is_empty()
+    );
+    ns.nft("table inet raw { chain pre { type filter hook prerouting priority -300; udp dport 53 notrack; }; }");
+    let warnings = lessnat::backend::nft::untracked_warnings(&netns).expect("scan");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("chain inet raw pre has notrack rules"),
+        "{warnings:?}"
+    );
+}

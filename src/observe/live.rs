@@ -40,6 +40,7 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
     let conntrack = conntrack::observe(netns)?;
     let (containers, foreign_containers) = docker.observe(node)?;
     let mut warnings = conntrack::warnings(&conntrack);
+    warnings.extend(nft::untracked_warnings(netns)?);
     warnings.sort();
     Ok(Observed {
         format: OBSERVED_FORMAT,

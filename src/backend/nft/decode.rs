@@ -87,6 +87,33 @@ pub(super) fn table_names(json: &str) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
+/// A rule's place, as `nft -j list ruleset` reports every rule.
+#[derive(Deserialize)]
+struct PlacedRule {
+    family: String,
+    table: String,
+    chain: String,
+    #[serde(default)]
+    expr: Vec<Value>,
+}
+
+/// `family table chain` of every rule with a `notrack` statement in
+/// `nft -j list ruleset` output, without repeats.
+pub(super) fn notrack_chains(json: &str) -> Result<Vec<String>, String> {
+    let listing = parse(json)?;
+    let mut found: Vec<String> = objects::<PlacedRule>(&listing, &["rule"])?
+        .into_iter()
+        .filter(|rule| {
+            rule.expr
+                .iter()
+                .any(|statement| statement.get("notrack").is_some())
+        })
+        .map(|rule| format!("{} {} {}", rule.family, rule.table, rule.chain))
+        .collect();
+    found.dedup();
+    Ok(found)
+}
+
 /// The table `family name` from `nft -j list table family name` output.
 pub(super) fn table(family: &str, name: &str, json: &str) -> Result<NftTable, String> {
     let listing = parse(json)?;

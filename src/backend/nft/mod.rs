@@ -120,6 +120,25 @@ pub fn observe(netns: &Netns) -> Result<NftState, NftError> {
     })
 }
 
+/// Warnings about rules anywhere in the ruleset that exempt traffic from
+/// connection tracking (`notrack`): connections they match are invisible to
+/// conntrack, so drain counts would miss them. Reads only; foreign tables are
+/// never changed.
+pub fn untracked_warnings(netns: &Netns) -> Result<Vec<String>, NftError> {
+    let command = describe("nft -j list ruleset", netns);
+    let json = list(netns, &command, &["list", "ruleset"])?;
+    let chains =
+        decode::notrack_chains(&json).map_err(|detail| NftError::Output { command, detail })?;
+    Ok(chains
+        .into_iter()
+        .map(|chain| {
+            format!(
+                "chain {chain} has notrack rules: connections they match are not in conntrack, so drains cannot wait for them"
+            )
+        })
+        .collect())
+}
+
 /// Replaces lessnat's table in `netns` with `desired`, in one atomic
 /// transaction: nothing in between is ever visible to packets. `desired` must
 /// be `inet lessnat`. Conntrack entries are not touched, so established flows
