@@ -19,7 +19,7 @@ use crate::netns::{Netns, NetnsError};
 use crate::observe::Observed;
 use crate::ownership::Slot;
 use crate::plan::{Action, Change, Plan, Resource, Summary, desired_table};
-use crate::spec::{OnFailure, PlaceholderError, Spec};
+use crate::spec::{NetworkMode, OnFailure, PlaceholderError, Spec};
 use progress::Progress;
 use ready::wait_ready;
 use upgrade::Upgrade;
@@ -160,6 +160,18 @@ fn apply_change(
     let address = change.resource.address();
     let desired = desired_node(ctx.spec, ctx.node);
     let service_named = |name: &str| desired.services.iter().find(|(s, _)| s.name.value == name);
+    if let Resource::Container { service, .. } | Resource::Service { name: service } =
+        &change.resource
+        && change.action != Action::Destroy
+        && service_named(service).is_some_and(|(s, _)| s.network == NetworkMode::Routed)
+    {
+        return Err(ApplyError::Unsupported {
+            what: format!(
+                "{address}: routed services (their veth wiring, load-balancer maps and policy routing \
+                 are not implemented yet; see docs/routed-mode.md)"
+            ),
+        });
+    }
     match (&change.resource, change.action) {
         (Resource::NftTable { .. }, Action::Create | Action::Update) => {
             progress.step(&format!(
