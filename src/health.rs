@@ -79,6 +79,15 @@ pub fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(),
             Err(e) => return Err(http(e.to_string())),
         }
     }
+    // Read the rest (bounded): closing with unread data would reset the connection.
+    let mut rest = [0u8; 4096];
+    let mut drained = 0;
+    while drained < 64 * 1024 {
+        match stream.read(&mut rest) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
     let line = String::from_utf8_lossy(&head[..read]);
     let status = line
         .strip_prefix("HTTP/1.")

@@ -166,8 +166,21 @@ pub fn host_network() -> HostNetworkGuard {
     HostNetworkGuard { _file: file }
 }
 
-/// A free TCP (and, in practice, UDP) port on loopback, found by binding port 0.
+/// A port free for TCP and UDP on loopback, below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`, 32768 and up by default): a port in that
+/// range can be taken at any moment by some client socket's automatic source
+/// port, and then a server cannot bind it.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
+    static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id() % 9_000;
+    for _ in 0..9_000 {
+        let offset = (seed + NEXT_PORT.fetch_add(1, Ordering::SeqCst)) % 9_000;
+        let port = 20_000 + offset as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-28999")
 }
