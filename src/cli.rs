@@ -10,12 +10,19 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_complete::Shell;
 
 use crate::backend::docker::Docker;
+use crate::gitops::events::Events;
+use crate::gitops::fetch::Source;
+use crate::gitops::reconcile::{Reconciler, Settings};
+use crate::gitops::record::Outcome;
+use crate::gitops::schedule::{SINGLE_RUN_BACKOFF_BASE, run_loop};
+use crate::gitops::status::Status;
+use crate::gitops::suspend::{SuspendError, SuspendFile, end_backoff};
 use crate::netns::Netns;
 use crate::observe::Observed;
 use crate::plan::saved::{SAVED_PLAN_FORMAT, SavedPlan};
 use crate::plan::{plan, render::render};
 use crate::schema::spec_schema_json;
-use crate::spec::{Spec, load_file};
+use crate::spec::{HumanDuration, Spec, load_file};
 use crate::style::Style;
 
 /// Run and upgrade services on your own hosts, with no load balancer and no NAT in the steady state.
@@ -47,7 +54,7 @@ struct GlobalArgs {
     /// Work inside this network namespace: a name under /run/netns, or a path.
     #[arg(long, global = true, value_name = "NAME|PATH")]
     netns: Option<String>,
-    /// Where apply keeps its lock and journal.
+    /// Where apply keeps its lock and journal (and reconcile its repository mirror and record).
     #[arg(
         long,
         global = true,
@@ -64,6 +71,58 @@ struct ObserveArgs {
     /// Plan against a snapshot saved by `lessnat show --json` instead of the live host.
     #[arg(long, value_name = "FILE")]
     observed: Option<PathBuf>,
+}
+
+/// Options of `lessnat reconcile`.
+#[derive(Debug, Args)]
+struct ReconcileArgs {
+    /// The Git repository holding the spec: https://, ssh://, git@host:path, file://, or a path.
+    #[arg(long, value_name = "URL")]
+    repo: String,
+    /// The branch to follow (or a full ref, like refs/tags/v3).
+    #[arg(long = "ref", value_name = "BRANCH", default_value = "main")]
+    reference: String,
+    /// The spec file's path inside the repository.
+    #[arg(long, value_name = "FILE")]
+    path: String,
+    /// Only plan and report drift, never apply: exit 0 without drift, 2 with, 1 on error.
+    #[arg(long)]
+    plan_only: bool,
+    /// Apply the fetched commit even when it is not a descendant of the last
+    /// applied one (older, rewritten or unrelated history). Use it once, by hand.
+    #[arg(long)]
+    allow_rollback: bool,
+    /// Run in a loop, this long apart (e.g. 60s, 5m); without it, run once.
+    /// After n failures in a row the wait is interval × 2^n, at most 10 × interval.
+    #[arg(long, value_name = "DURATION")]
+    interval: Option<HumanDuration>,
+    /// Add a random delay of up to this much to each wait, so nodes spread out.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        requires = "interval",
+        default_value = "0s"
+    )]
+    jitter: HumanDuration,
+    /// Print events as JSON lines on standard output (what people read moves to standard error).
+    #[arg(long, value_name = "FORMAT")]
+    events: Option<EventsFormat>,
+    /// Append events as JSON lines to this file.
+    #[arg(long, value_name = "PATH")]
+    events_file: Option<PathBuf>,
+    /// Write Prometheus metrics to this file after each run (for node_exporter's textfile collector).
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loop mode), e.g. 127.0.0.1:9824.
+    #[arg(long, value_name = "ADDR", requires = "interval")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Formats of `reconcile --events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EventsFormat {
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +194,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch the spec from a Git repository and make this node match it (GitOps).
+    ///
+    /// Fetches --ref of --repo into the state directory (incrementally; the
+    /// mirror is <state-dir>/repo), reads --path at the fetched commit, plans
+    /// and applies. Runs once (cron, systemd timers), or in a loop with
+    /// --interval. A commit older than the last applied one is refused (see
+    /// --allow-rollback); a commit that failed is not tried again until its
+    /// back-off passes; `lessnat suspend` stops applying. Exits 0 when the node
+    /// matches the commit (or reconcile is suspended), 1 otherwise; with
+    /// --plan-only, 0 no drift, 2 drift, 1 error. `lessnat status` shows the
+    /// last run.
+    Reconcile(ReconcileArgs),
+    /// Show what reconcile last did on this node.
+    ///
+    /// The applied commit, the last run and its drift, the last error, the
+    /// failure back-off, and an upgrade in flight (from the journal).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop reconcile from applying on this node.
+    ///
+    /// Runs still fetch, plan and report drift. `lessnat apply` by hand is not
+    /// affected. `lessnat resume` ends it.
+    Suspend {
+        /// Why, shown by `lessnat status` (who, which ticket...).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// Let reconcile apply again.
+    ///
+    /// Ends `lessnat suspend`, and a failure back-off: the next run tries at once.
+    Resume,
     /// Print the spec's JSON Schema (draft-07), for editor validation and completion.
     Schema,
     /// Print a shell completion script.
@@ -544,6 +637,49 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reconcile(args) => {
+            drop(stdout);
+            reconcile(&cli.global, args)
+        }
+        Command::Status { json } => {
+            let status = Status::gather(&cli.global.state_dir)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &status)?;
+                writeln!(stdout)?;
+            } else {
+                stdout.write_all(status.render(stdout_style(&cli.global)).as_bytes())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Suspend { reason } => {
+            SuspendFile::in_dir(&cli.global.state_dir).suspend(reason.clone())?;
+            writeln!(
+                stdout,
+                "Reconcile is suspended (state {}): runs still fetch, plan and report drift, but apply nothing until `lessnat resume`.",
+                cli.global.state_dir.display()
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume => {
+            let state_dir = &cli.global.state_dir;
+            if SuspendFile::in_dir(state_dir).resume()? {
+                writeln!(stdout, "Reconcile is resumed: the next run applies.")?;
+            } else {
+                writeln!(stdout, "Reconcile was not suspended.")?;
+            }
+            match end_backoff(state_dir, &command_line()) {
+                Ok(0) => {}
+                Ok(failures) => writeln!(
+                    stdout,
+                    "Ended the back-off after {failures} failed runs in a row: the next run tries at once."
+                )?,
+                Err(SuspendError::Lock(error)) => {
+                    writeln!(stdout, "The failure back-off is left as it is: {error}")?
+                }
+                Err(error) => return Err(error.into()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => {
             let style = style_for(&cli.global, std::io::stderr().is_terminal());
             let mut all_valid = true;
@@ -587,6 +723,88 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `lessnat reconcile`: once, or in a loop until SIGINT or SIGTERM.
+fn reconcile(global: &GlobalArgs, args: &ReconcileArgs) -> anyhow::Result<ExitCode> {
+    let source = Source::new(&args.repo, &args.reference, &args.path)?;
+    if let Some(interval) = args.interval {
+        anyhow::ensure!(
+            interval.get() >= std::time::Duration::from_secs(1),
+            "--interval {interval} is too short: give at least 1s (e.g. 60s or 5m)"
+        );
+    }
+    let mut events = Events::none();
+    if args.events == Some(EventsFormat::Json) {
+        // Standard output carries only the events from here on; the plan and
+        // progress, which apply prints to standard output, go to standard error.
+        let events_out =
+            nix::unistd::dup(std::io::stdout()).context("duplicating standard output")?;
+        nix::unistd::dup2_stdout(std::io::stderr())
+            .context("sending output for people to standard error")?;
+        events = events.with_writer(Box::new(std::fs::File::from(events_out)));
+    }
+    if let Some(path) = &args.events_file {
+        events = events.with_file(path)?;
+    }
+    let docker = Docker::connect()?;
+    let interrupt = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupt.clone())
+            .context("installing signal handlers")?;
+    }
+    let settings = Settings {
+        source,
+        state_dir: global.state_dir.clone(),
+        netns: netns(global),
+        plan_only: args.plan_only,
+        allow_rollback: args.allow_rollback,
+        backoff_base: args
+            .interval
+            .map_or(SINGLE_RUN_BACKOFF_BASE, HumanDuration::get),
+        metrics_file: args.metrics_file.clone(),
+        holder: command_line(),
+        node: global.node.clone(),
+        style: stdout_style(global),
+    };
+    let node_of = Box::new(|spec: &Spec| pick_node(global, spec).map_err(|e| format!("{e:#}")));
+    let mut reconciler = Reconciler::new(
+        settings,
+        &docker,
+        node_of,
+        events,
+        Box::new(std::io::stdout()),
+        &interrupt,
+    );
+    let Some(interval) = args.interval else {
+        let ran = reconciler.run();
+        return Ok(match (args.plan_only, ran.outcome) {
+            (true, Some(Outcome::Planned)) => exit_for(true, ran.changes > 0),
+            (false, Some(Outcome::Applied | Outcome::InSync | Outcome::Suspended)) => {
+                ExitCode::SUCCESS
+            }
+            _ => ExitCode::FAILURE,
+        });
+    };
+    if let Some(addr) = args.metrics_addr {
+        let bound = crate::gitops::metrics::serve(addr, global.state_dir.clone())?;
+        println!("Serving metrics at http://{bound}/metrics");
+    }
+    println!(
+        "Reconciling every {interval}{} until SIGINT or SIGTERM.",
+        if args.jitter.get().is_zero() {
+            String::new()
+        } else {
+            format!(" (plus up to {})", args.jitter)
+        }
+    );
+    run_loop(
+        &mut reconciler,
+        interval.get(),
+        args.jitter.get(),
+        &interrupt,
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exit_for(detailed: bool, changed: bool) -> ExitCode {

@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod desired;
 pub mod diagnostic;
+pub mod gitops;
 pub mod health;
 pub mod journal;
 pub mod lock;

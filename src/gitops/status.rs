@@ -1,0 +1,415 @@
+//! `lessnat status`: what reconcile last did on this node, put together from
+//! the state directory: the record (last applied commit, last run, drift, last
+//! error, back-off), the suspend flag, and the journal (upgrades in flight).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::fetch::Source;
+use super::record::{
+    Applied, Backoff, LastError, Outcome, RecordError, RecordFile, Run, Timestamp, Totals,
+};
+use super::suspend::{SuspendError, SuspendFile, Suspension};
+use crate::journal::{JournalError, JournalFile, UpgradeRecord};
+use crate::plan::Summary;
+use crate::spec::Strategy;
+use crate::style::Style;
+
+/// Gathering the status failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The record could not be read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// The suspend flag could not be read.
+    #[error(transparent)]
+    Suspend(#[from] SuspendError),
+    /// The journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// An upgrade in flight, from the journal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InFlight {
+    /// The service being upgraded.
+    pub service: String,
+    /// What the journal says about it.
+    #[serde(flatten)]
+    pub upgrade: UpgradeRecord,
+}
+
+/// Everything `lessnat status` shows; its JSON form is `status --json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// The state directory read.
+    pub state_dir: PathBuf,
+    /// The node reconcile ran for.
+    pub node: Option<String>,
+    /// Where the spec came from in the last run.
+    pub source: Option<Source>,
+    /// The commit the node was last brought to.
+    pub applied: Option<Applied>,
+    /// The last run.
+    pub last_run: Option<Run>,
+    /// The last failure (kept after later runs succeed).
+    pub last_error: Option<LastError>,
+    /// When a run last brought the node to its commit.
+    pub last_success: Option<Timestamp>,
+    /// Set while reconcile is suspended.
+    pub suspended: Option<Suspension>,
+    /// The failure back-off.
+    pub backoff: Backoff,
+    /// Counters.
+    pub totals: Totals,
+    /// Upgrades in flight, from the journal.
+    pub in_flight: Vec<InFlight>,
+}
+
+impl Status {
+    /// Reads the status of `state_dir`.
+    pub fn gather(state_dir: &Path) -> Result<Status, StatusError> {
+        let record = RecordFile::in_dir(state_dir).read()?;
+        let suspended = SuspendFile::in_dir(state_dir).read()?;
+        let journal = JournalFile::in_dir(state_dir).read()?;
+        Ok(Status {
+            state_dir: state_dir.to_path_buf(),
+            node: record.node,
+            source: record.source,
+            applied: record.applied,
+            last_run: record.last_run,
+            last_error: record.last_error,
+            last_success: record.last_success,
+            suspended,
+            backoff: record.backoff,
+            totals: record.totals,
+            in_flight: journal
+                .upgrades
+                .into_iter()
+                .map(|(service, upgrade)| InFlight { service, upgrade })
+                .collect(),
+        })
+    }
+
+    /// The status for people.
+    pub fn render(&self, style: Style) -> String {
+        let mut out = String::new();
+        let node = self
+            .node
+            .as_deref()
+            .map_or(String::new(), |n| format!(" of node \"{n}\""));
+        let _ = writeln!(
+            out,
+            "{}",
+            style.paint(
+                "1",
+                &format!(
+                    "lessnat reconcile status{node} (state in {})",
+                    self.state_dir.display()
+                )
+            )
+        );
+        out.push('\n');
+        let row = |out: &mut String, name: &str, value: &str| {
+            let _ = writeln!(out, "  {name:<12} {value}");
+        };
+        if self.last_run.is_none() {
+            row(
+                &mut out,
+                "runs",
+                "none yet: `lessnat reconcile` has not run with this state directory",
+            );
+        }
+        if let Some(source) = &self.source {
+            let reference = source
+                .reference
+                .strip_prefix("refs/heads/")
+                .map_or(source.reference.clone(), |b| format!("branch {b}"));
+            row(
+                &mut out,
+                "source",
+                &format!("{}, {reference}, file {}", source.url, source.path),
+            );
+        }
+        if self.last_run.is_some() || self.applied.is_some() {
+            let applied = self
+                .applied
+                .as_ref()
+                .map_or("nothing yet".to_string(), |a| {
+                    format!(
+                        "{} at {} ({})",
+                        short(&a.commit),
+                        a.at,
+                        summary_text(&a.summary)
+                    )
+                });
+            row(&mut out, "applied", &applied);
+        }
+        if let Some(run) = &self.last_run {
+            let commit = run
+                .commit
+                .as_deref()
+                .map_or(String::new(), |c| format!(", commit {}", short(c)));
+            let outcome = match (run.outcome, run.stage) {
+                (Outcome::Failed, Some(stage)) => {
+                    style.paint("1;31", &format!("failed at {}", stage.as_str()))
+                }
+                (Outcome::Failed | Outcome::Refused, _) => {
+                    style.paint("1;31", run.outcome.as_str())
+                }
+                (Outcome::Suspended, _) => style.paint("1;33", run.outcome.as_str()),
+                _ => style.paint("32", run.outcome.as_str()),
+            };
+            row(
+                &mut out,
+                "last run",
+                &format!("{}, {:.1}s: {outcome}{commit}", run.started, run.seconds),
+            );
+            let drift = match run.drift {
+                Some(0) => "none: the node matches the commit".to_string(),
+                Some(n) => {
+                    let planned = run
+                        .planned
+                        .map_or(String::new(), |s| format!(" ({})", summary_text(&s)));
+                    format!("{n} {}{planned}", plural(n, "change", "changes"))
+                }
+                None => "unknown: the last run did not get as far as a plan".to_string(),
+            };
+            row(&mut out, "drift", &drift);
+            if run.changed_outside > 0 {
+                row(
+                    &mut out,
+                    "",
+                    &format!(
+                        "{} of lessnat's objects changed outside lessnat",
+                        run.changed_outside
+                    ),
+                );
+            }
+        }
+        if let Some(success) = self.last_success {
+            row(&mut out, "last success", &success.to_string());
+        }
+        let suspended = match &self.suspended {
+            None => "no".to_string(),
+            Some(s) => style.paint(
+                "1;33",
+                &format!(
+                    "since {}{}: drift is reported, nothing applied; `lessnat resume` ends it",
+                    s.since,
+                    s.reason
+                        .as_deref()
+                        .map_or(String::new(), |r| format!(" ({r})"))
+                ),
+            ),
+        };
+        row(&mut out, "suspended", &suspended);
+        let backoff = &self.backoff;
+        let failures = if backoff.consecutive_failures == 0 {
+            format!("none in a row, {} in total", self.totals.failures)
+        } else {
+            let retry = match (&backoff.failed_commit, backoff.retry_after) {
+                (Some(commit), Some(t)) => format!(
+                    "; commit {} is not tried again before {t} (a new commit is tried at once; `lessnat resume` ends the back-off)",
+                    short(commit)
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "{} in a row, {} in total{retry}",
+                backoff.consecutive_failures, self.totals.failures
+            )
+        };
+        row(&mut out, "failures", &failures);
+        row(&mut out, "rollbacks", &self.totals.rollbacks.to_string());
+        if self.in_flight.is_empty() {
+            row(&mut out, "in flight", "no upgrade");
+        }
+        for (i, f) in self.in_flight.iter().enumerate() {
+            let reached = f.upgrade.reached.map_or("not started".to_string(), |s| {
+                format!("reached {}", s.as_str())
+            });
+            let rolling_back = if f.upgrade.rolling_back {
+                ", rolling back"
+            } else {
+                ""
+            };
+            row(
+                &mut out,
+                if i == 0 { "in flight" } else { "" },
+                &style.paint(
+                    "1;33",
+                    &format!(
+                        "{}: {} upgrade from {}, {reached}{rolling_back}, since {}",
+                        f.service,
+                        match f.upgrade.strategy {
+                            Strategy::RedirectDrain => "redirect-drain",
+                            Strategy::StopStart => "stop-start",
+                        },
+                        f.upgrade.from_image,
+                        f.upgrade.started_at
+                    ),
+                ),
+            );
+        }
+        if let Some(error) = &self.last_error {
+            let commit = error
+                .commit
+                .as_deref()
+                .map_or(String::new(), |c| format!(", commit {}", short(c)));
+            let resolved = if self.last_success.is_some_and(|success| success > error.at) {
+                "; a later run succeeded"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                out,
+                "\nLast error ({}, at {}{commit}{resolved}):",
+                error.at,
+                error.stage.as_str()
+            );
+            for line in error.message.trim_end().lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        out
+    }
+}
+
+/// The first 12 characters of a commit id.
+pub fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}
+
+/// `1 added, 0 changed, 0 destroyed, 1 upgraded`.
+pub fn summary_text(summary: &Summary) -> String {
+    format!(
+        "{} added, {} changed, {} destroyed, {} upgraded",
+        summary.add, summary.change, summary.destroy, summary.upgrade
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gitops::record::{Record, Stage};
+    use crate::journal::Journal;
+    use crate::plan::StageName;
+
+    #[test]
+    fn a_fresh_state_directory() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = Status::gather(dir.path()).expect("status");
+        let text = status.render(Style::Plain);
+        assert!(text.contains("has not run"), "{text}");
+        assert!(text.contains("suspended    no"), "{text}");
+        assert!(text.contains("in flight    no upgrade"), "{text}");
+    }
+
+    #[test]
+    fn shows_applied_commit_failure_drift_suspension_and_upgrades_in_flight() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let at = Timestamp::now();
+        let record = Record {
+            node: Some("web-1".into()),
+            source: Some(Source {
+                url: "file:///srv/spec.git".into(),
+                reference: "refs/heads/main".into(),
+                path: "spec.yaml".into(),
+            }),
+            applied: Some(Applied {
+                commit: "0123456789abcdef0123456789abcdef01234567".into(),
+                at,
+                summary: Summary {
+                    upgrade: 1,
+                    ..Summary::default()
+                },
+            }),
+            last_run: Some(Run {
+                started: at,
+                seconds: 0.25,
+                commit: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
+                outcome: Outcome::Failed,
+                stage: Some(Stage::Spec),
+                planned: None,
+                drift: None,
+                changed_outside: 0,
+                spec_errors: 1,
+                error: Some("spec.yaml@fedcba987654:3:1: error: unknown field `x`".into()),
+            }),
+            last_error: Some(LastError {
+                at,
+                stage: Stage::Spec,
+                commit: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
+                message: "spec.yaml@fedcba987654:3:1: error: unknown field `x`".into(),
+            }),
+            backoff: Backoff {
+                consecutive_failures: 1,
+                failed_commit: Some("fedcba9876543210fedcba9876543210fedcba98".into()),
+                retry_after: Some(at.after(std::time::Duration::from_secs(120))),
+            },
+            totals: Totals {
+                failures: 1,
+                rollbacks: 0,
+            },
+            ..Record::default()
+        };
+        RecordFile::in_dir(dir.path())
+            .write(&record)
+            .expect("record");
+        SuspendFile::in_dir(dir.path())
+            .suspend(Some("disk full".into()))
+            .expect("suspend");
+        let mut journal = Journal::default();
+        journal.upgrades.insert(
+            "web".into(),
+            UpgradeRecord {
+                strategy: Strategy::RedirectDrain,
+                from_spec: "aaaa".into(),
+                from_image: "web:1".into(),
+                to_spec: "bbbb".into(),
+                reached: Some(StageName::Drain),
+                rolling_back: false,
+                started_at: at.to_string(),
+                updated_at: at.to_string(),
+            },
+        );
+        JournalFile::in_dir(dir.path())
+            .write(&journal)
+            .expect("journal");
+
+        let status = Status::gather(dir.path()).expect("status");
+        let text = status.render(Style::Plain);
+        for expected in [
+            "lessnat reconcile status of node \"web-1\"",
+            "source       file:///srv/spec.git, branch main, file spec.yaml",
+            "applied      0123456789ab at ",
+            "0 destroyed, 1 upgraded)",
+            "failed at spec, commit fedcba987654",
+            "drift        unknown",
+            "(disk full)",
+            "failures     1 in a row, 1 in total; commit fedcba987654 is not tried again before",
+            "in flight    web: redirect-drain upgrade from web:1, reached drain, since",
+            "spec.yaml@fedcba987654:3:1: error: unknown field `x`",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(
+            json["applied"]["commit"],
+            "0123456789abcdef0123456789abcdef01234567"
+        );
+        assert_eq!(json["last_run"]["outcome"], "failed");
+        assert_eq!(json["last_run"]["stage"], "spec");
+        assert_eq!(json["suspended"]["reason"], "disk full");
+        assert_eq!(json["in_flight"][0]["service"], "web");
+        assert_eq!(json["in_flight"][0]["reached"], "drain");
+        assert_eq!(json["backoff"]["consecutive_failures"], 1);
+    }
+}
