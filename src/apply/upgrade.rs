@@ -2,6 +2,7 @@
 //! Each completed stage is journaled; rollback reads live state, so it works
 //! the same after a crash as after a failure.
 
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use super::drain::{Drained, established, wait_drained};
@@ -183,6 +184,22 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     reached.as_str()
                 ));
                 self.journal(Some(*reached), false, from)?;
+                if *reached < StageName::Swap {
+                    // Live state cannot show whether start-next's health wait
+                    // ended: an apply killed during it leaves the same host as
+                    // one killed after it. Check again before traffic goes (or
+                    // keeps going) to the next container.
+                    self.progress.step(&format!(
+                        "{}: checking that {} is healthy before going on",
+                        self.service.name, self.next
+                    ));
+                    let next = self.next.clone();
+                    if let Err(error) =
+                        wait_ready(self.ctx, self.progress, self.service, &next, true)
+                    {
+                        return self.fail(StageName::StartNext, error);
+                    }
+                }
                 self.forward(Some(*reached))
             }
             Some(InFlight {
@@ -322,7 +339,21 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// Puts the old version back, from whatever state the host is in: the
     /// previous container restored if it was swapped out, redirects removed,
     /// the next container removed.
+    ///
+    /// A rollback is not interrupted by SIGINT or SIGTERM (they are what
+    /// often starts it): its waits are bounded by `startTimeout` and
+    /// `drainTimeout`, and stopping half way would leave the redirect and the
+    /// next container behind.
     fn rollback(&mut self) -> Result<(), ApplyError> {
+        let calm = AtomicBool::new(false);
+        let ctx = Context {
+            spec: self.ctx.spec,
+            node: self.ctx.node,
+            netns: self.ctx.netns,
+            docker: self.ctx.docker,
+            journal: self.ctx.journal.clone(),
+            interrupt: &calm,
+        };
         if self.exists(&self.prev)? {
             self.progress.step(&format!(
                 "{}: rollback: restoring {}",
@@ -334,7 +365,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.docker.rename(&self.prev, &self.primary)?;
             self.ctx.docker.start(&self.primary)?;
             let primary = self.primary.clone();
-            wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+            wait_ready(&ctx, self.progress, self.service, &primary, false)?;
         }
         self.progress.step(&format!(
             "{}: rollback: removing the redirect",
@@ -342,6 +373,20 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         ));
         self.set_redirects(false)?;
         if self.exists(&self.next)? {
+            // Connections the redirect sent to the next container finish
+            // first, as in drain-next: removing it would cut them.
+            let what = format!("{}: rollback: draining {}", self.service.name, self.next);
+            let timeout = self.service.upgrade.drain_timeout.get();
+            let service = self.service;
+            if let Drained::TimedOut(left) =
+                wait_drained(&ctx, self.progress, &what, timeout, |s| {
+                    established(s, service, true)
+                })?
+            {
+                self.progress.step(&format!(
+                    "{what}: {left} connections still open after the drain timeout; proceeding"
+                ));
+            }
             self.progress.step(&format!(
                 "{}: rollback: removing {}",
                 self.service.name, self.next
