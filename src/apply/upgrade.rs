@@ -132,7 +132,12 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         Ok(())
     }
 
+    /// Stops and removes `name`; nothing to do when it is gone already (an
+    /// apply that crashed inside finish may have removed it).
     fn remove(&self, name: &str) -> Result<(), ApplyError> {
+        if !self.exists(name)? {
+            return Ok(());
+        }
         self.ctx.docker.stop(name, self.stop_timeout())?;
         self.ctx.docker.remove(name)?;
         Ok(())
