@@ -189,11 +189,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     reached.as_str()
                 ));
                 self.journal(Some(*reached), false, from)?;
-                if *reached < StageName::Swap {
-                    // Live state cannot show whether start-next's health wait
-                    // ended: an apply killed during it leaves the same host as
-                    // one killed after it. Check again before traffic goes (or
-                    // keeps going) to the next container.
+                // Live state cannot show whether the health wait of start-next
+                // or of the swap ended: an apply killed during it leaves the
+                // same host as one killed after it.
+                let mut after = *reached;
+                if after < StageName::Swap {
+                    // Check the next container again before traffic goes (or
+                    // keeps going) to it.
                     self.progress.step(&format!(
                         "{}: checking that {} is healthy before going on",
                         self.service.name, self.next
@@ -204,8 +206,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     {
                         return self.fail(StageName::StartNext, error);
                     }
+                } else if after == StageName::Swap {
+                    // Run the swap again (it only does what is missing, then
+                    // waits until the new primary is healthy) before the
+                    // redirect goes.
+                    after = StageName::Drain;
                 }
-                self.forward(Some(*reached))
+                self.forward(Some(after))
             }
             Some(InFlight {
                 reached,
@@ -309,8 +316,11 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
                     self.ctx.docker.rename(&self.primary, &self.prev)?;
                 }
-                if !self.exists(&self.primary)? {
-                    self.create(Slot::Primary)?;
+                match self.ctx.docker.state(&self.primary)? {
+                    None => self.create(Slot::Primary)?,
+                    // Created but not started, or stopped, by an apply that crashed.
+                    Some(state) if !state.running => self.ctx.docker.start(&self.primary)?,
+                    Some(_) => {}
                 }
                 let primary = self.primary.clone();
                 wait_ready(self.ctx, self.progress, self.service, &primary, false)
