@@ -119,6 +119,8 @@ struct Svc {
     strategy: &'static str,
     /// `proceed` or `rollback`.
     on_drain_timeout: &'static str,
+    /// Between SIGTERM and SIGKILL when a container is stopped.
+    stop_timeout: &'static str,
 }
 
 impl Svc {
@@ -135,6 +137,7 @@ impl Svc {
             healthy_after: 1,
             strategy: "redirect-drain",
             on_drain_timeout: "proceed",
+            stop_timeout: "5s",
         }
     }
 
@@ -168,7 +171,7 @@ impl Svc {
              services:\n  - name: {name}\n    node: {node}\n    image: {image}\n    network: host\n    \
              command: {command}\n    ports:\n{ports}    health:\n      http: {{ path: /healthz, port: http }}\n      \
              interval: 200ms\n      timeout: 1s\n      healthyAfter: {healthy_after}\n      startTimeout: {start}\n    \
-             upgrade:\n      strategy: {strategy}\n      drainTimeout: {drain}\n      onDrainTimeout: {on_drain_timeout}\n      stopTimeout: 5s\n",
+             upgrade:\n      strategy: {strategy}\n      drainTimeout: {drain}\n      onDrainTimeout: {on_drain_timeout}\n      stopTimeout: {stop_timeout}\n",
             name = self.name,
             image = test_image(&self.version),
             start = self.start_timeout,
@@ -176,6 +179,7 @@ impl Svc {
             healthy_after = self.healthy_after,
             strategy = self.strategy,
             on_drain_timeout = self.on_drain_timeout,
+            stop_timeout = self.stop_timeout,
         )
     }
 }
@@ -1447,7 +1451,11 @@ fn rollback_after_failed_swap_drains_the_next_container() {
     let Some(mut host) = Host::new("rollback_after_failed_swap_drains_the_next_container") else {
         return;
     };
-    let svc = Svc::new("swapfail", service_port(), service_port());
+    // A short stop timeout: a connection cut by the rollback is cut soon.
+    let svc = Svc {
+        stop_timeout: "1s",
+        ..Svc::new("swapfail", service_port(), service_port())
+    };
     host.apply(&svc).expect_success("installing v1 (apply)");
     let extra = service_port();
     let broken = Svc {
@@ -1460,8 +1468,9 @@ fn rollback_after_failed_swap_drains_the_next_container() {
     let on_old = load::long_lived(svc.port, 1, 3000);
     let mut run = host.spawn_apply(&broken, &[]);
     run.wait_line("stage 3/7 drain", Duration::from_secs(20));
-    // Redirected: these reach the next container, and outlast the stop timeout.
-    let on_next = load::long_lived(svc.port, 3, 12_000);
+    // Redirected: these reach the next container, and outlast the rollback
+    // up to the next container's removal plus its stop timeout.
+    let on_next = load::long_lived(svc.port, 3, 8000);
     let run = run.wait(APPLY_TIMEOUT);
     load.wait_requests(32 * 5, Duration::from_secs(20));
     let report = load.stop();
@@ -1537,10 +1546,13 @@ fn drain_waits_for_half_closed_connections() {
     let Some(mut host) = Host::new("drain_waits_for_half_closed_connections") else {
         return;
     };
-    let svc = Svc::new("half", service_port(), service_port());
+    let svc = Svc {
+        stop_timeout: "1s",
+        ..Svc::new("half", service_port(), service_port())
+    };
     host.apply(&svc).expect_success("installing v1 (apply)");
-    // Longer than the stop timeout (5s): cut if the swap does not wait.
-    let half = load::long_lived_half_closed(svc.port, 2, 9000);
+    // Longer than start-next plus the stop timeout: cut if the swap does not wait.
+    let half = load::long_lived_half_closed(svc.port, 2, 5000);
     let upgrade = host.apply(&svc.at("v2"));
     let half = half.wait();
     eprintln!("{}", upgrade.output());
@@ -1715,18 +1727,22 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
         return;
     };
     let svc = Svc {
-        drain_timeout: "2s",
+        drain_timeout: "3s",
         on_drain_timeout: "rollback",
+        stop_timeout: "1s",
         ..Svc::new("patient", service_port(), service_port())
     };
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
     load.wait_requests(32 * 10, Duration::from_secs(20));
-    let on_old = load::long_lived(svc.port, 2, 5000);
+    // Longer than start-next plus the drain timeout.
+    let on_old = load::long_lived(svc.port, 2, 6000);
     let mut run = host.spawn_apply(&svc.at("v2"), &[]);
     run.wait_line("stage 3/7 drain", Duration::from_secs(20));
-    let on_next = load::long_lived(svc.port, 2, 2500);
+    // Still open when the rollback removes the redirect, and for longer than
+    // the stop timeout after that; shorter than the rollback's own drain.
+    let on_next = load::long_lived(svc.port, 2, 5000);
     let run = run.wait(APPLY_TIMEOUT);
     load.wait_requests(32 * 5, Duration::from_secs(20));
     let report = load.stop();
