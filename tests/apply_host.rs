@@ -1465,12 +1465,14 @@ fn rollback_after_failed_swap_drains_the_next_container() {
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
     load.wait_requests(32 * 10, Duration::from_secs(20));
-    let on_old = load::long_lived(svc.port, 1, 3000);
+    // Holds the drain open (start-next takes about a second, more on a busy
+    // machine) so that the connections below are opened under the redirect.
+    let on_old = load::long_lived(svc.port, 1, 5000);
     let mut run = host.spawn_apply(&broken, &[]);
     run.wait_line("stage 3/7 drain", Duration::from_secs(20));
     // Redirected: these reach the next container, and outlast the rollback
     // up to the next container's removal plus its stop timeout.
-    let on_next = load::long_lived(svc.port, 3, 8000);
+    let on_next = load::long_lived(svc.port, 3, 10_000);
     let run = run.wait(APPLY_TIMEOUT);
     load.wait_requests(32 * 5, Duration::from_secs(20));
     let report = load.stop();
