@@ -1086,7 +1086,8 @@ fn udp_service_upgrade() {
     );
     assert_eq!(
         log.unanswered, 0,
-        "every query must be answered (with retries)"
+        "every query must be answered (with retries). Refusals while the old version stops \
+         are the known bug udp_flows_with_replies_in_flight_move_at_the_redirect reproduces"
     );
     assert!(
         log.lost.len() <= 4,
@@ -1774,4 +1775,118 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
     );
     assert_eq!(version_at(svc.port), "v1");
     host.assert_converged(&svc);
+}
+
+/// Known bug, outside apply (so not fixed here): `conntrack::delete_flows`
+/// deletes the entries whose *original destination* port is the service's.
+/// An answer the old version sends after its flow's entry was deleted (one
+/// of the queries queued at its socket) creates an entry the other way round
+/// (original source port = the service's port, destination = the client's);
+/// the client's next datagrams match that entry's reply direction, so they
+/// are neither redirected nor deleted at the unredirect: the flow stays on
+/// the old version and is refused when it stops (until the new primary binds
+/// the port). Fails about 3 runs in 4; the fix is to delete entries whose
+/// original source port is the service's port too.
+///
+/// UDP clients that send without waiting for answers (streams of queries,
+/// like a busy resolver client or a game), so that answers are in flight when
+/// the redirect deletes the flows' conntrack entries. Every flow must move to
+/// the next version at the redirect: no answer from the old version may
+/// arrive well after it, and nothing may be refused when the old version
+/// stops.
+#[test]
+#[ignore = "known bug: UDP flows answered after their conntrack entry was deleted stay on the old version (see the comment)"]
+fn udp_flows_with_replies_in_flight_move_at_the_redirect() {
+    let Some(mut host) = Host::new("udp_flows_with_replies_in_flight_move_at_the_redirect") else {
+        return;
+    };
+    let svc = Svc {
+        udp: true,
+        ..Svc::new("stream", service_port(), service_port())
+    };
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flows: Vec<_> = (0..16)
+        .map(|_| {
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+            socket
+                .connect(("127.0.0.1", svc.port))
+                .expect("connect UDP");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .expect("timeout");
+            let receiving = socket.try_clone().expect("clone");
+            let stop_receiving = Arc::clone(&stop);
+            let receiver = std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                let mut refused = 0usize;
+                let mut buf = [0u8; 512];
+                while !stop_receiving.load(Ordering::SeqCst) {
+                    match receiving.recv(&mut buf) {
+                        Ok(n) => answers.push((
+                            Instant::now(),
+                            String::from_utf8_lossy(&buf[..n])
+                                .split(' ')
+                                .next()
+                                .unwrap_or_default()
+                                .to_string(),
+                        )),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused += 1,
+                        Err(_) => {}
+                    }
+                }
+                (answers, refused)
+            });
+            let stop_sending = Arc::clone(&stop);
+            let sender = std::thread::spawn(move || {
+                // Bursts keep a queue of datagrams at the server, which it
+                // answers after they passed conntrack: answers in flight.
+                while !stop_sending.load(Ordering::SeqCst) {
+                    for _ in 0..20 {
+                        let _ = socket.send(b"q");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+            (sender, receiver)
+        })
+        .collect();
+    // Holds the drain, so the redirect and the swap are seconds apart.
+    let long = load::long_lived(svc.port, 1, 2500);
+    let upgrade = host
+        .apply(&svc.at("v2"))
+        .expect_success("upgrading to v2 (apply)");
+    // The flows' conntrack entries as they are after the upgrade, for the
+    // message below (the `conntrack` tool is optional here).
+    let entries = Command::new("conntrack")
+        .args(["-L", "-p", "udp", "--orig-port-src", &svc.port.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    stop.store(true, Ordering::SeqCst);
+    let redirected = upgrade.line_at("stage 3/7 drain");
+    let _ = long.wait();
+    let mut stuck = Vec::new();
+    let mut total = 0;
+    for (i, (sender, receiver)) in flows.into_iter().enumerate() {
+        sender.join().expect("sender");
+        let (answers, refused) = receiver.join().expect("receiver");
+        total += answers.len();
+        let late_v1 = answers
+            .iter()
+            .filter(|(at, v)| v == "v1" && *at > redirected + Duration::from_millis(100))
+            .count();
+        if late_v1 > 0 || refused > 0 {
+            stuck.push(format!(
+                "flow {i}: {late_v1} answers from v1 after the redirect, {refused} refused"
+            ));
+        }
+    }
+    eprintln!("{total} answers; stuck flows: {stuck:?}");
+    assert!(
+        stuck.is_empty(),
+        "flows stayed on v1 after the redirect: {stuck:#?}\n\
+         conntrack entries whose original source port is the service's:\n{entries}"
+    );
+    host.assert_converged(&svc.at("v2"));
 }
