@@ -436,8 +436,10 @@ fn planned(
     })
 }
 
-/// Carries out a plan, then plans again: once more when the plan rolled back an
-/// upgrade in flight (the upgrade to the current spec comes next).
+/// Carries out a plan, then plans again: once more when the plan finished or
+/// rolled back an upgrade in flight (an upgrade to the current spec may come
+/// next: after a rollback, or when the spec changed after an interrupted
+/// upgrade had already swapped, so it was finished to the older spec).
 fn carry_out(
     global: &GlobalArgs,
     docker: &Docker,
@@ -481,13 +483,12 @@ fn carry_out(
         total.change += done.change;
         total.destroy += done.destroy;
         total.upgrade += done.upgrade;
-        let rolled_back = planned.plan.changes.iter().any(|c| {
-            c.upgrade
-                .as_ref()
-                .and_then(|u| u.in_flight.as_ref())
-                .is_some_and(|f| f.decision == crate::plan::Decision::RollBack)
-        });
-        if !rolled_back {
+        let in_flight = planned
+            .plan
+            .changes
+            .iter()
+            .any(|c| c.upgrade.as_ref().is_some_and(|u| u.in_flight.is_some()));
+        if !in_flight {
             break;
         }
         planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker)
@@ -496,7 +497,7 @@ fn carry_out(
         if planned.plan.is_empty() {
             break;
         }
-        println!("\nThe rolled-back upgrade is followed by the upgrade to the current spec:\n");
+        println!("\nThe upgrade in flight is followed by the upgrade to the current spec:\n");
         print!("{}", render(&planned.plan, style));
     }
     println!(

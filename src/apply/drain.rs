@@ -20,9 +20,17 @@ pub(super) enum Drained {
     TimedOut(u64),
 }
 
-/// Established TCP connections of `service` whose original destination is a
-/// canonical port and whose reply comes from `reply_port(port)`: the old
-/// version (reply from the canonical port) or the next one (from the temporary port).
+/// Conntrack TCP states of a connection that may still carry data: open, or
+/// closed by one side only. A client that half-closes its connection once its
+/// request is sent (`nc -N`, many RPC clients, uploads) still waits for the
+/// answer, and its connection shows as FIN_WAIT, then CLOSE_WAIT. LAST_ACK,
+/// TIME_WAIT and CLOSE are over: both sides have closed.
+const OPEN_STATES: [&str; 3] = ["ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT"];
+
+/// Open TCP connections (see [`OPEN_STATES`]) of `service` whose original
+/// destination is a canonical port and whose reply comes from `reply_port(port)`:
+/// the old version (reply from the canonical port) or the next one (from the
+/// temporary port).
 pub(super) fn established(state: &ConntrackState, service: &Service, temporary: bool) -> u64 {
     service
         .ports
@@ -40,7 +48,7 @@ pub(super) fn established(state: &ConntrackState, service: &Service, temporary: 
                     f.protocol == "tcp"
                         && f.orig_dport == p.port.value
                         && f.reply_sport == reply
-                        && f.state == "ESTABLISHED"
+                        && OPEN_STATES.contains(&f.state.as_str())
                 })
                 .map(|f| f.count)
                 .sum::<u64>()
@@ -79,5 +87,46 @@ pub(super) fn wait_drained(
             return Err(ApplyError::Interrupted);
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::FlowCount;
+
+    #[test]
+    fn counts_connections_that_may_still_carry_data() {
+        let text = "version: 1\nnodes: [{name: a, address: 192.0.2.1}]\nservices:\n  - name: web\n    node: a\n    image: web:1\n    ports: [{name: http, port: 8000, tempPort: 18000}]\n";
+        let spec = crate::spec::load_bytes("t.yaml", text.as_bytes()).expect("valid spec");
+        let flow = |reply_sport: u16, state: &str| FlowCount {
+            protocol: "tcp".into(),
+            orig_dport: 8000,
+            reply_sport,
+            state: state.into(),
+            count: 1,
+        };
+        let states = [
+            "SYN_SENT",
+            "ESTABLISHED",
+            "FIN_WAIT",
+            "CLOSE_WAIT",
+            "LAST_ACK",
+            "TIME_WAIT",
+            "CLOSE",
+        ];
+        let state = ConntrackState {
+            available: true,
+            flows: states
+                .iter()
+                .map(|s| flow(8000, s))
+                .chain([flow(18000, "ESTABLISHED")])
+                .collect(),
+            ..ConntrackState::default()
+        };
+        let web = &spec.services[0];
+        // ESTABLISHED, and half-closed FIN_WAIT and CLOSE_WAIT; not the rest.
+        assert_eq!(established(&state, web, false), 3);
+        assert_eq!(established(&state, web, true), 1);
     }
 }

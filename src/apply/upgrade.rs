@@ -2,6 +2,7 @@
 //! Each completed stage is journaled; rollback reads live state, so it works
 //! the same after a crash as after a failure.
 
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use super::drain::{Drained, established, wait_drained};
@@ -131,7 +132,12 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         Ok(())
     }
 
+    /// Stops and removes `name`; nothing to do when it is gone already (an
+    /// apply that crashed inside finish may have removed it).
     fn remove(&self, name: &str) -> Result<(), ApplyError> {
+        if !self.exists(name)? {
+            return Ok(());
+        }
         self.ctx.docker.stop(name, self.stop_timeout())?;
         self.ctx.docker.remove(name)?;
         Ok(())
@@ -183,18 +189,30 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     reached.as_str()
                 ));
                 self.journal(Some(*reached), false, from)?;
-                if *reached < StageName::Swap {
-                    // Live state cannot tell whether `next` ever became healthy
-                    // (a crash or a pause during start-next looks the same), so
-                    // check before any more traffic goes its way.
+                // Live state cannot show whether the health wait of start-next
+                // or of the swap ended: an apply killed during it leaves the
+                // same host as one killed after it.
+                let mut after = *reached;
+                if after < StageName::Swap {
+                    // Check the next container again before traffic goes (or
+                    // keeps going) to it.
+                    self.progress.step(&format!(
+                        "{}: checking that {} is healthy before going on",
+                        self.service.name, self.next
+                    ));
                     let next = self.next.clone();
                     if let Err(error) =
                         wait_ready(self.ctx, self.progress, self.service, &next, true)
                     {
                         return self.fail(StageName::StartNext, error);
                     }
+                } else if after == StageName::Swap {
+                    // Run the swap again (it only does what is missing, then
+                    // waits until the new primary is healthy) before the
+                    // redirect goes.
+                    after = StageName::Drain;
                 }
-                self.forward(Some(*reached))
+                self.forward(Some(after))
             }
             Some(InFlight {
                 reached,
@@ -298,8 +316,11 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
                     self.ctx.docker.rename(&self.primary, &self.prev)?;
                 }
-                if !self.exists(&self.primary)? {
-                    self.create(Slot::Primary)?;
+                match self.ctx.docker.state(&self.primary)? {
+                    None => self.create(Slot::Primary)?,
+                    // Created but not started, or stopped, by an apply that crashed.
+                    Some(state) if !state.running => self.ctx.docker.start(&self.primary)?,
+                    Some(_) => {}
                 }
                 let primary = self.primary.clone();
                 wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
@@ -334,7 +355,21 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// Puts the old version back, from whatever state the host is in: the
     /// previous container restored if it was swapped out, redirects removed,
     /// the next container removed.
+    ///
+    /// A rollback is not interrupted by SIGINT or SIGTERM (they are what
+    /// often starts it): its waits are bounded by `startTimeout` and
+    /// `drainTimeout`, and stopping half way would leave the redirect and the
+    /// next container behind.
     fn rollback(&mut self) -> Result<(), ApplyError> {
+        let calm = AtomicBool::new(false);
+        let ctx = Context {
+            spec: self.ctx.spec,
+            node: self.ctx.node,
+            netns: self.ctx.netns,
+            docker: self.ctx.docker,
+            journal: self.ctx.journal.clone(),
+            interrupt: &calm,
+        };
         if self.exists(&self.prev)? {
             self.progress.step(&format!(
                 "{}: rollback: restoring {}",
@@ -346,7 +381,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.docker.rename(&self.prev, &self.primary)?;
             self.ctx.docker.start(&self.primary)?;
             let primary = self.primary.clone();
-            wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+            wait_ready(&ctx, self.progress, self.service, &primary, false)?;
             self.ctx.docker.keep_running(&primary)?;
         }
         self.progress.step(&format!(
@@ -355,6 +390,20 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         ));
         self.set_redirects(false)?;
         if self.exists(&self.next)? {
+            // Connections the redirect sent to the next container finish
+            // first, as in drain-next: removing it would cut them.
+            let what = format!("{}: rollback: draining {}", self.service.name, self.next);
+            let timeout = self.service.upgrade.drain_timeout.get();
+            let service = self.service;
+            if let Drained::TimedOut(left) =
+                wait_drained(&ctx, self.progress, &what, timeout, |s| {
+                    established(s, service, true)
+                })?
+            {
+                self.progress.step(&format!(
+                    "{what}: {left} connections still open after the drain timeout; proceeding"
+                ));
+            }
             self.progress.step(&format!(
                 "{}: rollback: removing {}",
                 self.service.name, self.next

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod image;
+pub mod load;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
