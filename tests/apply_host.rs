@@ -1795,7 +1795,6 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
 /// arrive well after it, and nothing may be refused when the old version
 /// stops.
 #[test]
-#[ignore = "known bug: UDP flows answered after their conntrack entry was deleted stay on the old version (see the comment)"]
 fn udp_flows_with_replies_in_flight_move_at_the_redirect() {
     let Some(mut host) = Host::new("udp_flows_with_replies_in_flight_move_at_the_redirect") else {
         return;

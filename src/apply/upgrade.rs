@@ -147,13 +147,20 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// conntrack entries are deleted and the next packet of each flow is
     /// matched afresh (redirected, or not any more).
     fn move_udp_flows(&self) -> Result<(), ApplyError> {
-        for port in self
-            .service
-            .ports
-            .iter()
-            .filter(|p| p.protocol == Protocol::Udp)
-        {
-            conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
+        // Answers the old server still sends from its queue after the first
+        // pass create entries the other way round, which would hold their
+        // flows; two more passes, once the queue has had time to empty, free
+        // them.
+        for pause in [0, 30, 120] {
+            std::thread::sleep(Duration::from_millis(pause));
+            for port in self
+                .service
+                .ports
+                .iter()
+                .filter(|p| p.protocol == Protocol::Udp)
+            {
+                conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
+            }
         }
         Ok(())
     }

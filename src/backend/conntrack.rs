@@ -153,8 +153,12 @@ pub fn warnings(state: &ConntrackState) -> Vec<String> {
 
 /// Deletes the conntrack entries (IPv4 and IPv6) of `protocol` whose original
 /// destination port is `orig_dport`, so the flows' next packets are looked up
-/// afresh (and meet the current redirect rules). Returns how many were deleted;
-/// entries that expired meanwhile are not counted.
+/// afresh (and meet the current redirect rules). Entries the other way round
+/// (original *source* port `orig_dport`) go too: when the server answers a
+/// datagram after its flow's entry was deleted, the answer creates such an
+/// entry, and the client's next datagrams would match its reply direction and
+/// stay with the old server. Returns how many were deleted; entries that
+/// expired meanwhile are not counted.
 pub fn delete_flows(
     netns: &Netns,
     protocol: Protocol,
@@ -205,9 +209,12 @@ fn delete_here(protocol: u8, orig_dport: u16) -> Result<u64, Fault> {
     let mut socket = Ctnetlink::open()?;
     let mut doomed = Vec::new();
     socket.dump(|entry| {
-        if entry
-            .flow_key()
-            .is_some_and(|(p, dport, _, _)| p == protocol && dport == orig_dport)
+        let reversed =
+            ports(&entry.orig).is_some_and(|(p, sport, _)| p == protocol && sport == orig_dport);
+        if reversed
+            || entry
+                .flow_key()
+                .is_some_and(|(p, dport, _, _)| p == protocol && dport == orig_dport)
         {
             doomed.push(entry.delete_request());
         }
