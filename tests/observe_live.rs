@@ -182,8 +182,12 @@ fn show_and_plan_see_only_what_lessnat_owns_and_change_nothing() {
         ns.exec("ip", &args.split_whitespace().collect::<Vec<_>>());
     };
     // A veth pair with both ends inside the namespace to route through: this
-    // kernel has no `dummy` link type.
+    // kernel has no `dummy` link type. No IPv6 link-local addresses: they would
+    // appear (with their local routes) whenever duplicate address detection
+    // finishes, and change the routing snapshot behind lessnat's back.
     ip("link add v0 type veth peer name v1");
+    ip("link set v0 addrgenmode none");
+    ip("link set v1 addrgenmode none");
     ip("link set v0 up");
     ip("link set v1 up");
     ip("rule add priority 100 lookup 100");
