@@ -7,17 +7,34 @@ use super::{
 };
 use crate::backend::nft::ruleset::Redirect;
 use crate::desired::DesiredContainer;
+use std::collections::HashMap;
+
 use crate::observe::{Container, NftTable, Observed};
 use crate::ownership::{Slot, container_name};
 use crate::spec::{HumanDuration, OnDrainTimeout, Protocol, Service, Strategy};
 
-/// Whether a redirect found in the table is one of `service`'s (its port and temp port).
-pub(super) fn belongs_to(service: &Service, redirect: &Redirect) -> bool {
-    service.ports.iter().any(|p| {
-        p.protocol == redirect.protocol
-            && p.port.value == redirect.port
-            && p.temp_port.as_ref().map(|t| t.value) == Some(redirect.temp_port)
-    })
+/// Redirects found in the table, by protocol and canonical port (the map key,
+/// so there is at most one per pair).
+pub(super) type RedirectIndex = HashMap<(Protocol, u16), Redirect>;
+
+/// Indexes the redirects found in a table.
+pub(super) fn index_redirects(redirects: Vec<Redirect>) -> RedirectIndex {
+    redirects
+        .into_iter()
+        .map(|r| ((r.protocol, r.port), r))
+        .collect()
+}
+
+/// The redirects in the table that are `service`'s: its ports, to its temp ports.
+pub(super) fn redirects_of(service: &Service, index: &RedirectIndex) -> Vec<Redirect> {
+    service
+        .ports
+        .iter()
+        .filter_map(|p| {
+            let found = index.get(&(p.protocol, p.port.value))?;
+            (Some(found.temp_port) == p.temp_port.as_ref().map(|t| t.value)).then_some(*found)
+        })
+        .collect()
 }
 
 fn container_resource(service: &str, node: &str, slot: Slot) -> Resource {

@@ -7,7 +7,7 @@ mod model;
 pub mod render;
 pub mod saved;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 pub use fingerprint::fingerprint;
 pub use model::{
@@ -33,18 +33,18 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         last: Vec::new(),
     };
     let observed_table = own_table(observed);
-    let observed_redirects = observed_table.map(redirects_in).unwrap_or_default();
+    let redirects = host::index_redirects(observed_table.map(redirects_in).unwrap_or_default());
+    let slots = slots_by_service(observed);
 
     for (service, container) in &desired.services {
         planner.foreign_name_conflicts(&service.name, node);
-        let mine = planner.containers_of(&service.name);
+        let mine = slots
+            .get(service.name.value.as_str())
+            .cloned()
+            .unwrap_or_default();
         match service.network {
             NetworkMode::Host => {
-                let redirects: Vec<Redirect> = observed_redirects
-                    .iter()
-                    .filter(|r| host::belongs_to(service, r))
-                    .copied()
-                    .collect();
+                let redirects = host::redirects_of(service, &redirects);
                 let change = host::plan_service(
                     node,
                     service,
@@ -107,27 +107,39 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
     if !desired.needs_host_table() {
         return None;
     }
-    let in_flight = |service: &Service| {
-        observed
-            .containers
-            .iter()
-            .any(|c| c.service == service.name.value && c.slot == Slot::Next)
-    };
-    let kept: Vec<Redirect> = own_table(observed)
-        .map(redirects_in)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| {
-            desired.services.iter().any(|(s, _)| {
-                s.network == NetworkMode::Host && host::belongs_to(s, r) && in_flight(s)
-            })
+    let slots = slots_by_service(observed);
+    let found = host::index_redirects(own_table(observed).map(redirects_in).unwrap_or_default());
+    let kept: Vec<Redirect> = desired
+        .services
+        .iter()
+        .filter(|(s, _)| s.network == NetworkMode::Host)
+        .filter(|(s, _)| {
+            slots
+                .get(s.name.value.as_str())
+                .is_some_and(|slots| slots.next.is_some())
         })
+        .flat_map(|(s, _)| host::redirects_of(s, &found))
         .collect();
     Some(host_table(&kept))
 }
 
+/// The containers of each service on the node, by slot.
+fn slots_by_service(observed: &Observed) -> HashMap<&str, Slots<'_>> {
+    let mut all: HashMap<&str, Slots> = HashMap::new();
+    for container in &observed.containers {
+        let slots = all.entry(container.service.as_str()).or_default();
+        let place = match container.slot {
+            Slot::Primary => &mut slots.primary,
+            Slot::Next => &mut slots.next,
+            Slot::Prev => &mut slots.prev,
+        };
+        *place = Some(container);
+    }
+    all
+}
+
 /// The containers one service has on the node, by slot.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Slots<'a> {
     pub primary: Option<&'a Container>,
     pub next: Option<&'a Container>,
@@ -146,24 +158,6 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn containers_of(&self, service: &str) -> Slots<'a> {
-        let mut slots = Slots::default();
-        for container in self
-            .observed
-            .containers
-            .iter()
-            .filter(|c| c.service == service)
-        {
-            let place = match container.slot {
-                Slot::Primary => &mut slots.primary,
-                Slot::Next => &mut slots.next,
-                Slot::Prev => &mut slots.prev,
-            };
-            *place = Some(container);
-        }
-        slots
-    }
-
     fn foreign_name_conflicts(&mut self, service: &str, node: &str) {
         for slot in Slot::ALL {
             let name = container_name(service, node, slot);
