@@ -483,12 +483,7 @@ fn carry_out(
         total.change += done.change;
         total.destroy += done.destroy;
         total.upgrade += done.upgrade;
-        let in_flight = planned
-            .plan
-            .changes
-            .iter()
-            .any(|c| c.upgrade.as_ref().is_some_and(|u| u.in_flight.is_some()));
-        if !in_flight {
+        if !planned.plan.has_upgrade_in_flight() {
             break;
         }
         planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker)

@@ -562,7 +562,7 @@ impl<'a> Reconciler<'a> {
                     }
                 }
             }
-            if !plan.changes.iter().any(rolls_back_in_flight) {
+            if !plan.has_upgrade_in_flight() {
                 break;
             }
             observed = reobserve(self.docker)?;
@@ -571,7 +571,7 @@ impl<'a> Reconciler<'a> {
                 break;
             }
             let rendered = render(&plan, self.settings.style);
-            self.say("\nThe rolled-back upgrade is followed by the upgrade to the current spec:\n");
+            self.say("\nThe upgrade in flight is followed by the upgrade to the current spec:\n");
             let _ = write!(self.out, "{rendered}");
         }
         notes.apply_seconds = Some(clock.elapsed().as_secs_f64());

@@ -276,6 +276,15 @@ impl Plan {
         self.changes.is_empty()
     }
 
+    /// Whether the plan finishes or rolls back an upgrade found in flight. After
+    /// applying such a plan, apply plans again: the spec may want more (a newer
+    /// version than the one that was in flight).
+    pub fn has_upgrade_in_flight(&self) -> bool {
+        self.changes
+            .iter()
+            .any(|c| c.upgrade.as_ref().is_some_and(|u| u.in_flight.is_some()))
+    }
+
     /// Counts changes by kind, as the summary line shows them.
     pub fn summary(&self) -> Summary {
         let mut summary = Summary::default();
