@@ -178,8 +178,8 @@ enum Command {
         #[arg(long)]
         auto_approve: bool,
     },
-    /// Remove everything lessnat owns on this node: its containers, its nftables
-    /// table, its routing rules. Nothing else is touched.
+    /// Remove what lessnat owns on this node: its containers and its nftables
+    /// table. Nothing else is touched.
     Destroy {
         /// Destroy without asking for confirmation (needed when not on a terminal).
         #[arg(long)]
