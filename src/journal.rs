@@ -5,7 +5,6 @@
 //! old or the new version, never half of one.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -116,19 +115,11 @@ impl JournalFile {
             path: self.path.clone(),
             source,
         };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
         let json = serde_json::to_vec_pretty(journal).map_err(|source| JournalError::Format {
             path: self.path.clone(),
             source,
         })?;
-        let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-        temp.write_all(&json).map_err(io)?;
-        temp.as_file().sync_all().map_err(io)?;
-        temp.persist(&self.path).map_err(|e| io(e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        crate::atomic_file::write(&self.path, &json, crate::atomic_file::READABLE).map_err(io)?;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! This crate holds the library; `main.rs` is a thin command-line front.
 
 pub mod apply;
+pub mod atomic_file;
 pub mod backend;
 pub mod cli;
 pub mod desired;

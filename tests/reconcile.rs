@@ -974,6 +974,8 @@ fn reconcile_loop_serves_metrics_and_stops_on_sigterm() {
     // An invalid commit fails; the loop backs off (2 × 1s), then takes the fix.
     upstream.commit("version: 1\nnodes: oops\n", "broken");
     let failed = next("failed");
+    // The back-off is counted from the failure, not from after the scrapes below.
+    let failed_at = Instant::now();
     assert_eq!(failed["stage"], "spec");
     let metrics = scrape();
     assert!(
@@ -984,7 +986,6 @@ fn reconcile_loop_serves_metrics_and_stops_on_sigterm() {
         has_sample(&metrics, "lessnat_consecutive_failures 1"),
         "{metrics}"
     );
-    let failed_at = Instant::now();
     let c3 = upstream.commit(&empty_spec(&node), "fixed");
     let fixed = next("in-sync");
     assert_eq!(fixed["commit"], c3.as_str());

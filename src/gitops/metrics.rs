@@ -190,10 +190,12 @@ pub fn gather(state_dir: &Path) -> Result<String, MetricsError> {
 /// never reads half a file).
 pub fn write_textfile(state_dir: &Path, path: &Path) -> Result<(), MetricsError> {
     let text = gather(state_dir)?;
-    super::atomic::write(path, text.as_bytes()).map_err(|cause| MetricsError::Write {
-        path: path.to_path_buf(),
-        cause,
-    })
+    crate::atomic_file::write(path, text.as_bytes(), crate::atomic_file::READABLE).map_err(
+        |cause| MetricsError::Write {
+            path: path.to_path_buf(),
+            cause,
+        },
+    )
 }
 
 /// Serves the metrics of `state_dir` at `http://ADDR/metrics` from a

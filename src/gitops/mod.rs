@@ -13,7 +13,6 @@
 //! | [`events`] | JSON-lines events |
 //! | [`metrics`] | Prometheus textfile and `/metrics` |
 
-mod atomic;
 pub mod events;
 pub mod fetch;
 pub mod metrics;

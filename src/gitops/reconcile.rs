@@ -214,7 +214,8 @@ impl<'a> Reconciler<'a> {
             }
             Err(failure) => {
                 let failures = record.backoff.consecutive_failures.saturating_add(1);
-                let retry_after = now.after(backoff_delay(self.settings.backoff_base, failures));
+                let retry_after =
+                    Timestamp::at_least(backoff_delay(self.settings.backoff_base, failures));
                 record.backoff = Backoff {
                     consecutive_failures: failures,
                     failed_commit: notes.commit.clone(),

@@ -24,7 +24,7 @@ pub const RECORD_FORMAT: u32 = 1;
 pub struct Timestamp(pub SystemTime);
 
 impl Timestamp {
-    /// Now, to the second (as it is stored).
+    /// Now, cut to the second (as it is stored).
     pub fn now() -> Timestamp {
         let seconds = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -42,6 +42,16 @@ impl Timestamp {
     /// This time plus `duration`.
     pub fn after(self, duration: Duration) -> Timestamp {
         Timestamp(self.0 + duration)
+    }
+
+    /// The first whole second at least `duration` from now. Stored times keep
+    /// whole seconds only, so a deadline counted from [`Timestamp::now`] (cut
+    /// to the second) could come up to a second early; this one never does.
+    pub fn at_least(duration: Duration) -> Timestamp {
+        let due = SystemTime::now() + duration;
+        let since = due.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let seconds = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+        Timestamp(UNIX_EPOCH + Duration::from_secs(seconds))
     }
 }
 
@@ -330,16 +340,36 @@ impl RecordFile {
             path: self.path.clone(),
             cause,
         })?;
-        super::atomic::write(&self.path, &json).map_err(|cause| RecordError::Io {
-            path: self.path.clone(),
-            cause,
-        })
+        crate::atomic_file::write(&self.path, &json, crate::atomic_file::READABLE).map_err(
+            |cause| RecordError::Io {
+                path: self.path.clone(),
+                cause,
+            },
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_are_never_early() {
+        let wait = Duration::from_millis(2_000);
+        let before = SystemTime::now();
+        let due = Timestamp::at_least(wait).0;
+        assert!(
+            due >= before + wait,
+            "a deadline may be late by under a second, never early"
+        );
+        assert!(due < SystemTime::now() + wait + Duration::from_secs(1));
+        assert_eq!(
+            due.duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .ok(),
+            Some(0)
+        );
+    }
 
     #[test]
     fn missing_record_is_empty_and_writes_round_trip() {

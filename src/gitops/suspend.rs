@@ -93,7 +93,8 @@ impl SuspendFile {
         };
         let json = serde_json::to_vec_pretty(&suspension)
             .map_err(|e| self.io()(std::io::Error::other(e)))?;
-        super::atomic::write(&self.path, &json).map_err(self.io())?;
+        crate::atomic_file::write(&self.path, &json, crate::atomic_file::READABLE)
+            .map_err(self.io())?;
         Ok(suspension)
     }
 

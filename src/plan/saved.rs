@@ -2,7 +2,6 @@
 //! was made from and the observed state it was made against, so `apply` can
 //! carry out exactly that plan, and refuse when the host changed since.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -73,15 +72,9 @@ impl SavedPlan {
             path: path.to_path_buf(),
             source,
         })?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-        temp.write_all(&json).map_err(io)?;
-        temp.write_all(b"\n").map_err(io)?;
-        temp.as_file().sync_all().map_err(io)?;
-        temp.persist(path).map_err(|e| io(e.error))?;
+        let mut text = json;
+        text.push(b'\n');
+        crate::atomic_file::write(path, &text, crate::atomic_file::PRIVATE).map_err(io)?;
         Ok(())
     }
 

@@ -1,14 +1,19 @@
-//! Replacing a file atomically and durably, as the journal does: write a
-//! temporary file in the same directory, fsync it, rename it over the target,
-//! fsync the directory. Readers see the old or the new content, never half.
-//! Files are world-readable (0644): node_exporter, for one, rarely runs as root.
+//! Replacing a file atomically and durably: write a temporary file in the same
+//! directory, fsync it, rename it over the target, fsync the directory. Readers
+//! see the old or the new content, never half. Used for the journal, saved
+//! plans and GitOps records and metrics.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `bytes`, creating its directory when missing.
-pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Mode for files anyone may read (records, metrics: node_exporter rarely runs as root).
+pub const READABLE: u32 = 0o644;
+/// Mode for files only their owner may read (saved plans carry the spec's environment).
+pub const PRIVATE: u32 = 0o600;
+
+/// Replaces `path` with `bytes` (file mode `mode`), creating its directory when missing.
+pub fn write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -19,7 +24,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .prefix(".lessnat-")
         .tempfile_in(dir)?;
     temp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
     temp.write_all(bytes)?;
     temp.as_file().sync_all()?;
     temp.persist(path).map_err(|e| e.error)?;
@@ -34,8 +39,8 @@ mod tests {
     fn replaces_the_file_and_leaves_nothing_else() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("sub").join("file.prom");
-        super::write(&path, b"one").expect("first write");
-        super::write(&path, b"two").expect("second write");
+        super::write(&path, b"one", super::READABLE).expect("first write");
+        super::write(&path, b"two", super::READABLE).expect("second write");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
         let mode = std::fs::metadata(&path)
             .expect("metadata")
