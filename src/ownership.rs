@@ -29,6 +29,48 @@ pub const LABEL_SERVICE: &str = "io.lessnat.service";
 pub const LABEL_SPEC: &str = "io.lessnat.spec";
 /// Container label listing the container's canonical ports, e.g. `8000/tcp,53/udp`.
 pub const LABEL_PORTS: &str = "io.lessnat.ports";
+/// Container label holding the address a routed container is wired in at.
+pub const LABEL_ADDRESS: &str = "io.lessnat.address";
+
+/// Label suffix of addresses lessnat adds (`lo:lessnat`): the kernel keeps the
+/// label, so lessnat can tell its VIPs from addresses others added.
+pub const ADDRESS_LABEL_SUFFIX: &str = ":lessnat";
+
+/// Interface alias prefix of the veths lessnat makes: `lessnat SERVICE ADDRESS`.
+pub const VETH_ALIAS_PREFIX: &str = "lessnat ";
+
+/// Address of the node side of every container veth; containers route through it.
+pub const VETH_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+
+/// The routing table (and its rule's priority) holding lessnat's plain routes:
+/// container `/32`s on workers, container subnets via workers on LB nodes.
+pub const ROUTES_TABLE: u32 = 27_000;
+
+/// Routing table (and rule priority) for replies to the LB node with `id`.
+pub fn reply_table(lb_id: u8) -> u32 {
+    ROUTES_TABLE + u32::from(lb_id)
+}
+
+/// Connection and packet mark of flows that came through the LB node with
+/// `id`: `0x6c6e00ID` (`ln` in the high bytes, so lessnat's marks are recognisable).
+pub fn lb_mark(lb_id: u8) -> u32 {
+    0x6c6e_0000 | u32::from(lb_id)
+}
+
+/// Kernel settings routed mode sets: IP forwarding on LB nodes and workers,
+/// and `src_valid_mark` on workers, so reverse-path filtering uses the mark's
+/// routing table (strict `rp_filter` then passes).
+pub const ROUTED_SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.src_valid_mark"];
+
+/// The node-side name of the veth for `service`'s container at `address`:
+/// `ln` and 12 hex digits of a hash (interface names have at most 15 bytes).
+pub fn veth_name(service: &str, address: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{service}/{address}").as_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("ln{hex}")
+}
+
 /// The role a container plays for its service. It is carried by the container
 /// name (`lessnat-web.web-1`, `lessnat-web.web-1.next`, `lessnat-web.web-1.prev`),
 /// because a container changes role during an upgrade and Docker labels cannot

@@ -20,6 +20,7 @@ fn rule(
     IpRule {
         family: family.to_owned(),
         priority,
+        source: None,
         fwmark,
         fwmask,
         table,

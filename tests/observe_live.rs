@@ -257,6 +257,7 @@ fn show_and_plan_see_only_what_lessnat_owns_and_change_nothing() {
         vec![IpRule {
             family: "inet".into(),
             priority: 27001,
+            source: None,
             fwmark: None,
             fwmask: None,
             table: 27001,

@@ -69,6 +69,7 @@ mod tests {
             state: state.into(),
             health: None,
             pid: None,
+            address: None,
         }
     }
 

@@ -33,7 +33,7 @@ use tokio::runtime::Runtime;
 use crate::desired::DesiredContainer;
 use crate::observe::{Container, ForeignContainer};
 use crate::ownership::{
-    ContainerName, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name,
+    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name,
     parse_container_name,
 };
 use crate::spec::{NetworkMode, PlaceholderError};
@@ -814,6 +814,7 @@ fn classify(summary: &ContainerSummary, node: &str) -> Classified {
             .unwrap_or_default(),
         health: None,
         pid: None,
+        address: label(summary, LABEL_ADDRESS).map(str::to_string),
     })
 }
 

@@ -173,6 +173,7 @@ fn ip_rule(message: &RuleMessage) -> Option<IpRule> {
     let mut rule = IpRule {
         family: family.to_owned(),
         priority: 0,
+        source: None,
         fwmark: None,
         fwmask: None,
         table: u32::from(message.header.table),

@@ -51,5 +51,6 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         foreign_containers,
         conntrack,
         warnings,
+        ..Observed::default()
     })
 }

@@ -5,6 +5,8 @@
 pub mod live;
 pub mod show;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ownership::Slot;
@@ -29,6 +31,18 @@ pub struct Observed {
     /// Containers *not* labelled as lessnat's whose names lessnat would use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub foreign_containers: Vec<ForeignContainer>,
+    /// Routed mode: veth pairs lessnat made to wire containers in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub veths: Vec<Veth>,
+    /// Routed mode: addresses lessnat added (VIPs on `lo`), by their label.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<OwnedAddress>,
+    /// Kernel settings routed mode depends on (see [`ROUTED_SYSCTLS`](crate::ownership::ROUTED_SYSCTLS)), by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
+    /// Routed mode, load-balancer nodes: whether each replica address answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probes: Vec<Probe>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Things the observers noticed that make the picture less reliable.
@@ -147,6 +161,9 @@ pub struct IpRule {
     pub family: String,
     /// Rule priority.
     pub priority: u32,
+    /// Source prefix matched (`from`), in CIDR form; `None` for `from all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Firewall mark matched, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fwmark: Option<u32>,
@@ -200,6 +217,52 @@ pub struct Container {
     /// Main process id, when running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Routed mode: the address it is wired in at (`io.lessnat.address` label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// The node side of a veth pair that wires a routed container in. The pair
+/// exists only while the container's network namespace does: a container that
+/// stops or restarts loses it, and the next apply wires it in again.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Veth {
+    /// Interface name on the node ([`veth_name`](crate::ownership::veth_name)).
+    pub name: String,
+    /// The service, from the interface alias.
+    pub service: String,
+    /// The container address it leads to, from the interface alias.
+    pub address: String,
+    /// Whether the node side is up.
+    pub up: bool,
+}
+
+/// An address lessnat put on an interface, recognised by its label
+/// ([`ADDRESS_LABEL_SUFFIX`](crate::ownership::ADDRESS_LABEL_SUFFIX)).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnedAddress {
+    /// Interface name, e.g. `lo`.
+    pub device: String,
+    /// Address in CIDR form, e.g. `203.0.113.10/32`.
+    pub address: String,
+}
+
+/// Whether a replica address answered the service's health check, probed from
+/// a load-balancer node through the routes lessnat set up.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// The service.
+    pub service: String,
+    /// The address probed.
+    pub address: String,
+    /// Whether the check passed.
+    pub healthy: bool,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// A container lessnat does not own but whose name it would use.

@@ -5,7 +5,11 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::observe::{Container, ForeignContainer, NftState, Observed, RoutingState};
+use std::collections::BTreeMap;
+
+use crate::observe::{
+    Container, ForeignContainer, NftState, Observed, OwnedAddress, RoutingState, Veth,
+};
 
 #[derive(Serialize)]
 struct Stable<'a> {
@@ -14,6 +18,15 @@ struct Stable<'a> {
     routing: &'a RoutingState,
     containers: Vec<StableContainer<'a>>,
     foreign: &'a [ForeignContainer],
+    #[serde(skip_serializing_if = "<[Veth]>::is_empty")]
+    veths: &'a [Veth],
+    #[serde(skip_serializing_if = "<[OwnedAddress]>::is_empty")]
+    addresses: &'a [OwnedAddress],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    sysctls: &'a BTreeMap<String, String>,
+    /// Which replica addresses answered (not why the others did not).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    healthy: Vec<(&'a str, bool)>,
 }
 
 #[derive(Serialize)]
@@ -23,6 +36,8 @@ struct StableContainer<'a> {
     spec_hash: &'a str,
     image: &'a str,
     state: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<&'a str>,
 }
 
 impl<'a> From<&'a Container> for StableContainer<'a> {
@@ -33,6 +48,7 @@ impl<'a> From<&'a Container> for StableContainer<'a> {
             spec_hash: &c.spec_hash,
             image: &c.image,
             state: &c.state,
+            address: c.address.as_deref(),
         }
     }
 }
@@ -49,6 +65,14 @@ pub fn fingerprint(observed: &Observed) -> String {
             .map(StableContainer::from)
             .collect(),
         foreign: &observed.foreign_containers,
+        veths: &observed.veths,
+        addresses: &observed.addresses,
+        sysctls: &observed.sysctls,
+        healthy: observed
+            .probes
+            .iter()
+            .map(|p| (p.address.as_str(), p.healthy))
+            .collect(),
     };
     let bytes = serde_json::to_vec(&stable).unwrap_or_default();
     let digest = Sha256::digest(&bytes);
