@@ -18,6 +18,7 @@ pub mod netns;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod routed;
 pub mod schema;
 pub mod spec;
 pub mod style;

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::path::Path;
 
 use netlink_packet_core::{
@@ -18,7 +19,7 @@ use netlink_packet_core::{
     NlasIterator, Parseable,
 };
 use netlink_packet_netfilter::conntrack::{
-    ConntrackAttribute, ConntrackMessage, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
 };
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
@@ -170,6 +171,39 @@ pub fn delete_flows(
     };
     netns
         .run(|| delete_here(number, orig_dport))?
+        .map_err(|fault| fault.within(netns))
+}
+
+/// TCP states of a connection that is opening, open or closed by one side only
+/// (it may still carry data); the rest (LAST_ACK, TIME_WAIT, CLOSE) are over.
+const LIVE_TCP_STATES: [u8; 6] = [
+    1, // SYN_SENT
+    2, // SYN_RECV
+    3, // ESTABLISHED
+    4, // FIN_WAIT
+    5, // CLOSE_WAIT
+    9, // SYN_SENT2
+];
+
+/// Counts the live TCP connections (opening, open or half-closed) whose reply
+/// comes from `address`: the connections a routed replica at that address
+/// still serves, whatever address the client dialled (a VIP, DNAT'ed on a
+/// load-balancer node, or the replica itself).
+pub fn live_connections_to(netns: &Netns, address: IpAddr) -> Result<u64, ConntrackError> {
+    netns
+        .run(|| -> Result<u64, Fault> {
+            let mut count = 0;
+            let mut socket = Ctnetlink::open()?;
+            socket.dump(|entry| {
+                let live = entry
+                    .tcp_state
+                    .is_some_and(|state| LIVE_TCP_STATES.contains(&state));
+                if live && source_address(&entry.reply) == Some(address) {
+                    count += 1;
+                }
+            })?;
+            Ok(count)
+        })?
         .map_err(|fault| fault.within(netns))
 }
 
@@ -367,6 +401,17 @@ fn value(nla: NlaBuffer<&[u8]>) -> &[u8] {
     nla.into_inner()
         .get(NLA_HEADER_SIZE..end)
         .unwrap_or_default()
+}
+
+/// The source address of a tuple.
+fn source_address(tuples: &[Tuple]) -> Option<IpAddr> {
+    tuples.iter().find_map(|tuple| match tuple {
+        Tuple::Ip(parts) => parts.iter().find_map(|part| match part {
+            IPTuple::SourceAddress(address) => Some(*address),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// `(protocol, source port, destination port)` of a tuple.

@@ -328,6 +328,7 @@ mod tests {
             Some(IpRule {
                 family: "inet".into(),
                 priority: 27001,
+                source: None,
                 fwmark: Some(1),
                 fwmask: None,
                 table: 27001,

@@ -129,6 +129,12 @@ pub struct Replica {
     pub node: Located<String>,
     /// The replica's own address, inside its node's `containerSubnet`.
     pub address: Located<Address>,
+    /// The address an upgrade starts the next version at, inside the node's
+    /// `containerSubnet`. Versions alternate between `address` and
+    /// `nextAddress`. Default: the highest address of the subnet that no
+    /// replica in the spec uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_address: Option<Located<Address>>,
 }
 
 /// Transport protocol of a port.

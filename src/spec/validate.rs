@@ -158,14 +158,18 @@ impl Checker {
 
         let mut replica_addresses: HashMap<IpAddr, (&str, Span)> = HashMap::new();
         for service in &spec.services {
-            for replica in &service.replicas {
-                if let Some((owner, first)) = replica_addresses
-                    .insert(**replica.address, (&service.name, replica.address.span))
+            let addresses = service
+                .replicas
+                .iter()
+                .flat_map(|r| std::iter::once(&r.address).chain(&r.next_address));
+            for address in addresses {
+                if let Some((owner, first)) =
+                    replica_addresses.insert(***address, (&service.name, address.span))
                 {
                     self.push(
                         error(
-                            replica.address.span,
-                            format!("replica address {} is used twice", *replica.address),
+                            address.span,
+                            format!("replica address {} is used twice", **address),
                         )
                         .with_help(format!(
                             "service `{owner}` already uses it at {}",
@@ -317,23 +321,48 @@ impl Checker {
                 .with_help("add `replicas: [ { node: NAME, address: IP } ]`"),
             );
         }
+        let mut nodes_seen: HashMap<&str, Span> = HashMap::new();
         for replica in &service.replicas {
+            if let Some(first) = nodes_seen.insert(&replica.node, replica.node.span) {
+                self.push(
+                    error(
+                        replica.node.span,
+                        format!(
+                            "service `{}` has two replicas on node `{}`",
+                            service.name.value, replica.node.value
+                        ),
+                    )
+                    .with_help(format!(
+                        "a node runs at most one replica of a service; the first is at {}",
+                        at(first)
+                    )),
+                );
+            }
             if self.node_missing(spec, &replica.node) {
                 continue;
             }
             let Some(node) = spec.node(&replica.node) else {
                 continue;
             };
-            match &node.container_subnet {
-                None => self.push(
+            let Some(subnet) = &node.container_subnet else {
+                self.push(
                     error(replica.node.span, format!("node `{}` has no `containerSubnet`", node.name.value))
                         .with_help("routed replicas take their address from their node's `containerSubnet`; add one to the node"),
-                ),
-                Some(subnet) if !subnet.contains(&**replica.address) => self.push(
-                    error(replica.address.span, format!("address {} is outside {} of node `{}`", *replica.address, subnet.value, node.name.value))
-                        .with_help("pick an address inside the node's `containerSubnet`"),
-                ),
-                Some(_) => {}
+                );
+                continue;
+            };
+            for address in std::iter::once(&replica.address).chain(&replica.next_address) {
+                if !address.is_ipv4() {
+                    self.push(
+                        error(address.span, format!("routed replicas need IPv4 addresses, not {}", **address))
+                            .with_help("routed mode carries the load-balancer id in the IPv4 DSCP field; use an IPv4 `containerSubnet`"),
+                    );
+                } else if !subnet.contains(&***address) {
+                    self.push(
+                        error(address.span, format!("address {} is outside {} of node `{}`", **address, subnet.value, node.name.value))
+                            .with_help("pick an address inside the node's `containerSubnet`"),
+                    );
+                }
             }
         }
         for port in &service.ports {

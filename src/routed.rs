@@ -1,0 +1,339 @@
+//! What routed mode wants of a node, derived from the spec alone (pure): the
+//! node's roles (load balancer, worker), the addresses of each replica, the
+//! policy routing rules and routes, the VIPs and the kernel settings. The
+//! parts that also depend on what is observed (which address a load balancer
+//! sends new connections to) are decided by the planner.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+
+use crate::observe::{IpRule, OwnedAddress, Route, RoutingState};
+use crate::ownership::{ROUTES_TABLE, ROUTED_SYSCTLS, lb_mark, reply_table};
+use crate::spec::{NetworkMode, Node, Port, Replica, Service, Spec};
+
+/// The two addresses a routed replica alternates between: each upgrade starts
+/// the next version at the one the current version does not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaAddresses {
+    /// `address` from the spec.
+    pub address: Ipv4Addr,
+    /// `nextAddress` from the spec, or the one lessnat chose.
+    pub next_address: Ipv4Addr,
+}
+
+impl ReplicaAddresses {
+    /// The other address of the pair.
+    pub fn other(&self, address: Ipv4Addr) -> Ipv4Addr {
+        if address == self.address {
+            self.next_address
+        } else {
+            self.address
+        }
+    }
+
+    /// Whether `address` is one of the pair.
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        address == self.address || address == self.next_address
+    }
+}
+
+/// The addresses of `replica`; `None` when the spec gives no IPv4 subnet for
+/// its node (validation reports that).
+pub fn replica_addresses(spec: &Spec, replica: &Replica) -> Option<ReplicaAddresses> {
+    let IpAddr::V4(address) = **replica.address else {
+        return None;
+    };
+    let next_address = match &replica.next_address {
+        Some(next) => match ***next {
+            IpAddr::V4(next) => next,
+            IpAddr::V6(_) => return None,
+        },
+        None => chosen_next_address(spec, replica)?,
+    };
+    Some(ReplicaAddresses {
+        address,
+        next_address,
+    })
+}
+
+/// The highest host address of the replica's node subnet that no replica in
+/// the spec uses (as `address` or `nextAddress`). Every node derives the same
+/// choice from the same spec.
+fn chosen_next_address(spec: &Spec, replica: &Replica) -> Option<Ipv4Addr> {
+    let node = spec.node(&replica.node)?;
+    let ipnet::IpNet::V4(subnet) = *node.container_subnet.as_ref()?.value else {
+        return None;
+    };
+    let taken: Vec<IpAddr> = spec
+        .services
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .flat_map(|r| std::iter::once(&r.address).chain(&r.next_address))
+        .map(|a| ***a)
+        .collect();
+    subnet
+        .hosts()
+        .rev()
+        .find(|host| !taken.contains(&IpAddr::V4(*host)))
+}
+
+/// A load-balancer node's part: its id and the VIP ports it serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadBalancerRole<'a> {
+    /// The id carried in DSCP (1..63).
+    pub id: u8,
+    /// The node's VIPs.
+    pub vips: Vec<Ipv4Addr>,
+    /// The VIP ports of routed services on those VIPs.
+    pub vip_ports: Vec<VipPort<'a>>,
+    /// Every worker's container subnet, with the worker's address.
+    pub workers: Vec<(Ipv4Net, Ipv4Addr)>,
+}
+
+/// One port of a routed service reached through a VIP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VipPort<'a> {
+    /// The service.
+    pub service: &'a Service,
+    /// The port.
+    pub port: &'a Port,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The port on the VIP.
+    pub vip_port: u16,
+}
+
+/// A worker node's part: its container subnet and the load-balancer nodes
+/// replies go back through.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRole {
+    /// The node's container subnet.
+    pub subnet: Ipv4Net,
+    /// Every load-balancer node: id and address.
+    pub load_balancers: Vec<(u8, Ipv4Addr)>,
+}
+
+/// The load-balancer role of `node`, if it has one.
+pub fn load_balancer_role<'a>(spec: &'a Spec, node: &str) -> Option<LoadBalancerRole<'a>> {
+    let lb = spec.node(node)?.load_balancer.as_ref()?;
+    let vips: Vec<Ipv4Addr> = lb.vips.iter().filter_map(|v| ipv4(*v.value)).collect();
+    let vip_ports = spec
+        .services
+        .iter()
+        .filter(|s| s.network == NetworkMode::Routed)
+        .flat_map(|service| service.ports.iter().map(move |port| (service, port)))
+        .filter_map(|(service, port)| {
+            let vip = ipv4(*port.vip.as_ref()?.value)?;
+            vips.contains(&vip).then(|| VipPort {
+                service,
+                port,
+                vip,
+                vip_port: port.vip_port.as_ref().map_or(port.port.value, |p| p.value),
+            })
+        })
+        .collect();
+    let workers = spec
+        .nodes
+        .iter()
+        .filter(|n| n.name.value != node)
+        .filter_map(|n| Some((worker_subnet(n)?, ipv4(*n.address.value)?)))
+        .collect();
+    Some(LoadBalancerRole {
+        id: lb.id.value,
+        vips,
+        vip_ports,
+        workers,
+    })
+}
+
+/// The worker role of `node`: it has a container subnet and runs at least one
+/// routed replica.
+pub fn worker_role(spec: &Spec, node: &str) -> Option<WorkerRole> {
+    let subnet = worker_subnet(spec.node(node)?)?;
+    let runs_replicas = spec
+        .services
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .any(|r| r.node.value == node);
+    if !runs_replicas {
+        return None;
+    }
+    let load_balancers = spec
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.load_balancer.as_ref()?.id.value, ipv4(*n.address.value)?)))
+        .collect();
+    Some(WorkerRole {
+        subnet,
+        load_balancers,
+    })
+}
+
+fn worker_subnet(node: &Node) -> Option<Ipv4Net> {
+    match *node.container_subnet.as_ref()?.value {
+        ipnet::IpNet::V4(subnet) => Some(subnet),
+        ipnet::IpNet::V6(_) => None,
+    }
+}
+
+fn ipv4(address: IpAddr) -> Option<Ipv4Addr> {
+    match address {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The policy routing rules and routes `node` needs, sorted as observation
+/// sorts them. The `/32` routes to wired containers are not included: they
+/// belong to each container's wiring.
+pub fn desired_routing(spec: &Spec, node: &str) -> RoutingState {
+    let lb = load_balancer_role(spec, node);
+    let worker = worker_role(spec, node);
+    let mut state = RoutingState::default();
+    if lb.is_none() && worker.is_none() {
+        return state;
+    }
+    state.rules.push(IpRule {
+        family: "inet".into(),
+        priority: ROUTES_TABLE,
+        source: None,
+        fwmark: None,
+        fwmask: None,
+        table: ROUTES_TABLE,
+    });
+    if let Some(lb) = &lb {
+        for (subnet, via) in &lb.workers {
+            state.routes.push(Route {
+                table: ROUTES_TABLE,
+                destination: subnet.to_string(),
+                gateway: Some(via.to_string()),
+                device: None,
+            });
+        }
+    }
+    if let Some(worker) = &worker {
+        for (id, address) in &worker.load_balancers {
+            state.rules.push(IpRule {
+                family: "inet".into(),
+                priority: reply_table(*id),
+                source: Some(worker.subnet.to_string()),
+                fwmark: Some(lb_mark(*id)),
+                fwmask: None,
+                table: reply_table(*id),
+            });
+            state.routes.push(Route {
+                table: reply_table(*id),
+                destination: "default".into(),
+                gateway: Some(address.to_string()),
+                device: None,
+            });
+        }
+    }
+    state.rules.sort();
+    state.routes.sort();
+    state
+}
+
+/// The addresses lessnat puts on `node`: a load-balancer node's VIPs on `lo`.
+pub fn desired_addresses(spec: &Spec, node: &str) -> Vec<OwnedAddress> {
+    let mut addresses: Vec<OwnedAddress> = load_balancer_role(spec, node)
+        .map(|lb| {
+            lb.vips
+                .iter()
+                .map(|vip| OwnedAddress {
+                    device: "lo".into(),
+                    address: format!("{vip}/32"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// The kernel settings `node` needs: forwarding on load-balancer nodes and
+/// workers, `src_valid_mark` on workers.
+pub fn desired_sysctls(spec: &Spec, node: &str) -> BTreeMap<String, String> {
+    let [forward, src_valid_mark] = ROUTED_SYSCTLS;
+    let mut sysctls = BTreeMap::new();
+    let worker = worker_role(spec, node).is_some();
+    if worker || load_balancer_role(spec, node).is_some() {
+        sysctls.insert(forward.to_string(), "1".to_string());
+    }
+    if worker {
+        sysctls.insert(src_valid_mark.to_string(), "1".to_string());
+    }
+    sysctls
+}
+
+/// The version tag a load-balancer node records for a replica address: the
+/// first 32 bits of the replica container's spec hash.
+pub fn version_tag(spec_hash: &str) -> u32 {
+    spec_hash
+        .get(..8)
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::load_bytes;
+
+    fn spec() -> Spec {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/routed.yaml"
+        ))
+        .expect("example exists");
+        load_bytes("routed.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)))
+    }
+
+    #[test]
+    fn next_addresses_are_chosen_from_the_top_of_the_subnet() {
+        let spec = spec();
+        let api = &spec.services[0];
+        let addresses = replica_addresses(&spec, &api.replicas[0]).expect("ipv4");
+        assert_eq!(addresses.address, Ipv4Addr::new(10, 20, 1, 5));
+        assert_eq!(addresses.next_address, Ipv4Addr::new(10, 20, 1, 254));
+        assert_eq!(addresses.other(addresses.next_address), addresses.address);
+    }
+
+    #[test]
+    fn roles_follow_the_nodes() {
+        let spec = spec();
+        let lb = load_balancer_role(&spec, "lb-1").expect("lb-1 balances");
+        assert_eq!(lb.id, 1);
+        assert_eq!(lb.vip_ports.len(), 1);
+        assert_eq!(lb.vip_ports[0].vip_port, 80);
+        assert_eq!(lb.workers.len(), 2);
+        assert!(worker_role(&spec, "lb-1").is_none());
+        let worker = worker_role(&spec, "web-1").expect("web-1 works");
+        assert_eq!(worker.load_balancers.len(), 2);
+    }
+
+    #[test]
+    fn workers_route_replies_back_by_mark() {
+        let spec = spec();
+        let routing = desired_routing(&spec, "web-1");
+        let marked: Vec<_> = routing.rules.iter().filter(|r| r.fwmark.is_some()).collect();
+        assert_eq!(marked.len(), 2);
+        assert_eq!(marked[0].fwmark, Some(0x6c6e_0001));
+        assert_eq!(marked[0].source.as_deref(), Some("10.20.1.0/24"));
+        assert_eq!(routing.routes[0].gateway.as_deref(), Some("192.0.2.2"));
+        assert_eq!(desired_sysctls(&spec, "web-1").len(), 2);
+        assert_eq!(desired_sysctls(&spec, "lb-1").len(), 1);
+        assert_eq!(desired_addresses(&spec, "lb-1")[0].address, "203.0.113.10/32");
+        assert!(desired_addresses(&spec, "web-1").is_empty());
+    }
+
+    #[test]
+    fn version_tags_read_the_hash_prefix() {
+        assert_eq!(version_tag("0000002aXYZ"), 42);
+        assert_eq!(version_tag("zz"), 0);
+    }
+}
