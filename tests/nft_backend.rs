@@ -424,3 +424,72 @@ fn notrack_rules_are_reported() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn routed_parts_are_observed_exactly() {
+    use lessnat::backend::nft::routed::{
+        Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker, versions_in,
+    };
+    if !support::root_with("routed_parts_are_observed_exactly", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("nft-routed");
+    let netns = ns.netns();
+    let a = Ipv4Addr::new(10, 20, 1, 5);
+    let b = Ipv4Addr::new(10, 20, 2, 5);
+    // Every LB id: DSCP values with and without nft names must read back alike.
+    for id in [1, 2, 8, 46, 63] {
+        let mut table = host_table(&[tcp(8000, 18000)]);
+        add_load_balancer(
+            &mut table,
+            &LoadBalancerRules {
+                id,
+                dnat: vec![
+                    Dnat {
+                        comment: "api/http".into(),
+                        protocol: Protocol::Tcp,
+                        vip: Ipv4Addr::new(203, 0, 113, 10),
+                        vip_port: 80,
+                        targets: vec![a, b],
+                        port: 8080,
+                    },
+                    Dnat {
+                        comment: "api/dns".into(),
+                        protocol: Protocol::Udp,
+                        vip: Ipv4Addr::new(203, 0, 113, 10),
+                        vip_port: 53,
+                        targets: vec![b],
+                        port: 5353,
+                    },
+                ],
+                subnets: vec![
+                    "10.20.1.0/24".parse().expect("subnet"),
+                    "10.20.2.0/24".parse().expect("subnet"),
+                ],
+                versions: vec![(b, 0xdead_beef), (a, 7)],
+            },
+        );
+        add_worker(
+            &mut table,
+            &WorkerRules {
+                subnet: "10.20.1.0/24".parse().expect("subnet"),
+                lb_ids: vec![id, 2],
+            },
+        );
+        apply_table(&netns, &table).expect("apply routed parts");
+        let observed = observe(&netns).expect("observe");
+        assert_eq!(observed, only(table.clone()), "LB id {id}");
+        assert_eq!(
+            versions_in(&observed.tables[0]),
+            vec![(a, 7), (b, 0xdead_beef)]
+        );
+    }
+    let text = String::from_utf8_lossy(&ns.exec("nft", &["list", "ruleset"]).stdout).into_owned();
+    assert!(text.contains("numgen inc mod 2 map"), "{text}");
+    let json = String::from_utf8_lossy(&ns.exec("nft", &["-j", "list", "ruleset"]).stdout).into_owned();
+    assert!(json.contains("\"dnat\""), "{json}");
+    assert!(
+        !json.contains("\"masquerade\"") && !json.contains("\"snat\""),
+        "{json}"
+    );
+}

@@ -17,6 +17,7 @@
 
 mod decode;
 mod encode;
+pub mod routed;
 pub mod ruleset;
 pub mod text;
 

@@ -41,6 +41,17 @@ pub fn redirect_rule_comment(protocol: Protocol) -> String {
 
 const PROTOCOLS: [Protocol; 2] = [Protocol::Tcp, Protocol::Udp];
 
+/// lessnat's table with nothing in it yet: the base routed-mode parts are added to.
+pub fn empty_table() -> NftTable {
+    NftTable {
+        family: NFT_FAMILY.into(),
+        name: NFT_TABLE.into(),
+        comment: None,
+        chains: Vec::new(),
+        maps: Vec::new(),
+    }
+}
+
 /// lessnat's host-mode table with `redirects` active.
 pub fn host_table(redirects: &[Redirect]) -> NftTable {
     let maps = PROTOCOLS

@@ -1,0 +1,282 @@
+//! The routed-mode parts of lessnat's table, as values in the form `nft -j`
+//! lists them (so desired and observed compare with `==`).
+//!
+//! Load-balancer node:
+//! - chain `routed_dnat` (nat prerouting, dstnat): one rule per VIP port,
+//!   `ip daddr VIP tcp dport VP dnat ip to numgen inc mod N map { 0 : A, ... } : PORT`,
+//!   an even spread over the replicas; no masquerade anywhere;
+//! - chain `routed_dscp` (filter forward): `ct status dnat ip daddr SUBNET ip dscp set ID`
+//!   per worker subnet: only the six DSCP bits change, ECN is untouched;
+//! - map `routed_versions` (`ipv4_addr : mark`): the address each replica's
+//!   new connections go to, with the version it was chosen for. The planner
+//!   reads it back to tell a finished switch from one still to make.
+//!
+//! Worker node, chain `routed_mark` (filter prerouting, mangle), per LB id:
+//! `ip daddr SUBNET ct state new ip dscp ID ct mark set MARK` and
+//! `ct mark MARK meta mark set MARK`, so replies (and, with `src_valid_mark`,
+//! reverse-path checks) use that LB's routing table.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+
+use super::decode::compare_keys;
+use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+use crate::ownership::lb_mark;
+use crate::spec::Protocol;
+
+/// Name of the map recording where each replica's new connections go.
+pub const VERSIONS_MAP: &str = "routed_versions";
+
+/// One VIP port and the replica addresses its new connections are spread over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dnat {
+    /// `SERVICE/PORT`, the rule's comment.
+    pub comment: String,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The port on the VIP.
+    pub vip_port: u16,
+    /// The replica addresses, in spec order.
+    pub targets: Vec<Ipv4Addr>,
+    /// The port the replicas listen on.
+    pub port: u16,
+}
+
+/// A load-balancer node's chains and map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancerRules {
+    /// The node's id, written into DSCP.
+    pub id: u8,
+    /// The DNAT rules.
+    pub dnat: Vec<Dnat>,
+    /// Every worker's container subnet.
+    pub subnets: Vec<Ipv4Net>,
+    /// Address → version tag of the replica addresses in use.
+    pub versions: Vec<(Ipv4Addr, u32)>,
+}
+
+/// A worker node's chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRules {
+    /// The node's container subnet.
+    pub subnet: Ipv4Net,
+    /// The ids of every load-balancer node.
+    pub lb_ids: Vec<u8>,
+}
+
+/// Adds the load-balancer parts to `table`.
+pub fn add_load_balancer(table: &mut NftTable, rules: &LoadBalancerRules) {
+    let mut elements: Vec<NftElement> = rules
+        .versions
+        .iter()
+        .map(|(address, tag)| NftElement {
+            key: json!(address.to_string()),
+            value: json!(tag),
+        })
+        .collect();
+    elements.sort_by(|a, b| compare_keys(&a.key, &b.key));
+    table.maps.push(NftMap {
+        name: VERSIONS_MAP.into(),
+        key: "ipv4_addr".into(),
+        data: Some("mark".into()),
+        comment: None,
+        elements,
+    });
+    table.chains.push(NftChain {
+        name: "routed_dnat".into(),
+        hook: Some(hook("nat", "prerouting", -100)),
+        rules: rules.dnat.iter().map(dnat_rule).collect(),
+    });
+    table.chains.push(NftChain {
+        name: "routed_dscp".into(),
+        hook: Some(hook("filter", "forward", 0)),
+        rules: rules
+            .subnets
+            .iter()
+            .map(|subnet| NftRule {
+                comment: None,
+                expr: vec![
+                    matches("in", json!({"ct": {"key": "status"}}), json!("dnat")),
+                    matches("==", ip("daddr"), prefix(subnet)),
+                    json!({"mangle": {"key": ip("dscp"), "value": dscp(rules.id)}}),
+                ],
+            })
+            .collect(),
+    });
+}
+
+/// Adds the worker chain to `table`.
+pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
+    let mut marks = Vec::new();
+    for &id in &rules.lb_ids {
+        let mark = lb_mark(id);
+        marks.push(NftRule {
+            comment: None,
+            expr: vec![
+                matches("==", ip("daddr"), prefix(&rules.subnet)),
+                matches("in", json!({"ct": {"key": "state"}}), json!("new")),
+                matches("==", ip("dscp"), dscp(id)),
+                json!({"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}}),
+            ],
+        });
+        marks.push(NftRule {
+            comment: None,
+            expr: vec![
+                matches("==", json!({"ct": {"key": "mark"}}), json!(mark)),
+                json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}),
+            ],
+        });
+    }
+    table.chains.push(NftChain {
+        name: "routed_mark".into(),
+        hook: Some(hook("filter", "prerouting", -150)),
+        rules: marks,
+    });
+}
+
+/// The address → version tag entries of a table's versions map.
+pub fn versions_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
+    table
+        .maps
+        .iter()
+        .filter(|m| m.name == VERSIONS_MAP)
+        .flat_map(|m| &m.elements)
+        .filter_map(|e| {
+            let address = e.key.as_str()?.parse().ok()?;
+            let tag = u32::try_from(e.value.as_u64()?).ok()?;
+            Some((address, tag))
+        })
+        .collect()
+}
+
+fn dnat_rule(dnat: &Dnat) -> NftRule {
+    let proto = dnat.protocol.as_str();
+    let addr = match dnat.targets.as_slice() {
+        [one] => json!(one.to_string()),
+        targets => {
+            let entries: Vec<Value> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, a)| json!([i, a.to_string()]))
+                .collect();
+            json!({"map": {
+                "key": {"numgen": {"mode": "inc", "mod": targets.len(), "offset": 0}},
+                "data": {"set": entries},
+            }})
+        }
+    };
+    NftRule {
+        comment: Some(dnat.comment.clone()),
+        expr: vec![
+            matches("==", ip("daddr"), json!(dnat.vip.to_string())),
+            matches(
+                "==",
+                json!({"payload": {"protocol": proto, "field": "dport"}}),
+                json!(dnat.vip_port),
+            ),
+            json!({"dnat": {"family": "ip", "addr": addr, "port": dnat.port}}),
+        ],
+    }
+}
+
+fn hook(kind: &str, hook: &str, priority: i32) -> NftHook {
+    NftHook {
+        kind: kind.into(),
+        hook: hook.into(),
+        priority,
+        policy: "accept".into(),
+    }
+}
+
+fn matches(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+fn ip(field: &str) -> Value {
+    json!({"payload": {"protocol": "ip", "field": field}})
+}
+
+fn prefix(subnet: &Ipv4Net) -> Value {
+    json!({"prefix": {"addr": subnet.network().to_string(), "len": subnet.prefix_len()}})
+}
+
+/// A DSCP value as `nft -j` lists it: its symbolic name when it has one.
+fn dscp(value: u8) -> Value {
+    let name = match value {
+        0x01 => "lephb",
+        0x08 => "cs1",
+        0x0a => "af11",
+        0x0c => "af12",
+        0x0e => "af13",
+        0x10 => "cs2",
+        0x12 => "af21",
+        0x14 => "af22",
+        0x16 => "af23",
+        0x18 => "cs3",
+        0x1a => "af31",
+        0x1c => "af32",
+        0x1e => "af33",
+        0x20 => "cs4",
+        0x22 => "af41",
+        0x24 => "af42",
+        0x26 => "af43",
+        0x28 => "cs5",
+        0x2c => "va",
+        0x2e => "ef",
+        0x30 => "cs6",
+        0x38 => "cs7",
+        _ => return json!(value),
+    };
+    json!(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_target_needs_no_spread() {
+        let mut dnat = Dnat {
+            comment: "api/http".into(),
+            protocol: Protocol::Tcp,
+            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip_port: 80,
+            targets: vec![Ipv4Addr::new(10, 20, 1, 5)],
+            port: 8080,
+        };
+        let rule = dnat_rule(&dnat);
+        assert_eq!(rule.expr[2]["dnat"]["addr"], json!("10.20.1.5"));
+        dnat.targets.push(Ipv4Addr::new(10, 20, 2, 5));
+        let rule = dnat_rule(&dnat);
+        assert_eq!(
+            rule.expr[2]["dnat"]["addr"]["map"]["key"]["numgen"]["mod"],
+            json!(2)
+        );
+    }
+
+    #[test]
+    fn dscp_values_use_nft_names() {
+        assert_eq!(dscp(1), json!("lephb"));
+        assert_eq!(dscp(2), json!(2));
+        assert_eq!(dscp(46), json!("ef"));
+    }
+
+    #[test]
+    fn versions_read_back() {
+        let mut table = super::super::ruleset::empty_table();
+        add_load_balancer(
+            &mut table,
+            &LoadBalancerRules {
+                id: 1,
+                dnat: Vec::new(),
+                subnets: Vec::new(),
+                versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
+            },
+        );
+        assert_eq!(versions_in(&table), vec![(Ipv4Addr::new(10, 20, 1, 5), 7)]);
+    }
+}
