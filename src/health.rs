@@ -4,12 +4,101 @@
 //! sent to the temporary port.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::ownership::PROBE_MARK;
+use crate::spec::{Located, Protocol as PortProtocol, Service};
+
+/// How long one probe may take when the spec gives no `health` block.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A health check lessnat runs over the network: the service's `http` or
+/// `tcp` check, or a TCP connect to its first TCP port when it has no
+/// `health` block. `exec` checks run inside the container instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkCheck<'a> {
+    /// `GET path` must answer 2xx.
+    Http {
+        /// The port.
+        port: u16,
+        /// The path.
+        path: &'a str,
+    },
+    /// A TCP connection must be accepted.
+    Tcp {
+        /// The port.
+        port: u16,
+    },
+}
+
+impl<'a> NetworkCheck<'a> {
+    /// The network check of `service`, on its temporary ports when
+    /// `temporary` (host mode's `next` container). `None` for `exec` checks
+    /// and for services without a TCP port to probe.
+    pub fn of(service: &'a Service, temporary: bool) -> Option<NetworkCheck<'a>> {
+        let health = service.health.as_ref().map(|h| &h.value);
+        match health {
+            Some(h) if h.http.is_some() => {
+                let http = h.http.as_ref()?;
+                Some(NetworkCheck::Http {
+                    port: probe_port(service, http.port.as_ref(), temporary)?,
+                    path: &http.path,
+                })
+            }
+            Some(h) if h.tcp.is_some() => {
+                let port = h.tcp.as_ref().and_then(|t| t.port.as_ref());
+                Some(NetworkCheck::Tcp {
+                    port: probe_port(service, port, temporary)?,
+                })
+            }
+            Some(h) if h.exec.is_some() => None,
+            _ => Some(NetworkCheck::Tcp {
+                port: probe_port(service, None, temporary)?,
+            }),
+        }
+    }
+
+    /// Runs the check against `ip`.
+    pub fn run(&self, ip: IpAddr, timeout: Duration) -> Result<(), ProbeError> {
+        match *self {
+            NetworkCheck::Http { port, path } => {
+                probe_http(SocketAddr::new(ip, port), path, timeout)
+            }
+            NetworkCheck::Tcp { port } => probe_tcp(SocketAddr::new(ip, port), timeout),
+        }
+    }
+}
+
+/// How long one probe of `service` may take.
+pub fn probe_timeout(service: &Service) -> Duration {
+    service
+        .health
+        .as_ref()
+        .map_or(DEFAULT_PROBE_TIMEOUT, |h| h.timeout.get())
+}
+
+/// The port number a probe of `port_name` (or of the first TCP port) uses:
+/// the temporary port for the `next` container, the canonical one otherwise.
+fn probe_port(
+    service: &Service,
+    port_name: Option<&Located<String>>,
+    temporary: bool,
+) -> Option<u16> {
+    let port = match port_name {
+        Some(name) => service.port(name)?,
+        None => service
+            .ports
+            .iter()
+            .find(|p| p.protocol == PortProtocol::Tcp)?,
+    };
+    Some(match (&port.temp_port, temporary) {
+        (Some(temp), true) => temp.value,
+        _ => port.port.value,
+    })
+}
 
 /// A probe that did not pass.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

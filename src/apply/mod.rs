@@ -21,7 +21,7 @@ use crate::ownership::Slot;
 use crate::plan::{Action, Change, Plan, Resource, Summary, desired_table};
 use crate::spec::{NetworkMode, OnFailure, PlaceholderError, Spec};
 use progress::Progress;
-use ready::wait_ready;
+use ready::{ProbeAt, wait_ready};
 use upgrade::Upgrade;
 
 /// Everything apply works with.
@@ -223,7 +223,7 @@ fn apply_change(
                 ctx.docker.create(&create)?;
             }
             ctx.docker.start(name)?;
-            if let Err(error) = wait_ready(ctx, progress, spec, name, false) {
+            if let Err(error) = wait_ready(ctx, progress, spec, name, ProbeAt::loopback(false)) {
                 if spec.upgrade.on_failure == OnFailure::Rollback && action != Action::Update {
                     progress.step(&format!(
                         "{address}: not healthy; removing it so the next apply starts afresh"

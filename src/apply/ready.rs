@@ -2,13 +2,13 @@
 //! carry the probe mark, so they reach the port they name even while a
 //! redirect is active).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::progress::{Progress, short};
 use super::{ApplyError, Context};
-use crate::health::{Timing, WaitError, probe_http, probe_tcp, wait_healthy};
-use crate::spec::{Health, Located, Protocol, Service};
+use crate::health::{NetworkCheck, Timing, WaitError, probe_timeout, wait_healthy};
+use crate::spec::{Health, Service};
 
 /// How readiness is judged when the spec gives no `health` block.
 const DEFAULT_TIMING: Timing = Timing {
@@ -16,28 +16,24 @@ const DEFAULT_TIMING: Timing = Timing {
     healthy_after: 1,
     start_timeout: Duration::from_secs(60),
 };
-/// How long one default probe may take.
-const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The port number a probe of `port_name` (or of the first TCP port) uses:
-/// the temporary port for the `next` container, the canonical one otherwise.
-fn probe_port(
-    service: &Service,
-    port_name: Option<&Located<String>>,
-    temporary: bool,
-) -> Option<u16> {
-    let port = match port_name {
-        Some(name) => service.port(name)?,
-        None => service.ports.iter().find(|p| p.protocol == Protocol::Tcp)?,
-    };
-    Some(match (&port.temp_port, temporary) {
-        (Some(temp), true) => temp.value,
-        _ => port.port.value,
-    })
+/// Where a container is probed: on loopback at its temporary ports (host
+/// mode's `next`) or canonical ports, or at its own address (routed mode).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ProbeAt {
+    /// The address probed.
+    pub ip: IpAddr,
+    /// Whether the temporary ports are probed.
+    pub temporary: bool,
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+impl ProbeAt {
+    /// Host mode: loopback, on the temporary ports when `temporary`.
+    pub fn loopback(temporary: bool) -> Self {
+        ProbeAt {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            temporary,
+        }
+    }
 }
 
 /// Waits until `container` of `service` passes its health check, failing when
@@ -47,54 +43,36 @@ pub(super) fn wait_ready(
     progress: &mut Progress,
     service: &Service,
     container: &str,
-    temporary: bool,
+    at: ProbeAt,
 ) -> Result<(), ApplyError> {
     let health: Option<&Health> = service.health.as_ref().map(|h| &h.value);
-    let (timing, probe_timeout) = match health {
-        Some(h) => (
-            Timing {
-                interval: h.interval.get(),
-                healthy_after: h.healthy_after.value,
-                start_timeout: h.start_timeout.get(),
-            },
-            h.timeout.get(),
-        ),
-        None => (DEFAULT_TIMING, DEFAULT_PROBE_TIMEOUT),
+    let timing = match health {
+        Some(h) => Timing {
+            interval: h.interval.get(),
+            healthy_after: h.healthy_after.value,
+            start_timeout: h.start_timeout.get(),
+        },
+        None => DEFAULT_TIMING,
     };
+    let probe_timeout = probe_timeout(service);
     let started = Instant::now();
     let netns = ctx.netns;
+    let check = NetworkCheck::of(service, at.temporary);
     let probe = || -> Result<(), String> {
-        let tcp = |port: Option<u16>| match port {
-            Some(port) => netns
-                .run(|| probe_tcp(loopback(port), probe_timeout))
+        if let Some(check) = &check {
+            return netns
+                .run(|| check.run(at.ip, probe_timeout))
                 .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string()),
-            None => Ok(()),
+                .map_err(|e| e.to_string());
+        }
+        let Some(exec) = health.and_then(|h| h.exec.as_ref()) else {
+            return Ok(()); // nothing to probe: no TCP port and no check
         };
-        match health {
-            Some(h) if h.http.is_some() => {
-                let http = h.http.as_ref().ok_or("no http check")?;
-                let port = probe_port(service, http.port.as_ref(), temporary)
-                    .ok_or("no TCP port to probe")?;
-                netns
-                    .run(|| probe_http(loopback(port), &http.path, probe_timeout))
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
-            }
-            Some(h) if h.tcp.is_some() => {
-                let port = h.tcp.as_ref().and_then(|t| t.port.as_ref());
-                tcp(probe_port(service, port, temporary))
-            }
-            Some(h) if h.exec.is_some() => {
-                let command: Vec<String> =
-                    h.exec.iter().flatten().map(|c| c.value.clone()).collect();
-                match ctx.docker.exec(container, &command, probe_timeout) {
-                    Ok(0) => Ok(()),
-                    Ok(code) => Err(format!("{command:?} exited with {code}")),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            _ => tcp(probe_port(service, None, temporary)),
+        let command: Vec<String> = exec.iter().map(|c| c.value.clone()).collect();
+        match ctx.docker.exec(container, &command, probe_timeout) {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(format!("{command:?} exited with {code}")),
+            Err(e) => Err(e.to_string()),
         }
     };
     let mut last_state = None;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::drain::{Drained, established, wait_drained};
 use super::progress::Progress;
-use super::ready::wait_ready;
+use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
 use crate::backend::conntrack;
 use crate::backend::docker::ContainerSpec;
@@ -209,7 +209,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     ));
                     let next = self.next.clone();
                     if let Err(error) =
-                        wait_ready(self.ctx, self.progress, self.service, &next, true)
+                        wait_ready(self.ctx, self.progress, self.service, &next, ProbeAt::loopback(true))
                     {
                         return self.fail(StageName::StartNext, error);
                     }
@@ -295,7 +295,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 }
                 self.create(Slot::Next)?;
                 let next = self.next.clone();
-                wait_ready(self.ctx, self.progress, self.service, &next, true)
+                wait_ready(self.ctx, self.progress, self.service, &next, ProbeAt::loopback(true))
             }
             StageName::Redirect => self.set_redirects(true),
             StageName::Drain => {
@@ -330,7 +330,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     Some(_) => {}
                 }
                 let primary = self.primary.clone();
-                wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+                wait_ready(self.ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
                 Ok(self.ctx.docker.keep_running(&primary)?)
             }
             StageName::Unredirect => self.set_redirects(false),
@@ -388,7 +388,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.docker.rename(&self.prev, &self.primary)?;
             self.ctx.docker.start(&self.primary)?;
             let primary = self.primary.clone();
-            wait_ready(&ctx, self.progress, self.service, &primary, false)?;
+            wait_ready(&ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
             self.ctx.docker.keep_running(&primary)?;
         }
         self.progress.step(&format!(
@@ -435,7 +435,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             .step(&format!("{service}: stop-start: starting the new version"));
         let started = self.create(Slot::Primary).and_then(|()| {
             let primary = self.primary.clone();
-            wait_ready(self.ctx, self.progress, self.service, &primary, false)?;
+            wait_ready(self.ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
             Ok(self.ctx.docker.keep_running(&primary)?)
         });
         match started {
