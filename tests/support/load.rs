@@ -5,11 +5,17 @@
 //! chosen moment. Every request is recorded with when it started and ended,
 //! whether it succeeded, and which version (`X-Version`) answered, so a test
 //! can assert "no failure" and "which version served when".
+//!
+//! The pool can also send elsewhere than loopback (`LoadConfig::to`: any
+//! address, e.g. a VIP), another path (`/peer`: the body is the client address
+//! the server saw, kept in [`Sample::body`]), from inside a network namespace
+//! (`LoadConfig::in_netns`: each client thread enters it before opening
+//! sockets); [`request_in`] does the same for one request.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -28,6 +34,9 @@ pub struct Sample {
     pub version: Option<String>,
     /// Why the request failed; `None` for a complete `200` answer with a version.
     pub error: Option<String>,
+    /// The answer's body without its trailing newline, when there was one
+    /// (`/peer`: the client `ip:port` the server saw).
+    pub body: Option<String>,
 }
 
 impl Sample {
@@ -40,13 +49,29 @@ impl Sample {
     pub fn latency(&self) -> Duration {
         self.end - self.start
     }
+
+    /// The client address in a `/peer` answer (the body `ip:port`).
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        let body = self.body.as_deref().filter(|_| self.ok())?;
+        body.parse::<SocketAddr>().ok().map(|a| a.ip())
+    }
 }
 
 /// How the client pool behaves.
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    /// The loopback port to send to.
+    /// The loopback port to send to (unless `target` is set).
     pub port: u16,
+    /// Where to send instead of 127.0.0.1:`port`.
+    pub target: Option<SocketAddr>,
+    /// The network namespace (a name under /run/netns, or a path) the clients
+    /// run in; `None`: this process's.
+    pub netns: Option<String>,
+    /// The path each request asks for (`/` by default).
+    pub path: String,
+    /// The number of the first client (so that several pools in one test
+    /// can be told apart in their samples).
+    pub first_client: usize,
     /// Concurrent clients (threads), each with one connection at a time.
     pub clients: usize,
     /// Pause of each client between requests (keeps the conntrack table, which
@@ -66,6 +91,10 @@ impl LoadConfig {
     pub fn new(port: u16) -> Self {
         LoadConfig {
             port,
+            target: None,
+            netns: None,
+            path: "/".to_string(),
+            first_client: 0,
             clients: 32,
             pause: Duration::from_millis(30),
             max_requests_per_client: 20_000,
@@ -73,6 +102,51 @@ impl LoadConfig {
             io_timeout: Duration::from_secs(10),
         }
     }
+
+    /// As [`LoadConfig::new`], sending to `target` instead of loopback.
+    pub fn to(target: SocketAddr) -> Self {
+        LoadConfig {
+            target: Some(target),
+            ..LoadConfig::new(target.port())
+        }
+    }
+
+    /// The clients run inside the network namespace `netns` (a name under
+    /// /run/netns, or a path).
+    pub fn in_netns(self, netns: &str) -> Self {
+        LoadConfig {
+            netns: Some(netns.to_string()),
+            ..self
+        }
+    }
+
+    /// Each request asks for `path`.
+    pub fn path(self, path: &str) -> Self {
+        LoadConfig {
+            path: path.to_string(),
+            ..self
+        }
+    }
+
+    /// Where the requests go.
+    pub fn address(&self) -> SocketAddr {
+        self.target
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
+    }
+}
+
+/// Moves the calling thread into the network namespace `netns` (a name under
+/// /run/netns, or a path): sockets it opens from now on live there. Other
+/// threads are not affected.
+pub fn enter_netns(netns: &str) -> std::io::Result<()> {
+    let path = if netns.contains('/') {
+        std::path::PathBuf::from(netns)
+    } else {
+        std::path::Path::new("/run/netns").join(netns)
+    };
+    let file = std::fs::File::open(&path)?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| std::io::Error::other(format!("setns {}: {e}", path.display())))
 }
 
 /// A running client pool; [`Load::stop`] ends it and returns what it saw.
@@ -90,7 +164,8 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
-        let clients = (0..config.clients)
+        let first = config.first_client;
+        let clients = (first..first + config.clients)
             .map(|client| {
                 let stop = Arc::clone(&stop);
                 let done = Arc::clone(&done);
@@ -98,13 +173,19 @@ impl Load {
                 std::thread::Builder::new()
                     .name(format!("load-{client}"))
                     .spawn(move || {
+                        if let Some(netns) = &config.netns {
+                            enter_netns(netns).unwrap_or_else(|e| {
+                                panic!("load client {client}: entering {netns}: {e}")
+                            });
+                        }
                         let deadline = started + config.max_duration;
+                        let addr = config.address();
                         let mut samples = Vec::new();
                         while !stop.load(Ordering::SeqCst)
                             && samples.len() < config.max_requests_per_client
                             && Instant::now() < deadline
                         {
-                            samples.push(request(client, config.port, "/", config.io_timeout));
+                            samples.push(request_to(client, addr, &config.path, config.io_timeout));
                             done.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(config.pause);
                         }
@@ -189,7 +270,8 @@ fn open_long_lived(port: u16, n: usize, hold_ms: u64, half_close: bool) -> LongL
                 .name(format!("long-lived-{i}"))
                 .spawn(move || {
                     let path = format!("/hold?ms={hold_ms}");
-                    request_with(1000 + i, port, &path, timeout, half_close, move || {
+                    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                    request_with(1000 + i, addr, &path, timeout, half_close, move || {
                         let _ = sent.send(());
                     })
                 })
@@ -219,27 +301,54 @@ impl LongLived {
 
 /// One `GET path` on a fresh connection to 127.0.0.1:port.
 pub fn request(client: usize, port: u16, path: &str, timeout: Duration) -> Sample {
-    request_with(client, port, path, timeout, false, || {})
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    request_with(client, addr, path, timeout, false, || {})
+}
+
+/// One `GET path` on a fresh connection to `addr`.
+pub fn request_to(client: usize, addr: SocketAddr, path: &str, timeout: Duration) -> Sample {
+    request_with(client, addr, path, timeout, false, || {})
+}
+
+/// One `GET path` to `addr` from inside the network namespace `netns` (a
+/// name under /run/netns, or a path), on a thread of its own.
+pub fn request_in(
+    netns: &str,
+    client: usize,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Sample {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter_netns(netns).unwrap_or_else(|e| panic!("entering {netns}: {e}"));
+                request_to(client, addr, path, timeout)
+            })
+            .join()
+            .expect("the request thread panicked")
+    })
 }
 
 fn request_with(
     client: usize,
-    port: u16,
+    addr: SocketAddr,
     path: &str,
     timeout: Duration,
     half_close: bool,
     on_sent: impl FnOnce(),
 ) -> Sample {
     let start = Instant::now();
-    let result = exchange(port, path, timeout, half_close, on_sent);
+    let result = exchange(addr, path, timeout, half_close, on_sent);
     let end = Instant::now();
     match result {
-        Ok(version) => Sample {
+        Ok((version, body)) => Sample {
             client,
             start,
             end,
             version: Some(version),
             error: None,
+            body: Some(body),
         },
         Err((version, error)) => Sample {
             client,
@@ -247,6 +356,7 @@ fn request_with(
             end,
             version,
             error: Some(error),
+            body: None,
         },
     }
 }
@@ -254,21 +364,19 @@ fn request_with(
 type Failure = (Option<String>, String);
 
 fn exchange(
-    port: u16,
+    addr: SocketAddr,
     path: &str,
     timeout: Duration,
     half_close: bool,
     on_sent: impl FnOnce(),
-) -> Result<String, Failure> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+) -> Result<(String, String), Failure> {
     let fail = |what: &str, e: std::io::Error| (None, format!("{what}: {e}"));
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail("connect", e))?;
     stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| fail("timeouts", e))?;
-    let head =
-        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(head.as_bytes())
         .map_err(|e| fail("write", e))?;
@@ -285,8 +393,9 @@ fn exchange(
     parse(&answer)
 }
 
-/// The version in a complete `200` answer, or why it is not one.
-fn parse(answer: &[u8]) -> Result<String, Failure> {
+/// The version and body (without its trailing newline) of a complete `200`
+/// answer, or why it is not one.
+fn parse(answer: &[u8]) -> Result<(String, String), Failure> {
     let text = String::from_utf8_lossy(answer);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         return Err((None, format!("incomplete answer ({} bytes)", answer.len())));
@@ -315,7 +424,7 @@ fn parse(answer: &[u8]) -> Result<String, Failure> {
         ));
     }
     match version {
-        Some(v) if !v.is_empty() => Ok(v),
+        Some(v) if !v.is_empty() => Ok((v, body.trim_end_matches('\n').to_string())),
         _ => Err((None, "no version in the answer".to_string())),
     }
 }
@@ -328,6 +437,26 @@ pub struct Report {
 }
 
 impl Report {
+    /// Several reports as one, sorted by start.
+    pub fn merged(reports: impl IntoIterator<Item = Report>) -> Report {
+        let mut samples: Vec<Sample> = reports.into_iter().flat_map(|r| r.samples).collect();
+        samples.sort_by_key(|s| s.start);
+        Report { samples }
+    }
+
+    /// Client addresses in the `/peer` answers of successful requests matching
+    /// `pick`, with their counts (`"?"` for an answer that is no `ip:port`).
+    pub fn peers(&self, pick: impl Fn(&Sample) -> bool) -> BTreeMap<String, usize> {
+        let mut found = BTreeMap::new();
+        for sample in self.samples.iter().filter(|s| s.ok() && pick(s)) {
+            let peer = sample
+                .peer_ip()
+                .map_or_else(|| "?".to_string(), |ip| ip.to_string());
+            *found.entry(peer).or_insert(0) += 1;
+        }
+        found
+    }
+
     /// Requests that failed.
     pub fn failed(&self) -> Vec<&Sample> {
         self.samples.iter().filter(|s| !s.ok()).collect()

@@ -185,3 +185,4 @@ pub fn free_port() -> u16 {
     }
     panic!("no free port in 20000-28999")
 }
+pub mod topology;

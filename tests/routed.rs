@@ -1,0 +1,553 @@
+//! Routed mode end to end: two clients, two load-balancer nodes sharing one
+//! VIP and one or two workers, each a network namespace
+//! (`support::topology`), each node driven by its own `lessnat apply --node
+//! NAME --netns NS` as on separate machines, against one Docker engine.
+//!
+//! What is measured, not assumed: the client address every `/peer` answer
+//! shows; which LB forwarded each reply (test-owned nft counters in the LB
+//! namespaces); that no namespace has a SNAT or masquerade rule; the DSCP and
+//! ECN bits UDP datagrams arrive at the worker with; requests dropped during
+//! an upgrade v1 → v2 with load from both clients while LB applies run every
+//! 0.3 s; and what `plan` and `apply` make of a container restarted behind
+//! lessnat's back.
+//!
+//! The tests run one at a time (a lock in this binary): each builds its own
+//! site and node names with a random tag, so they would not collide, but the
+//! upgrade's timing is easier on two CPUs without a neighbour. On the way
+//! out, also on panic, `lessnat destroy` runs on every node, the site's
+//! containers are removed by name and the namespaces are deleted.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use support::image::test_image;
+use support::load::{Load, LoadConfig, Report};
+use support::topology::{
+    self, CLIENT_ADDRESSES, HTTP_PORT, Node, Replica, Service, Topology, show,
+};
+
+/// The service's name in every spec.
+const SERVICE: &str = "web";
+/// Client threads per client namespace.
+const CLIENTS_PER_NAMESPACE: usize = 8;
+/// Between two LB applies while a worker upgrades.
+const LB_APPLY_EVERY: Duration = Duration::from_millis(300);
+
+/// A site for one test, with the test's lock held; `None` (skipped) without
+/// root, nft or Docker.
+struct Site {
+    topo: Topology,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Site {
+    type Target = Topology;
+    fn deref(&self) -> &Topology {
+        &self.topo
+    }
+}
+
+fn site(test: &str, workers: usize) -> Option<Site> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    if !support::root_with(test, &["nft", "sysctl"]) || !support::docker(test) {
+        return None;
+    }
+    // Build the images before taking the lock: nobody waits for a build.
+    test_image("v1");
+    test_image("v2");
+    let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let topo = Topology::new(workers);
+    let names: Vec<&str> = topo.nodes().map(|n| n.name.as_str()).collect();
+    eprintln!("{test}: nodes {}", names.join(", "));
+    Some(Site {
+        topo,
+        _serial: serial,
+    })
+}
+
+/// One replica (`10.20.N.5`, next `10.20.N.6`) on each worker.
+fn replicas(topo: &Topology) -> Vec<Replica> {
+    (0..topo.workers.len()).map(|w| Replica::on(w, 5)).collect()
+}
+
+/// A pool of client threads in each client namespace, asking the VIP for `/peer`.
+fn client_load(topo: &Topology) -> Vec<Load> {
+    topo.clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let mut config = LoadConfig::to(topology::vip())
+                .in_netns(&client.ns.name)
+                .path("/peer");
+            config.clients = CLIENTS_PER_NAMESPACE;
+            config.first_client = i * 100;
+            config.io_timeout = Duration::from_secs(5);
+            Load::start(config)
+        })
+        .collect()
+}
+
+/// Waits until each pool made `n` more requests.
+fn wait_requests(loads: &[Load], n: usize) {
+    for load in loads {
+        load.wait_requests(n, Duration::from_secs(60));
+    }
+}
+
+fn stop(loads: Vec<Load>) -> Report {
+    Report::merged(loads.into_iter().map(Load::stop))
+}
+
+/// Which client namespace a sample came from.
+fn namespace_of(sample: &support::load::Sample) -> usize {
+    sample.client / 100
+}
+
+fn assert_no_failures(report: &Report, origin: Instant, what: &str) {
+    let failed = report.failed();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} requests failed: {}",
+        failed.len(),
+        report.samples.len(),
+        report.summary(origin)
+    );
+}
+
+/// Every successful `/peer` answer shows the real address of the client
+/// that asked.
+fn assert_real_client_addresses(report: &Report, what: &str) {
+    for (i, address) in CLIENT_ADDRESSES.iter().enumerate() {
+        let peers = report.peers(|s| namespace_of(s) == i);
+        let total: usize = peers.values().sum();
+        assert!(total > 0, "{what}: no answer to client {}", i + 1);
+        assert_eq!(
+            peers,
+            BTreeMap::from([(address.to_string(), total)]),
+            "{what}: client addresses the server saw for client {} ({address})",
+            i + 1
+        );
+    }
+}
+
+/// `plan --detailed-exitcode` exits 0 on every node.
+fn assert_converged(topo: &Topology, spec: &std::path::Path) {
+    for node in topo.nodes() {
+        let (code, output) = Topology::plan_exit(node, spec);
+        assert_eq!(
+            code,
+            Some(0),
+            "plan --detailed-exitcode on {} after apply:\n{output}",
+            node.name
+        );
+    }
+}
+
+/// The veths in `worker`'s namespace other than its own link to the fabric:
+/// the ones lessnat made for containers.
+fn container_veths(worker: &Node) -> Vec<String> {
+    let output = worker
+        .ns
+        .exec("ip", &["-j", "link", "show", "type", "veth"]);
+    let links: serde_json::Value = serde_json::from_slice(&output.stdout).expect("ip -j link JSON");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|name| *name != "fab")
+        .map(str::to_string)
+        .collect()
+}
+
+/// Image and `io.lessnat.address` label of a container.
+fn image_and_address(container: &str) -> (String, String) {
+    let output = support::run(
+        "docker",
+        &[
+            "inspect",
+            "--format",
+            "{{.Config.Image}} {{index .Config.Labels \"io.lessnat.address\"}}",
+            container,
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let (image, address) = text.split_once(' ').unwrap_or((&text, ""));
+    (image.to_string(), address.to_string())
+}
+
+/// `GET /` from client `client` through the VIP, retried for up to `within`;
+/// the version that answered.
+fn version_within(topo: &Topology, client: usize, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let sample = topo.request(client, "/");
+        if sample.ok() {
+            return sample.version.expect("a version");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client {} got no answer through the VIP within {within:?}: {:?}",
+            client + 1,
+            sample.error
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
+    let Some(site) = site("routed_keeps_client_addresses", 2) else {
+        return;
+    };
+    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
+    let spec = site.write_spec("v1", &[service]);
+    site.apply_all(&spec);
+    assert_converged(&site, &spec);
+
+    site.count_forwarded();
+    for worker in &site.workers {
+        let _ = worker
+            .ns
+            .try_exec("nft", &["delete", "table", "ip", "lnt_syn"]);
+        worker.ns.nft(&format!(
+            "table ip lnt_syn {{\n  counter syn {{}}\n  chain prerouting {{\n    \
+             type filter hook prerouting priority -400; policy accept;\n    \
+             iifname \"fab\" tcp dport {HTTP_PORT} tcp flags & (syn | ack) == syn counter name syn\n  }}\n}}\n"
+        ));
+    }
+    let origin = Instant::now();
+    let loads = client_load(&site);
+    wait_requests(&loads, 400);
+    let report = stop(loads);
+    eprintln!("load: {}", report.summary(origin));
+    assert_no_failures(&report, origin, "requests through the VIP");
+    assert_real_client_addresses(&report, "requests through the VIP");
+
+    // Both replicas served (numgen spreads new connections).
+    for worker in &site.workers {
+        let syn = topology::nft_counters(&worker.ns, "ip", "lnt_syn");
+        assert!(
+            syn.get("syn").copied().unwrap_or(0) > 0,
+            "worker {} received no connection: {syn:?}",
+            worker.name
+        );
+    }
+
+    // Each reply left through the LB that got the request: client i's
+    // packets, both ways, only on LB i.
+    for (lb, node) in site.lbs.iter().enumerate() {
+        let counts = site.forwarded(lb);
+        eprintln!("{}: forwarded {counts:?}", node.name);
+        for client in 0..CLIENT_ADDRESSES.len() {
+            let n = client + 1;
+            let requests = report
+                .samples
+                .iter()
+                .filter(|s| namespace_of(s) == client)
+                .count() as u64;
+            let from = counts.get(&format!("from_c{n}")).copied().unwrap_or(0);
+            let to = counts.get(&format!("to_c{n}")).copied().unwrap_or(0);
+            if client == lb {
+                // At least a SYN-ACK and an answer per request.
+                assert!(
+                    from >= 2 * requests && to >= 2 * requests,
+                    "{} should have forwarded client {n}'s {requests} requests and their replies: {counts:?}",
+                    node.name
+                );
+            } else {
+                assert_eq!(
+                    (from, to),
+                    (0, 0),
+                    "{} forwarded packets of client {n}, which routes the VIP via the other LB: {counts:?}",
+                    node.name
+                );
+            }
+        }
+    }
+
+    // The workers cannot reach the clients except by the LBs' policy routes.
+    for worker in &site.workers {
+        for client in CLIENT_ADDRESSES {
+            assert!(
+                !topology::has_route(&worker.ns, client),
+                "worker {} has a route to client {client}",
+                worker.name
+            );
+        }
+    }
+
+    // No source NAT anywhere; the check itself sees a masquerade rule.
+    for ns in site.namespaces() {
+        let found = topology::nat_statements(ns);
+        assert!(
+            found.is_empty(),
+            "source NAT in namespace {}: {found:?}",
+            ns.name
+        );
+    }
+    site.masquerade(true);
+    let seen = topology::nat_statements(&site.lbs[0].ns);
+    site.masquerade(false);
+    assert_eq!(
+        seen.len(),
+        1,
+        "the SNAT check should see the test's own masquerade rule: {seen:?}"
+    );
+}
+
+#[test]
+fn routed_dscp_carries_the_lb_id_and_ecn_is_unchanged() {
+    let Some(site) = site("routed_dscp_and_ecn", 1) else {
+        return;
+    };
+    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
+    let spec = site.write_spec("v1", &[service]);
+    site.apply_all(&spec);
+    site.count_udp_marks(0);
+
+    // DSCP AF11 (10) and ECN ECT(1) as sent by the clients.
+    const TOS: u8 = (10 << 2) | 0b01;
+    const DATAGRAMS: usize = 20;
+    for (i, client) in site.clients.iter().enumerate() {
+        let answers = topology::udp_exchange(
+            &client.ns.name,
+            topology::vip_udp(),
+            TOS,
+            DATAGRAMS,
+            Duration::from_secs(2),
+        );
+        let expected = format!("v1 {}:", CLIENT_ADDRESSES[i]);
+        let wrong: Vec<_> = answers
+            .iter()
+            .filter(|a| !a.as_deref().is_some_and(|a| a.starts_with(&expected)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "client {}: UDP answers should start with {expected:?}: {answers:?}",
+            i + 1
+        );
+    }
+    let marks = site.udp_marks(0);
+    eprintln!("at the worker: {marks:?}");
+    let n = DATAGRAMS as u64;
+    assert_eq!(
+        marks,
+        BTreeMap::from([
+            ("all_udp".to_string(), 2 * n),
+            ("lb1_ect1".to_string(), n),
+            ("lb2_ect1".to_string(), n),
+        ]),
+        "datagrams at the worker: all, and those with DSCP = the id of the LB they came through and ECN ECT(1)"
+    );
+}
+
+#[test]
+fn routed_upgrade_under_load_drops_nothing() {
+    let Some(site) = site("routed_upgrade_under_load", 2) else {
+        return;
+    };
+    let v1 = Service::new(SERVICE, &test_image("v1"), replicas(&site));
+    let v2 = v1.with_image(&test_image("v2"));
+    let spec1 = site.write_spec("v1", std::slice::from_ref(&v1));
+    let spec2 = site.write_spec("v2", std::slice::from_ref(&v2));
+    site.apply_all(&spec1);
+    for client in 0..2 {
+        assert_eq!(version_within(&site, client, Duration::from_secs(5)), "v1");
+    }
+
+    let origin = Instant::now();
+    let loads = client_load(&site);
+    wait_requests(&loads, 100);
+    let upgrade_started = Instant::now();
+    // Each worker upgrades with its own apply; each LB applies the new spec
+    // every 0.3 s meanwhile, as a timer would.
+    let workers_done = AtomicBool::new(false);
+    let (worker_runs, lb_runs) = std::thread::scope(|scope| {
+        let lb_loops: Vec<_> = site
+            .lbs
+            .iter()
+            .map(|lb| {
+                let (spec, done) = (&spec2, &workers_done);
+                scope.spawn(move || {
+                    let mut runs = Vec::new();
+                    while !done.load(Ordering::SeqCst) {
+                        runs.push((Instant::now(), Topology::try_apply(lb, spec)));
+                        std::thread::sleep(LB_APPLY_EVERY);
+                    }
+                    runs
+                })
+            })
+            .collect();
+        let worker_applies: Vec<_> = site
+            .workers
+            .iter()
+            .map(|worker| {
+                let spec = &spec2;
+                scope.spawn(move || Topology::try_apply(worker, spec))
+            })
+            .collect();
+        let worker_runs: Vec<_> = worker_applies
+            .into_iter()
+            .map(|h| h.join().expect("worker apply thread"))
+            .collect();
+        workers_done.store(true, Ordering::SeqCst);
+        let lb_runs: Vec<_> = lb_loops
+            .into_iter()
+            .map(|h| h.join().expect("LB apply loop"))
+            .collect();
+        (worker_runs, lb_runs)
+    });
+    let upgraded = Instant::now();
+    for lb in &site.lbs {
+        Topology::apply(lb, &spec2);
+    }
+    let settled = Instant::now();
+    wait_requests(&loads, 100);
+    let report = stop(loads);
+    eprintln!(
+        "upgrade: workers done after {:.2}s; load: {}",
+        (upgraded - upgrade_started).as_secs_f64(),
+        report.summary(origin)
+    );
+
+    for (worker, run) in site.workers.iter().zip(&worker_runs) {
+        eprintln!("--- apply on {} ---\n{}", worker.name, show(run));
+        assert!(
+            run.status.success(),
+            "upgrade apply on {} failed:\n{}",
+            worker.name,
+            show(run)
+        );
+    }
+    for (lb, runs) in site.lbs.iter().zip(&lb_runs) {
+        let failed: Vec<_> = runs.iter().filter(|(_, o)| !o.status.success()).collect();
+        eprintln!(
+            "{}: {} applies during the upgrade, {} failed",
+            lb.name,
+            runs.len(),
+            failed.len()
+        );
+        if let Some((at, output)) = failed.first() {
+            panic!(
+                "an apply on {} failed {:.2}s into the upgrade:\n{}",
+                lb.name,
+                (*at - upgrade_started).as_secs_f64(),
+                show(output)
+            );
+        }
+    }
+
+    assert_no_failures(&report, origin, "the upgrade under load");
+    assert_real_client_addresses(&report, "the upgrade under load");
+    let before = report.ended_before(upgrade_started);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["v1"],
+        "answers before the upgrade: {before:?}"
+    );
+    let after = report.started_after(upgraded);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["v2"],
+        "answers to requests started after the worker applies returned: {after:?}"
+    );
+    for client in 0..CLIENT_ADDRESSES.len() {
+        let late = report.versions(|s| s.start > settled && namespace_of(s) == client);
+        assert_eq!(
+            late.keys().collect::<Vec<_>>(),
+            ["v2"],
+            "client {}'s answers after the LBs' last apply: {late:?}",
+            client + 1
+        );
+    }
+
+    // Only the new version is left, at the other address of the pair.
+    for (worker, replica) in site.workers.iter().zip(&v1.replicas) {
+        let containers = Topology::containers(worker);
+        assert_eq!(
+            containers.len(),
+            1,
+            "containers of {} after the upgrade: {containers:?}",
+            worker.name
+        );
+        let (image, address) = image_and_address(&containers[0]);
+        assert_eq!(image, v2.image, "image of {}", containers[0]);
+        let next = replica.next_address.expect("nextAddress").to_string();
+        assert_eq!(address, next, "address of {}", containers[0]);
+    }
+    assert_converged(&site, &spec2);
+}
+
+#[test]
+fn routed_container_restarted_behind_lessnats_back_is_rewired() {
+    let Some(site) = site("routed_container_restart", 1) else {
+        return;
+    };
+    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
+    let spec = site.write_spec("v1", &[service]);
+    site.apply_all(&spec);
+    let worker = &site.workers[0];
+    for client in 0..2 {
+        assert_eq!(version_within(&site, client, Duration::from_secs(5)), "v1");
+    }
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 1, "containers: {containers:?}");
+    let veths = container_veths(worker);
+    assert_eq!(veths.len(), 1, "container veths on the worker: {veths:?}");
+
+    support::run("docker", &["restart", "--time", "1", &containers[0]]);
+    // A new network namespace for the container: its veth went with the old one.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !container_veths(worker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the container's veth is still there after docker restart: {:?}",
+            container_veths(worker)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut = site.request(0, "/");
+    assert!(
+        !cut.ok(),
+        "a request reached the container without its veth: {cut:?}"
+    );
+
+    let (code, output) = Topology::plan_exit(worker, &spec);
+    assert_eq!(
+        code,
+        Some(2),
+        "plan --detailed-exitcode on the worker should see the missing wiring:\n{output}"
+    );
+    Topology::apply(worker, &spec);
+    assert_eq!(
+        container_veths(worker).len(),
+        1,
+        "container veths after apply"
+    );
+    for client in 0..2 {
+        assert_eq!(version_within(&site, client, Duration::from_secs(10)), "v1");
+    }
+    let report = {
+        let loads = client_load(&site);
+        wait_requests(&loads, 50);
+        stop(loads)
+    };
+    assert_no_failures(
+        &report,
+        report.samples[0].start,
+        "requests after the re-wiring",
+    );
+    assert_real_client_addresses(&report, "requests after the re-wiring");
+    for lb in &site.lbs {
+        Topology::apply(lb, &spec);
+    }
+    assert_converged(&site, &spec);
+}
