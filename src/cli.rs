@@ -343,7 +343,12 @@ fn netns(global: &GlobalArgs) -> Netns {
 }
 
 /// Observed state: from a snapshot file, or read from the live host.
-fn observe(global: &GlobalArgs, args: &ObserveArgs, node: &str) -> anyhow::Result<Observed> {
+fn observe(
+    global: &GlobalArgs,
+    args: &ObserveArgs,
+    spec: &Spec,
+    node: &str,
+) -> anyhow::Result<Observed> {
     if let Some(path) = &args.observed {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -357,7 +362,9 @@ fn observe(global: &GlobalArgs, args: &ObserveArgs, node: &str) -> anyhow::Resul
         );
         return Ok(observed);
     }
-    crate::observe::live::observe(node, &netns(global)).context("reading the live host")
+    let docker = crate::backend::docker::Docker::connect()?;
+    crate::observe::live::observe_for(spec, node, &netns(global), &docker)
+        .context("reading the live host")
 }
 
 /// The command line, for the lock file's record of who holds it.
@@ -401,7 +408,7 @@ fn planned(
     if let Some(path) = plan_path {
         let saved = SavedPlan::read(path)?;
         let node = saved.plan.node.clone();
-        let now = crate::observe::live::observe_with(&node, &netns(global), docker)
+        let now = crate::observe::live::observe_for(&saved.spec, &node, &netns(global), docker)
             .context("reading the live host")?;
         let changed = crate::apply::stale::changes_since(&saved.observed, &now);
         if !changed.is_empty() {
@@ -424,7 +431,7 @@ fn planned(
     let spec_path = spec_path.context("give a spec with -f SPEC, or a saved plan file")?;
     let spec = load_spec(global, spec_path)?;
     let node = pick_node(global, &spec)?;
-    let observed = crate::observe::live::observe_with(&node, &netns(global), docker)
+    let observed = crate::observe::live::observe_for(&spec, &node, &netns(global), docker)
         .context("reading the live host")?;
     let plan = plan(&spec, &node, &observed);
     Ok(Planned {
@@ -486,7 +493,8 @@ fn carry_out(
         if !planned.plan.has_upgrade_in_flight() {
             break;
         }
-        planned.observed = crate::observe::live::observe_with(&planned.node, &netns, docker)
+        planned.observed =
+            crate::observe::live::observe_for(&planned.spec, &planned.node, &netns, docker)
             .context("reading the live host")?;
         planned.plan = plan(&planned.spec, &planned.node, &planned.observed);
         if planned.plan.is_empty() {
@@ -564,7 +572,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         } => {
             let spec = load_spec(&cli.global, spec_path)?;
             let node = pick_node(&cli.global, &spec)?;
-            let observed = observe(&cli.global, observe_args, &node)?;
+            let observed = observe(&cli.global, observe_args, &spec, &node)?;
             let plan = plan(&spec, &node, &observed);
             let changed = !plan.is_empty();
             if *json {

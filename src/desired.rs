@@ -140,7 +140,9 @@ pub fn desired_node<'a>(spec: &'a Spec, node: &str) -> DesiredNode<'a> {
     }
 }
 
-fn container_for(service: &Service, address: Option<String>) -> DesiredContainer {
+/// The container `service` should have; `address` is a routed replica's
+/// `address` (part of what makes the container current), `None` in host mode.
+pub fn container_for(service: &Service, address: Option<String>) -> DesiredContainer {
     DesiredContainer {
         service: service.name.value.clone(),
         image: service.image.value.clone(),

@@ -14,8 +14,10 @@ use lessnat::observe::{
     ConntrackState, Container, FlowCount, ForeignContainer, IpRule, NftTable, OBSERVED_FORMAT,
     Observed, Route,
 };
-use lessnat::ownership::{Slot, container_name};
-use lessnat::plan::{plan, render::render};
+use lessnat::observe::{Probe, Veth};
+use lessnat::ownership::{Slot, container_name, veth_name};
+use lessnat::plan::{desired_table, plan, render::render};
+use lessnat::routed::{desired_addresses, desired_routing, desired_sysctls};
 use lessnat::spec::{Protocol, Spec, load_bytes};
 use lessnat::style::Style;
 
@@ -130,6 +132,7 @@ impl<'a> Fixture<'a> {
             state: state.to_string(),
             health: None,
             pid: (state == "running").then_some(1000 + n as u32),
+            address: c.address.clone(),
         });
         self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
         self
@@ -151,6 +154,46 @@ impl<'a> Fixture<'a> {
             count,
         });
         self.observed.conntrack.table_count += count;
+        self
+    }
+
+    /// Everything routed mode sets up for `spec` on this node, as if applied:
+    /// rules, routes, VIPs, kernel settings, lessnat's table, and a veth for
+    /// each running routed container.
+    fn routed_in_place(mut self, spec: &Spec) -> Self {
+        self.observed.routing = desired_routing(spec, self.node);
+        self.observed.addresses = desired_addresses(spec, self.node);
+        self.observed.sysctls = desired_sysctls(spec, self.node);
+        self.observed.nft.tables = desired_table(spec, self.node, &self.observed)
+            .into_iter()
+            .collect();
+        for c in &self.observed.containers {
+            if let (Some(address), "running") = (&c.address, c.state.as_str()) {
+                self.observed.veths.push(Veth {
+                    name: veth_name(&c.service, address),
+                    service: c.service.clone(),
+                    address: address.clone(),
+                    up: true,
+                });
+            }
+        }
+        self.observed.veths.sort();
+        self
+    }
+
+    /// Load-balancer probes: `healthy` addresses answered, the others did not.
+    fn probes(mut self, service: &str, healthy: &[&str], unhealthy: &[&str]) -> Self {
+        for (list, ok) in [(healthy, true), (unhealthy, false)] {
+            for address in list {
+                self.observed.probes.push(Probe {
+                    service: service.into(),
+                    address: (*address).into(),
+                    healthy: ok,
+                    detail: (!ok).then(|| format!("{address}:8080: connection refused")),
+                });
+            }
+        }
+        self.observed.probes.sort();
         self
     }
 
@@ -300,6 +343,7 @@ fn write_observed_fixtures() {
     removed.observed.routing.rules.push(IpRule {
         family: "inet".into(),
         priority: 27001,
+        source: None,
         fwmark: Some(1),
         fwmask: None,
         table: 27001,
@@ -330,7 +374,40 @@ fn write_observed_fixtures() {
     Fixture::new("web-1")
         .container(&routed_before, "api", Slot::Primary, "running")
         .container(&routed_before, "search", Slot::Primary, "running")
+        .routed_in_place(&routed_before)
         .write("routed-replicas");
+
+    // Routed, load-balancer node, nothing set up yet: VIP, routes, table.
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routed.yaml"),
+    )
+    .expect("examples/routed.yaml");
+    let routed_v7 = spec_from(&example);
+    Fixture::new("lb-1")
+        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .write("routed-lb-fresh");
+
+    // Routed, load-balancer node, an upgrade under way on the workers: web-1's
+    // next version answers at 10.20.1.254 (switch), web-2's does not yet (stay).
+    let mut switching = Fixture::new("lb-1")
+        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .routed_in_place(&routed_v7);
+    switching.observed.probes.clear();
+    switching
+        .probes(
+            "api",
+            &["10.20.1.5", "10.20.1.254", "10.20.2.5"],
+            &["10.20.2.254"],
+        )
+        .write("routed-lb-switch");
+
+    // Routed worker: the container is current and running but lost its veth
+    // (Docker restarted it): wire it in again.
+    let mut rewire = Fixture::new("web-1")
+        .container(&routed_v7, "api", Slot::Primary, "running")
+        .routed_in_place(&routed_v7);
+    rewire.observed.veths.clear();
+    rewire.write("routed-rewire");
 
     // Conntrack nearly full: a warning.
     let mut full =

@@ -26,7 +26,7 @@ use crate::journal::JournalFile;
 use crate::lock::ApplyLock;
 use crate::netns::Netns;
 use crate::observe::Observed;
-use crate::observe::live::observe_with;
+use crate::observe::live::observe_for;
 use crate::plan::{Action, Decision, Plan, Resource, Summary, plan, render::render};
 use crate::spec::{Spec, load_bytes};
 use crate::style::Style;
@@ -408,7 +408,7 @@ impl<'a> Reconciler<'a> {
         })?;
         notes.node = Some(node.clone());
 
-        let observed = observe_with(&node, &self.settings.netns, self.docker)
+        let observed = observe_for(&spec, &node, &self.settings.netns, self.docker)
             .map_err(|e| Failure::new(Stage::Observe, &e))?;
         let plan = plan(&spec, &node, &observed);
         notes.planned = Some(plan.summary());
@@ -516,7 +516,7 @@ impl<'a> Reconciler<'a> {
         let mut progress = Progress::new(std::io::stdout().is_terminal());
         let clock = Instant::now();
         let reobserve = |docker: &Docker| {
-            observe_with(node, &netns, docker).map_err(|e| Failure::new(Stage::Observe, &e))
+            observe_for(spec, node, &netns, docker).map_err(|e| Failure::new(Stage::Observe, &e))
         };
         for _round in 0..3 {
             let ctx = apply::Context {

@@ -6,7 +6,9 @@ use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::netns::Netns;
+use crate::spec::Spec;
 
+use super::probe::probe_replicas;
 use super::{OBSERVED_FORMAT, Observed};
 
 /// Observing the live host failed.
@@ -31,6 +33,19 @@ pub enum ObserveError {
 pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
     let docker = Docker::connect()?;
     observe_with(node, netns, &docker)
+}
+
+/// Like [`observe_with`], plus what only the spec can say where to look: a
+/// load-balancer node's probes of its replicas' addresses.
+pub fn observe_for(
+    spec: &Spec,
+    node: &str,
+    netns: &Netns,
+    docker: &Docker,
+) -> Result<Observed, ObserveError> {
+    let mut observed = observe_with(node, netns, docker)?;
+    observed.probes = probe_replicas(spec, node, netns);
+    Ok(observed)
 }
 
 /// Like [`observe`], with a Docker client the caller already has.

@@ -3,6 +3,7 @@
 //! (`testdata/plans/*/observed.json`) without touching a host.
 
 pub mod live;
+pub mod probe;
 pub mod show;
 
 use std::collections::BTreeMap;

@@ -5,6 +5,7 @@ mod fingerprint;
 mod host;
 mod model;
 pub mod render;
+mod routed;
 pub mod saved;
 
 use std::collections::{BTreeSet, HashMap};
@@ -15,11 +16,16 @@ pub use model::{
     Stage, StageName, Summary, Upgrade,
 };
 
-use crate::backend::nft::ruleset::{Redirect, host_table, redirects_in};
-use crate::desired::{DesiredContainer, desired_node};
+use crate::backend::nft::routed::{WorkerRules, add_load_balancer, add_worker};
+use crate::backend::nft::ruleset::{Redirect, empty_table, host_table, redirects_in};
+use crate::desired::desired_node;
 use crate::observe::{Container, NftTable, Observed};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
-use crate::spec::{NetworkMode, Service, Spec};
+use crate::routed::{
+    desired_addresses, desired_routing, desired_sysctls, load_balancer_role, worker_role,
+};
+use crate::spec::{NetworkMode, Spec};
+
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
@@ -56,9 +62,18 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
                 );
                 planner.changes.extend(change);
             }
-            NetworkMode::Routed => planner.routed_service(node, service, container, &mine),
+            NetworkMode::Routed => planner.changes.extend(routed::plan_replica(
+                spec,
+                node,
+                service,
+                container,
+                &mine,
+                observed,
+                &mut planner.drift,
+            )),
         }
     }
+    planner.changes.extend(routed::stale_veths(observed));
     planner.orphan_containers(
         &desired
             .services
@@ -66,8 +81,20 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    planner.host_table(observed_table, desired_table(spec, node, observed));
-    planner.routing();
+    let switches = load_balancer_role(spec, node)
+        .map(|role| routed::load_balancing(spec, &role, observed_table, observed).switches)
+        .unwrap_or_default();
+    planner.table(observed_table, desired_table(spec, node, observed), &switches);
+    let routing = desired_routing(spec, node);
+    let wiring = routed::plan_wiring(
+        &routing.rules,
+        &routing.routes,
+        &desired_addresses(spec, node),
+        &desired_sysctls(spec, node),
+        observed,
+    );
+    planner.first.splice(0..0, wiring.first);
+    planner.last.extend(wiring.last);
 
     let Planner {
         drift,
@@ -99,28 +126,51 @@ fn own_table(observed: &Observed) -> Option<&NftTable> {
         .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE)
 }
 
-/// The nftables table `node` should have, given what is observed: none when no
-/// host-mode service runs there; otherwise lessnat's table, keeping the
-/// redirects of upgrades in flight (their stages add and remove them).
+/// The nftables table `node` should have, given what is observed: none when
+/// it runs no host-mode service and has no routed role. Host mode's part keeps
+/// the redirects of upgrades in flight (their stages add and remove them); a
+/// load-balancer node's part sends new connections where
+/// [`routed::load_balancing`] decides from the probes.
 pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<NftTable> {
     let desired = desired_node(spec, node);
-    if !desired.needs_host_table() {
+    let balancer = load_balancer_role(spec, node);
+    let worker = worker_role(spec, node);
+    if !desired.needs_host_table() && balancer.is_none() && worker.is_none() {
         return None;
     }
-    let slots = slots_by_service(observed);
-    let found = host::index_redirects(own_table(observed).map(redirects_in).unwrap_or_default());
-    let kept: Vec<Redirect> = desired
-        .services
-        .iter()
-        .filter(|(s, _)| s.network == NetworkMode::Host)
-        .filter(|(s, _)| {
-            slots
-                .get(s.name.value.as_str())
-                .is_some_and(|slots| slots.next.is_some())
-        })
-        .flat_map(|(s, _)| host::redirects_of(s, &found))
-        .collect();
-    Some(host_table(&kept))
+    let found = own_table(observed);
+    let mut table = if desired.needs_host_table() {
+        let slots = slots_by_service(observed);
+        let redirects = host::index_redirects(found.map(redirects_in).unwrap_or_default());
+        let kept: Vec<Redirect> = desired
+            .services
+            .iter()
+            .filter(|(s, _)| s.network == NetworkMode::Host)
+            .filter(|(s, _)| {
+                slots
+                    .get(s.name.value.as_str())
+                    .is_some_and(|slots| slots.next.is_some())
+            })
+            .flat_map(|(s, _)| host::redirects_of(s, &redirects))
+            .collect();
+        host_table(&kept)
+    } else {
+        empty_table()
+    };
+    if let Some(role) = &balancer {
+        let balancing = routed::load_balancing(spec, role, found, observed);
+        add_load_balancer(&mut table, &balancing.rules);
+    }
+    if let Some(worker) = &worker {
+        add_worker(
+            &mut table,
+            &WorkerRules {
+                subnet: worker.subnet,
+                lb_ids: worker.load_balancers.iter().map(|(id, _)| *id).collect(),
+            },
+        );
+    }
+    Some(table)
 }
 
 /// The containers of each service on the node, by slot.
@@ -175,39 +225,6 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Routed replicas: created, replaced or started. Staged routed upgrades
-    /// (load-balancer map switching) come with routed mode's apply.
-    fn routed_service(
-        &mut self,
-        node: &str,
-        service: &Service,
-        container: &DesiredContainer,
-        mine: &Slots,
-    ) {
-        let hash = container.spec_hash();
-        let name = container_name(&service.name, node, Slot::Primary);
-        let resource = Resource::Container {
-            service: service.name.value.clone(),
-            slot: Slot::Primary,
-            name,
-        };
-        match mine.primary {
-            None => self.changes.push(host::create_primary(resource, container)),
-            Some(found) if found.spec_hash != hash => self.changes.push(Change {
-                action: Action::Replace,
-                resource,
-                reason: "the replica's spec changed".into(),
-                fields: host::container_fields(found, container),
-                diff: Vec::new(),
-                upgrade: None,
-            }),
-            Some(found) => {
-                self.changes
-                    .extend(host::restart_if_stopped(found, resource, &mut self.drift))
-            }
-        }
-    }
-
     fn orphan_containers(&mut self, wanted: &BTreeSet<&str>) {
         for container in &self.observed.containers {
             if wanted.contains(container.service.as_str()) {
@@ -232,7 +249,12 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn host_table(&mut self, observed: Option<&NftTable>, desired: Option<NftTable>) {
+    fn table(
+        &mut self,
+        observed: Option<&NftTable>,
+        desired: Option<NftTable>,
+        switches: &[String],
+    ) {
         let resource = Resource::NftTable {
             family: NFT_FAMILY.into(),
             name: NFT_TABLE.into(),
@@ -249,13 +271,27 @@ impl<'a> Planner<'a> {
                 self.first.push(Change {
                     action: Action::Create,
                     resource,
-                    reason: "hooked nat chains keep conntrack tracking every flow; upgrades add redirects to its maps".into(),
+                    reason: if desired.chains.iter().any(|c| c.name.starts_with("routed_")) {
+                        "routed mode: load balancing without SNAT, replies marked by load-balancer".into()
+                    } else {
+                        "hooked nat chains keep conntrack tracking every flow; upgrades add redirects to its maps".into()
+                    },
                     fields: Vec::new(),
                     diff: host::table_diff(None, Some(&desired)),
                     upgrade: None,
                 });
             }
             (Some(desired), Some(found)) if *found == desired => {}
+            (Some(desired), Some(found)) if !switches.is_empty() => {
+                self.first.push(Change {
+                    action: Action::Update,
+                    resource,
+                    reason: format!("load balancing: {}", switches.join("; ")),
+                    fields: Vec::new(),
+                    diff: host::table_diff(Some(found), Some(&desired)),
+                    upgrade: None,
+                });
+            }
             (Some(desired), Some(found)) => {
                 self.drift.push(Drift {
                     resource: resource.clone(),
@@ -273,54 +309,11 @@ impl<'a> Planner<'a> {
             (None, Some(found)) => self.last.push(Change {
                 action: Action::Destroy,
                 resource,
-                reason: "no host-mode service runs on this node".into(),
+                reason: "no host-mode service or routed role on this node".into(),
                 fields: Vec::new(),
                 diff: host::table_diff(Some(found), None),
                 upgrade: None,
             }),
-        }
-    }
-
-    /// Rules and routes in lessnat's ranges; host-mode nodes need none, and
-    /// routed mode's wiring comes with its apply, so all found are removed.
-    fn routing(&mut self) {
-        for rule in &self.observed.routing.rules {
-            self.last.push(Change {
-                action: Action::Destroy,
-                resource: Resource::IpRule {
-                    family: rule.family.clone(),
-                    priority: rule.priority,
-                },
-                reason: "not in the spec for this node".into(),
-                fields: vec![FieldChange {
-                    name: "table".into(),
-                    old: Some(rule.table.to_string()),
-                    new: None,
-                }],
-                diff: Vec::new(),
-                upgrade: None,
-            });
-        }
-        for route in &self.observed.routing.routes {
-            self.last.push(Change {
-                action: Action::Destroy,
-                resource: Resource::Route {
-                    table: route.table,
-                    destination: route.destination.clone(),
-                },
-                reason: "not in the spec for this node".into(),
-                fields: route
-                    .gateway
-                    .iter()
-                    .map(|g| FieldChange {
-                        name: "via".into(),
-                        old: Some(g.clone()),
-                        new: None,
-                    })
-                    .collect(),
-                diff: Vec::new(),
-                upgrade: None,
-            });
         }
     }
 }

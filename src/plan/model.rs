@@ -96,6 +96,27 @@ pub enum Resource {
         /// Destination.
         destination: String,
     },
+    /// The veth pair wiring a routed container in.
+    Veth {
+        /// The service.
+        service: String,
+        /// The container address it leads to.
+        address: String,
+        /// The node-side interface name.
+        name: String,
+    },
+    /// An address lessnat puts on an interface (a VIP on `lo`).
+    Address {
+        /// The interface.
+        device: String,
+        /// The address, in CIDR form.
+        address: String,
+    },
+    /// A kernel setting.
+    Sysctl {
+        /// Its key, e.g. `net.ipv4.ip_forward`.
+        key: String,
+    },
 }
 
 impl Resource {
@@ -107,6 +128,9 @@ impl Resource {
             Resource::Service { name } => format!("service.{name}"),
             Resource::IpRule { family, priority } => format!("ip_rule.{family}.{priority}"),
             Resource::Route { table, destination } => format!("route.{table}.{destination}"),
+            Resource::Veth { name, .. } => format!("veth.{name}"),
+            Resource::Address { device, address } => format!("address.{device}.{address}"),
+            Resource::Sysctl { key } => format!("sysctl.{key}"),
         }
     }
 }
@@ -202,6 +226,8 @@ pub enum StageName {
     DrainNext,
     /// Remove the next and previous containers.
     Finish,
+    /// Routed: load-balancer nodes switch new connections to the next replica.
+    Switch,
     /// Stop-start: stop the old version.
     Stop,
     /// Stop-start: start the new version.
@@ -223,6 +249,7 @@ impl StageName {
             StageName::Unredirect => "unredirect",
             StageName::DrainNext => "drain-next",
             StageName::Finish => "finish",
+            StageName::Switch => "switch",
             StageName::Stop => "stop",
             StageName::Start => "start",
             StageName::Restore => "restore",

@@ -290,6 +290,12 @@ pub struct Upgrade {
     /// How long a container gets between SIGTERM and SIGKILL when it is stopped. Default `10s`.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout: Located<HumanDuration>,
+    /// Routed mode: once the next replica is healthy, how long the worker
+    /// waits at least before it counts the old replica's connections, so every
+    /// load-balancer node can switch new connections first (each switches on
+    /// its own next apply: run them more often than this). Default `30s`.
+    #[serde(default = "default_switch_wait")]
+    pub switch_wait: Located<HumanDuration>,
 }
 
 impl Default for Upgrade {
@@ -300,6 +306,7 @@ impl Default for Upgrade {
             on_drain_timeout: OnDrainTimeout::default(),
             on_failure: OnFailure::default(),
             stop_timeout: default_stop_timeout(),
+            switch_wait: default_switch_wait(),
         }
     }
 }
@@ -310,6 +317,10 @@ fn default_drain_timeout() -> Located<HumanDuration> {
 
 fn default_stop_timeout() -> Located<HumanDuration> {
     HumanDuration::secs(10).into()
+}
+
+fn default_switch_wait() -> Located<HumanDuration> {
+    HumanDuration::secs(30).into()
 }
 
 /// Upgrade strategy.

@@ -35,7 +35,8 @@ fn render_map(map: &NftMap) -> String {
     let elements: Vec<String> = map
         .elements
         .iter()
-        .map(|e| match map.data {
+        .map(|e| match map.data.as_deref() {
+            Some("mark") => format!("{} : {}", literal(&e.key), operand(&e.value, Kind::Mark)),
             Some(_) => format!("{} : {}", literal(&e.key), literal(&e.value)),
             None => literal(&e.key),
         })
@@ -104,6 +105,11 @@ fn known_statement(stmt: &Value) -> Option<String> {
             operand(nat.get("port")?, Kind::Plain)
         )),
         ("dnat", Value::Object(nat)) => dnat(nat),
+        ("mangle", Value::Object(m)) => {
+            let key = m.get("key")?;
+            let value = operand(m.get("value")?, Kind::of(key));
+            Some(format!("{} set {value}", expression(key)?))
+        }
         _ => None,
     }
 }
@@ -123,7 +129,7 @@ fn dnat(nat: &Map<String, Value>) -> Option<String> {
     out += " to ";
     if let Some(addr) = nat.get("addr") {
         let addr = operand(addr, Kind::Plain);
-        let ipv6 = addr.contains(':');
+        let ipv6 = addr.contains(':') && !addr.contains(" map ");
         match (ipv6, nat.contains_key("port")) {
             (true, true) => out += &format!("[{addr}]"),
             _ => out += &addr,
@@ -163,6 +169,18 @@ fn expression(expr: &Value) -> Option<String> {
             Some(format!("fib {flags} {}", field("result")?))
         }
         "payload" => Some(format!("{} {}", field("protocol")?, field("field")?)),
+        "numgen" => {
+            let mut out = format!(
+                "numgen {} mod {}",
+                field("mode")?,
+                body.get("mod")?.as_u64()?
+            );
+            match body.get("offset").and_then(Value::as_u64) {
+                Some(0) | None => {}
+                Some(offset) => out += &format!(" offset {offset}"),
+            }
+            Some(out)
+        }
         "ct" => {
             let mut out = "ct".to_string();
             if let Some(dir) = field("dir") {
@@ -285,6 +303,48 @@ mod tests {
     use crate::observe::{NftElement, NftHook, NftRule};
     use crate::spec::Protocol;
     use serde_json::json;
+
+    #[test]
+    fn routed_rules_render_like_nft_list_table() {
+        use crate::backend::nft::routed::{
+            Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker,
+        };
+        use std::net::Ipv4Addr;
+        let mut table = crate::backend::nft::ruleset::empty_table();
+        add_load_balancer(
+            &mut table,
+            &LoadBalancerRules {
+                id: 1,
+                dnat: vec![Dnat {
+                    comment: "api/http".into(),
+                    protocol: Protocol::Tcp,
+                    vip: Ipv4Addr::new(203, 0, 113, 10),
+                    vip_port: 80,
+                    targets: vec![Ipv4Addr::new(10, 20, 1, 5), Ipv4Addr::new(10, 20, 2, 5)],
+                    port: 8080,
+                }],
+                subnets: vec!["10.20.1.0/24".parse().expect("subnet")],
+                versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
+            },
+        );
+        add_worker(
+            &mut table,
+            &WorkerRules {
+                subnet: "10.20.1.0/24".parse().expect("subnet"),
+                lb_ids: vec![1],
+            },
+        );
+        let text = render_table(&table);
+        // The lines as `nft list table` prints them (priorities in numbers).
+        for line in [
+            "ip daddr 203.0.113.10 tcp dport 80 dnat ip to numgen inc mod 2 map { 0 : 10.20.1.5, 1 : 10.20.2.5 }:8080 comment \"api/http\"",
+            "ct status dnat ip daddr 10.20.1.0/24 ip dscp set lephb",
+            "ip daddr 10.20.1.0/24 ct state new ip dscp lephb ct mark set 0x6c6e0001",
+            "ct mark 0x6c6e0001 meta mark set 0x6c6e0001",
+        ] {
+            assert!(text.contains(&format!("\t\t{line}\n")), "{line}\nnot in\n{text}");
+        }
+    }
 
     #[test]
     fn host_table_renders_like_nft_list_table() {
@@ -430,8 +490,8 @@ mod tests {
 
     #[test]
     fn unknown_expressions_show_their_json() {
-        let numgen = json!({"match": {"op": "==", "left": {"numgen": {"mode": "inc", "mod": 2}}, "right": 0}});
-        let mangle = json!({"mangle": {"key": {"meta": {"key": "mark"}}, "value": 1}});
+        let numgen = json!({"match": {"op": "==", "left": {"jhash": {"mod": 2, "seed": 1}}, "right": 0}});
+        let mangle = json!({"queue": {"num": 1}});
         let table = NftTable {
             family: "inet".into(),
             name: "t".into(),
@@ -460,7 +520,7 @@ mod tests {
         );
         assert!(
             render_table(&table)
-                .contains(r#"{"mangle":{"key":{"meta":{"key":"mark"}},"value":1}}"#)
+                .contains(r#"{"queue":{"num":1}}"#)
         );
     }
 

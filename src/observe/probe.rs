@@ -1,0 +1,66 @@
+//! Load-balancer nodes probe the replica addresses of the services they serve
+//! (both addresses of each replica: the one in use and the one an upgrade
+//! starts the next version at). A worker has no other way to tell them that a
+//! next version is ready: it answers health checks at its own address. The
+//! probes run in parallel, inside the node's network namespace, through the
+//! routes lessnat set up to the workers.
+
+use std::net::IpAddr;
+
+use super::Probe;
+use crate::health::{NetworkCheck, probe_timeout};
+use crate::netns::Netns;
+use crate::routed::{load_balancer_role, replica_addresses};
+use crate::spec::{Service, Spec};
+
+/// Probes every replica address of the routed services `node` balances; empty
+/// when `node` is not a load-balancer node. Services whose only check is an
+/// `exec` (or that have no TCP port) cannot be probed from another host and
+/// are left out: a load-balancer node then keeps sending their new
+/// connections where it did.
+pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
+    let Some(role) = load_balancer_role(spec, node) else {
+        return Vec::new();
+    };
+    let mut services: Vec<&Service> = role.vip_ports.iter().map(|v| v.service).collect();
+    services.dedup_by(|a, b| a.name.value == b.name.value);
+    let targets: Vec<(&Service, NetworkCheck, IpAddr)> = services
+        .into_iter()
+        .filter_map(|service| Some((service, NetworkCheck::of(service, false)?)))
+        .flat_map(|(service, check)| {
+            service
+                .replicas
+                .iter()
+                .filter_map(|replica| replica_addresses(spec, replica))
+                .flat_map(move |pair| {
+                    [pair.address, pair.next_address]
+                        .map(|ip| (service, check.clone(), IpAddr::V4(ip)))
+                })
+        })
+        .collect();
+    let mut probes: Vec<Probe> = std::thread::scope(|scope| {
+        let running: Vec<_> = targets
+            .iter()
+            .map(|(service, check, ip)| {
+                scope.spawn(move || {
+                    let outcome = netns
+                        .run(|| check.run(*ip, probe_timeout(service)))
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    Probe {
+                        service: service.name.value.clone(),
+                        address: ip.to_string(),
+                        healthy: outcome.is_ok(),
+                        detail: outcome.err(),
+                    }
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .filter_map(|handle| handle.join().ok())
+            .collect()
+    });
+    probes.sort();
+    probes
+}

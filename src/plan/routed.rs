@@ -1,0 +1,637 @@
+//! Planning routed mode on one node: a worker's replicas and their wiring, a
+//! load-balancer node's choice of replica addresses, and the policy routing,
+//! VIPs and kernel settings either role needs.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use super::host::{container_fields, create_primary, restart_if_stopped};
+use super::{
+    Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
+    Upgrade,
+};
+use crate::backend::nft::routed::{Dnat, LoadBalancerRules, versions_in};
+use crate::desired::{DesiredContainer, container_for};
+use crate::observe::{Container, IpRule, NftTable, Observed, OwnedAddress, Route, Veth};
+use crate::ownership::{Slot, container_name, veth_name};
+use crate::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
+use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
+
+fn resource(service: &str, node: &str, slot: Slot) -> Resource {
+    Resource::Container {
+        service: service.to_string(),
+        slot,
+        name: container_name(service, node, slot),
+    }
+}
+
+fn veth_resource(service: &str, address: Ipv4Addr) -> Resource {
+    let address = address.to_string();
+    Resource::Veth {
+        service: service.to_string(),
+        name: veth_name(service, &address),
+        address,
+    }
+}
+
+/// The address a routed container is wired in at, from its label.
+pub(crate) fn wired_at(container: &Container) -> Option<Ipv4Addr> {
+    container.address.as_deref()?.parse().ok()
+}
+
+/// Where a replica stays when it is replaced in place: at `old`, unless the
+/// spec moved it to other addresses.
+pub(crate) fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+    if pair.contains(old) { old } else { pair.address }
+}
+
+/// Where an upgrade starts the next version when the current one is at
+/// `old`: the pair's other address; `address` when `old` is not one of the
+/// pair (the spec changed the replica's addresses).
+pub(crate) fn next_for(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+    if pair.contains(old) {
+        pair.other(old)
+    } else {
+        pair.address
+    }
+}
+
+/// The veth found for `service`'s container at `address`.
+fn veth_of<'a>(observed: &'a Observed, service: &str, address: Ipv4Addr) -> Option<&'a Veth> {
+    let address = address.to_string();
+    observed
+        .veths
+        .iter()
+        .find(|v| v.service == service && v.address == address)
+}
+
+/// Plans the replica of a routed `service` that runs on `node`.
+pub(super) fn plan_replica(
+    spec: &Spec,
+    node: &str,
+    service: &Service,
+    container: &DesiredContainer,
+    mine: &Slots,
+    observed: &Observed,
+    drift: &mut Vec<Drift>,
+) -> Vec<Change> {
+    let name = &service.name.value;
+    let Some(pair) = service
+        .replicas
+        .iter()
+        .find(|r| r.node.value == node)
+        .and_then(|r| replica_addresses(spec, r))
+    else {
+        return Vec::new();
+    };
+    let hash = container.spec_hash();
+    if let Some(next) = mine.next {
+        return vec![in_flight(node, service, &pair, mine, next, &hash)];
+    }
+    let Some(primary) = mine.primary else {
+        let mut create = create_primary(resource(name, node, Slot::Primary), container);
+        create.reason = format!("wired in at {} with a veth pair", pair.address);
+        return vec![create];
+    };
+    let at = wired_at(primary).unwrap_or(pair.address);
+    if primary.spec_hash != hash {
+        let fields = container_fields(primary, container);
+        if primary.state != "running" {
+            return vec![Change {
+                action: Action::Replace,
+                resource: resource(name, node, Slot::Primary),
+                reason: format!(
+                    "the spec changed and the container is {}: nothing to drain",
+                    primary.state
+                ),
+                fields,
+                diff: Vec::new(),
+                upgrade: None,
+            }];
+        }
+        return vec![match service.upgrade.strategy {
+            Strategy::StopStart => Change {
+                action: Action::Replace,
+                resource: Resource::Service { name: name.clone() },
+                reason: format!(
+                    "stop-start upgrade at {at}: the replica is down between stop and healthy"
+                ),
+                fields,
+                diff: Vec::new(),
+                upgrade: Some(Upgrade {
+                    strategy: Strategy::StopStart,
+                    in_flight: None,
+                    stages: stop_start_stages(node, service, same_or_address(&pair, at)),
+                }),
+            },
+            Strategy::RedirectDrain => Change {
+                action: Action::Upgrade,
+                resource: Resource::Service { name: name.clone() },
+                reason: format!(
+                    "the spec changed: zero-downtime upgrade from {at} to {}",
+                    next_for(&pair, at)
+                ),
+                fields,
+                diff: Vec::new(),
+                upgrade: Some(Upgrade {
+                    strategy: Strategy::RedirectDrain,
+                    in_flight: None,
+                    stages: upgrade_stages(node, service, at, next_for(&pair, at), false),
+                }),
+            },
+        }];
+    }
+    if let Some(start) =
+        restart_if_stopped(primary, resource(name, node, Slot::Primary), drift)
+    {
+        return vec![start];
+    }
+    match veth_of(observed, name, at) {
+        Some(veth) if veth.up => Vec::new(),
+        found => {
+            let what = if found.is_some() {
+                "the veth is down"
+            } else {
+                "the container has no veth (restarted or re-created by Docker?)"
+            };
+            drift.push(Drift {
+                resource: veth_resource(name, at),
+                what: what.into(),
+            });
+            vec![Change {
+                action: Action::Create,
+                resource: veth_resource(name, at),
+                reason: format!("wire {} in again at {at}", primary.name),
+                fields: Vec::new(),
+                diff: Vec::new(),
+                upgrade: None,
+            }]
+        }
+    }
+}
+
+/// A routed upgrade found with its `next` container.
+fn in_flight(
+    node: &str,
+    service: &Service,
+    pair: &ReplicaAddresses,
+    mine: &Slots,
+    next: &Container,
+    hash: &str,
+) -> Change {
+    let name = &service.name.value;
+    let old_at = mine.primary.and_then(wired_at).unwrap_or(pair.address);
+    let next_at = wired_at(next).unwrap_or_else(|| next_for(pair, old_at));
+    let (decision, why) = if next.spec_hash != hash {
+        (
+            Decision::RollBack,
+            "the spec changed since this upgrade started".to_string(),
+        )
+    } else if next.state != "running" {
+        (
+            Decision::RollBack,
+            format!("the next container is {}", next.state),
+        )
+    } else if mine.primary.is_none() {
+        (
+            Decision::Resume,
+            "the old replica is gone: the next one becomes the primary".to_string(),
+        )
+    } else {
+        (
+            Decision::Resume,
+            "the next container is running and current".to_string(),
+        )
+    };
+    let stages = match decision {
+        Decision::Resume => upgrade_stages(node, service, old_at, next_at, true),
+        Decision::RollBack => vec![Stage {
+            name: StageName::RemoveNext,
+            done: false,
+            action: format!(
+                "remove {} (load-balancer nodes that switched to {next_at} switch back when it stops answering)",
+                container_name(name, node, Slot::Next)
+            ),
+            wait: None,
+            timeout: None,
+        }],
+    };
+    let verb = match decision {
+        Decision::Resume => "resume",
+        Decision::RollBack => "roll back",
+    };
+    Change {
+        action: Action::Upgrade,
+        resource: Resource::Service { name: name.clone() },
+        reason: format!("{verb} the routed upgrade in flight"),
+        fields: Vec::new(),
+        diff: Vec::new(),
+        upgrade: Some(Upgrade {
+            strategy: Strategy::RedirectDrain,
+            in_flight: Some(InFlight {
+                reached: StageName::StartNext,
+                decision,
+                why,
+            }),
+            stages,
+        }),
+    }
+}
+
+fn upgrade_stages(
+    node: &str,
+    service: &Service,
+    old_at: Ipv4Addr,
+    next_at: Ipv4Addr,
+    started: bool,
+) -> Vec<Stage> {
+    let name = &service.name.value;
+    let start_timeout = service
+        .health
+        .as_ref()
+        .map_or(HumanDuration::secs(60), |h| h.start_timeout.value);
+    let on_timeout = match service.upgrade.on_drain_timeout {
+        OnDrainTimeout::Proceed => "then remove it anyway",
+        OnDrainTimeout::Rollback => "then roll back",
+    };
+    vec![
+        Stage {
+            name: StageName::StartNext,
+            done: started,
+            action: format!(
+                "start {} at {next_at} and wire it in",
+                container_name(name, node, Slot::Next)
+            ),
+            wait: Some("healthy".into()),
+            timeout: Some(start_timeout),
+        },
+        Stage {
+            name: StageName::Switch,
+            done: false,
+            action: format!(
+                "load-balancer nodes send new connections to {next_at} once it answers (on their own next apply)"
+            ),
+            wait: Some(format!("at least {}", service.upgrade.switch_wait.value)),
+            timeout: None,
+        },
+        Stage {
+            name: StageName::Drain,
+            done: false,
+            action: format!("wait until no connection to {old_at} remains ({on_timeout})"),
+            wait: Some("0 live connections to the old replica".into()),
+            timeout: Some(service.upgrade.drain_timeout.value),
+        },
+        Stage {
+            name: StageName::Finish,
+            done: false,
+            action: format!(
+                "remove {}; {} becomes the primary at {next_at}",
+                container_name(name, node, Slot::Primary),
+                container_name(name, node, Slot::Next)
+            ),
+            wait: None,
+            timeout: None,
+        },
+    ]
+}
+
+fn stop_start_stages(node: &str, service: &Service, at: Ipv4Addr) -> Vec<Stage> {
+    let primary = container_name(&service.name, node, Slot::Primary);
+    vec![
+        Stage {
+            name: StageName::Stop,
+            done: false,
+            action: format!("stop and remove {primary}"),
+            wait: None,
+            timeout: Some(service.upgrade.stop_timeout.value),
+        },
+        Stage {
+            name: StageName::Start,
+            done: false,
+            action: format!("start the new version at {at} and wire it in"),
+            wait: Some("healthy".into()),
+            timeout: None,
+        },
+    ]
+}
+
+/// Veths that lead to no running container of ours at their address: left
+/// over, or made by hand.
+pub(super) fn stale_veths(observed: &Observed) -> Vec<Change> {
+    observed
+        .veths
+        .iter()
+        .filter(|veth| {
+            !observed.containers.iter().any(|c| {
+                c.service == veth.service
+                    && c.state == "running"
+                    && c.address.as_deref() == Some(veth.address.as_str())
+            })
+        })
+        .map(|veth| Change {
+            action: Action::Destroy,
+            resource: Resource::Veth {
+                service: veth.service.clone(),
+                address: veth.address.clone(),
+                name: veth.name.clone(),
+            },
+            reason: "no running container of lessnat's is wired in at its address".into(),
+            fields: Vec::new(),
+            diff: Vec::new(),
+            upgrade: None,
+        })
+        .collect()
+}
+
+/// What a load-balancer node's table should hold, and the switches of replica
+/// addresses that makes (for the plan's reason).
+pub(super) struct LoadBalancing {
+    /// The rules.
+    pub rules: LoadBalancerRules,
+    /// One sentence per replica whose new connections move.
+    pub switches: Vec<String>,
+}
+
+/// Decides, for each replica a load-balancer node sends connections to, which
+/// of its two addresses new connections go to:
+///
+/// - the address recorded in the table stays while its recorded version is the
+///   spec's, unless it stops answering and the other answers (failover);
+/// - when the spec's version differs (an upgrade on the worker), the other
+///   address takes over as soon as it answers; with `stop-start` the worker
+///   replaces the replica in place, so the address stays;
+/// - with nothing recorded, `address` unless only `nextAddress` answers.
+pub(super) fn load_balancing(
+    spec: &Spec,
+    role: &LoadBalancerRole,
+    table: Option<&NftTable>,
+    observed: &Observed,
+) -> LoadBalancing {
+    let recorded: BTreeMap<Ipv4Addr, u32> =
+        table.map(versions_in).unwrap_or_default().into_iter().collect();
+    let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
+    let mut switches = Vec::new();
+    let mut dnat = Vec::new();
+    for vip_port in &role.vip_ports {
+        let service = vip_port.service;
+        let name = &service.name.value;
+        let healthy = |address: Ipv4Addr| {
+            let address = address.to_string();
+            observed
+                .probes
+                .iter()
+                .any(|p| &p.service == name && p.address == address && p.healthy)
+        };
+        let mut targets = Vec::new();
+        for replica in &service.replicas {
+            let Some(pair) = replica_addresses(spec, replica) else {
+                continue;
+            };
+            let key = (name.clone(), pair.address);
+            if let Some((address, _)) = chosen.get(&key) {
+                targets.push(*address);
+                continue;
+            }
+            let wanted = version_tag(
+                &container_for(service, Some(pair.address.to_string())).spec_hash(),
+            );
+            let current = [pair.address, pair.next_address]
+                .into_iter()
+                .find_map(|a| Some((a, *recorded.get(&a)?)));
+            let other_answers = |a: Ipv4Addr| healthy(pair.other(a));
+            let (address, tag, why) = match current {
+                None if healthy(pair.address) || !healthy(pair.next_address) => {
+                    (pair.address, wanted, None)
+                }
+                None => (pair.next_address, wanted, None),
+                Some((at, tag)) if tag == wanted => {
+                    if !healthy(at) && other_answers(at) {
+                        let why = "it stopped answering and the other address answers";
+                        (pair.other(at), tag, Some(why))
+                    } else {
+                        (at, tag, None)
+                    }
+                }
+                Some((at, _)) if service.upgrade.strategy == Strategy::StopStart => {
+                    (at, wanted, None)
+                }
+                Some((at, _)) if other_answers(at) => (
+                    pair.other(at),
+                    wanted,
+                    Some("the next version answers there"),
+                ),
+                Some((at, tag)) => (at, tag, None),
+            };
+            if let (Some(why), Some((from, _))) = (why, current) {
+                switches.push(format!(
+                    "{name} on {}: new connections go to {address} instead of {from} ({why})",
+                    replica.node.value
+                ));
+            }
+            chosen.insert(key, (address, tag));
+            targets.push(address);
+        }
+        dnat.push(Dnat {
+            comment: format!("{name}/{}", vip_port.port.name.value),
+            protocol: vip_port.port.protocol,
+            vip: vip_port.vip,
+            vip_port: vip_port.vip_port,
+            targets,
+            port: vip_port.port.port.value,
+        });
+    }
+    LoadBalancing {
+        rules: LoadBalancerRules {
+            id: role.id,
+            dnat,
+            subnets: role.workers.iter().map(|(subnet, _)| *subnet).collect(),
+            versions: chosen.into_values().collect(),
+        },
+        switches,
+    }
+}
+
+/// Creates, replaces and removes rules, routes, addresses and kernel settings
+/// so the node matches `desired`. Routes to wired containers belong to their
+/// veths and are left alone.
+pub(super) struct Wiring {
+    /// Changes to make before containers start.
+    pub first: Vec<Change>,
+    /// Removals, after containers are gone.
+    pub last: Vec<Change>,
+}
+
+/// Plans the node's policy routing, VIPs and kernel settings.
+pub(super) fn plan_wiring(
+    rules: &[IpRule],
+    routes: &[Route],
+    addresses: &[OwnedAddress],
+    sysctls: &BTreeMap<String, String>,
+    observed: &Observed,
+) -> Wiring {
+    let mut wiring = Wiring {
+        first: Vec::new(),
+        last: Vec::new(),
+    };
+    let change = |action, resource, reason: &str, fields| Change {
+        action,
+        resource,
+        reason: reason.into(),
+        fields,
+        diff: Vec::new(),
+        upgrade: None,
+    };
+    let field = |name: &str, old: Option<String>, new: Option<String>| FieldChange {
+        name: name.into(),
+        old,
+        new,
+    };
+    let describe_rule = |r: &IpRule| {
+        let mut text = String::new();
+        if let Some(source) = &r.source {
+            text.push_str(&format!("from {source} "));
+        }
+        if let Some(mark) = r.fwmark {
+            text.push_str(&format!("fwmark {mark:#x} "));
+        }
+        text.push_str(&format!("lookup {}", r.table));
+        text
+    };
+    for rule in rules {
+        let resource = Resource::IpRule {
+            family: rule.family.clone(),
+            priority: rule.priority,
+        };
+        let found = observed
+            .routing
+            .rules
+            .iter()
+            .find(|r| r.family == rule.family && r.priority == rule.priority);
+        match found {
+            Some(found) if found == rule => {}
+            found => {
+                let action = if found.is_some() {
+                    Action::Replace
+                } else {
+                    Action::Create
+                };
+                wiring.first.push(change(
+                    action,
+                    resource,
+                    "routed mode's policy routing",
+                    vec![field(
+                        "rule",
+                        found.map(describe_rule),
+                        Some(describe_rule(rule)),
+                    )],
+                ));
+            }
+        }
+    }
+    for found in &observed.routing.rules {
+        if !rules
+            .iter()
+            .any(|r| r.family == found.family && r.priority == found.priority)
+        {
+            wiring.last.push(change(
+                Action::Destroy,
+                Resource::IpRule {
+                    family: found.family.clone(),
+                    priority: found.priority,
+                },
+                "not in the spec for this node",
+                vec![field("rule", Some(describe_rule(found)), None)],
+            ));
+        }
+    }
+    let describe_route = |r: &Route| match (&r.gateway, &r.device) {
+        (Some(gateway), _) => format!("via {gateway}"),
+        (None, Some(device)) => format!("dev {device}"),
+        (None, None) => "unreachable".into(),
+    };
+    for route in routes {
+        let found = observed
+            .routing
+            .routes
+            .iter()
+            .find(|r| r.table == route.table && r.destination == route.destination);
+        if found == Some(route) {
+            continue;
+        }
+        wiring.first.push(change(
+            if found.is_some() {
+                Action::Replace
+            } else {
+                Action::Create
+            },
+            Resource::Route {
+                table: route.table,
+                destination: route.destination.clone(),
+            },
+            "routed mode's routes",
+            vec![field(
+                "route",
+                found.map(describe_route),
+                Some(describe_route(route)),
+            )],
+        ));
+    }
+    for found in &observed.routing.routes {
+        let wired = found
+            .device
+            .as_ref()
+            .is_some_and(|d| observed.veths.iter().any(|v| &v.name == d));
+        let wanted = routes
+            .iter()
+            .any(|r| r.table == found.table && r.destination == found.destination);
+        if !wired && !wanted {
+            wiring.last.push(change(
+                Action::Destroy,
+                Resource::Route {
+                    table: found.table,
+                    destination: found.destination.clone(),
+                },
+                "not in the spec for this node",
+                vec![field("route", Some(describe_route(found)), None)],
+            ));
+        }
+    }
+    for address in addresses {
+        if !observed.addresses.contains(address) {
+            wiring.first.push(change(
+                Action::Create,
+                Resource::Address {
+                    device: address.device.clone(),
+                    address: address.address.clone(),
+                },
+                "a VIP this load-balancer node serves",
+                Vec::new(),
+            ));
+        }
+    }
+    for found in &observed.addresses {
+        if !addresses.contains(found) {
+            wiring.last.push(change(
+                Action::Destroy,
+                Resource::Address {
+                    device: found.device.clone(),
+                    address: found.address.clone(),
+                },
+                "not a VIP of this node in the spec",
+                Vec::new(),
+            ));
+        }
+    }
+    for (key, value) in sysctls {
+        let found = observed.sysctls.get(key);
+        if found != Some(value) {
+            wiring.first.push(change(
+                Action::Update,
+                Resource::Sysctl { key: key.clone() },
+                "routed mode needs it",
+                vec![field("value", found.cloned(), Some(value.clone()))],
+            ));
+        }
+    }
+    wiring
+}
