@@ -5,3 +5,4 @@ pub mod conntrack;
 pub mod docker;
 pub mod netlink;
 pub mod nft;
+pub mod sysctl;
