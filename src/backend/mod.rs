@@ -6,3 +6,4 @@ pub mod docker;
 pub mod netlink;
 pub mod nft;
 pub mod sysctl;
+pub mod veth;

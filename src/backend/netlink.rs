@@ -137,6 +137,14 @@ impl Fault {
     }
 }
 
+/// Makes a request that is wrong into a [`NetlinkError::Invalid`].
+fn invalid(doing: &str) -> impl FnOnce(String) -> NetlinkError + '_ {
+    move |reason| NetlinkError::Invalid {
+        doing: doing.to_owned(),
+        reason,
+    }
+}
+
 /// The errno of a kernel refusal, if that is what `error` is.
 pub(crate) fn errno(error: &rtnetlink::Error) -> Option<i32> {
     match error {
@@ -311,10 +319,7 @@ fn rule_request(rule: &IpRule) -> Result<RuleMessage, String> {
 /// [`RULE_PRIORITIES`]). Adding a rule that is there already succeeds.
 pub fn add_rule(netns: &Netns, rule: &IpRule) -> Result<(), NetlinkError> {
     let doing = format!("add rule {}", describe_rule(rule));
-    let message = rule_request(rule).map_err(|reason| NetlinkError::Invalid {
-        doing: doing.clone(),
-        reason,
-    })?;
+    let message = rule_request(rule).map_err(invalid(&doing))?;
     with_rtnl(netns, |rtnl| async move {
         let mut request = rtnl.handle.rule().add();
         *request.message_mut() = message;
@@ -329,10 +334,7 @@ pub fn add_rule(netns: &Netns, rule: &IpRule) -> Result<(), NetlinkError> {
 /// nothing happens.
 pub fn delete_rule(netns: &Netns, rule: &IpRule) -> Result<(), NetlinkError> {
     let doing = format!("delete rule {}", describe_rule(rule));
-    let message = rule_request(rule).map_err(|reason| NetlinkError::Invalid {
-        doing: doing.clone(),
-        reason,
-    })?;
+    let message = rule_request(rule).map_err(invalid(&doing))?;
     let version = match message.header.family {
         AddressFamily::Inet6 => IpVersion::V6,
         _ => IpVersion::V4,
@@ -580,19 +582,15 @@ fn route_request(spec: &RouteSpec, oif: Option<u32>, add: bool) -> RouteMessage 
 
 /// `route`, checked: well formed and in one of lessnat's tables.
 fn owned_route<'a>(route: &'a Route, doing: &str) -> Result<RouteSpec<'a>, NetlinkError> {
-    let invalid = |reason| NetlinkError::Invalid {
-        doing: doing.to_owned(),
-        reason,
-    };
     if !ROUTE_TABLES.contains(&route.table) {
-        return Err(invalid(format!(
+        return Err(invalid(doing)(format!(
             "table {} is outside lessnat's range {}..={}",
             route.table,
             ROUTE_TABLES.start(),
             ROUTE_TABLES.end()
         )));
     }
-    route_spec(route).map_err(invalid)
+    route_spec(route).map_err(invalid(doing))
 }
 
 /// Adds `route` (its table must be in [`ROUTE_TABLES`]), replacing a route to
@@ -727,12 +725,8 @@ fn owned_address_spec(
     address: &OwnedAddress,
     doing: &str,
 ) -> Result<(Ipv4Net, String), NetlinkError> {
-    let invalid = |reason| NetlinkError::Invalid {
-        doing: doing.to_owned(),
-        reason,
-    };
     let net = address.address.parse::<Ipv4Net>().map_err(|_| {
-        invalid(format!(
+        invalid(doing)(format!(
             "{} is not an IPv4 address in CIDR form (such as 203.0.113.10/32)",
             address.address
         ))
@@ -740,7 +734,7 @@ fn owned_address_spec(
     let label = format!("{}{ADDRESS_LABEL_SUFFIX}", address.device);
     // IFNAMSIZ, less the terminating NUL.
     if label.len() > 15 {
-        return Err(invalid(format!(
+        return Err(invalid(doing)(format!(
             "its label {label} would be longer than the kernel's 15 bytes"
         )));
     }
