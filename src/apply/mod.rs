@@ -5,6 +5,7 @@
 mod drain;
 pub mod progress;
 mod ready;
+mod routed;
 pub mod stale;
 mod upgrade;
 
@@ -12,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::conntrack::ConntrackError;
 use crate::backend::docker::{ContainerSpec, Docker, DockerError};
+use crate::backend::netlink::{self, NetlinkError};
+use crate::backend::sysctl::{self, SysctlError};
+use crate::backend::veth;
 use crate::backend::nft::{self, NftError};
 use crate::desired::desired_node;
 use crate::journal::{JournalError, JournalFile};
@@ -127,6 +131,18 @@ pub enum ApplyError {
         /// What went wrong.
         cause: Box<ApplyError>,
     },
+    /// Routing rules, routes, addresses or veths could not be changed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// A kernel setting could not be changed.
+    #[error(transparent)]
+    Sysctl(#[from] SysctlError),
+    /// A container lessnat had to wire in was not running.
+    #[error("{container} is not running, so it cannot be wired in; `docker logs {container}` may say why")]
+    NotRunning {
+        /// The container.
+        container: String,
+    },
     /// The plan holds a change this build cannot carry out.
     #[error("cannot apply {what} yet")]
     Unsupported {
@@ -163,14 +179,33 @@ fn apply_change(
     if let Resource::Container { service, .. } | Resource::Service { name: service } =
         &change.resource
         && change.action != Action::Destroy
-        && service_named(service).is_some_and(|(s, _)| s.network == NetworkMode::Routed)
+        && let Some((spec, container)) = service_named(service)
+        && spec.network == NetworkMode::Routed
     {
-        return Err(ApplyError::Unsupported {
-            what: format!(
-                "{address}: routed services (their veth wiring, load-balancer maps and policy routing \
-                 are not implemented yet; see docs/routed-mode.md)"
+        let Some(mut replica) = routed::Replica::new(ctx, progress, spec, container) else {
+            return Err(ApplyError::Unsupported {
+                what: format!("{address}: service {service} has no replica on this node"),
+            });
+        };
+        return match (&change.resource, change.action) {
+            (Resource::Container { .. }, Action::Create) => {
+                let at = routed_address(ctx, spec).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                replica.start(Slot::Primary, at)?;
+                ctx.docker
+                    .keep_running(&crate::ownership::container_name(service, ctx.node, Slot::Primary))?;
+                Ok(())
+            }
+            (Resource::Container { .. }, Action::Update) => replica.restart(observed),
+            (Resource::Container { .. }, Action::Replace)
+            | (Resource::Service { .. }, Action::Replace) => replica.replace(observed),
+            (Resource::Service { .. }, Action::Upgrade) => replica.upgrade(
+                observed,
+                change.upgrade.as_ref().and_then(|u| u.in_flight.as_ref()),
             ),
-        });
+            _ => Err(ApplyError::Unsupported {
+                what: format!("{} {address}", change.action.symbol()),
+            }),
+        };
     }
     match (&change.resource, change.action) {
         (Resource::NftTable { .. }, Action::Create | Action::Update) => {
@@ -254,6 +289,83 @@ fn apply_change(
                 upgrade.run(in_flight, from)?;
             }
         }
+        (Resource::Veth { service, .. }, Action::Create | Action::Update) => {
+            progress.step(&format!("{address}: wiring the container in again"));
+            let Some((spec, container)) = service_named(service) else {
+                return Err(ApplyError::Unsupported {
+                    what: format!("{address}: service {service} is not on this node"),
+                });
+            };
+            match routed::Replica::new(ctx, progress, spec, container) {
+                Some(mut replica) => replica.rewire(observed)?,
+                None => {
+                    return Err(ApplyError::Unsupported {
+                        what: format!("{address}: service {service} has no replica on this node"),
+                    });
+                }
+            }
+        }
+        (Resource::Veth { name, .. }, Action::Destroy) => {
+            progress.step(&format!("{address}: removing"));
+            veth::unwire(ctx.netns, name)?;
+        }
+        (Resource::IpRule { family, priority }, action) => {
+            let found = observed
+                .routing
+                .rules
+                .iter()
+                .find(|r| &r.family == family && r.priority == *priority);
+            if let (Some(found), Action::Replace | Action::Destroy) = (found, action) {
+                progress.step(&format!("{address}: removing"));
+                netlink::delete_rule(ctx.netns, found)?;
+            }
+            if matches!(action, Action::Create | Action::Replace | Action::Update) {
+                let routing = crate::routed::desired_routing(ctx.spec, ctx.node);
+                if let Some(rule) = routing
+                    .rules
+                    .iter()
+                    .find(|r| &r.family == family && r.priority == *priority)
+                {
+                    progress.step(&format!("{address}: adding"));
+                    netlink::add_rule(ctx.netns, rule)?;
+                }
+            }
+        }
+        (Resource::Route { table, destination }, action) => {
+            let same = |r: &&crate::observe::Route| r.table == *table && &r.destination == destination;
+            if let (Some(found), Action::Replace | Action::Destroy) =
+                (observed.routing.routes.iter().find(same), action)
+            {
+                progress.step(&format!("{address}: removing"));
+                netlink::delete_route(ctx.netns, found)?;
+            }
+            if matches!(action, Action::Create | Action::Replace | Action::Update) {
+                let routing = crate::routed::desired_routing(ctx.spec, ctx.node);
+                if let Some(route) = routing.routes.iter().find(same) {
+                    progress.step(&format!("{address}: adding"));
+                    netlink::add_route(ctx.netns, route)?;
+                }
+            }
+        }
+        (Resource::Address { device, address: ip }, action) => {
+            let owned = crate::observe::OwnedAddress {
+                device: device.clone(),
+                address: ip.clone(),
+            };
+            if action == Action::Destroy {
+                progress.step(&format!("{address}: removing"));
+                netlink::delete_address(ctx.netns, &owned)?;
+            } else {
+                progress.step(&format!("{address}: adding"));
+                netlink::add_address(ctx.netns, &owned)?;
+            }
+        }
+        (Resource::Sysctl { key }, Action::Update) => {
+            if let Some(value) = crate::routed::desired_sysctls(ctx.spec, ctx.node).get(key) {
+                progress.step(&format!("{address}: setting {value}"));
+                sysctl::write(ctx.netns, key, value)?;
+            }
+        }
         _ => {
             return Err(ApplyError::Unsupported {
                 what: format!("{} {address}", change.action.symbol()),
@@ -261,4 +373,10 @@ fn apply_change(
         }
     }
     Ok(())
+}
+
+/// Where a new routed replica starts: its `address`.
+fn routed_address(ctx: &Context, service: &crate::spec::Service) -> Option<std::net::Ipv4Addr> {
+    let replica = service.replicas.iter().find(|r| r.node.value == ctx.node)?;
+    Some(crate::routed::replica_addresses(ctx.spec, replica)?.address)
 }

@@ -5,3 +5,5 @@ pub mod conntrack;
 pub mod docker;
 pub mod netlink;
 pub mod nft;
+pub mod sysctl;
+pub mod veth;

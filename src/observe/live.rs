@@ -5,6 +5,9 @@ use crate::backend::conntrack::{self, ConntrackError};
 use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
+use crate::backend::sysctl::{self, SysctlError};
+use crate::backend::veth;
+use crate::ownership::ROUTED_SYSCTLS;
 use crate::netns::Netns;
 use crate::spec::Spec;
 
@@ -23,6 +26,9 @@ pub enum ObserveError {
     /// Reading conntrack failed.
     #[error("reading conntrack: {0}")]
     Conntrack(#[from] ConntrackError),
+    /// Reading kernel settings failed.
+    #[error("reading kernel settings: {0}")]
+    Sysctl(#[from] SysctlError),
     /// Talking to Docker failed.
     #[error("reading containers: {0}")]
     Docker(#[from] DockerError),
@@ -54,6 +60,9 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
     let routing = netlink::observe(netns)?;
     let conntrack = conntrack::observe(netns)?;
     let (containers, foreign_containers) = docker.observe(node)?;
+    let veths = veth::observe(netns)?;
+    let addresses = netlink::observe_addresses(netns)?;
+    let sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
     let mut warnings = conntrack::warnings(&conntrack);
     warnings.extend(nft::untracked_warnings(netns)?);
     warnings.sort();
@@ -66,6 +75,9 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         foreign_containers,
         conntrack,
         warnings,
-        ..Observed::default()
+        veths,
+        addresses,
+        sysctls,
+        probes: Vec::new(),
     })
 }

@@ -26,6 +26,8 @@ use crate::routed::{
 };
 use crate::spec::{NetworkMode, Spec};
 
+pub(crate) use routed::{next_for, same_or_address, wired_at};
+
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {

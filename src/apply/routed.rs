@@ -1,0 +1,331 @@
+//! Routed mode on a worker: starting replicas wired in with a veth pair at
+//! their own address, and upgrading them across machines (docs/routed-mode.md):
+//! the next version starts at the replica's other address; load-balancer
+//! nodes see it answer and switch new connections to it on their own applies;
+//! this worker waits `switchWait`, then until its conntrack shows no live
+//! connection to the old address, and only then removes the old replica.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use super::progress::{Progress, short};
+use super::ready::{ProbeAt, wait_ready};
+use super::{ApplyError, Context};
+use crate::backend::conntrack;
+use crate::backend::docker::ContainerSpec;
+use crate::backend::veth::{self, Wiring};
+use crate::desired::DesiredContainer;
+use crate::observe::Observed;
+use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
+use crate::plan::{Decision, InFlight};
+use crate::routed::{ReplicaAddresses, replica_addresses};
+use crate::spec::{OnDrainTimeout, OnFailure, Service};
+
+/// How often conntrack is read while the old replica drains.
+const POLL: Duration = Duration::from_millis(500);
+
+/// One routed service's replica on this node.
+pub(super) struct Replica<'a, 'c> {
+    ctx: &'a Context<'c>,
+    progress: &'a mut Progress,
+    service: &'a Service,
+    desired: &'a DesiredContainer,
+    pair: ReplicaAddresses,
+}
+
+impl<'a, 'c> Replica<'a, 'c> {
+    /// The replica of `service` on this node; `None` when the spec puts none here.
+    pub(super) fn new(
+        ctx: &'a Context<'c>,
+        progress: &'a mut Progress,
+        service: &'a Service,
+        desired: &'a DesiredContainer,
+    ) -> Option<Self> {
+        let replica = service.replicas.iter().find(|r| r.node.value == ctx.node)?;
+        let pair = replica_addresses(ctx.spec, replica)?;
+        Some(Replica {
+            ctx,
+            progress,
+            service,
+            desired,
+            pair,
+        })
+    }
+
+    fn name(&self, slot: Slot) -> String {
+        container_name(&self.service.name, self.ctx.node, slot)
+    }
+
+    fn stop_timeout(&self) -> Duration {
+        self.service.upgrade.stop_timeout.get()
+    }
+
+    /// The address the container in `slot` is wired in at, from the observed label.
+    fn observed_address(&self, observed: &Observed, slot: Slot) -> Option<Ipv4Addr> {
+        let name = self.name(slot);
+        let found = observed.containers.iter().find(|c| c.name == name)?;
+        crate::plan::wired_at(found)
+    }
+
+    /// Creates and starts the container for `slot` at `address`, wires it in
+    /// and waits until it is healthy there. When it does not become healthy
+    /// it is removed again, unless `onFailure` is `pause`.
+    pub(super) fn start(&mut self, slot: Slot, address: Ipv4Addr) -> Result<(), ApplyError> {
+        let name = self.name(slot);
+        self.progress
+            .step(&format!("{name}: creating and starting at {address}"));
+        let mut spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
+            .map_err(|source| ApplyError::Placeholder {
+                service: self.service.name.value.clone(),
+                source,
+            })?;
+        spec.labels
+            .insert(LABEL_ADDRESS.to_string(), address.to_string());
+        self.ctx.docker.create(&spec)?;
+        let started = self
+            .ctx
+            .docker
+            .start(&name)
+            .map_err(ApplyError::from)
+            .and_then(|()| self.wire(&name, address))
+            .and_then(|()| self.wait_ready(&name, address));
+        if let Err(error) = started {
+            if self.service.upgrade.on_failure == OnFailure::Rollback {
+                self.progress.step(&format!(
+                    "{name}: not healthy; removing it so the next apply starts afresh"
+                ));
+                self.remove(&name)?;
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Starts the stopped primary again, wires it in and waits until healthy.
+    pub(super) fn restart(&mut self, observed: &Observed) -> Result<(), ApplyError> {
+        let name = self.name(Slot::Primary);
+        let address = self
+            .observed_address(observed, Slot::Primary)
+            .unwrap_or(self.pair.address);
+        self.progress.step(&format!("{name}: starting"));
+        self.ctx.docker.start(&name)?;
+        self.wire(&name, address)?;
+        self.wait_ready(&name, address)?;
+        self.ctx.docker.keep_running(&name)?;
+        Ok(())
+    }
+
+    /// Wires the running primary in again (its veth was lost).
+    pub(super) fn rewire(&mut self, observed: &Observed) -> Result<(), ApplyError> {
+        let name = self.name(Slot::Primary);
+        let address = self
+            .observed_address(observed, Slot::Primary)
+            .unwrap_or(self.pair.address);
+        self.wire(&name, address)
+    }
+
+    /// Replaces the primary in place (stop-start, or a stopped container
+    /// whose spec changed): the replica is down until the new one is healthy.
+    pub(super) fn replace(&mut self, observed: &Observed) -> Result<(), ApplyError> {
+        let old = self
+            .observed_address(observed, Slot::Primary)
+            .unwrap_or(self.pair.address);
+        let address = crate::plan::same_or_address(&self.pair, old);
+        let name = self.name(Slot::Primary);
+        self.progress.step(&format!("{name}: stopping and removing"));
+        self.remove(&name)?;
+        self.start(Slot::Primary, address)?;
+        self.ctx.docker.keep_running(&name)?;
+        Ok(())
+    }
+
+    /// A zero-downtime upgrade, new or found in flight (see the module doc).
+    pub(super) fn upgrade(
+        &mut self,
+        observed: &Observed,
+        in_flight: Option<&InFlight>,
+    ) -> Result<(), ApplyError> {
+        let primary = self.name(Slot::Primary);
+        let next = self.name(Slot::Next);
+        let old_at = self
+            .observed_address(observed, Slot::Primary)
+            .unwrap_or(self.pair.address);
+        let next_at = self
+            .observed_address(observed, Slot::Next)
+            .unwrap_or_else(|| crate::plan::next_for(&self.pair, old_at));
+        match in_flight.map(|f| f.decision) {
+            Some(Decision::RollBack) => {
+                self.progress
+                    .step(&format!("{next}: removing (rolling the upgrade back)"));
+                return self.remove(&next);
+            }
+            Some(Decision::Resume) => {
+                self.progress.step(&format!(
+                    "{}: resuming the upgrade: checking {next} at {next_at}",
+                    self.service.name
+                ));
+                let ready = if veth::observe(self.ctx.netns)?
+                    .iter()
+                    .any(|v| v.service == self.service.name.value && v.address == next_at.to_string())
+                {
+                    Ok(())
+                } else {
+                    self.wire(&next, next_at)
+                }
+                .and_then(|()| self.wait_ready(&next, next_at));
+                if let Err(error) = ready {
+                    return self.fail("start-next", error);
+                }
+            }
+            None => {
+                if let Err(error) = self.start(Slot::Next, next_at) {
+                    return self.fail("start-next", error);
+                }
+            }
+        }
+        if observed.containers.iter().any(|c| c.name == primary) || in_flight.is_none() {
+            if let Err(error) = self.wait_switch(next_at) {
+                return self.fail("switch", error);
+            }
+            match self.wait_drained(old_at) {
+                Ok(0) => {}
+                Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
+                    return self.fail(
+                        "drain",
+                        ApplyError::DrainTimeout {
+                            service: self.service.name.value.clone(),
+                            left,
+                        },
+                    );
+                }
+                Ok(left) => self.progress.step(&format!(
+                    "{primary}: drainTimeout passed with {left} connections open; they are cut now (onDrainTimeout: proceed)"
+                )),
+                Err(error) => return self.fail("drain", error),
+            }
+            self.progress
+                .step(&format!("{primary}: removing the old version at {old_at}"));
+            self.remove(&primary)?;
+        }
+        self.progress
+            .step(&format!("{next}: becoming {primary} at {next_at}"));
+        self.ctx.docker.rename(&next, &primary)?;
+        self.ctx.docker.keep_running(&primary)?;
+        Ok(())
+    }
+
+    /// Waits `switchWait`, so every load-balancer node can see the next
+    /// replica answer and switch on its next apply.
+    fn wait_switch(&mut self, next_at: Ipv4Addr) -> Result<(), ApplyError> {
+        let wait = self.service.upgrade.switch_wait.get();
+        let started = Instant::now();
+        while started.elapsed() < wait {
+            if self.ctx.interrupted() {
+                self.progress.end_wait();
+                return Err(ApplyError::Interrupted);
+            }
+            self.progress.waiting(&format!(
+                "{}: load-balancer nodes switch new connections to {next_at}; {} to go",
+                self.service.name,
+                short(wait - started.elapsed())
+            ));
+            std::thread::sleep(POLL.min(wait - started.elapsed().min(wait)));
+        }
+        self.progress.end_wait();
+        Ok(())
+    }
+
+    /// Waits until no live connection to `old_at` is left, or `drainTimeout`
+    /// passes; returns how many were left.
+    fn wait_drained(&mut self, old_at: Ipv4Addr) -> Result<u64, ApplyError> {
+        let timeout = self.service.upgrade.drain_timeout.get();
+        let started = Instant::now();
+        loop {
+            let left = conntrack::live_connections_to(self.ctx.netns, IpAddr::V4(old_at))?;
+            if left == 0 || started.elapsed() >= timeout {
+                self.progress.end_wait();
+                return Ok(left);
+            }
+            if self.ctx.interrupted() {
+                self.progress.end_wait();
+                return Err(ApplyError::Interrupted);
+            }
+            self.progress.waiting(&format!(
+                "{}: {left} connection{} left on {old_at}, {} to go",
+                self.service.name,
+                if left == 1 { "" } else { "s" },
+                short(timeout.saturating_sub(started.elapsed()))
+            ));
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A stage failed: roll back (remove the next replica: load-balancer nodes
+    /// that switched to it fail over to the old one once it stops answering)
+    /// or, with `onFailure: pause`, leave everything as it is.
+    fn fail(&mut self, stage: &'static str, error: ApplyError) -> Result<(), ApplyError> {
+        let service = self.service.name.value.clone();
+        if self.service.upgrade.on_failure == OnFailure::Pause
+            && !matches!(error, ApplyError::Interrupted)
+        {
+            return Err(ApplyError::Paused {
+                service,
+                stage,
+                cause: Box::new(error),
+            });
+        }
+        let next = self.name(Slot::Next);
+        self.progress
+            .step(&format!("{next}: removing (rolling back after {stage} failed)"));
+        self.remove(&next)?;
+        Err(ApplyError::RolledBack {
+            service,
+            cause: error.to_string(),
+        })
+    }
+
+    fn wire(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+        let pid = self
+            .ctx
+            .docker
+            .state(name)?
+            .and_then(|s| s.pid.filter(|_| s.running))
+            .ok_or_else(|| ApplyError::NotRunning {
+                container: name.to_string(),
+            })?;
+        self.progress
+            .step(&format!("{name}: wiring in at {address} (veth pair)"));
+        veth::wire(
+            self.ctx.netns,
+            &Wiring {
+                service: &self.service.name.value,
+                address,
+                pid,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+        wait_ready(
+            self.ctx,
+            self.progress,
+            self.service,
+            name,
+            ProbeAt {
+                ip: IpAddr::V4(address),
+                temporary: false,
+            },
+        )
+    }
+
+    /// Stops and removes `name`; its veth goes with its network namespace.
+    fn remove(&mut self, name: &str) -> Result<(), ApplyError> {
+        if self.ctx.docker.state(name)?.is_none() {
+            return Ok(());
+        }
+        self.ctx.docker.stop(name, self.stop_timeout())?;
+        self.ctx.docker.remove(name)?;
+        Ok(())
+    }
+}
