@@ -250,27 +250,47 @@ pub struct LongLived {
 /// every one of them is connected and its request is sent (so they are
 /// established before anything the caller does next).
 pub fn long_lived(port: u16, n: usize, hold_ms: u64) -> LongLived {
-    open_long_lived(port, n, hold_ms, false)
+    open_long_lived(loopback(port), None, n, hold_ms, false)
+}
+
+/// Like [`long_lived`], to `addr` from inside the network namespace `netns`
+/// (a name under /run/netns, or a path).
+pub fn long_lived_in(netns: &str, addr: SocketAddr, n: usize, hold_ms: u64) -> LongLived {
+    open_long_lived(addr, Some(netns), n, hold_ms, false)
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// Like [`long_lived`], but each client half-closes its connection (shuts
 /// down its sending side) once the request is sent, as `nc -N`, many RPC
 /// clients and uploads do: the connection is still open for the answer.
 pub fn long_lived_half_closed(port: u16, n: usize, hold_ms: u64) -> LongLived {
-    open_long_lived(port, n, hold_ms, true)
+    open_long_lived(loopback(port), None, n, hold_ms, true)
 }
 
-fn open_long_lived(port: u16, n: usize, hold_ms: u64, half_close: bool) -> LongLived {
+fn open_long_lived(
+    addr: SocketAddr,
+    netns: Option<&str>,
+    n: usize,
+    hold_ms: u64,
+    half_close: bool,
+) -> LongLived {
     let (sent_tx, sent_rx) = std::sync::mpsc::channel();
     let timeout = Duration::from_millis(hold_ms) + Duration::from_secs(30);
     let connections = (0..n)
         .map(|i| {
             let sent = sent_tx.clone();
+            let netns = netns.map(str::to_string);
             std::thread::Builder::new()
                 .name(format!("long-lived-{i}"))
                 .spawn(move || {
+                    if let Some(netns) = netns {
+                        enter_netns(&netns)
+                            .unwrap_or_else(|e| panic!("long-lived client: entering {netns}: {e}"));
+                    }
                     let path = format!("/hold?ms={hold_ms}");
-                    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                     request_with(1000 + i, addr, &path, timeout, half_close, move || {
                         let _ = sent.send(());
                     })

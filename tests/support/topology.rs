@@ -128,6 +128,9 @@ pub struct Service {
     pub replicas: Vec<Replica>,
     /// `upgrade.drainTimeout`.
     pub drain_timeout: &'static str,
+    /// `upgrade.switchWait`: how long a worker gives the LBs to switch to
+    /// the next replica before it counts the old one's connections.
+    pub switch_wait: &'static str,
 }
 
 impl Service {
@@ -138,6 +141,7 @@ impl Service {
             image: image.to_string(),
             replicas,
             drain_timeout: "30s",
+            switch_wait: "3s",
         }
     }
 
@@ -397,8 +401,8 @@ impl Topology {
                  - {{ name: dns, port: {UDP_PORT}, protocol: udp, vip: {VIP}, vipPort: {VIP_UDP_PORT} }}\n    \
                  health:\n      http: {{ path: /healthz, port: http }}\n      interval: 200ms\n      \
                  timeout: 1s\n      healthyAfter: 1\n      startTimeout: 20s\n    \
-                 upgrade:\n      drainTimeout: {}\n      stopTimeout: 5s\n",
-                service.drain_timeout
+                 upgrade:\n      drainTimeout: {}\n      switchWait: {}\n      stopTimeout: 5s\n",
+                service.drain_timeout, service.switch_wait
             );
         }
         yaml
