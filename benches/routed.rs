@@ -153,23 +153,13 @@ fn measure(
         .map(|lb| topology::nat_statements(&lb.ns).len())
         .sum();
     let started = Instant::now();
-    let loads: Vec<Load> = topo
-        .clients
-        .iter()
-        .enumerate()
-        .map(|(i, client)| {
-            let mut config = LoadConfig::to(topology::vip())
-                .in_netns(&client.ns.name)
-                .path("/peer");
-            config.clients = clients / 2;
-            config.first_client = i * 1000;
-            config.pause = Duration::ZERO;
-            config.max_requests_per_client = usize::MAX;
-            config.max_duration = WARMUP + window + Duration::from_secs(1);
-            config.io_timeout = Duration::from_secs(2);
-            Load::start(config)
-        })
-        .collect();
+    let loads = topo.load(clients / 2, |config| LoadConfig {
+        pause: Duration::ZERO,
+        max_requests_per_client: usize::MAX,
+        max_duration: WARMUP + window + Duration::from_secs(1),
+        io_timeout: Duration::from_secs(2),
+        ..config
+    });
     std::thread::sleep(WARMUP + window);
     let report = Report::merged(loads.into_iter().map(Load::stop));
     let (from, to) = (started + WARMUP, started + WARMUP + window);
@@ -183,7 +173,7 @@ fn measure(
         .iter()
         .filter(|s| {
             s.peer_ip()
-                .is_some_and(|ip| ip == CLIENT_ADDRESSES[s.client / 1000])
+                .is_some_and(|ip| ip == CLIENT_ADDRESSES[topology::client_of(s)])
         })
         .count();
     let mut latencies: Vec<Duration> = counted

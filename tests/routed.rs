@@ -20,6 +20,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 use support::image::test_image;
 use support::load::{self, Load, LoadConfig, LongLived, Report};
 use support::topology::{
-    self, CLIENT_ADDRESSES, HTTP_PORT, Node, Replica, Service, Topology, show,
+    self, CLIENT_ADDRESSES, HTTP_PORT, Node, Replica, Service, Topology, client_of, show,
 };
 
 /// The service's name in every spec.
@@ -73,6 +74,16 @@ fn site(test: &str, workers: usize) -> Option<Site> {
     })
 }
 
+/// A site with the service at v1 applied on every node (workers first);
+/// the spec's path.
+fn installed(test: &str, workers: usize) -> Option<(Site, PathBuf)> {
+    let site = site(test, workers)?;
+    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
+    let spec = site.write_spec("v1", &[service]);
+    site.apply_all(&spec);
+    Some((site, spec))
+}
+
 /// One replica (`10.20.N.5`, next `10.20.N.6`) on each worker.
 fn replicas(topo: &Topology) -> Vec<Replica> {
     (0..topo.workers.len()).map(|w| Replica::on(w, 5)).collect()
@@ -80,19 +91,10 @@ fn replicas(topo: &Topology) -> Vec<Replica> {
 
 /// A pool of client threads in each client namespace, asking the VIP for `/peer`.
 fn client_load(topo: &Topology) -> Vec<Load> {
-    topo.clients
-        .iter()
-        .enumerate()
-        .map(|(i, client)| {
-            let mut config = LoadConfig::to(topology::vip())
-                .in_netns(&client.ns.name)
-                .path("/peer");
-            config.clients = CLIENTS_PER_NAMESPACE;
-            config.first_client = i * 100;
-            config.io_timeout = Duration::from_secs(5);
-            Load::start(config)
-        })
-        .collect()
+    topo.load(CLIENTS_PER_NAMESPACE, |config| LoadConfig {
+        io_timeout: Duration::from_secs(5),
+        ..config
+    })
 }
 
 /// Waits until each pool made `n` more requests.
@@ -106,27 +108,17 @@ fn stop(loads: Vec<Load>) -> Report {
     Report::merged(loads.into_iter().map(Load::stop))
 }
 
-/// Which client namespace a sample came from.
-fn namespace_of(sample: &support::load::Sample) -> usize {
-    sample.client / 100
-}
-
+/// No request failed (the summary counts them and shows the first ones).
 fn assert_no_failures(report: &Report, origin: Instant, what: &str) {
-    let failed = report.failed();
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} requests failed: {}",
-        failed.len(),
-        report.samples.len(),
-        report.summary(origin)
-    );
+    let summary = report.summary(origin);
+    assert_eq!(report.failed().len(), 0, "{what}: {summary}");
 }
 
 /// Every successful `/peer` answer shows the real address of the client
 /// that asked.
 fn assert_real_client_addresses(report: &Report, what: &str) {
     for (i, address) in CLIENT_ADDRESSES.iter().enumerate() {
-        let peers = report.peers(|s| namespace_of(s) == i);
+        let peers = report.peers(|s| client_of(s) == i);
         let total: usize = peers.values().sum();
         assert!(total > 0, "{what}: no answer to client {}", i + 1);
         assert_eq!(
@@ -208,12 +200,9 @@ fn version_within(topo: &Topology, client: usize, within: Duration) -> String {
 
 #[test]
 fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
-    let Some(site) = site("routed_keeps_client_addresses", 2) else {
+    let Some((site, spec)) = installed("routed_keeps_client_addresses", 2) else {
         return;
     };
-    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
-    let spec = site.write_spec("v1", &[service]);
-    site.apply_all(&spec);
     assert_converged(&site, &spec);
 
     site.count_forwarded();
@@ -255,7 +244,7 @@ fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
             let requests = report
                 .samples
                 .iter()
-                .filter(|s| namespace_of(s) == client)
+                .filter(|s| client_of(s) == client)
                 .count() as u64;
             let from = counts.get(&format!("from_c{n}")).copied().unwrap_or(0);
             let to = counts.get(&format!("to_c{n}")).copied().unwrap_or(0);
@@ -309,12 +298,9 @@ fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
 
 #[test]
 fn routed_dscp_carries_the_lb_id_and_ecn_is_unchanged() {
-    let Some(site) = site("routed_dscp_and_ecn", 1) else {
+    let Some((site, _spec)) = installed("routed_dscp_and_ecn", 1) else {
         return;
     };
-    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
-    let spec = site.write_spec("v1", &[service]);
-    site.apply_all(&spec);
     site.count_udp_marks(0);
 
     // DSCP AF11 (10) and ECN ECT(1) as sent by the clients.
@@ -492,25 +478,29 @@ fn upgrade_under_load(test: &str, lb2_late: Duration) {
         );
     }
     assert_real_client_addresses(&report, "the upgrade under load");
-    let before = report.ended_before(upgrade_started);
-    assert_eq!(
-        before.keys().collect::<Vec<_>>(),
-        ["v1"],
-        "answers before the upgrade: {before:?}"
+    let only = |version: &str, answers: BTreeMap<String, usize>, what: &str| {
+        assert!(
+            answers.len() == 1 && answers.contains_key(version),
+            "{what} should all come from {version}: {answers:?}"
+        );
+    };
+    only(
+        "v1",
+        report.ended_before(upgrade_started),
+        "answers before the upgrade",
     );
     let after = report.started_after(upgraded);
-    assert_eq!(
-        after.keys().collect::<Vec<_>>(),
-        ["v2"],
-        "answers to requests started after the worker applies returned: {after:?}"
+    only(
+        "v2",
+        after,
+        "answers to requests started after the worker applies returned",
     );
     for client in 0..CLIENT_ADDRESSES.len() {
-        let late = report.versions(|s| s.start > settled && namespace_of(s) == client);
-        assert_eq!(
-            late.keys().collect::<Vec<_>>(),
-            ["v2"],
-            "client {}'s answers after the LBs' last apply: {late:?}",
-            client + 1
+        let late = report.versions(|s| s.start > settled && client_of(s) == client);
+        only(
+            "v2",
+            late,
+            &format!("client {}'s answers after the LBs' last apply", client + 1),
         );
     }
 
@@ -533,12 +523,9 @@ fn upgrade_under_load(test: &str, lb2_late: Duration) {
 
 #[test]
 fn routed_container_restarted_behind_lessnats_back_is_rewired() {
-    let Some(site) = site("routed_container_restart", 1) else {
+    let Some((site, spec)) = installed("routed_container_restart", 1) else {
         return;
     };
-    let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
-    let spec = site.write_spec("v1", &[service]);
-    site.apply_all(&spec);
     let worker = &site.workers[0];
     for client in 0..2 {
         assert_eq!(version_within(&site, client, Duration::from_secs(5)), "v1");

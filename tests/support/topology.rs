@@ -11,8 +11,8 @@
 //! only know the back network: they have no route to the clients, so a reply
 //! can only leave through an LB by policy routing; reverse-path filtering is
 //! strict on them (`rp_filter=1`, all and default). Nothing else is set up on
-//! the nodes: forwarding, the VIP, routes to container subnets and the rest
-//! are lessnat's job.
+//! the nodes, and IP forwarding is off on them: forwarding, the VIP, routes
+//! to container subnets and the rest are lessnat's job.
 //!
 //! Every namespace is made under /run/netns (so `--netns NAME` works) and
 //! deleted on drop, also on panic, after `lessnat destroy` has run for every
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::TestNetns;
-use super::load::enter_netns;
+use super::load::{Load, LoadConfig, Sample, enter_netns};
 
 /// The VIP both load balancers serve.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -285,15 +285,11 @@ impl Topology {
             ns.exec("ip", &["addr", "add", &back, "dev", "back"]);
             ns.exec("ip", &["link", "set", "front", "up"]);
             ns.exec("ip", &["link", "set", "back", "up"]);
-            let name = format!("lb{n}-{tag}");
-            let state_dir = topology.dir.path().join(&name);
+            let id = u8::try_from(n).expect("lb id");
+            let node = topology.node(ns, format!("lb{n}-{tag}"), LB_ADDRESSES[i]);
             topology.lbs.push(Node {
-                name,
-                ns,
-                address: LB_ADDRESSES[i],
-                lb_id: Some(u8::try_from(n).expect("lb id")),
-                subnet: None,
-                state_dir,
+                lb_id: Some(id),
+                ..node
             });
         }
         for i in 0..workers {
@@ -309,18 +305,28 @@ impl Topology {
                 );
             }
             ns.exec("ip", &["link", "set", "fab", "up"]);
-            let name = format!("w{n}-{tag}");
-            let state_dir = topology.dir.path().join(&name);
+            let node = topology.node(ns, format!("w{n}-{tag}"), WORKER_ADDRESSES[i]);
             topology.workers.push(Node {
-                name,
-                ns,
-                address: WORKER_ADDRESSES[i],
-                lb_id: None,
                 subnet: Some(WORKER_SUBNETS[i]),
-                state_dir,
+                ..node
             });
         }
         topology
+    }
+
+    /// A lessnat node in `ns`, with IP forwarding off (a new namespace
+    /// copies the host's setting, 1 where Docker runs; turning it on is
+    /// lessnat's job) and a state directory of its own.
+    fn node(&self, ns: TestNetns, name: String, address: Ipv4Addr) -> Node {
+        ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"]);
+        Node {
+            state_dir: self.dir.path().join(&name),
+            name,
+            ns,
+            address,
+            lb_id: None,
+            subnet: None,
+        }
     }
 
     /// A veth from `ns` (named `inside` there) to `bridge` in the fabric
@@ -357,20 +363,16 @@ impl Topology {
     /// The spec for `services` on this site's nodes.
     pub fn spec(&self, services: &[Service]) -> String {
         let mut yaml = String::from("version: 1\nnodes:\n");
-        for lb in &self.lbs {
-            let id = lb.lb_id.expect("an LB has an id");
-            let _ = write!(
+        for node in self.nodes() {
+            let role = match (node.lb_id, node.subnet) {
+                (Some(id), _) => format!("loadBalancer: {{ id: {id}, vips: [{VIP}] }}"),
+                (None, Some(subnet)) => format!("containerSubnet: {subnet}"),
+                (None, None) => unreachable!("a node is an LB or a worker"),
+            };
+            let _ = writeln!(
                 yaml,
-                "  - name: {}\n    address: {}\n    loadBalancer: {{ id: {id}, vips: [{VIP}] }}\n",
-                lb.name, lb.address
-            );
-        }
-        for worker in &self.workers {
-            let subnet = worker.subnet.expect("a worker has a subnet");
-            let _ = write!(
-                yaml,
-                "  - name: {}\n    address: {}\n    containerSubnet: {subnet}\n",
-                worker.name, worker.address
+                "  - name: {}\n    address: {}\n    {role}",
+                node.name, node.address
             );
         }
         yaml.push_str("services:\n");
@@ -420,18 +422,16 @@ impl Topology {
     /// `lessnat --node N --netns NS --state-dir D --no-color ARGS` for `node`.
     pub fn lessnat(node: &Node, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_lessnat"));
-        command
-            .arg("--node")
-            .arg(&node.name)
-            .arg("--netns")
-            .arg(&node.ns.name)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .arg("--no-color")
-            .args(args)
-            .env_remove("LESSNAT_TEST_KILL_AFTER")
-            .env_remove("LESSNAT_NODE")
-            .env_remove("LESSNAT_STATE_DIR");
+        let netns = ["--node", &node.name, "--netns", &node.ns.name];
+        command.args(netns).arg("--state-dir").arg(&node.state_dir);
+        command.arg("--no-color").args(args);
+        for inherited in [
+            "LESSNAT_TEST_KILL_AFTER",
+            "LESSNAT_NODE",
+            "LESSNAT_STATE_DIR",
+        ] {
+            command.env_remove(inherited);
+        }
         command
     }
 
@@ -490,7 +490,7 @@ impl Topology {
     }
 
     /// An HTTP `/peer` request from client `client` to the VIP.
-    pub fn request(&self, client: usize, path: &str) -> super::load::Sample {
+    pub fn request(&self, client: usize, path: &str) -> Sample {
         super::load::request_in(
             &self.clients[client].ns.name,
             client,
@@ -498,6 +498,26 @@ impl Topology {
             path,
             Duration::from_secs(5),
         )
+    }
+
+    /// Starts a pool of `threads` client threads in each client namespace,
+    /// asking the VIP for `/peer`, as `adjust` configures it; client *i*'s
+    /// threads are numbered from *i* × [`CLIENT_THREADS`] (see [`client_of`]).
+    pub fn load(&self, threads: usize, adjust: impl Fn(LoadConfig) -> LoadConfig) -> Vec<Load> {
+        self.clients
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let config = LoadConfig {
+                    clients: threads,
+                    first_client: i * CLIENT_THREADS,
+                    ..LoadConfig::to(vip())
+                        .in_netns(&client.ns.name)
+                        .path("/peer")
+                };
+                Load::start(adjust(config))
+            })
+            .collect()
     }
 
     /// Counts, in each LB's forward hook, packets from and to each client
@@ -610,6 +630,14 @@ impl Drop for Topology {
         self.clean_up();
         // The namespaces go when the fields drop, the fabric last.
     }
+}
+
+/// Load threads of one client namespace are numbered in a range this long.
+pub const CLIENT_THREADS: usize = 1000;
+
+/// The index of the client namespace a sample of [`Topology::load`] came from.
+pub fn client_of(sample: &Sample) -> usize {
+    sample.client / CLIENT_THREADS
 }
 
 /// The VIP's HTTP address.
