@@ -378,19 +378,26 @@ fn write_observed_fixtures() {
         .write("routed-replicas");
 
     // Routed, load-balancer node, nothing set up yet: VIP, routes, table.
-    let example = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routed.yaml"),
-    )
-    .expect("examples/routed.yaml");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routed.yaml"))
+            .expect("examples/routed.yaml");
     let routed_v7 = spec_from(&example);
     Fixture::new("lb-1")
-        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .probes(
+            "api",
+            &["10.20.1.5", "10.20.2.5"],
+            &["10.20.1.254", "10.20.2.254"],
+        )
         .write("routed-lb-fresh");
 
     // Routed, load-balancer node, an upgrade under way on the workers: web-1's
     // next version answers at 10.20.1.254 (switch), web-2's does not yet (stay).
     let mut switching = Fixture::new("lb-1")
-        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .probes(
+            "api",
+            &["10.20.1.5", "10.20.2.5"],
+            &["10.20.1.254", "10.20.2.254"],
+        )
         .routed_in_place(&routed_v7);
     switching.observed.probes.clear();
     switching

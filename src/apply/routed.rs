@@ -74,11 +74,12 @@ impl<'a, 'c> Replica<'a, 'c> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
-        let mut spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
-            .map_err(|source| ApplyError::Placeholder {
-                service: self.service.name.value.clone(),
-                source,
-            })?;
+        let mut spec =
+            ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
+                .map_err(|source| ApplyError::Placeholder {
+                    service: self.service.name.value.clone(),
+                    source,
+                })?;
         spec.labels
             .insert(LABEL_ADDRESS.to_string(), address.to_string());
         self.ctx.docker.create(&spec)?;
@@ -132,7 +133,8 @@ impl<'a, 'c> Replica<'a, 'c> {
             .unwrap_or(self.pair.address);
         let address = crate::plan::same_or_address(&self.pair, old);
         let name = self.name(Slot::Primary);
-        self.progress.step(&format!("{name}: stopping and removing"));
+        self.progress
+            .step(&format!("{name}: stopping and removing"));
         self.remove(&name)?;
         self.start(Slot::Primary, address)?;
         self.ctx.docker.keep_running(&name)?;
@@ -164,10 +166,9 @@ impl<'a, 'c> Replica<'a, 'c> {
                     "{}: resuming the upgrade: checking {next} at {next_at}",
                     self.service.name
                 ));
-                let ready = if veth::observe(self.ctx.netns)?
-                    .iter()
-                    .any(|v| v.service == self.service.name.value && v.address == next_at.to_string())
-                {
+                let ready = if veth::observe(self.ctx.netns)?.iter().any(|v| {
+                    v.service == self.service.name.value && v.address == next_at.to_string()
+                }) {
                     Ok(())
                 } else {
                     self.wire(&next, next_at)
@@ -275,8 +276,9 @@ impl<'a, 'c> Replica<'a, 'c> {
             });
         }
         let next = self.name(Slot::Next);
-        self.progress
-            .step(&format!("{next}: removing (rolling back after {stage} failed)"));
+        self.progress.step(&format!(
+            "{next}: removing (rolling back after {stage} failed)"
+        ));
         self.remove(&next)?;
         Err(ApplyError::RolledBack {
             service,

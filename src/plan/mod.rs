@@ -28,7 +28,6 @@ use crate::spec::{NetworkMode, Spec};
 
 pub(crate) use routed::{next_for, same_or_address, wired_at};
 
-
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let desired = desired_node(spec, node);
@@ -86,7 +85,11 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let switches = load_balancer_role(spec, node)
         .map(|role| routed::load_balancing(spec, &role, observed_table, observed).switches)
         .unwrap_or_default();
-    planner.table(observed_table, desired_table(spec, node, observed), &switches);
+    planner.table(
+        observed_table,
+        desired_table(spec, node, observed),
+        &switches,
+    );
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,

@@ -42,7 +42,11 @@ pub(crate) fn wired_at(container: &Container) -> Option<Ipv4Addr> {
 /// Where a replica stays when it is replaced in place: at `old`, unless the
 /// spec moved it to other addresses.
 pub(crate) fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
-    if pair.contains(old) { old } else { pair.address }
+    if pair.contains(old) {
+        old
+    } else {
+        pair.address
+    }
 }
 
 /// Where an upgrade starts the next version when the current one is at
@@ -141,9 +145,7 @@ pub(super) fn plan_replica(
             },
         }];
     }
-    if let Some(start) =
-        restart_if_stopped(primary, resource(name, node, Slot::Primary), drift)
-    {
+    if let Some(start) = restart_if_stopped(primary, resource(name, node, Slot::Primary), drift) {
         return vec![start];
     }
     match veth_of(observed, name, at) {
@@ -367,8 +369,11 @@ pub(super) fn load_balancing(
     table: Option<&NftTable>,
     observed: &Observed,
 ) -> LoadBalancing {
-    let recorded: BTreeMap<Ipv4Addr, u32> =
-        table.map(versions_in).unwrap_or_default().into_iter().collect();
+    let recorded: BTreeMap<Ipv4Addr, u32> = table
+        .map(versions_in)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
@@ -392,9 +397,8 @@ pub(super) fn load_balancing(
                 targets.push(*address);
                 continue;
             }
-            let wanted = version_tag(
-                &container_for(service, Some(pair.address.to_string())).spec_hash(),
-            );
+            let wanted =
+                version_tag(&container_for(service, Some(pair.address.to_string())).spec_hash());
             let current = [pair.address, pair.next_address]
                 .into_iter()
                 .find_map(|a| Some((a, *recorded.get(&a)?)));
