@@ -221,6 +221,7 @@ fn apply_change(
                 Some(table) => nft::apply_table(ctx.netns, &table)?,
                 None => nft::delete_table(ctx.netns)?,
             }
+            routed::report_drained(ctx, progress, observed)?;
         }
         (Resource::NftTable { .. }, Action::Destroy) => {
             progress.step(&format!("{address}: deleting lessnat's table"));

@@ -17,9 +17,67 @@ use crate::backend::veth::{self, Wiring};
 use crate::desired::DesiredContainer;
 use crate::observe::Observed;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
-use crate::plan::{Decision, InFlight};
-use crate::routed::{ReplicaAddresses, replica_addresses};
+use crate::plan::{Decision, InFlight, load_balancing, observed_table};
+use crate::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
+
+/// On a load-balancer node, after a table change that switched replicas:
+/// waits until this node has no live connection left to each old address (up
+/// to the service's `drainTimeout`) and says so. The worker removes the old
+/// replica only once no load-balancer node sends it connections; this is each
+/// load-balancer node's side of that, in its own output and exit status.
+pub(super) fn report_drained(
+    ctx: &Context,
+    progress: &mut Progress,
+    observed: &Observed,
+) -> Result<(), ApplyError> {
+    let Some(role) = load_balancer_role(ctx.spec, ctx.node) else {
+        return Ok(());
+    };
+    let balancing = load_balancing(ctx.spec, &role, observed_table(observed), observed);
+    for switch in &balancing.switches {
+        progress.step(&format!("{switch}"));
+        let timeout = ctx
+            .spec
+            .services
+            .iter()
+            .find(|s| s.name.value == switch.service)
+            .map_or(Duration::from_secs(300), |s| s.upgrade.drain_timeout.get());
+        let started = Instant::now();
+        loop {
+            let left = conntrack::live_connections_to(ctx.netns, IpAddr::V4(switch.from))?;
+            if left == 0 {
+                progress.end_wait();
+                progress.step(&format!(
+                    "{}: drained on this node: no connection left to {}",
+                    switch.service, switch.from
+                ));
+                break;
+            }
+            if started.elapsed() >= timeout {
+                progress.end_wait();
+                progress.step(&format!(
+                    "{}: {left} connections to {} still open on this node after drainTimeout; the worker decides (onDrainTimeout)",
+                    switch.service, switch.from
+                ));
+                break;
+            }
+            if ctx.interrupted() {
+                progress.end_wait();
+                return Err(ApplyError::Interrupted);
+            }
+            progress.waiting(&format!(
+                "{}: {left} connection{} still on {} through this node, {} to go",
+                switch.service,
+                if left == 1 { "" } else { "s" },
+                switch.from,
+                short(timeout.saturating_sub(started.elapsed()))
+            ));
+            std::thread::sleep(POLL);
+        }
+    }
+    Ok(())
+}
 
 /// How often conntrack is read while the old replica drains.
 const POLL: Duration = Duration::from_millis(500);

@@ -26,7 +26,12 @@ use crate::routed::{
 };
 use crate::spec::{NetworkMode, Spec};
 
-pub(crate) use routed::{next_for, same_or_address, wired_at};
+pub(crate) use routed::{load_balancing, next_for, same_or_address, wired_at};
+
+/// lessnat's table as observed, if present (for apply).
+pub(crate) fn observed_table(observed: &Observed) -> Option<&NftTable> {
+    own_table(observed)
+}
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
@@ -82,8 +87,14 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    let switches = load_balancer_role(spec, node)
-        .map(|role| routed::load_balancing(spec, &role, observed_table, observed).switches)
+    let switches: Vec<String> = load_balancer_role(spec, node)
+        .map(|role| {
+            routed::load_balancing(spec, &role, observed_table, observed)
+                .switches
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        })
         .unwrap_or_default();
     planner.table(
         observed_table,

@@ -346,12 +346,37 @@ pub(super) fn stale_veths(observed: &Observed) -> Vec<Change> {
 }
 
 /// What a load-balancer node's table should hold, and the switches of replica
-/// addresses that makes (for the plan's reason).
-pub(super) struct LoadBalancing {
+/// addresses that makes.
+pub struct LoadBalancing {
     /// The rules.
     pub rules: LoadBalancerRules,
-    /// One sentence per replica whose new connections move.
-    pub switches: Vec<String>,
+    /// The replicas whose new connections move.
+    pub switches: Vec<Switch>,
+}
+
+/// New connections to a replica move from one of its addresses to the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// The service.
+    pub service: String,
+    /// The replica's node.
+    pub node: String,
+    /// The address connections went to.
+    pub from: Ipv4Addr,
+    /// The address they go to now.
+    pub to: Ipv4Addr,
+    /// Why.
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {}: new connections go to {} instead of {} ({})",
+            self.service, self.node, self.to, self.from, self.why
+        )
+    }
 }
 
 /// Decides, for each replica a load-balancer node sends connections to, which
@@ -363,7 +388,7 @@ pub(super) struct LoadBalancing {
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays;
 /// - with nothing recorded, `address` unless only `nextAddress` answers.
-pub(super) fn load_balancing(
+pub(crate) fn load_balancing(
     spec: &Spec,
     role: &LoadBalancerRole,
     table: Option<&NftTable>,
@@ -427,10 +452,13 @@ pub(super) fn load_balancing(
                 Some((at, tag)) => (at, tag, None),
             };
             if let (Some(why), Some((from, _))) = (why, current) {
-                switches.push(format!(
-                    "{name} on {}: new connections go to {address} instead of {from} ({why})",
-                    replica.node.value
-                ));
+                switches.push(Switch {
+                    service: name.clone(),
+                    node: replica.node.value.clone(),
+                    from,
+                    to: address,
+                    why,
+                });
             }
             chosen.insert(key, (address, tag));
             targets.push(address);
