@@ -8,6 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use super::drain::{Drained, wait_until_drained};
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
@@ -43,43 +44,28 @@ pub(super) fn report_drained(
             .iter()
             .find(|s| s.name.value == switch.service)
             .map_or(Duration::from_secs(300), |s| s.upgrade.drain_timeout.get());
-        let started = Instant::now();
-        loop {
-            let left = conntrack::live_connections_to(ctx.netns, IpAddr::V4(switch.from))?;
-            if left == 0 {
-                progress.end_wait();
-                progress.step(&format!(
-                    "{}: drained on this node: no connection left to {}",
-                    switch.service, switch.from
-                ));
-                break;
-            }
-            if started.elapsed() >= timeout {
-                progress.end_wait();
-                progress.step(&format!(
-                    "{}: {left} connections to {} still open on this node after drainTimeout; the worker decides (onDrainTimeout)",
-                    switch.service, switch.from
-                ));
-                break;
-            }
-            if ctx.interrupted() {
-                progress.end_wait();
-                return Err(ApplyError::Interrupted);
-            }
-            progress.waiting(&format!(
-                "{}: {left} connection{} still on {} through this node, {} to go",
-                switch.service,
-                if left == 1 { "" } else { "s" },
-                switch.from,
-                short(timeout.saturating_sub(started.elapsed()))
-            ));
-            std::thread::sleep(POLL);
+        let what = format!(
+            "{}: connections through this node to {}",
+            switch.service, switch.from
+        );
+        let from = IpAddr::V4(switch.from);
+        match wait_until_drained(ctx, progress, &what, timeout, || {
+            Ok(conntrack::live_connections_to(ctx.netns, from)?)
+        })? {
+            Drained::Empty => progress.step(&format!(
+                "{}: drained on this node: no connection left to {}",
+                switch.service, switch.from
+            )),
+            Drained::TimedOut(left) => progress.step(&format!(
+                "{}: {left} connections to {} still open on this node after drainTimeout; the worker decides (onDrainTimeout)",
+                switch.service, switch.from
+            )),
         }
     }
     Ok(())
 }
 
-/// How often conntrack is read while the old replica drains.
+/// How often the switch wait checks for an interrupt.
 const POLL: Duration = Duration::from_millis(500);
 
 /// One routed service's replica on this node.
@@ -298,25 +284,15 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// passes; returns how many were left.
     fn wait_drained(&mut self, old_at: Ipv4Addr) -> Result<u64, ApplyError> {
         let timeout = self.service.upgrade.drain_timeout.get();
-        let started = Instant::now();
-        loop {
-            let left = conntrack::live_connections_to(self.ctx.netns, IpAddr::V4(old_at))?;
-            if left == 0 || started.elapsed() >= timeout {
-                self.progress.end_wait();
-                return Ok(left);
-            }
-            if self.ctx.interrupted() {
-                self.progress.end_wait();
-                return Err(ApplyError::Interrupted);
-            }
-            self.progress.waiting(&format!(
-                "{}: {left} connection{} left on {old_at}, {} to go",
-                self.service.name,
-                if left == 1 { "" } else { "s" },
-                short(timeout.saturating_sub(started.elapsed()))
-            ));
-            std::thread::sleep(POLL);
-        }
+        let what = format!("{}: connections to {old_at}", self.service.name);
+        let netns = self.ctx.netns;
+        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, || {
+            Ok(conntrack::live_connections_to(netns, IpAddr::V4(old_at))?)
+        })?;
+        Ok(match drained {
+            Drained::Empty => 0,
+            Drained::TimedOut(left) => left,
+        })
     }
 
     /// A stage failed: roll back (remove the next replica: load-balancer nodes
