@@ -416,6 +416,21 @@ fn write_observed_fixtures() {
     rewire.observed.veths.clear();
     rewire.write("routed-rewire");
 
+    // Routed worker: someone deleted a reply rule and turned src_valid_mark off.
+    let mut drifted = Fixture::new("web-1")
+        .container(&routed_v7, "api", Slot::Primary, "running")
+        .routed_in_place(&routed_v7);
+    drifted
+        .observed
+        .routing
+        .rules
+        .retain(|r| r.priority != 27002);
+    drifted
+        .observed
+        .sysctls
+        .insert("net.ipv4.conf.all.src_valid_mark".into(), "0".into());
+    drifted.write("routed-drift");
+
     // Conntrack nearly full: a warning.
     let mut full =
         Fixture::new("web-1")

@@ -109,6 +109,20 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         &desired_sysctls(spec, node),
         observed,
     );
+    // Once lessnat has set this node up, anything of its wiring missing or
+    // different was changed by someone else.
+    let set_up = observed_table.is_some() || !observed.containers.is_empty();
+    if set_up {
+        planner
+            .drift
+            .extend(wiring.first.iter().map(|change| Drift {
+                resource: change.resource.clone(),
+                what: match change.action {
+                    Action::Create => "missing".into(),
+                    _ => "changed".into(),
+                },
+            }));
+    }
     planner.first.splice(0..0, wiring.first);
     planner.last.extend(wiring.last);
 
