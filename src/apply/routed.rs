@@ -5,6 +5,7 @@
 //! this worker waits `switchWait`, then until its conntrack shows no live
 //! connection to the old address, and only then removes the old replica.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -64,6 +65,9 @@ pub(super) fn report_drained(
     }
     Ok(())
 }
+
+/// How long the old replica must see no new connection before it is removed.
+const QUIET: Duration = Duration::from_secs(2);
 
 /// How often the switch wait checks for an interrupt.
 const POLL: Duration = Duration::from_millis(500);
@@ -280,14 +284,44 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    /// Waits until no live connection to `old_at` is left, or `drainTimeout`
-    /// passes; returns how many were left.
+    /// Waits until no live connection to `old_at` is left and no new one has
+    /// come for [`QUIET`], or `drainTimeout` passes; returns how many were
+    /// left. New connections mean a load-balancer node has not switched yet
+    /// (it applies late): a drain that only waited for the count to touch 0
+    /// could remove the old replica between two of them.
     fn wait_drained(&mut self, old_at: Ipv4Addr) -> Result<u64, ApplyError> {
         let timeout = self.service.upgrade.drain_timeout.get();
-        let what = format!("{}: connections to {old_at}", self.service.name);
+        let what = format!(
+            "{}: connections to {old_at} (and {} without a new one)",
+            self.service.name,
+            short(QUIET)
+        );
         let netns = self.ctx.netns;
+        // Load-balancer nodes probe both addresses of each replica on every
+        // apply; those probes come from their own addresses and are not clients.
+        let balancers: Vec<IpAddr> = self
+            .ctx
+            .spec
+            .nodes
+            .iter()
+            .filter(|n| n.load_balancer.is_some())
+            .map(|n| *n.address.value)
+            .collect();
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut first = true;
+        let mut last_activity = Instant::now();
         let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, || {
-            Ok(conntrack::live_connections_to(netns, IpAddr::V4(old_at))?)
+            let mut flows = conntrack::flows_to(netns, IpAddr::V4(old_at))?;
+            flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
+            let live = flows.iter().filter(|f| f.live).count() as u64;
+            let new = flows.iter().any(|f| !seen.contains(&f.id));
+            seen.extend(flows.iter().map(|f| f.id));
+            if live > 0 || (new && !first) {
+                last_activity = Instant::now();
+            }
+            first = false;
+            let quiet = last_activity.elapsed() >= QUIET;
+            Ok(if live == 0 && !quiet { 1 } else { live })
         })?;
         Ok(match drained {
             Drained::Empty => 0,
