@@ -677,6 +677,7 @@ fn planner_alone(sizes: &[usize], runs: usize, image: &str) {
             state: state.to_string(),
             health: None,
             pid: (state == "running").then_some(1000),
+            address: None,
         };
         let observed = |slot: Slot, state: &str, redirected: usize| Observed {
             format: OBSERVED_FORMAT,

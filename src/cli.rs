@@ -495,7 +495,7 @@ fn carry_out(
         }
         planned.observed =
             crate::observe::live::observe_for(&planned.spec, &planned.node, &netns, docker)
-            .context("reading the live host")?;
+                .context("reading the live host")?;
         planned.plan = plan(&planned.spec, &planned.node, &planned.observed);
         if planned.plan.is_empty() {
             break;

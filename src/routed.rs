@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 
 use crate::observe::{IpRule, OwnedAddress, Route, RoutingState};
-use crate::ownership::{ROUTES_TABLE, ROUTED_SYSCTLS, lb_mark, reply_table};
+use crate::ownership::{ROUTED_SYSCTLS, ROUTES_TABLE, lb_mark, reply_table};
 use crate::spec::{NetworkMode, Node, Port, Replica, Service, Spec};
 
 /// The two addresses a routed replica alternates between: each upgrade starts
@@ -284,11 +284,9 @@ mod tests {
     use crate::spec::load_bytes;
 
     fn spec() -> Spec {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/routed.yaml"
-        ))
-        .expect("example exists");
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/routed.yaml"))
+                .expect("example exists");
         load_bytes("routed.yaml", text.as_bytes())
             .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)))
     }
@@ -320,14 +318,21 @@ mod tests {
     fn workers_route_replies_back_by_mark() {
         let spec = spec();
         let routing = desired_routing(&spec, "web-1");
-        let marked: Vec<_> = routing.rules.iter().filter(|r| r.fwmark.is_some()).collect();
+        let marked: Vec<_> = routing
+            .rules
+            .iter()
+            .filter(|r| r.fwmark.is_some())
+            .collect();
         assert_eq!(marked.len(), 2);
         assert_eq!(marked[0].fwmark, Some(0x6c6e_0001));
         assert_eq!(marked[0].source.as_deref(), Some("10.20.1.0/24"));
         assert_eq!(routing.routes[0].gateway.as_deref(), Some("192.0.2.2"));
         assert_eq!(desired_sysctls(&spec, "web-1").len(), 2);
         assert_eq!(desired_sysctls(&spec, "lb-1").len(), 1);
-        assert_eq!(desired_addresses(&spec, "lb-1")[0].address, "203.0.113.10/32");
+        assert_eq!(
+            desired_addresses(&spec, "lb-1")[0].address,
+            "203.0.113.10/32"
+        );
         assert!(desired_addresses(&spec, "web-1").is_empty());
     }
 

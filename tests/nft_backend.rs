@@ -486,7 +486,8 @@ fn routed_parts_are_observed_exactly() {
     }
     let text = String::from_utf8_lossy(&ns.exec("nft", &["list", "ruleset"]).stdout).into_owned();
     assert!(text.contains("numgen inc mod 2 map"), "{text}");
-    let json = String::from_utf8_lossy(&ns.exec("nft", &["-j", "list", "ruleset"]).stdout).into_owned();
+    let json =
+        String::from_utf8_lossy(&ns.exec("nft", &["-j", "list", "ruleset"]).stdout).into_owned();
     assert!(json.contains("\"dnat\""), "{json}");
     assert!(
         !json.contains("\"masquerade\"") && !json.contains("\"snat\""),

@@ -378,19 +378,26 @@ fn write_observed_fixtures() {
         .write("routed-replicas");
 
     // Routed, load-balancer node, nothing set up yet: VIP, routes, table.
-    let example = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routed.yaml"),
-    )
-    .expect("examples/routed.yaml");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/routed.yaml"))
+            .expect("examples/routed.yaml");
     let routed_v7 = spec_from(&example);
     Fixture::new("lb-1")
-        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .probes(
+            "api",
+            &["10.20.1.5", "10.20.2.5"],
+            &["10.20.1.254", "10.20.2.254"],
+        )
         .write("routed-lb-fresh");
 
     // Routed, load-balancer node, an upgrade under way on the workers: web-1's
     // next version answers at 10.20.1.254 (switch), web-2's does not yet (stay).
     let mut switching = Fixture::new("lb-1")
-        .probes("api", &["10.20.1.5", "10.20.2.5"], &["10.20.1.254", "10.20.2.254"])
+        .probes(
+            "api",
+            &["10.20.1.5", "10.20.2.5"],
+            &["10.20.1.254", "10.20.2.254"],
+        )
         .routed_in_place(&routed_v7);
     switching.observed.probes.clear();
     switching
@@ -408,6 +415,21 @@ fn write_observed_fixtures() {
         .routed_in_place(&routed_v7);
     rewire.observed.veths.clear();
     rewire.write("routed-rewire");
+
+    // Routed worker: someone deleted a reply rule and turned src_valid_mark off.
+    let mut drifted = Fixture::new("web-1")
+        .container(&routed_v7, "api", Slot::Primary, "running")
+        .routed_in_place(&routed_v7);
+    drifted
+        .observed
+        .routing
+        .rules
+        .retain(|r| r.priority != 27002);
+    drifted
+        .observed
+        .sysctls
+        .insert("net.ipv4.conf.all.src_valid_mark".into(), "0".into());
+    drifted.write("routed-drift");
 
     // Conntrack nearly full: a warning.
     let mut full =

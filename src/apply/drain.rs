@@ -64,10 +64,23 @@ pub(super) fn wait_drained(
     timeout: Duration,
     count: impl Fn(&ConntrackState) -> u64,
 ) -> Result<Drained, ApplyError> {
+    wait_until_drained(ctx, progress, what, timeout, || {
+        Ok(count(&conntrack::observe(ctx.netns)?))
+    })
+}
+
+/// Calls `count` every [`POLL`] until it returns 0 or `timeout` passes,
+/// showing how many connections are left.
+pub(super) fn wait_until_drained(
+    ctx: &Context,
+    progress: &mut Progress,
+    what: &str,
+    timeout: Duration,
+    mut count: impl FnMut() -> Result<u64, ApplyError>,
+) -> Result<Drained, ApplyError> {
     let started = Instant::now();
     loop {
-        let state = conntrack::observe(ctx.netns)?;
-        let left = count(&state);
+        let left = count()?;
         if left == 0 {
             progress.end_wait();
             return Ok(Drained::Empty);

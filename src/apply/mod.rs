@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::backend::conntrack::ConntrackError;
 use crate::backend::docker::{ContainerSpec, Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
+use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
-use crate::backend::nft::{self, NftError};
 use crate::desired::desired_node;
 use crate::journal::{JournalError, JournalFile};
 use crate::netns::{Netns, NetnsError};
@@ -138,7 +138,9 @@ pub enum ApplyError {
     #[error(transparent)]
     Sysctl(#[from] SysctlError),
     /// A container lessnat had to wire in was not running.
-    #[error("{container} is not running, so it cannot be wired in; `docker logs {container}` may say why")]
+    #[error(
+        "{container} is not running, so it cannot be wired in; `docker logs {container}` may say why"
+    )]
     NotRunning {
         /// The container.
         container: String,
@@ -191,8 +193,11 @@ fn apply_change(
             (Resource::Container { .. }, Action::Create) => {
                 let at = routed_address(ctx, spec).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
                 replica.start(Slot::Primary, at)?;
-                ctx.docker
-                    .keep_running(&crate::ownership::container_name(service, ctx.node, Slot::Primary))?;
+                ctx.docker.keep_running(&crate::ownership::container_name(
+                    service,
+                    ctx.node,
+                    Slot::Primary,
+                ))?;
                 Ok(())
             }
             (Resource::Container { .. }, Action::Update) => replica.restart(observed),
@@ -216,6 +221,7 @@ fn apply_change(
                 Some(table) => nft::apply_table(ctx.netns, &table)?,
                 None => nft::delete_table(ctx.netns)?,
             }
+            routed::report_drained(ctx, progress, observed)?;
         }
         (Resource::NftTable { .. }, Action::Destroy) => {
             progress.step(&format!("{address}: deleting lessnat's table"));
@@ -332,7 +338,8 @@ fn apply_change(
             }
         }
         (Resource::Route { table, destination }, action) => {
-            let same = |r: &&crate::observe::Route| r.table == *table && &r.destination == destination;
+            let same =
+                |r: &&crate::observe::Route| r.table == *table && &r.destination == destination;
             if let (Some(found), Action::Replace | Action::Destroy) =
                 (observed.routing.routes.iter().find(same), action)
             {
@@ -347,7 +354,13 @@ fn apply_change(
                 }
             }
         }
-        (Resource::Address { device, address: ip }, action) => {
+        (
+            Resource::Address {
+                device,
+                address: ip,
+            },
+            action,
+        ) => {
             let owned = crate::observe::OwnedAddress {
                 device: device.clone(),
                 address: ip.clone(),

@@ -5,9 +5,11 @@
 //! this worker waits `switchWait`, then until its conntrack shows no live
 //! connection to the old address, and only then removes the old replica.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use super::drain::{Drained, wait_until_drained};
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
@@ -17,11 +19,57 @@ use crate::backend::veth::{self, Wiring};
 use crate::desired::DesiredContainer;
 use crate::observe::Observed;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
-use crate::plan::{Decision, InFlight};
-use crate::routed::{ReplicaAddresses, replica_addresses};
+use crate::plan::{Decision, InFlight, load_balancing, observed_table};
+use crate::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
-/// How often conntrack is read while the old replica drains.
+/// On a load-balancer node, after a table change that switched replicas:
+/// waits until this node has no live connection left to each old address (up
+/// to the service's `drainTimeout`) and says so. The worker removes the old
+/// replica only once no load-balancer node sends it connections; this is each
+/// load-balancer node's side of that, in its own output and exit status.
+pub(super) fn report_drained(
+    ctx: &Context,
+    progress: &mut Progress,
+    observed: &Observed,
+) -> Result<(), ApplyError> {
+    let Some(role) = load_balancer_role(ctx.spec, ctx.node) else {
+        return Ok(());
+    };
+    let balancing = load_balancing(ctx.spec, &role, observed_table(observed), observed);
+    for switch in &balancing.switches {
+        progress.step(&format!("{switch}"));
+        let timeout = ctx
+            .spec
+            .services
+            .iter()
+            .find(|s| s.name.value == switch.service)
+            .map_or(Duration::from_secs(300), |s| s.upgrade.drain_timeout.get());
+        let what = format!(
+            "{}: connections through this node to {}",
+            switch.service, switch.from
+        );
+        let from = IpAddr::V4(switch.from);
+        match wait_until_drained(ctx, progress, &what, timeout, || {
+            Ok(conntrack::live_connections_to(ctx.netns, from)?)
+        })? {
+            Drained::Empty => progress.step(&format!(
+                "{}: drained on this node: no connection left to {}",
+                switch.service, switch.from
+            )),
+            Drained::TimedOut(left) => progress.step(&format!(
+                "{}: {left} connections to {} still open on this node after drainTimeout; the worker decides (onDrainTimeout)",
+                switch.service, switch.from
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// How long the old replica must see no new connection before it is removed.
+const QUIET: Duration = Duration::from_secs(2);
+
+/// How often the switch wait checks for an interrupt.
 const POLL: Duration = Duration::from_millis(500);
 
 /// One routed service's replica on this node.
@@ -74,11 +122,12 @@ impl<'a, 'c> Replica<'a, 'c> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
-        let mut spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
-            .map_err(|source| ApplyError::Placeholder {
-                service: self.service.name.value.clone(),
-                source,
-            })?;
+        let mut spec =
+            ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
+                .map_err(|source| ApplyError::Placeholder {
+                    service: self.service.name.value.clone(),
+                    source,
+                })?;
         spec.labels
             .insert(LABEL_ADDRESS.to_string(), address.to_string());
         self.ctx.docker.create(&spec)?;
@@ -132,7 +181,8 @@ impl<'a, 'c> Replica<'a, 'c> {
             .unwrap_or(self.pair.address);
         let address = crate::plan::same_or_address(&self.pair, old);
         let name = self.name(Slot::Primary);
-        self.progress.step(&format!("{name}: stopping and removing"));
+        self.progress
+            .step(&format!("{name}: stopping and removing"));
         self.remove(&name)?;
         self.start(Slot::Primary, address)?;
         self.ctx.docker.keep_running(&name)?;
@@ -164,10 +214,9 @@ impl<'a, 'c> Replica<'a, 'c> {
                     "{}: resuming the upgrade: checking {next} at {next_at}",
                     self.service.name
                 ));
-                let ready = if veth::observe(self.ctx.netns)?
-                    .iter()
-                    .any(|v| v.service == self.service.name.value && v.address == next_at.to_string())
-                {
+                let ready = if veth::observe(self.ctx.netns)?.iter().any(|v| {
+                    v.service == self.service.name.value && v.address == next_at.to_string()
+                }) {
                     Ok(())
                 } else {
                     self.wire(&next, next_at)
@@ -235,29 +284,49 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    /// Waits until no live connection to `old_at` is left, or `drainTimeout`
-    /// passes; returns how many were left.
+    /// Waits until no live connection to `old_at` is left and no new one has
+    /// come for [`QUIET`], or `drainTimeout` passes; returns how many were
+    /// left. New connections mean a load-balancer node has not switched yet
+    /// (it applies late): a drain that only waited for the count to touch 0
+    /// could remove the old replica between two of them.
     fn wait_drained(&mut self, old_at: Ipv4Addr) -> Result<u64, ApplyError> {
         let timeout = self.service.upgrade.drain_timeout.get();
-        let started = Instant::now();
-        loop {
-            let left = conntrack::live_connections_to(self.ctx.netns, IpAddr::V4(old_at))?;
-            if left == 0 || started.elapsed() >= timeout {
-                self.progress.end_wait();
-                return Ok(left);
+        let what = format!(
+            "{}: connections to {old_at} (and {} without a new one)",
+            self.service.name,
+            short(QUIET)
+        );
+        let netns = self.ctx.netns;
+        // Load-balancer nodes probe both addresses of each replica on every
+        // apply; those probes come from their own addresses and are not clients.
+        let balancers: Vec<IpAddr> = self
+            .ctx
+            .spec
+            .nodes
+            .iter()
+            .filter(|n| n.load_balancer.is_some())
+            .map(|n| *n.address.value)
+            .collect();
+        let mut seen: HashSet<u32> = HashSet::new();
+        let mut first = true;
+        let mut last_activity = Instant::now();
+        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, || {
+            let mut flows = conntrack::flows_to(netns, IpAddr::V4(old_at))?;
+            flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
+            let live = flows.iter().filter(|f| f.live).count() as u64;
+            let new = flows.iter().any(|f| !seen.contains(&f.id));
+            seen.extend(flows.iter().map(|f| f.id));
+            if live > 0 || (new && !first) {
+                last_activity = Instant::now();
             }
-            if self.ctx.interrupted() {
-                self.progress.end_wait();
-                return Err(ApplyError::Interrupted);
-            }
-            self.progress.waiting(&format!(
-                "{}: {left} connection{} left on {old_at}, {} to go",
-                self.service.name,
-                if left == 1 { "" } else { "s" },
-                short(timeout.saturating_sub(started.elapsed()))
-            ));
-            std::thread::sleep(POLL);
-        }
+            first = false;
+            let quiet = last_activity.elapsed() >= QUIET;
+            Ok(if live == 0 && !quiet { 1 } else { live })
+        })?;
+        Ok(match drained {
+            Drained::Empty => 0,
+            Drained::TimedOut(left) => left,
+        })
     }
 
     /// A stage failed: roll back (remove the next replica: load-balancer nodes
@@ -275,8 +344,9 @@ impl<'a, 'c> Replica<'a, 'c> {
             });
         }
         let next = self.name(Slot::Next);
-        self.progress
-            .step(&format!("{next}: removing (rolling back after {stage} failed)"));
+        self.progress.step(&format!(
+            "{next}: removing (rolling back after {stage} failed)"
+        ));
         self.remove(&next)?;
         Err(ApplyError::RolledBack {
             service,

@@ -208,9 +208,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                         self.service.name, self.next
                     ));
                     let next = self.next.clone();
-                    if let Err(error) =
-                        wait_ready(self.ctx, self.progress, self.service, &next, ProbeAt::loopback(true))
-                    {
+                    if let Err(error) = wait_ready(
+                        self.ctx,
+                        self.progress,
+                        self.service,
+                        &next,
+                        ProbeAt::loopback(true),
+                    ) {
                         return self.fail(StageName::StartNext, error);
                     }
                 } else if after == StageName::Swap {
@@ -295,7 +299,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 }
                 self.create(Slot::Next)?;
                 let next = self.next.clone();
-                wait_ready(self.ctx, self.progress, self.service, &next, ProbeAt::loopback(true))
+                wait_ready(
+                    self.ctx,
+                    self.progress,
+                    self.service,
+                    &next,
+                    ProbeAt::loopback(true),
+                )
             }
             StageName::Redirect => self.set_redirects(true),
             StageName::Drain => {
@@ -330,7 +340,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     Some(_) => {}
                 }
                 let primary = self.primary.clone();
-                wait_ready(self.ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
+                wait_ready(
+                    self.ctx,
+                    self.progress,
+                    self.service,
+                    &primary,
+                    ProbeAt::loopback(false),
+                )?;
                 Ok(self.ctx.docker.keep_running(&primary)?)
             }
             StageName::Unredirect => self.set_redirects(false),
@@ -388,7 +404,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.docker.rename(&self.prev, &self.primary)?;
             self.ctx.docker.start(&self.primary)?;
             let primary = self.primary.clone();
-            wait_ready(&ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
+            wait_ready(
+                &ctx,
+                self.progress,
+                self.service,
+                &primary,
+                ProbeAt::loopback(false),
+            )?;
             self.ctx.docker.keep_running(&primary)?;
         }
         self.progress.step(&format!(
@@ -435,7 +457,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             .step(&format!("{service}: stop-start: starting the new version"));
         let started = self.create(Slot::Primary).and_then(|()| {
             let primary = self.primary.clone();
-            wait_ready(self.ctx, self.progress, self.service, &primary, ProbeAt::loopback(false))?;
+            wait_ready(
+                self.ctx,
+                self.progress,
+                self.service,
+                &primary,
+                ProbeAt::loopback(false),
+            )?;
             Ok(self.ctx.docker.keep_running(&primary)?)
         });
         match started {

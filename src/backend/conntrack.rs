@@ -185,26 +185,55 @@ const LIVE_TCP_STATES: [u8; 6] = [
     9, // SYN_SENT2
 ];
 
-/// Counts the live TCP connections (opening, open or half-closed) whose reply
-/// comes from `address`: the connections a routed replica at that address
-/// still serves, whatever address the client dialled (a VIP, DNAT'ed on a
-/// load-balancer node, or the replica itself).
-pub fn live_connections_to(netns: &Netns, address: IpAddr) -> Result<u64, ConntrackError> {
+/// One conntrack entry whose reply comes from a given address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowTo {
+    /// The kernel's id of the entry (`CTA_ID`): a new connection has a new id.
+    pub id: u32,
+    /// Whether it is a TCP connection that is opening, open or half-closed
+    /// (one that may still carry data).
+    pub live: bool,
+    /// Who opened it: the original source address.
+    pub source: Option<IpAddr>,
+}
+
+/// The conntrack entries (TCP, UDP and others, in every state, TIME_WAIT
+/// included) whose reply comes from `address`: the connections a routed
+/// replica at that address serves or served recently, whatever address the
+/// client dialled (a VIP, DNAT'ed on a load-balancer node, or the replica).
+/// Closed TCP connections stay in TIME_WAIT for minutes, so a connection that
+/// was opened since the last call shows up as an id not seen before.
+pub fn flows_to(netns: &Netns, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError> {
     netns
-        .run(|| -> Result<u64, Fault> {
-            let mut count = 0;
+        .run(|| -> Result<Vec<FlowTo>, Fault> {
+            let mut flows = Vec::new();
             let mut socket = Ctnetlink::open()?;
             socket.dump(|entry| {
+                if source_address(&entry.reply) != Some(address) {
+                    return;
+                }
+                let id = entry
+                    .id
+                    .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+                    .map_or(0, u32::from_be_bytes);
                 let live = entry
                     .tcp_state
                     .is_some_and(|state| LIVE_TCP_STATES.contains(&state));
-                if live && source_address(&entry.reply) == Some(address) {
-                    count += 1;
-                }
+                flows.push(FlowTo {
+                    id,
+                    live,
+                    source: source_address(&entry.orig),
+                });
             })?;
-            Ok(count)
+            Ok(flows)
         })?
         .map_err(|fault| fault.within(netns))
+}
+
+/// Counts the live TCP connections (opening, open or half-closed) whose reply
+/// comes from `address` (see [`flows_to`]).
+pub fn live_connections_to(netns: &Netns, address: IpAddr) -> Result<u64, ConntrackError> {
+    Ok(flows_to(netns, address)?.iter().filter(|f| f.live).count() as u64)
 }
 
 fn observe_here() -> Result<ConntrackState, Fault> {

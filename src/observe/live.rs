@@ -7,8 +7,8 @@ use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
-use crate::ownership::ROUTED_SYSCTLS;
 use crate::netns::Netns;
+use crate::ownership::ROUTED_SYSCTLS;
 use crate::spec::Spec;
 
 use super::probe::probe_replicas;

@@ -25,9 +25,14 @@ pub fn render(observed: &Observed, style: Style) -> String {
             .as_deref()
             .map(|h| format!(", {h}"))
             .unwrap_or_default();
+        let address = c
+            .address
+            .as_deref()
+            .map(|a| format!("  at {a}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {:<28} {:<7} {}{health}  {}  spec {}  id {id}",
+            "  {:<28} {:<7} {}{health}  {}  spec {}  id {id}{address}",
             c.name,
             c.slot.as_str(),
             c.state,
@@ -77,9 +82,14 @@ pub fn render(observed: &Observed, style: Style) -> String {
             .fwmark
             .map(|m| format!(" fwmark {m:#x}"))
             .unwrap_or_default();
+        let from = rule
+            .source
+            .as_deref()
+            .map(|s| format!(" from {s}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  rule {} priority {}{mark} lookup {}",
+            "  rule {} priority {}{from}{mark} lookup {}",
             rule.family, rule.priority, rule.table
         );
     }
@@ -99,6 +109,41 @@ pub fn render(observed: &Observed, style: Style) -> String {
             "  route {}{via}{dev} table {}",
             route.destination, route.table
         );
+    }
+    // The kernel settings are read on every node; they matter where routed
+    // mode is set up.
+    let routed = !(observed.veths.is_empty()
+        && observed.addresses.is_empty()
+        && observed.routing.rules.is_empty());
+    if routed {
+        out.push('\n');
+        title(&mut out, "Routed wiring:");
+        for veth in &observed.veths {
+            let state = if veth.up { "up" } else { "down" };
+            let _ = writeln!(
+                out,
+                "  veth {} -> {} at {} ({state})",
+                veth.name, veth.service, veth.address
+            );
+        }
+        for address in &observed.addresses {
+            let _ = writeln!(out, "  address {} on {}", address.address, address.device);
+        }
+        for (key, value) in &observed.sysctls {
+            let _ = writeln!(out, "  {key} = {value}");
+        }
+    }
+    if !observed.probes.is_empty() {
+        out.push('\n');
+        title(&mut out, "Replica probes (from this load-balancer node):");
+        for probe in &observed.probes {
+            let outcome = match &probe.detail {
+                _ if probe.healthy => "answers".to_string(),
+                Some(detail) => format!("does not answer: {detail}"),
+                None => "does not answer".to_string(),
+            };
+            let _ = writeln!(out, "  {} at {}: {outcome}", probe.service, probe.address);
+        }
     }
     out.push('\n');
     title(&mut out, "Conntrack:");

@@ -26,8 +26,12 @@ use crate::routed::{
 };
 use crate::spec::{NetworkMode, Spec};
 
-pub(crate) use routed::{next_for, same_or_address, wired_at};
+pub(crate) use routed::{load_balancing, next_for, same_or_address, wired_at};
 
+/// lessnat's table as observed, if present (for apply).
+pub(crate) fn observed_table(observed: &Observed) -> Option<&NftTable> {
+    own_table(observed)
+}
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
@@ -83,10 +87,20 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    let switches = load_balancer_role(spec, node)
-        .map(|role| routed::load_balancing(spec, &role, observed_table, observed).switches)
+    let switches: Vec<String> = load_balancer_role(spec, node)
+        .map(|role| {
+            routed::load_balancing(spec, &role, observed_table, observed)
+                .switches
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        })
         .unwrap_or_default();
-    planner.table(observed_table, desired_table(spec, node, observed), &switches);
+    planner.table(
+        observed_table,
+        desired_table(spec, node, observed),
+        &switches,
+    );
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,
@@ -95,6 +109,20 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         &desired_sysctls(spec, node),
         observed,
     );
+    // Once lessnat has set this node up, anything of its wiring missing or
+    // different was changed by someone else.
+    let set_up = observed_table.is_some() || !observed.containers.is_empty();
+    if set_up {
+        planner
+            .drift
+            .extend(wiring.first.iter().map(|change| Drift {
+                resource: change.resource.clone(),
+                what: match change.action {
+                    Action::Create => "missing".into(),
+                    _ => "changed".into(),
+                },
+            }));
+    }
     planner.first.splice(0..0, wiring.first);
     planner.last.extend(wiring.last);
 

@@ -42,7 +42,11 @@ pub(crate) fn wired_at(container: &Container) -> Option<Ipv4Addr> {
 /// Where a replica stays when it is replaced in place: at `old`, unless the
 /// spec moved it to other addresses.
 pub(crate) fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
-    if pair.contains(old) { old } else { pair.address }
+    if pair.contains(old) {
+        old
+    } else {
+        pair.address
+    }
 }
 
 /// Where an upgrade starts the next version when the current one is at
@@ -141,9 +145,7 @@ pub(super) fn plan_replica(
             },
         }];
     }
-    if let Some(start) =
-        restart_if_stopped(primary, resource(name, node, Slot::Primary), drift)
-    {
+    if let Some(start) = restart_if_stopped(primary, resource(name, node, Slot::Primary), drift) {
         return vec![start];
     }
     match veth_of(observed, name, at) {
@@ -344,12 +346,37 @@ pub(super) fn stale_veths(observed: &Observed) -> Vec<Change> {
 }
 
 /// What a load-balancer node's table should hold, and the switches of replica
-/// addresses that makes (for the plan's reason).
-pub(super) struct LoadBalancing {
+/// addresses that makes.
+pub struct LoadBalancing {
     /// The rules.
     pub rules: LoadBalancerRules,
-    /// One sentence per replica whose new connections move.
-    pub switches: Vec<String>,
+    /// The replicas whose new connections move.
+    pub switches: Vec<Switch>,
+}
+
+/// New connections to a replica move from one of its addresses to the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// The service.
+    pub service: String,
+    /// The replica's node.
+    pub node: String,
+    /// The address connections went to.
+    pub from: Ipv4Addr,
+    /// The address they go to now.
+    pub to: Ipv4Addr,
+    /// Why.
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {}: new connections go to {} instead of {} ({})",
+            self.service, self.node, self.to, self.from, self.why
+        )
+    }
 }
 
 /// Decides, for each replica a load-balancer node sends connections to, which
@@ -361,14 +388,17 @@ pub(super) struct LoadBalancing {
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays;
 /// - with nothing recorded, `address` unless only `nextAddress` answers.
-pub(super) fn load_balancing(
+pub(crate) fn load_balancing(
     spec: &Spec,
     role: &LoadBalancerRole,
     table: Option<&NftTable>,
     observed: &Observed,
 ) -> LoadBalancing {
-    let recorded: BTreeMap<Ipv4Addr, u32> =
-        table.map(versions_in).unwrap_or_default().into_iter().collect();
+    let recorded: BTreeMap<Ipv4Addr, u32> = table
+        .map(versions_in)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
@@ -392,9 +422,8 @@ pub(super) fn load_balancing(
                 targets.push(*address);
                 continue;
             }
-            let wanted = version_tag(
-                &container_for(service, Some(pair.address.to_string())).spec_hash(),
-            );
+            let wanted =
+                version_tag(&container_for(service, Some(pair.address.to_string())).spec_hash());
             let current = [pair.address, pair.next_address]
                 .into_iter()
                 .find_map(|a| Some((a, *recorded.get(&a)?)));
@@ -423,10 +452,13 @@ pub(super) fn load_balancing(
                 Some((at, tag)) => (at, tag, None),
             };
             if let (Some(why), Some((from, _))) = (why, current) {
-                switches.push(format!(
-                    "{name} on {}: new connections go to {address} instead of {from} ({why})",
-                    replica.node.value
-                ));
+                switches.push(Switch {
+                    service: name.clone(),
+                    node: replica.node.value.clone(),
+                    from,
+                    to: address,
+                    why,
+                });
             }
             chosen.insert(key, (address, tag));
             targets.push(address);

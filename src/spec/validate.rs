@@ -359,8 +359,14 @@ impl Checker {
                     );
                 } else if !subnet.contains(&***address) {
                     self.push(
-                        error(address.span, format!("address {} is outside {} of node `{}`", **address, subnet.value, node.name.value))
-                            .with_help("pick an address inside the node's `containerSubnet`"),
+                        error(
+                            address.span,
+                            format!(
+                                "address {} is outside {} of node `{}`",
+                                **address, subnet.value, node.name.value
+                            ),
+                        )
+                        .with_help("pick an address inside the node's `containerSubnet`"),
                     );
                 }
             }

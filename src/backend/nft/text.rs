@@ -342,7 +342,10 @@ mod tests {
             "ip daddr 10.20.1.0/24 ct state new ip dscp lephb ct mark set 0x6c6e0001",
             "ct mark 0x6c6e0001 meta mark set 0x6c6e0001",
         ] {
-            assert!(text.contains(&format!("\t\t{line}\n")), "{line}\nnot in\n{text}");
+            assert!(
+                text.contains(&format!("\t\t{line}\n")),
+                "{line}\nnot in\n{text}"
+            );
         }
     }
 
@@ -490,7 +493,8 @@ mod tests {
 
     #[test]
     fn unknown_expressions_show_their_json() {
-        let numgen = json!({"match": {"op": "==", "left": {"jhash": {"mod": 2, "seed": 1}}, "right": 0}});
+        let numgen =
+            json!({"match": {"op": "==", "left": {"jhash": {"mod": 2, "seed": 1}}, "right": 0}});
         let mangle = json!({"queue": {"num": 1}});
         let table = NftTable {
             family: "inet".into(),
@@ -518,10 +522,7 @@ mod tests {
                 "table inet t {{\n\tchain c {{\n\t\t{numgen} {mangle} meta l4proto {{\"elem\":{{\"val\":\"tcp\"}}}} comment \"odd\"\n\t}}\n}}\n"
             )
         );
-        assert!(
-            render_table(&table)
-                .contains(r#"{"queue":{"num":1}}"#)
-        );
+        assert!(render_table(&table).contains(r#"{"queue":{"num":1}}"#));
     }
 
     #[test]
