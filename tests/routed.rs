@@ -350,7 +350,6 @@ fn routed_upgrade_under_load_drops_nothing() {
 /// and the held connections (6 s). The worker must not remove the old
 /// replica while LB 2 still sends it new connections.
 #[test]
-#[ignore = "known gap: after switchWait the worker only waits for live connections to reach 0, not for new ones to stop, and removes the old replica while a late LB still sends to it (connection refused)"]
 fn routed_upgrade_waits_for_a_load_balancer_that_applies_late() {
     upgrade_under_load("routed_upgrade_late_lb", Duration::from_secs(12));
 }
