@@ -67,6 +67,9 @@ struct Measurement {
     p99: Duration,
     /// SNAT/masquerade rules found on the LBs during the measurement.
     nat_rules: usize,
+    /// Conntrack entries in the busier LB namespace at the end (closed
+    /// connections stay for 2 minutes in TIME_WAIT; a full table drops SYNs).
+    lb_conntrack: u64,
 }
 
 fn main() {
@@ -126,13 +129,17 @@ fn main() {
     let _ = writeln!(
         report,
         "lessnat `{}`; {} CPUs; kernel {}; load average {load_before:.1} before, {:.1} after; \
-         {clients} client threads ({} per client namespace), one connection per request, {seconds} s per measurement after {} ms warm-up\n",
+         {clients} client threads ({} per client namespace), one connection per request, {seconds} s per measurement after {} ms warm-up; \
+         nf_conntrack_max {}\n",
         env!("CARGO_BIN_EXE_lessnat"),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel(),
         load_average(),
         clients / 2,
-        WARMUP.as_millis()
+        WARMUP.as_millis(),
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
     );
     summary(&mut report, &measurements);
     all_runs(&mut report, &measurements);
@@ -162,6 +169,18 @@ fn measure(
     });
     std::thread::sleep(WARMUP + window);
     let report = Report::merged(loads.into_iter().map(Load::stop));
+    let lb_conntrack = topo
+        .lbs
+        .iter()
+        .map(|lb| {
+            let output = lb
+                .ns
+                .exec("sysctl", &["-n", "net.netfilter.nf_conntrack_count"]);
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.trim().parse::<u64>().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
     let (from, to) = (started + WARMUP, started + WARMUP + window);
     let counted: Vec<_> = report
         .samples
@@ -192,6 +211,7 @@ fn measure(
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
         nat_rules,
+        lb_conntrack,
     }
 }
 
@@ -258,14 +278,14 @@ fn summary(report: &mut String, measurements: &[Measurement]) {
 fn all_runs(report: &mut String, measurements: &[Measurement]) {
     let _ = writeln!(
         report,
-        "| round | mode | SNAT rules on the LBs | requests | failed | requests/s | real client address | p50 ms | p99 ms |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| round | mode | SNAT rules on the LBs | requests | failed | requests/s | real client address | p50 ms | p99 ms | LB conntrack entries |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for m in measurements {
         let ok = m.requests - m.failed;
         let _ = writeln!(
             report,
-            "| {} | {} | {} | {} | {} | {:.0} | {}/{} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {}/{} | {:.2} | {:.2} | {} |",
             m.round,
             m.mode.name(),
             m.nat_rules,
@@ -275,7 +295,8 @@ fn all_runs(report: &mut String, measurements: &[Measurement]) {
             m.real_client,
             ok,
             m.p50.as_secs_f64() * 1000.0,
-            m.p99.as_secs_f64() * 1000.0
+            m.p99.as_secs_f64() * 1000.0,
+            m.lb_conntrack
         );
     }
 }
