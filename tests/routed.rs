@@ -397,7 +397,9 @@ fn upgrade_under_load(test: &str, lb2_late: Duration) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     while !done.load(Ordering::SeqCst) {
-                        runs.push((Instant::now(), Topology::try_apply(lb, spec)));
+                        let started = Instant::now();
+                        let output = Topology::try_apply(lb, spec);
+                        runs.push((started, started.elapsed(), output));
                         std::thread::sleep(LB_APPLY_EVERY);
                     }
                     runs
@@ -447,14 +449,16 @@ fn upgrade_under_load(test: &str, lb2_late: Duration) {
         );
     }
     for (lb, runs) in site.lbs.iter().zip(&lb_runs) {
-        let failed: Vec<_> = runs.iter().filter(|(_, o)| !o.status.success()).collect();
+        let failed: Vec<_> = runs.iter().filter(|r| !r.2.status.success()).collect();
+        let longest = runs.iter().map(|r| r.1).max().unwrap_or_default();
         eprintln!(
-            "{}: {} applies during the upgrade, {} failed",
+            "{}: {} applies during the upgrade, {} failed, the longest took {:.2}s",
             lb.name,
             runs.len(),
-            failed.len()
+            failed.len(),
+            longest.as_secs_f64()
         );
-        if let Some((at, output)) = failed.first() {
+        if let Some((at, _, output)) = failed.first() {
             panic!(
                 "an apply on {} failed {:.2}s into the upgrade:\n{}",
                 lb.name,
