@@ -130,8 +130,7 @@ impl LoadConfig {
 
     /// Where the requests go.
     pub fn address(&self) -> SocketAddr {
-        self.target
-            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
+        self.target.unwrap_or_else(|| loopback(self.port))
     }
 }
 
@@ -321,8 +320,7 @@ impl LongLived {
 
 /// One `GET path` on a fresh connection to 127.0.0.1:port.
 pub fn request(client: usize, port: u16, path: &str, timeout: Duration) -> Sample {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    request_with(client, addr, path, timeout, false, || {})
+    request_with(client, loopback(port), path, timeout, false, || {})
 }
 
 /// One `GET path` on a fresh connection to `addr`.

@@ -185,4 +185,6 @@ pub fn free_port() -> u16 {
     }
     panic!("no free port in 20000-28999")
 }
+
+/// A routed-mode site in network namespaces (`tests/routed.rs`, `benches/routed.rs`).
 pub mod topology;
