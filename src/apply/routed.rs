@@ -25,7 +25,7 @@ use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
 /// On a load-balancer node, after a table change that switched replicas:
 /// waits until this node has no live connection left to each old address (up
-/// to the service's `drainTimeout`) and says so. The worker removes the old
+/// to the service's `switchWait`) and says so. The worker removes the old
 /// replica only once no load-balancer node sends it connections; this is each
 /// load-balancer node's side of that, in its own output and exit status.
 pub(super) fn report_drained(
@@ -39,12 +39,15 @@ pub(super) fn report_drained(
     let balancing = load_balancing(ctx.spec, &role, observed_table(observed), observed);
     for switch in &balancing.switches {
         progress.step(&format!("{switch}"));
+        // Bounded by switchWait, not drainTimeout: while this apply waits it
+        // switches nothing else, and other workers give load-balancer nodes
+        // switchWait to switch.
         let timeout = ctx
             .spec
             .services
             .iter()
             .find(|s| s.name.value == switch.service)
-            .map_or(Duration::from_secs(300), |s| s.upgrade.drain_timeout.get());
+            .map_or(Duration::from_secs(30), |s| s.upgrade.switch_wait.get());
         let what = format!(
             "{}: connections through this node to {}",
             switch.service, switch.from
@@ -58,7 +61,7 @@ pub(super) fn report_drained(
                 switch.service, switch.from
             )),
             Drained::TimedOut(left) => progress.step(&format!(
-                "{}: {left} connections to {} still open on this node after drainTimeout; the worker decides (onDrainTimeout)",
+                "{}: {left} connections to {} still open through this node after switchWait; they finish there, and the worker waits for them (up to drainTimeout)",
                 switch.service, switch.from
             )),
         }
