@@ -298,10 +298,7 @@ fn in_flight(
             new: Some(new.image.clone()),
         });
     }
-    let verb = match decision {
-        Decision::Resume => "resume",
-        Decision::RollBack => "roll back",
-    };
+    let verb = decision.verb();
     Change {
         action: Action::Upgrade,
         resource: Resource::Service { name: name.clone() },

@@ -208,6 +208,16 @@ pub enum Decision {
     RollBack,
 }
 
+impl Decision {
+    /// The decision as a verb in output: `resume` or `roll back`.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Decision::Resume => "resume",
+            Decision::RollBack => "roll back",
+        }
+    }
+}
+
 /// The stages of an upgrade (design §3) and of its rollback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

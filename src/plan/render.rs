@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Action, Change, Decision, Plan};
+use super::{Action, Change, Plan};
 use crate::style::Style;
 
 fn color(action: Action) -> &'static str {
@@ -131,10 +131,7 @@ fn render_change(out: &mut String, change: &Change, style: Style) {
     }
     if let Some(upgrade) = &change.upgrade {
         if let Some(in_flight) = &upgrade.in_flight {
-            let decision = match in_flight.decision {
-                Decision::Resume => "resume",
-                Decision::RollBack => "roll back",
-            };
+            let decision = in_flight.decision.verb();
             let _ = writeln!(
                 out,
                 "      in flight: stage {} done; {decision}: {}",

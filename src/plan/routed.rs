@@ -218,10 +218,7 @@ fn in_flight(
             timeout: None,
         }],
     };
-    let verb = match decision {
-        Decision::Resume => "resume",
-        Decision::RollBack => "roll back",
-    };
+    let verb = decision.verb();
     Change {
         action: Action::Upgrade,
         resource: Resource::Service { name: name.clone() },
