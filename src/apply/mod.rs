@@ -190,16 +190,7 @@ fn apply_change(
             });
         };
         return match (&change.resource, change.action) {
-            (Resource::Container { .. }, Action::Create) => {
-                let at = routed_address(ctx, spec).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
-                replica.start(Slot::Primary, at)?;
-                ctx.docker.keep_running(&crate::ownership::container_name(
-                    service,
-                    ctx.node,
-                    Slot::Primary,
-                ))?;
-                Ok(())
-            }
+            (Resource::Container { .. }, Action::Create) => replica.create(),
             (Resource::Container { .. }, Action::Update) => replica.restart(observed),
             (Resource::Container { .. }, Action::Replace)
             | (Resource::Service { .. }, Action::Replace) => replica.replace(observed),
@@ -386,10 +377,4 @@ fn apply_change(
         }
     }
     Ok(())
-}
-
-/// Where a new routed replica starts: its `address`.
-fn routed_address(ctx: &Context, service: &crate::spec::Service) -> Option<std::net::Ipv4Addr> {
-    let replica = service.replicas.iter().find(|r| r.node.value == ctx.node)?;
-    Some(crate::routed::replica_addresses(ctx.spec, replica)?.address)
 }

@@ -153,6 +153,13 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
+    /// Creates the primary at the replica's `address`, wired in and healthy.
+    pub(super) fn create(&mut self) -> Result<(), ApplyError> {
+        self.start(Slot::Primary, self.pair.address)?;
+        self.ctx.docker.keep_running(&self.name(Slot::Primary))?;
+        Ok(())
+    }
+
     /// Starts the stopped primary again, wires it in and waits until healthy.
     pub(super) fn restart(&mut self, observed: &Observed) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
