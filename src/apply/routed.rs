@@ -19,7 +19,7 @@ use crate::backend::veth::{self, Wiring};
 use crate::desired::DesiredContainer;
 use crate::observe::Observed;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
-use crate::plan::{Decision, InFlight, load_balancing, observed_table};
+use crate::plan::{Decision, InFlight, load_balancing};
 use crate::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
@@ -36,7 +36,7 @@ pub(super) fn report_drained(
     let Some(role) = load_balancer_role(ctx.spec, ctx.node) else {
         return Ok(());
     };
-    let balancing = load_balancing(ctx.spec, &role, observed_table(observed), observed);
+    let balancing = load_balancing(ctx.spec, &role, observed);
     for switch in &balancing.switches {
         progress.step(&format!("{switch}"));
         // Bounded by switchWait, not drainTimeout: while this apply waits it

@@ -28,11 +28,6 @@ use crate::spec::{NetworkMode, Spec};
 
 pub(crate) use routed::{load_balancing, next_for, same_or_address, wired_at};
 
-/// lessnat's table as observed, if present (for apply).
-pub(crate) fn observed_table(observed: &Observed) -> Option<&NftTable> {
-    own_table(observed)
-}
-
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let desired = desired_node(spec, node);
@@ -89,7 +84,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     );
     let switches: Vec<String> = load_balancer_role(spec, node)
         .map(|role| {
-            routed::load_balancing(spec, &role, observed_table, observed)
+            routed::load_balancing(spec, &role, observed)
                 .switches
                 .iter()
                 .map(ToString::to_string)
@@ -188,7 +183,7 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
         empty_table()
     };
     if let Some(role) = &balancer {
-        let balancing = routed::load_balancing(spec, role, found, observed);
+        let balancing = routed::load_balancing(spec, role, observed);
         add_load_balancer(&mut table, &balancing.rules);
     }
     if let Some(worker) = &worker {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::backend::nft::routed::{Dnat, LoadBalancerRules, versions_in};
 use crate::desired::{DesiredContainer, container_for};
-use crate::observe::{Container, IpRule, NftTable, Observed, OwnedAddress, Route, Veth};
+use crate::observe::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
 use crate::ownership::{Slot, container_name, veth_name};
 use crate::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
 use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
@@ -388,10 +388,9 @@ impl std::fmt::Display for Switch {
 pub(crate) fn load_balancing(
     spec: &Spec,
     role: &LoadBalancerRole,
-    table: Option<&NftTable>,
     observed: &Observed,
 ) -> LoadBalancing {
-    let recorded: BTreeMap<Ipv4Addr, u32> = table
+    let recorded: BTreeMap<Ipv4Addr, u32> = super::own_table(observed)
         .map(versions_in)
         .unwrap_or_default()
         .into_iter()
