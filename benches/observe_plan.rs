@@ -42,13 +42,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use lessnat::backend::docker::Docker;
-use lessnat::backend::nft::ruleset::{Redirect, host_table};
 use lessnat::backend::nft::{apply_table, delete_table};
 use lessnat::backend::{conntrack, netlink, nft};
 use lessnat::desired::desired_node;
+use lessnat::desired::host_table::host_table;
+use lessnat::model::Redirect;
+use lessnat::model::{Container, OBSERVED_FORMAT, Observed};
 use lessnat::netns::Netns;
 use lessnat::observe::live::observe_with;
-use lessnat::observe::{Container, OBSERVED_FORMAT, Observed};
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use lessnat::plan::render::render;
 use lessnat::plan::{fingerprint, plan};
@@ -682,7 +683,7 @@ fn planner_alone(sizes: &[usize], runs: usize, image: &str) {
         let observed = |slot: Slot, state: &str, redirected: usize| Observed {
             format: OBSERVED_FORMAT,
             node: NODE.to_string(),
-            nft: lessnat::observe::NftState {
+            nft: lessnat::model::NftState {
                 tables: vec![host_table(&redirects(redirected))],
             },
             containers: (0..n).map(|i| container(i, slot, state)).collect(),

@@ -8,8 +8,8 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use lessnat::backend::conntrack;
+use lessnat::model::{ConntrackState, FlowCount};
 use lessnat::netns::Netns;
-use lessnat::observe::{ConntrackState, FlowCount};
 use lessnat::spec::Protocol;
 use support::{TestNetns, root_with};
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lessnat::backend::docker::Docker;
-use lessnat::observe::Container;
+use lessnat::model::Container;
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;

@@ -10,10 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lessnat::backend::docker::{
-    ContainerNetwork, ContainerSpec, ContainerStatus, Docker, DockerError,
-};
+use lessnat::backend::docker::{ContainerStatus, Docker, DockerError};
 use lessnat::desired::desired_node;
+use lessnat::model::{ContainerNetwork, ContainerSpec};
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use lessnat::spec::load_bytes;
 use lessnat::style::Style;
@@ -140,7 +139,8 @@ fn next_container_lifecycle() {
         .unwrap_or_else(|r| panic!("{}", r.render(Style::Plain)));
     let desired = desired_node(&spec, node);
     let (_, container) = &desired.services[0];
-    let spec = ContainerSpec::for_slot(container, node, Slot::Next, Duration::from_secs(7))
+    let spec = container
+        .container_spec(node, Slot::Next, Duration::from_secs(7))
         .expect("fills");
     let next_name = container_name(&service, node, Slot::Next);
     let prev_name = container_name(&service, node, Slot::Prev);

@@ -8,7 +8,7 @@ mod support;
 use std::time::Instant;
 
 use lessnat::backend::netlink;
-use lessnat::observe::{IpRule, OwnedAddress, Route};
+use lessnat::model::{IpRule, OwnedAddress, Route};
 use support::{TestNetns, root_with};
 
 fn rule(

@@ -10,10 +10,11 @@ use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use lessnat::backend::nft::ruleset::{Redirect, host_table};
 use lessnat::backend::nft::{NftError, apply_table, delete_table, observe, set_redirect};
+use lessnat::desired::host_table::host_table;
+use lessnat::model::Redirect;
+use lessnat::model::{NftState, NftTable};
 use lessnat::netns::Netns;
-use lessnat::observe::{NftState, NftTable};
 use lessnat::ownership::PROBE_MARK;
 use lessnat::spec::Protocol;
 use nix::sys::socket::{
@@ -427,7 +428,7 @@ fn notrack_rules_are_reported() {
 
 #[test]
 fn routed_parts_are_observed_exactly() {
-    use lessnat::backend::nft::routed::{
+    use lessnat::desired::routed_table::{
         Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker, versions_in,
     };
     if !support::root_with("routed_parts_are_observed_exactly", &["nft"]) {

@@ -12,9 +12,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lessnat::backend::nft::apply_table;
-use lessnat::backend::nft::ruleset::{Redirect, host_table};
 use lessnat::desired::desired_node;
-use lessnat::observe::{IpRule, Observed, Route};
+use lessnat::desired::host_table::host_table;
+use lessnat::model::Redirect;
+use lessnat::model::{IpRule, Observed, Route};
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use lessnat::plan::{Action, Decision, Plan, Resource, StageName};
 use lessnat::spec::{Protocol, load_file};

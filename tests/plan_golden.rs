@@ -8,16 +8,17 @@
 
 use std::path::{Path, PathBuf};
 
-use lessnat::backend::nft::ruleset::{Redirect, host_table};
 use lessnat::desired::desired_node;
-use lessnat::observe::{
+use lessnat::desired::host_table::host_table;
+use lessnat::desired::routed::{desired_addresses, desired_routing, desired_sysctls};
+use lessnat::model::Redirect;
+use lessnat::model::{
     ConntrackState, Container, FlowCount, ForeignContainer, IpRule, NftTable, OBSERVED_FORMAT,
     Observed, Route,
 };
-use lessnat::observe::{Probe, Veth};
+use lessnat::model::{Probe, Veth};
 use lessnat::ownership::{Slot, container_name, veth_name};
 use lessnat::plan::{desired_table, plan, render::render};
-use lessnat::routed::{desired_addresses, desired_routing, desired_sysctls};
 use lessnat::spec::{Protocol, Spec, load_bytes};
 use lessnat::style::Style;
 

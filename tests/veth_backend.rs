@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use lessnat::backend::veth::{self, Wiring};
 use lessnat::backend::{netlink, sysctl};
+use lessnat::model::{IpRule, Route, Veth};
 use lessnat::netns::Netns;
-use lessnat::observe::{IpRule, Route, Veth};
 use lessnat::ownership::{ROUTED_SYSCTLS, ROUTES_TABLE, VETH_GATEWAY, veth_name};
 use serde_json::Value;
 use support::{TestNetns, root_with};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use super::progress::{Progress, short};
 use super::{ApplyError, Context};
 use crate::backend::conntrack;
-use crate::observe::ConntrackState;
+use crate::model::ConntrackState;
 use crate::spec::{Protocol, Service};
 
 /// How often conntrack is read while draining.
@@ -106,7 +106,7 @@ pub(super) fn wait_until_drained(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::FlowCount;
+    use crate::model::FlowCount;
 
     #[test]
     fn counts_connections_that_may_still_carry_data() {

@@ -12,15 +12,15 @@ mod upgrade;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::conntrack::ConntrackError;
-use crate::backend::docker::{ContainerSpec, Docker, DockerError};
+use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
 use crate::desired::desired_node;
 use crate::journal::{JournalError, JournalFile};
+use crate::model::Observed;
 use crate::netns::{Netns, NetnsError};
-use crate::observe::Observed;
 use crate::ownership::Slot;
 use crate::plan::{Action, Change, Plan, Resource, Summary, desired_table};
 use crate::spec::{NetworkMode, OnFailure, PlaceholderError, Spec};
@@ -246,12 +246,12 @@ fn apply_change(
                 progress.step(&format!("{address}: starting"));
             } else {
                 progress.step(&format!("{address}: creating and starting"));
-                let create =
-                    ContainerSpec::for_slot(container, ctx.node, Slot::Primary, stop_timeout)
-                        .map_err(|source| ApplyError::Placeholder {
-                            service: service.clone(),
-                            source,
-                        })?;
+                let create = container
+                    .container_spec(ctx.node, Slot::Primary, stop_timeout)
+                    .map_err(|source| ApplyError::Placeholder {
+                        service: service.clone(),
+                        source,
+                    })?;
                 ctx.docker.create(&create)?;
             }
             ctx.docker.start(name)?;
@@ -317,7 +317,7 @@ fn apply_change(
                 netlink::delete_rule(ctx.netns, found)?;
             }
             if matches!(action, Action::Create | Action::Replace | Action::Update) {
-                let routing = crate::routed::desired_routing(ctx.spec, ctx.node);
+                let routing = crate::desired::routed::desired_routing(ctx.spec, ctx.node);
                 if let Some(rule) = routing
                     .rules
                     .iter()
@@ -330,7 +330,7 @@ fn apply_change(
         }
         (Resource::Route { table, destination }, action) => {
             let same =
-                |r: &&crate::observe::Route| r.table == *table && &r.destination == destination;
+                |r: &&crate::model::Route| r.table == *table && &r.destination == destination;
             if let (Some(found), Action::Replace | Action::Destroy) =
                 (observed.routing.routes.iter().find(same), action)
             {
@@ -338,7 +338,7 @@ fn apply_change(
                 netlink::delete_route(ctx.netns, found)?;
             }
             if matches!(action, Action::Create | Action::Replace | Action::Update) {
-                let routing = crate::routed::desired_routing(ctx.spec, ctx.node);
+                let routing = crate::desired::routed::desired_routing(ctx.spec, ctx.node);
                 if let Some(route) = routing.routes.iter().find(same) {
                     progress.step(&format!("{address}: adding"));
                     netlink::add_route(ctx.netns, route)?;
@@ -352,7 +352,7 @@ fn apply_change(
             },
             action,
         ) => {
-            let owned = crate::observe::OwnedAddress {
+            let owned = crate::model::OwnedAddress {
                 device: device.clone(),
                 address: ip.clone(),
             };
@@ -365,7 +365,9 @@ fn apply_change(
             }
         }
         (Resource::Sysctl { key }, Action::Update) => {
-            if let Some(value) = crate::routed::desired_sysctls(ctx.spec, ctx.node).get(key) {
+            if let Some(value) =
+                crate::desired::routed::desired_sysctls(ctx.spec, ctx.node).get(key)
+            {
                 progress.step(&format!("{address}: setting {value}"));
                 sysctl::write(ctx.netns, key, value)?;
             }

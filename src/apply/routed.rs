@@ -14,13 +14,12 @@ use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
 use crate::backend::conntrack;
-use crate::backend::docker::ContainerSpec;
 use crate::backend::veth::{self, Wiring};
 use crate::desired::DesiredContainer;
-use crate::observe::Observed;
+use crate::desired::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
+use crate::model::Observed;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
 use crate::plan::{Decision, InFlight, load_balancing};
-use crate::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
 /// On a load-balancer node, after a table change that switched replicas:
@@ -125,12 +124,13 @@ impl<'a, 'c> Replica<'a, 'c> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
-        let mut spec =
-            ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
-                .map_err(|source| ApplyError::Placeholder {
-                    service: self.service.name.value.clone(),
-                    source,
-                })?;
+        let mut spec = self
+            .desired
+            .container_spec(self.ctx.node, slot, self.stop_timeout())
+            .map_err(|source| ApplyError::Placeholder {
+                service: self.service.name.value.clone(),
+                source,
+            })?;
         spec.labels
             .insert(LABEL_ADDRESS.to_string(), address.to_string());
         self.ctx.docker.create(&spec)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::observe::{Container, Observed};
+use crate::model::{Container, Observed};
 use crate::plan::fingerprint;
 
 /// What changed on the host between `before` (when the plan was made) and

@@ -10,10 +10,10 @@ use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
 use crate::backend::conntrack;
-use crate::backend::docker::ContainerSpec;
-use crate::backend::nft::{self, ruleset::Redirect};
+use crate::backend::nft;
 use crate::desired::DesiredContainer;
 use crate::journal::{UpgradeRecord, now};
+use crate::model::Redirect;
 use crate::ownership::{Slot, container_name};
 use crate::plan::{Decision, InFlight, StageName};
 use crate::spec::{OnDrainTimeout, OnFailure, Protocol, Service};
@@ -122,7 +122,9 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn create(&mut self, slot: Slot) -> Result<(), ApplyError> {
-        let spec = ContainerSpec::for_slot(self.desired, self.ctx.node, slot, self.stop_timeout())
+        let spec = self
+            .desired
+            .container_spec(self.ctx.node, slot, self.stop_timeout())
             .map_err(|source| ApplyError::Placeholder {
                 service: self.service.name.value.clone(),
                 source,

@@ -24,8 +24,8 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+use crate::model::{ConntrackState, FlowCount};
 use crate::netns::{Netns, NetnsError};
-use crate::observe::{ConntrackState, FlowCount};
 use crate::spec::Protocol;
 
 /// Where the per-namespace conntrack sysctls live.

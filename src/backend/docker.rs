@@ -14,7 +14,7 @@
 //! bollard is async; [`Docker`] keeps the API synchronous with a current-thread
 //! tokio runtime of its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::errors::Error as ApiError;
@@ -30,13 +30,10 @@ use bollard::query_parameters::{
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::runtime::Runtime;
 
-use crate::desired::DesiredContainer;
-use crate::observe::{Container, ForeignContainer};
+use crate::model::{Container, ContainerSpec, ForeignContainer};
 use crate::ownership::{
-    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name,
-    parse_container_name,
+    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, parse_container_name,
 };
-use crate::spec::{NetworkMode, PlaceholderError};
 
 /// Where the engine is when `DOCKER_HOST` is unset or empty.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -118,92 +115,6 @@ pub enum DockerError {
         /// cannot stop an exec; see [`Docker::exec`]).
         killed: bool,
     },
-}
-
-/// How a container is attached to the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ContainerNetwork {
-    /// The host's network namespace (host mode): the service binds the node's
-    /// ports itself.
-    Host,
-    /// Docker's `none` network, loopback only (routed mode): lessnat wires the
-    /// container in itself, with a veth pair, once it has started.
-    None,
-}
-
-impl ContainerNetwork {
-    /// The engine's name for this network mode: `host` or `none`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ContainerNetwork::Host => "host",
-            ContainerNetwork::None => "none",
-        }
-    }
-}
-
-/// Everything lessnat sets when it creates a container.
-///
-/// The restart policy is `no` at creation: lessnat decides when a container runs.
-/// A container that dies while lessnat waits for it to turn healthy must stay
-/// dead, so the wait sees it exit and rolls back, instead of the engine
-/// restarting it behind lessnat's back; and a stopped `prev` container must
-/// not be revived when the engine restarts, where in host mode it would
-/// compete with the primary for the service's ports. Once a primary is healthy,
-/// [`Docker::keep_running`] lets the engine bring it back after a reboot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerSpec {
-    /// The container name, e.g. `lessnat-web.web-1.next`.
-    pub name: String,
-    /// The image reference. It must already be present on the engine: creating
-    /// a container never pulls.
-    pub image: String,
-    /// The command (the arguments given to the image's entrypoint); empty
-    /// keeps the image's own `CMD`.
-    pub command: Vec<String>,
-    /// Environment variables, added to the image's.
-    pub env: BTreeMap<String, String>,
-    /// Labels, added to the image's.
-    pub labels: BTreeMap<String, String>,
-    /// The network mode.
-    pub network: ContainerNetwork,
-    /// How long the engine waits after the stop signal before it kills the
-    /// container, when it stops the container itself (`docker stop` without
-    /// `--time`, engine shutdown). The engine counts whole seconds, so this
-    /// is rounded up.
-    pub stop_timeout: Duration,
-}
-
-impl ContainerSpec {
-    /// The container `desired` needs on `node` in `slot`: its name, the
-    /// labels lessnat recognises it by (service, spec hash, canonical ports),
-    /// and the command and environment with their port placeholders filled:
-    /// temporary ports for [`Slot::Next`] (ports without one keep the
-    /// canonical port), canonical ports otherwise.
-    pub fn for_slot(
-        desired: &DesiredContainer,
-        node: &str,
-        slot: Slot,
-        stop_timeout: Duration,
-    ) -> Result<ContainerSpec, PlaceholderError> {
-        let temporary = slot == Slot::Next;
-        let labels = BTreeMap::from([
-            (LABEL_SERVICE.to_string(), desired.service.clone()),
-            (LABEL_SPEC.to_string(), desired.spec_hash()),
-            (LABEL_PORTS.to_string(), desired.port_labels().join(",")),
-        ]);
-        Ok(ContainerSpec {
-            name: container_name(&desired.service, node, slot),
-            image: desired.image.clone(),
-            command: desired.command_for(temporary)?,
-            env: desired.env_for(temporary)?,
-            labels,
-            network: match desired.network {
-                NetworkMode::Host => ContainerNetwork::Host,
-                NetworkMode::Routed => ContainerNetwork::None,
-            },
-            stop_timeout,
-        })
-    }
 }
 
 /// What [`Docker::state`] reports about a container.
@@ -953,12 +864,12 @@ mod tests {
         let (_, web) = &desired.services[0];
         let stop = Duration::from_secs(10);
 
-        let next = ContainerSpec::for_slot(web, "a", Slot::Next, stop).expect("fills");
+        let next = web.container_spec("a", Slot::Next, stop).expect("fills");
         assert_eq!(next.name, "lessnat-web.a.next");
         assert_eq!(next.image, "web:1");
         assert_eq!(next.command, ["--listen", ":18000"]);
         assert_eq!(next.env["PORT"], "18000");
-        assert_eq!(next.network, ContainerNetwork::Host);
+        assert_eq!(next.network, crate::model::ContainerNetwork::Host);
         assert_eq!(next.stop_timeout, stop);
         let labels: Vec<(&str, &str)> = next
             .labels
@@ -979,7 +890,7 @@ mod tests {
             (Slot::Primary, "lessnat-web.a"),
             (Slot::Prev, "lessnat-web.a.prev"),
         ] {
-            let spec = ContainerSpec::for_slot(web, "a", slot, stop).expect("fills");
+            let spec = web.container_spec("a", slot, stop).expect("fills");
             assert_eq!(spec.name, name);
             assert_eq!(spec.command, ["--listen", ":8000"]);
             assert_eq!(spec.env["PORT"], "8000");
@@ -987,13 +898,13 @@ mod tests {
         }
 
         let (_, api) = &desired.services[1];
-        let routed = ContainerSpec::for_slot(api, "a", Slot::Primary, stop).expect("fills");
-        assert_eq!(routed.network, ContainerNetwork::None);
+        let routed = api.container_spec("a", Slot::Primary, stop).expect("fills");
+        assert_eq!(routed.network, crate::model::ContainerNetwork::None);
         assert!(routed.command.is_empty() && routed.env.is_empty());
 
         let mut bad = web.clone();
         bad.command = vec!["{port.nope}".into()];
-        assert!(ContainerSpec::for_slot(&bad, "a", Slot::Next, stop).is_err());
+        assert!(bad.container_spec("a", Slot::Next, stop).is_err());
     }
 
     #[test]

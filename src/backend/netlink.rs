@@ -48,8 +48,8 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion};
 
+use crate::model::{IpRule, OwnedAddress, Route, RoutingState};
 use crate::netns::{Netns, NetnsError};
-use crate::observe::{IpRule, OwnedAddress, Route, RoutingState};
 use crate::ownership::{ADDRESS_LABEL_SUFFIX, ROUTE_TABLES, RULE_PRIORITIES};
 
 /// Reading or changing routing state, addresses or links failed.

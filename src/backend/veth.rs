@@ -38,8 +38,8 @@ use super::netlink::{
     Fault, NetlinkError, add_address_here, errno, link_index, replace_route, required_link,
     with_rtnl,
 };
+use crate::model::{Route, Veth};
 use crate::netns::Netns;
-use crate::observe::{Route, Veth};
 use crate::ownership::{ROUTES_TABLE, VETH_ALIAS_PREFIX, VETH_GATEWAY, veth_name};
 
 /// The container side's name.

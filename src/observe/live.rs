@@ -12,7 +12,7 @@ use crate::ownership::ROUTED_SYSCTLS;
 use crate::spec::Spec;
 
 use super::probe::probe_replicas;
-use super::{OBSERVED_FORMAT, Observed};
+use crate::model::{OBSERVED_FORMAT, Observed};
 
 /// Observing the live host failed.
 #[derive(Debug, thiserror::Error)]

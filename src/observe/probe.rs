@@ -7,10 +7,10 @@
 
 use std::net::IpAddr;
 
-use super::Probe;
+use crate::desired::routed::{load_balancer_role, replica_addresses};
 use crate::health::{NetworkCheck, probe_timeout};
+use crate::model::Probe;
 use crate::netns::Netns;
-use crate::routed::{load_balancer_role, replica_addresses};
 use crate::spec::{Service, Spec};
 
 /// Probes every replica address of the routed services `node` balances; empty

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::Observed;
+use crate::model::Observed;
 use crate::style::Style;
 
 /// Renders the observed state as a short report.

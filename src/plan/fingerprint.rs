@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use std::collections::BTreeMap;
 
-use crate::observe::{
+use crate::model::{
     Container, ForeignContainer, NftState, Observed, OwnedAddress, RoutingState, Veth,
 };
 

@@ -5,11 +5,11 @@ use super::{
     Action, Change, Decision, DiffLine, Drift, FieldChange, InFlight, Resource, Slots, Stage,
     StageName, Upgrade,
 };
-use crate::backend::nft::ruleset::Redirect;
 use crate::desired::DesiredContainer;
+use crate::model::Redirect;
 use std::collections::HashMap;
 
-use crate::observe::{Container, NftTable, Observed};
+use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{Slot, container_name};
 use crate::spec::{HumanDuration, OnDrainTimeout, Protocol, Service, Strategy};
 
@@ -581,10 +581,10 @@ fn stop_start_stages(node: &str, service: &Service) -> Vec<Stage> {
 pub(super) fn table_diff(old: Option<&NftTable>, new: Option<&NftTable>) -> Vec<DiffLine> {
     let context = old.is_some() && new.is_some();
     let old = old
-        .map(crate::backend::nft::text::render_table)
+        .map(crate::model::nft_text::render_table)
         .unwrap_or_default();
     let new = new
-        .map(crate::backend::nft::text::render_table)
+        .map(crate::model::nft_text::render_table)
         .unwrap_or_default();
     let diff = similar::TextDiff::from_lines(&old, &new);
     let line = |change: similar::Change<&str>| DiffLine {

@@ -16,14 +16,15 @@ pub use model::{
     Stage, StageName, Summary, Upgrade,
 };
 
-use crate::backend::nft::routed::{WorkerRules, add_load_balancer, add_worker};
-use crate::backend::nft::ruleset::{Redirect, empty_table, host_table, redirects_in};
 use crate::desired::desired_node;
-use crate::observe::{Container, NftTable, Observed};
-use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
-use crate::routed::{
+use crate::desired::host_table::{empty_table, host_table, redirects_in};
+use crate::desired::routed::{
     desired_addresses, desired_routing, desired_sysctls, load_balancer_role, worker_role,
 };
+use crate::desired::routed_table::{WorkerRules, add_load_balancer, add_worker};
+use crate::model::Redirect;
+use crate::model::{Container, NftTable, Observed};
+use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
 use crate::spec::{NetworkMode, Spec};
 
 pub(crate) use routed::{load_balancing, next_for, same_or_address, wired_at};

@@ -10,11 +10,11 @@ use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
 };
-use crate::backend::nft::routed::{Dnat, LoadBalancerRules, versions_in};
+use crate::desired::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
+use crate::desired::routed_table::{Dnat, LoadBalancerRules, versions_in};
 use crate::desired::{DesiredContainer, container_for};
-use crate::observe::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
+use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
 use crate::ownership::{Slot, container_name, veth_name};
-use crate::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
 use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
 
 fn resource(service: &str, node: &str, slot: Slot) -> Resource {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Plan;
-use crate::observe::Observed;
+use crate::model::Observed;
 use crate::spec::Spec;
 
 /// Version of the saved-plan file format.

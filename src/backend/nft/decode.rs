@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+use crate::model::compare_keys;
+use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 
 /// The top-level document `nft -j` prints.
 #[derive(Deserialize)]
@@ -199,17 +200,6 @@ fn type_name(value: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(parts) => parts.iter().map(type_name).collect::<Vec<_>>().join(" . "),
         other => other.to_string(),
-    }
-}
-
-/// Orders element keys: numbers numerically, anything else by its JSON text,
-/// numbers first.
-pub(super) fn compare_keys(a: &Value, b: &Value) -> std::cmp::Ordering {
-    match (a.as_u64(), b.as_u64()) {
-        (Some(a), Some(b)) => a.cmp(&b),
-        (Some(_), None) => std::cmp::Ordering::Less,
-        (None, Some(_)) => std::cmp::Ordering::Greater,
-        (None, None) => a.to_string().cmp(&b.to_string()),
     }
 }
 

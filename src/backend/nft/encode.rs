@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::NftError;
-use super::ruleset::{Redirect, redirect_map_name};
-use crate::observe::{NftChain, NftMap, NftTable};
+use crate::model::{NftChain, NftMap, NftTable};
+use crate::model::{Redirect, redirect_map_name};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 
 /// lessnat's table, the only one these batches touch.
@@ -183,7 +183,8 @@ fn convert<T: DeserializeOwned>(value: &Value, what: impl Fn() -> String) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::nft::ruleset::{Redirect, host_table};
+    use crate::desired::host_table::host_table;
+    use crate::model::Redirect;
     use crate::spec::Protocol;
     use serde_json::json;
 

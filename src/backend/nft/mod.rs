@@ -17,9 +17,6 @@
 
 mod decode;
 mod encode;
-pub mod routed;
-pub mod ruleset;
-pub mod text;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -27,10 +24,10 @@ use std::process::{Command, Stdio};
 use nftables::batch::Batch;
 use nftables::helper::{self, NftablesError};
 
+use crate::model::Redirect;
+use crate::model::{NftState, NftTable};
 use crate::netns::{Netns, NetnsError};
-use crate::observe::{NftState, NftTable};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
-use ruleset::Redirect;
 
 /// The nft executable, looked up in `PATH`.
 const NFT: &str = "nft";

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
-use crate::observe::{IpRule, OwnedAddress, Route, RoutingState};
+use crate::model::{IpRule, OwnedAddress, Route, RoutingState};
 use crate::ownership::{ROUTED_SYSCTLS, ROUTES_TABLE, lb_mark, reply_table};
 use crate::spec::{NetworkMode, Node, Port, Replica, Service, Spec};
 

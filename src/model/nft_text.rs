@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use serde_json::{Map, Value};
 
-use crate::observe::{NftChain, NftMap, NftTable};
+use crate::model::{NftChain, NftMap, NftTable};
 
 /// The table as nft text, ending with a newline.
 pub fn render_table(table: &NftTable) -> String {
@@ -299,18 +299,19 @@ fn quoted(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::nft::ruleset::{Redirect, host_table};
-    use crate::observe::{NftElement, NftHook, NftRule};
+    use crate::desired::host_table::host_table;
+    use crate::model::Redirect;
+    use crate::model::{NftElement, NftHook, NftRule};
     use crate::spec::Protocol;
     use serde_json::json;
 
     #[test]
     fn routed_rules_render_like_nft_list_table() {
-        use crate::backend::nft::routed::{
+        use crate::desired::routed_table::{
             Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker,
         };
         use std::net::Ipv4Addr;
-        let mut table = crate::backend::nft::ruleset::empty_table();
+        let mut table = crate::desired::host_table::empty_table();
         add_load_balancer(
             &mut table,
             &LoadBalancerRules {

@@ -11,28 +11,14 @@
 
 use serde_json::{Value, json};
 
-use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+use crate::model::{
+    NftChain, NftElement, NftHook, NftMap, NftRule, NftTable, Redirect, redirect_map_name,
+};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, PROBE_MARK};
 use crate::spec::Protocol;
 
 /// Hook priority of lessnat's nat chains: before Docker's nat chains (-100).
 pub const NAT_PRIORITY: i32 = -110;
-
-/// New connections to `port` are sent to `temp_port` on the same host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Redirect {
-    /// `tcp` or `udp`.
-    pub protocol: Protocol,
-    /// The canonical port.
-    pub port: u16,
-    /// The temporary port the next version listens on.
-    pub temp_port: u16,
-}
-
-/// The name of the redirect map for `protocol`.
-pub fn redirect_map_name(protocol: Protocol) -> String {
-    format!("redirect_{}", protocol.as_str())
-}
 
 /// The comment that identifies the redirect rule for `protocol`.
 pub fn redirect_rule_comment(protocol: Protocol) -> String {

@@ -21,8 +21,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
-use super::decode::compare_keys;
-use crate::observe::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
+use crate::model::compare_keys;
+use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 use crate::ownership::lb_mark;
 use crate::spec::Protocol;
 
@@ -267,7 +267,7 @@ mod tests {
 
     #[test]
     fn versions_read_back() {
-        let mut table = super::super::ruleset::empty_table();
+        let mut table = crate::desired::host_table::empty_table();
         add_load_balancer(
             &mut table,
             &LoadBalancerRules {

@@ -1,11 +1,21 @@
-//! What a node should run according to the spec: its containers and whether it
-//! needs lessnat's nftables table. Pure: derived from the spec alone.
+//! Desired state: what a node should have according to the spec, derived
+//! from the spec alone (pure). This module: the containers a node runs and
+//! whether it needs lessnat's nftables table; [`host_table`] and
+//! [`routed_table`] build that table, [`routed`] the routed-mode roles,
+//! rules, routes, addresses and kernel settings.
+
+pub mod host_table;
+pub mod routed;
+pub mod routed_table;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::model::{ContainerNetwork, ContainerSpec};
+use crate::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use crate::spec::{NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders};
 
 /// One port of a container as it will be started.
@@ -74,6 +84,37 @@ impl DesiredContainer {
             .iter()
             .map(|(k, v)| Ok((k.clone(), self.fill(v, temporary)?)))
             .collect()
+    }
+
+    /// The container this needs on `node` in `slot`: its name, the
+    /// labels lessnat recognises it by (service, spec hash, canonical ports),
+    /// and the command and environment with their port placeholders filled:
+    /// temporary ports for [`Slot::Next`] (ports without one keep the
+    /// canonical port), canonical ports otherwise.
+    pub fn container_spec(
+        &self,
+        node: &str,
+        slot: Slot,
+        stop_timeout: Duration,
+    ) -> Result<ContainerSpec, PlaceholderError> {
+        let temporary = slot == Slot::Next;
+        let labels = BTreeMap::from([
+            (LABEL_SERVICE.to_string(), self.service.clone()),
+            (LABEL_SPEC.to_string(), self.spec_hash()),
+            (LABEL_PORTS.to_string(), self.port_labels().join(",")),
+        ]);
+        Ok(ContainerSpec {
+            name: container_name(&self.service, node, slot),
+            image: self.image.clone(),
+            command: self.command_for(temporary)?,
+            env: self.env_for(temporary)?,
+            labels,
+            network: match self.network {
+                NetworkMode::Host => ContainerNetwork::Host,
+                NetworkMode::Routed => ContainerNetwork::None,
+            },
+            stop_timeout,
+        })
     }
 
     fn fill(&self, template: &str, temporary: bool) -> Result<String, PlaceholderError> {
