@@ -477,15 +477,14 @@ fn carry_out(
     let mut total = crate::plan::Summary::default();
     for _round in 0..3 {
         let ctx = crate::apply::Context {
-            spec: &planned.spec,
             node: &planned.node,
             netns: &netns,
             docker,
             journal: crate::journal::JournalFile::in_dir(&global.state_dir),
             interrupt: &interrupt,
         };
-        let done = crate::apply::apply(&ctx, &mut progress, &planned.plan, &planned.observed)
-            .context("apply failed")?;
+        let done =
+            crate::apply::apply(&ctx, &mut progress, &planned.plan).context("apply failed")?;
         total.add += done.add;
         total.change += done.change;
         total.destroy += done.destroy;

@@ -3,6 +3,7 @@
 //! failure; everything else is a single step that is safe to repeat.
 
 mod drain;
+mod primary;
 pub mod progress;
 mod ready;
 mod routed;
@@ -17,21 +18,16 @@ use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
-use crate::desired::desired_node;
 use crate::journal::{JournalError, JournalFile};
-use crate::model::Observed;
 use crate::netns::{Netns, NetnsError};
-use crate::ownership::Slot;
-use crate::plan::{Action, Change, Plan, Resource, Summary, desired_table};
-use crate::spec::{NetworkMode, OnFailure, PlaceholderError, Spec};
+use crate::plan::operation::Operation;
+use crate::plan::{Change, Plan, Summary};
+use crate::spec::PlaceholderError;
 use progress::Progress;
-use ready::{ProbeAt, wait_ready};
 use upgrade::Upgrade;
 
 /// Everything apply works with.
 pub struct Context<'a> {
-    /// The spec being applied.
-    pub spec: &'a Spec,
     /// The node this host is.
     pub node: &'a str,
     /// The network namespace to work in.
@@ -153,229 +149,123 @@ pub enum ApplyError {
     },
 }
 
-/// Carries out `plan` (made from `observed`) and returns what was done.
-pub fn apply(
-    ctx: &Context,
-    progress: &mut Progress,
-    plan: &Plan,
-    observed: &Observed,
-) -> Result<Summary, ApplyError> {
+/// Carries out `plan` and returns what was done: each change's operation, in
+/// plan order, exactly as planned.
+pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan) -> Result<Summary, ApplyError> {
     for change in &plan.changes {
         if ctx.interrupted() {
             return Err(ApplyError::Interrupted);
         }
-        apply_change(ctx, progress, change, observed)?;
+        apply_change(ctx, progress, change)?;
     }
     Ok(plan.summary())
 }
 
-fn apply_change(
-    ctx: &Context,
-    progress: &mut Progress,
-    change: &Change,
-    observed: &Observed,
-) -> Result<(), ApplyError> {
+/// Carries out one change: one short arm per operation.
+fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Result<(), ApplyError> {
     let address = change.resource.address();
-    let desired = desired_node(ctx.spec, ctx.node);
-    let service_named = |name: &str| desired.services.iter().find(|(s, _)| s.name.value == name);
-    if let Resource::Container { service, .. } | Resource::Service { name: service } =
-        &change.resource
-        && change.action != Action::Destroy
-        && let Some((spec, container)) = service_named(service)
-        && spec.network == NetworkMode::Routed
-    {
-        let Some(mut replica) = routed::Replica::new(ctx, progress, spec, container) else {
-            return Err(ApplyError::Unsupported {
-                what: format!("{address}: service {service} has no replica on this node"),
-            });
-        };
-        return match (&change.resource, change.action) {
-            (Resource::Container { .. }, Action::Create) => replica.create(),
-            (Resource::Container { .. }, Action::Update) => replica.restart(observed),
-            (Resource::Container { .. }, Action::Replace)
-            | (Resource::Service { .. }, Action::Replace) => replica.replace(observed),
-            (Resource::Service { .. }, Action::Upgrade) => replica.upgrade(
-                observed,
-                change.upgrade.as_ref().and_then(|u| u.in_flight.as_ref()),
-            ),
-            _ => Err(ApplyError::Unsupported {
-                what: format!("{} {address}", change.action.symbol()),
-            }),
-        };
-    }
-    match (&change.resource, change.action) {
-        (Resource::NftTable { .. }, Action::Create | Action::Update) => {
+    match &change.operation {
+        Operation::WriteTable { table, switches } => {
             progress.step(&format!(
                 "{address}: writing lessnat's table (one transaction)"
             ));
-            match desired_table(ctx.spec, ctx.node, observed) {
-                Some(table) => nft::apply_table(ctx.netns, &table)?,
-                None => nft::delete_table(ctx.netns)?,
-            }
-            routed::report_drained(ctx, progress, observed)?;
+            nft::apply_table(ctx.netns, table)?;
+            routed::report_drained(ctx, progress, switches)?;
         }
-        (Resource::NftTable { .. }, Action::Destroy) => {
+        Operation::DeleteTable => {
             progress.step(&format!("{address}: deleting lessnat's table"));
             nft::delete_table(ctx.netns)?;
         }
-        (Resource::Container { name, .. }, Action::Destroy) => {
+        Operation::RemoveContainer { name, stop_timeout } => {
             progress.step(&format!("{address}: stopping and removing"));
-            ctx.docker.stop(name, std::time::Duration::from_secs(10))?;
+            ctx.docker.stop(name, stop_timeout.get())?;
             ctx.docker.remove(name)?;
         }
-        (
-            Resource::Container {
-                service,
-                slot: Slot::Primary,
-                name,
-            },
-            action @ (Action::Create | Action::Update | Action::Replace),
-        ) => {
-            let Some((spec, container)) = service_named(service) else {
-                return Err(ApplyError::Unsupported {
-                    what: format!("{address}: service {service} is not on this node"),
-                });
-            };
-            let stop_timeout = spec.upgrade.stop_timeout.get();
-            if action == Action::Replace {
-                progress.step(&format!("{address}: removing the old container"));
-                ctx.docker.stop(name, stop_timeout)?;
-                ctx.docker.remove(name)?;
-            }
-            if action == Action::Update {
-                progress.step(&format!("{address}: starting"));
-            } else {
-                progress.step(&format!("{address}: creating and starting"));
-                let create = container
-                    .container_spec(ctx.node, Slot::Primary, stop_timeout)
-                    .map_err(|source| ApplyError::Placeholder {
-                        service: service.clone(),
-                        source,
-                    })?;
-                ctx.docker.create(&create)?;
-            }
-            ctx.docker.start(name)?;
-            if let Err(error) = wait_ready(ctx, progress, spec, name, ProbeAt::loopback(false)) {
-                if spec.upgrade.on_failure == OnFailure::Rollback && action != Action::Update {
-                    progress.step(&format!(
-                        "{address}: not healthy; removing it so the next apply starts afresh"
-                    ));
-                    ctx.docker.stop(name, stop_timeout)?;
-                    ctx.docker.remove(name)?;
-                }
-                return Err(error);
-            }
-            ctx.docker.keep_running(name)?;
+        Operation::CreatePrimary { workload, replace } => {
+            primary::create(ctx, progress, &address, workload, *replace)?;
         }
-        (Resource::Service { name }, Action::Upgrade | Action::Replace) => {
-            let Some((spec, container)) = service_named(name) else {
-                return Err(ApplyError::Unsupported {
-                    what: format!("{address}: service {name} is not on this node"),
-                });
-            };
-            let in_flight = change.upgrade.as_ref().and_then(|u| u.in_flight.as_ref());
-            let old = observed
-                .containers
-                .iter()
-                .find(|c| &c.service == name && c.slot == Slot::Primary);
-            let from = old.map(|c| (c.spec_hash.as_str(), c.image.as_str()));
-            let mut upgrade = Upgrade::new(ctx, progress, spec, container);
-            if change.action == Action::Replace {
-                upgrade.stop_start()?;
-            } else {
-                upgrade.run(in_flight, from)?;
-            }
+        Operation::StartPrimary { workload } => {
+            primary::start(ctx, progress, &address, workload)?;
         }
-        (Resource::Veth { service, .. }, Action::Create | Action::Update) => {
+        Operation::Upgrade {
+            workload,
+            in_flight,
+            from,
+        } => {
+            Upgrade::new(ctx, progress, &workload.service, &workload.container)
+                .run(in_flight.as_ref(), from.as_ref())?;
+        }
+        Operation::StopStart { workload } => {
+            Upgrade::new(ctx, progress, &workload.service, &workload.container).stop_start()?;
+        }
+        Operation::CreateReplica { workload, address } => {
+            routed::Replica::new(ctx, progress, workload).create(*address)?;
+        }
+        Operation::RestartReplica { workload, address } => {
+            routed::Replica::new(ctx, progress, workload).restart(*address)?;
+        }
+        Operation::ReplaceReplica { workload, address } => {
+            routed::Replica::new(ctx, progress, workload).replace(*address)?;
+        }
+        Operation::UpgradeReplica {
+            workload,
+            old_at,
+            next_at,
+            in_flight,
+            old_exists,
+            load_balancers,
+        } => {
+            routed::Replica::new(ctx, progress, workload).upgrade(&routed::ReplicaUpgrade {
+                old_at: *old_at,
+                next_at: *next_at,
+                in_flight: in_flight.as_ref(),
+                old_exists: *old_exists,
+                load_balancers,
+            })?;
+        }
+        Operation::Wire {
+            service,
+            container,
+            address: at,
+        } => {
             progress.step(&format!("{address}: wiring the container in again"));
-            let Some((spec, container)) = service_named(service) else {
-                return Err(ApplyError::Unsupported {
-                    what: format!("{address}: service {service} is not on this node"),
-                });
-            };
-            match routed::Replica::new(ctx, progress, spec, container) {
-                Some(mut replica) => replica.rewire(observed)?,
-                None => {
-                    return Err(ApplyError::Unsupported {
-                        what: format!("{address}: service {service} has no replica on this node"),
-                    });
-                }
-            }
+            routed::wire(ctx, progress, service, container, *at)?;
         }
-        (Resource::Veth { name, .. }, Action::Destroy) => {
+        Operation::Unwire { name } => {
             progress.step(&format!("{address}: removing"));
             veth::unwire(ctx.netns, name)?;
         }
-        (Resource::IpRule { family, priority }, action) => {
-            let found = observed
-                .routing
-                .rules
-                .iter()
-                .find(|r| &r.family == family && r.priority == *priority);
-            if let (Some(found), Action::Replace | Action::Destroy) = (found, action) {
+        Operation::Rule { remove, add } => {
+            if let Some(rule) = remove {
                 progress.step(&format!("{address}: removing"));
-                netlink::delete_rule(ctx.netns, found)?;
+                netlink::delete_rule(ctx.netns, rule)?;
             }
-            if matches!(action, Action::Create | Action::Replace | Action::Update) {
-                let routing = crate::desired::routed::desired_routing(ctx.spec, ctx.node);
-                if let Some(rule) = routing
-                    .rules
-                    .iter()
-                    .find(|r| &r.family == family && r.priority == *priority)
-                {
-                    progress.step(&format!("{address}: adding"));
-                    netlink::add_rule(ctx.netns, rule)?;
-                }
-            }
-        }
-        (Resource::Route { table, destination }, action) => {
-            let same =
-                |r: &&crate::model::Route| r.table == *table && &r.destination == destination;
-            if let (Some(found), Action::Replace | Action::Destroy) =
-                (observed.routing.routes.iter().find(same), action)
-            {
-                progress.step(&format!("{address}: removing"));
-                netlink::delete_route(ctx.netns, found)?;
-            }
-            if matches!(action, Action::Create | Action::Replace | Action::Update) {
-                let routing = crate::desired::routed::desired_routing(ctx.spec, ctx.node);
-                if let Some(route) = routing.routes.iter().find(same) {
-                    progress.step(&format!("{address}: adding"));
-                    netlink::add_route(ctx.netns, route)?;
-                }
-            }
-        }
-        (
-            Resource::Address {
-                device,
-                address: ip,
-            },
-            action,
-        ) => {
-            let owned = crate::model::OwnedAddress {
-                device: device.clone(),
-                address: ip.clone(),
-            };
-            if action == Action::Destroy {
-                progress.step(&format!("{address}: removing"));
-                netlink::delete_address(ctx.netns, &owned)?;
-            } else {
+            if let Some(rule) = add {
                 progress.step(&format!("{address}: adding"));
-                netlink::add_address(ctx.netns, &owned)?;
+                netlink::add_rule(ctx.netns, rule)?;
             }
         }
-        (Resource::Sysctl { key }, Action::Update) => {
-            if let Some(value) =
-                crate::desired::routed::desired_sysctls(ctx.spec, ctx.node).get(key)
-            {
-                progress.step(&format!("{address}: setting {value}"));
-                sysctl::write(ctx.netns, key, value)?;
+        Operation::Route { remove, add } => {
+            if let Some(route) = remove {
+                progress.step(&format!("{address}: removing"));
+                netlink::delete_route(ctx.netns, route)?;
+            }
+            if let Some(route) = add {
+                progress.step(&format!("{address}: adding"));
+                netlink::add_route(ctx.netns, route)?;
             }
         }
-        _ => {
-            return Err(ApplyError::Unsupported {
-                what: format!("{} {address}", change.action.symbol()),
-            });
+        Operation::AddAddress { address: owned } => {
+            progress.step(&format!("{address}: adding"));
+            netlink::add_address(ctx.netns, owned)?;
+        }
+        Operation::RemoveAddress { address: owned } => {
+            progress.step(&format!("{address}: removing"));
+            netlink::delete_address(ctx.netns, owned)?;
+        }
+        Operation::SetSysctl { key, value } => {
+            progress.step(&format!("{address}: setting {value}"));
+            sysctl::write(ctx.netns, key, value)?;
         }
     }
     Ok(())

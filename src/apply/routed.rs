@@ -16,10 +16,9 @@ use super::{ApplyError, Context};
 use crate::backend::conntrack;
 use crate::backend::veth::{self, Wiring};
 use crate::desired::DesiredContainer;
-use crate::desired::routed::{ReplicaAddresses, load_balancer_role, replica_addresses};
-use crate::model::Observed;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
-use crate::plan::{Decision, InFlight, load_balancing};
+use crate::plan::operation::{Switch, Workload};
+use crate::plan::{Decision, InFlight};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
 /// On a load-balancer node, after a table change that switched replicas:
@@ -30,29 +29,19 @@ use crate::spec::{OnDrainTimeout, OnFailure, Service};
 pub(super) fn report_drained(
     ctx: &Context,
     progress: &mut Progress,
-    observed: &Observed,
+    switches: &[Switch],
 ) -> Result<(), ApplyError> {
-    let Some(role) = load_balancer_role(ctx.spec, ctx.node) else {
-        return Ok(());
-    };
-    let balancing = load_balancing(ctx.spec, &role, observed);
-    for switch in &balancing.switches {
+    for switch in switches {
         progress.step(&format!("{switch}"));
         // Bounded by switchWait, not drainTimeout: while this apply waits it
         // switches nothing else, and other workers give load-balancer nodes
         // switchWait to switch.
-        let timeout = ctx
-            .spec
-            .services
-            .iter()
-            .find(|s| s.name.value == switch.service)
-            .map_or(Duration::from_secs(30), |s| s.upgrade.switch_wait.get());
         let what = format!(
             "{}: connections through this node to {}",
             switch.service, switch.from
         );
         let from = IpAddr::V4(switch.from);
-        match wait_until_drained(ctx, progress, &what, timeout, || {
+        match wait_until_drained(ctx, progress, &what, switch.wait.get(), || {
             Ok(conntrack::live_connections_to(ctx.netns, from)?)
         })? {
             Drained::Empty => progress.step(&format!(
@@ -68,6 +57,48 @@ pub(super) fn report_drained(
     Ok(())
 }
 
+/// Wires the running `container` of `service` in at `address` (a veth pair
+/// into its network namespace).
+pub(super) fn wire(
+    ctx: &Context,
+    progress: &mut Progress,
+    service: &str,
+    container: &str,
+    address: Ipv4Addr,
+) -> Result<(), ApplyError> {
+    let pid = ctx
+        .docker
+        .state(container)?
+        .and_then(|s| s.pid.filter(|_| s.running))
+        .ok_or_else(|| ApplyError::NotRunning {
+            container: container.to_string(),
+        })?;
+    progress.step(&format!("{container}: wiring in at {address} (veth pair)"));
+    veth::wire(
+        ctx.netns,
+        &Wiring {
+            service,
+            address,
+            pid,
+        },
+    )?;
+    Ok(())
+}
+
+/// Where a routed upgrade goes from and to, as planned.
+pub(super) struct ReplicaUpgrade<'a> {
+    /// Where the old version is wired in.
+    pub old_at: Ipv4Addr,
+    /// Where the next version is (or will be) wired in.
+    pub next_at: Ipv4Addr,
+    /// The upgrade found in flight, if any.
+    pub in_flight: Option<&'a InFlight>,
+    /// Whether an old primary exists.
+    pub old_exists: bool,
+    /// Load-balancer node addresses (their probes are not clients).
+    pub load_balancers: &'a [IpAddr],
+}
+
 /// How long the old replica must see no new connection before it is removed.
 const QUIET: Duration = Duration::from_secs(2);
 
@@ -80,26 +111,21 @@ pub(super) struct Replica<'a, 'c> {
     progress: &'a mut Progress,
     service: &'a Service,
     desired: &'a DesiredContainer,
-    pair: ReplicaAddresses,
 }
 
 impl<'a, 'c> Replica<'a, 'c> {
-    /// The replica of `service` on this node; `None` when the spec puts none here.
+    /// The replica of `workload`'s service on this node.
     pub(super) fn new(
         ctx: &'a Context<'c>,
         progress: &'a mut Progress,
-        service: &'a Service,
-        desired: &'a DesiredContainer,
-    ) -> Option<Self> {
-        let replica = service.replicas.iter().find(|r| r.node.value == ctx.node)?;
-        let pair = replica_addresses(ctx.spec, replica)?;
-        Some(Replica {
+        workload: &'a Workload,
+    ) -> Self {
+        Replica {
             ctx,
             progress,
-            service,
-            desired,
-            pair,
-        })
+            service: &workload.service,
+            desired: &workload.container,
+        }
     }
 
     fn name(&self, slot: Slot) -> String {
@@ -108,13 +134,6 @@ impl<'a, 'c> Replica<'a, 'c> {
 
     fn stop_timeout(&self) -> Duration {
         self.service.upgrade.stop_timeout.get()
-    }
-
-    /// The address the container in `slot` is wired in at, from the observed label.
-    fn observed_address(&self, observed: &Observed, slot: Slot) -> Option<Ipv4Addr> {
-        let name = self.name(slot);
-        let found = observed.containers.iter().find(|c| c.name == name)?;
-        crate::plan::wired_at(found)
     }
 
     /// Creates and starts the container for `slot` at `address`, wires it in
@@ -153,19 +172,17 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    /// Creates the primary at the replica's `address`, wired in and healthy.
-    pub(super) fn create(&mut self) -> Result<(), ApplyError> {
-        self.start(Slot::Primary, self.pair.address)?;
+    /// Creates the primary at `address`, wired in and healthy.
+    pub(super) fn create(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+        self.start(Slot::Primary, address)?;
         self.ctx.docker.keep_running(&self.name(Slot::Primary))?;
         Ok(())
     }
 
-    /// Starts the stopped primary again, wires it in and waits until healthy.
-    pub(super) fn restart(&mut self, observed: &Observed) -> Result<(), ApplyError> {
+    /// Starts the stopped primary again, wires it in at `address` and waits
+    /// until healthy.
+    pub(super) fn restart(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
-        let address = self
-            .observed_address(observed, Slot::Primary)
-            .unwrap_or(self.pair.address);
         self.progress.step(&format!("{name}: starting"));
         self.ctx.docker.start(&name)?;
         self.wire(&name, address)?;
@@ -174,22 +191,10 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    /// Wires the running primary in again (its veth was lost).
-    pub(super) fn rewire(&mut self, observed: &Observed) -> Result<(), ApplyError> {
-        let name = self.name(Slot::Primary);
-        let address = self
-            .observed_address(observed, Slot::Primary)
-            .unwrap_or(self.pair.address);
-        self.wire(&name, address)
-    }
-
-    /// Replaces the primary in place (stop-start, or a stopped container
-    /// whose spec changed): the replica is down until the new one is healthy.
-    pub(super) fn replace(&mut self, observed: &Observed) -> Result<(), ApplyError> {
-        let old = self
-            .observed_address(observed, Slot::Primary)
-            .unwrap_or(self.pair.address);
-        let address = crate::plan::same_or_address(&self.pair, old);
+    /// Replaces the primary in place at `address` (stop-start, or a stopped
+    /// container whose spec changed): the replica is down until the new one
+    /// is healthy.
+    pub(super) fn replace(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress
             .step(&format!("{name}: stopping and removing"));
@@ -200,19 +205,16 @@ impl<'a, 'c> Replica<'a, 'c> {
     }
 
     /// A zero-downtime upgrade, new or found in flight (see the module doc).
-    pub(super) fn upgrade(
-        &mut self,
-        observed: &Observed,
-        in_flight: Option<&InFlight>,
-    ) -> Result<(), ApplyError> {
+    pub(super) fn upgrade(&mut self, planned: &ReplicaUpgrade) -> Result<(), ApplyError> {
         let primary = self.name(Slot::Primary);
         let next = self.name(Slot::Next);
-        let old_at = self
-            .observed_address(observed, Slot::Primary)
-            .unwrap_or(self.pair.address);
-        let next_at = self
-            .observed_address(observed, Slot::Next)
-            .unwrap_or_else(|| crate::plan::next_for(&self.pair, old_at));
+        let ReplicaUpgrade {
+            old_at,
+            next_at,
+            in_flight,
+            old_exists,
+            load_balancers,
+        } = *planned;
         match in_flight.map(|f| f.decision) {
             Some(Decision::RollBack) => {
                 self.progress
@@ -242,11 +244,11 @@ impl<'a, 'c> Replica<'a, 'c> {
                 }
             }
         }
-        if observed.containers.iter().any(|c| c.name == primary) || in_flight.is_none() {
+        if old_exists || in_flight.is_none() {
             if let Err(error) = self.wait_switch(next_at) {
                 return self.fail("switch", error);
             }
-            match self.wait_drained(old_at) {
+            match self.wait_drained(old_at, load_balancers) {
                 Ok(0) => {}
                 Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
                     return self.fail(
@@ -299,7 +301,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// left. New connections mean a load-balancer node has not switched yet
     /// (it applies late): a drain that only waited for the count to touch 0
     /// could remove the old replica between two of them.
-    fn wait_drained(&mut self, old_at: Ipv4Addr) -> Result<u64, ApplyError> {
+    fn wait_drained(&mut self, old_at: Ipv4Addr, balancers: &[IpAddr]) -> Result<u64, ApplyError> {
         let timeout = self.service.upgrade.drain_timeout.get();
         let what = format!(
             "{}: connections to {old_at} (and {} without a new one)",
@@ -309,14 +311,6 @@ impl<'a, 'c> Replica<'a, 'c> {
         let netns = self.ctx.netns;
         // Load-balancer nodes probe both addresses of each replica on every
         // apply; those probes come from their own addresses and are not clients.
-        let balancers: Vec<IpAddr> = self
-            .ctx
-            .spec
-            .nodes
-            .iter()
-            .filter(|n| n.load_balancer.is_some())
-            .map(|n| *n.address.value)
-            .collect();
         let mut seen: HashSet<u32> = HashSet::new();
         let mut first = true;
         let mut last_activity = Instant::now();
@@ -365,25 +359,13 @@ impl<'a, 'c> Replica<'a, 'c> {
     }
 
     fn wire(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
-        let pid = self
-            .ctx
-            .docker
-            .state(name)?
-            .and_then(|s| s.pid.filter(|_| s.running))
-            .ok_or_else(|| ApplyError::NotRunning {
-                container: name.to_string(),
-            })?;
-        self.progress
-            .step(&format!("{name}: wiring in at {address} (veth pair)"));
-        veth::wire(
-            self.ctx.netns,
-            &Wiring {
-                service: &self.service.name.value,
-                address,
-                pid,
-            },
-        )?;
-        Ok(())
+        wire(
+            self.ctx,
+            self.progress,
+            &self.service.name.value,
+            name,
+            address,
+        )
     }
 
     fn wait_ready(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {

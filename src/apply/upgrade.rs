@@ -15,6 +15,7 @@ use crate::desired::DesiredContainer;
 use crate::journal::{UpgradeRecord, now};
 use crate::model::Redirect;
 use crate::ownership::{Slot, container_name};
+use crate::plan::operation::UpgradeFrom;
 use crate::plan::{Decision, InFlight, StageName};
 use crate::spec::{OnDrainTimeout, OnFailure, Protocol, Service};
 
@@ -89,7 +90,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         &self,
         reached: Option<StageName>,
         rolling_back: bool,
-        from: Option<(&str, &str)>,
+        from: Option<&UpgradeFrom>,
     ) -> Result<(), ApplyError> {
         let file = &self.ctx.journal;
         let mut journal = file.read()?;
@@ -99,8 +100,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             .entry(name)
             .or_insert_with(|| UpgradeRecord {
                 strategy: self.service.upgrade.strategy,
-                from_spec: from.map(|f| f.0.to_string()).unwrap_or_default(),
-                from_image: from.map(|f| f.1.to_string()).unwrap_or_default(),
+                from_spec: from.map(|f| f.spec.clone()).unwrap_or_default(),
+                from_image: from.map(|f| f.image.clone()).unwrap_or_default(),
                 to_spec: self.desired.spec_hash(),
                 reached: None,
                 rolling_back: false,
@@ -180,7 +181,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     pub(super) fn run(
         &mut self,
         in_flight: Option<&InFlight>,
-        from: Option<(&str, &str)>,
+        from: Option<&UpgradeFrom>,
     ) -> Result<(), ApplyError> {
         match in_flight {
             None => {
@@ -388,7 +389,6 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     fn rollback(&mut self) -> Result<(), ApplyError> {
         let calm = AtomicBool::new(false);
         let ctx = Context {
-            spec: self.ctx.spec,
             node: self.ctx.node,
             netns: self.ctx.netns,
             docker: self.ctx.docker,

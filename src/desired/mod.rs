@@ -11,7 +11,7 @@ pub mod routed_table;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{ContainerNetwork, ContainerSpec};
@@ -19,7 +19,7 @@ use crate::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_n
 use crate::spec::{NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders};
 
 /// One port of a container as it will be started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredPort {
     /// The port's name in the spec.
     pub name: String,
@@ -34,7 +34,7 @@ pub struct DesiredPort {
 /// The container a service should have on a node, in the form that decides
 /// whether a running container is current: anything here that changes means a
 /// new container. Upgrade settings are not part of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredContainer {
     /// The service name.
     pub service: String,

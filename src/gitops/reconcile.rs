@@ -24,7 +24,6 @@ use crate::apply::{self, ApplyError};
 use crate::backend::docker::Docker;
 use crate::journal::JournalFile;
 use crate::lock::ApplyLock;
-use crate::model::Observed;
 use crate::netns::Netns;
 use crate::observe::live::observe_for;
 use crate::plan::{Action, Decision, Plan, Resource, Summary, plan, render::render};
@@ -458,7 +457,7 @@ impl<'a> Reconciler<'a> {
         let outcome = if plan.is_empty() {
             Outcome::InSync
         } else {
-            self.apply(&spec, &node, plan, observed, notes)?;
+            self.apply(&spec, &node, plan, notes)?;
             Outcome::Applied
         };
         if let Err(error) = mirror.mark_applied(commit) {
@@ -508,7 +507,6 @@ impl<'a> Reconciler<'a> {
         spec: &Spec,
         node: &str,
         mut plan: Plan,
-        mut observed: Observed,
         notes: &mut Notes,
     ) -> Result<(), Failure> {
         let netns = self.settings.netns.clone();
@@ -520,7 +518,6 @@ impl<'a> Reconciler<'a> {
         };
         for _round in 0..3 {
             let ctx = apply::Context {
-                spec,
                 node,
                 netns: &netns,
                 docker: self.docker,
@@ -539,7 +536,7 @@ impl<'a> Reconciler<'a> {
                 };
                 let started = Instant::now();
                 let rolls_back = rolls_back_in_flight(change);
-                match apply::apply(&ctx, &mut progress, &single, &observed) {
+                match apply::apply(&ctx, &mut progress, &single) {
                     Ok(done) => {
                         notes.applied.add += done.add;
                         notes.applied.change += done.change;
@@ -566,7 +563,7 @@ impl<'a> Reconciler<'a> {
             if !plan.has_upgrade_in_flight() {
                 break;
             }
-            observed = reobserve(self.docker)?;
+            let observed = reobserve(self.docker)?;
             plan = crate::plan::plan(spec, node, &observed);
             if plan.is_empty() {
                 break;

@@ -1,6 +1,7 @@
 //! Planning one host-mode service: create, restart, replace, a new staged
 //! upgrade, or the rest of one found in flight.
 
+use super::operation::{Operation, UpgradeFrom, Workload};
 use super::{
     Action, Change, Decision, DiffLine, Drift, FieldChange, InFlight, Resource, Slots, Stage,
     StageName, Upgrade,
@@ -45,8 +46,20 @@ fn container_resource(service: &str, node: &str, slot: Slot) -> Resource {
     }
 }
 
-/// A change that creates the primary container.
-pub(super) fn create_primary(resource: Resource, container: &DesiredContainer) -> Change {
+/// The service and its container, as operations carry them.
+pub(super) fn workload(service: &Service, container: &DesiredContainer) -> Box<Workload> {
+    Box::new(Workload {
+        service: service.clone(),
+        container: container.clone(),
+    })
+}
+
+/// A change that creates the primary container, carried out by `operation`.
+pub(super) fn create_primary(
+    resource: Resource,
+    container: &DesiredContainer,
+    operation: Operation,
+) -> Change {
     let mut fields = vec![
         FieldChange {
             name: "image".into(),
@@ -87,6 +100,7 @@ pub(super) fn create_primary(resource: Resource, container: &DesiredContainer) -
         fields,
         diff: Vec::new(),
         upgrade: None,
+        operation,
     }
 }
 
@@ -123,11 +137,12 @@ pub(super) fn container_fields(
     fields
 }
 
-/// A current container that is not running: drift, and a start.
+/// A current container that is not running: drift, and a start by `operation`.
 pub(super) fn restart_if_stopped(
     found: &Container,
     resource: Resource,
     drift: &mut Vec<Drift>,
+    operation: Operation,
 ) -> Option<Change> {
     if found.state == "running" {
         return None;
@@ -147,6 +162,7 @@ pub(super) fn restart_if_stopped(
         }],
         diff: Vec::new(),
         upgrade: None,
+        operation,
     })
 }
 
@@ -175,12 +191,26 @@ pub(super) fn plan_service(
         });
     }
     let resource = container_resource(name, node, Slot::Primary);
+    let workload = workload(service, container);
     let Some(primary) = mine.primary else {
-        return Some(create_primary(resource, container));
+        let create = Operation::CreatePrimary {
+            workload,
+            replace: false,
+        };
+        return Some(create_primary(resource, container, create));
     };
     if primary.spec_hash == hash {
-        return restart_if_stopped(primary, resource, drift);
+        return restart_if_stopped(
+            primary,
+            resource,
+            drift,
+            Operation::StartPrimary { workload },
+        );
     }
+    let replace = |workload| Operation::CreatePrimary {
+        workload,
+        replace: true,
+    };
     let fields = container_fields(primary, container);
     if primary.state != "running" {
         return Some(Change {
@@ -193,6 +223,7 @@ pub(super) fn plan_service(
             fields,
             diff: Vec::new(),
             upgrade: None,
+            operation: replace(workload),
         });
     }
     if !primary.ports.is_empty() && primary.ports != container.port_labels() {
@@ -203,6 +234,7 @@ pub(super) fn plan_service(
             fields,
             diff: Vec::new(),
             upgrade: None,
+            operation: replace(workload),
         });
     }
     match service.upgrade.strategy {
@@ -217,6 +249,7 @@ pub(super) fn plan_service(
                 in_flight: None,
                 stages: stop_start_stages(node, service),
             }),
+            operation: Operation::StopStart { workload },
         }),
         Strategy::RedirectDrain => Some(Change {
             action: Action::Upgrade,
@@ -229,7 +262,20 @@ pub(super) fn plan_service(
                 in_flight: None,
                 stages: upgrade_stages(node, service, observed, None),
             }),
+            operation: Operation::Upgrade {
+                workload,
+                in_flight: None,
+                from: Some(upgrade_from(primary)),
+            },
         }),
+    }
+}
+
+/// The running version an upgrade starts from.
+fn upgrade_from(primary: &Container) -> UpgradeFrom {
+    UpgradeFrom {
+        spec: primary.spec_hash.clone(),
+        image: primary.image.clone(),
     }
 }
 
@@ -299,6 +345,11 @@ fn in_flight(
         });
     }
     let verb = decision.verb();
+    let in_flight = InFlight {
+        reached,
+        decision,
+        why,
+    };
     Change {
         action: Action::Upgrade,
         resource: Resource::Service { name: name.clone() },
@@ -310,13 +361,14 @@ fn in_flight(
         diff: Vec::new(),
         upgrade: Some(Upgrade {
             strategy: Strategy::RedirectDrain,
-            in_flight: Some(InFlight {
-                reached,
-                decision,
-                why,
-            }),
+            in_flight: Some(in_flight.clone()),
             stages,
         }),
+        operation: Operation::Upgrade {
+            workload: workload(service, container),
+            in_flight: Some(in_flight),
+            from: mine.primary.map(upgrade_from),
+        },
     }
 }
 

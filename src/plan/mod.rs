@@ -4,6 +4,7 @@
 mod fingerprint;
 mod host;
 mod model;
+pub mod operation;
 pub mod render;
 mod routed;
 pub mod saved;
@@ -25,9 +26,9 @@ use crate::desired::routed_table::{WorkerRules, add_load_balancer, add_worker};
 use crate::model::Redirect;
 use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
-use crate::spec::{NetworkMode, Spec};
+use crate::spec::{HumanDuration, NetworkMode, Spec};
 
-pub(crate) use routed::{load_balancing, next_for, same_or_address, wired_at};
+use operation::{Operation, Switch};
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
@@ -83,19 +84,13 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    let switches: Vec<String> = load_balancer_role(spec, node)
-        .map(|role| {
-            routed::load_balancing(spec, &role, observed)
-                .switches
-                .iter()
-                .map(ToString::to_string)
-                .collect()
-        })
+    let switches: Vec<Switch> = load_balancer_role(spec, node)
+        .map(|role| routed::load_balancing(spec, &role, observed).switches)
         .unwrap_or_default();
     planner.table(
         observed_table,
         desired_table(spec, node, observed),
-        &switches,
+        switches,
     );
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
@@ -222,6 +217,10 @@ pub(crate) struct Slots<'a> {
     pub prev: Option<&'a Container>,
 }
 
+/// How long a container whose service left the spec gets to stop (its
+/// service's `stopTimeout` is gone with the spec).
+const ORPHAN_STOP_TIMEOUT: HumanDuration = HumanDuration::secs(10);
+
 struct Planner<'a> {
     observed: &'a Observed,
     drift: Vec<Drift>,
@@ -271,6 +270,10 @@ impl<'a> Planner<'a> {
                 }],
                 diff: Vec::new(),
                 upgrade: None,
+                operation: Operation::RemoveContainer {
+                    name: container.name.clone(),
+                    stop_timeout: ORPHAN_STOP_TIMEOUT,
+                },
             });
         }
     }
@@ -279,7 +282,7 @@ impl<'a> Planner<'a> {
         &mut self,
         observed: Option<&NftTable>,
         desired: Option<NftTable>,
-        switches: &[String],
+        switches: Vec<Switch>,
     ) {
         let resource = Resource::NftTable {
             family: NFT_FAMILY.into(),
@@ -288,6 +291,7 @@ impl<'a> Planner<'a> {
         match (desired, observed) {
             (None, None) => {}
             (Some(desired), None) => {
+                let diff = host::table_diff(None, Some(&desired));
                 if !self.observed.containers.is_empty() {
                     self.drift.push(Drift {
                         resource: resource.clone(),
@@ -303,19 +307,28 @@ impl<'a> Planner<'a> {
                         "hooked nat chains keep conntrack tracking every flow; upgrades add redirects to its maps".into()
                     },
                     fields: Vec::new(),
-                    diff: host::table_diff(None, Some(&desired)),
+                    diff,
                     upgrade: None,
+                    operation: Operation::WriteTable {
+                        table: desired,
+                        switches,
+                    },
                 });
             }
             (Some(desired), Some(found)) if *found == desired => {}
             (Some(desired), Some(found)) if !switches.is_empty() => {
+                let said: Vec<String> = switches.iter().map(ToString::to_string).collect();
                 self.first.push(Change {
                     action: Action::Update,
                     resource,
-                    reason: format!("load balancing: {}", switches.join("; ")),
+                    reason: format!("load balancing: {}", said.join("; ")),
                     fields: Vec::new(),
                     diff: host::table_diff(Some(found), Some(&desired)),
                     upgrade: None,
+                    operation: Operation::WriteTable {
+                        table: desired,
+                        switches,
+                    },
                 });
             }
             (Some(desired), Some(found)) => {
@@ -330,6 +343,10 @@ impl<'a> Planner<'a> {
                     fields: Vec::new(),
                     diff: host::table_diff(Some(found), Some(&desired)),
                     upgrade: None,
+                    operation: Operation::WriteTable {
+                        table: desired,
+                        switches,
+                    },
                 });
             }
             (None, Some(found)) => self.last.push(Change {
@@ -339,6 +356,7 @@ impl<'a> Planner<'a> {
                 fields: Vec::new(),
                 diff: host::table_diff(Some(found), None),
                 upgrade: None,
+                operation: Operation::DeleteTable,
             }),
         }
     }

@@ -3,11 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::operation::Operation;
 use crate::ownership::Slot;
 use crate::spec::{HumanDuration, Strategy};
 
 /// Version of the JSON plan format.
-pub const PLAN_FORMAT: u32 = 1;
+pub const PLAN_FORMAT: u32 = 2;
 
 /// Everything `apply` would do on one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +154,8 @@ pub struct Change {
     /// For upgrades: the stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<Upgrade>,
+    /// What apply does, with every value it needs.
+    pub operation: Operation,
 }
 
 /// One field's old and new value (`None` = absent).

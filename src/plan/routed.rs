@@ -3,9 +3,11 @@
 //! VIPs and kernel settings either role needs.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use super::host::{container_fields, create_primary, restart_if_stopped};
+use super::host::{container_fields, create_primary, restart_if_stopped, workload};
+use super::operation::Workload;
+use super::operation::{Operation, Switch};
 use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
@@ -35,13 +37,13 @@ fn veth_resource(service: &str, address: Ipv4Addr) -> Resource {
 }
 
 /// The address a routed container is wired in at, from its label.
-pub(crate) fn wired_at(container: &Container) -> Option<Ipv4Addr> {
+fn wired_at(container: &Container) -> Option<Ipv4Addr> {
     container.address.as_deref()?.parse().ok()
 }
 
 /// Where a replica stays when it is replaced in place: at `old`, unless the
 /// spec moved it to other addresses.
-pub(crate) fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
     if pair.contains(old) {
         old
     } else {
@@ -52,7 +54,7 @@ pub(crate) fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Add
 /// Where an upgrade starts the next version when the current one is at
 /// `old`: the pair's other address; `address` when `old` is not one of the
 /// pair (the spec changed the replica's addresses).
-pub(crate) fn next_for(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+fn next_for(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
     if pair.contains(old) {
         pair.other(old)
     } else {
@@ -89,15 +91,26 @@ pub(super) fn plan_replica(
         return Vec::new();
     };
     let hash = container.spec_hash();
+    let workload = workload(service, container);
     if let Some(next) = mine.next {
-        return vec![in_flight(node, service, &pair, mine, next, &hash)];
+        return vec![in_flight(
+            spec, node, service, workload, &pair, mine, next, &hash,
+        )];
     }
     let Some(primary) = mine.primary else {
-        let mut create = create_primary(resource(name, node, Slot::Primary), container);
+        let operation = Operation::CreateReplica {
+            workload,
+            address: pair.address,
+        };
+        let mut create = create_primary(resource(name, node, Slot::Primary), container, operation);
         create.reason = format!("wired in at {} with a veth pair", pair.address);
         return vec![create];
     };
     let at = wired_at(primary).unwrap_or(pair.address);
+    let replace = |workload| Operation::ReplaceReplica {
+        workload,
+        address: same_or_address(&pair, at),
+    };
     if primary.spec_hash != hash {
         let fields = container_fields(primary, container);
         if primary.state != "running" {
@@ -111,6 +124,7 @@ pub(super) fn plan_replica(
                 fields,
                 diff: Vec::new(),
                 upgrade: None,
+                operation: replace(workload),
             }];
         }
         return vec![match service.upgrade.strategy {
@@ -127,6 +141,7 @@ pub(super) fn plan_replica(
                     in_flight: None,
                     stages: stop_start_stages(node, service, same_or_address(&pair, at)),
                 }),
+                operation: replace(workload),
             },
             Strategy::RedirectDrain => Change {
                 action: Action::Upgrade,
@@ -142,10 +157,24 @@ pub(super) fn plan_replica(
                     in_flight: None,
                     stages: upgrade_stages(node, service, at, next_for(&pair, at), false),
                 }),
+                operation: Operation::UpgradeReplica {
+                    workload,
+                    old_at: at,
+                    next_at: next_for(&pair, at),
+                    in_flight: None,
+                    old_exists: true,
+                    load_balancers: load_balancer_addresses(spec),
+                },
             },
         }];
     }
-    if let Some(start) = restart_if_stopped(primary, resource(name, node, Slot::Primary), drift) {
+    let restart = Operation::RestartReplica {
+        workload,
+        address: at,
+    };
+    if let Some(start) =
+        restart_if_stopped(primary, resource(name, node, Slot::Primary), drift, restart)
+    {
         return vec![start];
     }
     match veth_of(observed, name, at) {
@@ -167,15 +196,33 @@ pub(super) fn plan_replica(
                 fields: Vec::new(),
                 diff: Vec::new(),
                 upgrade: None,
+                operation: Operation::Wire {
+                    service: name.clone(),
+                    container: primary.name.clone(),
+                    address: at,
+                },
             }]
         }
     }
 }
 
+/// The addresses of the spec's load-balancer nodes: their probes reach
+/// replicas, and are not client connections.
+fn load_balancer_addresses(spec: &Spec) -> Vec<IpAddr> {
+    spec.nodes
+        .iter()
+        .filter(|n| n.load_balancer.is_some())
+        .map(|n| *n.address.value)
+        .collect()
+}
+
 /// A routed upgrade found with its `next` container.
+#[allow(clippy::too_many_arguments)]
 fn in_flight(
+    spec: &Spec,
     node: &str,
     service: &Service,
+    workload: Box<Workload>,
     pair: &ReplicaAddresses,
     mine: &Slots,
     next: &Container,
@@ -219,6 +266,11 @@ fn in_flight(
         }],
     };
     let verb = decision.verb();
+    let in_flight = InFlight {
+        reached: StageName::StartNext,
+        decision,
+        why,
+    };
     Change {
         action: Action::Upgrade,
         resource: Resource::Service { name: name.clone() },
@@ -227,13 +279,17 @@ fn in_flight(
         diff: Vec::new(),
         upgrade: Some(Upgrade {
             strategy: Strategy::RedirectDrain,
-            in_flight: Some(InFlight {
-                reached: StageName::StartNext,
-                decision,
-                why,
-            }),
+            in_flight: Some(in_flight.clone()),
             stages,
         }),
+        operation: Operation::UpgradeReplica {
+            workload,
+            old_at,
+            next_at,
+            in_flight: Some(in_flight),
+            old_exists: mine.primary.is_some(),
+            load_balancers: load_balancer_addresses(spec),
+        },
     }
 }
 
@@ -338,6 +394,9 @@ pub(super) fn stale_veths(observed: &Observed) -> Vec<Change> {
             fields: Vec::new(),
             diff: Vec::new(),
             upgrade: None,
+            operation: Operation::Unwire {
+                name: veth.name.clone(),
+            },
         })
         .collect()
 }
@@ -351,31 +410,6 @@ pub struct LoadBalancing {
     pub switches: Vec<Switch>,
 }
 
-/// New connections to a replica move from one of its addresses to the other.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Switch {
-    /// The service.
-    pub service: String,
-    /// The replica's node.
-    pub node: String,
-    /// The address connections went to.
-    pub from: Ipv4Addr,
-    /// The address they go to now.
-    pub to: Ipv4Addr,
-    /// Why.
-    pub why: &'static str,
-}
-
-impl std::fmt::Display for Switch {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "{} on {}: new connections go to {} instead of {} ({})",
-            self.service, self.node, self.to, self.from, self.why
-        )
-    }
-}
-
 /// Decides, for each replica a load-balancer node sends connections to, which
 /// of its two addresses new connections go to:
 ///
@@ -385,7 +419,7 @@ impl std::fmt::Display for Switch {
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays;
 /// - with nothing recorded, `address` unless only `nextAddress` answers.
-pub(crate) fn load_balancing(
+pub(super) fn load_balancing(
     spec: &Spec,
     role: &LoadBalancerRole,
     observed: &Observed,
@@ -453,7 +487,8 @@ pub(crate) fn load_balancing(
                     node: replica.node.value.clone(),
                     from,
                     to: address,
-                    why,
+                    why: why.to_string(),
+                    wait: service.upgrade.switch_wait.value,
                 });
             }
             chosen.insert(key, (address, tag));
@@ -501,13 +536,14 @@ pub(super) fn plan_wiring(
         first: Vec::new(),
         last: Vec::new(),
     };
-    let change = |action, resource, reason: &str, fields| Change {
+    let change = |action, resource, reason: &str, fields, operation| Change {
         action,
         resource,
         reason: reason.into(),
         fields,
         diff: Vec::new(),
         upgrade: None,
+        operation,
     };
     let field = |name: &str, old: Option<String>, new: Option<String>| FieldChange {
         name: name.into(),
@@ -552,6 +588,10 @@ pub(super) fn plan_wiring(
                         found.map(describe_rule),
                         Some(describe_rule(rule)),
                     )],
+                    Operation::Rule {
+                        remove: found.cloned(),
+                        add: Some(rule.clone()),
+                    },
                 ));
             }
         }
@@ -569,6 +609,10 @@ pub(super) fn plan_wiring(
                 },
                 "not in the spec for this node",
                 vec![field("rule", Some(describe_rule(found)), None)],
+                Operation::Rule {
+                    remove: Some(found.clone()),
+                    add: None,
+                },
             ));
         }
     }
@@ -602,6 +646,10 @@ pub(super) fn plan_wiring(
                 found.map(describe_route),
                 Some(describe_route(route)),
             )],
+            Operation::Route {
+                remove: found.cloned(),
+                add: Some(route.clone()),
+            },
         ));
     }
     for found in &observed.routing.routes {
@@ -621,6 +669,10 @@ pub(super) fn plan_wiring(
                 },
                 "not in the spec for this node",
                 vec![field("route", Some(describe_route(found)), None)],
+                Operation::Route {
+                    remove: Some(found.clone()),
+                    add: None,
+                },
             ));
         }
     }
@@ -634,6 +686,9 @@ pub(super) fn plan_wiring(
                 },
                 "a VIP this load-balancer node serves",
                 Vec::new(),
+                Operation::AddAddress {
+                    address: address.clone(),
+                },
             ));
         }
     }
@@ -647,6 +702,9 @@ pub(super) fn plan_wiring(
                 },
                 "not a VIP of this node in the spec",
                 Vec::new(),
+                Operation::RemoveAddress {
+                    address: found.clone(),
+                },
             ));
         }
     }
@@ -658,6 +716,10 @@ pub(super) fn plan_wiring(
                 Resource::Sysctl { key: key.clone() },
                 "routed mode needs it",
                 vec![field("value", found.cloned(), Some(value.clone()))],
+                Operation::SetSysctl {
+                    key: key.clone(),
+                    value: value.clone(),
+                },
             ));
         }
     }

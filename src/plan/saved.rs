@@ -11,7 +11,7 @@ use crate::model::Observed;
 use crate::spec::Spec;
 
 /// Version of the saved-plan file format.
-pub const SAVED_PLAN_FORMAT: u32 = 1;
+pub const SAVED_PLAN_FORMAT: u32 = 2;
 
 /// The contents of a saved plan file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

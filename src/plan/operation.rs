@@ -1,0 +1,204 @@
+//! What apply does for each change, as typed values decided at plan time.
+//!
+//! Terraform's rule: a change carries everything it needs, and apply never
+//! re-decides. Each [`Operation`] holds the values apply writes (the table,
+//! the rule, the address to wire a container in at) and, for upgrades, the
+//! state they start from; `apply` has one short arm per variant and never
+//! reads the spec or re-runs a planner decision.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::InFlight;
+use crate::desired::DesiredContainer;
+use crate::model::{IpRule, NftTable, OwnedAddress, Route};
+use crate::spec::{HumanDuration, Service};
+
+/// One service as apply starts it: its spec (health check, upgrade settings,
+/// ports) and the container derived from it for this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    /// The service as the spec gives it.
+    pub service: Service,
+    /// The container it runs on this node.
+    pub container: DesiredContainer,
+}
+
+/// The running version an upgrade starts from, for the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeFrom {
+    /// The old primary's spec hash.
+    pub spec: String,
+    /// The old primary's image.
+    pub image: String,
+}
+
+/// A load-balancer node sends a replica's new connections to its other
+/// address; after writing the table it waits, at most `wait`, until its own
+/// connections to the old address are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switch {
+    /// The service.
+    pub service: String,
+    /// The replica's node.
+    pub node: String,
+    /// The address connections went to.
+    pub from: Ipv4Addr,
+    /// The address they go to now.
+    pub to: Ipv4Addr,
+    /// Why.
+    pub why: String,
+    /// How long this node waits for its connections to `from` (the service's `switchWait`).
+    pub wait: HumanDuration,
+}
+
+impl std::fmt::Display for Switch {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {}: new connections go to {} instead of {} ({})",
+            self.service, self.node, self.to, self.from, self.why
+        )
+    }
+}
+
+/// What apply does for one change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Operation {
+    /// Write lessnat's nftables table in one transaction (created, or
+    /// replaced whole); then, on a load-balancer node, wait for its own
+    /// connections to each switched replica's old address.
+    WriteTable {
+        /// The table as it must be.
+        table: NftTable,
+        /// Replicas whose new connections this table moves.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        switches: Vec<Switch>,
+    },
+    /// Delete lessnat's nftables table.
+    DeleteTable,
+    /// Stop and remove a container.
+    RemoveContainer {
+        /// The container.
+        name: String,
+        /// How long it gets to stop before it is killed.
+        stop_timeout: HumanDuration,
+    },
+    /// Host mode: create and start the primary and wait until it is healthy
+    /// (`replace`: the old container is stopped and removed first).
+    CreatePrimary {
+        /// The service.
+        workload: Box<Workload>,
+        /// Remove the existing container first.
+        replace: bool,
+    },
+    /// Start the stopped, current primary again and wait until it is healthy.
+    StartPrimary {
+        /// The service.
+        workload: Box<Workload>,
+    },
+    /// Host mode: a redirect-drain upgrade, new or the rest of one in flight.
+    Upgrade {
+        /// The service at the version it goes to.
+        workload: Box<Workload>,
+        /// The upgrade found on the host, and whether it resumes or rolls back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_flight: Option<InFlight>,
+        /// The version it starts from (for the journal), when a primary runs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<UpgradeFrom>,
+    },
+    /// Host mode: stop the old primary, start the new one (downtime).
+    StopStart {
+        /// The service at the version it goes to.
+        workload: Box<Workload>,
+    },
+    /// Routed mode: create the replica's primary, wired in at `address`.
+    CreateReplica {
+        /// The service.
+        workload: Box<Workload>,
+        /// Where it is wired in.
+        address: Ipv4Addr,
+    },
+    /// Routed mode: start the stopped primary and wire it in again at `address`.
+    RestartReplica {
+        /// The service.
+        workload: Box<Workload>,
+        /// Where it is wired in.
+        address: Ipv4Addr,
+    },
+    /// Routed mode: replace the primary in place at `address` (downtime).
+    ReplaceReplica {
+        /// The service.
+        workload: Box<Workload>,
+        /// Where the new one is wired in.
+        address: Ipv4Addr,
+    },
+    /// Routed mode: an upgrade across machines from `old_at` to `next_at`.
+    UpgradeReplica {
+        /// The service at the version it goes to.
+        workload: Box<Workload>,
+        /// Where the old version is wired in.
+        old_at: Ipv4Addr,
+        /// Where the next version is (or will be) wired in.
+        next_at: Ipv4Addr,
+        /// The upgrade found on the host, and whether it resumes or rolls back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_flight: Option<InFlight>,
+        /// Whether an old primary exists to switch away from and drain.
+        old_exists: bool,
+        /// Load-balancer node addresses: their probes are not client connections.
+        load_balancers: Vec<IpAddr>,
+    },
+    /// Routed mode: wire a running container in again (its veth was lost).
+    Wire {
+        /// The service (the veth's alias names it).
+        service: String,
+        /// The container.
+        container: String,
+        /// Its address.
+        address: Ipv4Addr,
+    },
+    /// Remove a veth pair lessnat made.
+    Unwire {
+        /// The node-side interface.
+        name: String,
+    },
+    /// Replace a policy routing rule: remove the one found, add the one wanted.
+    Rule {
+        /// The rule to remove.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remove: Option<IpRule>,
+        /// The rule to add.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        add: Option<IpRule>,
+    },
+    /// Replace a route: remove the one found, add the one wanted.
+    Route {
+        /// The route to remove.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remove: Option<Route>,
+        /// The route to add.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        add: Option<Route>,
+    },
+    /// Add an address lessnat owns (a VIP).
+    AddAddress {
+        /// The address and its interface.
+        address: OwnedAddress,
+    },
+    /// Remove an address lessnat owns.
+    RemoveAddress {
+        /// The address and its interface.
+        address: OwnedAddress,
+    },
+    /// Set a kernel setting.
+    SetSysctl {
+        /// Its key, e.g. `net.ipv4.ip_forward`.
+        key: String,
+        /// The value.
+        value: String,
+    },
+}
