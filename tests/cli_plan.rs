@@ -86,8 +86,16 @@ fn json_plan_matches_the_golden_file() {
     )
     .expect("golden JSON");
     assert_eq!(printed, golden);
-    assert_eq!(printed["format"], 1);
+    assert_eq!(printed["format"], lessnat::plan::PLAN_FORMAT);
     assert_eq!(printed["changes"][0]["action"], "upgrade");
+    // The change carries what apply does, with the version it starts from.
+    let operation = &printed["changes"][0]["operation"];
+    assert_eq!(operation["op"], "upgrade");
+    assert_eq!(operation["from"]["image"], "registry.example/web:2.0");
+    assert_eq!(
+        operation["workload"]["container"]["image"],
+        "registry.example/web:2.1"
+    );
 }
 
 #[test]
@@ -127,6 +135,22 @@ fn saved_plan_shows_the_same_plan() {
         Some(true)
     );
     assert_eq!(saved["observed"]["node"], "web-1");
+
+    // A plan file an older lessnat saved (format 1: no operations) is refused
+    // with what to do, for show and apply alike.
+    let mut old = saved.clone();
+    old["format"] = serde_json::json!(1);
+    std::fs::write(file, serde_json::to_vec(&old).expect("JSON")).expect("write old plan");
+    for args in [vec!["show", file], vec!["apply", file, "--auto-approve"]] {
+        let refused = lessnat(&args);
+        assert_eq!(refused.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("plan format 1")
+                && stderr.contains("make the plan again with `lessnat plan --out`"),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -51,7 +51,7 @@ pub enum SavedPlanError {
     },
     /// The file is a plan of another format version.
     #[error(
-        "{path} is a plan of format {found}; this lessnat reads format {SAVED_PLAN_FORMAT}: make the plan again"
+        "{path} was saved in plan format {found}; this lessnat reads format {SAVED_PLAN_FORMAT}: make the plan again with `lessnat plan --out`"
     )]
     Version {
         /// The file.
