@@ -3,8 +3,8 @@
 
 use super::operation::{Operation, UpgradeFrom, Workload};
 use super::{
-    Action, Change, Decision, DiffLine, Drift, FieldChange, InFlight, Resource, Slots, Stage,
-    StageName, Upgrade,
+    Action, Change, Decision, DiffLine, Drift, FieldChange, FieldValue, InFlight, Resource, Slots,
+    Stage, StageName, Upgrade,
 };
 use crate::desired::DesiredContainer;
 use crate::model::Redirect;
@@ -64,17 +64,17 @@ pub(super) fn create_primary(
         FieldChange {
             name: "image".into(),
             old: None,
-            new: Some(container.image.clone()),
+            new: Some(container.image.clone().into()),
         },
         FieldChange {
             name: "spec".into(),
             old: None,
-            new: Some(container.spec_hash()),
+            new: Some(container.spec_hash().into()),
         },
         FieldChange {
             name: "ports".into(),
             old: None,
-            new: Some(ports_text(container)),
+            new: Some(ports_text(container).into()),
         },
     ];
     if let Ok(command) = container.command_for(false)
@@ -83,14 +83,14 @@ pub(super) fn create_primary(
         fields.push(FieldChange {
             name: "command".into(),
             old: None,
-            new: Some(format!("{command:?}")),
+            new: Some(FieldValue::List(command)),
         });
     }
     if let Some(address) = &container.address {
         fields.push(FieldChange {
             name: "address".into(),
             old: None,
-            new: Some(address.clone()),
+            new: Some(address.clone().into()),
         });
     }
     Change {
@@ -117,22 +117,22 @@ pub(super) fn container_fields(
     if found.image != container.image {
         fields.push(FieldChange {
             name: "image".into(),
-            old: Some(found.image.clone()),
-            new: Some(container.image.clone()),
+            old: Some(found.image.clone().into()),
+            new: Some(container.image.clone().into()),
         });
     }
     let ports = container.port_labels();
     if !found.ports.is_empty() && found.ports != ports {
         fields.push(FieldChange {
             name: "ports".into(),
-            old: Some(found.ports.join(", ")),
-            new: Some(ports.join(", ")),
+            old: Some(found.ports.join(", ").into()),
+            new: Some(ports.join(", ").into()),
         });
     }
     fields.push(FieldChange {
         name: "spec".into(),
-        old: Some(found.spec_hash.clone()),
-        new: Some(container.spec_hash()),
+        old: Some(found.spec_hash.clone().into()),
+        new: Some(container.spec_hash().into()),
     });
     fields
 }
@@ -157,8 +157,8 @@ pub(super) fn restart_if_stopped(
         reason: "start the stopped container".into(),
         fields: vec![FieldChange {
             name: "state".into(),
-            old: Some(found.state.clone()),
-            new: Some("running".into()),
+            old: Some(found.state.clone().into()),
+            new: Some(FieldValue::Text("running".into())),
         }],
         diff: Vec::new(),
         upgrade: None,
@@ -340,8 +340,8 @@ fn in_flight(
     {
         fields.push(FieldChange {
             name: "image".into(),
-            old: Some(old.image.clone()),
-            new: Some(new.image.clone()),
+            old: Some(old.image.clone().into()),
+            new: Some(new.image.clone().into()),
         });
     }
     let verb = decision.verb();

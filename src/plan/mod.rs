@@ -13,8 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 
 pub use fingerprint::fingerprint;
 pub use model::{
-    Action, Change, Decision, DiffLine, Drift, FieldChange, InFlight, PLAN_FORMAT, Plan, Resource,
-    Stage, StageName, Summary, Upgrade,
+    Action, Change, Decision, DiffLine, Drift, FieldChange, FieldValue, InFlight, PLAN_FORMAT,
+    Plan, Resource, Stage, StageName, Summary, Upgrade,
 };
 
 use crate::desired::desired_node;
@@ -265,7 +265,7 @@ impl<'a> Planner<'a> {
                 reason: "the service is no longer in the spec for this node".into(),
                 fields: vec![FieldChange {
                     name: "image".into(),
-                    old: Some(container.image.clone()),
+                    old: Some(container.image.clone().into()),
                     new: None,
                 }],
                 diff: Vec::new(),

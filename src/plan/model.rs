@@ -164,9 +164,35 @@ pub struct FieldChange {
     /// Field name.
     pub name: String,
     /// Value now.
-    pub old: Option<String>,
+    pub old: Option<FieldValue>,
     /// Value after apply.
-    pub new: Option<String>,
+    pub new: Option<FieldValue>,
+}
+
+/// A field's value: text, or a list (a command's arguments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldValue {
+    /// A single value.
+    Text(String),
+    /// A list of values, shown as one.
+    List(Vec<String>),
+}
+
+impl From<String> for FieldValue {
+    fn from(text: String) -> Self {
+        FieldValue::Text(text)
+    }
+}
+
+impl std::fmt::Display for FieldValue {
+    /// Quoted as a string literal; a list as `["a", "b"]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            FieldValue::Text(text) => write!(f, "{text:?}"),
+            FieldValue::List(items) => write!(f, "{items:?}"),
+        }
+    }
 }
 
 /// One line of a text diff.

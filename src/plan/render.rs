@@ -101,10 +101,10 @@ fn render_change(out: &mut String, change: &Change, style: Style) {
         .unwrap_or(0);
     for field in &change.fields {
         let (mark, text) = match (&field.old, &field.new) {
-            (None, Some(new)) => ("+", format!("{new:?}")),
-            (Some(old), None) => ("-", format!("{old:?}")),
-            (Some(old), Some(new)) if old == new => (" ", format!("{new:?}")),
-            (Some(old), Some(new)) => ("~", format!("{old:?} -> {new:?}")),
+            (None, Some(new)) => ("+", format!("{new}")),
+            (Some(old), None) => ("-", format!("{old}")),
+            (Some(old), Some(new)) if old == new => (" ", format!("{new}")),
+            (Some(old), Some(new)) => ("~", format!("{old} -> {new}")),
             (None, None) => continue,
         };
         let mark = match mark {

@@ -547,8 +547,8 @@ pub(super) fn plan_wiring(
     };
     let field = |name: &str, old: Option<String>, new: Option<String>| FieldChange {
         name: name.into(),
-        old,
-        new,
+        old: old.map(Into::into),
+        new: new.map(Into::into),
     };
     let describe_rule = |r: &IpRule| {
         let mut text = String::new();
