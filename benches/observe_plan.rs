@@ -679,6 +679,7 @@ fn planner_alone(sizes: &[usize], runs: usize, image: &str) {
             health: None,
             pid: (state == "running").then_some(1000),
             address: None,
+            stop_timeout: None,
         };
         let observed = |slot: Slot, state: &str, redirected: usize| Observed {
             format: OBSERVED_FORMAT,

@@ -31,6 +31,9 @@ pub const LABEL_SPEC: &str = "io.lessnat.spec";
 pub const LABEL_PORTS: &str = "io.lessnat.ports";
 /// Container label holding the address a routed container is wired in at.
 pub const LABEL_ADDRESS: &str = "io.lessnat.address";
+/// Container label holding the service's `stopTimeout` when the container was
+/// made, so a container whose service left the spec still stops with it.
+pub const LABEL_STOP_TIMEOUT: &str = "io.lessnat.stop-timeout";
 
 /// Label suffix of addresses lessnat adds (`lo:lessnat`): the kernel keeps the
 /// label, so lessnat can tell its VIPs from addresses others added.

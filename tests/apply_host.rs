@@ -1889,3 +1889,42 @@ fn udp_flows_with_replies_in_flight_move_at_the_redirect() {
     );
     host.assert_converged(&svc.at("v2"));
 }
+
+/// A service removed from the spec stops with its own `stopTimeout`,
+/// recorded on its container, not with Docker's 10 s default: a request held
+/// longer than the stop timeout (and shorter than 10 s) is cut.
+#[test]
+fn removed_service_stops_with_its_own_stop_timeout() {
+    let Some(mut host) = Host::new("removed_service_stops_with_its_own_stop_timeout") else {
+        return;
+    };
+    let svc = Svc {
+        stop_timeout: "1s",
+        ..Svc::new("gone", service_port(), service_port())
+    };
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    // The test server waits up to 10 s for requests in progress after SIGTERM.
+    let held = load::long_lived(svc.port, 1, 6000);
+    let empty = host.dir.path().join("empty.yaml");
+    std::fs::write(
+        &empty,
+        format!(
+            "version: 1\nnodes:\n  - name: {}\n    address: 192.0.2.10\nservices: []\n",
+            host.node
+        ),
+    )
+    .expect("write spec");
+    let mut remove = host.command(&["apply", "--auto-approve", "-f"]);
+    remove.arg(&empty);
+    let removed = host.run(remove).expect_success("removing the service");
+    assert!(
+        removed.output().contains("stopping and removing"),
+        "{}",
+        removed.output()
+    );
+    let held = held.wait();
+    assert!(
+        held.iter().all(|sample| !sample.ok()),
+        "a 6 s request outlived a 1 s stopTimeout: removal waited longer than the service's own stop timeout: {held:?}"
+    );
+}

@@ -14,7 +14,7 @@ use lessnat::backend::docker::{ContainerStatus, Docker, DockerError};
 use lessnat::desired::desired_node;
 use lessnat::model::{ContainerNetwork, ContainerSpec};
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
-use lessnat::spec::load_bytes;
+use lessnat::spec::{HumanDuration, load_bytes};
 use lessnat::style::Style;
 
 use support::image::test_image;
@@ -212,6 +212,8 @@ fn next_container_lifecycle() {
     assert_eq!(c.ports, [format!("{port}/tcp")]);
     assert_eq!(c.state, "running");
     assert_eq!(c.image, image);
+    // The stop timeout is recorded, so removal can use it after the spec forgot the service.
+    assert_eq!(c.stop_timeout, Some(HumanDuration::secs(7)));
     let labels = inspect(&id, "{{json .Config.Labels}}");
     for (key, value) in [
         (LABEL_SERVICE, service.clone()),

@@ -19,7 +19,7 @@ use lessnat::model::{
 use lessnat::model::{Probe, Veth};
 use lessnat::ownership::{Slot, container_name, veth_name};
 use lessnat::plan::{desired_table, plan, render::render};
-use lessnat::spec::{Protocol, Spec, load_bytes};
+use lessnat::spec::{HumanDuration, Protocol, Spec, load_bytes};
 use lessnat::style::Style;
 
 fn cases_dir() -> PathBuf {
@@ -116,7 +116,7 @@ impl<'a> Fixture<'a> {
     /// A container of `service` made from `from` (a spec: the current one or an older one).
     fn container(mut self, from: &Spec, service: &str, slot: Slot, state: &str) -> Self {
         let desired = desired_node(from, self.node);
-        let (_, c) = desired
+        let (spec, c) = desired
             .services
             .iter()
             .find(|(s, _)| s.name.value == service)
@@ -134,6 +134,7 @@ impl<'a> Fixture<'a> {
             health: None,
             pid: (state == "running").then_some(1000 + n as u32),
             address: c.address.clone(),
+            stop_timeout: Some(spec.upgrade.stop_timeout.value),
         });
         self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
         self
@@ -341,6 +342,8 @@ fn write_observed_fixtures() {
         Fixture::new("web-1")
             .table(&[])
             .container(&removed_from, "web", Slot::Primary, "running");
+    // Its recorded stopTimeout is what removal waits (the spec has no word on it any more).
+    removed.observed.containers[0].stop_timeout = Some(HumanDuration::secs(45));
     removed.observed.routing.rules.push(IpRule {
         family: "inet".into(),
         priority: 27001,

@@ -70,6 +70,7 @@ mod tests {
             health: None,
             pid: None,
             address: None,
+            stop_timeout: None,
         }
     }
 

@@ -32,7 +32,8 @@ use tokio::runtime::Runtime;
 
 use crate::model::{Container, ContainerSpec, ForeignContainer};
 use crate::ownership::{
-    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, parse_container_name,
+    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
+    parse_container_name,
 };
 
 /// Where the engine is when `DOCKER_HOST` is unset or empty.
@@ -726,6 +727,7 @@ fn classify(summary: &ContainerSummary, node: &str) -> Classified {
         health: None,
         pid: None,
         address: label(summary, LABEL_ADDRESS).map(str::to_string),
+        stop_timeout: label(summary, LABEL_STOP_TIMEOUT).and_then(|t| t.parse().ok()),
     })
 }
 

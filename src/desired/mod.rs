@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{ContainerNetwork, ContainerSpec};
-use crate::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
-use crate::spec::{NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders};
+use crate::ownership::{
+    LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT, Slot, container_name,
+};
+use crate::spec::{
+    HumanDuration, NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders,
+};
 
 /// One port of a container as it will be started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +106,10 @@ impl DesiredContainer {
             (LABEL_SERVICE.to_string(), self.service.clone()),
             (LABEL_SPEC.to_string(), self.spec_hash()),
             (LABEL_PORTS.to_string(), self.port_labels().join(",")),
+            (
+                LABEL_STOP_TIMEOUT.to_string(),
+                HumanDuration(stop_timeout).to_string(),
+            ),
         ]);
         Ok(ContainerSpec {
             name: container_name(&self.service, node, slot),

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ownership::Slot;
-use crate::spec::Protocol;
+use crate::spec::{HumanDuration, Protocol};
 
 /// Version of the observed-state JSON format.
 pub const OBSERVED_FORMAT: u32 = 1;
@@ -225,6 +225,10 @@ pub struct Container {
     /// Routed mode: the address it is wired in at (`io.lessnat.address` label).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The service's `stopTimeout` when it was made (`io.lessnat.stop-timeout`
+    /// label); absent on containers made before lessnat recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<HumanDuration>,
 }
 
 /// The node side of a veth pair that wires a routed container in. The pair

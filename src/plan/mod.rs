@@ -217,9 +217,9 @@ pub(crate) struct Slots<'a> {
     pub prev: Option<&'a Container>,
 }
 
-/// How long a container whose service left the spec gets to stop (its
-/// service's `stopTimeout` is gone with the spec).
-const ORPHAN_STOP_TIMEOUT: HumanDuration = HumanDuration::secs(10);
+/// How long a container whose service left the spec gets to stop when it
+/// carries no recorded `stopTimeout` (made by an older lessnat): Docker's default.
+const UNRECORDED_STOP_TIMEOUT: HumanDuration = HumanDuration::secs(10);
 
 struct Planner<'a> {
     observed: &'a Observed,
@@ -272,7 +272,7 @@ impl<'a> Planner<'a> {
                 upgrade: None,
                 operation: Operation::RemoveContainer {
                     name: container.name.clone(),
-                    stop_timeout: ORPHAN_STOP_TIMEOUT,
+                    stop_timeout: container.stop_timeout.unwrap_or(UNRECORDED_STOP_TIMEOUT),
                 },
             });
         }
