@@ -225,3 +225,62 @@ fn completions_and_man_page_are_generated() {
     assert!(man.status.success());
     assert!(String::from_utf8_lossy(&man.stdout).contains(".TH lessnat"));
 }
+
+/// Every duration field shows its own description on hover in editors: the
+/// duration schema is inlined with the field's description, not a shared
+/// `$ref` whose description yaml-language-server would show instead.
+#[test]
+fn duration_fields_carry_their_own_descriptions() {
+    fn walk(path: &str, schema: &serde_json::Value, found: &mut Vec<(String, String)>) {
+        let Some(object) = schema.as_object() else {
+            return;
+        };
+        if let Some(properties) = object.get("properties").and_then(|p| p.as_object()) {
+            for (name, property) in properties {
+                let is_duration = property["pattern"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("ms|s|m|h"));
+                if is_duration {
+                    let description = property["description"].as_str().unwrap_or_default();
+                    found.push((format!("{path}.{name}"), description.to_string()));
+                }
+            }
+        }
+        for (key, value) in object {
+            walk(&format!("{path}/{key}"), value, found);
+        }
+    }
+    let schema = committed_schema();
+    assert!(
+        !schema.to_string().contains("#/definitions/Duration"),
+        "durations are referenced, not inlined"
+    );
+    let mut found = Vec::new();
+    walk("", &schema, &mut found);
+    let names: Vec<&str> = found.iter().map(|(path, _)| path.as_str()).collect();
+    for expected in [
+        "drainTimeout",
+        "stopTimeout",
+        "switchWait",
+        "startTimeout",
+        "interval",
+    ] {
+        assert!(
+            names.iter().any(|n| n.ends_with(&format!(".{expected}"))),
+            "no duration field {expected} in {names:?}"
+        );
+    }
+    let mut descriptions = std::collections::BTreeSet::new();
+    for (path, description) in &found {
+        assert!(
+            !description.is_empty() && !description.starts_with("A duration"),
+            "{path} shows {description:?} instead of its own description"
+        );
+        descriptions.insert(description.as_str());
+    }
+    assert_eq!(
+        descriptions.len(),
+        found.len(),
+        "two duration fields share a description: {found:?}"
+    );
+}

@@ -114,6 +114,13 @@ impl JsonSchema for HumanDuration {
         "Duration".into()
     }
 
+    /// Inlined at each field, so the field's own description is the one
+    /// editors show on hover (yaml-language-server shows a `$ref`'s
+    /// description instead of its sibling's).
+    fn inline_schema() -> bool {
+        true
+    }
+
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
