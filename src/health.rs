@@ -101,33 +101,40 @@ fn probe_port(
 }
 
 /// A probe that did not pass.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The connection was refused, timed out or broke.
-    #[error("{addr}: {reason}")]
+    #[error("{addr}")]
     Connect {
         /// Where.
         addr: SocketAddr,
         /// Why.
-        reason: String,
+        source: std::io::Error,
+    },
+    /// The request could not be sent, or the answer not read.
+    #[error("{addr}{path}")]
+    Exchange {
+        /// Where.
+        addr: SocketAddr,
+        /// The path probed.
+        path: String,
+        /// Why.
+        source: std::io::Error,
     },
     /// An HTTP answer that is not 2xx, or no HTTP answer at all.
-    #[error("{addr}{path}: {reason}")]
+    #[error("{addr}{path}: {answer}")]
     Http {
         /// Where.
         addr: SocketAddr,
         /// The path probed.
         path: String,
         /// What came back.
-        reason: String,
+        answer: String,
     },
 }
 
 fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProbeError> {
-    let fail = |e: std::io::Error| ProbeError::Connect {
-        addr,
-        reason: e.to_string(),
-    };
+    let fail = |source| ProbeError::Connect { addr, source };
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
     socket.set_mark(PROBE_MARK).map_err(fail)?;
@@ -147,25 +154,28 @@ pub fn probe_tcp(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> 
 
 /// Passes when `GET path` on `addr` answers with a 2xx status within `timeout`.
 pub fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), ProbeError> {
-    let http = |reason: String| ProbeError::Http {
+    let exchange = |source| ProbeError::Exchange {
         addr,
         path: path.to_string(),
-        reason,
+        source,
+    };
+    let http = |answer| ProbeError::Http {
+        addr,
+        path: path.to_string(),
+        answer,
     };
     let mut stream = connect(addr, timeout)?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lessnat-probe\r\nConnection: close\r\n\r\n"
     );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| http(e.to_string()))?;
+    stream.write_all(request.as_bytes()).map_err(exchange)?;
     let mut head = [0u8; 64];
     let mut read = 0;
     while read < 12 {
         match stream.read(&mut head[read..]) {
             Ok(0) => break,
             Ok(n) => read += n,
-            Err(e) => return Err(http(e.to_string())),
+            Err(e) => return Err(exchange(e)),
         }
     }
     // Read the rest (bounded): closing with unread data would reset the connection.
@@ -287,7 +297,7 @@ mod tests {
             return;
         }
         let second = Duration::from_secs(2);
-        assert_eq!(probe_http(serve_once("200 OK"), "/healthz", second), Ok(()));
+        assert!(probe_http(serve_once("200 OK"), "/healthz", second).is_ok());
         let failed = probe_http(serve_once("503 Service Unavailable"), "/healthz", second)
             .expect_err("503 fails");
         assert!(
@@ -304,12 +314,13 @@ mod tests {
         }
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        assert_eq!(probe_tcp(addr, Duration::from_secs(1)), Ok(()));
+        assert!(probe_tcp(addr, Duration::from_secs(1)).is_ok());
         drop(listener);
-        assert!(matches!(
-            probe_tcp(addr, Duration::from_secs(1)),
-            Err(ProbeError::Connect { .. })
-        ));
+        let refused = probe_tcp(addr, Duration::from_secs(1)).expect_err("closed");
+        assert!(matches!(refused, ProbeError::Connect { .. }), "{refused}");
+        let text = crate::error::chain(&refused);
+        assert!(text.starts_with(&format!("{addr}: ")), "{text}");
+        crate::error::assert_chain_once(&refused, &["refused"]);
     }
 
     #[test]

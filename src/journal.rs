@@ -61,7 +61,7 @@ pub struct UpgradeRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// File system trouble.
-    #[error("journal {path}: {source}")]
+    #[error("journal {path}")]
     Io {
         /// The journal file.
         path: PathBuf,
@@ -70,7 +70,7 @@ pub enum JournalError {
     },
     /// The file is not a journal this lessnat can read.
     #[error(
-        "journal {path} cannot be read: {source}; move it aside if it is damaged (live state is still the truth)"
+        "journal {path} cannot be read (if it is damaged, move it aside: live state is still the truth)"
     )]
     Format {
         /// The journal file.
@@ -166,5 +166,20 @@ mod tests {
         std::fs::write(dir.path().join(JOURNAL_FILE), b"{ not json").expect("write");
         let error = JournalFile::in_dir(dir.path()).read().expect_err("damaged");
         assert!(error.to_string().contains("move it aside"), "{error}");
+        let cause = serde_json::from_slice::<Journal>(b"{ not json")
+            .expect_err("not JSON")
+            .to_string();
+        crate::error::assert_chain_once(&error, &[&cause, "move it aside"]);
+    }
+
+    #[test]
+    fn an_unwritable_journal_names_the_file_and_the_cause_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (file, cause) = crate::error::file_in_the_way(dir.path());
+        let error = JournalFile::in_dir(&file)
+            .write(&Journal::default())
+            .expect_err("a file is no directory");
+        let path = file.join(JOURNAL_FILE).display().to_string();
+        crate::error::assert_chain_once(&error, &[&path, &cause]);
     }
 }

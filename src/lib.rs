@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod desired;
 pub mod diagnostic;
+pub mod error;
 pub mod gitops;
 pub mod health;
 pub mod journal;

@@ -27,7 +27,7 @@ pub enum LockError {
         holder: String,
     },
     /// The lock file could not be opened or written.
-    #[error("cannot use the lock file {path}: {source}")]
+    #[error("cannot use the lock file {path}")]
     Io {
         /// The lock file.
         path: PathBuf,
@@ -103,5 +103,14 @@ mod tests {
         assert!(message.contains("lessnat apply -f a.yaml"), "{message}");
         drop(first);
         ApplyLock::acquire(dir.path(), "lessnat apply -f b.yaml").expect("free again after drop");
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_file_gives_the_cause_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (file, cause) = crate::error::file_in_the_way(dir.path());
+        let error = ApplyLock::acquire(&file, "lessnat apply").expect_err("not a directory");
+        let path = file.join(LOCK_FILE).display().to_string();
+        crate::error::assert_chain_once(&error, &[&path, &cause]);
     }
 }

@@ -24,7 +24,7 @@ pub enum Netns {
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     /// The namespace file could not be opened.
-    #[error("cannot open network namespace {path}: {source}")]
+    #[error("cannot open network namespace {path}")]
     Open {
         /// The namespace file.
         path: PathBuf,
@@ -33,7 +33,7 @@ pub enum NetnsError {
     },
     /// `setns()` refused (usually: not root).
     #[error(
-        "cannot enter network namespace {path}: {source} (lessnat needs root, or CAP_SYS_ADMIN, for --netns)"
+        "cannot enter network namespace {path} (lessnat needs root, or CAP_SYS_ADMIN, for --netns)"
     )]
     Enter {
         /// The namespace file.
@@ -125,5 +125,7 @@ mod tests {
             error.to_string().contains("/run/netns/lessnat-no-such-ns"),
             "{error}"
         );
+        let cause = std::io::Error::from_raw_os_error(2).to_string();
+        crate::error::assert_chain_once(&error, &["/run/netns/lessnat-no-such-ns", &cause]);
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use lessnat::backend::docker::{ContainerStatus, Docker, DockerError};
 use lessnat::desired::desired_node;
+use lessnat::error::chain;
 use lessnat::model::{ContainerNetwork, ContainerSpec};
 use lessnat::ownership::{LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, Slot, container_name};
 use lessnat::spec::{HumanDuration, load_bytes};
@@ -366,10 +367,10 @@ fn container_that_exits_at_once() {
         ..spec.clone()
     };
     let err = docker.create(&missing).expect_err("no such image");
-    let text = err.to_string();
+    let text = chain(&err);
     assert!(
-        text.contains(&missing.name) && text.contains("No such image"),
-        "{text}"
+        text.contains(&missing.name) && text.matches("No such image").count() == 1,
+        "the container and the engine's answer, once: {text}"
     );
     // Nor can a name be taken twice.
     let err = docker.create(&spec).expect_err("name in use");

@@ -375,10 +375,8 @@ fn labelled_addresses_are_lessnats_and_only_those() {
     // Someone else's address is not taken over, nor deleted.
     let foreign = owned("lo", "203.0.113.20/32");
     let error = netlink::add_address(&netns, &foreign).expect_err("someone else's");
-    assert!(
-        error.to_string().contains("without lessnat's label"),
-        "{error}"
-    );
+    let text = lessnat::error::chain(&error);
+    assert!(text.contains("without lessnat's label"), "{text}");
     netlink::delete_address(&netns, &foreign).expect("not lessnat's: nothing to do");
     assert!(ip_text(&ns, "-4 addr show dev lo").contains("203.0.113.20/32"));
 

@@ -297,7 +297,8 @@ fn a_failed_wiring_leaves_nothing_behind() {
     // A process on the node's own network (host networking): refused, and
     // nothing there changes.
     let error = veth::wire(&container.ns.netns(), &wiring(&container)).expect_err("same netns");
-    assert!(error.to_string().contains("node's own network"), "{error}");
+    let text = lessnat::error::chain(&error);
+    assert!(text.contains("node's own network"), "{text}");
     nothing_left();
     assert_eq!(container.ip_json("route show"), Value::Array(vec![]));
 

@@ -24,6 +24,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+use crate::error::chain;
 use crate::model::{ConntrackState, FlowCount};
 use crate::netns::{Netns, NetnsError};
 use crate::spec::Protocol;
@@ -61,7 +62,7 @@ pub enum ConntrackError {
         reason: String,
     },
     /// A netlink or /proc operation failed.
-    #[error("conntrack in {netns}: cannot {doing}: {source}")]
+    #[error("conntrack in {netns}: cannot {doing}")]
     Io {
         /// Where.
         netns: String,
@@ -71,7 +72,7 @@ pub enum ConntrackError {
         source: io::Error,
     },
     /// The kernel's answer did not parse.
-    #[error("conntrack in {netns}: cannot decode the kernel's answer: {source}")]
+    #[error("conntrack in {netns}: cannot decode the kernel's answer")]
     Decode {
         /// Where.
         netns: String,
@@ -482,7 +483,7 @@ impl Ctnetlink {
     fn open() -> Result<Self, Fault> {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|error| {
             if error.raw_os_error() == Some(nix::libc::EPROTONOSUPPORT) {
-                Fault::Unavailable(format!("the kernel has no nfnetlink ({error})"))
+                Fault::Unavailable(format!("the kernel has no nfnetlink ({})", chain(&error)))
             } else {
                 Fault::Io("open a netfilter netlink socket".into(), error)
             }
@@ -515,7 +516,8 @@ impl Ctnetlink {
         })
         .map_err(|fault| match fault {
             Fault::Io(_, error) if is_unsupported(&error) => Fault::Unavailable(format!(
-                "the kernel refused a conntrack dump ({error}; is nf_conntrack_netlink loaded?)"
+                "the kernel refused a conntrack dump ({}; is nf_conntrack_netlink loaded?)",
+                chain(&error)
             )),
             fault => fault,
         })

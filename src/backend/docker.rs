@@ -59,12 +59,12 @@ const EXEC_OUTPUT_KEPT: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     /// The runtime that drives the client could not start.
-    #[error("cannot start the Docker client's runtime: {0}")]
+    #[error("cannot start the Docker client's runtime")]
     Runtime(#[source] std::io::Error),
     /// The client cannot be set up for this address: an unsupported scheme,
     /// or a socket file that does not exist.
     #[error(
-        "cannot connect to the Docker engine at {host}: {source} (is the engine running? \
+        "cannot connect to the Docker engine at {host} (is the engine running? \
          DOCKER_HOST takes unix:///PATH, tcp://HOST:PORT or http://HOST:PORT)"
     )]
     Host {
@@ -75,7 +75,7 @@ pub enum DockerError {
     },
     /// The engine did not answer the version request that picks the API version.
     #[error(
-        "cannot reach the Docker engine at {host} to negotiate the API version: {source} \
+        "cannot reach the Docker engine at {host} to negotiate the API version \
          (is the engine running, and may this user open its socket? lessnat speaks API \
          {client} and steps down to an older engine's, e.g. 1.41 for Debian's Docker 20.10)"
     )]
@@ -88,7 +88,7 @@ pub enum DockerError {
         source: ApiError,
     },
     /// A request to the engine failed.
-    #[error("Docker engine at {host}: {what}: {source}")]
+    #[error("Docker engine at {host}: {what}")]
     Request {
         /// The engine address.
         host: String,
@@ -854,7 +854,35 @@ mod tests {
             let err = Docker::connect_to(host).unwrap_err();
             assert!(matches!(err, DockerError::Host { .. }), "{err:?}");
             assert!(err.to_string().contains(host), "{err}");
+            if let DockerError::Host { source, .. } = &err {
+                let cause = source.to_string();
+                crate::error::assert_chain_once(&err, &["is the engine running?", &cause]);
+            }
         }
+    }
+
+    #[test]
+    fn an_engine_refusal_is_printed_once() {
+        let error = DockerError::Request {
+            host: DEFAULT_HOST.to_string(),
+            what: "creating container lessnat-web.a.next".to_string(),
+            source: ApiError::DockerResponseServerError {
+                status_code: 404,
+                message: "No such image: web:2".to_string(),
+            },
+        };
+        assert_eq!(
+            crate::error::chain(&error),
+            "Docker engine at unix:///var/run/docker.sock: creating container \
+             lessnat-web.a.next: Docker responded with status code 404: No such image: web:2"
+        );
+        let observing = crate::observe::live::ObserveError::from(error);
+        let text = crate::error::chain(&observing);
+        assert!(
+            text.starts_with("reading containers: Docker engine at "),
+            "{text}"
+        );
+        crate::error::assert_chain_once(&observing, &["No such image: web:2"]);
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub enum NetlinkError {
     Netns(#[from] NetnsError),
     /// The rtnetlink socket or its runtime could not be set up, or the kernel
     /// refused a request (with the errno it gave).
-    #[error("in {netns}, cannot {doing}: {source}")]
+    #[error("in {netns}, cannot {doing}")]
     Io {
         /// Where.
         netns: String,
@@ -70,7 +70,7 @@ pub enum NetlinkError {
         source: io::Error,
     },
     /// The kernel sent something unexpected.
-    #[error("in {netns}, cannot {doing}: {source}")]
+    #[error("in {netns}, cannot {doing}")]
     Netlink {
         /// Where.
         netns: String,

@@ -19,7 +19,7 @@ pub enum SysctlError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     /// A setting could not be read.
-    #[error("in {netns}, cannot read sysctl {key}: {source}")]
+    #[error("in {netns}, cannot read sysctl {key}")]
     Read {
         /// The setting, e.g. `net.ipv4.ip_forward`.
         key: String,
@@ -29,7 +29,7 @@ pub enum SysctlError {
         source: io::Error,
     },
     /// A setting could not be written.
-    #[error("in {netns}, cannot set sysctl {key} to {value:?}: {source}")]
+    #[error("in {netns}, cannot set sysctl {key} to {value:?}")]
     Write {
         /// The setting.
         key: String,

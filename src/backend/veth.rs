@@ -38,6 +38,7 @@ use super::netlink::{
     Fault, NetlinkError, add_address_here, errno, link_index, replace_route, required_link,
     with_rtnl,
 };
+use crate::error::chain;
 use crate::model::{Route, Veth};
 use crate::netns::Netns;
 use crate::ownership::{ROUTES_TABLE, VETH_ALIAS_PREFIX, VETH_GATEWAY, veth_name};
@@ -145,7 +146,7 @@ pub fn wire(netns: &Netns, wiring: &Wiring) -> Result<Veth, NetlinkError> {
         .and_then(|()| wire_container(&container, wiring, &context));
     if let Err(error) = wired {
         if let Err(cleanup) = unwire(netns, &name) {
-            tracing::warn!(veth = %name, "cannot remove a half-wired veth: {cleanup}");
+            tracing::warn!(veth = %name, "cannot remove a half-wired veth: {}", chain(&cleanup));
         }
         return Err(error);
     }

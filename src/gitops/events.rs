@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::record::{Stage, Timestamp};
+use crate::error::chain;
 use crate::plan::Summary;
 
 /// What happened.
@@ -133,11 +134,12 @@ struct Line<'a> {
 
 /// Opening the events file failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the events file {path} for appending: {cause}")]
+#[error("cannot open the events file {path} for appending")]
 pub struct EventsError {
     /// The file.
     pub path: PathBuf,
     /// Why.
+    #[source]
     pub cause: std::io::Error,
 }
 
@@ -194,7 +196,7 @@ impl Events {
         let mut text = match serde_json::to_string(&line) {
             Ok(text) => text,
             Err(error) => {
-                tracing::warn!("cannot serialise an event: {error}");
+                tracing::warn!("cannot serialise an event: {}", chain(&error));
                 return;
             }
         };
@@ -202,7 +204,7 @@ impl Events {
         for sink in &mut self.sinks {
             // One write per line, so appenders sharing a file do not interleave.
             if let Err(error) = sink.write_all(text.as_bytes()).and_then(|()| sink.flush()) {
-                tracing::warn!("cannot write an event: {error}");
+                tracing::warn!("cannot write an event: {}", chain(&error));
             }
         }
     }

@@ -14,8 +14,6 @@ use gix::ObjectId;
 use gix::remote::Direction;
 use serde::{Deserialize, Serialize};
 
-use super::describe;
-
 /// The local ref the fetched tip is written to.
 pub const FETCHED_REF: &str = "refs/lessnat/fetched";
 /// The local ref that keeps the last applied commit.
@@ -26,13 +24,13 @@ pub const APPLIED_REF: &str = "refs/lessnat/applied";
 pub enum FetchError {
     /// The mirror could not be created or opened.
     #[error(
-        "the repository mirror {path} cannot be used: {}; it is only a cache: move it aside and it is fetched anew",
-        describe(.cause)
+        "the repository mirror {path} cannot be used (it is only a cache: move it aside and it is fetched anew)"
     )]
     Mirror {
         /// The mirror's directory.
         path: PathBuf,
         /// Why.
+        #[source]
         cause: gix::Error,
     },
     /// The ref given is not a ref name lessnat can fetch.
@@ -52,13 +50,14 @@ pub enum FetchError {
         path: String,
     },
     /// Fetching failed (network, authentication, not a repository...).
-    #[error("fetching {reference} from {url} failed: {}", describe(.cause))]
+    #[error("fetching {reference} from {url} failed")]
     Fetch {
         /// The repository URL.
         url: String,
         /// The ref fetched.
         reference: String,
         /// Why.
+        #[source]
         cause: gix::Error,
     },
     /// The remote has no such ref.
@@ -72,7 +71,7 @@ pub enum FetchError {
         reference: String,
     },
     /// The ref points to something that is not a commit.
-    #[error("{reference} in {url} does not point to a commit ({id}): {}", describe(.cause))]
+    #[error("{reference} in {url} does not point to a commit ({id})")]
     NotACommit {
         /// The repository URL.
         url: String,
@@ -81,6 +80,7 @@ pub enum FetchError {
         /// What it points to.
         id: String,
         /// Why peeling failed.
+        #[source]
         cause: gix::Error,
     },
     /// The spec file is not in the commit.
@@ -102,13 +102,14 @@ pub enum FetchError {
         kind: &'static str,
     },
     /// Reading objects from the mirror failed.
-    #[error("reading {what} from the repository mirror {path} failed: {}", describe(.cause))]
+    #[error("reading {what} from the repository mirror {path} failed")]
     Read {
         /// The mirror's directory.
         path: PathBuf,
         /// What was being read.
         what: String,
         /// Why.
+        #[source]
         cause: gix::Error,
     },
 }
@@ -674,5 +675,7 @@ mod tests {
             .expect_err("nothing to fetch from");
         assert!(matches!(error, FetchError::Fetch { .. }), "{error}");
         assert!(error.to_string().contains("nothing-here"), "{error}");
+        let cause = std::error::Error::source(&error).expect("gix's cause");
+        crate::error::assert_chain_once(&error, &[&cause.to_string()]);
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::record::{Record, RecordError, RecordFile};
 use super::suspend::{SuspendError, SuspendFile};
+use crate::error::chain;
 
 /// Making or publishing the metrics failed.
 #[derive(Debug, thiserror::Error)]
@@ -23,19 +24,21 @@ pub enum MetricsError {
     #[error(transparent)]
     Suspend(#[from] SuspendError),
     /// The textfile could not be written.
-    #[error("cannot write the metrics file {path}: {cause}")]
+    #[error("cannot write the metrics file {path}")]
     Write {
         /// The file.
         path: PathBuf,
         /// Why.
+        #[source]
         cause: std::io::Error,
     },
     /// The HTTP listener could not be set up.
-    #[error("cannot serve metrics on {addr}: {cause}")]
+    #[error("cannot serve metrics on {addr}")]
     Listen {
         /// The address asked for.
         addr: SocketAddr,
         /// Why.
+        #[source]
         cause: std::io::Error,
     },
 }
@@ -212,10 +215,10 @@ pub fn serve(addr: SocketAddr, state_dir: PathBuf) -> Result<SocketAddr, Metrics
                 match stream {
                     Ok(stream) => {
                         if let Err(error) = answer(stream, &state_dir) {
-                            tracing::debug!("metrics request: {error}");
+                            tracing::debug!("metrics request: {}", chain(&error));
                         }
                     }
-                    Err(error) => tracing::warn!("metrics listener: {error}"),
+                    Err(error) => tracing::warn!("metrics listener: {}", chain(&error)),
                 }
             }
         })
@@ -249,7 +252,7 @@ fn answer(mut stream: TcpStream, state_dir: &Path) -> std::io::Result<()> {
             Err(error) => (
                 "500 Internal Server Error",
                 "text/plain; charset=utf-8",
-                format!("{error}\n"),
+                format!("{}\n", chain(&error)),
             ),
         },
         ("GET" | "HEAD", _) => (

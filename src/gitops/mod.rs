@@ -22,18 +22,6 @@ pub mod schedule;
 pub mod status;
 pub mod suspend;
 
-/// An error and its causes on one line, `outer: inner: innermost`, leaving out
-/// a cause whose text the message already holds.
-pub(crate) fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut next = error.source();
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = cause.source();
-    }
-    text
-}
+/// The error chain on one line; kept under this name for `reconcile.rs`
+/// until it calls [`crate::error::chain`] itself.
+pub(crate) use crate::error::chain as describe;

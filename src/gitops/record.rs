@@ -286,21 +286,23 @@ impl Default for Record {
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// File system trouble.
-    #[error("reconcile record {path}: {cause}")]
+    #[error("reconcile record {path}")]
     Io {
         /// The record file.
         path: PathBuf,
         /// Why.
+        #[source]
         cause: std::io::Error,
     },
     /// The file is not a record this lessnat can read.
     #[error(
-        "reconcile record {path} cannot be read: {cause}; move it aside if it is damaged (the next run starts a new one, without the last applied commit)"
+        "reconcile record {path} cannot be read (if it is damaged, move it aside: the next run starts a new one, without the last applied commit)"
     )]
     Format {
         /// The record file.
         path: PathBuf,
         /// Why.
+        #[source]
         cause: serde_json::Error,
     },
 }
@@ -440,5 +442,9 @@ mod tests {
         std::fs::write(dir.path().join(RECORD_FILE), b"[").expect("write");
         let error = RecordFile::in_dir(dir.path()).read().expect_err("damaged");
         assert!(error.to_string().contains("move it aside"), "{error}");
+        let cause = serde_json::from_slice::<Record>(b"[")
+            .expect_err("not a record")
+            .to_string();
+        crate::error::assert_chain_once(&error, &[&cause, "move it aside"]);
     }
 }

@@ -28,11 +28,12 @@ pub struct Suspension {
 #[derive(Debug, thiserror::Error)]
 pub enum SuspendError {
     /// File system trouble.
-    #[error("suspend flag {path}: {cause}")]
+    #[error("suspend flag {path}")]
     Io {
         /// The flag file.
         path: PathBuf,
         /// Why.
+        #[source]
         cause: std::io::Error,
     },
     /// The apply lock could not be taken to end the back-off.

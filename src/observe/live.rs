@@ -18,19 +18,19 @@ use crate::model::{OBSERVED_FORMAT, Observed};
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
     /// Reading nftables failed.
-    #[error("reading nftables: {0}")]
+    #[error("reading nftables")]
     Nft(#[from] NftError),
     /// Reading routing rules and routes failed.
-    #[error("reading routing rules and routes: {0}")]
+    #[error("reading routing rules and routes")]
     Netlink(#[from] NetlinkError),
     /// Reading conntrack failed.
-    #[error("reading conntrack: {0}")]
+    #[error("reading conntrack")]
     Conntrack(#[from] ConntrackError),
     /// Reading kernel settings failed.
-    #[error("reading kernel settings: {0}")]
+    #[error("reading kernel settings")]
     Sysctl(#[from] SysctlError),
     /// Talking to Docker failed.
-    #[error("reading containers: {0}")]
+    #[error("reading containers")]
     Docker(#[from] DockerError),
 }
 

@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 
 use crate::desired::routed::{load_balancer_role, replica_addresses};
+use crate::error::chain;
 use crate::health::{NetworkCheck, probe_timeout};
 use crate::model::Probe;
 use crate::netns::Netns;
@@ -45,8 +46,8 @@ pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
                 scope.spawn(move || {
                     let outcome = netns
                         .run(|| check.run(*ip, probe_timeout(service)))
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        .map_err(|e| chain(&e))
+                        .and_then(|r| r.map_err(|e| chain(&e)));
                     Probe {
                         service: service.name.value.clone(),
                         address: ip.to_string(),

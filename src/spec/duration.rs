@@ -103,7 +103,8 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(|e: DurationError| {
             serde::de::Error::custom(format_args!(
-                "{e}; write a duration like `500ms`, `10s`, `5m` or `1m30s`"
+                "{}; write a duration like `500ms`, `10s`, `5m` or `1m30s`",
+                crate::error::chain(&e)
             ))
         })
     }

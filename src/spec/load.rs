@@ -8,6 +8,7 @@ use super::tree::{self, Value};
 use super::validate::validate;
 use super::{Node, Service, Spec};
 use crate::diagnostic::{Diagnostic, Report};
+use crate::error::chain;
 
 /// The largest spec file lessnat reads (1 MiB); larger files are refused.
 pub const MAX_SPEC_BYTES: usize = 1 << 20;
@@ -22,7 +23,7 @@ pub fn load_file(path: &Path) -> Result<Spec, Report> {
             source: String::new(),
             diagnostics: vec![Diagnostic::new(
                 None,
-                format!("cannot read the file: {error}"),
+                format!("cannot read the file: {}", chain(&error)),
             )],
         }),
     }

@@ -9,6 +9,7 @@ use super::{
     Strategy, render_placeholders,
 };
 use crate::diagnostic::{Diagnostic, Span, closest, one_of};
+use crate::error::chain;
 
 /// The longest name lessnat accepts for nodes, services and ports (container
 /// names are built from them).
@@ -515,7 +516,7 @@ impl Checker {
                         "write `{{` for a literal `{`".to_string()
                     }
                 };
-                self.push(error(template.span, problem.to_string()).with_help(help));
+                self.push(error(template.span, chain(&problem)).with_help(help));
             }
         }
         for key in service.env.keys() {

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::error::chain;
 use crate::model::compare_keys;
 use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 
@@ -71,12 +72,14 @@ fn objects<T: DeserializeOwned>(listing: &Listing, kinds: &[&str]) -> Result<Vec
                 .iter()
                 .filter_map(|&kind| Some((kind, object.get(kind)?)))
         })
-        .map(|(kind, value)| T::deserialize(value).map_err(|e| format!("a {kind} object: {e}")))
+        .map(|(kind, value)| {
+            T::deserialize(value).map_err(|e| format!("a {kind} object: {}", chain(&e)))
+        })
         .collect()
 }
 
 fn parse(json: &str) -> Result<Listing, String> {
-    serde_json::from_str(json).map_err(|e| e.to_string())
+    serde_json::from_str(json).map_err(|e| chain(&e))
 }
 
 /// The `(family, name)` of every table in `nft -j list tables` output.

@@ -173,10 +173,10 @@ fn set_type(name: &str, what: impl Fn() -> String) -> Result<SetTypeValue<'stati
 
 /// Reads one of our JSON values as an `nftables` crate type.
 fn convert<T: DeserializeOwned>(value: &Value, what: impl Fn() -> String) -> Result<T, NftError> {
-    T::deserialize(value).map_err(|e| NftError::Unsupported {
+    T::deserialize(value).map_err(|source| NftError::Unsupported {
         what: what(),
         value: value.to_string(),
-        reason: e.to_string(),
+        source,
     })
 }
 

@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 use nftables::batch::Batch;
 use nftables::helper::{self, NftablesError};
 
+use crate::error::chain;
 use crate::model::Redirect;
 use crate::model::{NftState, NftTable};
 use crate::netns::{Netns, NetnsError};
@@ -41,7 +42,7 @@ pub enum NftError {
     )]
     NotInstalled,
     /// `nft` could not be started or fed its input.
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`")]
     Run {
         /// The command line.
         command: String,
@@ -65,14 +66,14 @@ pub enum NftError {
         detail: String,
     },
     /// The desired table holds something the `nftables` crate cannot express.
-    #[error("cannot write {what} to nftables: {value} is not supported ({reason})")]
+    #[error("cannot write {what} to nftables: {value} is not supported")]
     Unsupported {
         /// Which part of the table.
         what: String,
         /// The value, as JSON.
         value: String,
         /// The decoder's complaint.
-        reason: String,
+        source: serde_json::Error,
     },
     /// Asked to write a table lessnat does not own.
     #[error(
@@ -181,7 +182,7 @@ fn list(netns: &Netns, command: &str, args: &[&str]) -> Result<String, NftError>
             },
             other => NftError::Output {
                 command: command.to_string(),
-                detail: other.to_string(),
+                detail: chain(&other),
             },
         })
 }
@@ -191,7 +192,7 @@ fn transact(netns: &Netns, doing: &str, batch: Batch) -> Result<(), NftError> {
     let command = describe(&format!("nft -j -f - ({doing})"), netns);
     let payload = serde_json::to_string(&batch.to_nftables()).map_err(|e| NftError::Output {
         command: command.clone(),
-        detail: format!("cannot serialise the commands: {e}"),
+        detail: format!("cannot serialise the commands: {}", chain(&e)),
     })?;
     netns.run(|| {
         let mut child = Command::new(NFT)
@@ -259,5 +260,9 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         );
         assert!(error.to_string().contains("nft -j list tables"), "{error}");
+        assert_eq!(
+            crate::error::chain(&error),
+            "cannot run `nft -j list tables`: permission denied"
+        );
     }
 }
