@@ -34,7 +34,7 @@ pub struct SavedPlan {
 #[derive(Debug, thiserror::Error)]
 pub enum SavedPlanError {
     /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("plan file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -42,7 +42,7 @@ pub enum SavedPlanError {
         source: std::io::Error,
     },
     /// The file is not a saved plan of a format this lessnat reads.
-    #[error("{path} is not a lessnat plan file: {source}")]
+    #[error("{path} is not a lessnat plan file")]
     Format {
         /// The file.
         path: PathBuf,
