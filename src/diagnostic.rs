@@ -29,11 +29,23 @@ impl Span {
     }
 }
 
+/// How bad a diagnostic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Severity {
+    /// The spec is rejected.
+    #[default]
+    Error,
+    /// The spec is accepted, but something in it is likely to bite.
+    Warning,
+}
+
 /// One problem found in a spec file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// Where the problem is; `None` for problems with the whole file.
     pub span: Option<Span>,
+    /// Error or warning.
+    pub severity: Severity,
     /// What is wrong.
     pub message: String,
     /// What would be right, when lessnat can tell.
@@ -45,8 +57,17 @@ impl Diagnostic {
     pub fn new(span: Option<Span>, message: impl Into<String>) -> Self {
         Diagnostic {
             span: span.filter(Span::is_known),
+            severity: Severity::Error,
             message: message.into(),
             help: None,
+        }
+    }
+
+    /// A warning at `span` saying `message`.
+    pub fn warning(span: Option<Span>, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::new(span, message)
         }
     }
 
@@ -83,20 +104,34 @@ impl Report {
         for diagnostic in &self.diagnostics {
             render_one(&mut out, &self.file, &lines, diagnostic, style);
         }
-        let count = self.diagnostics.len();
-        let _ = writeln!(
-            out,
-            "{}: {} {} found",
-            self.file,
-            count,
-            if count == 1 { "error" } else { "errors" }
-        );
+        let count = |severity| {
+            self.diagnostics
+                .iter()
+                .filter(|d| d.severity == severity)
+                .count()
+        };
+        let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+        let (errors, warnings) = (count(Severity::Error), count(Severity::Warning));
+        let summary = match (errors, warnings) {
+            (_, 0) => format!("{} found", plural(errors, "error")),
+            (0, _) => plural(warnings, "warning"),
+            _ => format!(
+                "{} found, {}",
+                plural(errors, "error"),
+                plural(warnings, "warning")
+            ),
+        };
+        let _ = writeln!(out, "{}: {summary}", self.file);
         out
     }
 }
 
 fn render_one(out: &mut String, file: &str, lines: &[&str], d: &Diagnostic, style: Style) {
-    let error = style.paint("1;31", "error");
+    let (color, word) = match d.severity {
+        Severity::Error => ("1;31", "error"),
+        Severity::Warning => ("1;33", "warning"),
+    };
+    let error = style.paint(color, word);
     let Some(span) = d.span else {
         let _ = writeln!(out, "{file}: {error}: {}", style.paint("1", &d.message));
         if let Some(help) = &d.help {
@@ -127,7 +162,7 @@ fn render_one(out: &mut String, file: &str, lines: &[&str], d: &Diagnostic, styl
             .take(start)
             .map(|c| if c == '\t' { '\t' } else { ' ' })
             .collect();
-        let carets = style.paint("1;31", &"^".repeat(len));
+        let carets = style.paint(color, &"^".repeat(len));
         let _ = writeln!(out, "{gutter} {bar} {pad}{carets}");
     }
     if let Some(help) = &d.help {

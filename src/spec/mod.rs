@@ -9,6 +9,7 @@ mod located;
 mod placeholder;
 mod tree;
 mod validate;
+mod warnings;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ pub use duration::{DurationError, HumanDuration};
 pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
 pub use located::Located;
 pub use placeholder::{PlaceholderError, render_placeholders};
+pub use warnings::{DEFAULT_EPHEMERAL_PORTS, ephemeral_port_warnings, parse_port_range};
 
 /// The spec format version this build of lessnat reads.
 pub const SPEC_VERSION: u32 = 1;
