@@ -86,7 +86,7 @@ fn json_plan_matches_the_golden_file() {
     )
     .expect("golden JSON");
     assert_eq!(printed, golden);
-    assert_eq!(printed["format"], 1);
+    assert_eq!(printed["format"], 2);
     assert_eq!(printed["changes"][0]["action"], "upgrade");
 }
 
