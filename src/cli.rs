@@ -478,8 +478,10 @@ fn carry_out(
     for _round in 0..3 {
         let ctx = crate::apply::Context {
             node: &planned.node,
-            netns: &netns,
-            docker,
+            host: &crate::apply::LiveHost {
+                netns: &netns,
+                docker,
+            },
             journal: crate::journal::JournalFile::in_dir(&global.state_dir),
             interrupt: &interrupt,
         };

@@ -1,10 +1,9 @@
 //! Waiting for connections to finish, counted in conntrack.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::progress::{Progress, short};
 use super::{ApplyError, Context};
-use crate::backend::conntrack;
 use crate::model::ConntrackState;
 use crate::spec::{Protocol, Service};
 
@@ -65,7 +64,7 @@ pub(super) fn wait_drained(
     count: impl Fn(&ConntrackState) -> u64,
 ) -> Result<Drained, ApplyError> {
     wait_until_drained(ctx, progress, what, timeout, || {
-        Ok(count(&conntrack::observe(ctx.netns)?))
+        Ok(count(&ctx.host.conntrack()?))
     })
 }
 
@@ -78,14 +77,14 @@ pub(super) fn wait_until_drained(
     timeout: Duration,
     mut count: impl FnMut() -> Result<u64, ApplyError>,
 ) -> Result<Drained, ApplyError> {
-    let started = Instant::now();
+    let started = ctx.host.now();
     loop {
         let left = count()?;
         if left == 0 {
             progress.end_wait();
             return Ok(Drained::Empty);
         }
-        let elapsed = started.elapsed();
+        let elapsed = ctx.host.now().saturating_duration_since(started);
         if elapsed >= timeout {
             progress.end_wait();
             return Ok(Drained::TimedOut(left));
@@ -99,7 +98,7 @@ pub(super) fn wait_until_drained(
             progress.end_wait();
             return Err(ApplyError::Interrupted);
         }
-        std::thread::sleep(POLL);
+        ctx.host.sleep(POLL);
     }
 }
 

@@ -3,26 +3,31 @@
 //! failure; everything else is a single step that is safe to repeat.
 
 mod drain;
+#[cfg(test)]
+mod fake;
+mod host;
 mod primary;
 pub mod progress;
 mod ready;
 mod routed;
 pub mod stale;
+#[cfg(test)]
+mod tests;
 mod upgrade;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::backend::conntrack::ConntrackError;
-use crate::backend::docker::{Docker, DockerError};
-use crate::backend::netlink::{self, NetlinkError};
-use crate::backend::nft::{self, NftError};
-use crate::backend::sysctl::{self, SysctlError};
-use crate::backend::veth;
+use crate::backend::docker::DockerError;
+use crate::backend::netlink::NetlinkError;
+use crate::backend::nft::NftError;
+use crate::backend::sysctl::SysctlError;
 use crate::journal::{JournalError, JournalFile};
-use crate::netns::{Netns, NetnsError};
+use crate::netns::NetnsError;
 use crate::plan::operation::Operation;
 use crate::plan::{Change, Plan, Summary};
 use crate::spec::PlaceholderError;
+pub use host::{Host, LiveHost};
 use progress::Progress;
 use upgrade::Upgrade;
 
@@ -30,10 +35,8 @@ use upgrade::Upgrade;
 pub struct Context<'a> {
     /// The node this host is.
     pub node: &'a str,
-    /// The network namespace to work in.
-    pub netns: &'a Netns,
-    /// The Docker engine.
-    pub docker: &'a Docker,
+    /// The host it changes.
+    pub host: &'a dyn Host,
     /// The journal of the state directory.
     pub journal: JournalFile,
     /// Set by SIGINT/SIGTERM: waits stop and the current upgrade rolls back.
@@ -169,17 +172,17 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Resu
             progress.step(&format!(
                 "{address}: writing lessnat's table (one transaction)"
             ));
-            nft::apply_table(ctx.netns, table)?;
+            ctx.host.apply_table(table)?;
             routed::report_drained(ctx, progress, switches)?;
         }
         Operation::DeleteTable => {
             progress.step(&format!("{address}: deleting lessnat's table"));
-            nft::delete_table(ctx.netns)?;
+            ctx.host.delete_table()?;
         }
         Operation::RemoveContainer { name, stop_timeout } => {
             progress.step(&format!("{address}: stopping and removing"));
-            ctx.docker.stop(name, stop_timeout.get())?;
-            ctx.docker.remove(name)?;
+            ctx.host.stop(name, stop_timeout.get())?;
+            ctx.host.remove(name)?;
         }
         Operation::CreatePrimary { workload, replace } => {
             primary::create(ctx, progress, &address, workload, *replace)?;
@@ -233,39 +236,39 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Resu
         }
         Operation::Unwire { name } => {
             progress.step(&format!("{address}: removing"));
-            veth::unwire(ctx.netns, name)?;
+            ctx.host.unwire(name)?;
         }
         Operation::Rule { remove, add } => {
             if let Some(rule) = remove {
                 progress.step(&format!("{address}: removing"));
-                netlink::delete_rule(ctx.netns, rule)?;
+                ctx.host.delete_rule(rule)?;
             }
             if let Some(rule) = add {
                 progress.step(&format!("{address}: adding"));
-                netlink::add_rule(ctx.netns, rule)?;
+                ctx.host.add_rule(rule)?;
             }
         }
         Operation::Route { remove, add } => {
             if let Some(route) = remove {
                 progress.step(&format!("{address}: removing"));
-                netlink::delete_route(ctx.netns, route)?;
+                ctx.host.delete_route(route)?;
             }
             if let Some(route) = add {
                 progress.step(&format!("{address}: adding"));
-                netlink::add_route(ctx.netns, route)?;
+                ctx.host.add_route(route)?;
             }
         }
         Operation::AddAddress { address: owned } => {
             progress.step(&format!("{address}: adding"));
-            netlink::add_address(ctx.netns, owned)?;
+            ctx.host.add_address(owned)?;
         }
         Operation::RemoveAddress { address: owned } => {
             progress.step(&format!("{address}: removing"));
-            netlink::delete_address(ctx.netns, owned)?;
+            ctx.host.delete_address(owned)?;
         }
         Operation::SetSysctl { key, value } => {
             progress.step(&format!("{address}: setting {value}"));
-            sysctl::write(ctx.netns, key, value)?;
+            ctx.host.write_sysctl(key, value)?;
         }
     }
     Ok(())

@@ -30,23 +30,23 @@ pub(super) fn create(
     let name = &create.name;
     if replace {
         progress.step(&format!("{address}: removing the old container"));
-        ctx.docker.stop(name, stop_timeout)?;
-        ctx.docker.remove(name)?;
+        ctx.host.stop(name, stop_timeout)?;
+        ctx.host.remove(name)?;
     }
     progress.step(&format!("{address}: creating and starting"));
-    ctx.docker.create(&create)?;
-    ctx.docker.start(name)?;
+    ctx.host.create(&create)?;
+    ctx.host.start(name)?;
     if let Err(error) = wait_ready(ctx, progress, service, name, ProbeAt::loopback(false)) {
         if service.upgrade.on_failure == OnFailure::Rollback {
             progress.step(&format!(
                 "{address}: not healthy; removing it so the next apply starts afresh"
             ));
-            ctx.docker.stop(name, stop_timeout)?;
-            ctx.docker.remove(name)?;
+            ctx.host.stop(name, stop_timeout)?;
+            ctx.host.remove(name)?;
         }
         return Err(error);
     }
-    ctx.docker.keep_running(name)?;
+    ctx.host.keep_running(name)?;
     Ok(())
 }
 
@@ -60,7 +60,7 @@ pub(super) fn start(
 ) -> Result<(), ApplyError> {
     let name = crate::ownership::container_name(&workload.service.name, ctx.node, Slot::Primary);
     progress.step(&format!("{address}: starting"));
-    ctx.docker.start(&name)?;
+    ctx.host.start(&name)?;
     wait_ready(
         ctx,
         progress,
@@ -68,6 +68,6 @@ pub(super) fn start(
         &name,
         ProbeAt::loopback(false),
     )?;
-    ctx.docker.keep_running(&name)?;
+    ctx.host.keep_running(&name)?;
     Ok(())
 }

@@ -56,20 +56,16 @@ pub(super) fn wait_ready(
     };
     let probe_timeout = probe_timeout(service);
     let started = Instant::now();
-    let netns = ctx.netns;
     let check = NetworkCheck::of(service, at.temporary);
     let probe = || -> Result<(), String> {
         if let Some(check) = &check {
-            return netns
-                .run(|| check.run(at.ip, probe_timeout))
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string());
+            return ctx.host.probe(check, at.ip, probe_timeout);
         }
         let Some(exec) = health.and_then(|h| h.exec.as_ref()) else {
             return Ok(()); // nothing to probe: no TCP port and no check
         };
         let command: Vec<String> = exec.iter().map(|c| c.value.clone()).collect();
-        match ctx.docker.exec(container, &command, probe_timeout) {
+        match ctx.host.exec(container, &command, probe_timeout) {
             Ok(0) => Ok(()),
             Ok(code) => Err(format!("{command:?} exited with {code}")),
             Err(e) => Err(e.to_string()),
@@ -85,7 +81,7 @@ pub(super) fn wait_ready(
         if ctx.interrupted() {
             return false;
         }
-        match ctx.docker.state(container) {
+        match ctx.host.state(container) {
             Ok(Some(status)) => {
                 let running = status.running;
                 last_state = Some(status);
@@ -102,7 +98,7 @@ pub(super) fn wait_ready(
         Err(WaitError::Exited) => Err(ApplyError::Exited {
             container: container.to_string(),
             code: last_state.and_then(|s| s.exit_code),
-            logs: ctx.docker.logs_tail(container, 20).unwrap_or_default(),
+            logs: ctx.host.logs_tail(container, 20).unwrap_or_default(),
         }),
         Err(WaitError::Timeout { waited, last }) => Err(ApplyError::NotReady {
             container: container.to_string(),

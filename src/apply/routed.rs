@@ -7,14 +7,13 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::drain::{Drained, wait_until_drained};
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
-use crate::backend::conntrack;
-use crate::backend::veth::{self, Wiring};
+use crate::backend::veth::Wiring;
 use crate::desired::DesiredContainer;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
 use crate::plan::operation::{Switch, Workload};
@@ -42,7 +41,7 @@ pub(super) fn report_drained(
         );
         let from = IpAddr::V4(switch.from);
         match wait_until_drained(ctx, progress, &what, switch.wait.get(), || {
-            Ok(conntrack::live_connections_to(ctx.netns, from)?)
+            Ok(ctx.host.live_connections_to(from)?)
         })? {
             Drained::Empty => progress.step(&format!(
                 "{}: drained on this node: no connection left to {}",
@@ -67,21 +66,18 @@ pub(super) fn wire(
     address: Ipv4Addr,
 ) -> Result<(), ApplyError> {
     let pid = ctx
-        .docker
+        .host
         .state(container)?
         .and_then(|s| s.pid.filter(|_| s.running))
         .ok_or_else(|| ApplyError::NotRunning {
             container: container.to_string(),
         })?;
     progress.step(&format!("{container}: wiring in at {address} (veth pair)"));
-    veth::wire(
-        ctx.netns,
-        &Wiring {
-            service,
-            address,
-            pid,
-        },
-    )?;
+    ctx.host.wire(&Wiring {
+        service,
+        address,
+        pid,
+    })?;
     Ok(())
 }
 
@@ -152,10 +148,10 @@ impl<'a, 'c> Replica<'a, 'c> {
             })?;
         spec.labels
             .insert(LABEL_ADDRESS.to_string(), address.to_string());
-        self.ctx.docker.create(&spec)?;
+        self.ctx.host.create(&spec)?;
         let started = self
             .ctx
-            .docker
+            .host
             .start(&name)
             .map_err(ApplyError::from)
             .and_then(|()| self.wire(&name, address))
@@ -175,7 +171,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// Creates the primary at `address`, wired in and healthy.
     pub(super) fn create(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
         self.start(Slot::Primary, address)?;
-        self.ctx.docker.keep_running(&self.name(Slot::Primary))?;
+        self.ctx.host.keep_running(&self.name(Slot::Primary))?;
         Ok(())
     }
 
@@ -184,10 +180,10 @@ impl<'a, 'c> Replica<'a, 'c> {
     pub(super) fn restart(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress.step(&format!("{name}: starting"));
-        self.ctx.docker.start(&name)?;
+        self.ctx.host.start(&name)?;
         self.wire(&name, address)?;
         self.wait_ready(&name, address)?;
-        self.ctx.docker.keep_running(&name)?;
+        self.ctx.host.keep_running(&name)?;
         Ok(())
     }
 
@@ -200,7 +196,7 @@ impl<'a, 'c> Replica<'a, 'c> {
             .step(&format!("{name}: stopping and removing"));
         self.remove(&name)?;
         self.start(Slot::Primary, address)?;
-        self.ctx.docker.keep_running(&name)?;
+        self.ctx.host.keep_running(&name)?;
         Ok(())
     }
 
@@ -226,7 +222,7 @@ impl<'a, 'c> Replica<'a, 'c> {
                     "{}: resuming the upgrade: checking {next} at {next_at}",
                     self.service.name
                 ));
-                let ready = if veth::observe(self.ctx.netns)?.iter().any(|v| {
+                let ready = if self.ctx.host.veths()?.iter().any(|v| {
                     v.service == self.service.name.value && v.address == next_at.to_string()
                 }) {
                     Ok(())
@@ -270,8 +266,8 @@ impl<'a, 'c> Replica<'a, 'c> {
         }
         self.progress
             .step(&format!("{next}: becoming {primary} at {next_at}"));
-        self.ctx.docker.rename(&next, &primary)?;
-        self.ctx.docker.keep_running(&primary)?;
+        self.ctx.host.rename(&next, &primary)?;
+        self.ctx.host.keep_running(&primary)?;
         Ok(())
     }
 
@@ -279,8 +275,10 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// replica answer and switch on its next apply.
     fn wait_switch(&mut self, next_at: Ipv4Addr) -> Result<(), ApplyError> {
         let wait = self.service.upgrade.switch_wait.get();
-        let started = Instant::now();
-        while started.elapsed() < wait {
+        let host = self.ctx.host;
+        let started = host.now();
+        let elapsed = || host.now().saturating_duration_since(started);
+        while elapsed() < wait {
             if self.ctx.interrupted() {
                 self.progress.end_wait();
                 return Err(ApplyError::Interrupted);
@@ -288,9 +286,9 @@ impl<'a, 'c> Replica<'a, 'c> {
             self.progress.waiting(&format!(
                 "{}: load-balancer nodes switch new connections to {next_at}; {} to go",
                 self.service.name,
-                short(wait - started.elapsed())
+                short(wait - elapsed().min(wait))
             ));
-            std::thread::sleep(POLL.min(wait - started.elapsed().min(wait)));
+            host.sleep(POLL.min(wait - elapsed().min(wait)));
         }
         self.progress.end_wait();
         Ok(())
@@ -308,23 +306,23 @@ impl<'a, 'c> Replica<'a, 'c> {
             self.service.name,
             short(QUIET)
         );
-        let netns = self.ctx.netns;
+        let host = self.ctx.host;
         // Load-balancer nodes probe both addresses of each replica on every
         // apply; those probes come from their own addresses and are not clients.
         let mut seen: HashSet<u32> = HashSet::new();
         let mut first = true;
-        let mut last_activity = Instant::now();
+        let mut last_activity = host.now();
         let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, || {
-            let mut flows = conntrack::flows_to(netns, IpAddr::V4(old_at))?;
+            let mut flows = host.flows_to(IpAddr::V4(old_at))?;
             flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
             let live = flows.iter().filter(|f| f.live).count() as u64;
             let new = flows.iter().any(|f| !seen.contains(&f.id));
             seen.extend(flows.iter().map(|f| f.id));
             if live > 0 || (new && !first) {
-                last_activity = Instant::now();
+                last_activity = host.now();
             }
             first = false;
-            let quiet = last_activity.elapsed() >= QUIET;
+            let quiet = host.now().saturating_duration_since(last_activity) >= QUIET;
             Ok(if live == 0 && !quiet { 1 } else { live })
         })?;
         Ok(match drained {
@@ -383,11 +381,11 @@ impl<'a, 'c> Replica<'a, 'c> {
 
     /// Stops and removes `name`; its veth goes with its network namespace.
     fn remove(&mut self, name: &str) -> Result<(), ApplyError> {
-        if self.ctx.docker.state(name)?.is_none() {
+        if self.ctx.host.state(name)?.is_none() {
             return Ok(());
         }
-        self.ctx.docker.stop(name, self.stop_timeout())?;
-        self.ctx.docker.remove(name)?;
+        self.ctx.host.stop(name, self.stop_timeout())?;
+        self.ctx.host.remove(name)?;
         Ok(())
     }
 }

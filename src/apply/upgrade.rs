@@ -9,8 +9,6 @@ use super::drain::{Drained, established, wait_drained};
 use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context};
-use crate::backend::conntrack;
-use crate::backend::nft;
 use crate::desired::DesiredContainer;
 use crate::journal::{UpgradeRecord, now};
 use crate::model::Redirect;
@@ -83,7 +81,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn exists(&self, name: &str) -> Result<bool, ApplyError> {
-        Ok(self.ctx.docker.state(name)?.is_some())
+        Ok(self.ctx.host.state(name)?.is_some())
     }
 
     fn journal(
@@ -130,8 +128,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 service: self.service.name.value.clone(),
                 source,
             })?;
-        self.ctx.docker.create(&spec)?;
-        self.ctx.docker.start(&spec.name)?;
+        self.ctx.host.create(&spec)?;
+        self.ctx.host.start(&spec.name)?;
         Ok(())
     }
 
@@ -141,8 +139,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         if !self.exists(name)? {
             return Ok(());
         }
-        self.ctx.docker.stop(name, self.stop_timeout())?;
-        self.ctx.docker.remove(name)?;
+        self.ctx.host.stop(name, self.stop_timeout())?;
+        self.ctx.host.remove(name)?;
         Ok(())
     }
 
@@ -155,14 +153,14 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         // flows; two more passes, once the queue has had time to empty, free
         // them.
         for pause in [0, 30, 120] {
-            std::thread::sleep(Duration::from_millis(pause));
+            self.ctx.host.sleep(Duration::from_millis(pause));
             for port in self
                 .service
                 .ports
                 .iter()
                 .filter(|p| p.protocol == Protocol::Udp)
             {
-                conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
+                self.ctx.host.delete_flows(Protocol::Udp, port.port.value)?;
             }
         }
         Ok(())
@@ -170,7 +168,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
 
     fn set_redirects(&self, present: bool) -> Result<(), ApplyError> {
         for redirect in self.redirects() {
-            nft::set_redirect(self.ctx.netns, &redirect, present)?;
+            self.ctx.host.set_redirect(&redirect, present)?;
         }
         self.move_udp_flows()
     }
@@ -333,13 +331,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             }
             StageName::Swap => {
                 if self.exists(&self.primary)? && !self.exists(&self.prev)? {
-                    self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
-                    self.ctx.docker.rename(&self.primary, &self.prev)?;
+                    self.ctx.host.stop(&self.primary, self.stop_timeout())?;
+                    self.ctx.host.rename(&self.primary, &self.prev)?;
                 }
-                match self.ctx.docker.state(&self.primary)? {
+                match self.ctx.host.state(&self.primary)? {
                     None => self.create(Slot::Primary)?,
                     // Created but not started, or stopped, by an apply that crashed.
-                    Some(state) if !state.running => self.ctx.docker.start(&self.primary)?,
+                    Some(state) if !state.running => self.ctx.host.start(&self.primary)?,
                     Some(_) => {}
                 }
                 let primary = self.primary.clone();
@@ -350,7 +348,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     &primary,
                     ProbeAt::loopback(false),
                 )?;
-                Ok(self.ctx.docker.keep_running(&primary)?)
+                Ok(self.ctx.host.keep_running(&primary)?)
             }
             StageName::Unredirect => self.set_redirects(false),
             StageName::DrainNext => {
@@ -390,8 +388,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         let calm = AtomicBool::new(false);
         let ctx = Context {
             node: self.ctx.node,
-            netns: self.ctx.netns,
-            docker: self.ctx.docker,
+            host: self.ctx.host,
             journal: self.ctx.journal.clone(),
             interrupt: &calm,
         };
@@ -403,8 +400,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             if self.exists(&self.primary)? {
                 self.remove(&self.primary.clone())?;
             }
-            self.ctx.docker.rename(&self.prev, &self.primary)?;
-            self.ctx.docker.start(&self.primary)?;
+            self.ctx.host.rename(&self.prev, &self.primary)?;
+            self.ctx.host.start(&self.primary)?;
             let primary = self.primary.clone();
             wait_ready(
                 &ctx,
@@ -413,7 +410,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 &primary,
                 ProbeAt::loopback(false),
             )?;
-            self.ctx.docker.keep_running(&primary)?;
+            self.ctx.host.keep_running(&primary)?;
         }
         self.progress.step(&format!(
             "{}: rollback: removing the redirect",
@@ -453,8 +450,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         if self.exists(&self.prev)? {
             self.remove(&self.prev.clone())?;
         }
-        self.ctx.docker.stop(&self.primary, self.stop_timeout())?;
-        self.ctx.docker.rename(&self.primary, &self.prev)?;
+        self.ctx.host.stop(&self.primary, self.stop_timeout())?;
+        self.ctx.host.rename(&self.primary, &self.prev)?;
         self.progress
             .step(&format!("{service}: stop-start: starting the new version"));
         let started = self.create(Slot::Primary).and_then(|()| {
@@ -466,7 +463,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 &primary,
                 ProbeAt::loopback(false),
             )?;
-            Ok(self.ctx.docker.keep_running(&primary)?)
+            Ok(self.ctx.host.keep_running(&primary)?)
         });
         match started {
             Ok(()) => self.remove(&self.prev.clone()),

@@ -519,8 +519,10 @@ impl<'a> Reconciler<'a> {
         for _round in 0..3 {
             let ctx = apply::Context {
                 node,
-                netns: &netns,
-                docker: self.docker,
+                host: &apply::LiveHost {
+                    netns: &netns,
+                    docker: self.docker,
+                },
                 journal: journal.clone(),
                 interrupt: self.interrupt,
             };

@@ -1,0 +1,223 @@
+//! The seam between apply and the machine: [`Host`] is every operation apply
+//! carries out on a host (containers, lessnat's nftables table, conntrack,
+//! routing, veths, kernel settings, health probes, and the clock its waits
+//! run on). [`LiveHost`] does them through the backends inside `--netns`;
+//! the unit tests' fake host keeps them in memory, so apply's decisions are
+//! tested without root.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::backend::conntrack::{self, ConntrackError, FlowTo};
+use crate::backend::docker::{ContainerStatus, Docker, DockerError};
+use crate::backend::netlink::{self, NetlinkError};
+use crate::backend::nft::{self, NftError};
+use crate::backend::sysctl::{self, SysctlError};
+use crate::backend::veth::{self, Wiring};
+use crate::health::NetworkCheck;
+use crate::model::{
+    ConntrackState, ContainerSpec, IpRule, NftTable, OwnedAddress, Redirect, Route, Veth,
+};
+use crate::netns::Netns;
+use crate::spec::Protocol;
+
+/// The operations apply carries out on a host, each as its backend does it
+/// (the backend function of the same name documents the details).
+pub trait Host {
+    /// Creates a container from `spec` (not started); fails when the name is taken.
+    fn create(&self, spec: &ContainerSpec) -> Result<(), DockerError>;
+    /// Starts a container.
+    fn start(&self, name: &str) -> Result<(), DockerError>;
+    /// Stops a container, killing it after `timeout`.
+    fn stop(&self, name: &str, timeout: Duration) -> Result<(), DockerError>;
+    /// Removes a container (absent is fine).
+    fn remove(&self, name: &str) -> Result<(), DockerError>;
+    /// Renames a container; fails when `new_name` is taken.
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), DockerError>;
+    /// Gives a healthy primary the restart policy `unless-stopped`.
+    fn keep_running(&self, name: &str) -> Result<(), DockerError>;
+    /// Whether a container runs, its exit code and pid; `None` when it does not exist.
+    fn state(&self, name: &str) -> Result<Option<ContainerStatus>, DockerError>;
+    /// A container's last `lines` lines of output.
+    fn logs_tail(&self, name: &str, lines: usize) -> Result<String, DockerError>;
+    /// Runs `command` in a running container and returns its exit code.
+    fn exec(&self, name: &str, command: &[String], timeout: Duration) -> Result<i64, DockerError>;
+
+    /// Replaces lessnat's nftables table with `table`, in one transaction.
+    fn apply_table(&self, table: &NftTable) -> Result<(), NftError>;
+    /// Deletes lessnat's nftables table (absent is fine).
+    fn delete_table(&self) -> Result<(), NftError>;
+    /// Adds (`present`) or removes one redirect map element.
+    fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError>;
+
+    /// Reads the conntrack counts (drains of host-mode upgrades).
+    fn conntrack(&self) -> Result<ConntrackState, ConntrackError>;
+    /// Deletes the conntrack entries of `protocol` to or from port `orig_dport`
+    /// (how UDP flows move); returns how many went.
+    fn delete_flows(&self, protocol: Protocol, orig_dport: u16) -> Result<u64, ConntrackError>;
+    /// The conntrack entries whose reply comes from `address` (routed drains).
+    fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError>;
+    /// Counts the live TCP connections whose reply comes from `address`.
+    fn live_connections_to(&self, address: IpAddr) -> Result<u64, ConntrackError>;
+
+    /// Adds a policy routing rule.
+    fn add_rule(&self, rule: &IpRule) -> Result<(), NetlinkError>;
+    /// Deletes a policy routing rule.
+    fn delete_rule(&self, rule: &IpRule) -> Result<(), NetlinkError>;
+    /// Adds a route.
+    fn add_route(&self, route: &Route) -> Result<(), NetlinkError>;
+    /// Deletes a route.
+    fn delete_route(&self, route: &Route) -> Result<(), NetlinkError>;
+    /// Adds an address lessnat owns.
+    fn add_address(&self, address: &OwnedAddress) -> Result<(), NetlinkError>;
+    /// Deletes an address lessnat owns.
+    fn delete_address(&self, address: &OwnedAddress) -> Result<(), NetlinkError>;
+
+    /// Wires a running container in with a veth pair.
+    fn wire(&self, wiring: &Wiring) -> Result<(), NetlinkError>;
+    /// Removes a veth pair (absent is fine).
+    fn unwire(&self, name: &str) -> Result<(), NetlinkError>;
+    /// Lists lessnat's veths.
+    fn veths(&self) -> Result<Vec<Veth>, NetlinkError>;
+
+    /// Sets a kernel setting.
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), SysctlError>;
+
+    /// Runs `check` against `ip` with the probe mark: passes, or fails with the reason.
+    fn probe(&self, check: &NetworkCheck, ip: IpAddr, timeout: Duration) -> Result<(), String>;
+
+    /// The time drains and switch waits measure with.
+    fn now(&self) -> Instant;
+    /// Waits `duration`: between two polls of a drain or switch wait, and
+    /// between the passes of a UDP move.
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real host: the backends, inside `netns`, and the Docker engine.
+pub struct LiveHost<'a> {
+    /// The network namespace to work in.
+    pub netns: &'a Netns,
+    /// The Docker engine.
+    pub docker: &'a Docker,
+}
+
+impl Host for LiveHost<'_> {
+    fn create(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        self.docker.create(spec).map(drop)
+    }
+
+    fn start(&self, name: &str) -> Result<(), DockerError> {
+        self.docker.start(name)
+    }
+
+    fn stop(&self, name: &str, timeout: Duration) -> Result<(), DockerError> {
+        self.docker.stop(name, timeout)
+    }
+
+    fn remove(&self, name: &str) -> Result<(), DockerError> {
+        self.docker.remove(name)
+    }
+
+    fn rename(&self, name: &str, new_name: &str) -> Result<(), DockerError> {
+        self.docker.rename(name, new_name)
+    }
+
+    fn keep_running(&self, name: &str) -> Result<(), DockerError> {
+        self.docker.keep_running(name)
+    }
+
+    fn state(&self, name: &str) -> Result<Option<ContainerStatus>, DockerError> {
+        self.docker.state(name)
+    }
+
+    fn logs_tail(&self, name: &str, lines: usize) -> Result<String, DockerError> {
+        self.docker.logs_tail(name, lines)
+    }
+
+    fn exec(&self, name: &str, command: &[String], timeout: Duration) -> Result<i64, DockerError> {
+        self.docker.exec(name, command, timeout)
+    }
+
+    fn apply_table(&self, table: &NftTable) -> Result<(), NftError> {
+        nft::apply_table(self.netns, table)
+    }
+
+    fn delete_table(&self) -> Result<(), NftError> {
+        nft::delete_table(self.netns)
+    }
+
+    fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError> {
+        nft::set_redirect(self.netns, redirect, present)
+    }
+
+    fn conntrack(&self) -> Result<ConntrackState, ConntrackError> {
+        conntrack::observe(self.netns)
+    }
+
+    fn delete_flows(&self, protocol: Protocol, orig_dport: u16) -> Result<u64, ConntrackError> {
+        conntrack::delete_flows(self.netns, protocol, orig_dport)
+    }
+
+    fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError> {
+        conntrack::flows_to(self.netns, address)
+    }
+
+    fn live_connections_to(&self, address: IpAddr) -> Result<u64, ConntrackError> {
+        conntrack::live_connections_to(self.netns, address)
+    }
+
+    fn add_rule(&self, rule: &IpRule) -> Result<(), NetlinkError> {
+        netlink::add_rule(self.netns, rule)
+    }
+
+    fn delete_rule(&self, rule: &IpRule) -> Result<(), NetlinkError> {
+        netlink::delete_rule(self.netns, rule)
+    }
+
+    fn add_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        netlink::add_route(self.netns, route)
+    }
+
+    fn delete_route(&self, route: &Route) -> Result<(), NetlinkError> {
+        netlink::delete_route(self.netns, route)
+    }
+
+    fn add_address(&self, address: &OwnedAddress) -> Result<(), NetlinkError> {
+        netlink::add_address(self.netns, address)
+    }
+
+    fn delete_address(&self, address: &OwnedAddress) -> Result<(), NetlinkError> {
+        netlink::delete_address(self.netns, address)
+    }
+
+    fn wire(&self, wiring: &Wiring) -> Result<(), NetlinkError> {
+        veth::wire(self.netns, wiring).map(drop)
+    }
+
+    fn unwire(&self, name: &str) -> Result<(), NetlinkError> {
+        veth::unwire(self.netns, name)
+    }
+
+    fn veths(&self) -> Result<Vec<Veth>, NetlinkError> {
+        veth::observe(self.netns)
+    }
+
+    fn write_sysctl(&self, key: &str, value: &str) -> Result<(), SysctlError> {
+        sysctl::write(self.netns, key, value)
+    }
+
+    fn probe(&self, check: &NetworkCheck, ip: IpAddr, timeout: Duration) -> Result<(), String> {
+        self.netns
+            .run(|| check.run(ip, timeout))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}

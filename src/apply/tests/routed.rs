@@ -1,0 +1,259 @@
+//! Routed mode on a worker: a replica created, replaced in place, upgraded
+//! across addresses, and upgrades rolled back.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::super::fake::{FakeContainer, Health};
+use super::{Harness, only_operation};
+use crate::apply::ApplyError;
+use crate::backend::conntrack::FlowTo;
+use crate::ownership::LABEL_ADDRESS;
+use crate::plan::operation::Operation;
+use crate::plan::{Decision, InFlight};
+
+const NODE: &str = "w";
+const PRIMARY: &str = "lessnat-api.w";
+const NEXT: &str = "lessnat-api.w.next";
+const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
+
+/// The routed service `api` with its replica on worker `w` at 10.20.1.5,
+/// at `image` with `upgrade` settings (the inside of a YAML flow mapping).
+fn api(image: &str, upgrade: &str) -> String {
+    format!(
+        r#"version: 1
+nodes:
+  - {{name: lb, address: 192.0.2.2, loadBalancer: {{id: 1, vips: [203.0.113.10]}}}}
+  - {{name: w, address: 192.0.2.10, containerSubnet: 10.20.1.0/24}}
+services:
+  - name: api
+    image: {image}
+    network: routed
+    command: ["--listen", "0.0.0.0:{{port}}"]
+    replicas: [{{node: w, address: 10.20.1.5}}]
+    ports: [{{name: http, port: 8080, vip: 203.0.113.10, vipPort: 80}}]
+    health: {{tcp: {{}}, interval: 1ms, healthyAfter: 1, startTimeout: 50ms}}
+    upgrade: {{{upgrade}}}
+"#
+    )
+}
+
+/// Api 1 installed, wired in at 10.20.1.5.
+fn installed() -> Harness {
+    Harness::installed(NODE, &api("api:1", ""))
+}
+
+/// The addresses the service's veths lead to.
+fn wired(h: &Harness) -> Vec<String> {
+    h.fake
+        .observed(NODE)
+        .veths
+        .into_iter()
+        .map(|v| v.address)
+        .collect()
+}
+
+/// Asserts that `image` serves alone as the primary, wired in at `address`.
+fn assert_serves(h: &Harness, image: &str, address: Ipv4Addr) {
+    let primary = h.assert_only(PRIMARY, image);
+    assert_eq!(primary.spec.labels[LABEL_ADDRESS], address.to_string());
+    assert_eq!(wired(h), [address.to_string()]);
+}
+
+/// Asserts that the only changes were the next replica started at `next`
+/// and removed again, and that the old one, `before`, is untouched.
+fn assert_next_removed(h: &Harness, next: Ipv4Addr, before: Option<FakeContainer>) {
+    assert_eq!(
+        h.changes(),
+        [
+            "create lessnat-api.w.next",
+            "start lessnat-api.w.next",
+            format!("wire api at {next}").as_str(),
+            "stop lessnat-api.w.next",
+            "remove lessnat-api.w.next",
+        ]
+    );
+    assert_eq!(
+        h.fake.container(PRIMARY),
+        before,
+        "the old replica is untouched"
+    );
+    assert_serves(h, "api:1", ADDRESS);
+}
+
+/// Where the plan's upgrade starts the next replica.
+fn next_at(operation: &Operation) -> Ipv4Addr {
+    match operation {
+        Operation::UpgradeReplica { next_at, .. } => *next_at,
+        other => panic!("expected a routed upgrade, got {other:#?}"),
+    }
+}
+
+/// A client's connection to the old replica (`live`: open).
+fn client_connection(live: bool) -> FlowTo {
+    FlowTo {
+        id: 7,
+        live,
+        source: Some(IpAddr::from([198, 51, 100, 1])),
+    }
+}
+
+#[test]
+fn replica_is_created_wired_in_and_probed_at_its_address() {
+    let h = Harness::new(NODE);
+    let spec = api("api:1", "");
+    h.apply(&spec).expect("creates");
+    let changes = h.changes();
+    let from = changes
+        .iter()
+        .position(|c| c == "create lessnat-api.w")
+        .expect("created");
+    assert_eq!(
+        changes[from..],
+        [
+            "create lessnat-api.w",
+            "start lessnat-api.w",
+            "wire api at 10.20.1.5",
+            "keep_running lessnat-api.w",
+        ]
+    );
+    h.assert_before("wire api at 10.20.1.5", "probe 10.20.1.5:8080");
+    h.assert_before("probe 10.20.1.5:8080", "keep_running lessnat-api.w");
+    assert_serves(&h, "api:1", ADDRESS);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
+}
+
+#[test]
+fn stop_start_replaces_the_replica_in_place() {
+    let h = installed();
+    let plan = h.plan(&api("api:2", "strategy: stop-start"));
+    assert!(
+        matches!(only_operation(&plan), Operation::ReplaceReplica { address, .. } if *address == ADDRESS),
+        "{plan:#?}"
+    );
+    h.apply_plan(&plan).expect("replaces");
+    assert_eq!(
+        h.changes(),
+        [
+            "stop lessnat-api.w",
+            "remove lessnat-api.w",
+            "create lessnat-api.w",
+            "start lessnat-api.w",
+            "wire api at 10.20.1.5",
+            "keep_running lessnat-api.w",
+        ]
+    );
+    assert_serves(&h, "api:2", ADDRESS);
+}
+
+#[test]
+fn upgrade_moves_to_the_other_address_once_the_old_one_is_quiet() {
+    let h = installed();
+    // The client's connection to the old replica closes at the third read.
+    h.fake.set_flows_to(
+        IpAddr::V4(ADDRESS),
+        vec![
+            vec![client_connection(true)],
+            vec![client_connection(true)],
+            vec![client_connection(false)],
+        ],
+    );
+    let spec = api("api:2", "switchWait: 10s, drainTimeout: 1m");
+    let plan = h.plan(&spec);
+    let next = next_at(only_operation(&plan));
+    h.apply_plan(&plan).expect("upgrades");
+    assert_eq!(
+        h.changes(),
+        [
+            "create lessnat-api.w.next",
+            "start lessnat-api.w.next",
+            format!("wire api at {next}").as_str(),
+            "stop lessnat-api.w",
+            "remove lessnat-api.w",
+            "rename lessnat-api.w.next lessnat-api.w",
+            "keep_running lessnat-api.w",
+        ]
+    );
+    // switchWait (10 s), then polls every 0.5 s until 2 s have passed
+    // since the connection was last seen open (at 10.5 s).
+    assert_eq!(h.fake.elapsed(), std::time::Duration::from_millis(12_500));
+    assert_serves(&h, "api:2", next);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
+}
+
+#[test]
+fn upgrade_whose_next_never_gets_healthy_removes_it() {
+    let h = installed();
+    let before = h.fake.container(PRIMARY);
+    h.fake.set_health(NEXT, Health::Never);
+    let plan = h.plan(&api("api:2", ""));
+    let next = next_at(only_operation(&plan));
+    let result = h.apply_plan(&plan);
+    assert!(
+        matches!(result, Err(ApplyError::RolledBack { .. })),
+        "{result:?}"
+    );
+    assert_next_removed(&h, next, before);
+}
+
+#[test]
+fn upgrade_whose_drain_times_out_with_rollback_removes_next() {
+    let h = installed();
+    let before = h.fake.container(PRIMARY);
+    h.fake
+        .set_flows_to(IpAddr::V4(ADDRESS), vec![vec![client_connection(true)]]);
+    let plan = h.plan(&api(
+        "api:2",
+        "switchWait: 1s, drainTimeout: 2s, onDrainTimeout: rollback",
+    ));
+    let next = next_at(only_operation(&plan));
+    let result = h.apply_plan(&plan);
+    assert!(
+        matches!(&result, Err(ApplyError::RolledBack { cause, .. }) if cause.contains("1 connections still open")),
+        "{result:?}"
+    );
+    assert_next_removed(&h, next, before);
+}
+
+#[test]
+fn upgrade_found_in_flight_with_a_changed_spec_is_rolled_back() {
+    let h = installed();
+    h.fake.set_health(NEXT, Health::Never);
+    let result = h.apply(&api("api:2", "onFailure: pause"));
+    assert!(
+        matches!(
+            result,
+            Err(ApplyError::Paused {
+                stage: "start-next",
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(
+        h.fake.container_names(),
+        [PRIMARY, NEXT],
+        "paused as it was"
+    );
+    h.fake.clear_calls();
+
+    let plan = h.plan(&api("api:3", ""));
+    assert!(
+        matches!(
+            only_operation(&plan),
+            Operation::UpgradeReplica {
+                in_flight: Some(InFlight {
+                    decision: Decision::RollBack,
+                    ..
+                }),
+                ..
+            }
+        ),
+        "{plan:#?}"
+    );
+    h.apply_plan(&plan).expect("a planned rollback succeeds");
+    assert_eq!(
+        h.changes(),
+        ["stop lessnat-api.w.next", "remove lessnat-api.w.next"]
+    );
+    assert_serves(&h, "api:1", ADDRESS);
+}
