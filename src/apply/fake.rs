@@ -33,7 +33,8 @@ use crate::model::{
     redirect_map_name,
 };
 use crate::ownership::{
-    LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, parse_container_name, veth_name,
+    LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
+    parse_container_name, veth_name,
 };
 use crate::spec::Protocol;
 
@@ -304,6 +305,7 @@ impl FakeHost {
                     health: None,
                     pid: c.pid,
                     address: label(LABEL_ADDRESS),
+                    stop_timeout: label(LABEL_STOP_TIMEOUT).and_then(|t| t.parse().ok()),
                 })
             })
             .collect();

@@ -209,8 +209,8 @@ impl Host for LiveHost<'_> {
     fn probe(&self, check: &NetworkCheck, ip: IpAddr, timeout: Duration) -> Result<(), String> {
         self.netns
             .run(|| check.run(ip, timeout))
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::error::chain(&e))?
+            .map_err(|e| crate::error::chain(&e))
     }
 
     fn now(&self) -> Instant {

@@ -68,7 +68,7 @@ pub enum ApplyError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     /// A command or environment template could not be filled in.
-    #[error("service {service}: {source}")]
+    #[error("service {service}")]
     Placeholder {
         /// The service.
         service: String,
@@ -109,18 +109,17 @@ pub enum ApplyError {
     #[error("interrupted")]
     Interrupted,
     /// The upgrade failed and was rolled back: the old version serves.
-    #[error(
-        "service {service}: the upgrade was rolled back; the previous version serves. Cause: {cause}"
-    )]
+    #[error("service {service}: the upgrade was rolled back; the previous version serves")]
     RolledBack {
         /// The service.
         service: String,
         /// What went wrong.
-        cause: String,
+        #[source]
+        cause: Box<ApplyError>,
     },
     /// The upgrade failed and `onFailure` is `pause`: the host is left as it is.
     #[error(
-        "service {service}: stage {stage} failed and onFailure is pause: the host is left as it is for inspection; `lessnat plan` shows how to resume or roll back. Cause: {cause}"
+        "service {service}: stage {stage} failed and onFailure is pause: the host is left as it is for inspection; `lessnat plan` shows how to resume or roll back"
     )]
     Paused {
         /// The service.
@@ -128,6 +127,7 @@ pub enum ApplyError {
         /// The stage that failed.
         stage: &'static str,
         /// What went wrong.
+        #[source]
         cause: Box<ApplyError>,
     },
     /// Routing rules, routes, addresses or veths could not be changed.

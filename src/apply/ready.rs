@@ -68,7 +68,7 @@ pub(super) fn wait_ready(
         match ctx.host.exec(container, &command, probe_timeout) {
             Ok(0) => Ok(()),
             Ok(code) => Err(format!("{command:?} exited with {code}")),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(crate::error::chain(&e)),
         }
     };
     let mut last_state = None;

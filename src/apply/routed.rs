@@ -352,7 +352,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         self.remove(&next)?;
         Err(ApplyError::RolledBack {
             service,
-            cause: error.to_string(),
+            cause: Box::new(error),
         })
     }
 

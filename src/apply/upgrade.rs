@@ -281,14 +281,15 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             });
         }
         self.progress.step(&format!(
-            "{service}: stage {} failed: {error}; rolling back",
-            stage.as_str()
+            "{service}: stage {} failed: {}; rolling back",
+            stage.as_str(),
+            crate::error::chain(&error)
         ));
         self.journal(None, true, None)?;
         self.rollback()?;
         Err(ApplyError::RolledBack {
             service,
-            cause: error.to_string(),
+            cause: Box::new(error),
         })
     }
 
@@ -476,12 +477,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             }
             Err(error) => {
                 self.progress.step(&format!(
-                    "{service}: the new version failed: {error}; restoring the old one"
+                    "{service}: the new version failed: {}; restoring the old one",
+                    crate::error::chain(&error)
                 ));
                 self.rollback()?;
                 Err(ApplyError::RolledBack {
                     service,
-                    cause: error.to_string(),
+                    cause: Box::new(error),
                 })
             }
         }

@@ -913,6 +913,7 @@ mod tests {
                 (LABEL_PORTS, "8000/tcp,53/udp"),
                 (LABEL_SERVICE, "web"),
                 (LABEL_SPEC, hash.as_str()),
+                (LABEL_STOP_TIMEOUT, "10s"),
             ]
         );
 

@@ -208,7 +208,7 @@ fn upgrade_whose_drain_times_out_with_rollback_removes_next() {
     let next = next_at(only_operation(&plan));
     let result = h.apply_plan(&plan);
     assert!(
-        matches!(&result, Err(ApplyError::RolledBack { cause, .. }) if cause.contains("1 connections still open")),
+        matches!(&result, Err(ApplyError::RolledBack { cause, .. }) if crate::error::chain(cause.as_ref()).contains("1 connections still open")),
         "{result:?}"
     );
     assert_next_removed(&h, next, before);

@@ -118,7 +118,7 @@ fn assert_in_flight(plan: &Plan, reached: StageName, decision: Decision) {
 /// The cause of a rolled-back upgrade.
 fn rolled_back(result: Result<(), ApplyError>) -> String {
     match result {
-        Err(ApplyError::RolledBack { cause, .. }) => cause,
+        Err(ApplyError::RolledBack { cause, .. }) => crate::error::chain(cause.as_ref()),
         other => panic!("expected a rollback, got {other:?}"),
     }
 }
