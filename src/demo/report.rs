@@ -220,7 +220,7 @@ mod tests {
         );
         assert_eq!(
             text,
-            "            a     b\n  --------  ----  -\n  requests  1200  3\n"
+            "               a  b\n  --------  ----  -\n  requests  1200  3\n"
         );
     }
 }
