@@ -244,12 +244,8 @@ enum Command {
     /// directory, upgrades it under load, prints what the clients saw and
     /// removes everything it made (also on Ctrl-C).
     Demo {
-        /// Show routed mode in network namespaces: the client addresses
-        /// replicas see with lessnat and behind a masquerading load balancer.
-        #[arg(long)]
-        routed: bool,
         /// Leave the upgraded service running and print how to inspect and remove it.
-        #[arg(long, conflicts_with = "routed")]
+        #[arg(long)]
         keep: bool,
         /// Print the summary as JSON on standard output (the rest goes to standard error).
         #[arg(long)]
@@ -744,10 +740,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(*shell, &mut Cli::command(), "lessnat", &mut stdout);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { routed, keep, json } => {
+        Command::Demo { keep, json } => {
             drop(stdout);
             let options = crate::demo::Options {
-                routed: *routed,
                 keep: *keep,
                 json: *json,
             };

@@ -1,7 +1,7 @@
 //! Everything a demo run made, and its removal: the containers of the demo's
-//! nodes (through lessnat itself, then directly whatever is left), lessnat's
-//! table in the host namespace when the demo made it, the network namespaces,
-//! the demo images and the state directory. The run calls [`Cleanup::finish`]
+//! node (through lessnat itself, then directly whatever is left), lessnat's
+//! table in the host namespace when the demo made it, the demo images and the
+//! state directory. The run calls [`Cleanup::finish`]
 //! on every path (success, failure, SIGINT or SIGTERM, which only set a
 //! flag); dropping an unfinished `Cleanup` cleans up too.
 
@@ -20,9 +20,7 @@ use super::image::Images;
 pub struct Cleanup {
     dir: Option<tempfile::TempDir>,
     host_nodes: Vec<Node>,
-    routed_nodes: Vec<Node>,
     host_table: bool,
-    namespaces: Vec<String>,
     keep: bool,
     done: bool,
 }
@@ -37,9 +35,7 @@ impl Cleanup {
         Ok(Cleanup {
             dir: Some(tempfile::Builder::new().prefix("lessnat-demo-").tempdir()?),
             host_nodes: Vec::new(),
-            routed_nodes: Vec::new(),
             host_table: false,
-            namespaces: Vec::new(),
             keep: false,
             done: false,
         })
@@ -60,18 +56,8 @@ impl Cleanup {
         self.host_nodes.push(node);
     }
 
-    /// A routed node in a namespace of the demo: its containers are removed.
-    pub fn routed_node(&mut self, node: Node) {
-        self.routed_nodes.push(node);
-    }
-
-    /// A network namespace the demo made (deleted in reverse order).
-    pub fn namespace(&mut self, name: &str) {
-        self.namespaces.push(name.to_string());
-    }
-
     /// Leaves the host-mode service, the images and the state directory in
-    /// place (`--keep`); namespaces still go.
+    /// place (`--keep`).
     pub fn keep(&mut self) {
         self.keep = true;
     }
@@ -89,31 +75,17 @@ impl Cleanup {
         let docker = Docker::connect().map_err(|e| problems.push(format!("Docker: {e}")));
         if let Ok(docker) = &docker {
             let not_interrupted = AtomicBool::new(false);
-            if !self.keep {
-                for node in &self.host_nodes {
-                    if let Err(e) =
-                        converge(docker, &not_interrupted, node, NOTHING, &mut sink(), false)
-                    {
-                        problems.push(format!("destroying {}: {}", node.name, chain(&e)));
-                    }
+            for node in self.host_nodes.iter().filter(|_| !self.keep) {
+                let destroyed =
+                    converge(docker, &not_interrupted, node, NOTHING, &mut sink(), false);
+                if let Err(e) = destroyed {
+                    problems.push(format!("destroying {}: {}", node.name, chain(&e)));
                 }
-            }
-            let mut left = self.routed_nodes.clone();
-            if !self.keep {
-                left.extend(self.host_nodes.iter().cloned());
-            }
-            for node in &left {
                 remove_containers(docker, node, &mut problems);
             }
         }
         if self.host_table && !self.keep {
             remove_host_table(&mut problems);
-        }
-        for name in self.namespaces.iter().rev() {
-            let deleted = Command::new("ip").args(["netns", "delete", name]).output();
-            if !deleted.is_ok_and(|o| o.status.success()) {
-                problems.push(format!("could not delete the network namespace {name}"));
-            }
         }
         if !self.keep {
             match Images::connect().and_then(|images| images.remove()) {

@@ -87,7 +87,7 @@ pub(super) fn run(demo: &mut Demo, cleanup: &mut Cleanup) -> Result<HostSummary,
     let host = Netns::default();
     let table_exists = nft::observe(&host)
         .map(|state| !state.tables.is_empty())
-        .map_err(|e| DemoError::Topology(super::cleanup::chain(&e)))?;
+        .map_err(DemoError::Nft)?;
     if table_exists {
         return Err(DemoError::TableInUse);
     }

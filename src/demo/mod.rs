@@ -4,9 +4,6 @@
 //! directory ([`converge`]), upgrades it under load ([`load`]) with
 //! `redirect-drain` and then with `stop-start` ([`host`]), prints what the
 //! clients saw ([`report`]) and removes everything it made ([`cleanup`]).
-//! `--routed` shows routed mode in network namespaces instead ([`routed`],
-//! [`topology`]): the client addresses replicas see, with lessnat and behind a
-//! masquerading load balancer.
 
 pub mod cleanup;
 pub mod converge;
@@ -31,8 +28,6 @@ use image::{ImageError, Images};
 /// What `lessnat demo` was asked to do.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// Show routed mode in network namespaces instead of a host-mode upgrade.
-    pub routed: bool,
     /// Leave the upgraded service running (host mode).
     pub keep: bool,
     /// Print the summary as JSON on standard output; everything else goes to
@@ -45,13 +40,11 @@ pub struct Options {
 pub enum DemoError {
     /// Not root.
     #[error(
-        "lessnat demo needs root: it runs containers, changes nftables and makes network namespaces. Run it again as root (e.g. with sudo)"
+        "lessnat demo needs root: it runs containers and changes nftables. Run it again as root (e.g. with sudo)"
     )]
     NotRoot,
     /// A command lessnat runs is missing.
-    #[error(
-        "lessnat demo needs the `{0}` command (on Debian or Ubuntu: apt-get install nftables iproute2 procps)"
-    )]
+    #[error("lessnat demo needs the `{0}` command (on Debian or Ubuntu: apt-get install nftables)")]
     Missing(&'static str),
     /// No Docker engine answers.
     #[error(
@@ -60,7 +53,7 @@ pub enum DemoError {
     NoDocker(#[source] DockerError),
     /// lessnat already manages this host.
     #[error(
-        "this host already has lessnat's nftables table `inet lessnat` (lessnat manages services here, or an earlier run was interrupted); the host-mode demo does not share it. Run it on another machine, or run `lessnat demo --routed`, which works in namespaces of its own"
+        "this host already has lessnat's nftables table `inet lessnat` (lessnat manages services here, or an earlier run was interrupted); the demo does not share it. Run it on another machine"
     )]
     TableInUse,
     /// SIGINT or SIGTERM.
@@ -83,9 +76,9 @@ pub enum DemoError {
         /// Why.
         source: std::io::Error,
     },
-    /// A demo namespace could not be made.
-    #[error("{0}")]
-    Topology(String),
+    /// lessnat's table could not be read.
+    #[error("reading nftables")]
+    Nft(#[source] crate::backend::nft::NftError),
     /// The output could not be written.
     #[error("writing the demo's output")]
     Output(#[source] std::io::Error),
@@ -131,7 +124,7 @@ impl Demo {
 
 /// Runs the demo the options ask for.
 pub fn run(options: Options) -> Result<(), DemoError> {
-    check_requirements(options)?;
+    check_requirements()?;
     let docker = Docker::connect().map_err(DemoError::NoDocker)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -173,9 +166,7 @@ pub fn run(options: Options) -> Result<(), DemoError> {
         )
     });
     if !demo.options.keep || result.is_err() {
-        demo.say(
-            "\nCleaning up: containers, images, nftables table, namespaces, state directory.",
-        )?;
+        demo.say("\nCleaning up: containers, images, nftables table, state directory.")?;
     }
     let problems = cleanup.finish();
     for problem in &problems {
@@ -193,19 +184,13 @@ pub fn run(options: Options) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// Root, the commands lessnat and the demo run, and a Docker engine.
-fn check_requirements(options: Options) -> Result<(), DemoError> {
+/// Root and the `nft` command lessnat runs (the Docker engine is checked next).
+fn check_requirements() -> Result<(), DemoError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DemoError::NotRoot);
     }
-    let mut commands = vec!["nft"];
-    if options.routed {
-        commands.extend(["ip", "sysctl"]);
-    }
-    for command in commands {
-        if !on_path(command) {
-            return Err(DemoError::Missing(command));
-        }
+    if !on_path("nft") {
+        return Err(DemoError::Missing("nft"));
     }
     Ok(())
 }

@@ -97,67 +97,6 @@ impl HostSummary {
     }
 }
 
-/// The routed demo's result for one way of load balancing.
-#[derive(Debug, Clone, Serialize)]
-pub struct Balancing {
-    /// Requests sent from the two clients to the VIP.
-    pub requests: usize,
-    /// Those that failed.
-    pub failed: usize,
-    /// Answers in which the replica saw the real client address.
-    pub real_client: usize,
-    /// The client addresses the replicas saw, with counts.
-    pub seen: std::collections::BTreeMap<String, usize>,
-}
-
-/// The routed demo's result: lessnat against a masquerading load balancer.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoutedSummary {
-    /// lessnat's routed mode: DNAT on the load balancers, no SNAT.
-    pub routed: Balancing,
-    /// The same, plus a masquerade on the load balancers.
-    pub masquerade: Balancing,
-}
-
-impl RoutedSummary {
-    /// The side-by-side table and what it means.
-    pub fn table(&self) -> String {
-        let (routed, masq) = (&self.routed, &self.masquerade);
-        let seen = |b: &Balancing| {
-            b.seen
-                .iter()
-                .map(|(ip, n)| format!("{ip} ×{n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let rows = [
-            (
-                "requests",
-                routed.requests.to_string(),
-                masq.requests.to_string(),
-            ),
-            (
-                "failed requests",
-                routed.failed.to_string(),
-                masq.failed.to_string(),
-            ),
-            (
-                "real client address seen",
-                format!("{} of {}", routed.real_client, routed.requests),
-                format!("{} of {}", masq.real_client, masq.requests),
-            ),
-            ("addresses the replicas saw", seen(routed), seen(masq)),
-        ];
-        let mut text = table(&["", "lessnat routed", "masquerading LB"], &rows);
-        let _ = writeln!(
-            text,
-            "\nWith lessnat the replicas see who is really calling (the two clients' own addresses); \
-             behind a masquerading load balancer they only see the load balancers' addresses."
-        );
-        text
-    }
-}
-
 /// A plain text table, columns padded to their widest cell.
 fn table(head: &[&str; 3], rows: &[(&str, String, String)]) -> String {
     let mut widths = head.map(|h| h.chars().count());
