@@ -210,7 +210,8 @@ fn keep(demo: &mut Demo, cleanup: &mut Cleanup, service: &Service) -> Result<(),
     ))
 }
 
-/// Waits for the machine-wide lock on the host network namespace.
+/// Waits for the machine-wide lock on the host network namespace (or for
+/// SIGINT or SIGTERM).
 fn host_network(demo: &mut Demo) -> Result<File, DemoError> {
     let setup = |source| DemoError::Setup {
         what: format!("locking {HOST_NETWORK_LOCK}"),
@@ -222,13 +223,20 @@ fn host_network(demo: &mut Demo) -> Result<File, DemoError> {
         .write(true)
         .open(HOST_NETWORK_LOCK)
         .map_err(setup)?;
-    if file.try_lock().is_err() {
-        demo.say(
-            "Waiting for another lessnat demo or test that uses the host network to finish...",
-        )?;
-        file.lock().map_err(setup)?;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(source)) => return Err(setup(source)),
+        }
+        if !std::mem::replace(&mut said, true) {
+            demo.say(
+                "Waiting for another lessnat demo or test that uses the host network to finish...",
+            )?;
+        }
+        demo.pause(Duration::from_millis(200))?;
     }
-    Ok(file)
 }
 
 /// Two TCP ports free on every address, below the kernel's ephemeral range
