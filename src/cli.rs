@@ -237,6 +237,27 @@ enum Command {
     },
     /// Print the man page (roff), e.g. `lessnat man | man -l -`.
     Man,
+    /// See a zero-downtime upgrade under load, next to a stop-start one.
+    ///
+    /// Needs root and Docker, nothing else: builds its demo images from this
+    /// program, installs a service on a loopback port with its own state
+    /// directory, upgrades it under load, prints what the clients saw and
+    /// removes everything it made (also on Ctrl-C).
+    Demo {
+        /// Leave the upgraded service running and print how to inspect and remove it.
+        #[arg(long)]
+        keep: bool,
+        /// Print the summary as JSON on standard output (the rest goes to standard error).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The demo app inside the demo images (see `lessnat demo`).
+    #[command(hide = true)]
+    DemoServer {
+        /// The test server's arguments, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Parses the command line, runs the command, and returns the process exit code.
@@ -721,6 +742,16 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(*shell, &mut Cli::command(), "lessnat", &mut stdout);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo { keep, json } => {
+            drop(stdout);
+            let options = crate::demo::Options {
+                keep: *keep,
+                json: *json,
+            };
+            crate::demo::run(options)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DemoServer { args } => Ok(crate::demo::server::serve(args)),
         Command::Man => {
             clap_mangen::Man::new(Cli::command())
                 .render(&mut stdout)

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod atomic_file;
 pub mod backend;
 pub mod cli;
+pub mod demo;
 pub mod desired;
 pub mod diagnostic;
 pub mod error;

@@ -655,14 +655,16 @@ fn upgrade_under_load_drops_nothing() {
 
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 20, Duration::from_secs(20)); // about a second of load
+    load.wait_requests(32 * 20, Duration::from_secs(20))
+        .expect("the load runs"); // about a second of load
     let long = load::long_lived(svc.port, 6, 4000);
     let apply_started = Instant::now();
     let upgrade = host
         .apply(&svc.at("v2"))
         .expect_success("upgrading to v2 (apply)");
     let apply_returned = upgrade.ended;
-    load.wait_requests(32 * 20, Duration::from_secs(20));
+    load.wait_requests(32 * 20, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     let long = long.wait();
     eprintln!(
@@ -748,14 +750,16 @@ fn never_healthy_new_version_rolls_back() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let sick = Svc {
         args: vec!["--unhealthy".into()],
         start_timeout: "3s",
         ..svc.at("v2")
     };
     let run = host.apply(&sick);
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!(
         "rollback took {:.2}s; load: {}",
@@ -803,7 +807,8 @@ fn kill_after(test: &str, stage: &str, seen: &str) {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
 
     let killed = host
         .spawn_apply(&svc.at("v2"), &[("LESSNAT_TEST_KILL_AFTER", stage)])
@@ -819,7 +824,8 @@ fn kill_after(test: &str, stage: &str, seen: &str) {
         Some(stage),
         "the journal records the stage reached"
     );
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
 
     let plan = host.plan_json(&svc.at("v2"));
     let in_flight = plan["changes"]
@@ -847,7 +853,8 @@ fn kill_after(test: &str, stage: &str, seen: &str) {
         "{}",
         resumed.output()
     );
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("killed after {stage}: load {}", report.summary(origin));
     assert_no_failures(&report, origin, &format!("kill -9 after {stage}"));
@@ -1401,7 +1408,8 @@ fn crash_during_start_next_sends_no_traffic_to_an_unhealthy_next() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let sick = Svc {
         args: vec!["--unhealthy".into()],
         start_timeout: "4s",
@@ -1423,7 +1431,8 @@ fn crash_during_start_next_sends_no_traffic_to_an_unhealthy_next() {
     );
 
     let second = host.apply(&sick);
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("{}\nload: {}", second.output(), report.summary(origin));
     assert_no_failures(&report, origin, "crash during start-next");
@@ -1465,7 +1474,8 @@ fn rollback_after_failed_swap_drains_the_next_container() {
     };
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     // Holds the drain open (start-next takes about a second, more on a busy
     // machine) so that the connections below are opened under the redirect.
     let on_old = load::long_lived(svc.port, 1, 5000);
@@ -1475,7 +1485,8 @@ fn rollback_after_failed_swap_drains_the_next_container() {
     // up to the next container's removal plus its stop timeout.
     let on_next = load::long_lived(svc.port, 3, 10_000);
     let run = run.wait(APPLY_TIMEOUT);
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     let on_old = on_old.wait();
     let on_next = on_next.wait();
@@ -1516,7 +1527,8 @@ fn sigterm_during_swap_rolls_back_completely() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let mut run = host.spawn_apply(&svc.at("v2"), &[]);
     // The new primary's health wait (the next container's is "….next: …").
     let primary = format!("lessnat-term.{}", host.node);
@@ -1526,7 +1538,8 @@ fn sigterm_during_swap_rolls_back_completely() {
     );
     signal(run.pid(), nix::sys::signal::Signal::SIGTERM);
     let run = run.wait(APPLY_TIMEOUT);
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("{}\nload: {}", run.output(), report.summary(origin));
     assert_eq!(run.status.code(), Some(1), "{}", run.output());
@@ -1588,10 +1601,12 @@ fn stop_start_upgrade_is_seen_to_drop_requests() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     host.apply(&svc.at("v2"))
         .expect_success("stop-start upgrade");
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("stop-start: {}", report.summary(origin));
     assert!(
@@ -1615,13 +1630,15 @@ fn kill_then_newer_spec(test: &str, stage: &str) {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let killed = host
         .spawn_apply(&svc.at("v2"), &[("LESSNAT_TEST_KILL_AFTER", stage)])
         .wait(APPLY_TIMEOUT);
     assert_eq!(killed.status.signal(), Some(9), "{}", killed.output());
     let newest = host.apply(&svc.at("v3"));
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("{}\nload: {}", newest.output(), report.summary(origin));
     let newest = newest.expect_success("the apply of v3 after the crash");
@@ -1697,7 +1714,8 @@ fn crash_during_swap_health_wait_converges() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     let mut first = host.spawn_apply(&svc.at("v2"), &[]);
     let primary = format!("lessnat-midswap.{}", host.node);
     first.wait_line(
@@ -1709,10 +1727,12 @@ fn crash_during_swap_health_wait_converges() {
     assert_eq!(first.status.signal(), Some(9), "{}", first.output());
     assert_eq!(host.journal_reached("midswap").as_deref(), Some("drain"));
     support::run("docker", &["stop", "--time", "1", &primary]);
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
 
     let second = host.apply(&svc.at("v2"));
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("{}\nload: {}", second.output(), report.summary(origin));
     second.expect_success("the apply after the crash during the swap");
@@ -1738,7 +1758,8 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
     host.apply(&svc).expect_success("installing v1 (apply)");
     let origin = Instant::now();
     let load = Load::start(LoadConfig::new(svc.port));
-    load.wait_requests(32 * 10, Duration::from_secs(20));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     // Longer than start-next plus the drain timeout.
     let on_old = load::long_lived(svc.port, 2, 6000);
     let mut run = host.spawn_apply(&svc.at("v2"), &[]);
@@ -1747,7 +1768,8 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
     // the stop timeout after that; shorter than the rollback's own drain.
     let on_next = load::long_lived(svc.port, 2, 5000);
     let run = run.wait(APPLY_TIMEOUT);
-    load.wait_requests(32 * 5, Duration::from_secs(20));
+    load.wait_requests(32 * 5, Duration::from_secs(20))
+        .expect("the load runs");
     let report = load.stop();
     eprintln!("{}\nload: {}", run.output(), report.summary(origin));
     assert_eq!(run.status.code(), Some(1), "{}", run.output());

@@ -100,7 +100,8 @@ fn client_load(topo: &Topology) -> Vec<Load> {
 /// Waits until each pool made `n` more requests.
 fn wait_requests(loads: &[Load], n: usize) {
     for load in loads {
-        load.wait_requests(n, Duration::from_secs(60));
+        load.wait_requests(n, Duration::from_secs(60))
+            .expect("the load runs");
     }
 }
 
