@@ -90,8 +90,10 @@ pub fn converge(
     }
     let context = Context {
         node: &node.name,
-        netns: &node.netns,
-        docker,
+        host: &crate::apply::LiveHost {
+            netns: &node.netns,
+            docker,
+        },
         journal: JournalFile::in_dir(&node.state_dir),
         interrupt,
     };
