@@ -21,6 +21,8 @@ pub mod netns;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod report;
 pub mod schema;
+pub mod session;
 pub mod spec;
 pub mod style;

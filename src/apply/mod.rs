@@ -24,8 +24,8 @@ use crate::backend::nft::NftError;
 use crate::backend::sysctl::SysctlError;
 use crate::journal::{JournalError, JournalFile};
 use crate::netns::NetnsError;
+use crate::plan::Change;
 use crate::plan::operation::Operation;
-use crate::plan::{Change, Plan, Summary};
 use crate::spec::PlaceholderError;
 pub use host::{Host, LiveHost};
 use progress::Progress;
@@ -152,20 +152,16 @@ pub enum ApplyError {
     },
 }
 
-/// Carries out `plan` and returns what was done: each change's operation, in
-/// plan order, exactly as planned.
-pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan) -> Result<Summary, ApplyError> {
-    for change in &plan.changes {
-        if ctx.interrupted() {
-            return Err(ApplyError::Interrupted);
-        }
-        apply_change(ctx, progress, change)?;
+/// Carries out one change's operation exactly as planned (one short arm per
+/// operation); refuses to start once SIGINT or SIGTERM came.
+pub fn apply_change(
+    ctx: &Context,
+    progress: &mut Progress,
+    change: &Change,
+) -> Result<(), ApplyError> {
+    if ctx.interrupted() {
+        return Err(ApplyError::Interrupted);
     }
-    Ok(plan.summary())
-}
-
-/// Carries out one change: one short arm per operation.
-fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Result<(), ApplyError> {
     let address = change.resource.address();
     match &change.operation {
         Operation::WriteTable { table, switches } => {

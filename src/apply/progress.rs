@@ -1,56 +1,46 @@
-//! Progress output during apply: one line per step, and for long waits a live
-//! line on a terminal (rewritten in place) or a plain line every few seconds
-//! otherwise (cron, systemd, CI logs).
+//! How apply tells what it is doing: steps and waits go to the session's
+//! [`Reporter`], which decides how to show them (a live line on a terminal,
+//! plain lines in logs).
 
-use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How often a wait is reported when output is not a terminal.
-const PLAIN_EVERY: Duration = Duration::from_secs(5);
+use crate::report::{Report, Reporter};
 
-/// Where apply tells the user what it is doing.
-#[derive(Debug)]
+/// Where apply tells what it is doing; it holds the session's reporter.
 pub struct Progress {
-    live: bool,
-    last_plain: Option<Instant>,
-    showing_live: bool,
+    reporter: Box<dyn Reporter + Send>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress").finish_non_exhaustive()
+    }
 }
 
 impl Progress {
-    /// Progress for a terminal (`live`) or for logs.
-    pub fn new(live: bool) -> Self {
-        Progress {
-            live,
-            last_plain: None,
-            showing_live: false,
-        }
+    /// Progress reported to `reporter`.
+    pub fn new(reporter: Box<dyn Reporter + Send>) -> Self {
+        Progress { reporter }
+    }
+
+    /// Passes any report on to the reporter.
+    pub fn report(&mut self, report: &Report<'_>) {
+        self.reporter.report(report);
     }
 
     /// Reports one step.
     pub fn step(&mut self, text: &str) {
-        self.end_wait();
-        println!("{text}");
+        self.report(&Report::Step(text));
     }
 
     /// Reports the state of a wait; called often, shown in place or now and then.
     pub fn waiting(&mut self, text: &str) {
-        if self.live {
-            print!("\r\x1b[2K  {text}");
-            let _ = std::io::stdout().flush();
-            self.showing_live = true;
-        } else if self.last_plain.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
-            println!("  {text}");
-            self.last_plain = Some(Instant::now());
-        }
+        self.report(&Report::Waiting(text));
     }
 
     /// Ends a wait's live line.
     pub fn end_wait(&mut self) {
-        if self.showing_live {
-            println!();
-            self.showing_live = false;
-        }
-        self.last_plain = None;
+        self.report(&Report::EndWait);
     }
 }
 

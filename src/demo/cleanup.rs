@@ -5,15 +5,15 @@
 //! on every path (success, failure, SIGINT or SIGTERM, which only set a
 //! flag); dropping an unfinished `Cleanup` cleans up too.
 
-use std::io::sink;
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use crate::backend::docker::Docker;
 use crate::backend::nft;
 use crate::netns::Netns;
 
-use super::converge::{Node, converge};
+use super::converge::{Node, Stream, converge};
 use super::image::Images;
 
 /// What to remove at the end of a demo run.
@@ -74,10 +74,10 @@ impl Cleanup {
         let mut problems = Vec::new();
         let docker = Docker::connect().map_err(|e| problems.push(format!("Docker: {e}")));
         if let Ok(docker) = &docker {
-            let not_interrupted = AtomicBool::new(false);
+            // Cleanup runs after an interrupt too: it is not interrupted.
+            let not_interrupted = Arc::new(AtomicBool::new(false));
             for node in self.host_nodes.iter().filter(|_| !self.keep) {
-                let destroyed =
-                    converge(docker, &not_interrupted, node, NOTHING, &mut sink(), false);
+                let destroyed = converge(&not_interrupted, node, NOTHING, Stream::Nowhere, false);
                 if let Err(e) = destroyed {
                     problems.push(format!("destroying {}: {}", node.name, chain(&e)));
                 }

@@ -1,19 +1,17 @@
-//! Makes one demo node match a spec: observe, plan, print the plan, apply,
-//! as `lessnat apply --auto-approve` does.
+//! Makes one demo node match a spec through a [`Session`], as `lessnat apply
+//! --auto-approve` does: the plan and apply's progress go to the demo's
+//! output stream.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::apply::progress::Progress;
-use crate::apply::{ApplyError, Context};
-use crate::backend::docker::Docker;
-use crate::journal::JournalFile;
-use crate::lock::{ApplyLock, LockError};
 use crate::netns::Netns;
-use crate::observe::live::{ObserveError, observe_for};
-use crate::plan::render::render;
-use crate::plan::{Summary, plan};
+use crate::plan::Summary;
+use crate::report::Report;
+use crate::report::text::{Flavour, Text};
+use crate::session::{Session, SessionError, Settings};
 use crate::style::Style;
 
 /// A lessnat node the demo made: its name in the spec, its network
@@ -28,78 +26,76 @@ pub struct Node {
     pub state_dir: PathBuf,
 }
 
+/// Where the demo's output for people goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error (with `--json`, standard output carries only the summary).
+    Stderr,
+    /// Nowhere (cleanup works quietly).
+    Nowhere,
+}
+
+impl Stream {
+    /// A writer to this stream.
+    pub fn writer(self) -> Box<dyn Write + Send> {
+        match self {
+            Stream::Stdout => Box::new(std::io::stdout()),
+            Stream::Stderr => Box::new(std::io::stderr()),
+            Stream::Nowhere => Box::new(std::io::sink()),
+        }
+    }
+}
+
 /// Converging a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvergeError {
     /// The demo wrote a spec lessnat rejects (a bug of the demo).
     #[error("the demo's spec is not valid:\n{0}")]
     Spec(String),
-    /// The state directory's lock is held.
-    #[error("locking the demo's state directory")]
-    Lock(#[source] LockError),
-    /// Reading the host failed.
-    #[error("reading the live host")]
-    Observe(#[source] ObserveError),
-    /// The plan has conflicts.
-    #[error("the plan on {node} has conflicts: {}", conflicts.join("; "))]
-    Conflicts {
-        /// The node.
-        node: String,
-        /// The conflicts.
-        conflicts: Vec<String>,
-    },
-    /// Applying failed.
-    #[error("applying on {node}")]
-    Apply {
+    /// Locking, observing, planning or applying failed.
+    #[error("converging {node}")]
+    Session {
         /// The node.
         node: String,
         /// Why.
-        source: Box<ApplyError>,
+        source: Box<SessionError>,
     },
-    /// The plan could not be printed.
-    #[error("printing the plan")]
-    Output(#[source] std::io::Error),
 }
 
-/// Makes `node` match `spec` (YAML text), printing the plan to `out` and
-/// apply's progress to standard output (live when `live`). Stops early,
-/// rolling back an upgrade, when `interrupt` is set.
+/// Makes `node` match `spec` (YAML text), reporting the plan and apply's
+/// progress on `stream` (a live line when `live`). Stops early, rolling back
+/// an upgrade, when `interrupt` is set.
 pub fn converge(
-    docker: &Docker,
-    interrupt: &AtomicBool,
+    interrupt: &Arc<AtomicBool>,
     node: &Node,
     spec: &str,
-    out: &mut dyn Write,
+    stream: Stream,
     live: bool,
 ) -> Result<Summary, ConvergeError> {
-    let _lock = ApplyLock::acquire(&node.state_dir, "lessnat demo").map_err(ConvergeError::Lock)?;
     let spec = crate::spec::load_bytes("demo.yaml", spec.as_bytes())
         .map_err(|report| ConvergeError::Spec(report.render(Style::Plain)))?;
-    let observed =
-        observe_for(&spec, &node.name, &node.netns, docker).map_err(ConvergeError::Observe)?;
-    let plan = plan(&spec, &node.name, &observed);
-    let style = if live { Style::Color } else { Style::Plain };
-    out.write_all(render(&plan, style).as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(ConvergeError::Output)?;
-    if !plan.conflicts.is_empty() {
-        return Err(ConvergeError::Conflicts {
-            node: node.name.clone(),
-            conflicts: plan.conflicts.clone(),
-        });
-    }
-    let context = Context {
-        node: &node.name,
-        host: &crate::apply::LiveHost {
-            netns: &node.netns,
-            docker,
-        },
-        journal: JournalFile::in_dir(&node.state_dir),
-        interrupt,
-    };
-    let mut progress = Progress::new(live);
-    crate::apply::apply(&context, &mut progress, &plan).map_err(|source| ConvergeError::Apply {
+    let failed = |source| ConvergeError::Session {
         node: node.name.clone(),
         source: Box::new(source),
-    })
+    };
+    let settings = Settings {
+        node: Some(node.name.clone()),
+        netns: node.netns.clone(),
+        state_dir: node.state_dir.clone(),
+        holder: "lessnat demo".to_string(),
+    };
+    let style = if live { Style::Color } else { Style::Plain };
+    let reporter = Text::new(
+        stream.writer(),
+        stream.writer(),
+        style,
+        Flavour::for_terminal(live),
+    );
+    let mut session = Session::new(settings, Box::new(reporter)).with_interrupt(interrupt.clone());
+    let _lock = session.lock().map_err(failed)?;
+    let mut planned = session.plan(spec, node.name.clone()).map_err(failed)?;
+    session.report(&Report::Plan(&planned.plan));
+    session.apply(&mut planned).map_err(failed)
 }

@@ -135,11 +135,10 @@ fn apply(
     strategy: &str,
 ) -> Result<(), DemoError> {
     converge(
-        &demo.docker,
         &demo.interrupt,
         &service.node,
         &service.spec(version, strategy),
-        &mut demo.out,
+        demo.stream,
         demo.live,
     )?;
     demo.check()

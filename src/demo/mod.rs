@@ -14,7 +14,6 @@ pub mod report;
 pub mod server;
 
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::backend::docker::{Docker, DockerError};
 
 use cleanup::Cleanup;
-use converge::ConvergeError;
+use converge::{ConvergeError, Stream};
 use image::{ImageError, Images};
 
 /// What `lessnat demo` was asked to do.
@@ -86,9 +85,10 @@ pub enum DemoError {
 
 /// What the scenarios share.
 pub(crate) struct Demo {
-    docker: Docker,
     interrupt: Arc<AtomicBool>,
-    out: Box<dyn Write>,
+    /// Where people's output goes.
+    stream: Stream,
+    out: Box<dyn Write + Send>,
     /// Whether the output is a terminal (live progress, colour).
     live: bool,
     options: Options,
@@ -125,7 +125,8 @@ impl Demo {
 /// Runs the demo the options ask for.
 pub fn run(options: Options) -> Result<(), DemoError> {
     check_requirements()?;
-    let docker = Docker::connect().map_err(DemoError::NoDocker)?;
+    // Said now, before anything is made; the sessions connect on their own.
+    Docker::connect().map_err(DemoError::NoDocker)?;
     let interrupt = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, interrupt.clone()).map_err(|source| {
@@ -135,23 +136,18 @@ pub fn run(options: Options) -> Result<(), DemoError> {
             }
         })?;
     }
-    let mut json_out = None;
-    if options.json {
-        // Standard output carries only the JSON; people's output (and apply's
-        // progress, printed to standard output) goes to standard error.
-        let setup = |source| DemoError::Setup {
-            what: "sending the demo's output to standard error".to_string(),
-            source,
-        };
-        let saved = nix::unistd::dup(std::io::stdout().as_fd()).map_err(|e| setup(e.into()))?;
-        nix::unistd::dup2_stdout(std::io::stderr()).map_err(|e| setup(e.into()))?;
-        json_out = Some(std::fs::File::from(saved));
-    }
+    // With --json, standard output carries only the summary; what people
+    // read (the demo's narration, plans, apply's progress) goes to standard error.
+    let stream = if options.json {
+        Stream::Stderr
+    } else {
+        Stream::Stdout
+    };
     let live = !options.json && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut demo = Demo {
-        docker,
         interrupt,
-        out: Box::new(std::io::stdout()),
+        stream,
+        out: stream.writer(),
         live,
         options,
     };
@@ -178,8 +174,8 @@ pub fn run(options: Options) -> Result<(), DemoError> {
         Ok(done) => done,
     };
     demo.say(&format!("\n{table}"))?;
-    if let Some(mut out) = json_out {
-        writeln!(out, "{json}").map_err(DemoError::Output)?;
+    if demo.options.json {
+        writeln!(std::io::stdout(), "{json}").map_err(DemoError::Output)?;
     }
     Ok(())
 }

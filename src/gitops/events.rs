@@ -213,30 +213,13 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// A sink the test can read back.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?
-                .extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::report::captured::Captured;
 
     #[test]
     fn events_are_json_lines_with_time_node_and_kind() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("events.jsonl");
-        let shared = Shared::default();
+        let shared = Captured::default();
         let mut events = Events::none()
             .with_writer(Box::new(shared.clone()))
             .with_file(&path)
@@ -257,7 +240,7 @@ mod tests {
                 retry_after: None,
             },
         );
-        let written = String::from_utf8(shared.0.lock().expect("lock").clone()).expect("utf8");
+        let written = shared.text();
         assert_eq!(written, std::fs::read_to_string(&path).expect("file"));
         let lines: Vec<serde_json::Value> = written
             .lines()

@@ -5,9 +5,8 @@
 //! changes nothing on the host that the step had not already changed, and is
 //! recorded with its stage and message.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::describe;
@@ -17,17 +16,13 @@ use super::record::{
     Applied, Backoff, LastError, Outcome, Record, RecordFile, Run, Stage, Timestamp,
 };
 use super::schedule::backoff_delay;
-use super::status::{short, summary_text};
+use super::status::short;
 use super::suspend::SuspendFile;
-use crate::apply::progress::Progress;
-use crate::apply::{self, ApplyError};
-use crate::backend::docker::Docker;
-use crate::journal::JournalFile;
-use crate::lock::ApplyLock;
-use crate::netns::Netns;
-use crate::observe::live::observe_for;
-use crate::plan::{Action, Decision, Plan, Resource, Summary, plan, render::render};
-use crate::spec::{Spec, load_bytes};
+use crate::apply::ApplyError;
+use crate::plan::{Action, Change, Decision, Resource, Summary, plan};
+use crate::report::{Report, Reporter};
+use crate::session::{self, Planned, Session, SessionError};
+use crate::spec::load_bytes;
 use crate::style::Style;
 
 /// The mirror's directory name inside the state directory.
@@ -38,10 +33,6 @@ pub const REPO_DIR: &str = "repo";
 pub struct Settings {
     /// Where the spec lives.
     pub source: Source,
-    /// The state directory: lock, journal, record, suspend flag, mirror.
-    pub state_dir: PathBuf,
-    /// The network namespace to work in.
-    pub netns: Netns,
     /// Only plan and report drift; never apply.
     pub plan_only: bool,
     /// Apply a commit that is not a descendant of the last applied one.
@@ -51,17 +42,7 @@ pub struct Settings {
     pub backoff_base: Duration,
     /// Where to write the Prometheus textfile after each run.
     pub metrics_file: Option<PathBuf>,
-    /// Who this is, for the lock file (the command line).
-    pub holder: String,
-    /// The node given on the command line, if any: names the node in events
-    /// and the record until the spec says which node this is.
-    pub node: Option<String>,
-    /// Style of the plan and messages for people.
-    pub style: Style,
 }
-
-/// Which node of a spec this host is; `Err` says why none fits.
-pub type NodeOf<'a> = Box<dyn Fn(&Spec) -> Result<String, String> + 'a>;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,14 +56,43 @@ pub struct Ran {
     pub retry_after: Option<Timestamp>,
 }
 
-/// Runs reconcile, once per call of [`Reconciler::run`].
-pub struct Reconciler<'a> {
+/// Runs reconcile, once per call of [`Reconciler::run`], in one [`Session`]
+/// (its state directory also holds the record, the suspend flag and the mirror).
+pub struct Reconciler {
     settings: Settings,
-    docker: &'a Docker,
-    node_of: NodeOf<'a>,
+    session: Session,
+    clock: Arc<Mutex<UpgradeClock>>,
     events: Events,
-    out: Box<dyn Write + 'a>,
-    interrupt: &'a AtomicBool,
+}
+
+/// Passes the session's reports on to people, and notes how long each staged
+/// upgrade took and each rollback, for the record and the `applied` event.
+struct UpgradeClock {
+    people: Box<dyn Reporter + Send>,
+    upgrade_seconds: Vec<(String, f64)>,
+    rollbacks: u64,
+}
+
+impl Reporter for UpgradeClock {
+    fn report(&mut self, report: &Report<'_>) {
+        if let Report::ChangeEnded {
+            change,
+            took,
+            error,
+        } = *report
+        {
+            if rolls_back_in_flight(change) || matches!(error, Some(ApplyError::RolledBack { .. }))
+            {
+                self.rollbacks += 1;
+            } else if let (None, Some(_), Resource::Service { name }) =
+                (error, &change.upgrade, &change.resource)
+            {
+                self.upgrade_seconds
+                    .push((name.clone(), took.as_secs_f64()));
+            }
+        }
+        self.people.report(report);
+    }
 }
 
 /// Why a run stopped.
@@ -125,26 +135,47 @@ struct Notes {
     rollbacks: u64,
 }
 
-impl<'a> Reconciler<'a> {
-    /// A reconciler. `node_of` picks this host's node in a spec; people read
-    /// `out` (the plan, progress, messages); `interrupt` (SIGINT, SIGTERM)
-    /// stops a fetch and rolls back an upgrade under way.
+impl Reconciler {
+    /// A reconciler working in a session set up with `session`; people read
+    /// `people` (the plan, progress, messages, problems).
     pub fn new(
         settings: Settings,
-        docker: &'a Docker,
-        node_of: NodeOf<'a>,
+        session: session::Settings,
+        people: Box<dyn Reporter + Send>,
         events: Events,
-        out: Box<dyn Write + 'a>,
-        interrupt: &'a AtomicBool,
-    ) -> Reconciler<'a> {
+    ) -> Reconciler {
+        let clock = Arc::new(Mutex::new(UpgradeClock {
+            people,
+            upgrade_seconds: Vec::new(),
+            rollbacks: 0,
+        }));
         Reconciler {
             settings,
-            docker,
-            node_of,
+            session: Session::new(session, Box::new(Arc::clone(&clock))),
+            clock,
             events,
-            out,
-            interrupt,
         }
+    }
+
+    /// From now on SIGINT and SIGTERM stop a fetch, roll back an upgrade
+    /// under way, and end [`run_loop`](super::schedule::run_loop).
+    pub fn catch_signals(&mut self) -> Result<(), SessionError> {
+        self.session.catch_signals()
+    }
+
+    /// Whether SIGINT or SIGTERM arrived.
+    pub fn interrupted(&self) -> bool {
+        self.session.interrupted()
+    }
+
+    /// Writes a line for people.
+    pub fn say(&mut self, text: &str) {
+        self.session.report(&Report::Message(text));
+    }
+
+    /// Writes an error or a warning for people.
+    fn complain(&mut self, text: &str) {
+        self.session.report(&Report::Problem(text));
     }
 
     /// One run. Every problem is written to `out` and reported as an event,
@@ -153,13 +184,13 @@ impl<'a> Reconciler<'a> {
     pub fn run(&mut self) -> Ran {
         let started = Timestamp::now();
         let clock = Instant::now();
-        let state_dir = self.settings.state_dir.clone();
+        let state_dir = self.session.settings().state_dir.clone();
         let nothing_tried = |retry_after| Ran {
             outcome: None,
             changes: 0,
             retry_after,
         };
-        let _lock = match ApplyLock::acquire(&state_dir, &self.settings.holder) {
+        let _lock = match self.session.lock() {
             Ok(lock) => lock,
             Err(error) => {
                 self.unrecorded(&error);
@@ -175,7 +206,12 @@ impl<'a> Reconciler<'a> {
             }
         };
         let mut notes = Notes {
-            node: self.settings.node.clone().or_else(|| record.node.clone()),
+            node: self
+                .session
+                .settings()
+                .node
+                .clone()
+                .or_else(|| record.node.clone()),
             ..Notes::default()
         };
         let step = self.steps(&record, &mut notes);
@@ -229,7 +265,7 @@ impl<'a> Reconciler<'a> {
                 });
                 run.stage = Some(failure.stage);
                 run.error = Some(failure.message.clone());
-                self.say(&format!(
+                self.complain(&format!(
                     "error ({} stage): {}\nFailed {failures} {} in a row; {} is not tried again before {retry_after}.",
                     failure.stage.as_str(),
                     failure.message.trim_end(),
@@ -267,12 +303,12 @@ impl<'a> Reconciler<'a> {
         };
         record.last_run = Some(run);
         if let Err(error) = records.write(&record) {
-            self.say(&format!("error: {}", describe(&error)));
+            self.complain(&format!("error: {}", describe(&error)));
         }
-        if let Some(path) = &self.settings.metrics_file
-            && let Err(error) = super::metrics::write_textfile(&state_dir, path)
+        if let Some(path) = self.settings.metrics_file.clone()
+            && let Err(error) = super::metrics::write_textfile(&state_dir, &path)
         {
-            self.say(&format!("error: {}", describe(&error)));
+            self.complain(&format!("error: {}", describe(&error)));
         }
         if let Some(event) = last_event {
             self.emit(&notes, &event);
@@ -284,8 +320,8 @@ impl<'a> Reconciler<'a> {
     /// recording anything.
     fn unrecorded(&mut self, error: &dyn std::error::Error) {
         let message = describe(error);
-        self.say(&format!("not reconciling now: {message}"));
-        let node = self.settings.node.clone();
+        self.complain(&format!("not reconciling now: {message}"));
+        let node = self.session.settings().node.clone();
         self.events.emit(
             node.as_deref(),
             &Event::Failed {
@@ -298,18 +334,13 @@ impl<'a> Reconciler<'a> {
         );
     }
 
-    /// Writes a line for people; a broken pipe does not stop the run.
-    fn say(&mut self, text: &str) {
-        let _ = writeln!(self.out, "{text}");
-    }
-
     fn emit(&mut self, notes: &Notes, event: &Event) {
         self.events.emit(notes.node.as_deref(), event);
     }
 
     fn steps(&mut self, record: &Record, notes: &mut Notes) -> Result<Step, Failure> {
         let source = self.settings.source.clone();
-        let state_dir = self.settings.state_dir.clone();
+        let state_dir = self.session.settings().state_dir.clone();
         let suspension = SuspendFile::in_dir(&state_dir)
             .read()
             .map_err(|e| Failure::new(Stage::State, &e))?;
@@ -319,10 +350,12 @@ impl<'a> Reconciler<'a> {
         }
         let mirror = Mirror::open_or_init(&state_dir.join(REPO_DIR))
             .map_err(|e| Failure::new(Stage::Fetch, &e))?;
-        let commit = mirror.fetch(&source, self.interrupt).map_err(|e| Failure {
-            stage: Stage::Fetch,
-            message: source.redact(&describe(&e)),
-        })?;
+        let commit = mirror
+            .fetch(&source, self.session.interrupt())
+            .map_err(|e| Failure {
+                stage: Stage::Fetch,
+                message: source.redact(&describe(&e)),
+            })?;
         let commit_hex = commit.to_string();
         notes.commit = Some(commit_hex.clone());
         let applied = record.applied.as_ref().map(|a| a.commit.clone());
@@ -401,20 +434,18 @@ impl<'a> Reconciler<'a> {
                 ),
             }
         })?;
-        let node = (self.node_of)(&spec).map_err(|message| Failure {
-            stage: Stage::Spec,
-            message,
-        })?;
+        let node = self
+            .session
+            .node(Some(&spec))
+            .map_err(|e| Failure::new(Stage::Spec, &e))?;
         notes.node = Some(node.clone());
 
-        let observed = observe_for(&spec, &node, &self.settings.netns, self.docker)
-            .map_err(|e| Failure::new(Stage::Observe, &e))?;
-        let plan = plan(&spec, &node, &observed);
+        let planned = self.session.plan(spec, node).map_err(failure)?;
+        let plan = &planned.plan;
         notes.planned = Some(plan.summary());
         notes.drift = Some(plan.changes.len());
         notes.changed_outside = plan.drift.len();
-        let rendered = render(&plan, self.settings.style);
-        let _ = write!(self.out, "{rendered}");
+        self.session.report(&Report::Plan(plan));
         self.emit(
             notes,
             &Event::Planned {
@@ -445,23 +476,14 @@ impl<'a> Reconciler<'a> {
             };
             return Ok(Step::Done(Outcome::Suspended, Some(event)));
         }
-        if !plan.conflicts.is_empty() {
-            return Err(Failure {
-                stage: Stage::Plan,
-                message: format!(
-                    "not applying: resolve these conflicts first:\n  - {}",
-                    plan.conflicts.join("\n  - ")
-                ),
-            });
-        }
-        let outcome = if plan.is_empty() {
+        let outcome = if plan.is_empty() && plan.conflicts.is_empty() {
             Outcome::InSync
         } else {
-            self.apply(&spec, &node, plan, notes)?;
+            self.apply(planned, notes)?;
             Outcome::Applied
         };
         if let Err(error) = mirror.mark_applied(commit) {
-            self.say(&format!("warning: {}", describe(&error)));
+            self.complain(&format!("warning: {}", describe(&error)));
         }
         let event = match outcome {
             Outcome::Applied => Event::Applied {
@@ -499,91 +521,26 @@ impl<'a> Reconciler<'a> {
         Step::BackingOff(backoff.retry_after)
     }
 
-    /// Carries out `plan` change by change (timing each staged upgrade), then,
-    /// as `lessnat apply` does, plans again when an upgrade found in flight was
-    /// rolled back; finally plans once more to record the drift left.
-    fn apply(
-        &mut self,
-        spec: &Spec,
-        node: &str,
-        mut plan: Plan,
-        notes: &mut Notes,
-    ) -> Result<(), Failure> {
-        let netns = self.settings.netns.clone();
-        let journal = JournalFile::in_dir(&self.settings.state_dir);
-        let mut progress = Progress::new(std::io::stdout().is_terminal());
+    /// Carries out `planned` in the session (which plans again after an
+    /// upgrade in flight), then plans once more to record the drift left.
+    fn apply(&mut self, mut planned: Planned, notes: &mut Notes) -> Result<(), Failure> {
         let clock = Instant::now();
-        let reobserve = |docker: &Docker| {
-            observe_for(spec, node, &netns, docker).map_err(|e| Failure::new(Stage::Observe, &e))
-        };
-        for _round in 0..3 {
-            let ctx = apply::Context {
-                node,
-                host: &apply::LiveHost {
-                    netns: &netns,
-                    docker: self.docker,
-                },
-                journal: journal.clone(),
-                interrupt: self.interrupt,
-            };
-            for change in &plan.changes {
-                let single = Plan {
-                    format: plan.format,
-                    node: plan.node.clone(),
-                    fingerprint: plan.fingerprint.clone(),
-                    drift: Vec::new(),
-                    conflicts: Vec::new(),
-                    changes: vec![change.clone()],
-                    warnings: Vec::new(),
-                };
-                let started = Instant::now();
-                let rolls_back = rolls_back_in_flight(change);
-                match apply::apply(&ctx, &mut progress, &single) {
-                    Ok(done) => {
-                        notes.applied.add += done.add;
-                        notes.applied.change += done.change;
-                        notes.applied.destroy += done.destroy;
-                        notes.applied.upgrade += done.upgrade;
-                        if rolls_back {
-                            notes.rollbacks += 1;
-                        } else if let (Some(_), Resource::Service { name }) =
-                            (&change.upgrade, &change.resource)
-                        {
-                            notes
-                                .upgrade_seconds
-                                .push((name.clone(), started.elapsed().as_secs_f64()));
-                        }
-                    }
-                    Err(error) => {
-                        if rolls_back || matches!(error, ApplyError::RolledBack { .. }) {
-                            notes.rollbacks += 1;
-                        }
-                        return Err(Failure::new(Stage::Apply, &error));
-                    }
-                }
-            }
-            if !plan.has_upgrade_in_flight() {
-                break;
-            }
-            let observed = reobserve(self.docker)?;
-            plan = crate::plan::plan(spec, node, &observed);
-            if plan.is_empty() {
-                break;
-            }
-            let rendered = render(&plan, self.settings.style);
-            self.say("\nThe upgrade in flight is followed by the upgrade to the current spec:\n");
-            let _ = write!(self.out, "{rendered}");
+        let applied = self.session.apply(&mut planned);
+        {
+            let mut upgrades = self.clock.lock().unwrap_or_else(PoisonError::into_inner);
+            notes.upgrade_seconds.append(&mut upgrades.upgrade_seconds);
+            notes.rollbacks += std::mem::take(&mut upgrades.rollbacks);
         }
+        notes.applied = applied.map_err(failure)?;
         notes.apply_seconds = Some(clock.elapsed().as_secs_f64());
-        self.say(&format!(
-            "\nApply complete! Resources: {}.",
-            summary_text(&notes.applied)
-        ));
-        let after = reobserve(self.docker)?;
-        let left = crate::plan::plan(spec, node, &after).changes.len();
+        let after = self
+            .session
+            .observe(Some(&planned.spec), &planned.node)
+            .map_err(failure)?;
+        let left = plan(&planned.spec, &planned.node, &after).changes.len();
         notes.drift = Some(left);
         if left > 0 {
-            self.say(&format!(
+            self.complain(&format!(
                 "warning: a fresh plan still has {left} changes; the next run takes them on"
             ));
         }
@@ -591,8 +548,25 @@ impl<'a> Reconciler<'a> {
     }
 }
 
+/// Where a session's error stops a run, and what it says.
+fn failure(error: SessionError) -> Failure {
+    match error {
+        SessionError::Apply(error) => Failure::new(Stage::Apply, &error),
+        SessionError::Observe(error) => Failure::new(Stage::Observe, &error),
+        SessionError::Conflicts(conflicts) => Failure {
+            stage: Stage::Plan,
+            message: format!(
+                "not applying: resolve these conflicts first:\n  - {}",
+                conflicts.join("\n  - ")
+            ),
+        },
+        // Connecting to Docker, to read the host.
+        other => Failure::new(Stage::Observe, &other),
+    }
+}
+
 /// Whether `change` rolls back an upgrade found in flight.
-fn rolls_back_in_flight(change: &crate::plan::Change) -> bool {
+fn rolls_back_in_flight(change: &Change) -> bool {
     change.action == Action::Upgrade
         && change
             .upgrade

@@ -4,7 +4,6 @@
 //! interval × 2^n for n failures in a row, at most 10 × interval.
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::reconcile::{Ran, Reconciler};
@@ -45,19 +44,14 @@ pub fn wait_after(ran: &Ran, interval: Duration, now: SystemTime) -> Duration {
         .unwrap_or(interval)
 }
 
-/// Runs `reconciler` until `stop` is set (SIGINT, SIGTERM): a run, then the
-/// wait ([`wait_after`] plus [`jitter`]), cut short by `stop`.
-pub fn run_loop(
-    reconciler: &mut Reconciler,
-    interval: Duration,
-    max_jitter: Duration,
-    stop: &AtomicBool,
-) {
-    while !stop.load(Ordering::SeqCst) {
+/// Runs `reconciler` until it is interrupted (SIGINT, SIGTERM): a run, then
+/// the wait ([`wait_after`] plus [`jitter`]), cut short by the interrupt.
+pub fn run_loop(reconciler: &mut Reconciler, interval: Duration, max_jitter: Duration) {
+    while !reconciler.interrupted() {
         let ran = reconciler.run();
         let wait = wait_after(&ran, interval, SystemTime::now()) + jitter(max_jitter);
         let until = Instant::now() + wait;
-        while !stop.load(Ordering::SeqCst) {
+        while !reconciler.interrupted() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;

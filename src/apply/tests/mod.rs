@@ -8,7 +8,7 @@ mod upgrade;
 
 use super::fake::{FakeContainer, FakeHost};
 use super::progress::Progress;
-use super::{ApplyError, Context, apply};
+use super::{ApplyError, Context, apply_change};
 use crate::journal::{Journal, JournalFile};
 use crate::plan::operation::Operation;
 use crate::plan::{Plan, plan};
@@ -69,7 +69,16 @@ impl Harness {
             journal: self.journal_file(),
             interrupt: &self.fake.interrupt,
         };
-        apply(&ctx, &mut Progress::new(false), plan).map(drop)
+        let quiet = crate::report::text::Text::new(
+            Box::new(std::io::sink()),
+            Box::new(std::io::sink()),
+            crate::style::Style::Plain,
+            crate::report::text::Flavour::Log,
+        );
+        let mut progress = Progress::new(Box::new(quiet));
+        plan.changes
+            .iter()
+            .try_for_each(|change| apply_change(&ctx, &mut progress, change))
     }
 
     fn journal_file(&self) -> JournalFile {

@@ -1,0 +1,121 @@
+//! One function per command, and what they share: the session, the reporter
+//! for people, loading a spec, writing to standard output.
+
+pub mod apply;
+pub mod generated;
+pub mod plan;
+pub mod reconcile;
+pub mod show;
+pub mod state;
+pub mod validate;
+
+use std::io::{ErrorKind, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use super::args::GlobalArgs;
+use crate::netns::Netns;
+use crate::report::text::{Flavour, Text};
+use crate::session::{self, Session};
+use crate::spec::{Spec, load_file};
+use crate::style::Style;
+
+/// The exit code of `plan --detailed-exitcode` (and `reconcile --plan-only`)
+/// when there are changes.
+const EXIT_CHANGES: u8 = 2;
+
+/// Standard output was closed by its reader: not an error, lessnat ends quietly.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output is closed")]
+pub struct StdoutClosed;
+
+/// Writes `text` to standard output.
+fn print(text: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_ref())
+        .and_then(|()| stdout.flush())
+    {
+        Err(error) if error.kind() == ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        result => Ok(result?),
+    }
+}
+
+/// Writes `value` to standard output as pretty JSON.
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    print(text)
+}
+
+/// Writes `text` to standard error; a closed standard error is ignored.
+fn print_error(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// Whether output to a stream may be coloured: not with `--no-color`, not when
+/// `NO_COLOR` is set to anything non-empty, and only on a terminal.
+fn style_for(global: &GlobalArgs, is_terminal: bool) -> Style {
+    let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    if global.no_color || no_color_env || !is_terminal {
+        Style::Plain
+    } else {
+        Style::Color
+    }
+}
+
+fn stdout_style(global: &GlobalArgs) -> Style {
+    style_for(global, std::io::stdout().is_terminal())
+}
+
+/// What people read: on standard output, or on standard error when standard
+/// output carries something else (reconcile's events); problems on standard error.
+fn people(global: &GlobalArgs, on_stderr: bool) -> Text {
+    let (out, is_terminal): (Box<dyn Write + Send>, bool) = if on_stderr {
+        (Box::new(std::io::stderr()), std::io::stderr().is_terminal())
+    } else {
+        (Box::new(std::io::stdout()), std::io::stdout().is_terminal())
+    };
+    Text::new(
+        out,
+        Box::new(std::io::stderr()),
+        style_for(global, is_terminal),
+        Flavour::for_terminal(is_terminal),
+    )
+}
+
+/// The session's settings from the global options.
+fn session_settings(global: &GlobalArgs) -> session::Settings {
+    session::Settings {
+        node: global.node.clone(),
+        netns: global
+            .netns
+            .as_deref()
+            .map(Netns::from_arg)
+            .unwrap_or_default(),
+        state_dir: global.state_dir.clone(),
+        holder: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// A session reporting to people on standard output.
+fn session(global: &GlobalArgs) -> Session {
+    Session::new(session_settings(global), Box::new(people(global, false)))
+}
+
+/// Loads a spec, printing its problems and failing when it is invalid.
+fn load_spec(global: &GlobalArgs, path: &Path) -> anyhow::Result<Spec> {
+    load_file(path).map_err(|report| {
+        print_error(&report.render(style_for(global, std::io::stderr().is_terminal())));
+        anyhow::anyhow!("{} is not a valid spec", path.display())
+    })
+}
+
+/// 2 when asked for (`detailed`) and something changed, else 0.
+fn exit_for(detailed: bool, changed: bool) -> ExitCode {
+    if detailed && changed {
+        ExitCode::from(EXIT_CHANGES)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
