@@ -284,3 +284,36 @@ fn duration_fields_carry_their_own_descriptions() {
         "two duration fields share a description: {found:?}"
     );
 }
+
+/// A valid spec whose host-mode tempPort lies in this host's ephemeral port
+/// range is accepted with a warning on standard error that points at it.
+#[test]
+fn ports_in_the_ephemeral_range_are_warned_about() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|_| "32768 60999".to_string());
+    let low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("a port range");
+    let inside = low + 1;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("spec.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "version: 1\nnodes: [{{name: a, address: 192.0.2.1}}]\nservices:\n  - name: web\n    node: a\n    image: web:1\n    ports: [{{name: http, port: 80, tempPort: {inside}}}]\n"
+        ),
+    )
+    .expect("write spec");
+    let output = lessnat(&["validate", spec.to_str().expect("utf-8 path")]);
+    assert!(output.status.success(), "a warning is not an error");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "spec.yaml:7:46: warning: tempPort {inside} lies in this host's ephemeral port range"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("1 warning"), "{stderr}");
+}

@@ -34,7 +34,11 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) if error.is::<commands::StdoutClosed>() => ExitCode::SUCCESS,
         Err(error) => {
-            let _ = writeln!(std::io::stderr(), "error: {error:#}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                crate::error::chain(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

@@ -21,7 +21,3 @@ pub mod record;
 pub mod schedule;
 pub mod status;
 pub mod suspend;
-
-/// The error chain on one line; kept under this name for `reconcile.rs`
-/// until it calls [`crate::error::chain`] itself.
-pub(crate) use crate::error::chain as describe;

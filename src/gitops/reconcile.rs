@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::describe;
 use super::events::{Event, Events};
 use super::fetch::{Mirror, Relation, Source};
 use super::record::{
@@ -19,6 +18,7 @@ use super::schedule::backoff_delay;
 use super::status::short;
 use super::suspend::SuspendFile;
 use crate::apply::ApplyError;
+use crate::error::chain;
 use crate::plan::{Action, Change, Decision, Resource, Summary, plan};
 use crate::report::{Report, Reporter};
 use crate::session::{self, Planned, Session, SessionError};
@@ -105,7 +105,7 @@ impl Failure {
     fn new(stage: Stage, error: &dyn std::error::Error) -> Failure {
         Failure {
             stage,
-            message: describe(error),
+            message: chain(error),
         }
     }
 }
@@ -303,12 +303,12 @@ impl Reconciler {
         };
         record.last_run = Some(run);
         if let Err(error) = records.write(&record) {
-            self.complain(&format!("error: {}", describe(&error)));
+            self.complain(&format!("error: {}", chain(&error)));
         }
         if let Some(path) = self.settings.metrics_file.clone()
             && let Err(error) = super::metrics::write_textfile(&state_dir, &path)
         {
-            self.complain(&format!("error: {}", describe(&error)));
+            self.complain(&format!("error: {}", chain(&error)));
         }
         if let Some(event) = last_event {
             self.emit(&notes, &event);
@@ -319,7 +319,7 @@ impl Reconciler {
     /// Reports a problem with lessnat's own state that keeps the run from
     /// recording anything.
     fn unrecorded(&mut self, error: &dyn std::error::Error) {
-        let message = describe(error);
+        let message = chain(error);
         self.complain(&format!("not reconciling now: {message}"));
         let node = self.session.settings().node.clone();
         self.events.emit(
@@ -354,7 +354,7 @@ impl Reconciler {
             .fetch(&source, self.session.interrupt())
             .map_err(|e| Failure {
                 stage: Stage::Fetch,
-                message: source.redact(&describe(&e)),
+                message: source.redact(&chain(&e)),
             })?;
         let commit_hex = commit.to_string();
         notes.commit = Some(commit_hex.clone());
@@ -483,7 +483,7 @@ impl Reconciler {
             Outcome::Applied
         };
         if let Err(error) = mirror.mark_applied(commit) {
-            self.complain(&format!("warning: {}", describe(&error)));
+            self.complain(&format!("warning: {}", chain(&error)));
         }
         let event = match outcome {
             Outcome::Applied => Event::Applied {

@@ -14,10 +14,14 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::args::GlobalArgs;
+use crate::backend::sysctl;
+use crate::diagnostic::Report;
 use crate::netns::Netns;
 use crate::report::text::{Flavour, Text};
 use crate::session::{self, Session};
-use crate::spec::{Spec, load_file};
+use crate::spec::{
+    DEFAULT_EPHEMERAL_PORTS, Spec, ephemeral_port_warnings, load_file, parse_port_range,
+};
 use crate::style::Style;
 
 /// The exit code of `plan --detailed-exitcode` (and `reconcile --plan-only`)
@@ -88,11 +92,7 @@ fn people(global: &GlobalArgs, on_stderr: bool) -> Text {
 fn session_settings(global: &GlobalArgs) -> session::Settings {
     session::Settings {
         node: global.node.clone(),
-        netns: global
-            .netns
-            .as_deref()
-            .map(Netns::from_arg)
-            .unwrap_or_default(),
+        netns: netns(global),
         state_dir: global.state_dir.clone(),
         holder: std::env::args().collect::<Vec<_>>().join(" "),
     }
@@ -103,12 +103,47 @@ fn session(global: &GlobalArgs) -> Session {
     Session::new(session_settings(global), Box::new(people(global, false)))
 }
 
-/// Loads a spec, printing its problems and failing when it is invalid.
+/// The namespace `--netns` names, or lessnat's own.
+fn netns(global: &GlobalArgs) -> Netns {
+    global
+        .netns
+        .as_deref()
+        .map(Netns::from_arg)
+        .unwrap_or_default()
+}
+
+/// Loads a spec, printing its problems and failing when it is invalid, and
+/// printing its warnings when it is valid.
 fn load_spec(global: &GlobalArgs, path: &Path) -> anyhow::Result<Spec> {
-    load_file(path).map_err(|report| {
+    let spec = load_file(path).map_err(|report| {
         print_error(&report.render(style_for(global, std::io::stderr().is_terminal())));
         anyhow::anyhow!("{} is not a valid spec", path.display())
-    })
+    })?;
+    warn_about(global, path, &spec);
+    Ok(spec)
+}
+
+/// The sysctl holding the range of local ports outgoing connections take.
+const EPHEMERAL_PORTS_SYSCTL: &str = "net.ipv4.ip_local_port_range";
+
+/// Prints, on standard error, what in the valid spec at `path` is likely to
+/// bite on this host: host-mode ports in the ephemeral port range of the
+/// namespace lessnat works in (Linux's default range when it cannot be read).
+fn warn_about(global: &GlobalArgs, path: &Path, spec: &Spec) {
+    let range = sysctl::read(&netns(global), &[EPHEMERAL_PORTS_SYSCTL])
+        .ok()
+        .and_then(|values| parse_port_range(values.get(EPHEMERAL_PORTS_SYSCTL)?))
+        .unwrap_or(DEFAULT_EPHEMERAL_PORTS);
+    let diagnostics = ephemeral_port_warnings(spec, &range);
+    if diagnostics.is_empty() {
+        return;
+    }
+    let report = Report {
+        file: path.display().to_string(),
+        source: std::fs::read_to_string(path).unwrap_or_default(),
+        diagnostics,
+    };
+    print_error(&report.render(style_for(global, std::io::stderr().is_terminal())));
 }
 
 /// 2 when asked for (`detailed`) and something changed, else 0.

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{print, print_error, style_for};
+use super::{print, print_error, style_for, warn_about};
 use crate::cli::args::GlobalArgs;
 use crate::spec::load_file;
 
@@ -14,12 +14,15 @@ pub fn validate(global: &GlobalArgs, files: &[PathBuf]) -> anyhow::Result<ExitCo
     let mut all_valid = true;
     for file in files {
         match load_file(file) {
-            Ok(spec) => print(format!(
-                "{}: valid ({} nodes, {} services)\n",
-                file.display(),
-                spec.nodes.len(),
-                spec.services.len()
-            ))?,
+            Ok(spec) => {
+                warn_about(global, file, &spec);
+                print(format!(
+                    "{}: valid ({} nodes, {} services)\n",
+                    file.display(),
+                    spec.nodes.len(),
+                    spec.services.len()
+                ))?
+            }
             Err(report) => {
                 all_valid = false;
                 print_error(&report.render(style));
