@@ -1950,3 +1950,33 @@ fn removed_service_stops_with_its_own_stop_timeout() {
         "a 6 s request outlived a 1 s stopTimeout: removal waited longer than the service's own stop timeout: {held:?}"
     );
 }
+
+/// `lessnat destroy -f SPEC` picks the node from the spec, as `apply -f SPEC`
+/// does (here: the spec's only node, no --node), and removes its service.
+#[test]
+fn destroy_with_a_spec_picks_the_node_from_it() {
+    let Some(mut host) = Host::new("destroy_with_a_spec_picks_the_node_from_it") else {
+        return;
+    };
+    let svc = Svc::new("doomed", service_port(), service_port());
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    assert_eq!(host.containers().len(), 1);
+    let spec = host.spec_file(&svc);
+    let mut destroy = Command::new(LESSNAT);
+    destroy
+        .arg("--state-dir")
+        .arg(host.state_dir())
+        .args(["--no-color", "destroy", "--auto-approve", "-f"])
+        .arg(&spec)
+        .env_remove("LESSNAT_NODE")
+        .env_remove("LESSNAT_STATE_DIR");
+    let destroyed = host.run(destroy).expect_success("destroy -f SPEC");
+    assert!(
+        destroyed
+            .output()
+            .contains(&format!("container.lessnat-doomed.{}", host.node)),
+        "{}",
+        destroyed.output()
+    );
+    assert_eq!(host.containers(), Vec::<String>::new());
+}

@@ -160,9 +160,14 @@ pub(crate) enum Command {
         #[arg(long)]
         auto_approve: bool,
     },
-    /// Remove what lessnat owns on this node: its containers and its nftables
-    /// table. Nothing else is touched.
+    /// Remove what lessnat owns on this node: its containers, its nftables
+    /// table, its rules, routes, veths and VIPs. Nothing else is touched.
     Destroy {
+        /// The spec file, to pick this node as `apply -f SPEC` does (--node, the
+        /// spec's only node, or the node named like this host). Without it:
+        /// --node, or the host name.
+        #[arg(short = 'f', long = "file", value_name = "SPEC")]
+        spec: Option<PathBuf>,
         /// Destroy without asking for confirmation (needed when not on a terminal).
         #[arg(long)]
         auto_approve: bool,

@@ -67,7 +67,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             spec,
             auto_approve,
         } => commands::apply::apply(global, plan.as_deref(), spec.as_deref(), *auto_approve),
-        Command::Destroy { auto_approve } => commands::apply::destroy(global, *auto_approve),
+        Command::Destroy { spec, auto_approve } => {
+            commands::apply::destroy(global, spec.as_deref(), *auto_approve)
+        }
         Command::Show { plan, json } => commands::show::show(global, plan.as_deref(), *json),
         Command::Reconcile(args) => commands::reconcile::reconcile(global, args),
         Command::Status { json } => commands::state::status(global, *json),

@@ -32,11 +32,16 @@ pub fn apply(
     carry_out(&mut session, planned, auto_approve, "perform these actions")
 }
 
-/// `lessnat destroy`.
-pub fn destroy(global: &GlobalArgs, auto_approve: bool) -> anyhow::Result<ExitCode> {
+/// `lessnat destroy [-f SPEC]`.
+pub fn destroy(
+    global: &GlobalArgs,
+    spec: Option<&Path>,
+    auto_approve: bool,
+) -> anyhow::Result<ExitCode> {
     let mut session = session(global);
     let _lock = session.lock()?;
-    let node = session.node(None)?;
+    let spec = spec.map(|path| load_spec(global, path)).transpose()?;
+    let node = session.node(spec.as_ref())?;
     let planned = session.plan_removal(node)?;
     carry_out(
         &mut session,
