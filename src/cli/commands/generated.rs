@@ -26,12 +26,55 @@ pub fn completions(shell: Shell) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `lessnat man`.
+/// `lessnat man`: one page, dated today, that describes every command in
+/// itself (there are no per-command pages to refer to).
 pub fn man() -> anyhow::Result<ExitCode> {
-    let mut page = Vec::new();
-    clap_mangen::Man::new(Cli::command())
-        .render(&mut page)
-        .context("rendering the man page")?;
-    print(page)?;
+    print(man_page().context("rendering the man page")?)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The man page in roff.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    let command = Cli::command();
+    let today = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let man = clap_mangen::Man::new(command.clone())
+        .title("LESSNAT")
+        .date(today.get(..10).unwrap_or_default());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    page.extend_from_slice(b".SH COMMANDS\n");
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let about = sub
+            .get_long_about()
+            .or(sub.get_about())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        // Paragraphs stay indented under the command (.IP); a line that
+        // starts like a roff request is escaped.
+        let text = about
+            .replace('\\', "\\\\")
+            .split("\n\n")
+            .map(|paragraph| {
+                paragraph
+                    .lines()
+                    .map(|line| match line.starts_with(['.', '\'']) {
+                        true => format!("\\&{line}\n"),
+                        false => format!("{line}\n"),
+                    })
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join(".IP\n");
+        page.extend_from_slice(
+            format!(".TP\n\\fBlessnat {}\\fR\n{text}", sub.get_name()).as_bytes(),
+        );
+    }
+    page.extend_from_slice(b".PP\nEach command's options: \\fBlessnat COMMAND --help\\fR.\n");
+    man.render_extra_section(&mut page)?;
+    man.render_version_section(&mut page)?;
+    Ok(page)
 }
