@@ -21,6 +21,7 @@ pub mod netns;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod redact;
 pub mod report;
 pub mod schema;
 pub mod session;

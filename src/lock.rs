@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -43,15 +44,21 @@ pub struct ApplyLock {
 }
 
 impl ApplyLock {
-    /// Takes the lock in `state_dir` (created if missing) without waiting.
-    /// `what` describes the holder, e.g. `lessnat apply -f spec.yaml`.
+    /// Takes the lock in `state_dir` (created if missing, readable by root
+    /// only) without waiting. `what` describes the holder, e.g. `lessnat
+    /// apply -f spec.yaml`; credentials in URLs in it are masked before it is
+    /// recorded.
     pub fn acquire(state_dir: &Path, what: &str) -> Result<ApplyLock, LockError> {
         let path = state_dir.join(LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(state_dir).map_err(io)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -75,6 +82,7 @@ impl ApplyLock {
             Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
         };
         let since = humantime::format_rfc3339_seconds(SystemTime::now());
+        let what = crate::redact::url_credentials(what);
         let record = format!("pid {} ({what}) since {since}\n", std::process::id());
         let file: &mut File = &mut lock;
         file.set_len(0).map_err(io)?;
