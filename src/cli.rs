@@ -250,6 +250,11 @@ enum Command {
         /// Print the summary as JSON on standard output (the rest goes to standard error).
         #[arg(long)]
         json: bool,
+        /// Routed mode instead: in network namespaces it makes (two clients, two
+        /// load balancers, two workers), the client addresses the replicas see,
+        /// next to a masquerading load balancer.
+        #[arg(long, conflicts_with = "keep")]
+        routed: bool,
     },
     /// The demo app inside the demo images (see `lessnat demo`).
     #[command(hide = true)]
@@ -742,11 +747,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(*shell, &mut Cli::command(), "lessnat", &mut stdout);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { keep, json } => {
+        Command::Demo { keep, json, routed } => {
             drop(stdout);
             let options = crate::demo::Options {
                 keep: *keep,
                 json: *json,
+                routed: *routed,
             };
             crate::demo::run(options)?;
             Ok(ExitCode::SUCCESS)
