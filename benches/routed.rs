@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use support::load::{Load, LoadConfig, Report};
-use support::topology::{self, CLIENT_ADDRESSES, Replica, Service, Topology};
+use support::topology::{self, Replica, Service, Topology};
 
 /// Connections before the counted window, not counted.
 const WARMUP: Duration = Duration::from_millis(500);
@@ -190,10 +190,7 @@ fn measure(
     let failed = counted.iter().filter(|s| !s.ok()).count();
     let real_client = counted
         .iter()
-        .filter(|s| {
-            s.peer_ip()
-                .is_some_and(|ip| ip == CLIENT_ADDRESSES[topology::client_of(s)])
-        })
+        .filter(|s| topology::saw_real_client(s))
         .count();
     let mut latencies: Vec<Duration> = counted
         .iter()

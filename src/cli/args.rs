@@ -237,6 +237,11 @@ pub(crate) enum Command {
         /// Print the summary as JSON on standard output (the rest goes to standard error).
         #[arg(long)]
         json: bool,
+        /// Routed mode instead: in network namespaces it makes (two clients, two
+        /// load balancers, two workers), the client addresses the replicas see,
+        /// next to a masquerading load balancer.
+        #[arg(long, conflicts_with = "keep")]
+        routed: bool,
     },
     /// The demo app inside the demo images (see `lessnat demo`).
     #[command(hide = true)]

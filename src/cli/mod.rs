@@ -78,10 +78,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Schema => commands::generated::schema(),
         Command::Completions { shell } => commands::generated::completions(*shell),
         Command::Man => commands::generated::man(),
-        Command::Demo { keep, json } => {
+        Command::Demo { keep, json, routed } => {
             crate::demo::run(crate::demo::Options {
                 keep: *keep,
                 json: *json,
+                routed: *routed,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1,7 +1,7 @@
 //! Everything a demo run made, and its removal: the containers of the demo's
-//! node (through lessnat itself, then directly whatever is left), lessnat's
-//! table in the host namespace when the demo made it, the demo images and the
-//! state directory. The run calls [`Cleanup::finish`]
+//! nodes (through lessnat itself, then directly whatever is left), lessnat's
+//! table in the host namespace when the demo made it, the routed demo's
+//! network namespaces, the demo images and the state directory. The run calls [`Cleanup::finish`]
 //! on every path (success, failure, SIGINT or SIGTERM, which only set a
 //! flag); dropping an unfinished `Cleanup` cleans up too.
 
@@ -15,12 +15,14 @@ use crate::netns::Netns;
 
 use super::converge::{Node, Stream, converge};
 use super::image::Images;
+use super::topology::Site;
 
 /// What to remove at the end of a demo run.
 pub struct Cleanup {
     dir: Option<tempfile::TempDir>,
     host_nodes: Vec<Node>,
     host_table: bool,
+    site: Option<Site>,
     keep: bool,
     done: bool,
 }
@@ -36,6 +38,7 @@ impl Cleanup {
             dir: Some(tempfile::Builder::new().prefix("lessnat-demo-").tempdir()?),
             host_nodes: Vec::new(),
             host_table: false,
+            site: None,
             keep: false,
             done: false,
         })
@@ -54,6 +57,12 @@ impl Cleanup {
     pub fn host_node(&mut self, node: Node, made_table: bool) {
         self.host_table |= made_table;
         self.host_nodes.push(node);
+    }
+
+    /// The routed demo's site: lessnat destroys what it owns on each node,
+    /// then the namespaces are deleted. Returns it, for the demo to use.
+    pub fn site(&mut self, site: Site) -> &Site {
+        self.site.insert(site)
     }
 
     /// Leaves the host-mode service, the images and the state directory in
@@ -76,14 +85,21 @@ impl Cleanup {
         if let Ok(docker) = &docker {
             // Cleanup runs after an interrupt too: it is not interrupted.
             let not_interrupted = Arc::new(AtomicBool::new(false));
-            for node in self.host_nodes.iter().filter(|_| !self.keep) {
-                let destroyed = converge(&not_interrupted, node, NOTHING, Stream::Nowhere, false);
+            let host_nodes = self.host_nodes.iter().filter(|_| !self.keep).cloned();
+            let site_nodes = self
+                .site
+                .iter()
+                .flat_map(|site| site.nodes().map(Node::from));
+            for node in host_nodes.chain(site_nodes) {
+                let destroyed = converge(&not_interrupted, &node, NOTHING, Stream::Nowhere, false);
                 if let Err(e) = destroyed {
                     problems.push(format!("destroying {}: {}", node.name, chain(&e)));
                 }
-                remove_containers(docker, node, &mut problems);
+                remove_containers(docker, &node, &mut problems);
             }
         }
+        // Namespaces go once nothing of lessnat's runs in them.
+        self.site = None;
         if self.host_table && !self.keep {
             remove_host_table(&mut problems);
         }

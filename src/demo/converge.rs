@@ -48,6 +48,16 @@ impl Stream {
     }
 }
 
+impl From<&super::topology::Node> for Node {
+    fn from(node: &super::topology::Node) -> Node {
+        Node {
+            name: node.name.clone(),
+            netns: node.ns.as_ref().netns(),
+            state_dir: node.state_dir.clone(),
+        }
+    }
+}
+
 /// Converging a node failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvergeError {

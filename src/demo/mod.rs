@@ -4,14 +4,22 @@
 //! directory ([`converge`]), upgrades it under load ([`load`]) with
 //! `redirect-drain` and then with `stop-start` ([`host`]), prints what the
 //! clients saw ([`report`]) and removes everything it made ([`cleanup`]).
+//!
+//! `lessnat demo --routed` ([`routed`]) does the same for routed mode in
+//! network namespaces it makes ([`namespace`], [`topology`]): the client
+//! addresses the replicas see, with lessnat and behind a masquerading load
+//! balancer.
 
 pub mod cleanup;
 pub mod converge;
 mod host;
 pub mod image;
 pub mod load;
+pub mod namespace;
 pub mod report;
+mod routed;
 pub mod server;
+pub mod topology;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -32,6 +40,8 @@ pub struct Options {
     /// Print the summary as JSON on standard output; everything else goes to
     /// standard error.
     pub json: bool,
+    /// Routed mode in network namespaces instead of host mode.
+    pub routed: bool,
 }
 
 /// The demo could not run, or was stopped.
@@ -43,8 +53,15 @@ pub enum DemoError {
     )]
     NotRoot,
     /// A command lessnat runs is missing.
-    #[error("lessnat demo needs the `{0}` command (on Debian or Ubuntu: apt-get install nftables)")]
-    Missing(&'static str),
+    #[error(
+        "lessnat demo needs the `{command}` command (on Debian or Ubuntu: apt-get install {package})"
+    )]
+    Missing {
+        /// The command.
+        command: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+    },
     /// No Docker engine answers.
     #[error(
         "lessnat demo needs a running Docker engine (at DOCKER_HOST, or /var/run/docker.sock); start it, e.g. `systemctl start docker`"
@@ -74,6 +91,14 @@ pub enum DemoError {
         what: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// A network namespace of the routed demo could not be made or changed.
+    #[error("{what}")]
+    Namespace {
+        /// What the demo was doing.
+        what: &'static str,
+        /// Why.
+        source: namespace::NamespaceError,
     },
     /// lessnat's table could not be read.
     #[error("reading nftables")]
@@ -124,7 +149,7 @@ impl Demo {
 
 /// Runs the demo the options ask for.
 pub fn run(options: Options) -> Result<(), DemoError> {
-    check_requirements()?;
+    check_requirements(options.routed)?;
     // Said now, before anything is made; the sessions connect on their own.
     Docker::connect().map_err(DemoError::NoDocker)?;
     let interrupt = Arc::new(AtomicBool::new(false));
@@ -155,14 +180,19 @@ pub fn run(options: Options) -> Result<(), DemoError> {
         what: "making a temporary state directory".to_string(),
         source,
     })?;
-    let result = host::run(&mut demo, &mut cleanup).map(|summary| {
+    let (result, made) = if options.routed {
         (
-            summary.table(),
-            serde_json::to_string_pretty(&summary).unwrap_or_default(),
+            routed::run(&mut demo, &mut cleanup).map(|s| shown(s.table(), &s)),
+            "containers, images, network namespaces, state directory",
         )
-    });
+    } else {
+        (
+            host::run(&mut demo, &mut cleanup).map(|s| shown(s.table(), &s)),
+            "containers, images, nftables table, state directory",
+        )
+    };
     if !demo.options.keep || result.is_err() {
-        demo.say("\nCleaning up: containers, images, nftables table, state directory.")?;
+        demo.say(&format!("\nCleaning up: {made}."))?;
     }
     let problems = cleanup.finish();
     for problem in &problems {
@@ -180,15 +210,30 @@ pub fn run(options: Options) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// Root and the `nft` command lessnat runs (the Docker engine is checked next).
-fn check_requirements() -> Result<(), DemoError> {
+/// A summary's table for people and its JSON for scripts.
+fn shown(table: String, summary: &impl serde::Serialize) -> (String, String) {
+    (
+        table,
+        serde_json::to_string_pretty(summary).unwrap_or_default(),
+    )
+}
+
+/// Root, the `nft` command lessnat runs and, for the routed demo, `ip`,
+/// which makes its namespaces (the Docker engine is checked next).
+fn check_requirements(routed: bool) -> Result<(), DemoError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(DemoError::NotRoot);
     }
-    if !on_path("nft") {
-        return Err(DemoError::Missing("nft"));
+    let commands = [("nft", "nftables"), ("ip", "iproute2")];
+    let needed = if routed {
+        &commands[..]
+    } else {
+        &commands[..1]
+    };
+    match needed.iter().find(|(command, _)| !on_path(command)) {
+        Some(&(command, package)) => Err(DemoError::Missing { command, package }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether `name` is an executable file on PATH.

@@ -34,8 +34,6 @@ impl Upgrade {
         accepted_by: &str,
         took: Duration,
     ) -> Upgrade {
-        let mut latencies: Vec<Duration> = load.samples.iter().map(Sample::latency).collect();
-        latencies.sort();
         Upgrade {
             requests: load.samples.len(),
             failed: load.failed().len(),
@@ -45,7 +43,7 @@ impl Upgrade {
                 .filter(|s| s.ok() && s.version.as_deref() == Some(accepted_by))
                 .count(),
             upgrade_seconds: round(took.as_secs_f64(), 100.0),
-            p99_ms: round(percentile(&latencies, 0.99).as_secs_f64() * 1000.0, 10.0),
+            p99_ms: p99_ms(&load.samples),
         }
     }
 }
@@ -97,6 +95,79 @@ impl HostSummary {
     }
 }
 
+/// What the replicas saw of one kind of load balancing, under the same load.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    /// Requests on fresh connections.
+    pub requests: usize,
+    /// Those that failed (refused, reset, timed out, incomplete).
+    pub failed: usize,
+    /// Share (0 to 1) of the answered requests whose replica saw the
+    /// address of the client that sent it.
+    pub real_client_share: f64,
+    /// Every client address the replicas saw.
+    pub addresses_seen: Vec<String>,
+    /// The 99th percentile latency of the requests, in milliseconds.
+    pub p99_ms: f64,
+}
+
+impl Seen {
+    /// The figures of `load` (`/peer` requests), where `real` says whether a
+    /// replica saw the real client address.
+    pub fn measure(load: &Report, real: impl Fn(&Sample) -> bool) -> Seen {
+        let answered: Vec<&Sample> = load.samples.iter().filter(|s| s.ok()).collect();
+        let real = answered.iter().filter(|s| real(s)).count();
+        Seen {
+            requests: load.samples.len(),
+            failed: load.samples.len() - answered.len(),
+            real_client_share: round(real as f64 / answered.len().max(1) as f64, 1000.0),
+            addresses_seen: load.peers(|_| true).into_keys().collect(),
+            p99_ms: p99_ms(&load.samples),
+        }
+    }
+}
+
+/// The routed demo's result: lessnat against a masquerading load balancer.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoutedSummary {
+    /// lessnat's routed mode: DNAT on the LBs, replies routed back.
+    pub routed: Seen,
+    /// The same with a `masquerade` rule on the LBs.
+    pub masquerade: Seen,
+}
+
+impl RoutedSummary {
+    /// The side-by-side table and what it means.
+    pub fn table(&self) -> String {
+        let (r, m) = (&self.routed, &self.masquerade);
+        let share = |seen: &Seen| format!("{:.0} %", seen.real_client_share * 100.0);
+        let rows = [
+            ("requests", r.requests.to_string(), m.requests.to_string()),
+            (
+                "failed requests",
+                r.failed.to_string(),
+                m.failed.to_string(),
+            ),
+            ("replica saw the real client address", share(r), share(m)),
+            (
+                "p99 latency",
+                format!("{:.1} ms", r.p99_ms),
+                format!("{:.1} ms", m.p99_ms),
+            ),
+        ];
+        let mut text = table(&["", "lessnat routed", "masquerading LB"], &rows);
+        let _ = writeln!(
+            text,
+            "\nWith lessnat the replicas saw the clients' own addresses ({}) and each reply went back \
+             through the load balancer that received the request; behind a masquerading load balancer \
+             they saw only the load balancers' addresses ({}).",
+            r.addresses_seen.join(", "),
+            m.addresses_seen.join(", ")
+        );
+        text
+    }
+}
+
 /// A plain text table, columns padded to their widest cell.
 fn table(head: &[&str; 3], rows: &[(&str, String, String)]) -> String {
     let mut widths = head.map(|h| h.chars().count());
@@ -124,6 +195,13 @@ fn table(head: &[&str; 3], rows: &[(&str, String, String)]) -> String {
         text.push_str(&line([label, a, b]));
     }
     text
+}
+
+/// The 99th percentile latency of `samples`, in milliseconds.
+fn p99_ms(samples: &[Sample]) -> f64 {
+    let mut latencies: Vec<Duration> = samples.iter().map(Sample::latency).collect();
+    latencies.sort();
+    round(percentile(&latencies, 0.99).as_secs_f64() * 1000.0, 10.0)
 }
 
 /// The `p` quantile (0..=1) of sorted durations.

@@ -9,7 +9,8 @@ pub mod load;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lessnat::netns::Netns;
+use lessnat::demo::namespace::Namespace;
+use lessnat::error::chain;
 
 /// Whether missing privileges must fail the test instead of skipping it.
 pub fn privileged_required() -> bool {
@@ -75,10 +76,29 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A network namespace made for one test, deleted when dropped (also on panic).
+/// A network namespace made for one test, deleted when dropped (also on
+/// panic): lessnat's [`Namespace`] with commands that panic when they fail.
 pub struct TestNetns {
-    /// Its name under /run/netns.
-    pub name: String,
+    inner: Namespace,
+}
+
+impl std::ops::Deref for TestNetns {
+    type Target = Namespace;
+    fn deref(&self) -> &Namespace {
+        &self.inner
+    }
+}
+
+impl AsRef<Namespace> for TestNetns {
+    fn as_ref(&self) -> &Namespace {
+        &self.inner
+    }
+}
+
+impl From<Namespace> for TestNetns {
+    fn from(inner: Namespace) -> Self {
+        TestNetns { inner }
+    }
 }
 
 impl TestNetns {
@@ -86,62 +106,30 @@ impl TestNetns {
     pub fn new(tag: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let name = format!("lnt-{tag}-{}-{n}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = TestNetns { name };
-        ns.exec("ip", &["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// The namespace as lessnat's backends take it.
-    pub fn netns(&self) -> Netns {
-        Netns::from_arg(&self.name)
+        Namespace::add(&name)
+            .map(TestNetns::from)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 
     /// Runs a command inside the namespace; panics when it fails.
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        let mut full = vec!["netns", "exec", &self.name, program];
-        full.extend_from_slice(args);
-        run("ip", &full)
+        self.inner
+            .exec(program, args)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 
     /// Runs a command inside the namespace and returns its output whatever the status.
     pub fn try_exec(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("ip netns exec: {e}"))
+        self.inner
+            .try_exec(program, args)
+            .unwrap_or_else(|e| panic!("{}", chain(&e)))
     }
 
     /// Feeds an nft script to `nft -f -` inside the namespace.
     pub fn nft(&self, script: &str) {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn nft");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("write script");
-        let output = child.wait_with_output().expect("wait nft");
-        assert!(
-            output.status.success(),
-            "nft -f failed: {}\n{script}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
+        self.inner
+            .nft(script)
+            .unwrap_or_else(|e| panic!("{}\n{script}", chain(&e)));
     }
 }
 

@@ -1,172 +1,51 @@
-//! A routed-mode site made of network namespaces, for tests and benchmarks
-//! that run `lessnat` once per node, as on separate machines.
-//!
-//! ```text
-//!   client 1 198.51.100.1 ─┐  front 198.51.100.0/24   ┌─ lb 1 .11 ─┐   back 192.0.2.0/24   ┌─ worker 1 .10 (10.20.1.0/24)
-//!   client 2 198.51.100.2 ─┘  (bridge in "fabric")   └─ lb 2 .12 ─┘   (bridge in "fabric")  └─ worker 2 .11 (10.20.2.0/24)
-//!                                                       192.0.2.2/.3
-//! ```
-//!
-//! Client 1 routes the VIP 203.0.113.10 via LB 1, client 2 via LB 2. Workers
-//! only know the back network: they have no route to the clients, so a reply
-//! can only leave through an LB by policy routing; reverse-path filtering is
-//! strict on them (`rp_filter=1`, all and default). Nothing else is set up on
-//! the nodes, and IP forwarding is off on them: forwarding, the VIP, routes
-//! to container subnets and the rest are lessnat's job.
-//!
-//! Every namespace is made under /run/netns (so `--netns NAME` works) and
-//! deleted on drop, also on panic, after `lessnat destroy` has run for every
-//! node and the containers of its nodes (named after node names that carry a
-//! random tag, as tests share one Docker engine) have been removed. The host
-//! namespace is never touched: veths are made inside the namespaces.
+//! The routed-mode site of `lessnat::demo::topology` for tests and
+//! benchmarks that run the `lessnat` binary once per node, as on separate
+//! machines: namespaces that panic when a command fails ([`TestNetns`]),
+//! node names with a random tag (tests share one Docker engine), state
+//! directories in a temporary directory, and test-only probes (nft counters,
+//! UDP with chosen TOS bits). On drop, also on panic, `lessnat destroy` runs
+//! for every node and the containers of its nodes are removed, then the
+//! namespaces are deleted.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lessnat::demo::topology::{self, Site};
 use serde_json::Value;
 
-use super::TestNetns;
-use super::load::{Load, LoadConfig, Sample, enter_netns};
+#[allow(unused_imports)] // each test binary uses a different part
+pub use lessnat::demo::topology::{
+    CLIENT_ADDRESSES, CLIENT_SUBNET, CLIENT_THREADS, HTTP_PORT, LB_ADDRESSES, LB_FRONT_ADDRESSES,
+    Replica, Service, UDP_PORT, VIP, VIP_PORT, VIP_UDP_PORT, WORKER_ADDRESSES, WORKER_SUBNETS,
+    client_of, saw_real_client, vip, vip_udp,
+};
 
-/// The VIP both load balancers serve.
-pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-/// The VIP's TCP (HTTP) port.
-pub const VIP_PORT: u16 = 80;
-/// The VIP's UDP port.
-pub const VIP_UDP_PORT: u16 = 53;
-/// The containers' HTTP port.
-pub const HTTP_PORT: u16 = 8080;
-/// The containers' UDP port.
-pub const UDP_PORT: u16 = 5353;
-/// The clients' network.
-pub const CLIENT_SUBNET: &str = "198.51.100.0/24";
-/// The clients' addresses; client *i* routes the VIP via LB *i*.
-pub const CLIENT_ADDRESSES: [Ipv4Addr; 2] = [
-    Ipv4Addr::new(198, 51, 100, 1),
-    Ipv4Addr::new(198, 51, 100, 2),
-];
-/// The LBs' addresses on the clients' network.
-pub const LB_FRONT_ADDRESSES: [Ipv4Addr; 2] = [
-    Ipv4Addr::new(198, 51, 100, 11),
-    Ipv4Addr::new(198, 51, 100, 12),
-];
-/// The LBs' node addresses (back network); LB *i* has id *i + 1*.
-pub const LB_ADDRESSES: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3)];
-/// The workers' node addresses (back network).
-pub const WORKER_ADDRESSES: [Ipv4Addr; 2] =
-    [Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11)];
-/// The workers' container subnets.
-pub const WORKER_SUBNETS: [&str; 2] = ["10.20.1.0/24", "10.20.2.0/24"];
-/// Every container subnet, as an nft set.
-pub const CONTAINER_SUBNETS_NFT: &str = "{ 10.20.1.0/24, 10.20.2.0/24 }";
+use super::TestNetns;
+use super::load::{Sample, enter_netns};
+
+/// A client namespace.
+pub type Client = topology::Client<TestNetns>;
+/// A lessnat node in its namespace.
+pub type Node = topology::Node<TestNetns>;
 
 /// How long one `lessnat` run may take before it is killed.
 pub const LESSNAT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A client namespace.
-pub struct Client {
-    /// Its namespace.
-    pub ns: TestNetns,
-    /// Its address.
-    pub address: Ipv4Addr,
-}
-
-/// A lessnat node: an LB or a worker, each in its own namespace with its own
-/// state directory.
-pub struct Node {
-    /// The node's name in the spec (with the topology's tag).
-    pub name: String,
-    /// Its namespace.
-    pub ns: TestNetns,
-    /// The node address (back network).
-    pub address: Ipv4Addr,
-    /// The load-balancer id, for LBs.
-    pub lb_id: Option<u8>,
-    /// The container subnet, for workers.
-    pub subnet: Option<&'static str>,
-    /// Its `--state-dir`.
-    pub state_dir: PathBuf,
-}
-
-/// One routed replica in a spec.
-#[derive(Debug, Clone)]
-pub struct Replica {
-    /// Index of the worker in [`Topology::workers`].
-    pub worker: usize,
-    /// Its address.
-    pub address: Ipv4Addr,
-    /// Where an upgrade starts the new version (`nextAddress`), if declared.
-    pub next_address: Option<Ipv4Addr>,
-}
-
-impl Replica {
-    /// Replica `host` (the last byte, e.g. 5 → 10.20.1.5) on worker
-    /// `worker`, with `nextAddress` at `host + 1`.
-    pub fn on(worker: usize, host: u8) -> Replica {
-        let base = WORKER_ADDRESSES[worker].octets()[3] - 9; // worker 1 → 10.20.1.x
-        Replica {
-            worker,
-            address: Ipv4Addr::new(10, 20, base, host),
-            next_address: Some(Ipv4Addr::new(10, 20, base, host + 1)),
-        }
-    }
-}
-
-/// A routed service in a spec: the test server, HTTP on 8080 (VIP port 80)
-/// and UDP on 5353 (VIP port 53).
-#[derive(Debug, Clone)]
-pub struct Service {
-    /// The service name.
-    pub name: String,
-    /// The image (`support::image::test_image(..)`).
-    pub image: String,
-    /// Its replicas.
-    pub replicas: Vec<Replica>,
-    /// `upgrade.drainTimeout`.
-    pub drain_timeout: &'static str,
-    /// `upgrade.switchWait`: how long a worker gives the LBs to switch to
-    /// the next replica before it counts the old one's connections.
-    pub switch_wait: &'static str,
-}
-
-impl Service {
-    /// `name` with `image` and `replicas`.
-    pub fn new(name: &str, image: &str, replicas: Vec<Replica>) -> Service {
-        Service {
-            name: name.to_string(),
-            image: image.to_string(),
-            replicas,
-            drain_timeout: "30s",
-            switch_wait: "3s",
-        }
-    }
-
-    /// The same service with another image.
-    pub fn with_image(&self, image: &str) -> Service {
-        Service {
-            image: image.to_string(),
-            ..self.clone()
-        }
-    }
-}
-
-/// The whole site; see the module documentation.
+/// The whole site (see `lessnat::demo::topology`), with the tests' helpers.
 pub struct Topology {
-    /// The random tag in every node name.
-    pub tag: String,
-    /// The two clients.
-    pub clients: Vec<Client>,
-    /// The two LB nodes (ids 1 and 2).
-    pub lbs: Vec<Node>,
-    /// One or two workers.
-    pub workers: Vec<Node>,
-    /// The namespace holding the two bridges.
-    pub fabric: TestNetns,
+    site: Site<TestNetns>,
     dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Topology {
+    type Target = Site<TestNetns>;
+    fn deref(&self) -> &Site<TestNetns> {
+        &self.site
+    }
 }
 
 /// A short random tag: node names (and so container names) of one topology
@@ -245,169 +124,10 @@ impl Topology {
     /// (check with `support::root_with` first).
     pub fn new(workers: usize) -> Topology {
         assert!((1..=2).contains(&workers), "1 or 2 workers, not {workers}");
-        let tag = random_tag();
         let dir = tempfile::tempdir().expect("temp dir");
-        // Made first, deleted last: every veth has its bridge end in here.
-        let fabric = TestNetns::new(&format!("{tag}-fab"));
-        fabric.exec("ip", &["link", "add", "front", "type", "bridge"]);
-        fabric.exec("ip", &["link", "add", "back", "type", "bridge"]);
-        for bridge in ["front", "back"] {
-            fabric.exec("ip", &["link", "set", bridge, "up"]);
-        }
-        let mut topology = Topology {
-            tag: tag.clone(),
-            clients: Vec::new(),
-            lbs: Vec::new(),
-            workers: Vec::new(),
-            fabric,
-            dir,
-        };
-        for (i, address) in CLIENT_ADDRESSES.into_iter().enumerate() {
-            let ns = TestNetns::new(&format!("{tag}-c{}", i + 1));
-            topology.cable(&ns, "fab", &format!("c{}", i + 1), "front");
-            ns.exec(
-                "ip",
-                &["addr", "add", &format!("{address}/24"), "dev", "fab"],
-            );
-            ns.exec("ip", &["link", "set", "fab", "up"]);
-            let via = LB_FRONT_ADDRESSES[i].to_string();
-            ns.exec("ip", &["route", "add", &format!("{VIP}/32"), "via", &via]);
-            topology.clients.push(Client { ns, address });
-        }
-        for i in 0..2 {
-            let n = i + 1;
-            let ns = TestNetns::new(&format!("{tag}-lb{n}"));
-            topology.cable(&ns, "front", &format!("lb{n}f"), "front");
-            topology.cable(&ns, "back", &format!("lb{n}b"), "back");
-            let front = format!("{}/24", LB_FRONT_ADDRESSES[i]);
-            let back = format!("{}/24", LB_ADDRESSES[i]);
-            ns.exec("ip", &["addr", "add", &front, "dev", "front"]);
-            ns.exec("ip", &["addr", "add", &back, "dev", "back"]);
-            ns.exec("ip", &["link", "set", "front", "up"]);
-            ns.exec("ip", &["link", "set", "back", "up"]);
-            let id = u8::try_from(n).expect("lb id");
-            let node = topology.node(ns, format!("lb{n}-{tag}"), LB_ADDRESSES[i]);
-            topology.lbs.push(Node {
-                lb_id: Some(id),
-                ..node
-            });
-        }
-        for i in 0..workers {
-            let n = i + 1;
-            let ns = TestNetns::new(&format!("{tag}-w{n}"));
-            topology.cable(&ns, "fab", &format!("w{n}"), "back");
-            let address = format!("{}/24", WORKER_ADDRESSES[i]);
-            ns.exec("ip", &["addr", "add", &address, "dev", "fab"]);
-            for scope in ["all", "default", "fab"] {
-                ns.exec(
-                    "sysctl",
-                    &["-qw", &format!("net.ipv4.conf.{scope}.rp_filter=1")],
-                );
-            }
-            ns.exec("ip", &["link", "set", "fab", "up"]);
-            let node = topology.node(ns, format!("w{n}-{tag}"), WORKER_ADDRESSES[i]);
-            topology.workers.push(Node {
-                subnet: Some(WORKER_SUBNETS[i]),
-                ..node
-            });
-        }
-        topology
-    }
-
-    /// A lessnat node in `ns`, with IP forwarding off (a new namespace
-    /// copies the host's setting, 1 where Docker runs; turning it on is
-    /// lessnat's job) and a state directory of its own.
-    fn node(&self, ns: TestNetns, name: String, address: Ipv4Addr) -> Node {
-        ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"]);
-        Node {
-            state_dir: self.dir.path().join(&name),
-            name,
-            ns,
-            address,
-            lb_id: None,
-            subnet: None,
-        }
-    }
-
-    /// A veth from `ns` (named `inside` there) to `bridge` in the fabric
-    /// (named `port` there). No IPv6 on either end: its link-local
-    /// addresses and router solicitations are noise here.
-    fn cable(&self, ns: &TestNetns, inside: &str, port: &str, bridge: &str) {
-        let fabric = &self.fabric;
-        fabric.exec(
-            "ip",
-            &[
-                "link", "add", port, "type", "veth", "peer", "name", inside, "netns", &ns.name,
-            ],
-        );
-        for (space, name) in [(fabric, port), (ns, inside)] {
-            let key = format!("net.ipv6.conf.{name}.disable_ipv6=1");
-            let _ = space.try_exec("sysctl", &["-qw", &key]);
-        }
-        fabric.exec("ip", &["link", "set", port, "master", bridge, "up"]);
-    }
-
-    /// Every namespace of the site.
-    pub fn namespaces(&self) -> Vec<&TestNetns> {
-        let mut all: Vec<&TestNetns> = self.clients.iter().map(|c| &c.ns).collect();
-        all.extend(self.lbs.iter().chain(&self.workers).map(|n| &n.ns));
-        all.push(&self.fabric);
-        all
-    }
-
-    /// Every lessnat node, LBs first.
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.lbs.iter().chain(&self.workers)
-    }
-
-    /// The spec for `services` on this site's nodes.
-    pub fn spec(&self, services: &[Service]) -> String {
-        let mut yaml = String::from("version: 1\nnodes:\n");
-        for node in self.nodes() {
-            let role = match (node.lb_id, node.subnet) {
-                (Some(id), _) => format!("loadBalancer: {{ id: {id}, vips: [{VIP}] }}"),
-                (None, Some(subnet)) => format!("containerSubnet: {subnet}"),
-                (None, None) => unreachable!("a node is an LB or a worker"),
-            };
-            let _ = writeln!(
-                yaml,
-                "  - name: {}\n    address: {}\n    {role}",
-                node.name, node.address
-            );
-        }
-        yaml.push_str("services:\n");
-        for service in services {
-            let _ = write!(
-                yaml,
-                "  - name: {}\n    image: {}\n    network: routed\n    \
-                 command: [\"--listen\", \"0.0.0.0:{{port.http}}\", \"--udp\", \"0.0.0.0:{{port.dns}}\"]\n    \
-                 replicas:\n",
-                service.name, service.image
-            );
-            for replica in &service.replicas {
-                let node = &self.workers[replica.worker].name;
-                let _ = write!(
-                    yaml,
-                    "      - {{ node: {node}, address: {}",
-                    replica.address
-                );
-                if let Some(next) = replica.next_address {
-                    let _ = write!(yaml, ", nextAddress: {next}");
-                }
-                yaml.push_str(" }\n");
-            }
-            let _ = write!(
-                yaml,
-                "    ports:\n      \
-                 - {{ name: http, port: {HTTP_PORT}, protocol: tcp, vip: {VIP}, vipPort: {VIP_PORT} }}\n      \
-                 - {{ name: dns, port: {UDP_PORT}, protocol: udp, vip: {VIP}, vipPort: {VIP_UDP_PORT} }}\n    \
-                 health:\n      http: {{ path: /healthz, port: http }}\n      interval: 200ms\n      \
-                 timeout: 1s\n      healthyAfter: 1\n      startTimeout: 20s\n    \
-                 upgrade:\n      drainTimeout: {}\n      switchWait: {}\n      stopTimeout: 5s\n",
-                service.drain_timeout, service.switch_wait
-            );
-        }
-        yaml
+        let site = Site::build("lnt-", &random_tag(), workers, dir.path())
+            .unwrap_or_else(|e| panic!("building the site: {}", lessnat::error::chain(&e)));
+        Topology { site, dir }
     }
 
     /// Writes the spec for `services` to a file named `name` in the
@@ -500,26 +220,6 @@ impl Topology {
         )
     }
 
-    /// Starts a pool of `threads` client threads in each client namespace,
-    /// asking the VIP for `/peer`, as `adjust` configures it; client *i*'s
-    /// threads are numbered from *i* × [`CLIENT_THREADS`] (see [`client_of`]).
-    pub fn load(&self, threads: usize, adjust: impl Fn(LoadConfig) -> LoadConfig) -> Vec<Load> {
-        self.clients
-            .iter()
-            .enumerate()
-            .map(|(i, client)| {
-                let config = LoadConfig {
-                    clients: threads,
-                    first_client: i * CLIENT_THREADS,
-                    ..LoadConfig::to(vip())
-                        .in_netns(&client.ns.name)
-                        .path("/peer")
-                };
-                Load::start(adjust(config))
-            })
-            .collect()
-    }
-
     /// Counts, in each LB's forward hook, packets from and to each client
     /// (test-owned table `ip lnt_paths`, named counters `from_c1`, `to_c1`,
     /// `from_c2`, `to_c2`; only replies go to clients). Resets the counters
@@ -583,22 +283,12 @@ impl Topology {
         nft_counters(&self.workers[worker].ns, "ip", "lnt_ecn")
     }
 
-    /// Adds (or with `on == false` removes) a test-owned masquerade of
-    /// everything forwarded to the container subnets on every LB: the
-    /// baseline "LB with SNAT" (table `ip lnt_masq`).
+    /// Adds (or with `on == false` removes) the masquerading baseline on
+    /// every LB (`Site::masquerade`); panics when nft fails.
     pub fn masquerade(&self, on: bool) {
-        for lb in &self.lbs {
-            let _ = lb
-                .ns
-                .try_exec("nft", &["delete", "table", "ip", "lnt_masq"]);
-            if on {
-                lb.ns.nft(&format!(
-                    "table ip lnt_masq {{\n  chain postrouting {{\n    \
-                     type nat hook postrouting priority 100; policy accept;\n    \
-                     ip daddr {CONTAINER_SUBNETS_NFT} masquerade\n  }}\n}}\n"
-                ));
-            }
-        }
+        self.site
+            .masquerade(on)
+            .unwrap_or_else(|e| panic!("masquerade: {}", lessnat::error::chain(&e)));
     }
 
     /// Runs `lessnat destroy` on every node and removes every container of
@@ -630,24 +320,6 @@ impl Drop for Topology {
         self.clean_up();
         // The namespaces go when the fields drop, the fabric last.
     }
-}
-
-/// Load threads of one client namespace are numbered in a range this long.
-pub const CLIENT_THREADS: usize = 1000;
-
-/// The index of the client namespace a sample of [`Topology::load`] came from.
-pub fn client_of(sample: &Sample) -> usize {
-    sample.client / CLIENT_THREADS
-}
-
-/// The VIP's HTTP address.
-pub fn vip() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(VIP, VIP_PORT))
-}
-
-/// The VIP's UDP address.
-pub fn vip_udp() -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(VIP, VIP_UDP_PORT))
 }
 
 /// `nft -j list ruleset` in `ns`.
