@@ -5,6 +5,7 @@
 mod drain;
 #[cfg(test)]
 mod fake;
+mod hold;
 mod host;
 mod primary;
 pub mod progress;
@@ -27,7 +28,7 @@ use crate::netns::NetnsError;
 use crate::plan::operation::Operation;
 use crate::plan::{Change, Plan, Summary};
 use crate::spec::PlaceholderError;
-pub use host::{Host, LiveHost};
+pub use host::{Host, LiveHost, TableHold};
 use progress::Progress;
 use upgrade::Upgrade;
 
@@ -155,17 +156,23 @@ pub enum ApplyError {
 /// Carries out `plan` and returns what was done: each change's operation, in
 /// plan order, exactly as planned.
 pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan) -> Result<Summary, ApplyError> {
+    let mut summary = plan.summary();
     for change in &plan.changes {
         if ctx.interrupted() {
             return Err(ApplyError::Interrupted);
         }
-        apply_change(ctx, progress, change)?;
+        summary.table_restores += apply_change(ctx, progress, change)?;
     }
-    Ok(plan.summary())
+    Ok(summary)
 }
 
-/// Carries out one change: one short arm per operation.
-fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Result<(), ApplyError> {
+/// Carries out one change: one short arm per operation. Returns how many
+/// times lessnat's table was restored on the way (see [`Summary::table_restores`]).
+fn apply_change(
+    ctx: &Context,
+    progress: &mut Progress,
+    change: &Change,
+) -> Result<usize, ApplyError> {
     let address = change.resource.address();
     match &change.operation {
         Operation::WriteTable { table, switches } => {
@@ -194,12 +201,21 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Resu
             workload,
             in_flight,
             from,
+            redirected_table,
         } => {
-            Upgrade::new(ctx, progress, &workload.service, &workload.container)
-                .run(in_flight.as_ref(), from.as_ref())?;
+            let mut upgrade = Upgrade::new(
+                ctx,
+                progress,
+                &workload.service,
+                &workload.container,
+                Some(redirected_table),
+            );
+            let result = upgrade.run(in_flight.as_ref(), from.as_ref());
+            return result.map(|()| upgrade.restores());
         }
         Operation::StopStart { workload } => {
-            Upgrade::new(ctx, progress, &workload.service, &workload.container).stop_start()?;
+            Upgrade::new(ctx, progress, &workload.service, &workload.container, None)
+                .stop_start()?;
         }
         Operation::CreateReplica { workload, address } => {
             routed::Replica::new(ctx, progress, workload).create(*address)?;
@@ -271,5 +287,5 @@ fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Resu
             ctx.host.write_sysctl(key, value)?;
         }
     }
-    Ok(())
+    Ok(0)
 }

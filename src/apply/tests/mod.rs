@@ -11,11 +11,13 @@ use super::progress::Progress;
 use super::{ApplyError, Context, apply};
 use crate::journal::{Journal, JournalFile};
 use crate::plan::operation::Operation;
-use crate::plan::{Plan, plan};
+use crate::plan::{Plan, Summary, plan};
 
-/// Calls that only read the host; [`Harness::changes`] leaves them out
-/// (conntrack reads stay: each one is a drain poll).
-const READS: [&str; 6] = [
+/// Calls that do not change the host (reads, and the hold on lessnat's
+/// table); [`Harness::changes`] leaves them out (conntrack reads stay: each
+/// one is a drain poll).
+const READS: [&str; 7] = [
+    "hold table",
     "state ",
     "probe ",
     "read flows to ",
@@ -63,13 +65,18 @@ impl Harness {
 
     /// Applies `plan` to the fake host.
     fn apply_plan(&self, plan: &Plan) -> Result<(), ApplyError> {
+        self.apply_summary(plan).map(drop)
+    }
+
+    /// Applies `plan` to the fake host and returns apply's summary.
+    fn apply_summary(&self, plan: &Plan) -> Result<Summary, ApplyError> {
         let ctx = Context {
             node: self.node,
             host: &self.fake,
             journal: self.journal_file(),
             interrupt: &self.fake.interrupt,
         };
-        apply(&ctx, &mut Progress::new(false), plan).map(drop)
+        apply(&ctx, &mut Progress::new(false), plan)
     }
 
     fn journal_file(&self) -> JournalFile {
