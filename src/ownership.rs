@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 pub const NFT_FAMILY: &str = "inet";
 /// The name of lessnat's nftables table.
 pub const NFT_TABLE: &str = "lessnat";
+/// The guard table that carries an upgrade's redirect while it must hold,
+/// owned by an `nft` process lessnat runs: no other process can delete or
+/// flush it, and it goes when that process ends.
+pub const NFT_GUARD_TABLE: &str = "lessnat_guard";
 /// The comment on lessnat's table, so people reading `nft list ruleset` know who owns it.
 pub const NFT_TABLE_COMMENT: &str = "managed by lessnat; changes here are undone by lessnat apply";
 

@@ -405,6 +405,7 @@ impl Session {
             journal: JournalFile::in_dir(&self.settings.state_dir),
             interrupt: &self.interrupt,
         };
+        let mut summary = planned.plan.summary();
         for change in &planned.plan.changes {
             self.progress.report(&Report::ChangeStarted(change));
             let started = Instant::now();
@@ -414,9 +415,9 @@ impl Session {
                 took: started.elapsed(),
                 error: result.as_ref().err(),
             });
-            result.map_err(SessionError::Apply)?;
+            summary.table_restores += result.map_err(SessionError::Apply)?;
         }
-        Ok(planned.plan.summary())
+        Ok(summary)
     }
 }
 
@@ -464,6 +465,7 @@ fn add(total: &mut Summary, done: Summary) {
     total.change += done.change;
     total.destroy += done.destroy;
     total.upgrade += done.upgrade;
+    total.table_restores += done.table_restores;
 }
 
 #[cfg(test)]

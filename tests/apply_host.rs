@@ -1980,3 +1980,84 @@ fn destroy_with_a_spec_picks_the_node_from_it() {
     );
     assert_eq!(host.containers(), Vec::<String>::new());
 }
+
+/// Upgrades `web` from v1 to v2 under load (16 clients and 5 long-lived
+/// streams) while someone else deletes lessnat's table (`nft delete table
+/// inet lessnat`, as a firewall reload does) `after` apply prints `line`:
+/// no request fails, apply restores the table and says so, and the host
+/// converges.
+fn upgrade_with_table_deleted(test: &str, line: &str, after: Duration) {
+    let Some(mut host) = Host::new(test) else {
+        return;
+    };
+    let svc = Svc::new("web", service_port(), service_port());
+    host.apply(&svc).expect_success("installing v1 (apply)");
+
+    let origin = Instant::now();
+    let load = Load::start(LoadConfig {
+        clients: 16,
+        ..LoadConfig::new(svc.port)
+    });
+    load.wait_requests(16 * 20, Duration::from_secs(20))
+        .expect("load before the upgrade");
+    let long = load::long_lived(svc.port, 5, 3000);
+    let mut running = host.spawn_apply(&svc.at("v2"), &[]);
+    running.wait_line(line, APPLY_TIMEOUT);
+    std::thread::sleep(after);
+    let deleted = Instant::now();
+    support::run("nft", &["delete", "table", "inet", "lessnat"]);
+    let upgrade = running
+        .wait(APPLY_TIMEOUT)
+        .expect_success("upgrading to v2 while lessnat's table is deleted");
+    load.wait_requests(16 * 20, Duration::from_secs(20))
+        .expect("load after the upgrade");
+    let report = load.stop();
+    let long = long.wait();
+    eprintln!(
+        "table deleted at {:.2}s; load: {}\n{}",
+        secs(origin, deleted),
+        report.summary(origin),
+        upgrade.stdout()
+    );
+
+    assert_no_failures(&report, origin, "upgrade with lessnat's table deleted");
+    for sample in &long {
+        assert!(
+            sample.ok(),
+            "long-lived connection failed: {:?}",
+            sample.error
+        );
+    }
+    let restored = upgrade.line_at(&format!(
+        "web: lessnat's table was deleted by someone else; restored it with the redirect {}/tcp -> {}",
+        svc.port, svc.temp
+    ));
+    assert!(
+        restored > deleted,
+        "the restore was reported before the deletion:\n{}",
+        upgrade.stdout()
+    );
+    assert_eq!(version_at(svc.port), "v2");
+    host.assert_converged(&svc.at("v2"));
+}
+
+#[test]
+fn table_deleted_during_drain_drops_nothing() {
+    // The long-lived streams hold the drain for about 3 s.
+    upgrade_with_table_deleted(
+        "table_deleted_during_drain_drops_nothing",
+        "stage 3/7 drain",
+        Duration::from_millis(700),
+    );
+}
+
+#[test]
+fn table_deleted_during_swap_drops_nothing() {
+    // Deleted as the old primary is stopped: without the redirect, new
+    // connections would reach it while it exits, then nothing at all.
+    upgrade_with_table_deleted(
+        "table_deleted_during_swap_drops_nothing",
+        "stage 4/7 swap",
+        Duration::ZERO,
+    );
+}

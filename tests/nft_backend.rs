@@ -8,10 +8,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use lessnat::backend::nft::{NftError, apply_table, delete_table, observe, set_redirect};
-use lessnat::desired::host_table::host_table;
+use lessnat::backend::nft::{
+    GuardTable, NftError, TableWatch, apply_table, delete_table, observe, set_redirect,
+};
+use lessnat::desired::host_table::{guard_table, host_table};
 use lessnat::model::Redirect;
 use lessnat::model::{NftState, NftTable};
 use lessnat::netns::Netns;
@@ -494,4 +496,110 @@ fn routed_parts_are_observed_exactly() {
         !json.contains("\"masquerade\"") && !json.contains("\"snat\""),
         "{json}"
     );
+}
+
+/// Waits until lessnat's table in `netns` is `wanted` again; returns how long
+/// that took (observations are a few milliseconds apart).
+fn wait_restored(netns: &Netns, wanted: &NftTable, since: Instant) -> Duration {
+    loop {
+        if observe(netns).expect("observe") == only(wanted.clone()) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < TIMEOUT,
+            "lessnat's table was not restored within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_held_table_is_restored_after_flush_ruleset_and_delete_table() {
+    if !support::root_with("a_held_table_is_restored_after_flush_ruleset", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("nft-hold");
+    let netns = ns.netns();
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let wanted = host_table(&[tcp(8000, 18000)]);
+    apply_table(&netns, &wanted).expect("the table with the redirect");
+    let _old = Server::start(&netns, ip, 8000);
+    let _next = Server::start(&netns, ip, 18000);
+    let watch = TableWatch::start(&netns, &wanted).expect("watch");
+    assert_eq!(watch.reassert().expect("reassert"), 0, "nothing to restore");
+
+    // What `systemctl restart nftables` does: every table goes.
+    ns.exec("nft", &["flush", "ruleset"]);
+    let took = wait_restored(&netns, &wanted, Instant::now());
+    eprintln!(
+        "restored {:.1} ms after flush ruleset",
+        took.as_secs_f64() * 1000.0
+    );
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "a"), "18000 a");
+
+    ns.exec("nft", &["delete", "table", "inet", "lessnat"]);
+    let took = wait_restored(&netns, &wanted, Instant::now());
+    eprintln!(
+        "restored {:.1} ms after delete table",
+        took.as_secs_f64() * 1000.0
+    );
+
+    // Only the element goes: the table is written whole again too.
+    set_redirect(&netns, &tcp(8000, 18000), false).expect("remove the element");
+    wait_restored(&netns, &wanted, Instant::now());
+    assert_eq!(
+        watch.reassert().expect("reassert"),
+        3,
+        "each restore counted once"
+    );
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "b"), "18000 b");
+
+    // Once the hold is dropped, a deletion stays.
+    drop(watch);
+    ns.exec("nft", &["flush", "ruleset"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(list_tables(&ns), "");
+}
+
+#[test]
+fn removing_a_redirect_that_is_gone_succeeds() {
+    if !support::root_with("removing_a_redirect_that_is_gone_succeeds", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("nft-gone");
+    let netns = ns.netns();
+    apply_table(&netns, &host_table(&[])).expect("steady state");
+    set_redirect(&netns, &tcp(8000, 18000), false).expect("no such element");
+    ns.exec("nft", &["flush", "ruleset"]);
+    set_redirect(&netns, &tcp(8000, 18000), false).expect("no such table");
+    assert_eq!(list_tables(&ns), "", "removing creates nothing");
+    let error = set_redirect(&netns, &tcp(8000, 18000), true).expect_err("no table to add to");
+    assert!(matches!(error, NftError::Failed { .. }), "{error:?}");
+}
+
+#[test]
+fn a_guard_table_survives_flush_ruleset_and_goes_with_its_holder() {
+    if !support::root_with("a_guard_table_survives_flush_ruleset", &["nft"]) {
+        return;
+    }
+    let ns = TestNetns::new("nft-guard");
+    let netns = ns.netns();
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let table = host_table(&[tcp(8000, 18000)]);
+    apply_table(&netns, &table).expect("the table with the redirect");
+    let _old = Server::start(&netns, ip, 8000);
+    let _next = Server::start(&netns, ip, 18000);
+    let guard = GuardTable::hold(&netns, &guard_table(&table)).expect("guard");
+
+    // lessnat's table goes; the guard stays, and redirects with no gap.
+    ns.exec("nft", &["flush", "ruleset"]);
+    assert_eq!(list_tables(&ns), "table inet lessnat_guard\n");
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "a"), "18000 a");
+    let refused = ns.try_exec("nft", &["delete", "table", "inet", "lessnat_guard"]);
+    assert!(!refused.status.success(), "only its owner may delete it");
+    assert_eq!(list_tables(&ns), "table inet lessnat_guard\n");
+
+    drop(guard);
+    assert_eq!(list_tables(&ns), "", "the guard goes with its nft process");
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "b"), "8000 b");
 }

@@ -55,6 +55,29 @@ pub(super) fn established(state: &ConntrackState, service: &Service, temporary: 
         .sum()
 }
 
+/// Connections that reached the old version after the redirect was set: with
+/// the redirect in place its count only falls, so each rise between two polls
+/// is new connections that came while the redirect was missing (at least that
+/// many: one that ended in the same interval hides one that came).
+#[derive(Debug, Default)]
+pub(super) struct Arrivals {
+    last: Option<u64>,
+    total: u64,
+}
+
+impl Arrivals {
+    /// Notes the old version's count at one poll; returns the new total when
+    /// it rose.
+    pub fn note(&mut self, count: u64) -> Option<u64> {
+        let rose = self.last.is_some_and(|last| count > last);
+        if let (true, Some(last)) = (rose, self.last) {
+            self.total += count - last;
+        }
+        self.last = Some(count);
+        rose.then_some(self.total)
+    }
+}
+
 /// Polls conntrack until `count` reaches 0 or `timeout` passes.
 pub(super) fn wait_drained(
     ctx: &Context,
@@ -63,23 +86,23 @@ pub(super) fn wait_drained(
     timeout: Duration,
     count: impl Fn(&ConntrackState) -> u64,
 ) -> Result<Drained, ApplyError> {
-    wait_until_drained(ctx, progress, what, timeout, || {
+    wait_until_drained(ctx, progress, what, timeout, |_| {
         Ok(count(&ctx.host.conntrack()?))
     })
 }
 
 /// Calls `count` every [`POLL`] until it returns 0 or `timeout` passes,
-/// showing how many connections are left.
+/// showing how many connections are left (`count` may report on progress too).
 pub(super) fn wait_until_drained(
     ctx: &Context,
     progress: &mut Progress,
     what: &str,
     timeout: Duration,
-    mut count: impl FnMut() -> Result<u64, ApplyError>,
+    mut count: impl FnMut(&mut Progress) -> Result<u64, ApplyError>,
 ) -> Result<Drained, ApplyError> {
     let started = ctx.host.now();
     loop {
-        let left = count()?;
+        let left = count(progress)?;
         if left == 0 {
             progress.end_wait();
             return Ok(Drained::Empty);
@@ -106,6 +129,16 @@ pub(super) fn wait_until_drained(
 mod tests {
     use super::*;
     use crate::model::FlowCount;
+
+    #[test]
+    fn arrivals_are_the_rises_between_polls() {
+        let mut arrivals = Arrivals::default();
+        let noted: Vec<Option<u64>> = [5, 3, 3, 6, 2, 4, 0]
+            .into_iter()
+            .map(|count| arrivals.note(count))
+            .collect();
+        assert_eq!(noted, [None, None, None, Some(3), None, Some(5), None]);
+    }
 
     #[test]
     fn counts_connections_that_may_still_carry_data() {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bollard::errors::Error as ApiError;
 
-use super::host::Host;
+use super::host::{Host, TableHold};
 use crate::backend::conntrack::{ConntrackError, FlowTo};
 use crate::backend::docker::{ContainerStatus, DockerError};
 use crate::backend::netlink::NetlinkError;
@@ -105,6 +105,15 @@ impl FakeContainer {
     }
 }
 
+/// When someone else deletes lessnat's table, for [`FakeHost::delete_table_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum At {
+    /// At the `n`th conntrack read (counted from 1), before it is answered.
+    ConntrackRead(usize),
+    /// At the `n`th health probe (counted from 1), before it is answered.
+    Probe(usize),
+}
+
 /// Answers scripted by a test: each read takes the next one; the last one stays.
 #[derive(Debug, Clone, Default)]
 struct Script<T>(VecDeque<T>);
@@ -149,6 +158,8 @@ struct State {
     conntrack: Script<ConntrackState>,
     conntrack_reads: usize,
     interrupt_at_read: Option<usize>,
+    probes: usize,
+    delete_table_at: Vec<At>,
     flows_to: BTreeMap<IpAddr, Script<Vec<FlowTo>>>,
     health: BTreeMap<String, Health>,
     faults: Vec<Fault>,
@@ -234,6 +245,17 @@ impl FakeHost {
         self.state.borrow_mut().interrupt_at_read = Some(read);
     }
 
+    /// Someone else deletes lessnat's table `at` that moment (logged as
+    /// `foreign: delete table`).
+    pub fn delete_table_at(&self, at: At) {
+        self.state.borrow_mut().delete_table_at.push(at);
+    }
+
+    /// Whether lessnat's table exists.
+    pub fn has_table(&self) -> bool {
+        self.state.borrow().table.is_some()
+    }
+
     /// Makes the next `times` calls logged as `call` fail.
     pub fn fail(&self, call: &str, times: u32) {
         self.state.borrow_mut().faults.push(Fault {
@@ -247,9 +269,13 @@ impl FakeHost {
         self.state.borrow().calls.clone()
     }
 
-    /// Forgets the calls so far.
+    /// Forgets the calls so far; conntrack reads and probes are counted
+    /// afresh (for [`At`] and [`Self::interrupt_at_read`]).
     pub fn clear_calls(&self) {
-        self.state.borrow_mut().calls.clear();
+        let mut state = self.state.borrow_mut();
+        state.calls.clear();
+        state.conntrack_reads = 0;
+        state.probes = 0;
     }
 
     /// The container named `name`.
@@ -326,6 +352,22 @@ impl FakeHost {
             conntrack: state.conntrack.peek(),
             ..Observed::default()
         }
+    }
+
+    /// Deletes lessnat's table when a test scheduled it `at` this moment.
+    fn foreign_delete(&self, at: At) {
+        let mut state = self.state.borrow_mut();
+        if state.delete_table_at.contains(&at) {
+            state.calls.push("foreign: delete table".into());
+            state.table = None;
+        }
+    }
+
+    /// Writes lessnat's table, logged as `call`.
+    fn apply_table_as(&self, call: &str, table: &NftTable) -> Result<(), NftError> {
+        self.call(call).map_err(|e| nft_error(call, e))?;
+        self.state.borrow_mut().table = Some(table.clone());
+        Ok(())
     }
 
     /// Logs `call`; fails it when a fault is set for it.
@@ -511,10 +553,7 @@ impl Host for FakeHost {
     }
 
     fn apply_table(&self, table: &NftTable) -> Result<(), NftError> {
-        self.call("write table")
-            .map_err(|e| nft_error("write table", e))?;
-        self.state.borrow_mut().table = Some(table.clone());
-        Ok(())
+        self.apply_table_as("write table", table)
     }
 
     fn delete_table(&self) -> Result<(), NftError> {
@@ -534,14 +573,18 @@ impl Host for FakeHost {
         );
         self.call(&call).map_err(|e| nft_error(&call, e))?;
         let mut state = self.state.borrow_mut();
-        let map = state
-            .table
-            .as_mut()
-            .and_then(|t| {
-                let name = redirect_map_name(redirect.protocol);
-                t.maps.iter_mut().find(|m| m.name == name)
-            })
-            .ok_or_else(|| nft_error(&call, "no such map in table inet lessnat".into()))?;
+        let map = state.table.as_mut().and_then(|t| {
+            let name = redirect_map_name(redirect.protocol);
+            t.maps.iter_mut().find(|m| m.name == name)
+        });
+        let Some(map) = map else {
+            // Removing an element whose map or table is gone succeeds.
+            return if present {
+                Err(nft_error(&call, "no such map in table inet lessnat".into()))
+            } else {
+                Ok(())
+            };
+        };
         let key = serde_json::json!(redirect.port);
         map.elements.retain(|e| e.key != key);
         if present {
@@ -554,12 +597,26 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError> {
+        self.call("hold table")
+            .map_err(|e| nft_error("hold table", e))?;
+        Ok(Box::new(FakeHold {
+            host: self,
+            table: table.clone(),
+        }))
+    }
+
     fn conntrack(&self) -> Result<ConntrackState, ConntrackError> {
         self.call("read conntrack")
             .map_err(|e| conntrack_error("read conntrack", e))?;
+        let read = {
+            let mut state = self.state.borrow_mut();
+            state.conntrack_reads += 1;
+            state.conntrack_reads
+        };
+        self.foreign_delete(At::ConntrackRead(read));
         let mut state = self.state.borrow_mut();
-        state.conntrack_reads += 1;
-        if state.interrupt_at_read == Some(state.conntrack_reads) {
+        if state.interrupt_at_read == Some(read) {
             self.interrupt.store(true, Ordering::SeqCst);
         }
         Ok(state.conntrack.next())
@@ -698,6 +755,12 @@ impl Host for FakeHost {
         let (NetworkCheck::Http { port, .. } | NetworkCheck::Tcp { port }) = *check;
         let addr = SocketAddr::new(ip, port);
         self.call(&format!("probe {addr}"))?;
+        let probe = {
+            let mut state = self.state.borrow_mut();
+            state.probes += 1;
+            state.probes
+        };
+        self.foreign_delete(At::Probe(probe));
         let mut state = self.state.borrow_mut();
         let listener = state.listener(ip, port);
         match listener.and_then(|name| state.containers.get_mut(&name)) {
@@ -712,5 +775,33 @@ impl Host for FakeHost {
 
     fn sleep(&self, duration: Duration) {
         self.state.borrow_mut().elapsed += duration;
+    }
+}
+
+/// A hold on the fake host's table: it is checked when apply asks (there is no
+/// background watch in memory), and restored there (logged as `restore table`).
+struct FakeHold<'a> {
+    host: &'a FakeHost,
+    table: NftTable,
+}
+
+impl TableHold for FakeHold<'_> {
+    fn reassert(&self) -> Result<u32, NftError> {
+        if self
+            .host
+            .state
+            .borrow()
+            .table
+            .as_ref()
+            .is_some_and(|t| t.holds(&self.table))
+        {
+            return Ok(0);
+        }
+        self.host.apply_table_as("restore table", &self.table)?;
+        Ok(1)
+    }
+
+    fn unguarded(&self) -> Option<&NftError> {
+        None
     }
 }

@@ -14,6 +14,7 @@ use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth::{self, Wiring};
+use crate::desired::host_table::guard_table;
 use crate::health::NetworkCheck;
 use crate::model::{
     ConntrackState, ContainerSpec, IpRule, NftTable, OwnedAddress, Redirect, Route, Veth,
@@ -47,8 +48,13 @@ pub trait Host {
     fn apply_table(&self, table: &NftTable) -> Result<(), NftError>;
     /// Deletes lessnat's nftables table (absent is fine).
     fn delete_table(&self) -> Result<(), NftError>;
-    /// Adds (`present`) or removes one redirect map element.
+    /// Adds (`present`) or removes one redirect map element; removing one
+    /// that is gone (or whose table is) succeeds.
     fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError>;
+    /// Keeps lessnat's table holding `table` until the hold is dropped: when
+    /// someone else deletes it, or part of it, it is written whole again in
+    /// one transaction (live: at once, on nftables' own event).
+    fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError>;
 
     /// Reads the conntrack counts (drains of host-mode upgrades).
     fn conntrack(&self) -> Result<ConntrackState, ConntrackError>;
@@ -91,6 +97,35 @@ pub trait Host {
     /// Waits `duration`: between two polls of a drain or switch wait, and
     /// between the passes of a UDP move.
     fn sleep(&self, duration: Duration);
+}
+
+/// A hold on lessnat's table, from [`Host::hold_table`].
+pub trait TableHold {
+    /// Checks the table now, writes it whole when part of it is missing, and
+    /// returns how many times it was written since the last call (in the
+    /// background, or now).
+    fn reassert(&self) -> Result<u32, NftError>;
+    /// Why no guard table carries the redirect meanwhile, when none does: a
+    /// deletion of lessnat's table then leaves new connections unredirected
+    /// until it is restored.
+    fn unguarded(&self) -> Option<&NftError>;
+}
+
+/// The live hold: the guard table (`nft::GuardTable`), when the host allows
+/// one, and the watch that restores lessnat's table.
+struct LiveHold {
+    watch: nft::TableWatch,
+    guard: Result<nft::GuardTable, NftError>,
+}
+
+impl TableHold for LiveHold {
+    fn reassert(&self) -> Result<u32, NftError> {
+        self.watch.reassert()
+    }
+
+    fn unguarded(&self) -> Option<&NftError> {
+        self.guard.as_ref().err()
+    }
 }
 
 /// The real host: the backends, inside `netns`, and the Docker engine.
@@ -148,6 +183,12 @@ impl Host for LiveHost<'_> {
 
     fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError> {
         nft::set_redirect(self.netns, redirect, present)
+    }
+
+    fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError> {
+        let watch = nft::TableWatch::start(self.netns, table)?;
+        let guard = nft::GuardTable::hold(self.netns, &guard_table(table));
+        Ok(Box::new(LiveHold { watch, guard }))
     }
 
     fn conntrack(&self) -> Result<ConntrackState, ConntrackError> {

@@ -5,6 +5,7 @@
 mod drain;
 #[cfg(test)]
 mod fake;
+mod hold;
 mod host;
 mod primary;
 pub mod progress;
@@ -27,7 +28,7 @@ use crate::netns::NetnsError;
 use crate::plan::Change;
 use crate::plan::operation::Operation;
 use crate::spec::PlaceholderError;
-pub use host::{Host, LiveHost};
+pub use host::{Host, LiveHost, TableHold};
 use progress::Progress;
 use upgrade::Upgrade;
 
@@ -153,12 +154,13 @@ pub enum ApplyError {
 }
 
 /// Carries out one change's operation exactly as planned (one short arm per
-/// operation); refuses to start once SIGINT or SIGTERM came.
+/// operation); refuses to start once SIGINT or SIGTERM came. Returns how many
+/// times lessnat's table was restored on the way (see [`Summary::table_restores`](crate::plan::Summary::table_restores)).
 pub fn apply_change(
     ctx: &Context,
     progress: &mut Progress,
     change: &Change,
-) -> Result<(), ApplyError> {
+) -> Result<usize, ApplyError> {
     if ctx.interrupted() {
         return Err(ApplyError::Interrupted);
     }
@@ -190,12 +192,21 @@ pub fn apply_change(
             workload,
             in_flight,
             from,
+            redirected_table,
         } => {
-            Upgrade::new(ctx, progress, &workload.service, &workload.container)
-                .run(in_flight.as_ref(), from.as_ref())?;
+            let mut upgrade = Upgrade::new(
+                ctx,
+                progress,
+                &workload.service,
+                &workload.container,
+                Some(redirected_table),
+            );
+            let result = upgrade.run(in_flight.as_ref(), from.as_ref());
+            return result.map(|()| upgrade.restores());
         }
         Operation::StopStart { workload } => {
-            Upgrade::new(ctx, progress, &workload.service, &workload.container).stop_start()?;
+            Upgrade::new(ctx, progress, &workload.service, &workload.container, None)
+                .stop_start()?;
         }
         Operation::CreateReplica { workload, address } => {
             routed::Replica::new(ctx, progress, workload).create(*address)?;
@@ -267,5 +278,5 @@ pub fn apply_change(
             ctx.host.write_sysctl(key, value)?;
         }
     }
-    Ok(())
+    Ok(0)
 }

@@ -45,6 +45,19 @@ pub(super) fn wait_ready(
     container: &str,
     at: ProbeAt,
 ) -> Result<(), ApplyError> {
+    wait_ready_ticking(ctx, progress, service, container, at, |_| Ok(()))
+}
+
+/// [`wait_ready`], calling `tick` before each probe; a failed tick ends the
+/// wait with its error.
+pub(super) fn wait_ready_ticking(
+    ctx: &Context,
+    progress: &mut Progress,
+    service: &Service,
+    container: &str,
+    at: ProbeAt,
+    mut tick: impl FnMut(&mut Progress) -> Result<(), ApplyError>,
+) -> Result<(), ApplyError> {
     let health: Option<&Health> = service.health.as_ref().map(|h| &h.value);
     let timing = match health {
         Some(h) => Timing {
@@ -72,6 +85,7 @@ pub(super) fn wait_ready(
         }
     };
     let mut last_state = None;
+    let mut failed = None;
     let alive = || {
         progress.waiting(&format!(
             "{container}: waiting until healthy ({} of {})",
@@ -79,6 +93,10 @@ pub(super) fn wait_ready(
             short(timing.start_timeout)
         ));
         if ctx.interrupted() {
+            return false;
+        }
+        if let Err(error) = tick(progress) {
+            failed = Some(error);
             return false;
         }
         match ctx.host.state(container) {
@@ -92,6 +110,9 @@ pub(super) fn wait_ready(
     };
     let result = wait_healthy(timing, probe, alive);
     progress.end_wait();
+    if let Some(error) = failed {
+        return Err(error);
+    }
     match result {
         Ok(()) => Ok(()),
         Err(_) if ctx.interrupted() => Err(ApplyError::Interrupted),

@@ -40,7 +40,7 @@ pub(super) fn report_drained(
             switch.service, switch.from
         );
         let from = IpAddr::V4(switch.from);
-        match wait_until_drained(ctx, progress, &what, switch.wait.get(), || {
+        match wait_until_drained(ctx, progress, &what, switch.wait.get(), |_| {
             Ok(ctx.host.live_connections_to(from)?)
         })? {
             Drained::Empty => progress.step(&format!(
@@ -312,7 +312,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         let mut seen: HashSet<u32> = HashSet::new();
         let mut first = true;
         let mut last_activity = host.now();
-        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, || {
+        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, |_| {
             let mut flows = host.flows_to(IpAddr::V4(old_at))?;
             flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
             let live = flows.iter().filter(|f| f.live).count() as u64;

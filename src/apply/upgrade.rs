@@ -5,13 +5,15 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use super::drain::{Drained, established, wait_drained};
+use super::drain::{Arrivals, Drained, established, wait_drained, wait_until_drained};
+use super::hold::RedirectHold;
 use super::progress::Progress;
-use super::ready::{ProbeAt, wait_ready};
+use super::ready::{ProbeAt, wait_ready, wait_ready_ticking};
 use super::{ApplyError, Context};
 use crate::desired::DesiredContainer;
+use crate::desired::host_table::service_redirects;
 use crate::journal::{UpgradeRecord, now};
-use crate::model::Redirect;
+use crate::model::NftTable;
 use crate::ownership::{Slot, container_name};
 use crate::plan::operation::UpgradeFrom;
 use crate::plan::{Decision, InFlight, StageName};
@@ -41,20 +43,25 @@ pub(super) struct Upgrade<'a, 'c> {
     primary: String,
     next: String,
     prev: String,
+    hold: RedirectHold<'a>,
 }
 
 impl<'a, 'c> Upgrade<'a, 'c> {
+    /// The upgrade of `service` to `desired`; `redirected_table` is
+    /// lessnat's table while its redirect holds (`None`: a stop-start).
     pub(super) fn new(
         ctx: &'a Context<'c>,
         progress: &'a mut Progress,
         service: &'a Service,
         desired: &'a DesiredContainer,
+        redirected_table: Option<&'a NftTable>,
     ) -> Self {
         let name = |slot| container_name(&service.name, ctx.node, slot);
         Upgrade {
             primary: name(Slot::Primary),
             next: name(Slot::Next),
             prev: name(Slot::Prev),
+            hold: RedirectHold::new(service, redirected_table),
             ctx,
             progress,
             service,
@@ -66,18 +73,24 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         self.service.upgrade.stop_timeout.get()
     }
 
-    fn redirects(&self) -> Vec<Redirect> {
-        self.service
-            .ports
-            .iter()
-            .filter_map(|p| {
-                Some(Redirect {
-                    protocol: p.protocol,
-                    port: p.port.value,
-                    temp_port: p.temp_port.as_ref()?.value,
-                })
-            })
-            .collect()
+    /// Times lessnat's table was written again because someone else deleted
+    /// it while the redirect had to hold.
+    pub(super) fn restores(&self) -> usize {
+        self.hold.restores()
+    }
+
+    /// Takes the hold on the redirect (see [`RedirectHold`]) and checks it now.
+    fn hold_redirect(&mut self) -> Result<(), ApplyError> {
+        self.hold.take(self.ctx.host, self.progress)
+    }
+
+    /// Waits until `container` is healthy; while the redirect is held, it is
+    /// checked before each probe.
+    fn wait_ready_holding(&mut self, container: &str, at: ProbeAt) -> Result<(), ApplyError> {
+        let hold = &mut self.hold;
+        wait_ready_ticking(self.ctx, self.progress, self.service, container, at, |p| {
+            hold.check(p)
+        })
     }
 
     fn exists(&self, name: &str) -> Result<bool, ApplyError> {
@@ -167,7 +180,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn set_redirects(&self, present: bool) -> Result<(), ApplyError> {
-        for redirect in self.redirects() {
+        for redirect in service_redirects(self.service) {
             self.ctx.host.set_redirect(&redirect, present)?;
         }
         self.move_udp_flows()
@@ -209,13 +222,16 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                         self.service.name, self.next
                     ));
                     let next = self.next.clone();
-                    if let Err(error) = wait_ready(
-                        self.ctx,
-                        self.progress,
-                        self.service,
-                        &next,
-                        ProbeAt::loopback(true),
-                    ) {
+                    // After the redirect, traffic goes to it already: the
+                    // redirect must hold.
+                    let held = if after >= StageName::Redirect {
+                        self.hold_redirect()
+                    } else {
+                        Ok(())
+                    };
+                    let checked =
+                        held.and_then(|()| self.wait_ready_holding(&next, ProbeAt::loopback(true)));
+                    if let Err(error) = checked {
                         return self.fail(StageName::StartNext, error);
                     }
                 } else if after == StageName::Swap {
@@ -301,21 +317,31 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 }
                 self.create(Slot::Next)?;
                 let next = self.next.clone();
-                wait_ready(
-                    self.ctx,
-                    self.progress,
-                    self.service,
-                    &next,
-                    ProbeAt::loopback(true),
-                )
+                self.wait_ready_holding(&next, ProbeAt::loopback(true))
             }
-            StageName::Redirect => self.set_redirects(true),
+            StageName::Redirect => {
+                self.set_redirects(true)?;
+                self.hold_redirect()
+            }
             StageName::Drain => {
+                self.hold_redirect()?;
                 let what = format!("{}: draining {}", self.service.name, self.primary);
                 let timeout = self.service.upgrade.drain_timeout.get();
-                let service = self.service;
-                match wait_drained(self.ctx, self.progress, &what, timeout, |s| {
-                    established(s, service, false)
+                let (ctx, service, primary) = (self.ctx, self.service, &self.primary);
+                let hold = &mut self.hold;
+                let mut arrivals = Arrivals::default();
+                match wait_until_drained(ctx, self.progress, &what, timeout, |progress| {
+                    let state = ctx.host.conntrack()?;
+                    hold.check(progress)?;
+                    let left = established(&state, service, false);
+                    if let Some(total) = arrivals.note(left) {
+                        progress.step(&format!(
+                            "{}: {total} new connection{} reached {primary} directly since the redirect was set (it was missing); the drain waits for them too",
+                            service.name,
+                            if total == 1 { "" } else { "s" }
+                        ));
+                    }
+                    Ok(left)
                 })? {
                     Drained::Empty => Ok(()),
                     Drained::TimedOut(left) => match self.service.upgrade.on_drain_timeout {
@@ -331,6 +357,8 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 }
             }
             StageName::Swap => {
+                // Once the old primary stops, the redirect is all that serves.
+                self.hold_redirect()?;
                 if self.exists(&self.primary)? && !self.exists(&self.prev)? {
                     self.ctx.host.stop(&self.primary, self.stop_timeout())?;
                     self.ctx.host.rename(&self.primary, &self.prev)?;
@@ -342,16 +370,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                     Some(_) => {}
                 }
                 let primary = self.primary.clone();
-                wait_ready(
-                    self.ctx,
-                    self.progress,
-                    self.service,
-                    &primary,
-                    ProbeAt::loopback(false),
-                )?;
+                self.wait_ready_holding(&primary, ProbeAt::loopback(false))?;
                 Ok(self.ctx.host.keep_running(&primary)?)
             }
-            StageName::Unredirect => self.set_redirects(false),
+            StageName::Unredirect => {
+                self.hold.release(self.progress)?;
+                self.set_redirects(false)
+            }
             StageName::DrainNext => {
                 let what = format!("{}: draining {}", self.service.name, self.next);
                 let timeout = self.service.upgrade.drain_timeout.get();
@@ -394,6 +419,9 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             interrupt: &calm,
         };
         if self.exists(&self.prev)? {
+            // Until the old version serves the canonical ports again, new
+            // connections go to next: the redirect must hold.
+            self.hold_redirect()?;
             self.progress.step(&format!(
                 "{}: rollback: restoring {}",
                 self.service.name, self.prev
@@ -404,15 +432,18 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             self.ctx.host.rename(&self.prev, &self.primary)?;
             self.ctx.host.start(&self.primary)?;
             let primary = self.primary.clone();
-            wait_ready(
+            let hold = &mut self.hold;
+            wait_ready_ticking(
                 &ctx,
                 self.progress,
                 self.service,
                 &primary,
                 ProbeAt::loopback(false),
+                |p| hold.check(p),
             )?;
             self.ctx.host.keep_running(&primary)?;
         }
+        self.hold.release(self.progress)?;
         self.progress.step(&format!(
             "{}: rollback: removing the redirect",
             self.service.name

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use crate::model::{
     NftChain, NftElement, NftHook, NftMap, NftRule, NftTable, Redirect, redirect_map_name,
 };
-use crate::ownership::{NFT_FAMILY, NFT_TABLE, PROBE_MARK};
-use crate::spec::Protocol;
+use crate::ownership::{NFT_FAMILY, NFT_GUARD_TABLE, NFT_TABLE, PROBE_MARK};
+use crate::spec::{Protocol, Service};
 
 /// Hook priority of lessnat's nat chains: before Docker's nat chains (-100).
 pub const NAT_PRIORITY: i32 = -110;
@@ -42,23 +42,12 @@ pub fn empty_table() -> NftTable {
 pub fn host_table(redirects: &[Redirect]) -> NftTable {
     let maps = PROTOCOLS
         .iter()
-        .map(|&protocol| {
-            let mut elements: Vec<NftElement> = redirects
-                .iter()
-                .filter(|r| r.protocol == protocol)
-                .map(|r| NftElement {
-                    key: json!(r.port),
-                    value: json!(r.temp_port),
-                })
-                .collect();
-            elements.sort_by_key(|e| e.key.as_u64());
-            NftMap {
-                name: redirect_map_name(protocol),
-                key: "inet_service".into(),
-                data: Some("inet_service".into()),
-                comment: None,
-                elements,
-            }
+        .map(|&protocol| NftMap {
+            name: redirect_map_name(protocol),
+            key: "inet_service".into(),
+            data: Some("inet_service".into()),
+            comment: None,
+            elements: Vec::new(),
         })
         .collect();
     let chains = ["prerouting", "output"]
@@ -74,12 +63,48 @@ pub fn host_table(redirects: &[Redirect]) -> NftTable {
             rules: PROTOCOLS.iter().map(|&p| redirect_rule(p)).collect(),
         })
         .collect();
-    NftTable {
+    let mut table = NftTable {
         family: NFT_FAMILY.into(),
         name: NFT_TABLE.into(),
         comment: None,
         chains,
         maps,
+    };
+    add_redirects(&mut table, redirects);
+    table
+}
+
+/// The redirects an upgrade of `service` sets: each port with a temporary
+/// port, to it.
+pub fn service_redirects(service: &Service) -> Vec<Redirect> {
+    service
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(Redirect {
+                protocol: p.protocol,
+                port: p.port.value,
+                temp_port: p.temp_port.as_ref()?.value,
+            })
+        })
+        .collect()
+}
+
+/// Adds the map elements of `redirects` to `table` (one per canonical port:
+/// an element with the same key is replaced), keeping each map sorted.
+pub fn add_redirects(table: &mut NftTable, redirects: &[Redirect]) {
+    for redirect in redirects {
+        let name = redirect_map_name(redirect.protocol);
+        let Some(map) = table.maps.iter_mut().find(|m| m.name == name) else {
+            continue;
+        };
+        let key = json!(redirect.port);
+        map.elements.retain(|e| e.key != key);
+        map.elements.push(NftElement {
+            key,
+            value: json!(redirect.temp_port),
+        });
+        map.elements.sort_by_key(|e| e.key.as_u64());
     }
 }
 
@@ -101,6 +126,16 @@ fn redirect_rule(protocol: Protocol) -> NftRule {
                 "data": format!("@{}", redirect_map_name(protocol)),
             }}}}),
         ],
+    }
+}
+
+/// The guard table for `table` while an upgrade's redirect must hold: the
+/// host-mode chains and maps with the redirects `table` carries, under the
+/// guard's name (see `backend::nft::GuardTable`).
+pub fn guard_table(table: &NftTable) -> NftTable {
+    NftTable {
+        name: NFT_GUARD_TABLE.into(),
+        ..host_table(&redirects_in(table))
     }
 }
 

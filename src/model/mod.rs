@@ -80,6 +80,24 @@ pub struct NftTable {
     pub maps: Vec<NftMap>,
 }
 
+impl NftTable {
+    /// Whether this table still does what `wanted` does: every chain of
+    /// `wanted` is here exactly as wanted, and every element of its maps is in
+    /// the map of the same name (elements added since are allowed).
+    pub fn holds(&self, wanted: &NftTable) -> bool {
+        wanted
+            .chains
+            .iter()
+            .all(|chain| self.chains.contains(chain))
+            && wanted.maps.iter().all(|map| {
+                self.maps.iter().any(|found| {
+                    found.name == map.name
+                        && map.elements.iter().all(|e| found.elements.contains(e))
+                })
+            })
+    }
+}
+
 /// One chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

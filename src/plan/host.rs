@@ -7,6 +7,7 @@ use super::{
     Stage, StageName, Upgrade,
 };
 use crate::desired::DesiredContainer;
+use crate::desired::host_table::{add_redirects, host_table, service_redirects};
 use crate::model::Redirect;
 use std::collections::HashMap;
 
@@ -36,6 +37,25 @@ pub(super) fn redirects_of(service: &Service, index: &RedirectIndex) -> Vec<Redi
             (Some(found.temp_port) == p.temp_port.as_ref().map(|t| t.value)).then_some(*found)
         })
         .collect()
+}
+
+/// lessnat's table as one host-mode service's plan sees it: the service's
+/// redirects found in it, and the table the plan wants.
+pub(super) struct ServiceTable<'a> {
+    /// The service's redirects found in the observed table.
+    pub found: &'a [Redirect],
+    /// The table the plan wants (`None`: the node needs none).
+    pub planned: Option<&'a NftTable>,
+}
+
+impl ServiceTable<'_> {
+    /// The planned table plus `service`'s redirect elements: what an upgrade
+    /// restores when the table is deleted while its redirect must hold.
+    fn redirected(&self, service: &Service) -> NftTable {
+        let mut table = self.planned.cloned().unwrap_or_else(|| host_table(&[]));
+        add_redirects(&mut table, &service_redirects(service));
+        table
+    }
 }
 
 fn container_resource(service: &str, node: &str, slot: Slot) -> Resource {
@@ -172,18 +192,16 @@ pub(super) fn plan_service(
     service: &Service,
     container: &DesiredContainer,
     mine: &Slots,
-    redirects: &[Redirect],
+    table: &ServiceTable,
     observed: &Observed,
     drift: &mut Vec<Drift>,
 ) -> Option<Change> {
     let name = &service.name.value;
     let hash = container.spec_hash();
     if mine.next.is_some() || mine.prev.is_some() {
-        return Some(in_flight(
-            node, service, container, mine, redirects, observed,
-        ));
+        return Some(in_flight(node, service, container, mine, table, observed));
     }
-    if !redirects.is_empty() {
+    if !table.found.is_empty() {
         // A redirect with no next container behind it: left over, or made by hand.
         drift.push(Drift {
             resource: container_resource(name, node, Slot::Next),
@@ -266,6 +284,7 @@ pub(super) fn plan_service(
                 workload,
                 in_flight: None,
                 from: Some(upgrade_from(primary)),
+                redirected_table: table.redirected(service),
             },
         }),
     }
@@ -301,12 +320,12 @@ fn in_flight(
     service: &Service,
     container: &DesiredContainer,
     mine: &Slots,
-    redirects: &[Redirect],
+    table: &ServiceTable,
     observed: &Observed,
 ) -> Change {
     let name = &service.name.value;
     let hash = container.spec_hash();
-    let reached = reached(mine, redirects);
+    let reached = reached(mine, table.found);
     let next_ok = mine.next.is_none_or(|n| n.state == "running");
     let next_current = mine.next.is_none_or(|n| n.spec_hash == hash);
     let (decision, why) = if reached >= StageName::Swap {
@@ -368,6 +387,7 @@ fn in_flight(
             workload: workload(service, container),
             in_flight: Some(in_flight),
             from: mine.primary.map(upgrade_from),
+            redirected_table: table.redirected(service),
         },
     }
 }

@@ -42,6 +42,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         last: Vec::new(),
     };
     let observed_table = own_table(observed);
+    let wanted_table = desired_table(spec, node, observed);
     let redirects = host::index_redirects(observed_table.map(redirects_in).unwrap_or_default());
     let slots = slots_by_service(observed);
 
@@ -53,13 +54,17 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .unwrap_or_default();
         match service.network {
             NetworkMode::Host => {
-                let redirects = host::redirects_of(service, &redirects);
+                let found = host::redirects_of(service, &redirects);
+                let table = host::ServiceTable {
+                    found: &found,
+                    planned: wanted_table.as_ref(),
+                };
                 let change = host::plan_service(
                     node,
                     service,
                     container,
                     &mine,
-                    &redirects,
+                    &table,
                     observed,
                     &mut planner.drift,
                 );
@@ -87,11 +92,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let switches: Vec<Switch> = load_balancer_role(spec, node)
         .map(|role| routed::load_balancing(spec, &role, observed).switches)
         .unwrap_or_default();
-    planner.table(
-        observed_table,
-        desired_table(spec, node, observed),
-        switches,
-    );
+    planner.table(observed_table, wanted_table, switches);
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,

@@ -334,6 +334,14 @@ pub struct Summary {
     pub destroy: usize,
     /// Staged upgrades.
     pub upgrade: usize,
+    /// Times apply wrote lessnat's table again because someone else deleted
+    /// it (or part of it) while an upgrade's redirect had to hold; 0 in a plan.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub table_restores: usize,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 impl Plan {

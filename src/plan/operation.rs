@@ -109,6 +109,10 @@ pub enum Operation {
         /// The version it starts from (for the journal), when a primary runs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<UpgradeFrom>,
+        /// lessnat's table as it must be while this upgrade's redirect holds:
+        /// the planned table plus the redirect's elements. Written whole when
+        /// someone else deletes the table (or part of it) during the upgrade.
+        redirected_table: NftTable,
     },
     /// Host mode: stop the old primary, start the new one (downtime).
     StopStart {

@@ -138,6 +138,12 @@ impl Reporter for Text {
                 self.end_wait();
                 let line = format!("\nApply complete! Resources: {}.\n", summary_text(summary));
                 self.write(&line);
+                if summary.table_restores > 0 {
+                    self.write(&format!(
+                        "lessnat's table was deleted by someone else during the upgrade and restored {} time(s); find out what reloads the ruleset.\n",
+                        summary.table_restores
+                    ));
+                }
             }
         }
     }

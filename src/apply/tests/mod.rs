@@ -11,11 +11,13 @@ use super::progress::Progress;
 use super::{ApplyError, Context, apply_change};
 use crate::journal::{Journal, JournalFile};
 use crate::plan::operation::Operation;
-use crate::plan::{Plan, plan};
+use crate::plan::{Plan, Summary, plan};
 
-/// Calls that only read the host; [`Harness::changes`] leaves them out
-/// (conntrack reads stay: each one is a drain poll).
-const READS: [&str; 6] = [
+/// Calls that do not change the host (reads, and the hold on lessnat's
+/// table); [`Harness::changes`] leaves them out (conntrack reads stay: each
+/// one is a drain poll).
+const READS: [&str; 7] = [
+    "hold table",
     "state ",
     "probe ",
     "read flows to ",
@@ -63,6 +65,11 @@ impl Harness {
 
     /// Applies `plan` to the fake host.
     fn apply_plan(&self, plan: &Plan) -> Result<(), ApplyError> {
+        self.apply_summary(plan).map(drop)
+    }
+
+    /// Applies `plan` to the fake host and returns apply's summary.
+    fn apply_summary(&self, plan: &Plan) -> Result<Summary, ApplyError> {
         let ctx = Context {
             node: self.node,
             host: &self.fake,
@@ -76,9 +83,11 @@ impl Harness {
             crate::report::text::Flavour::Log,
         );
         let mut progress = Progress::new(Box::new(quiet));
-        plan.changes
-            .iter()
-            .try_for_each(|change| apply_change(&ctx, &mut progress, change))
+        let mut summary = plan.summary();
+        for change in &plan.changes {
+            summary.table_restores += apply_change(&ctx, &mut progress, change)?;
+        }
+        Ok(summary)
     }
 
     fn journal_file(&self) -> JournalFile {

@@ -1,7 +1,7 @@
 //! Host mode: redirect-drain upgrades (new, failed, paused, interrupted,
 //! found in flight) and stop-start.
 
-use super::super::fake::Health;
+use super::super::fake::{At, Health};
 use super::{Harness, only_operation};
 use crate::apply::ApplyError;
 use crate::model::{ConntrackState, FlowCount};
@@ -36,6 +36,9 @@ const RESTORE: [&str; 5] = [
 ];
 const REMOVE_NEXT: [&str; 2] = ["stop lessnat-web.a.next", "remove lessnat-web.a.next"];
 const REMOVE_PREV: [&str; 2] = ["stop lessnat-web.a.prev", "remove lessnat-web.a.prev"];
+/// Someone else deletes lessnat's table; apply writes it again.
+const DELETED: &str = "foreign: delete table";
+const RESTORED: &str = "restore table";
 
 /// The calls of `runs`, one after the other.
 fn calls(runs: &[&[&str]]) -> Vec<String> {
@@ -464,5 +467,115 @@ fn stop_start_that_fails_restores_the_old_primary() {
         h.changes(),
         calls(&[&SET_ASIDE, &START_PRIMARY, &RESTORE, &[UNREDIRECT]])
     );
+    assert_old_version_serves(&h);
+}
+
+#[test]
+fn table_deleted_during_the_drain_is_restored_in_the_same_poll() {
+    let h = installed();
+    // Deleted at the second poll; two clients reach the old version directly
+    // before the third, and the drain waits for them.
+    h.fake.set_conntrack(vec![
+        connections(2, 0),
+        connections(1, 0),
+        connections(3, 0),
+        connections(0, 0),
+    ]);
+    h.fake.delete_table_at(At::ConntrackRead(2));
+    let spec = web("web:2", "drainTimeout: 1m");
+    let summary = h.apply_summary(&h.plan(&spec)).expect("upgrades");
+    assert_eq!(summary.table_restores, 1);
+    assert_eq!(
+        h.changes(),
+        calls(&[
+            &START_NEXT,
+            &[REDIRECT, POLL, POLL, DELETED, RESTORED, POLL, POLL],
+            &SET_ASIDE,
+            &START_PRIMARY,
+            &[KEEP, UNREDIRECT, POLL],
+            &REMOVE_NEXT,
+            &REMOVE_PREV,
+        ])
+    );
+    assert!(h.fake.has_table());
+    assert_new_version_serves(&h, &spec);
+}
+
+#[test]
+fn table_deleted_while_the_new_primary_starts_is_restored_before_the_next_probe() {
+    let h = installed();
+    // Probe 1: next. Probes 2-4: the new primary fails three times, then passes.
+    h.fake.set_health(PRIMARY, Health::After(3));
+    h.fake.delete_table_at(At::Probe(3));
+    let spec = web("web:2", "");
+    let summary = h.apply_summary(&h.plan(&spec)).expect("upgrades");
+    assert_eq!(summary.table_restores, 1);
+    assert_eq!(
+        h.changes(),
+        calls(&[
+            &START_NEXT,
+            &[REDIRECT, POLL],
+            &SET_ASIDE,
+            &START_PRIMARY,
+            &[DELETED, RESTORED, KEEP, UNREDIRECT, POLL],
+            &REMOVE_NEXT,
+            &REMOVE_PREV,
+        ])
+    );
+    // The redirect was back before the fourth probe: it is not answered
+    // until the table is there again.
+    let calls = h.fake.calls();
+    let restored = calls.iter().position(|c| c == RESTORED).expect("restored");
+    assert_eq!(
+        calls[restored + 1..]
+            .iter()
+            .filter(|c| c.as_str() == "probe 127.0.0.1:8000")
+            .count(),
+        2,
+        "{calls:#?}"
+    );
+    assert_new_version_serves(&h, &spec);
+}
+
+#[test]
+fn rollback_restores_a_missing_redirect_before_it_drains_next() {
+    let h = installed();
+    // The new primary exits at its third probe (probe 4); the old one, back
+    // from prev, passes at probe 5, when the table is deleted.
+    h.fake
+        .set_health(PRIMARY, Health::Exits { after: 2, code: 1 });
+    h.fake.delete_table_at(At::Probe(5));
+    let cause = rolled_back(h.apply(&web("web:2", "")));
+    assert!(cause.contains("exited (code 1)"), "{cause}");
+    assert_eq!(
+        h.changes(),
+        calls(&[
+            &START_NEXT,
+            &[REDIRECT, POLL],
+            &SET_ASIDE,
+            &START_PRIMARY,
+            &RESTORE[..4],
+            &[DELETED, RESTORE[4], RESTORED, UNREDIRECT, POLL],
+            &REMOVE_NEXT,
+        ])
+    );
+    assert!(h.fake.has_table());
+    assert_old_version_serves(&h);
+}
+
+#[test]
+fn removing_a_redirect_from_a_deleted_table_succeeds() {
+    let h = installed();
+    // Deleted while next starts, before the redirect: next never becomes
+    // healthy, and the rollback removes the redirect from a table that is gone.
+    h.fake.set_health(NEXT, Health::Never);
+    h.fake.delete_table_at(At::Probe(1));
+    let cause = rolled_back(h.apply(&web("web:2", "")));
+    assert!(cause.contains("was not healthy after"), "{cause}");
+    assert_eq!(
+        h.changes(),
+        calls(&[&START_NEXT, &[DELETED, UNREDIRECT, POLL], &REMOVE_NEXT])
+    );
+    assert!(!h.fake.has_table(), "not held before the redirect");
     assert_old_version_serves(&h);
 }

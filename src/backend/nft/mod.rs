@@ -17,6 +17,8 @@
 
 mod decode;
 mod encode;
+mod guard;
+mod watch;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -29,6 +31,8 @@ use crate::model::Redirect;
 use crate::model::{NftState, NftTable};
 use crate::netns::{Netns, NetnsError};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
+pub use guard::GuardTable;
+pub use watch::TableWatch;
 
 /// The nft executable, looked up in `PATH`.
 const NFT: &str = "nft";
@@ -85,6 +89,15 @@ pub enum NftError {
         /// The table's name.
         name: String,
     },
+    /// The socket that reports nftables changes could not be opened, or its
+    /// thread started.
+    #[error("cannot watch nftables for changes to lessnat's table in {netns}")]
+    Watch {
+        /// The namespace.
+        netns: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The network namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
@@ -100,23 +113,28 @@ pub fn observe(netns: &Netns) -> Result<NftState, NftError> {
     if !names.iter().any(|(f, n)| f == NFT_FAMILY && n == NFT_TABLE) {
         return Ok(NftState::default());
     }
-    let command = describe(
-        &format!("nft -j list table {NFT_FAMILY} {NFT_TABLE}"),
-        netns,
-    );
-    let json = match list(netns, &command, &["list", "table", NFT_FAMILY, NFT_TABLE]) {
-        Ok(json) => json,
-        // Deleted between the two listings.
-        Err(NftError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
-            return Ok(NftState::default());
-        }
-        Err(e) => return Err(e),
-    };
-    let table = decode::table(NFT_FAMILY, NFT_TABLE, &json)
-        .map_err(|detail| NftError::Output { command, detail })?;
     Ok(NftState {
-        tables: vec![table],
+        tables: read_table(netns, NFT_TABLE)?.into_iter().collect(),
     })
+}
+
+/// Reads the table `inet NAME` in `netns` with one listing; `None` when it is
+/// absent.
+fn read_table(netns: &Netns, name: &str) -> Result<Option<NftTable>, NftError> {
+    let command = describe(&format!("nft -j list table {NFT_FAMILY} {name}"), netns);
+    let json = match list(netns, &command, &["list", "table", NFT_FAMILY, name]) {
+        Ok(json) => json,
+        Err(error) if is_absent(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    decode::table(NFT_FAMILY, name, &json)
+        .map(Some)
+        .map_err(|detail| NftError::Output { command, detail })
+}
+
+/// Whether nft failed because the table (or the map) it names does not exist.
+fn is_absent(error: &NftError) -> bool {
+    matches!(error, NftError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
 }
 
 /// Warnings about rules anywhere in the ruleset that exempt traffic from
@@ -152,7 +170,8 @@ pub fn apply_table(netns: &Netns, desired: &NftTable) -> Result<(), NftError> {
 
 /// Adds (`present`) or removes the map element of one redirect in lessnat's
 /// table, in one transaction; nothing else in the table changes. Removing an
-/// absent element succeeds.
+/// absent element succeeds, also when its map or the whole table is gone
+/// (deleted by someone else).
 pub fn set_redirect(netns: &Netns, redirect: &Redirect, present: bool) -> Result<(), NftError> {
     let doing = format!(
         "{} redirect {}/{} -> {}",
@@ -161,7 +180,10 @@ pub fn set_redirect(netns: &Netns, redirect: &Redirect, present: bool) -> Result
         redirect.protocol.as_str(),
         redirect.temp_port
     );
-    transact(netns, &doing, encode::set_redirect(redirect, present))
+    match transact(netns, &doing, encode::set_redirect(redirect, present)) {
+        Err(error) if !present && is_absent(&error) => Ok(()),
+        result => result,
+    }
 }
 
 /// Deletes lessnat's table in `netns`; succeeds when it is already absent.
