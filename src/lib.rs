@@ -20,6 +20,7 @@ pub mod netns;
 pub mod observe;
 pub mod ownership;
 pub mod plan;
+pub mod registry;
 pub mod schema;
 pub mod spec;
 pub mod style;

@@ -5,6 +5,7 @@
 mod drain;
 mod primary;
 pub mod progress;
+mod pull;
 mod ready;
 mod routed;
 pub mod stale;
@@ -141,6 +142,9 @@ pub enum ApplyError {
         /// The container.
         container: String,
     },
+    /// An image could not be pulled.
+    #[error(transparent)]
+    Pull(#[from] Box<pull::PullError>),
     /// The plan holds a change this build cannot carry out.
     #[error("cannot apply {what} yet")]
     Unsupported {
@@ -165,6 +169,9 @@ pub fn apply(ctx: &Context, progress: &mut Progress, plan: &Plan) -> Result<Summ
 fn apply_change(ctx: &Context, progress: &mut Progress, change: &Change) -> Result<(), ApplyError> {
     let address = change.resource.address();
     match &change.operation {
+        Operation::PullImage { image, digest } => {
+            pull::pull(ctx, progress, &address, image, digest.as_deref())?;
+        }
         Operation::WriteTable { table, switches } => {
             progress.step(&format!(
                 "{address}: writing lessnat's table (one transaction)"
