@@ -51,7 +51,14 @@ pub(super) fn pull(
     let parsed = ImageRef::parse(image).map_err(|e| Box::new(PullError::from(e)))?;
     let credentials =
         credentials_for(&parsed.registry).map_err(|e| Box::new(PullError::from(e)))?;
-    progress.step(&format!("{address}: pulling from {}", parsed.registry));
+    progress.step(&format!(
+        "{address}: pulling from {}{}",
+        parsed.registry,
+        match credentials {
+            Some(_) => ", with credentials from the Docker client config",
+            None => "",
+        }
+    ));
     let pulled = ctx
         .docker
         .pull(image, &parsed, credentials.as_ref(), |p| {

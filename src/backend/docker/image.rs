@@ -62,8 +62,11 @@ impl PullProgress {
 }
 
 impl std::fmt::Display for PullProgress {
-    /// `2/5 layers, 12.3 of 40.1 MB`.
+    /// `2/5 layers, 12.3 of 40.1 MB`, or `no layers to download`.
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        if self.layers.is_empty() {
+            return write!(f, "no layers to download");
+        }
         let done = self.layers.values().filter(|l| l.2).count();
         let (got, total) = self
             .layers
@@ -98,7 +101,7 @@ fn as_whom(image: &ImageRef, credentials: Option<&Credentials>) -> String {
             image.registry
         ),
         None => format!(
-            "registry {}, without credentials (the Docker client config has none for it)",
+            "registry {}, without credentials: the Docker client config has none for it",
             image.registry
         ),
     }
@@ -135,7 +138,7 @@ impl Docker {
             .map_err(|source| {
                 self.request_error(
                     format!(
-                        "asking {} for the digest of image {reference}",
+                        "asking for the digest of image {reference} ({})",
                         as_whom(image, credentials)
                     ),
                     source,
@@ -179,7 +182,7 @@ impl Docker {
             None => Ok(progress),
             Some(source) => Err(self.request_error(
                 format!(
-                    "pulling image {reference} from {}",
+                    "pulling image {reference} ({})",
                     as_whom(image, credentials)
                 ),
                 source,
@@ -209,6 +212,7 @@ mod tests {
     #[test]
     fn sums_layers_and_takes_the_digest() {
         let mut p = PullProgress::default();
+        assert_eq!(p.to_string(), "no layers to download");
         p.update(&info(Some("v2"), "Pulling from lessnat-testserver", None));
         p.update(&info(Some("a"), "Pulling fs layer", None));
         p.update(&info(Some("b"), "Already exists", None));
