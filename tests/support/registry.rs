@@ -177,7 +177,27 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
-        for name in &self.names {
+        // Tags, then the digests the engine keeps for this registry's
+        // repositories (a tag that moved leaves `REPO@sha256:…` behind).
+        let mut names = self.names.clone();
+        if let Ok(listed) = Command::new("docker")
+            .args([
+                "images",
+                "--digests",
+                "--format",
+                "{{.Repository}}@{{.Digest}}",
+            ])
+            .output()
+        {
+            let prefix = format!("{}/", self.host);
+            names.extend(
+                String::from_utf8_lossy(&listed.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with(&prefix) && !l.ends_with("@<none>"))
+                    .map(str::to_string),
+            );
+        }
+        for name in &names {
             let _ = Command::new("docker").args(["rmi", name]).output();
         }
     }
