@@ -680,6 +680,7 @@ fn planner_alone(sizes: &[usize], runs: usize, image: &str) {
             pid: (state == "running").then_some(1000),
             address: None,
             stop_timeout: None,
+            digest: None,
         };
         let observed = |slot: Slot, state: &str, redirected: usize| Observed {
             format: OBSERVED_FORMAT,

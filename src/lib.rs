@@ -22,6 +22,7 @@ pub mod observe;
 pub mod ownership;
 pub mod plan;
 pub mod redact;
+pub mod registry;
 pub mod report;
 pub mod schema;
 pub mod session;

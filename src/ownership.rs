@@ -39,6 +39,10 @@ pub const LABEL_ADDRESS: &str = "io.lessnat.address";
 /// made, so a container whose service left the spec still stops with it.
 pub const LABEL_STOP_TIMEOUT: &str = "io.lessnat.stop-timeout";
 
+/// Container label holding the registry digest of the image the container
+/// was made from (services with `pull: always`).
+pub const LABEL_DIGEST: &str = "io.lessnat.digest";
+
 /// Label suffix of addresses lessnat adds (`lo:lessnat`): the kernel keeps the
 /// label, so lessnat can tell its VIPs from addresses others added.
 pub const ADDRESS_LABEL_SUFFIX: &str = ":lessnat";

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::image::test_image;
 use support::load::{self, Load, LoadConfig, Report};
+use support::registry::Registry;
 
 const LESSNAT: &str = env!("CARGO_BIN_EXE_lessnat");
 
@@ -121,6 +122,10 @@ struct Svc {
     on_drain_timeout: &'static str,
     /// Between SIGTERM and SIGKILL when a container is stopped.
     stop_timeout: &'static str,
+    /// The image, when not the local test image of `version`.
+    image: Option<String>,
+    /// `missing` or `always`.
+    pull: &'static str,
 }
 
 impl Svc {
@@ -138,6 +143,16 @@ impl Svc {
             strategy: "redirect-drain",
             on_drain_timeout: "proceed",
             stop_timeout: "5s",
+            image: None,
+            pull: "missing",
+        }
+    }
+
+    /// The service at `version`, from `image` (a registry's).
+    fn pulled_from(&self, version: &str, image: &str) -> Self {
+        Svc {
+            image: Some(image.to_string()),
+            ..self.at(version)
         }
     }
 
@@ -168,12 +183,16 @@ impl Svc {
         format!(
             "version: 1\n\
              nodes:\n  - name: {node}\n    address: 192.0.2.10\n\
-             services:\n  - name: {name}\n    node: {node}\n    image: {image}\n    network: host\n    \
+             services:\n  - name: {name}\n    node: {node}\n    image: {image}\n    pull: {pull}\n    network: host\n    \
              command: {command}\n    ports:\n{ports}    health:\n      http: {{ path: /healthz, port: http }}\n      \
              interval: 200ms\n      timeout: 1s\n      healthyAfter: {healthy_after}\n      startTimeout: {start}\n    \
              upgrade:\n      strategy: {strategy}\n      drainTimeout: {drain}\n      onDrainTimeout: {on_drain_timeout}\n      stopTimeout: {stop_timeout}\n",
             name = self.name,
-            image = test_image(&self.version),
+            image = self
+                .image
+                .clone()
+                .unwrap_or_else(|| test_image(&self.version)),
+            pull = self.pull,
             start = self.start_timeout,
             drain = self.drain_timeout,
             healthy_after = self.healthy_after,
@@ -393,6 +412,8 @@ struct Host {
     /// Services whose containers are removed at the end whatever happened.
     services: Vec<String>,
     started: Instant,
+    /// Environment every lessnat command gets (e.g. `DOCKER_CONFIG`).
+    env: Vec<(String, PathBuf)>,
     _guard: support::HostNetworkGuard,
 }
 
@@ -411,6 +432,7 @@ impl Host {
             dir: tempfile::tempdir().expect("temp dir"),
             services: Vec::new(),
             started: Instant::now(),
+            env: Vec::new(),
             _guard: guard,
         };
         eprintln!("{test}: node {}", host.node);
@@ -441,7 +463,8 @@ impl Host {
             .args(args)
             .env_remove("LESSNAT_TEST_KILL_AFTER")
             .env_remove("LESSNAT_NODE")
-            .env_remove("LESSNAT_STATE_DIR");
+            .env_remove("LESSNAT_STATE_DIR")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 
@@ -2060,4 +2083,329 @@ fn table_deleted_during_swap_drops_nothing() {
         "stage 4/7 swap",
         Duration::ZERO,
     );
+}
+
+// ---------------------------------------------------------------------------
+// Images from registries (`support::registry`: a real registry process)
+
+/// The test image `version` pushed to `registry` as `lessnat-testserver:tag`;
+/// returns its reference there and the digest the registry stored. The
+/// engine no longer has it under that name, so an apply must pull it.
+fn pushed(registry: &mut Registry, version: &str, tag: &str) -> (String, String) {
+    let digest = registry.push(&test_image(version), "lessnat-testserver", tag);
+    (registry.reference("lessnat-testserver", tag), digest)
+}
+
+/// A registry (with basic auth when `password`) and a host whose lessnat
+/// commands read the registry's Docker client config. The registry is
+/// declared first, so the host's cleanup runs before the registry ends.
+fn with_registry(test: &str, password: Option<&str>) -> Option<(Registry, Host)> {
+    let has_registry = std::process::Command::new("docker-registry")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_registry {
+        assert!(
+            !support::privileged_required(),
+            "{test}: needs `docker-registry` (apt-get install docker-registry)"
+        );
+        eprintln!("SKIPPED {test}: needs `docker-registry`");
+        return None;
+    }
+    let mut host = Host::new(test)?;
+    let registry = Registry::start(password);
+    host.env
+        .push(("DOCKER_CONFIG".into(), registry.docker_config()));
+    Some((registry, host))
+}
+
+/// Whether lessnat's table exists in the host namespace.
+fn table_exists() -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", "lessnat"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A container's `io.lessnat.digest` label.
+fn digest_label(container: &str) -> String {
+    text_of(
+        "docker",
+        &[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"io.lessnat.digest\"}}",
+            container,
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Asserts that a failed apply or plan changed nothing: no container of the
+/// node, lessnat's table as it was, no upgrade journaled.
+fn assert_nothing_changed(host: &Host, table_before: bool, what: &str) {
+    assert_eq!(
+        host.containers(),
+        Vec::<String>::new(),
+        "{what}: containers"
+    );
+    assert_eq!(table_exists(), table_before, "{what}: lessnat's table");
+    assert_eq!(
+        host.journal_upgrades(),
+        Vec::<String>::new(),
+        "{what}: journal"
+    );
+}
+
+#[test]
+fn registry_install_and_upgrade_under_load_pull_first() {
+    let Some((mut registry, mut host)) =
+        with_registry("registry_install_and_upgrade_under_load_pull_first", None)
+    else {
+        return;
+    };
+    let (v1, _) = pushed(&mut registry, "v1", "v1");
+    let (v2, _) = pushed(&mut registry, "v2", "v2");
+    let svc = Svc::new("pulled", service_port(), service_port());
+
+    let install = host
+        .apply(&svc.pulled_from("v1", &v1))
+        .expect_success("installing v1 from the registry");
+    let pull = install.line_at(&format!("# image.{v1} will be pulled"));
+    let pulling = install.line_at(&format!("image.{v1}: pulling from {}", registry.host));
+    let pulled = install.line_at(&format!("image.{v1}: pulled ("));
+    assert!(pull <= pulling && pulling <= pulled, "{}", install.output());
+    assert!(
+        pulled <= install.line_at("writing lessnat's table"),
+        "the pull comes before anything changes:\n{}",
+        install.stdout()
+    );
+    assert_eq!(version_at(svc.port), "v1");
+
+    let origin = Instant::now();
+    let load = Load::start(LoadConfig::new(svc.port));
+    load.wait_requests(32 * 20, Duration::from_secs(20))
+        .expect("load before the upgrade");
+    let long = load::long_lived(svc.port, 6, 4000);
+    let upgrade = host
+        .apply(&svc.pulled_from("v2", &v2))
+        .expect_success("upgrading to v2 from the registry");
+    load.wait_requests(32 * 20, Duration::from_secs(20))
+        .expect("load after the upgrade");
+    let report = load.stop();
+    let long = long.wait();
+    eprintln!("{}\nload: {}", upgrade.stdout(), report.summary(origin));
+    assert_no_failures(&report, origin, "upgrade pulling from a registry");
+    assert!(long.iter().all(|s| s.ok()), "long-lived: {long:?}");
+    assert!(
+        upgrade.line_at(&format!("# image.{v2} will be pulled"))
+            <= upgrade.line_at(&format!("image.{v2}: pulled ("))
+    );
+    assert!(
+        upgrade.line_at(&format!("image.{v2}: pulled ("))
+            <= upgrade.line_at("stage 1/7 start-next"),
+        "the pull comes ahead of start-next:\n{}",
+        upgrade.stdout()
+    );
+    assert_eq!(version_at(svc.port), "v2");
+    host.assert_converged(&svc.pulled_from("v2", &v2));
+    for reference in [&v1, &v2] {
+        registry.forget(reference);
+    }
+}
+
+#[test]
+fn registry_basic_auth_from_docker_config() {
+    let password = format!("pw-{}-Secret", std::process::id());
+    let Some((mut registry, mut host)) =
+        with_registry("registry_basic_auth_from_docker_config", Some(&password))
+    else {
+        return;
+    };
+    let (v1, _) = pushed(&mut registry, "v1", "auth");
+    registry.forget(&v1);
+    let svc = Svc::new("private", service_port(), service_port()).pulled_from("v1", &v1);
+    let login = registry.docker_config();
+    let table_before = table_exists();
+    let mut seen = String::new();
+
+    host.env = vec![("DOCKER_CONFIG".into(), registry.no_credentials())];
+    let refused = host.apply(&svc);
+    seen.push_str(&refused.output());
+    assert!(!refused.status.success(), "{}", refused.output());
+    for part in [
+        format!("image {v1} was not pulled"),
+        "without credentials".to_string(),
+        "no basic auth credentials".to_string(),
+    ] {
+        assert!(
+            refused.stderr.contains(&part),
+            "{part:?} in:\n{}",
+            refused.output()
+        );
+    }
+    assert_nothing_changed(&host, table_before, "apply without credentials");
+
+    host.env = vec![("DOCKER_CONFIG".into(), login)];
+    let plan = host.plan_json(&svc);
+    seen.push_str(&plan.to_string());
+    let applied = host.apply(&svc).expect_success("apply with the login");
+    seen.push_str(&applied.output());
+    assert!(
+        applied.stdout().contains("with credentials"),
+        "{}",
+        applied.output()
+    );
+    assert_eq!(version_at(svc.port), "v1");
+    let show = host.run(host.command(&["show"])).expect_success("show");
+    seen.push_str(&show.output());
+
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{password}", support::registry::USER))
+    };
+    for secret in [password.as_str(), auth.as_str()] {
+        assert!(!seen.contains(secret), "a credential was printed:\n{seen}");
+        for file in files_under(&host.state_dir()) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(secret),
+                "{} holds a credential",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn registry_missing_tag_fails_before_anything_changes() {
+    let Some((mut registry, mut host)) =
+        with_registry("registry_missing_tag_fails_before_anything_changes", None)
+    else {
+        return;
+    };
+    pushed(&mut registry, "v1", "v1");
+    let missing = registry.reference("lessnat-testserver", "no-such-tag");
+    let table_before = table_exists();
+    let svc = Svc::new("notag", service_port(), service_port()).pulled_from("v1", &missing);
+
+    let always = Svc {
+        pull: "always",
+        ..svc.clone()
+    };
+    let (code, output) = host.plan_exit(&always);
+    assert_eq!(code, Some(1), "plan with pull: always:\n{output}");
+    for part in [
+        "service notag has `pull: always`",
+        missing.as_str(),
+        "manifest unknown",
+    ] {
+        assert!(output.contains(part), "{part:?} in:\n{output}");
+    }
+    let run = host.apply(&always);
+    assert!(!run.status.success(), "{}", run.output());
+    assert!(run.stderr.contains("manifest unknown"), "{}", run.output());
+    assert_nothing_changed(&host, table_before, "pull: always, missing tag");
+
+    let run = host.apply(&svc);
+    assert!(!run.status.success(), "{}", run.output());
+    for part in [
+        format!("image {missing} was not pulled"),
+        "not found".to_string(),
+    ] {
+        assert!(run.stderr.contains(&part), "{part:?} in:\n{}", run.output());
+    }
+    assert_nothing_changed(&host, table_before, "pull at apply, missing tag");
+}
+
+#[test]
+fn pull_always_upgrades_when_the_tag_moves() {
+    let Some((mut registry, mut host)) =
+        with_registry("pull_always_upgrades_when_the_tag_moves", None)
+    else {
+        return;
+    };
+    let (live, first) = pushed(&mut registry, "v1", "live");
+    let svc = Svc {
+        pull: "always",
+        ..Svc::new("follow", service_port(), service_port()).pulled_from("v1", &live)
+    };
+    host.apply(&svc)
+        .expect_success("installing the tag's first image");
+    let primary = format!("lessnat-follow.{}", host.node);
+    assert_eq!(digest_label(&primary), first);
+    let show = host.run(host.command(&["show"])).expect_success("show");
+    assert!(
+        show.stdout().contains(&format!("digest {first}")),
+        "{}",
+        show.stdout()
+    );
+    host.assert_converged(&svc);
+
+    let (_, moved) = pushed(&mut registry, "v2", "live");
+    assert_ne!(moved, first);
+    let (code, output) = host.plan_exit(&svc);
+    assert_eq!(code, Some(2), "plan after the tag moved:\n{output}");
+    for part in [
+        format!("+ image.{live}"),
+        format!("digest = \"{moved}\""),
+        ">> service.follow (redirect-drain)".to_string(),
+    ] {
+        assert!(output.contains(&part), "{part:?} in:\n{output}");
+    }
+    host.apply(&svc)
+        .expect_success("upgrading to the moved tag");
+    assert_eq!(version_at(svc.port), "v2");
+    assert_eq!(digest_label(&primary), moved);
+    host.assert_converged(&svc);
+    registry.forget(&live);
+}
+
+#[test]
+fn registry_gone_fails_at_the_pull_and_v1_keeps_serving() {
+    let Some((mut registry, mut host)) =
+        with_registry("registry_gone_fails_at_the_pull_and_v1_keeps_serving", None)
+    else {
+        return;
+    };
+    let (v1, _) = pushed(&mut registry, "v1", "v1");
+    let (v2, _) = pushed(&mut registry, "v2", "v2");
+    let svc = Svc::new("orphaned", service_port(), service_port());
+    host.apply(&svc.pulled_from("v1", &v1))
+        .expect_success("installing v1 from the registry");
+    registry.forget(&v1);
+    registry.stop();
+
+    let run = host.apply(&svc.pulled_from("v2", &v2));
+    assert!(!run.status.success(), "{}", run.output());
+    for part in [
+        format!("image {v2} was not pulled"),
+        "connection refused".to_string(),
+    ] {
+        assert!(run.stderr.contains(&part), "{part:?} in:\n{}", run.output());
+    }
+    assert!(!run.stdout().contains("stage 1/7"), "{}", run.output());
+    assert_eq!(version_at(svc.port), "v1");
+    assert_eq!(
+        host.containers(),
+        vec![format!("lessnat-orphaned.{}", host.node)],
+        "only the primary"
+    );
+    assert_eq!(host.journal_upgrades(), Vec::<String>::new());
 }

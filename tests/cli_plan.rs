@@ -43,7 +43,12 @@ fn detailed_exitcode_is_2_with_changes_and_0_without() {
     );
     let text = String::from_utf8_lossy(&changed.stdout);
     assert!(
-        text.contains("Plan: 2 to add, 0 to change, 0 to destroy, 0 to upgrade."),
+        text.contains("Plan: 3 to add, 0 to change, 0 to destroy, 0 to upgrade."),
+        "{text}"
+    );
+    assert!(
+        text.contains("+ image.registry.example/web:2.1 will be pulled")
+            || text.contains("# image.registry.example/web:2.1 will be pulled"),
         "{text}"
     );
 
@@ -87,9 +92,15 @@ fn json_plan_matches_the_golden_file() {
     .expect("golden JSON");
     assert_eq!(printed, golden);
     assert_eq!(printed["format"], lessnat::plan::PLAN_FORMAT);
-    assert_eq!(printed["changes"][0]["action"], "upgrade");
+    // The missing image is pulled first.
+    assert_eq!(printed["changes"][0]["operation"]["op"], "pull-image");
+    assert_eq!(
+        printed["changes"][0]["operation"]["image"],
+        "registry.example/web:2.1"
+    );
+    assert_eq!(printed["changes"][1]["action"], "upgrade");
     // The change carries what apply does, with the version it starts from.
-    let operation = &printed["changes"][0]["operation"];
+    let operation = &printed["changes"][1]["operation"];
     assert_eq!(operation["op"], "upgrade");
     assert_eq!(operation["from"]["image"], "registry.example/web:2.0");
     assert_eq!(

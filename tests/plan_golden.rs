@@ -16,7 +16,7 @@ use lessnat::model::{
     ConntrackState, Container, FlowCount, ForeignContainer, IpRule, NftTable, OBSERVED_FORMAT,
     Observed, Route,
 };
-use lessnat::model::{Probe, Veth};
+use lessnat::model::{Image, Probe, RemoteDigest, Veth};
 use lessnat::ownership::{Slot, container_name, veth_name};
 use lessnat::plan::{desired_table, plan, render::render};
 use lessnat::spec::{HumanDuration, Protocol, Spec, load_bytes};
@@ -114,13 +114,26 @@ impl<'a> Fixture<'a> {
     }
 
     /// A container of `service` made from `from` (a spec: the current one or an older one).
-    fn container(mut self, from: &Spec, service: &str, slot: Slot, state: &str) -> Self {
-        let desired = desired_node(from, self.node);
+    fn container(self, from: &Spec, service: &str, slot: Slot, state: &str) -> Self {
+        self.container_at(from, service, slot, state, None)
+    }
+
+    /// Like [`Fixture::container`], made from the image at `digest` (`pull: always`).
+    fn container_at(
+        mut self,
+        from: &Spec,
+        service: &str,
+        slot: Slot,
+        state: &str,
+        digest: Option<&str>,
+    ) -> Self {
+        let mut desired = desired_node(from, self.node);
         let (spec, c) = desired
             .services
-            .iter()
+            .iter_mut()
             .find(|(s, _)| s.name.value == service)
             .expect("service on node");
+        c.digest = digest.map(str::to_string);
         let n = self.observed.containers.len() + 1;
         self.observed.containers.push(Container {
             id: format!("{n:0>12}"),
@@ -135,6 +148,7 @@ impl<'a> Fixture<'a> {
             pid: (state == "running").then_some(1000 + n as u32),
             address: c.address.clone(),
             stop_timeout: Some(spec.upgrade.stop_timeout.value),
+            digest: c.digest.clone(),
         });
         self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
         self
@@ -199,7 +213,45 @@ impl<'a> Fixture<'a> {
         self
     }
 
-    fn write(self, case: &str) {
+    /// The engine has `reference`, known in its registry by `digests`.
+    fn image(mut self, reference: &str, digests: &[&str]) -> Self {
+        let repository = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+        self.observed.images.retain(|i| i.reference != reference);
+        self.observed.images.push(Image {
+            reference: reference.to_string(),
+            id: format!("sha256:{:0>64}", self.observed.images.len() + 1),
+            digests: digests
+                .iter()
+                .map(|d| format!("{repository}@{d}"))
+                .collect(),
+        });
+        self.observed.images.sort();
+        self
+    }
+
+    /// `pull: always`: the registry says `reference`'s tag is at `digest`.
+    fn remote(mut self, reference: &str, digest: &str) -> Self {
+        self.observed.remote_digests.push(RemoteDigest {
+            reference: reference.to_string(),
+            digest: digest.to_string(),
+        });
+        self
+    }
+
+    /// Writes the fixture; the engine has the images of its containers.
+    fn write(mut self, case: &str) {
+        let containers: Vec<(String, Option<String>)> = self
+            .observed
+            .containers
+            .iter()
+            .map(|c| (c.image.clone(), c.digest.clone()))
+            .collect();
+        for (image, digest) in containers {
+            if !self.observed.images.iter().any(|i| i.reference == image) {
+                let digests: Vec<&str> = digest.as_deref().into_iter().collect();
+                self = self.image(&image, &digests);
+            }
+        }
         let dir = cases_dir().join(case);
         std::fs::create_dir_all(&dir).expect("case dir");
         let text = serde_json::to_string_pretty(&self.observed).expect("serialise") + "\n";
@@ -443,4 +495,15 @@ fn write_observed_fixtures() {
     full.observed.conntrack.table_count = 255_000;
     full.observed.warnings.push("conntrack table is 97% full (255000 of 262144): new flows may be dropped and drain counts are unreliable; raise net.netfilter.nf_conntrack_max".into());
     full.write("warning-conntrack-full");
+
+    // `pull: always`: the registry's tag moved from the digest the running
+    // container was made from; the engine has only the old one.
+    let always = spec_from(&spec_text("pull-always-digest-moved"));
+    let old = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    let new = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+    Fixture::new("web-1")
+        .table(&[])
+        .container_at(&always, "web", Slot::Primary, "running", Some(old))
+        .remote("registry.example/web:2.1", new)
+        .write("pull-always-digest-moved");
 }

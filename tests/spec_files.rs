@@ -223,7 +223,7 @@ fn completions_and_man_page_are_generated() {
     assert!(String::from_utf8_lossy(&bash.stdout).contains("_lessnat"));
     let man = lessnat(&["man"]);
     assert!(man.status.success());
-    assert!(String::from_utf8_lossy(&man.stdout).contains(".TH lessnat"));
+    assert!(String::from_utf8_lossy(&man.stdout).contains(".TH LESSNAT 1"));
 }
 
 /// Every duration field shows its own description on hover in editors: the

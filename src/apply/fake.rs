@@ -20,7 +20,7 @@ use bollard::errors::Error as ApiError;
 
 use super::host::{Host, TableHold};
 use crate::backend::conntrack::{ConntrackError, FlowTo};
-use crate::backend::docker::{ContainerStatus, DockerError};
+use crate::backend::docker::{ContainerStatus, DockerError, PullProgress};
 use crate::backend::netlink::NetlinkError;
 use crate::backend::nft::NftError;
 use crate::backend::sysctl::SysctlError;
@@ -28,14 +28,15 @@ use crate::backend::veth::Wiring;
 use crate::desired::host_table::redirects_in;
 use crate::health::NetworkCheck;
 use crate::model::{
-    ConntrackState, Container, ContainerNetwork, ContainerSpec, IpRule, NftElement, NftState,
-    NftTable, OBSERVED_FORMAT, Observed, OwnedAddress, Redirect, Route, RoutingState, Veth,
-    redirect_map_name,
+    ConntrackState, Container, ContainerNetwork, ContainerSpec, Image, IpRule, NftElement,
+    NftState, NftTable, OBSERVED_FORMAT, Observed, OwnedAddress, Redirect, Route, RoutingState,
+    Veth, redirect_map_name,
 };
 use crate::ownership::{
-    LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
+    LABEL_ADDRESS, LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
     parse_container_name, veth_name,
 };
+use crate::registry::{Credentials, ImageRef};
 use crate::spec::Protocol;
 
 /// How a container answers health checks (network probes and `exec`).
@@ -166,6 +167,8 @@ struct State {
     calls: Vec<String>,
     elapsed: Duration,
     last_pid: u32,
+    /// Images the engine has (pulled ones).
+    images: Vec<String>,
 }
 
 impl State {
@@ -332,6 +335,7 @@ impl FakeHost {
                     pid: c.pid,
                     address: label(LABEL_ADDRESS),
                     stop_timeout: label(LABEL_STOP_TIMEOUT).and_then(|t| t.parse().ok()),
+                    digest: label(LABEL_DIGEST),
                 })
             })
             .collect();
@@ -350,6 +354,15 @@ impl FakeHost {
             addresses: state.addresses.clone(),
             sysctls: state.sysctls.clone(),
             conntrack: state.conntrack.peek(),
+            images: state
+                .images
+                .iter()
+                .map(|reference| Image {
+                    reference: reference.clone(),
+                    id: format!("fake-{reference}"),
+                    digests: Vec::new(),
+                })
+                .collect(),
             ..Observed::default()
         }
     }
@@ -439,6 +452,21 @@ fn netlink_error(doing: &str, reason: String) -> NetlinkError {
 }
 
 impl Host for FakeHost {
+    fn pull(
+        &self,
+        reference: &str,
+        _image: &ImageRef,
+        _credentials: Option<&Credentials>,
+        on_progress: &mut dyn FnMut(&PullProgress),
+    ) -> Result<PullProgress, DockerError> {
+        let call = format!("pull {reference}");
+        self.call(&call).map_err(|e| docker_error(&call, 500, e))?;
+        let progress = PullProgress::default();
+        on_progress(&progress);
+        self.state.borrow_mut().images.push(reference.to_string());
+        Ok(progress)
+    }
+
     fn create(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
         let call = format!("create {}", spec.name);
         self.call(&call).map_err(|e| docker_error(&call, 500, e))?;

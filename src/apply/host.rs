@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use crate::backend::conntrack::{self, ConntrackError, FlowTo};
-use crate::backend::docker::{ContainerStatus, Docker, DockerError};
+use crate::backend::docker::{ContainerStatus, Docker, DockerError, PullProgress};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
@@ -20,6 +20,7 @@ use crate::model::{
     ConntrackState, ContainerSpec, IpRule, NftTable, OwnedAddress, Redirect, Route, Veth,
 };
 use crate::netns::Netns;
+use crate::registry::{Credentials, ImageRef};
 use crate::spec::Protocol;
 
 /// The operations apply carries out on a host, each as its backend does it
@@ -39,6 +40,15 @@ pub trait Host {
     fn keep_running(&self, name: &str) -> Result<(), DockerError>;
     /// Whether a container runs, its exit code and pid; `None` when it does not exist.
     fn state(&self, name: &str) -> Result<Option<ContainerStatus>, DockerError>;
+    /// Pulls `reference` (taken apart as `image`) with `credentials`,
+    /// telling `on_progress` how far it came; returns the final progress.
+    fn pull(
+        &self,
+        reference: &str,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+        on_progress: &mut dyn FnMut(&PullProgress),
+    ) -> Result<PullProgress, DockerError>;
     /// A container's last `lines` lines of output.
     fn logs_tail(&self, name: &str, lines: usize) -> Result<String, DockerError>;
     /// Runs `command` in a running container and returns its exit code.
@@ -159,6 +169,17 @@ impl Host for LiveHost<'_> {
 
     fn keep_running(&self, name: &str) -> Result<(), DockerError> {
         self.docker.keep_running(name)
+    }
+
+    fn pull(
+        &self,
+        reference: &str,
+        image: &ImageRef,
+        credentials: Option<&Credentials>,
+        on_progress: &mut dyn FnMut(&PullProgress),
+    ) -> Result<PullProgress, DockerError> {
+        self.docker
+            .pull(reference, image, credentials, |p| on_progress(p))
     }
 
     fn state(&self, name: &str) -> Result<Option<ContainerStatus>, DockerError> {

@@ -9,6 +9,7 @@ mod hold;
 mod host;
 mod primary;
 pub mod progress;
+mod pull;
 mod ready;
 mod routed;
 pub mod stale;
@@ -145,6 +146,9 @@ pub enum ApplyError {
         /// The container.
         container: String,
     },
+    /// An image could not be pulled.
+    #[error(transparent)]
+    Pull(#[from] Box<pull::PullError>),
     /// The plan holds a change this build cannot carry out.
     #[error("cannot apply {what} yet")]
     Unsupported {
@@ -166,6 +170,9 @@ pub fn apply_change(
     }
     let address = change.resource.address();
     match &change.operation {
+        Operation::PullImage { image, digest } => {
+            pull::pull(ctx, progress, &address, image, digest.as_deref())?;
+        }
         Operation::WriteTable { table, switches } => {
             progress.step(&format!(
                 "{address}: writing lessnat's table (one transaction)"

@@ -71,6 +71,7 @@ mod tests {
             pid: None,
             address: None,
             stop_timeout: None,
+            digest: None,
         }
     }
 

@@ -9,10 +9,15 @@
 //! from a [`ContainerSpec`], [`Docker::start`], [`Docker::stop`],
 //! [`Docker::rename`] (a container changes slot by changing name),
 //! [`Docker::remove`], and what health waits use: [`Docker::state`],
-//! [`Docker::logs_tail`] and [`Docker::exec`].
+//! [`Docker::logs_tail`] and [`Docker::exec`]; and for images (`docker/image.rs`)
+//! [`Docker::image`], [`Docker::remote_digest`] and [`Docker::pull`].
 //!
 //! bollard is async; [`Docker`] keeps the API synchronous with a current-thread
 //! tokio runtime of its own.
+
+mod image;
+
+pub use image::PullProgress;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,8 +37,8 @@ use tokio::runtime::Runtime;
 
 use crate::model::{Container, ContainerSpec, ForeignContainer};
 use crate::ownership::{
-    ContainerName, LABEL_ADDRESS, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
-    parse_container_name,
+    ContainerName, LABEL_ADDRESS, LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC,
+    LABEL_STOP_TIMEOUT, parse_container_name,
 };
 
 /// Where the engine is when `DOCKER_HOST` is unset or empty.
@@ -218,7 +223,7 @@ impl Docker {
         let mut foreign = Vec::new();
         for summary in &labelled {
             match classify(summary, node) {
-                Classified::Ours(container) => containers.push(container),
+                Classified::Ours(container) => containers.push(*container),
                 Classified::Foreign(container) => foreign.push(container),
                 Classified::Skip => {}
             }
@@ -277,7 +282,7 @@ impl Docker {
     /// Creates a container (it is not started) and returns its id.
     ///
     /// Fails when the name is taken or the image is not present on the
-    /// engine: nothing is pulled.
+    /// engine: nothing is pulled here (plans pull missing images first).
     pub fn create(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
@@ -666,7 +671,7 @@ fn status_of(details: &ContainerInspectResponse) -> ContainerStatus {
 
 /// What a labelled container turns out to be.
 enum Classified {
-    Ours(Container),
+    Ours(Box<Container>),
     Foreign(ForeignContainer),
     Skip,
 }
@@ -703,7 +708,7 @@ fn classify(summary: &ContainerSummary, node: &str) -> Classified {
             name: name.to_string(),
         });
     }
-    Classified::Ours(Container {
+    Classified::Ours(Box::new(Container {
         id: id.to_string(),
         name: name.to_string(),
         service: service.to_string(),
@@ -728,7 +733,8 @@ fn classify(summary: &ContainerSummary, node: &str) -> Classified {
         pid: None,
         address: label(summary, LABEL_ADDRESS).map(str::to_string),
         stop_timeout: label(summary, LABEL_STOP_TIMEOUT).and_then(|t| t.parse().ok()),
-    })
+        digest: label(summary, LABEL_DIGEST).map(str::to_string),
+    }))
 }
 
 /// The container's own name, without Docker's leading `/`. Names with more
@@ -915,6 +921,14 @@ mod tests {
                 (LABEL_SPEC, hash.as_str()),
                 (LABEL_STOP_TIMEOUT, "10s"),
             ]
+        );
+        let mut pinned = web.clone();
+        pinned.digest = Some("sha256:abc".into());
+        let pinned = pinned.container_spec("a", Slot::Next, stop).expect("fills");
+        assert_eq!(pinned.labels[LABEL_DIGEST], "sha256:abc");
+        assert_ne!(
+            pinned.labels[LABEL_SPEC], hash,
+            "the digest is part of the hash"
         );
 
         for (slot, name) in [

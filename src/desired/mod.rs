@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{ContainerNetwork, ContainerSpec};
 use crate::ownership::{
-    LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT, Slot, container_name,
+    LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT, Slot, container_name,
 };
 use crate::spec::{
     HumanDuration, NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders,
@@ -54,6 +54,11 @@ pub struct DesiredContainer {
     pub ports: Vec<DesiredPort>,
     /// Routed mode: this replica's address.
     pub address: Option<String>,
+    /// `pull: always`: the registry digest of the image's tag, set by the
+    /// planner from observation. Part of the hash, so a moved tag is a new
+    /// container; recorded in the `io.lessnat.digest` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl DesiredContainer {
@@ -102,7 +107,7 @@ impl DesiredContainer {
         stop_timeout: Duration,
     ) -> Result<ContainerSpec, PlaceholderError> {
         let temporary = slot == Slot::Next;
-        let labels = BTreeMap::from([
+        let mut labels = BTreeMap::from([
             (LABEL_SERVICE.to_string(), self.service.clone()),
             (LABEL_SPEC.to_string(), self.spec_hash()),
             (LABEL_PORTS.to_string(), self.port_labels().join(",")),
@@ -111,6 +116,9 @@ impl DesiredContainer {
                 HumanDuration(stop_timeout).to_string(),
             ),
         ]);
+        if let Some(digest) = &self.digest {
+            labels.insert(LABEL_DIGEST.to_string(), digest.clone());
+        }
         Ok(ContainerSpec {
             name: container_name(&self.service, node, slot),
             image: self.image.clone(),
@@ -213,6 +221,7 @@ pub fn container_for(service: &Service, address: Option<String>) -> DesiredConta
             })
             .collect(),
         address,
+        digest: None,
     }
 }
 

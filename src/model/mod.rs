@@ -48,6 +48,14 @@ pub struct Observed {
     /// Routed mode, load-balancer nodes: whether each replica address answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<Probe>,
+    /// The images the node's services use that the engine has (found by the
+    /// reference the spec gives); an image not listed must be pulled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
+    /// Services with `pull: always`: the digest each image's tag has in its
+    /// registry now, asked without pulling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_digests: Vec<RemoteDigest>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Things the observers noticed that make the picture less reliable.
@@ -247,6 +255,43 @@ pub struct Container {
     /// label); absent on containers made before lessnat recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<HumanDuration>,
+    /// The registry digest of the image it was made from (`io.lessnat.digest`
+    /// label), recorded for services with `pull: always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// An image the engine has.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    /// The reference, as the spec names it.
+    pub reference: String,
+    /// The engine's image id.
+    pub id: String,
+    /// The registry digests it is known by, as the engine lists them:
+    /// `registry.example/web@sha256:…` (none for an image built locally).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<String>,
+}
+
+impl Image {
+    /// Whether the engine knows this image by `digest` (`sha256:…`).
+    pub fn has_digest(&self, digest: &str) -> bool {
+        self.digests
+            .iter()
+            .any(|d| d.rsplit_once('@').is_some_and(|(_, found)| found == digest))
+    }
+}
+
+/// The digest an image's tag has in its registry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteDigest {
+    /// The reference, as the spec names it.
+    pub reference: String,
+    /// The digest of the manifest the tag points at, `sha256:…`.
+    pub digest: String,
 }
 
 /// The node side of a veth pair that wires a routed container in. The pair
@@ -397,7 +442,7 @@ pub struct ContainerSpec {
     /// The container name, e.g. `lessnat-web.web-1.next`.
     pub name: String,
     /// The image reference. It must already be present on the engine: creating
-    /// a container never pulls.
+    /// a container never pulls (a plan's `pull-image` changes come first).
     pub image: String,
     /// The command (the arguments given to the image's entrypoint); empty
     /// keeps the image's own `CMD`.

@@ -11,6 +11,7 @@ use crate::netns::Netns;
 use crate::ownership::ROUTED_SYSCTLS;
 use crate::spec::Spec;
 
+use super::images::{ImagesError, observe_images};
 use super::probe::probe_replicas;
 use crate::model::{OBSERVED_FORMAT, Observed};
 
@@ -32,6 +33,9 @@ pub enum ObserveError {
     /// Talking to Docker failed.
     #[error("reading containers")]
     Docker(#[from] DockerError),
+    /// The images the services use could not be observed.
+    #[error(transparent)]
+    Images(#[from] ImagesError),
 }
 
 /// Reads what lessnat owns on this host for `node`, inside `netns`. Containers
@@ -42,7 +46,8 @@ pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
 }
 
 /// Like [`observe_with`], plus what only the spec can say where to look: a
-/// load-balancer node's probes of its replicas' addresses.
+/// load-balancer node's probes of its replicas' addresses, the images the
+/// node's services use, and the registry digests of `pull: always` images.
 pub fn observe_for(
     spec: &Spec,
     node: &str,
@@ -50,6 +55,7 @@ pub fn observe_for(
     docker: &Docker,
 ) -> Result<Observed, ObserveError> {
     let mut observed = observe_with(node, netns, docker)?;
+    (observed.images, observed.remote_digests) = observe_images(spec, node, docker)?;
     observed.probes = probe_replicas(spec, node, netns);
     Ok(observed)
 }
@@ -79,5 +85,7 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         addresses,
         sysctls,
         probes: Vec::new(),
+        images: Vec::new(),
+        remote_digests: Vec::new(),
     })
 }

@@ -30,9 +30,14 @@ pub fn render(observed: &Observed, style: Style) -> String {
             .as_deref()
             .map(|a| format!("  at {a}"))
             .unwrap_or_default();
+        let digest = c
+            .digest
+            .as_deref()
+            .map(|d| format!("  digest {d}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {:<28} {:<7} {}{health}  {}  spec {}  id {id}{address}",
+            "  {:<28} {:<7} {}{health}  {}  spec {}  id {id}{address}{digest}",
             c.name,
             c.slot.as_str(),
             c.state,

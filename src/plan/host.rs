@@ -141,6 +141,13 @@ pub(super) fn container_fields(
             new: Some(container.image.clone().into()),
         });
     }
+    if container.digest.is_some() && found.digest != container.digest {
+        fields.push(FieldChange {
+            name: "digest".into(),
+            old: found.digest.clone().map(Into::into),
+            new: container.digest.clone().map(Into::into),
+        });
+    }
     let ports = container.port_labels();
     if !found.ports.is_empty() && found.ports != ports {
         fields.push(FieldChange {

@@ -5,6 +5,7 @@ mod fingerprint;
 mod host;
 mod model;
 pub mod operation;
+mod pull;
 pub mod render;
 mod routed;
 pub mod saved;
@@ -32,7 +33,8 @@ use operation::{Operation, Switch};
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
-    let desired = desired_node(spec, node);
+    let mut desired = desired_node(spec, node);
+    pull::pin_digests(&mut desired, observed);
     let mut planner = Planner {
         observed,
         drift: Vec::new(),
@@ -128,13 +130,19 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     } = planner;
     let mut warnings = observed.warnings.clone();
     warnings.sort();
+    let pulls = pull::pulls(&changes, observed);
     Plan {
         format: PLAN_FORMAT,
         node: node.to_string(),
         fingerprint: fingerprint(observed),
         drift,
         conflicts,
-        changes: first.into_iter().chain(changes).chain(last).collect(),
+        changes: pulls
+            .into_iter()
+            .chain(first)
+            .chain(changes)
+            .chain(last)
+            .collect(),
         warnings,
     }
 }

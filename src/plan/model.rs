@@ -118,6 +118,11 @@ pub enum Resource {
         /// Its key, e.g. `net.ipv4.ip_forward`.
         key: String,
     },
+    /// An image on the engine.
+    Image {
+        /// The reference, as the spec names it.
+        reference: String,
+    },
 }
 
 impl Resource {
@@ -132,6 +137,7 @@ impl Resource {
             Resource::Veth { name, .. } => format!("veth.{name}"),
             Resource::Address { device, address } => format!("address.{device}.{address}"),
             Resource::Sysctl { key } => format!("sysctl.{key}"),
+            Resource::Image { reference } => format!("image.{reference}"),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::InFlight;
+use super::model::{Decision, InFlight};
 use crate::desired::DesiredContainer;
 use crate::model::{IpRule, NftTable, OwnedAddress, Route};
 use crate::spec::{HumanDuration, Service};
@@ -67,6 +67,16 @@ impl std::fmt::Display for Switch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Operation {
+    /// Pull an image the engine lacks, with the Docker client config's
+    /// credentials for its registry (never part of the plan).
+    PullImage {
+        /// The reference, as the spec names it.
+        image: String,
+        /// `pull: always`: the digest the tag had when planned; apply fails
+        /// when the pull brings another (the tag moved again: plan again).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+    },
     /// Write lessnat's nftables table in one transaction (created, or
     /// replaced whole); then, on a load-balancer node, wait for its own
     /// connections to each switched replica's old address.
@@ -205,4 +215,31 @@ pub enum Operation {
         /// The value.
         value: String,
     },
+}
+
+impl Operation {
+    /// The container this operation creates containers from, if it creates any:
+    /// its image must be on the engine first. An upgrade in flight that rolls
+    /// back creates nothing new.
+    pub fn creates_from(&self) -> Option<&DesiredContainer> {
+        let rolls_back =
+            |f: &Option<InFlight>| f.as_ref().is_some_and(|f| f.decision == Decision::RollBack);
+        match self {
+            Operation::Upgrade {
+                workload,
+                in_flight,
+                ..
+            }
+            | Operation::UpgradeReplica {
+                workload,
+                in_flight,
+                ..
+            } if !rolls_back(in_flight) => Some(&workload.container),
+            Operation::CreatePrimary { workload, .. }
+            | Operation::StopStart { workload }
+            | Operation::CreateReplica { workload, .. }
+            | Operation::ReplaceReplica { workload, .. } => Some(&workload.container),
+            _ => None,
+        }
+    }
 }

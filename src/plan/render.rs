@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Action, Change, Plan};
+use super::{Action, Change, Plan, Resource};
 use crate::style::Style;
 
 fn color(action: Action) -> &'static str {
@@ -17,8 +17,11 @@ fn color(action: Action) -> &'static str {
     }
 }
 
-fn verb(action: Action) -> &'static str {
-    match action {
+fn verb(change: &Change) -> &'static str {
+    if let Resource::Image { .. } = change.resource {
+        return "will be pulled";
+    }
+    match change.action {
         Action::Create => "will be created",
         Action::Update => "will be updated in place",
         Action::Replace => "will be replaced",
@@ -80,12 +83,7 @@ pub fn render(plan: &Plan, style: Style) -> String {
 
 fn render_change(out: &mut String, change: &Change, style: Style) {
     let address = change.resource.address();
-    let _ = writeln!(
-        out,
-        "  # {address} {}: {}",
-        verb(change.action),
-        change.reason
-    );
+    let _ = writeln!(out, "  # {address} {}: {}", verb(change), change.reason);
     let symbol = style.paint(color(change.action), change.action.symbol());
     let strategy = change
         .upgrade

@@ -35,6 +35,13 @@ impl<T> Located<T> {
     }
 }
 
+impl<T: Default> Default for Located<T> {
+    /// The default value, not read from a file.
+    fn default() -> Self {
+        Located::new(T::default())
+    }
+}
+
 impl<T> From<T> for Located<T> {
     fn from(value: T) -> Self {
         Located::new(value)

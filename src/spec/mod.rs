@@ -102,7 +102,14 @@ pub struct Service {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<Replica>,
     /// The container image, e.g. `registry.example/web:2.1`. Changing it triggers an upgrade.
+    /// Credentials for its registry come from the Docker client config
+    /// (`DOCKER_CONFIG` or `~/.docker/config.json`).
     pub image: Located<String>,
+    /// When the image is pulled: `missing` (default) pulls it only when the
+    /// engine lacks it; `always` asks the registry for the tag's current digest
+    /// at every `plan` (without pulling) and upgrades when it moved.
+    #[serde(default, skip_serializing_if = "PullPolicy::is_missing")]
+    pub pull: Located<PullPolicy>,
     /// Command and arguments; the image's default when omitted. `{port}` stands for the
     /// port the container must listen on (the canonical port, or the temporary port
     /// during an upgrade); `{port.NAME}` for a named port when there are several.
@@ -121,6 +128,24 @@ pub struct Service {
     /// How a new image or setting is rolled out.
     #[serde(default)]
     pub upgrade: Upgrade,
+}
+
+/// When lessnat pulls a service's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull only when the engine does not have the image.
+    #[default]
+    Missing,
+    /// Ask the registry for the tag's digest at every plan; pull and upgrade when it moved.
+    Always,
+}
+
+impl PullPolicy {
+    /// Whether this is the default, `missing` (it is then left out of plans' JSON).
+    pub fn is_missing(policy: &Located<PullPolicy>) -> bool {
+        policy.value == PullPolicy::Missing
+    }
 }
 
 /// A routed-mode replica.

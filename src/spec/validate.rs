@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::{
-    Health, Located, NetworkMode, Node, PlaceholderError, Protocol, SPEC_VERSION, Service, Spec,
-    Strategy, render_placeholders,
+    Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy, SPEC_VERSION,
+    Service, Spec, Strategy, render_placeholders,
 };
 use crate::diagnostic::{Diagnostic, Span, closest, one_of};
 use crate::error::chain;
+use crate::registry::ImageRef;
 
 /// The longest name lessnat accepts for nodes, services and ports (container
 /// names are built from them).
@@ -184,14 +185,27 @@ impl Checker {
 
     fn service(&mut self, spec: &Spec, service: &Service) {
         let name = &service.name;
-        if service.image.trim().is_empty() || service.image.contains(char::is_whitespace) {
-            self.push(
+        match ImageRef::parse(&service.image.value) {
+            Err(invalid) => self.push(
                 error(
                     service.image.span,
                     format!("invalid image reference \"{}\"", service.image.value),
                 )
-                .with_help("write an image like `registry.example/web:2.1`, without spaces"),
-            );
+                .with_help(format!(
+                    "{}; write an image like `registry.example/web:2.1`",
+                    invalid.why
+                )),
+            ),
+            Ok(image) if image.digest.is_some() && service.pull.value == PullPolicy::Always => {
+                self.push(
+                    error(
+                        service.pull.span,
+                        "`pull: always` with an image pinned by digest: there is no tag to follow",
+                    )
+                    .with_help("remove `@sha256:…` from the image, or `pull: always`"),
+                );
+            }
+            Ok(_) => {}
         }
         if service.ports.is_empty() {
             self.push(

@@ -5,6 +5,7 @@
 
 pub mod image;
 pub mod load;
+pub mod registry;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -13,11 +13,12 @@ use crate::journal::{Journal, JournalFile};
 use crate::plan::operation::Operation;
 use crate::plan::{Plan, Summary, plan};
 
-/// Calls that do not change the host (reads, and the hold on lessnat's
-/// table); [`Harness::changes`] leaves them out (conntrack reads stay: each
+/// Calls that do not change the host's traffic (reads, pulls, and the hold
+/// on lessnat's table); [`Harness::changes`] leaves them out (conntrack reads stay: each
 /// one is a drain poll).
-const READS: [&str; 7] = [
+const READS: [&str; 8] = [
     "hold table",
+    "pull ",
     "state ",
     "probe ",
     "read flows to ",
