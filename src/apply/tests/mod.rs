@@ -131,10 +131,17 @@ impl Harness {
     }
 }
 
-/// The operation of a plan that has exactly one change.
+/// The operation of a plan that has exactly one change besides pulling
+/// images (the fake engine lacks a new image until it is pulled).
 fn only_operation(plan: &Plan) -> &Operation {
-    match plan.changes.as_slice() {
-        [change] => &change.operation,
-        changes => panic!("expected one change, got {changes:#?}"),
+    let changes: Vec<&Operation> = plan
+        .changes
+        .iter()
+        .map(|change| &change.operation)
+        .filter(|operation| !matches!(operation, Operation::PullImage { .. }))
+        .collect();
+    match changes.as_slice() {
+        [operation] => operation,
+        operations => panic!("expected one change, got {operations:#?}"),
     }
 }
