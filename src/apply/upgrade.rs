@@ -145,25 +145,40 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         Ok(())
     }
 
-    /// Moves UDP flows of the service's ports: UDP cannot drain, so its
-    /// conntrack entries are deleted and the next packet of each flow is
-    /// matched afresh (redirected, or not any more).
+    /// Moves UDP flows of the service's ports: UDP cannot drain, so the
+    /// conntrack entries that keep a flow where it should no longer go (or
+    /// would make the kernel rewrite its client's source port) are deleted,
+    /// until none has come back for a while, and the next datagram of each
+    /// flow is matched afresh (redirected, or not any more). Where flows go is
+    /// read from lessnat's live table: the redirect elements in place now.
     fn move_udp_flows(&self) -> Result<(), ApplyError> {
-        // Answers the old server still sends from its queue after the first
-        // pass create entries the other way round, which would hold their
-        // flows; two more passes, once the queue has had time to empty, free
-        // them.
-        for pause in [0, 30, 120] {
-            std::thread::sleep(Duration::from_millis(pause));
-            for port in self
-                .service
-                .ports
-                .iter()
-                .filter(|p| p.protocol == Protocol::Udp)
-            {
-                conntrack::delete_flows(self.ctx.netns, Protocol::Udp, port.port.value)?;
-            }
+        let udp: Vec<_> = self
+            .service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Udp)
+            .collect();
+        if udp.is_empty() {
+            return Ok(());
         }
+        let live: Vec<Redirect> = nft::observe(self.ctx.netns)?
+            .tables
+            .iter()
+            .flat_map(crate::desired::host_table::redirects_in)
+            .filter(|r| r.protocol == Protocol::Udp)
+            .collect();
+        let ports: Vec<conntrack::UdpPort> = udp
+            .iter()
+            .map(|p| conntrack::UdpPort {
+                port: p.port.value,
+                temp_port: p.temp_port.as_ref().map(|t| t.value),
+                redirected_to: live
+                    .iter()
+                    .find(|r| r.port == p.port.value)
+                    .map(|r| r.temp_port),
+            })
+            .collect();
+        conntrack::settle_udp_flows(self.ctx.netns, &ports)?;
         Ok(())
     }
 
