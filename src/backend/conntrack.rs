@@ -3,10 +3,10 @@
 //! stages wait on) and deletes the entries that keep a UDP service's flows
 //! where they should no longer go (UDP has nothing to drain).
 //!
-//! The table is dumped once per call, IPv4 and IPv6 together, and parsed one
-//! netlink message at a time: only the aggregated counts (and, when deleting,
-//! the entries that match) are kept, so a table of 100k+ entries costs no more
-//! memory than a small one.
+//! The table is dumped once per call (per pass when moving flows), IPv4 and
+//! IPv6 together, and parsed one netlink message at a time: only the
+//! aggregated counts (and, when deleting, the entries that match) are kept,
+//! so a table of 100k+ entries costs no more memory than a small one.
 
 use std::collections::HashMap;
 use std::io;
@@ -225,10 +225,10 @@ pub struct Settled {
 /// deletes every misplaced entry (see [`UdpPort`]) so the flow's next
 /// datagram is looked up afresh, and keeps looking every 40 ms until passes
 /// over at least 200 ms have found none (misplaced entries still coming back
-/// after 3 s end it). Entries that already go where they
-/// should are left alone: deleting one while its answer is on the way would
-/// make that answer open a misplaced entry. Entries of other ports, and TCP
-/// entries, are never touched.
+/// after 3 s end it). Entries that already go where they should are left
+/// alone: deleting one while its answer is on the way would make that answer
+/// open a misplaced entry. Entries of other ports, and TCP entries, are never
+/// touched.
 pub fn settle_udp_flows(netns: &Netns, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
     netns
         .run(|| settle_here(ports))?
