@@ -1180,6 +1180,100 @@ fn udp_service_upgrade() {
     host.assert_converged(&svc.at("v2"));
 }
 
+/// Conntrack entries (UDP, host namespace) with a NAT status, source or
+/// destination rewritten, that involve one of `ports`, as the `conntrack`
+/// tool lists them.
+fn udp_nat_entries(ports: &[u16]) -> Vec<String> {
+    let output = support::run("conntrack", &["-L", "-p", "udp", "--any-nat"]);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| ports.iter().any(|p| line.contains(&format!("port={p} "))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Issue 11: an upgrade must not leave (or make) a NAT binding on a UDP flow.
+/// Clients keep asking through the whole upgrade while a TCP connection holds
+/// the drain open for seconds, so flows move at the redirect and back at the
+/// unredirect while answers are in flight. Once the redirect is gone
+/// (drain-next) and after the apply, conntrack has no entry with a NAT status
+/// for the service's ports, and every answer the servers gave, before,
+/// during and after, names the client's own source port.
+#[test]
+fn udp_upgrade_leaves_no_nat_and_keeps_client_ports() {
+    let test = "udp_upgrade_leaves_no_nat_and_keeps_client_ports";
+    if !support::root_with(test, &["conntrack"]) {
+        return;
+    }
+    let Some(mut host) = Host::new(test) else {
+        return;
+    };
+    let svc = Svc {
+        udp: true,
+        ..Svc::new("dgram", service_port(), service_port())
+    };
+    let ports = [svc.port, svc.temp];
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let clients: Vec<UdpClient> = (0..8).map(|_| UdpClient::start(svc.port)).collect();
+    for client in &clients {
+        client.wait_answers(5);
+    }
+    let long = load::long_lived(svc.port, 1, 2000);
+    let mut upgrade = host.spawn_apply(&svc.at("v2"), &[]);
+    upgrade.wait_line("stage 6/7 drain-next", APPLY_TIMEOUT);
+    let after_unredirect = udp_nat_entries(&ports);
+    let upgrade = upgrade
+        .wait(APPLY_TIMEOUT)
+        .expect_success("upgrading to v2 (apply)");
+    for client in &clients {
+        client.wait_answers(5);
+    }
+    let after_finish = udp_nat_entries(&ports);
+    let logs: Vec<UdpLog> = clients.into_iter().map(UdpClient::stop).collect();
+    let _ = long.wait();
+    assert_eq!(
+        after_unredirect,
+        Vec::<String>::new(),
+        "UDP entries with NAT once the redirect is gone"
+    );
+    assert_eq!(
+        after_finish,
+        Vec::<String>::new(),
+        "UDP entries with NAT after the upgrade"
+    );
+    let version = |a: &str| a.split(' ').next().unwrap_or_default().to_string();
+    for log in &logs {
+        let rewritten: std::collections::BTreeSet<&String> = log
+            .answers
+            .iter()
+            .map(|(_, _, a)| a)
+            .filter(|a| !a.ends_with(&format!(" {}", log.local)))
+            .collect();
+        assert!(
+            rewritten.is_empty(),
+            "the server must see the client's own address {} (no source port rewritten): {rewritten:?}",
+            log.local
+        );
+        assert!(
+            log.answers
+                .iter()
+                .any(|(sent, _, a)| *sent > upgrade.ended && version(a) == "v2"),
+            "client {}: no answer from v2 after the upgrade",
+            log.local
+        );
+        assert!(
+            log.answers
+                .iter()
+                .filter(|(sent, _, _)| *sent > upgrade.ended)
+                .all(|(_, _, a)| version(a) == "v2"),
+            "client {}: only v2 answers after the upgrade",
+            log.local
+        );
+        assert_eq!(log.unanswered, 0, "client {}: {:?}", log.local, log.lost);
+    }
+    host.assert_converged(&svc.at("v2"));
+}
+
 /// Foreign things this test makes and removes.
 struct Foreign {
     table: String,
@@ -1822,16 +1916,13 @@ fn drain_timeout_rolls_back_without_cutting_anything() {
     host.assert_converged(&svc);
 }
 
-/// Known bug, outside apply (so not fixed here): `conntrack::delete_flows`
-/// deletes the entries whose *original destination* port is the service's.
 /// An answer the old version sends after its flow's entry was deleted (one
 /// of the queries queued at its socket) creates an entry the other way round
 /// (original source port = the service's port, destination = the client's);
 /// the client's next datagrams match that entry's reply direction, so they
-/// are neither redirected nor deleted at the unredirect: the flow stays on
-/// the old version and is refused when it stops (until the new primary binds
-/// the port). Fails about 3 runs in 4; the fix is to delete entries whose
-/// original source port is the service's port too.
+/// are not redirected: the flow would stay on the old version and be refused
+/// when it stops. `conntrack::settle_udp_flows` deletes such entries while
+/// the redirect is in place, until none has come back for a while.
 ///
 /// UDP clients that send without waiting for answers (streams of queries,
 /// like a busy resolver client or a game), so that answers are in flight when

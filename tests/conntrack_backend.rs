@@ -1,14 +1,17 @@
 //! The conntrack backend against a real kernel, inside throwaway network
 //! namespaces: loopback traffic made by the test is counted by protocol, ports
-//! and state, and UDP flows are deleted by port.
+//! and state, and UDP flows move with lessnat's redirect: only misplaced
+//! entries are deleted, and no client's source port is ever rewritten.
 
 mod support;
 
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use lessnat::backend::conntrack;
-use lessnat::model::{ConntrackState, FlowCount};
+use lessnat::backend::conntrack::{self, Settled, UdpPort};
+use lessnat::backend::nft::{apply_table, set_redirect};
+use lessnat::desired::host_table::host_table;
+use lessnat::model::{ConntrackState, FlowCount, Redirect};
 use lessnat::netns::Netns;
 use lessnat::spec::Protocol;
 use support::{TestNetns, root_with};
@@ -150,58 +153,223 @@ fn redirected_connections_show_the_port_that_answers() {
         .expect("run in the namespace");
 }
 
+/// The service port and temporary port of the UDP tests.
+const PORT: u16 = 5353;
+const TEMP_PORT: u16 = 15353;
+
+/// A namespace with lessnat's own table (no redirect yet): it makes conntrack
+/// track, and its redirect rules are the ones an upgrade uses.
+fn lessnat_netns(tag: &str) -> TestNetns {
+    let ns = TestNetns::new(tag);
+    apply_table(&ns.netns(), &host_table(&[])).expect("lessnat's table");
+    ns
+}
+
+fn udp_redirect(present: bool, netns: &Netns) {
+    let redirect = Redirect {
+        protocol: Protocol::Udp,
+        port: PORT,
+        temp_port: TEMP_PORT,
+    };
+    set_redirect(netns, &redirect, present).expect("set the redirect");
+}
+
+/// Settles the service's UDP flows, redirected to the temporary port or not;
+/// they must settle (no misplaced entry coming back). Returns how many
+/// entries were deleted.
+fn settle(netns: &Netns, redirected: bool) -> u64 {
+    let port = UdpPort {
+        port: PORT,
+        temp_port: Some(TEMP_PORT),
+        redirected_to: redirected.then_some(TEMP_PORT),
+    };
+    let settled = conntrack::settle_udp_flows(netns, &[port]).expect("settle");
+    assert!(settled.quiet, "{settled:?}");
+    settled.deleted
+}
+
+fn bind_udp(address: &str) -> UdpSocket {
+    let socket = UdpSocket::bind(address).unwrap_or_else(|e| panic!("bind {address}: {e}"));
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    socket
+}
+
+/// A client connected to `server`'s port on its loopback address.
+fn client_of(server: &UdpSocket) -> UdpSocket {
+    let to = server.local_addr().expect("server address");
+    let local = if to.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    };
+    let client = bind_udp(local);
+    client.connect((to.ip(), PORT)).expect("connect");
+    client
+}
+
+/// `client` asks; `server` must receive it from the client's own address
+/// (no source port rewritten) and answers; the client gets the answer.
+fn ask(client: &UdpSocket, server: &UdpSocket) {
+    client.send(b"q").expect("send");
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("the server receives");
+    assert_eq!(
+        from,
+        client.local_addr().expect("client address"),
+        "the server must see the client's own address and port"
+    );
+    server.send_to(b"a", from).expect("answer");
+    client.recv(&mut buf).expect("the client gets the answer");
+}
+
+/// UDP entries with a NAT status (source or destination rewritten), as the
+/// `conntrack` tool lists them.
+fn nat_entries(ns: &TestNetns) -> String {
+    let output = ns.try_exec("conntrack", &["-L", "-p", "udp", "--any-nat"]);
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[test]
-fn udp_flows_are_counted_and_deleted_by_port() {
-    if !root_with("udp_flows_are_counted_and_deleted_by_port", &["nft"]) {
+fn udp_flows_move_with_the_redirect_and_keep_their_source_port() {
+    if !root_with(
+        "udp_flows_move_with_the_redirect_and_keep_their_source_port",
+        &["nft", "conntrack"],
+    ) {
         return;
     }
-    let ns = tracking_netns("ct-udp");
+    let ns = lessnat_netns("ct-udp");
     let netns = ns.netns();
     netns
         .run(|| {
-            let _server4 = UdpSocket::bind("127.0.0.1:5353").expect("bind 127.0.0.1:5353");
-            let _server6 = UdpSocket::bind("[::1]:5353").expect("bind [::1]:5353");
-            let send = |local: &str, to: &str| {
-                let socket = UdpSocket::bind(local).expect("bind client");
-                socket.send_to(b"q", to).expect("send");
-                socket
-            };
-            let _clients: Vec<UdpSocket> = (0..3)
-                .map(|_| send("127.0.0.1:0", "127.0.0.1:5353"))
-                .chain((0..2).map(|_| send("[::1]:0", "[::1]:5353")))
-                .chain([send("127.0.0.1:0", "127.0.0.1:5354")])
+            let primary = [bind_udp("127.0.0.1:5353"), bind_udp("[::1]:5353")];
+            let next = [bind_udp("127.0.0.1:15353"), bind_udp("[::1]:15353")];
+            // Three IPv4 clients, two IPv6 ones.
+            let clients: Vec<(UdpSocket, usize)> = [0, 0, 0, 1, 1]
+                .into_iter()
+                .map(|family| (client_of(&primary[family]), family))
                 .collect();
+            let other_server = bind_udp("127.0.0.1:5354");
+            let other = bind_udp("127.0.0.1:0");
+            other.connect("127.0.0.1:5354").expect("connect");
             // A TCP flow on the same port number is not UDP's to delete.
             let tcp = TcpListener::bind("127.0.0.1:5353").expect("bind tcp 5353");
             let _open = connect(&tcp, "127.0.0.1:5353", 1);
 
+            for (client, family) in &clients {
+                ask(client, &primary[*family]);
+            }
+            ask(&other, &other_server);
             let state = observe(&netns);
             assert_eq!(
-                flows_to(&state, "udp", 5353),
-                vec![flow("udp", 5353, 5353, "", 5)]
+                flows_to(&state, "udp", PORT),
+                vec![flow("udp", PORT, PORT, "", 5)]
+            );
+            assert_eq!(
+                settle(&netns, false),
+                0,
+                "flows that go where they should are left alone"
+            );
+
+            // A late answer of a next version (an earlier upgrade rolled
+            // back) opens an entry the other way round: from the temporary
+            // port to a client.
+            let (first, _) = &clients[0];
+            next[0]
+                .send_to(b"late", first.local_addr().expect("address"))
+                .expect("late answer");
+
+            udp_redirect(true, &netns);
+            assert_eq!(
+                settle(&netns, true),
+                6,
+                "the five flows to the primary and the late answer's entry"
+            );
+            for (client, family) in &clients {
+                ask(client, &next[*family]);
+            }
+            ask(&other, &other_server);
+            let state = observe(&netns);
+            assert_eq!(
+                flows_to(&state, "udp", PORT),
+                vec![flow("udp", PORT, TEMP_PORT, "", 5)]
+            );
+            assert_eq!(
+                flows_to(&state, "tcp", PORT),
+                vec![flow("tcp", PORT, PORT, "ESTABLISHED", 1)]
+            );
+            assert_eq!(settle(&netns, true), 0, "redirected flows are left alone");
+            let nat = nat_entries(&ns);
+            assert_eq!(nat.lines().count(), 5, "only the redirects:\n{nat}");
+            assert!(
+                nat.lines()
+                    .all(|l| l.contains(&format!("sport={TEMP_PORT} "))),
+                "only redirects, no source port rewritten:\n{nat}"
+            );
+
+            udp_redirect(false, &netns);
+            assert_eq!(settle(&netns, false), 5, "the five redirected flows");
+            for (client, family) in &clients {
+                ask(client, &primary[*family]);
+            }
+            let state = observe(&netns);
+            assert_eq!(
+                flows_to(&state, "udp", PORT),
+                vec![flow("udp", PORT, PORT, "", 5)]
             );
             assert_eq!(
                 flows_to(&state, "udp", 5354),
                 vec![flow("udp", 5354, 5354, "", 1)]
             );
-
-            let deleted =
-                conntrack::delete_flows(&netns, Protocol::Udp, 5353).expect("delete flows");
-            assert_eq!(deleted, 5);
-
-            let state = observe(&netns);
-            assert_eq!(flows_to(&state, "udp", 5353), vec![]);
             assert_eq!(
-                flows_to(&state, "udp", 5354),
-                vec![flow("udp", 5354, 5354, "", 1)]
+                flows_to(&state, "tcp", PORT),
+                vec![flow("tcp", PORT, PORT, "ESTABLISHED", 1)]
             );
-            assert_eq!(
-                flows_to(&state, "tcp", 5353),
-                vec![flow("tcp", 5353, 5353, "ESTABLISHED", 1)]
+            assert_eq!(nat_entries(&ns), "", "no NAT left after the unredirect");
+        })
+        .expect("run in the namespace");
+}
+
+/// The kernel behaviour behind issue 11: while a redirect is in place, an
+/// entry opened by the next version's answer to a client (after the flow's
+/// entry was deleted) holds the reply tuple the client's next redirected
+/// datagram needs, and the kernel resolves the clash by rewriting the
+/// client's source port: the server sees another port than the client's.
+/// `settle_udp_flows` deletes such entries (the test above).
+#[test]
+fn a_late_answer_of_the_next_version_makes_the_kernel_rewrite_the_client_port() {
+    if !root_with(
+        "a_late_answer_of_the_next_version_makes_the_kernel_rewrite_the_client_port",
+        &["nft", "conntrack"],
+    ) {
+        return;
+    }
+    let ns = lessnat_netns("ct-clash");
+    let netns = ns.netns();
+    netns
+        .run(|| {
+            let next = bind_udp("127.0.0.1:15353");
+            let client = bind_udp("127.0.0.1:0");
+            client.connect(("127.0.0.1", PORT)).expect("connect");
+            let port = client.local_addr().expect("address").port();
+            next.send_to(b"late", ("127.0.0.1", port))
+                .expect("late answer");
+            udp_redirect(true, &netns);
+            client.send(b"q").expect("send");
+            let mut buf = [0u8; 64];
+            let (_, from) = next.recv_from(&mut buf).expect("next receives");
+            assert_ne!(
+                from.port(),
+                port,
+                "the kernel rewrote the source port of the redirected datagram"
             );
-            assert_eq!(
-                conntrack::delete_flows(&netns, Protocol::Udp, 5353).expect("delete again"),
-                0
+            let nat = ns.try_exec("conntrack", &["-L", "-p", "udp", "--src-nat"]);
+            let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
+            assert!(
+                nat.contains(&format!("sport={port} dport={PORT} "))
+                    && nat.contains(&format!("dport={} ", from.port())),
+                "conntrack lists the rewrite as source NAT:\n{nat}"
             );
         })
         .expect("run in the namespace");
@@ -246,12 +414,24 @@ fn a_large_table_is_dumped_quickly() {
             assert_eq!(state.flows.len() as u64, entries / 2);
             assert!(took < Duration::from_secs(10), "dump took {took:?}");
 
+            // As if port 7 were redirected to 8: both flows are misplaced.
             let started = Instant::now();
+            let moved = [UdpPort {
+                port: 7,
+                temp_port: Some(8),
+                redirected_to: Some(8),
+            }];
             assert_eq!(
-                conntrack::delete_flows(&netns, Protocol::Udp, 7).expect("delete"),
-                2
+                conntrack::settle_udp_flows(&netns, &moved).expect("settle"),
+                Settled {
+                    deleted: 2,
+                    quiet: true
+                }
             );
-            eprintln!("deleted 2 of {entries} entries in {:?}", started.elapsed());
+            eprintln!(
+                "moved 2 of {entries} entries (and looked until quiet) in {:?}",
+                started.elapsed()
+            );
         })
         .expect("run in the namespace");
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bollard::errors::Error as ApiError;
 
 use super::host::{Host, TableHold};
-use crate::backend::conntrack::{ConntrackError, FlowTo};
+use crate::backend::conntrack::{ConntrackError, FlowTo, Settled, UdpPort};
 use crate::backend::docker::{ContainerStatus, DockerError, PullProgress};
 use crate::backend::netlink::NetlinkError;
 use crate::backend::nft::NftError;
@@ -37,7 +37,6 @@ use crate::ownership::{
     parse_container_name, veth_name,
 };
 use crate::registry::{Credentials, ImageRef};
-use crate::spec::Protocol;
 
 /// How a container answers health checks (network probes and `exec`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,10 +649,14 @@ impl Host for FakeHost {
         Ok(state.conntrack.next())
     }
 
-    fn delete_flows(&self, protocol: Protocol, orig_dport: u16) -> Result<u64, ConntrackError> {
-        let call = format!("delete flows {orig_dport}/{}", protocol.as_str());
+    fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
+        let listed: Vec<String> = ports.iter().map(|p| format!("{}/udp", p.port)).collect();
+        let call = format!("settle udp flows {}", listed.join(" "));
         self.call(&call).map_err(|e| conntrack_error(&call, e))?;
-        Ok(0)
+        Ok(Settled {
+            deleted: 0,
+            quiet: true,
+        })
     }
 
     fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError> {

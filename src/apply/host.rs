@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::backend::conntrack::{self, ConntrackError, FlowTo};
+use crate::backend::conntrack::{self, ConntrackError, FlowTo, Settled, UdpPort};
 use crate::backend::docker::{ContainerStatus, Docker, DockerError, PullProgress};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
@@ -21,7 +21,6 @@ use crate::model::{
 };
 use crate::netns::Netns;
 use crate::registry::{Credentials, ImageRef};
-use crate::spec::Protocol;
 
 /// The operations apply carries out on a host, each as its backend does it
 /// (the backend function of the same name documents the details).
@@ -68,9 +67,10 @@ pub trait Host {
 
     /// Reads the conntrack counts (drains of host-mode upgrades).
     fn conntrack(&self) -> Result<ConntrackState, ConntrackError>;
-    /// Deletes the conntrack entries of `protocol` to or from port `orig_dport`
-    /// (how UDP flows move); returns how many went.
-    fn delete_flows(&self, protocol: Protocol, orig_dport: u16) -> Result<u64, ConntrackError>;
+    /// Deletes the UDP conntrack entries of `ports` that keep a flow where it
+    /// should no longer go, until none comes back for a while (how UDP flows
+    /// move at a redirect and an unredirect).
+    fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError>;
     /// The conntrack entries whose reply comes from `address` (routed drains).
     fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError>;
     /// Counts the live TCP connections whose reply comes from `address`.
@@ -216,8 +216,8 @@ impl Host for LiveHost<'_> {
         conntrack::observe(self.netns)
     }
 
-    fn delete_flows(&self, protocol: Protocol, orig_dport: u16) -> Result<u64, ConntrackError> {
-        conntrack::delete_flows(self.netns, protocol, orig_dport)
+    fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
+        conntrack::settle_udp_flows(self.netns, ports)
     }
 
     fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError> {

@@ -10,6 +10,7 @@ use super::hold::RedirectHold;
 use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready, wait_ready_ticking};
 use super::{ApplyError, Context};
+use crate::backend::conntrack::UdpPort;
 use crate::desired::DesiredContainer;
 use crate::desired::host_table::service_redirects;
 use crate::journal::{UpgradeRecord, now};
@@ -157,24 +158,29 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         Ok(())
     }
 
-    /// Moves UDP flows of the service's ports: UDP cannot drain, so its
-    /// conntrack entries are deleted and the next packet of each flow is
-    /// matched afresh (redirected, or not any more).
-    fn move_udp_flows(&self) -> Result<(), ApplyError> {
-        // Answers the old server still sends from its queue after the first
-        // pass create entries the other way round, which would hold their
-        // flows; two more passes, once the queue has had time to empty, free
-        // them.
-        for pause in [0, 30, 120] {
-            self.ctx.host.sleep(Duration::from_millis(pause));
-            for port in self
-                .service
-                .ports
-                .iter()
-                .filter(|p| p.protocol == Protocol::Udp)
-            {
-                self.ctx.host.delete_flows(Protocol::Udp, port.port.value)?;
-            }
+    /// Moves UDP flows of the service's ports: UDP cannot drain, so the
+    /// conntrack entries that keep a flow where it should no longer go (or
+    /// would make the kernel rewrite its client's source port) are deleted,
+    /// until none has come back for a while, and the next datagram of each
+    /// flow is matched afresh: redirected to the temporary port while
+    /// `redirected`, to the canonical port once not.
+    fn move_udp_flows(&self, redirected: bool) -> Result<(), ApplyError> {
+        let ports: Vec<UdpPort> = self
+            .service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Udp)
+            .map(|p| {
+                let temp_port = p.temp_port.as_ref().map(|t| t.value);
+                UdpPort {
+                    port: p.port.value,
+                    temp_port,
+                    redirected_to: temp_port.filter(|_| redirected),
+                }
+            })
+            .collect();
+        if !ports.is_empty() {
+            self.ctx.host.settle_udp_flows(&ports)?;
         }
         Ok(())
     }
@@ -183,7 +189,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
         for redirect in service_redirects(self.service) {
             self.ctx.host.set_redirect(&redirect, present)?;
         }
-        self.move_udp_flows()
+        self.move_udp_flows(present)
     }
 
     /// Runs the upgrade: a new one, or the rest (or the planned rollback) of one

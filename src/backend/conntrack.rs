@@ -1,17 +1,18 @@
 //! Connection tracking over ctnetlink (`NETLINK_NETFILTER`): counts the
 //! kernel's conntrack entries by protocol, ports and TCP state (what the drain
-//! stages wait on) and deletes the entries of a UDP service so its flows move
-//! (UDP has nothing to drain).
+//! stages wait on) and deletes the entries that keep a UDP service's flows
+//! where they should no longer go (UDP has nothing to drain).
 //!
-//! The table is dumped once per call, IPv4 and IPv6 together, and parsed one
-//! netlink message at a time: only the aggregated counts (and, when deleting,
-//! the entries that match) are kept, so a table of 100k+ entries costs no more
-//! memory than a small one.
+//! The table is dumped once per call (per pass when moving flows), IPv4 and
+//! IPv6 together, and parsed one netlink message at a time: only the
+//! aggregated counts (and, when deleting, the entries that match) are kept,
+//! so a table of 100k+ entries costs no more memory than a small one.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, NLA_HEADER_SIZE, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE,
@@ -27,7 +28,6 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use crate::error::chain;
 use crate::model::{ConntrackState, FlowCount};
 use crate::netns::{Netns, NetnsError};
-use crate::spec::Protocol;
 
 /// Where the per-namespace conntrack sysctls live.
 const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
@@ -39,11 +39,26 @@ pub const FULL_PERCENT: u64 = 90;
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+/// `IPS_SRC_NAT` and `IPS_DST_NAT` (`nf_conntrack_common.h`): the entry's
+/// source or destination is rewritten. Unlike the `_DONE` bits, which every
+/// entry that passed a nat hook has (null bindings included), they are set
+/// only by a real rewrite: a redirect, or the kernel's answer to a clash.
+const IPS_SRC_NAT: u32 = 1 << 4;
+const IPS_DST_NAT: u32 = 1 << 5;
+/// How often [`settle_udp_flows`] dumps the table again.
+const SETTLE_INTERVAL: Duration = Duration::from_millis(40);
+/// How long the table must stay free of misplaced entries: answers a server
+/// still sends from its queue after a flow's entry went open new entries for
+/// that long.
+const SETTLE_QUIET: Duration = Duration::from_millis(200);
+/// When [`settle_udp_flows`] stops even if misplaced entries keep coming back.
+const SETTLE_LIMIT: Duration = Duration::from_secs(3);
 /// The largest datagram a netlink dump sends is 32 KiB; leave room.
 const RECEIVE_BUFFER: usize = 64 * 1024;
 
@@ -153,25 +168,71 @@ pub fn warnings(state: &ConntrackState) -> Vec<String> {
     warnings
 }
 
-/// Deletes the conntrack entries (IPv4 and IPv6) of `protocol` whose original
-/// destination port is `orig_dport`, so the flows' next packets are looked up
-/// afresh (and meet the current redirect rules). Entries the other way round
-/// (original *source* port `orig_dport`) go too: when the server answers a
-/// datagram after its flow's entry was deleted, the answer creates such an
-/// entry, and the client's next datagrams would match its reply direction and
-/// stay with the old server. Returns how many were deleted; entries that
-/// expired meanwhile are not counted.
-pub fn delete_flows(
-    netns: &Netns,
-    protocol: Protocol,
-    orig_dport: u16,
-) -> Result<u64, ConntrackError> {
-    let number = match protocol {
-        Protocol::Tcp => IPPROTO_TCP,
-        Protocol::Udp => IPPROTO_UDP,
-    };
+/// One UDP port of a service whose flows lessnat moves, and where new flows
+/// to it go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpPort {
+    /// The canonical port clients send to.
+    pub port: u16,
+    /// The next version's temporary port, if the service has one.
+    pub temp_port: Option<u16>,
+    /// Where lessnat's redirect sends new flows to `port` now (the temporary
+    /// port), or `None` when no redirect is in place.
+    pub redirected_to: Option<u16>,
+}
+
+impl UdpPort {
+    /// Whether a UDP entry keeps a flow of this port where it should not go,
+    /// or stands in the way of one going where it should:
+    ///
+    /// - a client's flow to `port` must be redirected (destination rewritten
+    ///   to `redirected_to`, nothing else) while the redirect is in place, and
+    ///   carry no NAT at all when it is not;
+    /// - an entry opened by the answer of whatever listens on `port` (its
+    ///   flow's entry was deleted while the answer was on its way) holds the
+    ///   client's next datagrams in its reply direction, so it must go while
+    ///   the redirect is in place;
+    /// - an entry opened by the answer of the next version (on the temporary
+    ///   port) must always go: while the redirect is in place, a client's next
+    ///   datagram redirected there would need the same reply tuple, and the
+    ///   kernel would resolve the clash by rewriting the client's source port.
+    fn misplaced(&self, flow: &UdpFlow) -> bool {
+        let nat = flow.status & (IPS_SRC_NAT | IPS_DST_NAT);
+        if flow.orig_dport == self.port {
+            return match self.redirected_to {
+                Some(temp) => nat != IPS_DST_NAT || flow.reply_sport != temp,
+                None => nat != 0,
+            };
+        }
+        if flow.orig_sport == self.port {
+            return self.redirected_to.is_some() || nat != 0;
+        }
+        [self.temp_port, self.redirected_to].contains(&Some(flow.orig_sport))
+    }
+}
+
+/// What [`settle_udp_flows`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// Misplaced entries found (and deleted, unless they expired first), over
+    /// all passes.
+    pub deleted: u64,
+    /// Whether the table stayed free of misplaced entries for the quiet
+    /// period; `false` when the time limit came first.
+    pub quiet: bool,
+}
+
+/// Moves the UDP flows of `ports` (IPv4 and IPv6) to where new flows go now:
+/// deletes every misplaced entry (see [`UdpPort`]) so the flow's next
+/// datagram is looked up afresh, and keeps looking every 40 ms until passes
+/// over at least 200 ms have found none (misplaced entries still coming back
+/// after 3 s end it). Entries that already go where they should are left
+/// alone: deleting one while its answer is on the way would make that answer
+/// open a misplaced entry. Entries of other ports, and TCP entries, are never
+/// touched.
+pub fn settle_udp_flows(netns: &Netns, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
     netns
-        .run(|| delete_here(number, orig_dport))?
+        .run(|| settle_here(ports))?
         .map_err(|fault| fault.within(netns))
 }
 
@@ -269,30 +330,61 @@ fn observe_here() -> Result<ConntrackState, Fault> {
     })
 }
 
-fn delete_here(protocol: u8, orig_dport: u16) -> Result<u64, Fault> {
+fn settle_here(ports: &[UdpPort]) -> Result<Settled, Fault> {
     let mut socket = Ctnetlink::open()?;
+    let started = Instant::now();
+    // When the first pass of the current run of clean passes began.
+    let mut clean_since = None;
+    let mut deleted = 0;
+    loop {
+        let pass = Instant::now();
+        let found = delete_misplaced(&mut socket, ports)?;
+        deleted += found;
+        if found > 0 {
+            clean_since = None;
+        } else if pass.duration_since(*clean_since.get_or_insert(pass)) >= SETTLE_QUIET {
+            return Ok(Settled {
+                deleted,
+                quiet: true,
+            });
+        }
+        // A run of clean passes is allowed to finish (a dump of a large
+        // table takes a while); misplaced entries past the limit end it.
+        if clean_since.is_none() && started.elapsed() >= SETTLE_LIMIT {
+            return Ok(Settled {
+                deleted,
+                quiet: false,
+            });
+        }
+        std::thread::sleep(SETTLE_INTERVAL);
+    }
+}
+
+/// One pass of [`settle_udp_flows`]: returns how many misplaced entries the
+/// dump showed. Entries opened by an answer go first, so that a flow whose
+/// entry is deleted in the same pass never clashes with one of them.
+fn delete_misplaced(socket: &mut Ctnetlink, ports: &[UdpPort]) -> Result<u64, Fault> {
     let mut doomed = Vec::new();
     socket.dump(|entry| {
-        let reversed =
-            ports(&entry.orig).is_some_and(|(p, sport, _)| p == protocol && sport == orig_dport);
-        if reversed
-            || entry
-                .flow_key()
-                .is_some_and(|(p, dport, _, _)| p == protocol && dport == orig_dport)
-        {
-            doomed.push(entry.delete_request());
+        let Some(flow) = entry.udp_flow() else {
+            return;
+        };
+        if let Some(port) = ports.iter().find(|p| p.misplaced(&flow)) {
+            let client = flow.orig_dport == port.port;
+            doomed.push((client, entry.delete_request()));
         }
     })?;
-    let mut deleted = 0;
-    for (family, request) in doomed {
+    doomed.sort_by_key(|(client, _)| *client);
+    let found = doomed.len() as u64;
+    for (_, (family, request)) in doomed {
         match socket.delete(family, request) {
-            Ok(()) => deleted += 1,
+            Ok(()) => {}
             // Expired (or replaced: the id no longer matches) since the dump.
             Err(Fault::Io(_, error)) if error.raw_os_error() == Some(nix::libc::ENOENT) => {}
             Err(fault) => return Err(fault),
         }
     }
-    Ok(deleted)
+    Ok(found)
 }
 
 /// Reads one counter from the namespace's conntrack sysctls. A missing file
@@ -354,8 +446,19 @@ struct Entry<'a> {
     orig: Vec<Tuple>,
     reply: Vec<Tuple>,
     tcp_state: Option<u8>,
+    status: u32,
     zone: Option<&'a [u8]>,
     id: Option<&'a [u8]>,
+}
+
+/// What [`UdpPort::misplaced`] reads of a UDP entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UdpFlow {
+    orig_sport: u16,
+    orig_dport: u16,
+    reply_sport: u16,
+    /// `CTA_STATUS`: the `IPS_*` bits.
+    status: u32,
 }
 
 impl<'a> Entry<'a> {
@@ -369,6 +472,7 @@ impl<'a> Entry<'a> {
             orig: Vec::new(),
             reply: Vec::new(),
             tcp_state: None,
+            status: 0,
             zone: None,
             id: None,
         };
@@ -384,6 +488,11 @@ impl<'a> Entry<'a> {
                         }
                         _ => {}
                     }
+                }
+                CTA_STATUS => {
+                    entry.status = value(nla)
+                        .first_chunk::<4>()
+                        .map_or(0, |bytes| u32::from_be_bytes(*bytes));
                 }
                 CTA_ZONE => entry.zone = Some(value(nla)),
                 CTA_ID => entry.id = Some(value(nla)),
@@ -407,6 +516,21 @@ impl<'a> Entry<'a> {
             None
         };
         Some((protocol, orig_dport, reply_sport, state))
+    }
+
+    /// The ports and status of a UDP entry; `None` for other protocols.
+    fn udp_flow(&self) -> Option<UdpFlow> {
+        let (protocol, orig_sport, orig_dport) = ports(&self.orig)?;
+        if protocol != IPPROTO_UDP {
+            return None;
+        }
+        let (_, reply_sport, _) = ports(&self.reply)?;
+        Some(UdpFlow {
+            orig_sport,
+            orig_dport,
+            reply_sport,
+            status: self.status,
+        })
     }
 
     /// A delete request naming exactly this entry: its original tuple, zone
@@ -715,6 +839,69 @@ mod tests {
             ],
         );
         assert_eq!(Entry::parse(&sctp).expect("parses").flow_key(), None);
+    }
+
+    fn udp_flow(orig_sport: u16, orig_dport: u16, reply_sport: u16, status: u32) -> UdpFlow {
+        UdpFlow {
+            orig_sport,
+            orig_dport,
+            reply_sport,
+            status,
+        }
+    }
+
+    #[test]
+    fn misplaced_udp_entries_depend_on_the_redirect() {
+        let port = |redirected_to| UdpPort {
+            port: 53,
+            temp_port: Some(1053),
+            redirected_to,
+        };
+        let (direct, redirected) = (port(None), port(Some(1053)));
+        // Done bits alone (null bindings) are not NAT.
+        let done = 1 << 7 | 1 << 8;
+        let client_direct = udp_flow(5000, 53, 53, done);
+        let client_redirected = udp_flow(5000, 53, 1053, IPS_DST_NAT | done);
+        let client_rewritten = udp_flow(5000, 53, 1053, IPS_DST_NAT | IPS_SRC_NAT);
+        let primary_answer = udp_flow(53, 5000, 5000, done);
+        let next_answer = udp_flow(1053, 5000, 5000, done);
+        let unrelated = udp_flow(5000, 54, 54, 0);
+        for (flow, when_direct, when_redirected) in [
+            (client_direct, false, true),
+            (client_redirected, true, false),
+            (client_rewritten, true, true),
+            (primary_answer, false, true),
+            (next_answer, true, true),
+            (unrelated, false, false),
+        ] {
+            assert_eq!(direct.misplaced(&flow), when_direct, "direct: {flow:?}");
+            assert_eq!(
+                redirected.misplaced(&flow),
+                when_redirected,
+                "redirected: {flow:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_status_of_an_entry_is_read() {
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let bytes = payload(
+            NetfilterProtoFamily::IPv4,
+            vec![
+                ConntrackAttribute::CtaTupleOrig(tuple(CtProtocol::Udp, local, 5000, local, 53)),
+                ConntrackAttribute::CtaTupleReply(tuple(CtProtocol::Udp, local, 1053, local, 5000)),
+                ConntrackAttribute::Other(DefaultNla::new(
+                    CTA_STATUS,
+                    (IPS_DST_NAT | 1 << 8).to_be_bytes().to_vec(),
+                )),
+            ],
+        );
+        let entry = Entry::parse(&bytes).expect("parses");
+        assert_eq!(
+            entry.udp_flow(),
+            Some(udp_flow(5000, 53, 1053, IPS_DST_NAT | 1 << 8))
+        );
     }
 
     #[test]
