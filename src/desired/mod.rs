@@ -270,4 +270,65 @@ mod tests {
         assert_ne!(hash(&base), hash(&newer));
         assert_eq!(hash(&base).len(), 16);
     }
+
+    #[test]
+    fn container_spec_for_each_slot() {
+        let text = "version: 1\nnodes: [{name: a, address: 192.0.2.1, containerSubnet: 10.0.0.0/24}]\nservices:\n  - name: web\n    node: a\n    image: web:1\n    network: host\n    command: [\"--listen\", \":{port.http}\"]\n    env: { PORT: \"{port.http}\" }\n    ports: [{name: http, port: 8000, tempPort: 18000}, {name: dns, port: 53, protocol: udp, tempPort: 10053}]\n  - name: api\n    image: api:1\n    network: routed\n    replicas: [{node: a, address: 10.0.0.5}]\n    ports: [{name: http, port: 8080}]\n";
+        let spec = crate::spec::load_bytes("t.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+        let desired = desired_node(&spec, "a");
+        let (_, web) = &desired.services[0];
+        let stop = Duration::from_secs(10);
+
+        let next = web.container_spec("a", Slot::Next, stop).expect("fills");
+        assert_eq!(next.name, "lessnat-web.a.next");
+        assert_eq!(next.image, "web:1");
+        assert_eq!(next.command, ["--listen", ":18000"]);
+        assert_eq!(next.env["PORT"], "18000");
+        assert_eq!(next.network, crate::model::ContainerNetwork::Host);
+        assert_eq!(next.stop_timeout, stop);
+        let labels: Vec<(&str, &str)> = next
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let hash = web.spec_hash();
+        assert_eq!(
+            labels,
+            [
+                (LABEL_PORTS, "8000/tcp,53/udp"),
+                (LABEL_SERVICE, "web"),
+                (LABEL_SPEC, hash.as_str()),
+                (LABEL_STOP_TIMEOUT, "10s"),
+            ]
+        );
+        let mut pinned = web.clone();
+        pinned.digest = Some("sha256:abc".into());
+        let pinned = pinned.container_spec("a", Slot::Next, stop).expect("fills");
+        assert_eq!(pinned.labels[LABEL_DIGEST], "sha256:abc");
+        assert_ne!(
+            pinned.labels[LABEL_SPEC], hash,
+            "the digest is part of the hash"
+        );
+
+        for (slot, name) in [
+            (Slot::Primary, "lessnat-web.a"),
+            (Slot::Prev, "lessnat-web.a.prev"),
+        ] {
+            let spec = web.container_spec("a", slot, stop).expect("fills");
+            assert_eq!(spec.name, name);
+            assert_eq!(spec.command, ["--listen", ":8000"]);
+            assert_eq!(spec.env["PORT"], "8000");
+            assert_eq!(spec.labels, next.labels, "labels do not depend on the slot");
+        }
+
+        let (_, api) = &desired.services[1];
+        let routed = api.container_spec("a", Slot::Primary, stop).expect("fills");
+        assert_eq!(routed.network, crate::model::ContainerNetwork::None);
+        assert!(routed.command.is_empty() && routed.env.is_empty());
+
+        let mut bad = web.clone();
+        bad.command = vec!["{port.nope}".into()];
+        assert!(bad.container_spec("a", Slot::Next, stop).is_err());
+    }
 }

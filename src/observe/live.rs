@@ -89,3 +89,27 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         remote_digests: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_docker_refusal_while_observing_is_printed_once() {
+        let refused = DockerError::Request {
+            host: "unix:///var/run/docker.sock".to_string(),
+            what: "listing containers".to_string(),
+            source: bollard::errors::Error::DockerResponseServerError {
+                status_code: 500,
+                message: "engine overloaded".to_string(),
+            },
+        };
+        let observing = ObserveError::from(refused);
+        let text = crate::error::chain(&observing);
+        assert!(
+            text.starts_with("reading containers: Docker engine at "),
+            "{text}"
+        );
+        crate::error::assert_chain_once(&observing, &["engine overloaded"]);
+    }
+}
