@@ -24,11 +24,14 @@ use crate::backend::docker::DockerError;
 use crate::backend::netlink::NetlinkError;
 use crate::backend::nft::NftError;
 use crate::backend::sysctl::SysctlError;
+use crate::desired::DesiredContainer;
 use crate::journal::{JournalError, JournalFile};
+use crate::model::ContainerSpec;
 use crate::netns::NetnsError;
+use crate::ownership::Slot;
 use crate::plan::Change;
 use crate::plan::operation::Operation;
-use crate::spec::PlaceholderError;
+use crate::spec::{PlaceholderError, Service};
 pub use host::{Host, LiveHost, TableHold};
 use progress::Progress;
 use upgrade::Upgrade;
@@ -155,6 +158,22 @@ pub enum ApplyError {
         /// What.
         what: String,
     },
+}
+
+/// The container `container` (of `service`) needs on `node` in `slot`, with
+/// the service's stop timeout.
+fn container_spec(
+    service: &Service,
+    container: &DesiredContainer,
+    node: &str,
+    slot: Slot,
+) -> Result<ContainerSpec, ApplyError> {
+    container
+        .container_spec(node, slot, service.upgrade.stop_timeout.get())
+        .map_err(|source| ApplyError::Placeholder {
+            service: service.name.value.clone(),
+            source,
+        })
 }
 
 /// Carries out one change's operation exactly as planned (one short arm per

@@ -3,7 +3,7 @@
 
 use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready};
-use super::{ApplyError, Context};
+use super::{ApplyError, Context, container_spec};
 use crate::ownership::Slot;
 use crate::plan::operation::Workload;
 use crate::spec::OnFailure;
@@ -21,12 +21,7 @@ pub(super) fn create(
 ) -> Result<(), ApplyError> {
     let Workload { service, container } = workload;
     let stop_timeout = service.upgrade.stop_timeout.get();
-    let create = container
-        .container_spec(ctx.node, Slot::Primary, stop_timeout)
-        .map_err(|source| ApplyError::Placeholder {
-            service: service.name.value.clone(),
-            source,
-        })?;
+    let create = container_spec(service, container, ctx.node, Slot::Primary)?;
     let name = &create.name;
     if replace {
         progress.step(&format!("{address}: removing the old container"));

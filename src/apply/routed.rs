@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::drain::{Drained, wait_until_drained};
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
-use super::{ApplyError, Context};
+use super::{ApplyError, Context, container_spec};
 use crate::backend::veth::Wiring;
 use crate::desired::DesiredContainer;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
@@ -139,13 +139,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
-        let mut spec = self
-            .desired
-            .container_spec(self.ctx.node, slot, self.stop_timeout())
-            .map_err(|source| ApplyError::Placeholder {
-                service: self.service.name.value.clone(),
-                source,
-            })?;
+        let mut spec = container_spec(self.service, self.desired, self.ctx.node, slot)?;
         spec.labels
             .insert(LABEL_ADDRESS.to_string(), address.to_string());
         self.ctx.host.create(&spec)?;

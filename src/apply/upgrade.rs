@@ -9,7 +9,7 @@ use super::drain::{Arrivals, Drained, established, wait_drained, wait_until_drai
 use super::hold::RedirectHold;
 use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready, wait_ready_ticking};
-use super::{ApplyError, Context};
+use super::{ApplyError, Context, container_spec};
 use crate::backend::conntrack::UdpPort;
 use crate::desired::DesiredContainer;
 use crate::desired::host_table::service_redirects;
@@ -135,13 +135,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn create(&mut self, slot: Slot) -> Result<(), ApplyError> {
-        let spec = self
-            .desired
-            .container_spec(self.ctx.node, slot, self.stop_timeout())
-            .map_err(|source| ApplyError::Placeholder {
-                service: self.service.name.value.clone(),
-                source,
-            })?;
+        let spec = container_spec(self.service, self.desired, self.ctx.node, slot)?;
         self.ctx.host.create(&spec)?;
         self.ctx.host.start(&spec.name)?;
         Ok(())
