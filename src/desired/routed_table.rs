@@ -4,7 +4,7 @@
 //! Load-balancer node:
 //! - chain `routed_dnat` (nat prerouting, dstnat): one rule per VIP port,
 //!   `ip daddr VIP tcp dport VP dnat ip to numgen inc mod N map { 0 : A, ... } : PORT`,
-//!   an even spread over the replicas; no masquerade anywhere;
+//!   an even spread over the replicas that answer; no masquerade anywhere;
 //! - chain `routed_dscp` (filter forward): `ct status dnat ip daddr SUBNET ip dscp set ID`
 //!   per worker subnet: only the six DSCP bits change, ECN is untouched;
 //! - map `routed_versions` (`ipv4_addr : mark`): the address each replica's
@@ -153,6 +153,30 @@ pub fn versions_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
         .collect()
 }
 
+/// The replica addresses each `routed_dnat` rule of a table spreads new
+/// connections over, by the rule's comment (`SERVICE/PORT`).
+pub fn spreads_in(table: &NftTable) -> Vec<(String, Vec<Ipv4Addr>)> {
+    table
+        .chains
+        .iter()
+        .filter(|c| c.name == "routed_dnat")
+        .flat_map(|c| &c.rules)
+        .filter_map(|rule| {
+            let addr = rule.expr.iter().find_map(|e| e.get("dnat"))?.get("addr")?;
+            let targets = match addr.as_str() {
+                Some(one) => vec![one.parse().ok()?],
+                None => addr
+                    .pointer("/map/data/set")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|entry| entry.get(1)?.as_str()?.parse().ok())
+                    .collect(),
+            };
+            Some((rule.comment.clone()?, targets))
+        })
+        .collect()
+}
+
 fn dnat_rule(dnat: &Dnat) -> NftRule {
     let proto = dnat.protocol.as_str();
     let addr = match dnat.targets.as_slice() {
@@ -278,5 +302,36 @@ mod tests {
             },
         );
         assert_eq!(versions_in(&table), vec![(Ipv4Addr::new(10, 20, 1, 5), 7)]);
+    }
+
+    #[test]
+    fn spreads_read_back() {
+        let one = Ipv4Addr::new(10, 20, 1, 5);
+        let two = Ipv4Addr::new(10, 20, 2, 5);
+        let mut table = crate::desired::host_table::empty_table();
+        let dnat = |comment: &str, targets: Vec<Ipv4Addr>| Dnat {
+            comment: comment.into(),
+            protocol: Protocol::Tcp,
+            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip_port: 80,
+            targets,
+            port: 8080,
+        };
+        add_load_balancer(
+            &mut table,
+            &LoadBalancerRules {
+                id: 1,
+                dnat: vec![dnat("api/http", vec![one, two]), dnat("api/alt", vec![two])],
+                subnets: Vec::new(),
+                versions: Vec::new(),
+            },
+        );
+        assert_eq!(
+            spreads_in(&table),
+            vec![
+                ("api/http".into(), vec![one, two]),
+                ("api/alt".into(), vec![two])
+            ]
+        );
     }
 }
