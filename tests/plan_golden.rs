@@ -419,11 +419,17 @@ fn write_observed_fixtures() {
     let serving = &["10.20.1.5", "10.20.2.5"];
     let spare = &["10.20.1.254", "10.20.2.254"];
     let web_2_down = &["10.20.1.254", "10.20.2.5", "10.20.2.254"];
+    // The table in place was written from probes at `LEFT_AT`; the plan's
+    // probes ran 3m12s later.
+    const LEFT_AT: u64 = 1_796_000_000;
     let balanced = |healthy: &[&str], unhealthy: &[&str]| {
-        let mut lb = Fixture::new("lb-1")
+        let mut lb = Fixture::new("lb-1");
+        lb.observed.probed_at = Some(LEFT_AT);
+        let mut lb = lb
             .probes("api", healthy, unhealthy)
             .routed_in_place(&routed_v7);
         lb.observed.probes.clear();
+        lb.observed.probed_at = Some(LEFT_AT + 192);
         lb
     };
     balanced(serving, spare)

@@ -743,6 +743,16 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
                 show(&out.2)
             );
         }
+        let last = dead.last().map(|r| String::from_utf8_lossy(&r.2.stdout));
+        assert!(
+            last.as_ref()
+                .is_some_and(|out| out.contains("stays out of the spread")
+                    && out.contains("since")
+                    && out.contains("No changes")),
+            "the last apply on {} with {victim} dead should have kept it out without a change:\n{}",
+            lb.name,
+            last.unwrap_or_default()
+        );
         for (at, _, output) in runs {
             assert!(
                 output.status.success(),

@@ -48,6 +48,11 @@ pub struct Observed {
     /// Routed mode, load-balancer nodes: whether each replica address answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<Probe>,
+    /// When the probes ran, in seconds since the Unix epoch: the time a
+    /// replica that leaves the spread is recorded with. Not part of the
+    /// fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_at: Option<u64>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Things the observers noticed that make the picture less reliable.

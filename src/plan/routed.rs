@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
@@ -13,7 +14,7 @@ use super::{
     Upgrade,
 };
 use crate::desired::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
-use crate::desired::routed_table::{Dnat, LoadBalancerRules, spreads_in, versions_in};
+use crate::desired::routed_table::{Dnat, LoadBalancerRules, down_in, spreads_in, versions_in};
 use crate::desired::{DesiredContainer, container_for};
 use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
 use crate::ownership::{Slot, container_name, veth_name};
@@ -458,6 +459,10 @@ pub(super) fn load_balancing(
         .unwrap_or_default()
         .into_iter()
         .collect();
+    let down_since: BTreeMap<Ipv4Addr, u32> =
+        found.map(down_in).unwrap_or_default().into_iter().collect();
+    let now = observed.probed_at.and_then(|t| u32::try_from(t).ok());
+    let mut down = BTreeMap::new();
     let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
@@ -558,10 +563,15 @@ pub(super) fn load_balancing(
             let out = target.down && !all_down;
             let was_in = before.map(|b| b.iter().any(|a| target.pair.contains(*a)));
             let who = format!("{name} on {} ({})", target.node, target.address);
+            let since = down_since.get(&target.address).copied();
+            if let (true, Some(since)) = (out, since.or(now)) {
+                down.insert(target.address, since);
+            }
             match (out, was_in) {
                 (true, Some(false)) => {
+                    let when = since.map(|s| out_since(s, now)).unwrap_or_default();
                     kept_out.insert(format!(
-                        "{who} stays out of the spread: neither address answers"
+                        "{who} stays out of the spread: neither address answers{when}"
                     ));
                 }
                 (true, _) => {
@@ -573,7 +583,10 @@ pub(super) fn load_balancing(
                     ));
                 }
                 (false, Some(false)) => {
-                    spread.insert(format!("{who}: back in the spread: it answers again"));
+                    let when = since
+                        .map(|s| format!(", out{}", out_since(s, now)))
+                        .unwrap_or_default();
+                    spread.insert(format!("{who}: back in the spread: it answers again{when}"));
                 }
                 (false, _) => {}
             }
@@ -597,11 +610,22 @@ pub(super) fn load_balancing(
             dnat,
             subnets: role.workers.iter().map(|(subnet, _)| *subnet).collect(),
             versions: chosen.into_values().collect(),
+            down: down.into_iter().collect(),
         },
         switches,
         spread: spread.into_iter().collect(),
         kept_out: kept_out.into_iter().collect(),
         warnings: warnings.into_iter().collect(),
+    }
+}
+
+/// ` since TIME (for DURATION)`: when a replica left the spread, recorded at
+/// `since`, and how long ago that was at `now`.
+fn out_since(since: u32, now: Option<u32>) -> String {
+    let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(since.into()));
+    match now.and_then(|now| now.checked_sub(since)) {
+        Some(seconds) => format!(" since {at} (for {})", HumanDuration::secs(seconds.into())),
+        None => format!(" since {at}"),
     }
 }
 
