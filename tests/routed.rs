@@ -660,6 +660,7 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
     wait_requests(&loads, 50);
     let done = AtomicBool::new(false);
     let mut killed = origin;
+    let mut restarted = origin;
     let mut rewired = origin;
     let runs = std::thread::scope(|scope| {
         let timers = scope.spawn(|| lb_timers(&site, &spec, &done));
@@ -669,6 +670,7 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
         support::run("docker", &["kill", victim]);
         // Long enough for several applies with the replica dead.
         std::thread::sleep(Duration::from_secs(6));
+        restarted = Instant::now();
         support::run("docker", &["start", victim]);
         Topology::apply(worker, &spec);
         rewired = Instant::now();
@@ -716,7 +718,7 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
     for (lb, runs) in site.lbs.iter().zip(&runs) {
         let dead: Vec<_> = runs
             .iter()
-            .filter(|r| r.0 > killed && r.0 < rewired)
+            .filter(|r| r.0 > killed && r.0 + r.1 < restarted)
             .collect();
         let longest = dead.iter().map(|r| r.1).max().unwrap_or_default();
         let before = runs.iter().filter(|r| r.0 < killed).map(|r| r.1).max();
