@@ -431,7 +431,8 @@ fn notrack_rules_are_reported() {
 #[test]
 fn routed_parts_are_observed_exactly() {
     use lessnat::desired::routed_table::{
-        Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker, versions_in,
+        Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker, down_in, spreads_in,
+        versions_in,
     };
     if !support::root_with("routed_parts_are_observed_exactly", &["nft"]) {
         return;
@@ -470,6 +471,7 @@ fn routed_parts_are_observed_exactly() {
                     "10.20.2.0/24".parse().expect("subnet"),
                 ],
                 versions: vec![(b, 0xdead_beef), (a, 7)],
+                down: vec![(a, 1_796_000_000)],
             },
         );
         add_worker(
@@ -485,6 +487,11 @@ fn routed_parts_are_observed_exactly() {
         assert_eq!(
             versions_in(&observed.tables[0]),
             vec![(a, 7), (b, 0xdead_beef)]
+        );
+        assert_eq!(down_in(&observed.tables[0]), vec![(a, 1_796_000_000)]);
+        assert_eq!(
+            spreads_in(&observed.tables[0]),
+            vec![("api/http".into(), vec![a, b]), ("api/dns".into(), vec![b])]
         );
     }
     let text = String::from_utf8_lossy(&ns.exec("nft", &["list", "ruleset"]).stdout).into_owned();

@@ -464,6 +464,43 @@ fn write_observed_fixtures() {
         )
         .write("routed-lb-switch");
 
+    // Routed, load-balancer node, health: web-2's replica answers at neither
+    // address (killed): it leaves the spread; once the table leaves it out it
+    // stays out (a line in the plan, no change); when it answers again it
+    // rejoins. When no replica answers, all stay in, with a warning.
+    let serving = &["10.20.1.5", "10.20.2.5"];
+    let spare = &["10.20.1.254", "10.20.2.254"];
+    let web_2_down = &["10.20.1.254", "10.20.2.5", "10.20.2.254"];
+    // The table in place was written from probes at `LEFT_AT`; the plan's
+    // probes ran 3m12s later.
+    const LEFT_AT: u64 = 1_796_000_000;
+    let balanced = |healthy: &[&str], unhealthy: &[&str]| {
+        let mut lb = Fixture::new("lb-1");
+        lb.observed.probed_at = Some(LEFT_AT);
+        let mut lb = lb
+            .probes("api", healthy, unhealthy)
+            .routed_in_place(&routed_v7);
+        lb.observed.probes.clear();
+        lb.observed.probed_at = Some(LEFT_AT + 192);
+        lb
+    };
+    balanced(serving, spare)
+        .probes("api", &["10.20.1.5"], web_2_down)
+        .write("routed-lb-replica-down");
+    balanced(&["10.20.1.5"], web_2_down)
+        .probes("api", &["10.20.1.5"], web_2_down)
+        .write("routed-lb-replica-stays-out");
+    balanced(&["10.20.1.5"], web_2_down)
+        .probes("api", serving, spare)
+        .write("routed-lb-replica-back");
+    balanced(serving, spare)
+        .probes(
+            "api",
+            &[],
+            &["10.20.1.5", "10.20.1.254", "10.20.2.5", "10.20.2.254"],
+        )
+        .write("routed-lb-all-down");
+
     // Routed worker: the container is current and running but lost its veth
     // (Docker restarted it): wire it in again.
     let mut rewire = Fixture::new("web-1")

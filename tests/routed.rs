@@ -8,8 +8,10 @@
 //! namespaces); that no namespace has a SNAT or masquerade rule; the DSCP and
 //! ECN bits UDP datagrams arrive at the worker with; requests dropped during
 //! an upgrade v1 → v2 with load from both clients while LB applies run every
-//! 0.3 s; and what `plan` and `apply` make of a container restarted behind
-//! lessnat's back.
+//! 0.3 s; what `plan` and `apply` make of a container restarted behind
+//! lessnat's back; and, with LB applies on a 1 s timer, requests failing
+//! after a replica is killed (by time since the kill) and its return to the
+//! spread.
 //!
 //! The tests run one at a time (a lock in this binary): each builds its own
 //! site and node names with a random tag, so they would not collide, but the
@@ -161,6 +163,27 @@ fn container_veths(worker: &Node) -> Vec<String> {
         .collect()
 }
 
+/// Counts the connections `worker` receives from the fabric (SYNs to the
+/// service's port), from zero, in a test-owned nft table.
+fn count_syns(worker: &Node) {
+    let _ = worker
+        .ns
+        .try_exec("nft", &["delete", "table", "ip", "lnt_syn"]);
+    worker.ns.nft(&format!(
+        "table ip lnt_syn {{\n  counter syn {{}}\n  chain prerouting {{\n    \
+         type filter hook prerouting priority -400; policy accept;\n    \
+         iifname \"fab\" tcp dport {HTTP_PORT} tcp flags & (syn | ack) == syn counter name syn\n  }}\n}}\n"
+    ));
+}
+
+/// The connections `worker` received since [`count_syns`].
+fn syns(worker: &Node) -> u64 {
+    topology::nft_counters(&worker.ns, "ip", "lnt_syn")
+        .get("syn")
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Image and `io.lessnat.address` label of a container.
 fn image_and_address(container: &str) -> (String, String) {
     let output = support::run(
@@ -208,14 +231,7 @@ fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
 
     site.count_forwarded();
     for worker in &site.workers {
-        let _ = worker
-            .ns
-            .try_exec("nft", &["delete", "table", "ip", "lnt_syn"]);
-        worker.ns.nft(&format!(
-            "table ip lnt_syn {{\n  counter syn {{}}\n  chain prerouting {{\n    \
-             type filter hook prerouting priority -400; policy accept;\n    \
-             iifname \"fab\" tcp dport {HTTP_PORT} tcp flags & (syn | ack) == syn counter name syn\n  }}\n}}\n"
-        ));
+        count_syns(worker);
     }
     let origin = Instant::now();
     let loads = client_load(&site);
@@ -227,10 +243,9 @@ fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
 
     // Both replicas served (numgen spreads new connections).
     for worker in &site.workers {
-        let syn = topology::nft_counters(&worker.ns, "ip", "lnt_syn");
         assert!(
-            syn.get("syn").copied().unwrap_or(0) > 0,
-            "worker {} received no connection: {syn:?}",
+            syns(worker) > 0,
+            "worker {} received no connection",
             worker.name
         );
     }
@@ -582,6 +597,193 @@ fn routed_container_restarted_behind_lessnats_back_is_rewired() {
         "requests after the re-wiring",
     );
     assert_real_client_addresses(&report, "requests after the re-wiring");
+    for lb in &site.lbs {
+        Topology::apply(lb, &spec);
+    }
+    assert_converged(&site, &spec);
+}
+
+/// One `lessnat apply` of an LB's timer: when it started, how long it took,
+/// its output.
+type TimedApply = (Instant, Duration, std::process::Output);
+
+/// `lessnat apply` on every LB node every `LB_TIMER` (as a systemd timer
+/// would) until `done`; each LB's runs.
+fn lb_timers(site: &Site, spec: &std::path::Path, done: &AtomicBool) -> Vec<Vec<TimedApply>> {
+    std::thread::scope(|scope| {
+        let loops: Vec<_> = site
+            .lbs
+            .iter()
+            .map(|lb| {
+                scope.spawn(move || {
+                    let mut runs = Vec::new();
+                    while !done.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        let output = Topology::try_apply(lb, spec);
+                        runs.push((started, started.elapsed(), output));
+                        while started.elapsed() < LB_TIMER && !done.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    runs
+                })
+            })
+            .collect();
+        loops
+            .into_iter()
+            .map(|h| h.join().expect("LB apply loop"))
+            .collect()
+    })
+}
+
+/// Between two LB applies in the health test: a plain timer.
+const LB_TIMER: Duration = Duration::from_secs(1);
+
+/// Known gap (issue 13): it passed 7 of 8 runs. In the failing one, 4
+/// requests that started 3.4–4.1 s after the kill timed out although both
+/// LB nodes had dropped the replica from the spread at 0.95 s: most likely a
+/// client SYN that reuses a source port matches the dead replica's unanswered
+/// conntrack entry (SYN_SENT lives 120 s) and still goes there. The fix to
+/// come: delete a dropped replica's unanswered entries when the table drops
+/// it. Run it by hand: `cargo test --test routed -- --ignored`.
+#[test]
+#[ignore = "flaky 1 in 8 until a dropped replica's unanswered conntrack entries are deleted (issue 13)"]
+fn routed_dead_replica_leaves_the_spread_and_rejoins() {
+    let Some((site, spec)) = installed("routed_dead_replica", 2) else {
+        return;
+    };
+    let worker = &site.workers[1];
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 1, "containers: {containers:?}");
+    let victim = &containers[0];
+
+    let origin = Instant::now();
+    // A connection to a dead replica is refused or, as often, never answered
+    // (the worker's ICMP errors are rate limited) and would hang until the
+    // replica is back: a request that takes over 1 s counts as failed.
+    let loads = site.load(CLIENTS_PER_NAMESPACE, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    wait_requests(&loads, 50);
+    let done = AtomicBool::new(false);
+    let mut killed = origin;
+    let mut restarted = origin;
+    let mut rewired = origin;
+    let runs = std::thread::scope(|scope| {
+        let timers = scope.spawn(|| lb_timers(&site, &spec, &done));
+        // Half-way between two applies.
+        std::thread::sleep(Duration::from_millis(2500));
+        killed = Instant::now();
+        support::run("docker", &["kill", victim]);
+        // Long enough for several applies with the replica dead.
+        std::thread::sleep(Duration::from_secs(6));
+        restarted = Instant::now();
+        support::run("docker", &["start", victim]);
+        Topology::apply(worker, &spec);
+        rewired = Instant::now();
+        count_syns(worker);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while syns(worker) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no connection reached {victim} within 10 s of its re-wiring"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "{victim} is back in the spread {:.2}s after its worker's apply",
+            rewired.elapsed().as_secs_f64()
+        );
+        wait_requests(&loads, 100);
+        done.store(true, Ordering::SeqCst);
+        timers.join().expect("LB timers")
+    });
+    let report = stop(loads);
+    eprintln!("load: {}", report.summary(origin));
+
+    let failed = report.failed();
+    let since = |s: &&load::Sample| (s.start.max(killed) - killed).as_secs_f64();
+    let late: Vec<_> = failed
+        .iter()
+        .filter(|s| s.start > killed + Duration::from_secs(2))
+        .collect();
+    eprintln!(
+        "failed requests: {} in all, {} before the kill, {} later than 2 s after it (the last {:.2}s after)",
+        failed.len(),
+        failed.iter().filter(|s| s.start < killed).count(),
+        late.len(),
+        failed.iter().map(since).fold(0.0, f64::max)
+    );
+    for sample in &late {
+        eprintln!(
+            "  late: client {} at +{:.2}s after the kill: {:?}",
+            sample.client,
+            since(sample),
+            sample.error
+        );
+    }
+    for (lb, runs) in site.lbs.iter().zip(&runs) {
+        let dead: Vec<_> = runs
+            .iter()
+            .filter(|r| r.0 > killed && r.0 + r.1 < restarted)
+            .collect();
+        let longest = dead.iter().map(|r| r.1).max().unwrap_or_default();
+        let before = runs.iter().filter(|r| r.0 < killed).map(|r| r.1).max();
+        eprintln!(
+            "{}: the longest apply before the kill took {:.3}s",
+            lb.name,
+            before.unwrap_or_default().as_secs_f64()
+        );
+        eprintln!(
+            "{}: {} applies with {victim} dead, the longest took {:.3}s",
+            lb.name,
+            dead.len(),
+            longest.as_secs_f64()
+        );
+        if let Some(out) = dead
+            .iter()
+            .find(|r| String::from_utf8_lossy(&r.2.stdout).contains("out of the spread"))
+        {
+            eprintln!(
+                "--- {} apply {:.2}s..{:.2}s after the kill ---\n{}",
+                lb.name,
+                (out.0 - killed).as_secs_f64(),
+                (out.0 + out.1 - killed).as_secs_f64(),
+                show(&out.2)
+            );
+        }
+        let last = dead.last().map(|r| String::from_utf8_lossy(&r.2.stdout));
+        assert!(
+            last.as_ref()
+                .is_some_and(|out| out.contains("stays out of the spread")
+                    && out.contains("since")
+                    && out.contains("No changes")),
+            "the last apply on {} with {victim} dead should have kept it out without a change:\n{}",
+            lb.name,
+            last.unwrap_or_default()
+        );
+        for (at, _, output) in runs {
+            assert!(
+                output.status.success(),
+                "an apply on {} failed {:.2}s after the kill:\n{}",
+                lb.name,
+                (*at - killed).as_secs_f64(),
+                show(output)
+            );
+        }
+        assert!(
+            longest < LB_TIMER,
+            "an apply on {} took {longest:?} with a replica dead: longer than its timer",
+            lb.name
+        );
+    }
+    assert!(
+        late.is_empty(),
+        "requests failed later than 2 s after the kill: {}",
+        report.summary(origin)
+    );
+    assert_real_client_addresses(&report, "requests around the kill");
     for lb in &site.lbs {
         Topology::apply(lb, &spec);
     }

@@ -4,12 +4,15 @@
 //! Load-balancer node:
 //! - chain `routed_dnat` (nat prerouting, dstnat): one rule per VIP port,
 //!   `ip daddr VIP tcp dport VP dnat ip to numgen inc mod N map { 0 : A, ... } : PORT`,
-//!   an even spread over the replicas; no masquerade anywhere;
+//!   an even spread over the replicas that answer; no masquerade anywhere;
 //! - chain `routed_dscp` (filter forward): `ct status dnat ip daddr SUBNET ip dscp set ID`
 //!   per worker subnet: only the six DSCP bits change, ECN is untouched;
 //! - map `routed_versions` (`ipv4_addr : mark`): the address each replica's
 //!   new connections go to, with the version it was chosen for. The planner
-//!   reads it back to tell a finished switch from one still to make.
+//!   reads it back to tell a finished switch from one still to make;
+//! - map `routed_down` (`ipv4_addr : mark`, only while it has elements): the
+//!   replicas left out of the spread because neither address answers, with
+//!   the time (seconds since the Unix epoch) they left it.
 //!
 //! Worker node, chain `routed_mark` (filter prerouting, mangle), per LB id:
 //! `ip daddr SUBNET ct state new ip dscp ID ct mark set MARK` and
@@ -28,6 +31,9 @@ use crate::spec::Protocol;
 
 /// Name of the map recording where each replica's new connections go.
 pub const VERSIONS_MAP: &str = "routed_versions";
+
+/// Name of the map recording since when each replica out of the spread is out.
+pub const DOWN_MAP: &str = "routed_down";
 
 /// One VIP port and the replica addresses its new connections are spread over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +63,9 @@ pub struct LoadBalancerRules {
     pub subnets: Vec<Ipv4Net>,
     /// Address → version tag of the replica addresses in use.
     pub versions: Vec<(Ipv4Addr, u32)>,
+    /// Address → when it left the spread (seconds since the Unix epoch) of
+    /// the replicas out of it.
+    pub down: Vec<(Ipv4Addr, u32)>,
 }
 
 /// A worker node's chain.
@@ -70,22 +79,12 @@ pub struct WorkerRules {
 
 /// Adds the load-balancer parts to `table`.
 pub fn add_load_balancer(table: &mut NftTable, rules: &LoadBalancerRules) {
-    let mut elements: Vec<NftElement> = rules
-        .versions
-        .iter()
-        .map(|(address, tag)| NftElement {
-            key: json!(address.to_string()),
-            value: json!(tag),
-        })
-        .collect();
-    elements.sort_by(|a, b| compare_keys(&a.key, &b.key));
-    table.maps.push(NftMap {
-        name: VERSIONS_MAP.into(),
-        key: "ipv4_addr".into(),
-        data: Some("mark".into()),
-        comment: None,
-        elements,
-    });
+    table
+        .maps
+        .push(address_marks(VERSIONS_MAP, &rules.versions));
+    if !rules.down.is_empty() {
+        table.maps.push(address_marks(DOWN_MAP, &rules.down));
+    }
     table.chains.push(NftChain {
         name: "routed_dnat".into(),
         hook: Some(hook("nat", "prerouting", -100)),
@@ -138,17 +137,71 @@ pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
     });
 }
 
+/// An `ipv4_addr : mark` map named `name` with `entries`.
+fn address_marks(name: &str, entries: &[(Ipv4Addr, u32)]) -> NftMap {
+    let mut elements: Vec<NftElement> = entries
+        .iter()
+        .map(|(address, mark)| NftElement {
+            key: json!(address.to_string()),
+            value: json!(mark),
+        })
+        .collect();
+    elements.sort_by(|a, b| compare_keys(&a.key, &b.key));
+    NftMap {
+        name: name.into(),
+        key: "ipv4_addr".into(),
+        data: Some("mark".into()),
+        comment: None,
+        elements,
+    }
+}
+
 /// The address → version tag entries of a table's versions map.
 pub fn versions_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
+    address_marks_in(table, VERSIONS_MAP)
+}
+
+/// The address → time left entries of a table's map of replicas out of the
+/// spread.
+pub fn down_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
+    address_marks_in(table, DOWN_MAP)
+}
+
+/// The entries of the `ipv4_addr : mark` map `name` of a table.
+fn address_marks_in(table: &NftTable, name: &str) -> Vec<(Ipv4Addr, u32)> {
     table
         .maps
         .iter()
-        .filter(|m| m.name == VERSIONS_MAP)
+        .filter(|m| m.name == name)
         .flat_map(|m| &m.elements)
         .filter_map(|e| {
             let address = e.key.as_str()?.parse().ok()?;
             let tag = u32::try_from(e.value.as_u64()?).ok()?;
             Some((address, tag))
+        })
+        .collect()
+}
+
+/// The replica addresses each `routed_dnat` rule of a table spreads new
+/// connections over, by the rule's comment (`SERVICE/PORT`).
+pub fn spreads_in(table: &NftTable) -> Vec<(String, Vec<Ipv4Addr>)> {
+    table
+        .chains
+        .iter()
+        .filter(|c| c.name == "routed_dnat")
+        .flat_map(|c| &c.rules)
+        .filter_map(|rule| {
+            let addr = rule.expr.iter().find_map(|e| e.get("dnat"))?.get("addr")?;
+            let targets = match addr.as_str() {
+                Some(one) => vec![one.parse().ok()?],
+                None => addr
+                    .pointer("/map/data/set")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|entry| entry.get(1)?.as_str()?.parse().ok())
+                    .collect(),
+            };
+            Some((rule.comment.clone()?, targets))
         })
         .collect()
 }
@@ -275,8 +328,45 @@ mod tests {
                 dnat: Vec::new(),
                 subnets: Vec::new(),
                 versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
+                down: vec![(Ipv4Addr::new(10, 20, 2, 5), 1_796_000_000)],
             },
         );
         assert_eq!(versions_in(&table), vec![(Ipv4Addr::new(10, 20, 1, 5), 7)]);
+        assert_eq!(
+            down_in(&table),
+            vec![(Ipv4Addr::new(10, 20, 2, 5), 1_796_000_000)]
+        );
+    }
+
+    #[test]
+    fn spreads_read_back() {
+        let one = Ipv4Addr::new(10, 20, 1, 5);
+        let two = Ipv4Addr::new(10, 20, 2, 5);
+        let mut table = crate::desired::host_table::empty_table();
+        let dnat = |comment: &str, targets: Vec<Ipv4Addr>| Dnat {
+            comment: comment.into(),
+            protocol: Protocol::Tcp,
+            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip_port: 80,
+            targets,
+            port: 8080,
+        };
+        add_load_balancer(
+            &mut table,
+            &LoadBalancerRules {
+                id: 1,
+                dnat: vec![dnat("api/http", vec![one, two]), dnat("api/alt", vec![two])],
+                subnets: Vec::new(),
+                versions: Vec::new(),
+                down: Vec::new(),
+            },
+        );
+        assert_eq!(
+            spreads_in(&table),
+            vec![
+                ("api/http".into(), vec![one, two]),
+                ("api/alt".into(), vec![two])
+            ]
+        );
     }
 }

@@ -56,6 +56,11 @@ pub struct Observed {
     /// registry now, asked without pulling.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_digests: Vec<RemoteDigest>,
+    /// When the probes ran, in seconds since the Unix epoch: the time a
+    /// replica that leaves the spread is recorded with. Not part of the
+    /// fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probed_at: Option<u64>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Things the observers noticed that make the picture less reliable.

@@ -326,6 +326,7 @@ mod tests {
                 }],
                 subnets: vec!["10.20.1.0/24".parse().expect("subnet")],
                 versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
+                down: Vec::new(),
             },
         );
         add_worker(

@@ -1,6 +1,8 @@
 //! Reading the live host: each backend observes its part inside the chosen
 //! network namespace, and the parts are put together into one [`Observed`].
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use crate::backend::conntrack::{self, ConntrackError};
 use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
@@ -57,6 +59,12 @@ pub fn observe_for(
     let mut observed = observe_with(node, netns, docker)?;
     (observed.images, observed.remote_digests) = observe_images(spec, node, docker)?;
     observed.probes = probe_replicas(spec, node, netns);
+    if !observed.probes.is_empty() {
+        observed.probed_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+    }
     Ok(observed)
 }
 
@@ -87,6 +95,7 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         probes: Vec::new(),
         images: Vec::new(),
         remote_digests: Vec::new(),
+        probed_at: None,
     })
 }
 

@@ -3,9 +3,11 @@
 //! starts the next version at). A worker has no other way to tell them that a
 //! next version is ready: it answers health checks at its own address. The
 //! probes run in parallel, inside the node's network namespace, through the
-//! routes lessnat set up to the workers.
+//! routes lessnat set up to the workers, each for at most
+//! [`LB_PROBE_TIMEOUT`], so an apply with a dead replica stays short.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::desired::routed::{load_balancer_role, replica_addresses};
 use crate::error::chain;
@@ -13,6 +15,14 @@ use crate::health::{NetworkCheck, probe_timeout};
 use crate::model::Probe;
 use crate::netns::Netns;
 use crate::spec::{Service, Spec};
+
+/// The longest a load-balancer node's probe of one replica address waits
+/// (shorter when the service's `health.timeout` is). A dead replica's address
+/// often does not refuse but stays silent (a worker's ICMP errors are rate
+/// limited, a dead host answers nothing); one apply waits for its probes,
+/// and it must stay well inside a 1 s timer. A replica one hop away whose
+/// health check takes longer than this counts as not answering.
+pub const LB_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Probes every replica address of the routed services `node` balances; empty
 /// when `node` is not a load-balancer node. Services whose only check is an
@@ -45,7 +55,7 @@ pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
             .map(|(service, check, ip)| {
                 scope.spawn(move || {
                     let outcome = netns
-                        .run(|| check.run(*ip, probe_timeout(service)))
+                        .run(|| check.run(*ip, probe_timeout(service).min(LB_PROBE_TIMEOUT)))
                         .map_err(|e| chain(&e))
                         .and_then(|r| r.map_err(|e| chain(&e)));
                     Probe {

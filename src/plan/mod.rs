@@ -91,10 +91,12 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, _)| s.name.value.as_str())
             .collect(),
     );
-    let switches: Vec<Switch> = load_balancer_role(spec, node)
-        .map(|role| routed::load_balancing(spec, &role, observed).switches)
+    let balancing =
+        load_balancer_role(spec, node).map(|role| routed::load_balancing(spec, &role, observed));
+    let (switches, spread, kept_out, balancing_warnings) = balancing
+        .map(|b| (b.switches, b.spread, b.kept_out, b.warnings))
         .unwrap_or_default();
-    planner.table(observed_table, wanted_table, switches);
+    planner.table(observed_table, wanted_table, switches, &spread);
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,
@@ -129,6 +131,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         ..
     } = planner;
     let mut warnings = observed.warnings.clone();
+    warnings.extend(balancing_warnings);
     warnings.sort();
     let pulls = pull::pulls(&changes, observed);
     Plan {
@@ -143,6 +146,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .chain(changes)
             .chain(last)
             .collect(),
+        load_balancing: kept_out,
         warnings,
     }
 }
@@ -292,7 +296,13 @@ impl<'a> Planner<'a> {
         observed: Option<&NftTable>,
         desired: Option<NftTable>,
         switches: Vec<Switch>,
+        spread: &[String],
     ) {
+        let balancing: Vec<String> = switches
+            .iter()
+            .map(ToString::to_string)
+            .chain(spread.iter().cloned())
+            .collect();
         let resource = Resource::NftTable {
             family: NFT_FAMILY.into(),
             name: NFT_TABLE.into(),
@@ -310,7 +320,12 @@ impl<'a> Planner<'a> {
                 self.first.push(Change {
                     action: Action::Create,
                     resource,
-                    reason: if desired.chains.iter().any(|c| c.name.starts_with("routed_")) {
+                    reason: if !balancing.is_empty() {
+                        format!(
+                            "routed mode: load balancing without SNAT, replies marked by load-balancer; {}",
+                            balancing.join("; ")
+                        )
+                    } else if desired.chains.iter().any(|c| c.name.starts_with("routed_")) {
                         "routed mode: load balancing without SNAT, replies marked by load-balancer".into()
                     } else {
                         "hooked nat chains keep conntrack tracking every flow; upgrades add redirects to its maps".into()
@@ -325,12 +340,11 @@ impl<'a> Planner<'a> {
                 });
             }
             (Some(desired), Some(found)) if *found == desired => {}
-            (Some(desired), Some(found)) if !switches.is_empty() => {
-                let said: Vec<String> = switches.iter().map(ToString::to_string).collect();
+            (Some(desired), Some(found)) if !balancing.is_empty() => {
                 self.first.push(Change {
                     action: Action::Update,
                     resource,
-                    reason: format!("load balancing: {}", said.join("; ")),
+                    reason: format!("load balancing: {}", balancing.join("; ")),
                     fields: Vec::new(),
                     diff: host::table_diff(Some(found), Some(&desired)),
                     upgrade: None,

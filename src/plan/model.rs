@@ -25,7 +25,12 @@ pub struct Plan {
     pub conflicts: Vec<String>,
     /// The changes, in the order they will be applied.
     pub changes: Vec<Change>,
-    /// Warnings from observation (conntrack full, ...).
+    /// Load-balancer state that is not a change: replicas the table already
+    /// leaves out of the spread and that stay out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancing: Vec<String>,
+    /// Warnings from observation (conntrack full, ...) and from load
+    /// balancing (no replica of a VIP port answers).
     pub warnings: Vec<String>,
 }
 

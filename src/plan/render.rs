@@ -60,6 +60,13 @@ pub fn render(plan: &Plan, style: Style) -> String {
         }
         out.push('\n');
     }
+    if !plan.load_balancing.is_empty() {
+        let _ = writeln!(out, "{}", style.paint("1", "Load balancing:"));
+        for line in &plan.load_balancing {
+            let _ = writeln!(out, "  - {line}");
+        }
+        out.push('\n');
+    }
     if plan.changes.is_empty() {
         let _ = writeln!(out, "No changes. Node \"{}\" matches the spec.", plan.node);
         return out;

@@ -2,8 +2,9 @@
 //! load-balancer node's choice of replica addresses, and the policy routing,
 //! VIPs and kernel settings either role needs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
@@ -13,7 +14,7 @@ use super::{
     Upgrade,
 };
 use crate::desired::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
-use crate::desired::routed_table::{Dnat, LoadBalancerRules, versions_in};
+use crate::desired::routed_table::{Dnat, LoadBalancerRules, down_in, spreads_in, versions_in};
 use crate::desired::{DesiredContainer, container_for};
 use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
 use crate::ownership::{Slot, container_name, veth_name};
@@ -408,6 +409,25 @@ pub struct LoadBalancing {
     pub rules: LoadBalancerRules,
     /// The replicas whose new connections move.
     pub switches: Vec<Switch>,
+    /// Replicas that leave or rejoin the spread, for the table change's reason.
+    pub spread: Vec<String>,
+    /// Replicas the observed table already leaves out that stay out: state
+    /// shown in the plan, not a change.
+    pub kept_out: Vec<String>,
+    /// VIP ports none of whose replicas answers (all are kept in the spread).
+    pub warnings: Vec<String>,
+}
+
+/// One replica of a VIP port as a load-balancer node sends to it.
+struct Target<'a> {
+    /// The node it runs on.
+    node: &'a str,
+    /// Its two addresses.
+    pair: ReplicaAddresses,
+    /// The address its new connections go to.
+    address: Ipv4Addr,
+    /// Neither of its addresses answered its probe.
+    down: bool,
 }
 
 /// Decides, for each replica a load-balancer node sends connections to, which
@@ -418,38 +438,66 @@ pub struct LoadBalancing {
 /// - when the spec's version differs (an upgrade on the worker), the other
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays;
-/// - with nothing recorded, `address` unless only `nextAddress` answers.
+/// - with nothing recorded, `address` unless only `nextAddress` answers;
+///
+/// and whether it is in the spread: a replica neither of whose addresses
+/// answers is left out (its recorded address stays in `routed_versions`),
+/// unless no replica of the VIP port answers: then all stay in.
 pub(super) fn load_balancing(
     spec: &Spec,
     role: &LoadBalancerRole,
     observed: &Observed,
 ) -> LoadBalancing {
-    let recorded: BTreeMap<Ipv4Addr, u32> = super::own_table(observed)
+    let found = super::own_table(observed);
+    let recorded: BTreeMap<Ipv4Addr, u32> = found
         .map(versions_in)
         .unwrap_or_default()
         .into_iter()
         .collect();
+    let spreads: BTreeMap<String, Vec<Ipv4Addr>> = found
+        .map(spreads_in)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let down_since: BTreeMap<Ipv4Addr, u32> =
+        found.map(down_in).unwrap_or_default().into_iter().collect();
+    let now = observed.probed_at.and_then(|t| u32::try_from(t).ok());
+    let mut down = BTreeMap::new();
     let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
+    let mut spread = BTreeSet::new();
+    let mut kept_out = BTreeSet::new();
+    let mut warnings = BTreeSet::new();
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
-        let healthy = |address: Ipv4Addr| {
+        let answers = |address: Ipv4Addr| {
             let address = address.to_string();
             observed
                 .probes
                 .iter()
-                .any(|p| &p.service == name && p.address == address && p.healthy)
+                .find(|p| &p.service == name && p.address == address)
+                .map(|p| p.healthy)
         };
+        let healthy = |address: Ipv4Addr| answers(address) == Some(true);
         let mut targets = Vec::new();
         for replica in &service.replicas {
             let Some(pair) = replica_addresses(spec, replica) else {
                 continue;
             };
+            // Only a replica probed at both addresses can be known to be down.
+            let down =
+                answers(pair.address) == Some(false) && answers(pair.next_address) == Some(false);
+            let node = replica.node.value.as_str();
             let key = (name.clone(), pair.address);
             if let Some((address, _)) = chosen.get(&key) {
-                targets.push(*address);
+                targets.push(Target {
+                    node,
+                    pair,
+                    address: *address,
+                    down,
+                });
                 continue;
             }
             let wanted =
@@ -484,7 +532,7 @@ pub(super) fn load_balancing(
             if let (Some(why), Some((from, _))) = (why, current) {
                 switches.push(Switch {
                     service: name.clone(),
-                    node: replica.node.value.clone(),
+                    node: node.to_string(),
                     from,
                     to: address,
                     why: why.to_string(),
@@ -492,14 +540,67 @@ pub(super) fn load_balancing(
                 });
             }
             chosen.insert(key, (address, tag));
-            targets.push(address);
+            targets.push(Target {
+                node,
+                pair,
+                address,
+                down,
+            });
+        }
+        let comment = format!("{name}/{}", vip_port.port.name.value);
+        let all_down = targets.iter().all(|t| t.down);
+        if all_down && !targets.is_empty() {
+            warnings.insert(format!(
+                "no replica of {comment} ({}:{}) answers its health check: all {} stay in the spread \
+                 (a replica that may be recovering beats a certain refusal); new connections fail until one answers",
+                vip_port.vip,
+                vip_port.vip_port,
+                targets.len()
+            ));
+        }
+        let before = spreads.get(&comment);
+        for target in &targets {
+            let out = target.down && !all_down;
+            let was_in = before.map(|b| b.iter().any(|a| target.pair.contains(*a)));
+            let who = format!("{name} on {} ({})", target.node, target.address);
+            let since = down_since.get(&target.address).copied();
+            if let (true, Some(since)) = (out, since.or(now)) {
+                down.insert(target.address, since);
+            }
+            match (out, was_in) {
+                (true, Some(false)) => {
+                    let when = since.map(|s| out_since(s, now)).unwrap_or_default();
+                    kept_out.insert(format!(
+                        "{who} stays out of the spread: neither address answers{when}"
+                    ));
+                }
+                (true, _) => {
+                    spread.insert(format!("{who}: out of the spread: neither address answers"));
+                }
+                (false, Some(false)) if target.down => {
+                    spread.insert(format!(
+                        "{who}: back in the spread: no replica answers, so all are kept"
+                    ));
+                }
+                (false, Some(false)) => {
+                    let when = since
+                        .map(|s| format!(", out{}", out_since(s, now)))
+                        .unwrap_or_default();
+                    spread.insert(format!("{who}: back in the spread: it answers again{when}"));
+                }
+                (false, _) => {}
+            }
         }
         dnat.push(Dnat {
-            comment: format!("{name}/{}", vip_port.port.name.value),
+            comment,
             protocol: vip_port.port.protocol,
             vip: vip_port.vip,
             vip_port: vip_port.vip_port,
-            targets,
+            targets: targets
+                .iter()
+                .filter(|t| all_down || !t.down)
+                .map(|t| t.address)
+                .collect(),
             port: vip_port.port.port.value,
         });
     }
@@ -509,8 +610,22 @@ pub(super) fn load_balancing(
             dnat,
             subnets: role.workers.iter().map(|(subnet, _)| *subnet).collect(),
             versions: chosen.into_values().collect(),
+            down: down.into_iter().collect(),
         },
         switches,
+        spread: spread.into_iter().collect(),
+        kept_out: kept_out.into_iter().collect(),
+        warnings: warnings.into_iter().collect(),
+    }
+}
+
+/// ` since TIME (for DURATION)`: when a replica left the spread, recorded at
+/// `since`, and how long ago that was at `now`.
+fn out_since(since: u32, now: Option<u32>) -> String {
+    let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(since.into()));
+    match now.and_then(|now| now.checked_sub(since)) {
+        Some(seconds) => format!(" since {at} (for {})", HumanDuration::secs(seconds.into())),
+        None => format!(" since {at}"),
     }
 }
 
