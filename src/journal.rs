@@ -55,6 +55,18 @@ pub struct UpgradeRecord {
     pub started_at: String,
     /// When the record last changed (RFC 3339).
     pub updated_at: String,
+    /// The canary holding now, while its apply waits in the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryRecord>,
+}
+
+/// A canary holding: what `lessnat apply --promote` / `--abort` can end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryRecord {
+    /// The share of new connections the next version gets, e.g. `5%`.
+    pub weight: String,
+    /// When the hold ends by itself (RFC 3339).
+    pub until: String,
 }
 
 /// Reading or writing the journal failed.
@@ -92,6 +104,11 @@ impl JournalFile {
         JournalFile {
             path: state_dir.join(JOURNAL_FILE),
         }
+    }
+
+    /// The state directory the journal is in.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
     }
 
     /// Reads the journal; a missing file is an empty journal.
@@ -150,6 +167,7 @@ mod tests {
                 rolling_back: false,
                 started_at: now(),
                 updated_at: now(),
+                canary: None,
             },
         );
         file.write(&journal).expect("write");

@@ -25,10 +25,10 @@ use crate::backend::netlink::NetlinkError;
 use crate::backend::nft::NftError;
 use crate::backend::sysctl::SysctlError;
 use crate::backend::veth::Wiring;
-use crate::desired::host_table::redirects_in;
+use crate::desired::host_table::{redirects_in, remove_canary};
 use crate::health::NetworkCheck;
 use crate::model::{
-    ConntrackState, Container, ContainerNetwork, ContainerSpec, Image, IpRule, NftElement,
+    ConntrackState, Container, ContainerNetwork, ContainerSpec, Image, IpRule, NftElement, NftRule,
     NftState, NftTable, OBSERVED_FORMAT, Observed, OwnedAddress, Redirect, Route, RoutingState,
     Veth, redirect_map_name,
 };
@@ -45,6 +45,11 @@ pub(super) enum Health {
     After(u32),
     /// Never passes.
     Never,
+    /// Passes `after` checks, then fails every one.
+    Sickens {
+        /// Checks passed before it fails.
+        after: u32,
+    },
     /// Fails `after` checks, then exits with `code`.
     Exits {
         /// Checks failed before it exits.
@@ -94,6 +99,7 @@ impl FakeContainer {
         self.checks += 1;
         match self.health {
             Health::After(failures) if self.checks > failures => Ok(()),
+            Health::Sickens { after } if self.checks <= after => Ok(()),
             Health::Exits { after, code } if self.checks > after => {
                 self.running = false;
                 self.exit_code = Some(code);
@@ -158,6 +164,7 @@ struct State {
     conntrack: Script<ConntrackState>,
     conntrack_reads: usize,
     interrupt_at_read: Option<usize>,
+    interrupt_at_probe: Option<usize>,
     probes: usize,
     delete_table_at: Vec<At>,
     flows_to: BTreeMap<IpAddr, Script<Vec<FlowTo>>>,
@@ -200,10 +207,22 @@ impl State {
     }
 }
 
+/// What a test does at given health probes, for [`FakeHost::at_probe`].
+#[derive(Default)]
+struct ProbeHooks(Vec<(usize, Box<dyn FnOnce()>)>);
+
+impl std::fmt::Debug for ProbeHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let at: Vec<usize> = self.0.iter().map(|(n, _)| *n).collect();
+        write!(f, "ProbeHooks at {at:?}")
+    }
+}
+
 /// The host in memory.
 #[derive(Debug)]
 pub(super) struct FakeHost {
     state: RefCell<State>,
+    hooks: RefCell<ProbeHooks>,
     /// The flag apply's context borrows as its interrupt; a scripted
     /// conntrack read can set it.
     pub interrupt: AtomicBool,
@@ -215,6 +234,7 @@ impl FakeHost {
     pub fn new() -> Self {
         FakeHost {
             state: RefCell::default(),
+            hooks: RefCell::default(),
             interrupt: AtomicBool::new(false),
             epoch: Instant::now(),
         }
@@ -247,10 +267,26 @@ impl FakeHost {
         self.state.borrow_mut().interrupt_at_read = Some(read);
     }
 
+    /// Sets [`Self::interrupt`] at the `probe`th health probe (counted from 1).
+    pub fn interrupt_at_probe(&self, probe: usize) {
+        self.state.borrow_mut().interrupt_at_probe = Some(probe);
+    }
+
     /// Someone else deletes lessnat's table `at` that moment (logged as
     /// `foreign: delete table`).
     pub fn delete_table_at(&self, at: At) {
         self.state.borrow_mut().delete_table_at.push(at);
+    }
+
+    /// Runs `action` at the `probe`th health probe (counted from 1), before
+    /// it is answered: what someone else does meanwhile.
+    pub fn at_probe(&self, probe: usize, action: impl FnOnce() + 'static) {
+        self.hooks.borrow_mut().0.push((probe, Box::new(action)));
+    }
+
+    /// The table lessnat's table is now, if it exists.
+    pub fn table(&self) -> Option<NftTable> {
+        self.state.borrow().table.clone()
     }
 
     /// Whether lessnat's table exists.
@@ -624,6 +660,28 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn replace_rules(&self, remove: &[String], add: &[(String, NftRule)]) -> Result<(), NftError> {
+        let call = format!("replace rules -{} +{}", remove.join(" -"), add.len());
+        self.call(&call).map_err(|e| nft_error(&call, e))?;
+        let mut state = self.state.borrow_mut();
+        let Some(table) = state.table.as_mut() else {
+            return if add.is_empty() {
+                Ok(())
+            } else {
+                Err(nft_error(&call, "no table inet lessnat".into()))
+            };
+        };
+        remove_canary(table, remove);
+        for (chain, rule) in add {
+            let found = table.chains.iter_mut().find(|c| &c.name == chain);
+            let Some(found) = found else {
+                return Err(nft_error(&call, format!("no chain {chain}")));
+            };
+            found.rules.push(rule.clone());
+        }
+        Ok(())
+    }
+
     fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError> {
         self.call("hold table")
             .map_err(|e| nft_error("hold table", e))?;
@@ -792,7 +850,21 @@ impl Host for FakeHost {
             state.probes
         };
         self.foreign_delete(At::Probe(probe));
+        let due: Vec<Box<dyn FnOnce()>> = {
+            let mut hooks = self.hooks.borrow_mut();
+            let (due, later) = std::mem::take(&mut hooks.0)
+                .into_iter()
+                .partition(|(n, _)| *n == probe);
+            hooks.0 = later;
+            due.into_iter().map(|(_, action)| action).collect()
+        };
+        for action in due {
+            action();
+        }
         let mut state = self.state.borrow_mut();
+        if state.interrupt_at_probe == Some(probe) {
+            self.interrupt.store(true, Ordering::SeqCst);
+        }
         let listener = state.listener(ip, port);
         match listener.and_then(|name| state.containers.get_mut(&name)) {
             Some(container) => container.check().map_err(|e| format!("{addr}: {e}")),

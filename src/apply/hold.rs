@@ -48,6 +48,17 @@ impl<'a> RedirectHold<'a> {
         }
     }
 
+    /// A hold, not taken yet, on `table` for `service`'s canary split.
+    pub fn canary(service: &Service, table: Option<&'a NftTable>) -> Self {
+        RedirectHold {
+            restored_line: format!(
+                "{}: lessnat's table was deleted by someone else; restored it with the canary split",
+                service.name
+            ),
+            ..RedirectHold::new(service, table)
+        }
+    }
+
     /// Takes the hold when it is not held yet, then checks the table now.
     pub fn take(&mut self, host: &'a dyn Host, progress: &mut Progress) -> Result<(), ApplyError> {
         if self.held.is_none()

@@ -17,7 +17,7 @@ use crate::backend::veth::{self, Wiring};
 use crate::desired::host_table::guard_table;
 use crate::health::NetworkCheck;
 use crate::model::{
-    ConntrackState, ContainerSpec, IpRule, NftTable, OwnedAddress, Redirect, Route, Veth,
+    ConntrackState, ContainerSpec, IpRule, NftRule, NftTable, OwnedAddress, Redirect, Route, Veth,
 };
 use crate::netns::Netns;
 use crate::registry::{Credentials, ImageRef};
@@ -60,6 +60,10 @@ pub trait Host {
     /// Adds (`present`) or removes one redirect map element; removing one
     /// that is gone (or whose table is) succeeds.
     fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError>;
+    /// Replaces the rules of lessnat's table commented with one of `remove`
+    /// by `add` (each appended to its chain), in one transaction (a canary's
+    /// split set or ended); removing rules that are gone succeeds.
+    fn replace_rules(&self, remove: &[String], add: &[(String, NftRule)]) -> Result<(), NftError>;
     /// Keeps lessnat's table holding `table` until the hold is dropped: when
     /// someone else deletes it, or part of it, it is written whole again in
     /// one transaction (live: at once, on nftables' own event).
@@ -204,6 +208,10 @@ impl Host for LiveHost<'_> {
 
     fn set_redirect(&self, redirect: &Redirect, present: bool) -> Result<(), NftError> {
         nft::set_redirect(self.netns, redirect, present)
+    }
+
+    fn replace_rules(&self, remove: &[String], add: &[(String, NftRule)]) -> Result<(), NftError> {
+        nft::replace_rules(self.netns, remove, add)
     }
 
     fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError> {

@@ -2,6 +2,7 @@
 //! backends. Staged upgrades are journaled stage by stage and roll back on
 //! failure; everything else is a single step that is safe to repeat.
 
+pub mod canary;
 mod drain;
 #[cfg(test)]
 mod fake;
@@ -152,6 +153,28 @@ pub enum ApplyError {
     /// An image could not be pulled.
     #[error(transparent)]
     Pull(#[from] Box<pull::PullError>),
+    /// A canary's next version failed its health checks (or exited) during
+    /// the hold.
+    #[error(
+        "the canary {container} failed {failures} health checks in a row during its hold; last: {last}"
+    )]
+    CanaryUnhealthy {
+        /// The next container.
+        container: String,
+        /// Failed checks in a row.
+        failures: u32,
+        /// Why the last one failed.
+        last: String,
+    },
+    /// `lessnat apply --abort` ended a canary.
+    #[error("service {service}: the canary was aborted by `lessnat apply --abort`")]
+    CanaryAborted {
+        /// The service.
+        service: String,
+    },
+    /// A request to end a canary could not be read.
+    #[error(transparent)]
+    Canary(#[from] canary::CanaryError),
     /// The plan holds a change this build cannot carry out.
     #[error("cannot apply {what} yet")]
     Unsupported {
@@ -219,6 +242,8 @@ pub fn apply_change(
             in_flight,
             from,
             redirected_table,
+            canary,
+            split_found,
         } => {
             let mut upgrade = Upgrade::new(
                 ctx,
@@ -226,7 +251,8 @@ pub fn apply_change(
                 &workload.service,
                 &workload.container,
                 Some(redirected_table),
-            );
+            )
+            .with_canary(canary.as_deref(), *split_found);
             let result = upgrade.run(in_flight.as_ref(), from.as_ref());
             return result.map(|()| upgrade.restores());
         }

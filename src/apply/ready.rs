@@ -36,6 +36,38 @@ impl ProbeAt {
     }
 }
 
+/// Time between two health checks of `service`.
+pub(super) fn check_interval(service: &Service) -> Duration {
+    service
+        .health
+        .as_ref()
+        .map_or(DEFAULT_TIMING.interval, |h| h.interval.get())
+}
+
+/// Checks the health of `container` of `service` once, at `at`: passes, or
+/// fails with the reason.
+pub(super) fn probe(
+    ctx: &Context,
+    service: &Service,
+    container: &str,
+    at: ProbeAt,
+) -> Result<(), String> {
+    let timeout = probe_timeout(service);
+    if let Some(check) = NetworkCheck::of(service, at.temporary) {
+        return ctx.host.probe(&check, at.ip, timeout);
+    }
+    let exec = service.health.as_ref().and_then(|h| h.exec.as_ref());
+    let Some(exec) = exec else {
+        return Ok(()); // nothing to probe: no TCP port and no check
+    };
+    let command: Vec<String> = exec.iter().map(|c| c.value.clone()).collect();
+    match ctx.host.exec(container, &command, timeout) {
+        Ok(0) => Ok(()),
+        Ok(code) => Err(format!("{command:?} exited with {code}")),
+        Err(e) => Err(crate::error::chain(&e)),
+    }
+}
+
 /// Waits until `container` of `service` passes its health check, failing when
 /// it exits, when `startTimeout` passes, or when apply is interrupted.
 pub(super) fn wait_ready(
@@ -67,23 +99,8 @@ pub(super) fn wait_ready_ticking(
         },
         None => DEFAULT_TIMING,
     };
-    let probe_timeout = probe_timeout(service);
     let started = Instant::now();
-    let check = NetworkCheck::of(service, at.temporary);
-    let probe = || -> Result<(), String> {
-        if let Some(check) = &check {
-            return ctx.host.probe(check, at.ip, probe_timeout);
-        }
-        let Some(exec) = health.and_then(|h| h.exec.as_ref()) else {
-            return Ok(()); // nothing to probe: no TCP port and no check
-        };
-        let command: Vec<String> = exec.iter().map(|c| c.value.clone()).collect();
-        match ctx.host.exec(container, &command, probe_timeout) {
-            Ok(0) => Ok(()),
-            Ok(code) => Err(format!("{command:?} exited with {code}")),
-            Err(e) => Err(crate::error::chain(&e)),
-        }
-    };
+    let probe = || probe(ctx, service, container, at);
     let mut last_state = None;
     let mut failed = None;
     let alive = || {

@@ -5,6 +5,7 @@
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use super::canary::{self, Held};
 use super::drain::{Arrivals, Drained, established, wait_drained, wait_until_drained};
 use super::hold::RedirectHold;
 use super::progress::Progress;
@@ -12,17 +13,19 @@ use super::ready::{ProbeAt, wait_ready, wait_ready_ticking};
 use super::{ApplyError, Context, container_spec};
 use crate::backend::conntrack::UdpPort;
 use crate::desired::DesiredContainer;
-use crate::desired::host_table::service_redirects;
-use crate::journal::{UpgradeRecord, now};
+use crate::desired::host_table::{canary_comments, service_redirects};
+use crate::journal::{CanaryRecord, UpgradeRecord, now};
 use crate::model::NftTable;
 use crate::ownership::{Slot, container_name};
-use crate::plan::operation::UpgradeFrom;
+use crate::plan::operation::{CanarySplit, UpgradeFrom};
 use crate::plan::{Decision, InFlight, StageName};
 use crate::spec::{OnDrainTimeout, OnFailure, Protocol, Service};
 
-/// The stages of a redirect-drain upgrade, in order.
-const STAGES: [StageName; 7] = [
+/// The stages of a redirect-drain upgrade, in order (the canary only when
+/// the upgrade has one).
+const STAGES: [StageName; 8] = [
     StageName::StartNext,
+    StageName::Canary,
     StageName::Redirect,
     StageName::Drain,
     StageName::Swap,
@@ -45,6 +48,11 @@ pub(super) struct Upgrade<'a, 'c> {
     next: String,
     prev: String,
     hold: RedirectHold<'a>,
+    canary: Option<&'a CanarySplit>,
+    canary_hold: RedirectHold<'a>,
+    /// Whether a canary's split may be in lessnat's table: this upgrade has
+    /// a canary, or the plan found one.
+    may_split: bool,
 }
 
 impl<'a, 'c> Upgrade<'a, 'c> {
@@ -63,11 +71,35 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             next: name(Slot::Next),
             prev: name(Slot::Prev),
             hold: RedirectHold::new(service, redirected_table),
+            canary: None,
+            canary_hold: RedirectHold::canary(service, None),
+            may_split: false,
             ctx,
             progress,
             service,
             desired,
         }
+    }
+
+    /// The same upgrade with a canary before its redirect; `split_found`:
+    /// the plan found a canary's split in lessnat's table.
+    pub(super) fn with_canary(
+        mut self,
+        canary: Option<&'a CanarySplit>,
+        split_found: bool,
+    ) -> Self {
+        self.canary_hold = RedirectHold::canary(self.service, canary.map(|c| &c.table));
+        self.canary = canary;
+        self.may_split = canary.is_some() || split_found;
+        self
+    }
+
+    /// The stages this upgrade runs, in order.
+    fn stages(&self) -> Vec<StageName> {
+        STAGES
+            .into_iter()
+            .filter(|s| *s != StageName::Canary || self.canary.is_some())
+            .collect()
     }
 
     fn stop_timeout(&self) -> Duration {
@@ -119,11 +151,68 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 rolling_back: false,
                 started_at: now(),
                 updated_at: now(),
+                canary: None,
             });
         record.reached = reached;
         record.rolling_back = rolling_back;
         record.updated_at = now();
         file.write(&journal)?;
+        Ok(())
+    }
+
+    /// Records the canary holding (`None`: none holds), for `lessnat apply
+    /// --promote` / `--abort` and `lessnat status`.
+    fn journal_canary(&self, canary: Option<CanaryRecord>) -> Result<(), ApplyError> {
+        let mut journal = self.ctx.journal.read()?;
+        if let Some(record) = journal.upgrades.get_mut(&self.service.name.value) {
+            record.canary = canary;
+            record.updated_at = now();
+            self.ctx.journal.write(&journal)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a canary's split (its rules, whether or not they are there):
+    /// new connections go where the redirect says.
+    fn end_split(&mut self) -> Result<(), ApplyError> {
+        if !self.may_split {
+            return Ok(());
+        }
+        self.canary_hold.release(self.progress)?;
+        self.ctx
+            .host
+            .replace_rules(&canary_comments(self.service), &[])?;
+        Ok(())
+    }
+
+    /// The canary stage: sets the split, holds it while the next version
+    /// stays healthy, and records it in the journal meanwhile.
+    fn run_canary(&mut self, split: &CanarySplit) -> Result<(), ApplyError> {
+        let name = self.service.name.value.clone();
+        self.ctx
+            .host
+            .replace_rules(&canary_comments(self.service), &split.rules)?;
+        self.canary_hold.take(self.ctx.host, self.progress)?;
+        let until = std::time::SystemTime::now() + split.hold.get();
+        self.journal_canary(Some(CanaryRecord {
+            weight: split.weight.to_string(),
+            until: humantime::format_rfc3339_seconds(until).to_string(),
+        }))?;
+        let next = self.next.clone();
+        let hold = &mut self.canary_hold;
+        let held = canary::hold(self.ctx, self.progress, self.service, &next, split, |p| {
+            hold.check(p)
+        });
+        self.journal_canary(None)?;
+        match held? {
+            Held::Out => self.progress.step(&format!(
+                "{name}: canary: {next} stayed healthy for {}; promoting",
+                split.hold
+            )),
+            Held::Promoted => self.progress.step(&format!(
+                "{name}: canary: promoted by `lessnat apply --promote`"
+            )),
+        }
         Ok(())
     }
 
@@ -258,15 +347,18 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     }
 
     fn forward(&mut self, mut reached: Option<StageName>) -> Result<(), ApplyError> {
-        let todo: Vec<StageName> = STAGES
-            .into_iter()
+        let stages = self.stages();
+        let todo: Vec<StageName> = stages
+            .iter()
+            .copied()
             .filter(|s| reached.is_none_or(|r| *s > r))
             .collect();
         for stage in todo {
-            let number = STAGES.iter().position(|s| *s == stage).map_or(0, |i| i + 1);
+            let number = stages.iter().position(|s| *s == stage).map_or(0, |i| i + 1);
             self.progress.step(&format!(
-                "{}: stage {number}/7 {}",
+                "{}: stage {number}/{} {}",
                 self.service.name,
+                stages.len(),
                 stage.as_str()
             ));
             match self.stage(stage) {
@@ -289,7 +381,13 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     /// A stage before the new version serves the canonical ports failed.
     fn fail(&mut self, stage: StageName, error: ApplyError) -> Result<(), ApplyError> {
         let service = self.service.name.value.clone();
-        if self.service.upgrade.on_failure == OnFailure::Pause {
+        // A canary that fails or is aborted always rolls back: deciding
+        // that is what it is for.
+        let canary = matches!(
+            error,
+            ApplyError::CanaryUnhealthy { .. } | ApplyError::CanaryAborted { .. }
+        );
+        if self.service.upgrade.on_failure == OnFailure::Pause && !canary {
             return Err(ApplyError::Paused {
                 service,
                 stage: stage.as_str(),
@@ -319,8 +417,15 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 let next = self.next.clone();
                 self.wait_ready_holding(&next, ProbeAt::loopback(true))
             }
+            StageName::Canary => match self.canary {
+                Some(split) => self.run_canary(split),
+                None => Ok(()),
+            },
             StageName::Redirect => {
                 self.set_redirects(true)?;
+                // Only now does a canary's split end: the redirect takes
+                // every new connection, so none meets a gap.
+                self.end_split()?;
                 self.hold_redirect()
             }
             StageName::Drain => {
@@ -448,6 +553,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             "{}: rollback: removing the redirect",
             self.service.name
         ));
+        self.end_split()?;
         self.set_redirects(false)?;
         if self.exists(&self.next)? {
             // Connections the redirect sent to the next container finish

@@ -150,7 +150,7 @@ pub(crate) enum Command {
         #[arg(
             value_name = "PLANFILE",
             conflicts_with = "spec",
-            required_unless_present = "spec"
+            required_unless_present_any = ["spec", "promote", "abort"]
         )]
         plan: Option<PathBuf>,
         /// The spec file: plan and apply in one go.
@@ -159,6 +159,14 @@ pub(crate) enum Command {
         /// Apply without asking for confirmation (needed when not on a terminal).
         #[arg(long)]
         auto_approve: bool,
+        /// End the canary an apply on this node is holding now and go on with
+        /// its upgrade: all new connections to the new version.
+        #[arg(long, conflicts_with_all = ["plan", "spec", "abort", "auto_approve"])]
+        promote: bool,
+        /// End the canary an apply on this node is holding now and roll its
+        /// upgrade back; connections the canary has finish first.
+        #[arg(long, conflicts_with_all = ["plan", "spec", "auto_approve"])]
+        abort: bool,
     },
     /// Remove what lessnat owns on this node: its containers, its nftables
     /// table, its rules, routes, veths and VIPs. Nothing else is touched.

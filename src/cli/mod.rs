@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::apply::canary::Verdict;
 pub use args::Cli;
 use args::Command;
 
@@ -62,10 +63,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             *detailed_exitcode,
             observe.observed.as_deref(),
         ),
+        Command::Apply { promote: true, .. } => {
+            commands::apply::end_canary(global, Verdict::Promote)
+        }
+        Command::Apply { abort: true, .. } => commands::apply::end_canary(global, Verdict::Abort),
         Command::Apply {
             plan,
             spec,
             auto_approve,
+            ..
         } => commands::apply::apply(global, plan.as_deref(), spec.as_deref(), *auto_approve),
         Command::Destroy { spec, auto_approve } => {
             commands::apply::destroy(global, spec.as_deref(), *auto_approve)

@@ -8,6 +8,12 @@
 //! `meta l4proto tcp fib daddr type local meta mark != PROBE redirect to :tcp dport map @redirect_tcp`;
 //! an upgrade adds and removes only the map element `PORT : TEMP_PORT`, so the
 //! packet path stays O(1) however many upgrades run.
+//!
+//! A canary (a share of new connections to the next version) is one rule per
+//! port in each chain, after the static ones, for as long as it holds:
+//! `fib daddr type local meta mark != PROBE tcp dport 8000 numgen random mod 100 < 5 redirect to :18000`.
+//! A map cannot hold the share: nft 1.0's JSON cannot declare a map keyed by
+//! a port and a `numgen` (its integer type has no size outside `typeof`).
 
 use serde_json::{Value, json};
 
@@ -15,7 +21,7 @@ use crate::model::{
     NftChain, NftElement, NftHook, NftMap, NftRule, NftTable, Redirect, redirect_map_name,
 };
 use crate::ownership::{NFT_FAMILY, NFT_GUARD_TABLE, NFT_TABLE, PROBE_MARK};
-use crate::spec::{Protocol, Service};
+use crate::spec::{Percent, Protocol, Service};
 
 /// Hook priority of lessnat's nat chains: before Docker's nat chains (-100).
 pub const NAT_PRIORITY: i32 = -110;
@@ -50,7 +56,7 @@ pub fn host_table(redirects: &[Redirect]) -> NftTable {
             elements: Vec::new(),
         })
         .collect();
-    let chains = ["prerouting", "output"]
+    let chains = NAT_CHAINS
         .into_iter()
         .map(|hook| NftChain {
             name: hook.to_string(),
@@ -108,9 +114,110 @@ pub fn add_redirects(table: &mut NftTable, redirects: &[Redirect]) {
     }
 }
 
+/// The chains every redirect and canary rule is in: connections from other
+/// hosts, and from this one.
+const NAT_CHAINS: [&str; 2] = ["prerouting", "output"];
+
+/// The start of every canary rule's comment.
+const CANARY_COMMENT: &str = "lessnat canary ";
+
+/// The comment that identifies the canary rule of `redirect`'s port.
+pub fn canary_rule_comment(redirect: &Redirect) -> String {
+    format!(
+        "{CANARY_COMMENT}{}/{}",
+        redirect.port,
+        redirect.protocol.as_str()
+    )
+}
+
+/// The comments of the canary rules an upgrade of `service` may set.
+pub fn canary_comments(service: &Service) -> Vec<String> {
+    service_redirects(service)
+        .iter()
+        .map(canary_rule_comment)
+        .collect()
+}
+
+/// The rules of a canary of `service` at `weight`, each with its chain:
+/// `weight` of the new connections to each port go to its temporary port,
+/// the others pass untouched.
+pub fn canary_rules(service: &Service, weight: Percent) -> Vec<(String, NftRule)> {
+    let rules: Vec<NftRule> = service_redirects(service)
+        .iter()
+        .map(|redirect| canary_rule(redirect, weight))
+        .collect();
+    NAT_CHAINS
+        .into_iter()
+        .flat_map(|chain| rules.iter().map(|rule| (chain.to_string(), rule.clone())))
+        .collect()
+}
+
+fn canary_rule(redirect: &Redirect, weight: Percent) -> NftRule {
+    let proto = redirect.protocol.as_str();
+    NftRule {
+        comment: Some(canary_rule_comment(redirect)),
+        expr: vec![
+            matches(
+                "==",
+                json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+                json!("local"),
+            ),
+            matches("!=", json!({"meta": {"key": "mark"}}), json!(PROBE_MARK)),
+            matches(
+                "==",
+                json!({"payload": {"protocol": proto, "field": "dport"}}),
+                json!(redirect.port),
+            ),
+            matches(
+                "<",
+                json!({"numgen": {"mode": "random", "mod": 100, "offset": 0}}),
+                json!(weight.get()),
+            ),
+            json!({"redirect": {"port": redirect.temp_port}}),
+        ],
+    }
+}
+
+/// Appends `rules` (each with its chain) to `table`'s chains.
+pub fn add_canary(table: &mut NftTable, rules: &[(String, NftRule)]) {
+    for (chain, rule) in rules {
+        if let Some(chain) = table.chains.iter_mut().find(|c| &c.name == chain) {
+            chain.rules.push(rule.clone());
+        }
+    }
+}
+
+/// Removes the canary rules commented with one of `comments` from `table`.
+pub fn remove_canary(table: &mut NftTable, comments: &[String]) {
+    for chain in &mut table.chains {
+        chain
+            .rules
+            .retain(|r| r.comment.as_ref().is_none_or(|c| !comments.contains(c)));
+    }
+}
+
+/// The canary rules `table` carries whose comment is one of `comments`, each
+/// with its chain.
+pub fn canary_rules_in(table: &NftTable, comments: &[String]) -> Vec<(String, NftRule)> {
+    table
+        .chains
+        .iter()
+        .flat_map(|chain| {
+            chain
+                .rules
+                .iter()
+                .filter(|r| r.comment.as_ref().is_some_and(|c| comments.contains(c)))
+                .map(|rule| (chain.name.clone(), rule.clone()))
+        })
+        .collect()
+}
+
+fn matches(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
 fn redirect_rule(protocol: Protocol) -> NftRule {
     let proto = protocol.as_str();
-    let matches = |op: &str, left: Value, right: Value| json!({"match": {"op": op, "left": left, "right": right}});
     NftRule {
         comment: Some(redirect_rule_comment(protocol)),
         expr: vec![
@@ -131,7 +238,10 @@ fn redirect_rule(protocol: Protocol) -> NftRule {
 
 /// The guard table for `table` while an upgrade's redirect must hold: the
 /// host-mode chains and maps with the redirects `table` carries, under the
-/// guard's name (see `backend::nft::GuardTable`).
+/// guard's name (see `backend::nft::GuardTable`). A canary's rules are
+/// left out: each nat chain a new connection passes would draw its share
+/// again (5% in each of two tables is 9.75%), and without them the old
+/// version serves, so nothing breaks while lessnat's table is restored.
 pub fn guard_table(table: &NftTable) -> NftTable {
     NftTable {
         name: NFT_GUARD_TABLE.into(),

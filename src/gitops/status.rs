@@ -378,6 +378,7 @@ mod tests {
                 rolling_back: false,
                 started_at: at.to_string(),
                 updated_at: at.to_string(),
+                canary: None,
             },
         );
         JournalFile::in_dir(dir.path())

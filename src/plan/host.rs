@@ -1,13 +1,16 @@
 //! Planning one host-mode service: create, restart, replace, a new staged
 //! upgrade, or the rest of one found in flight.
 
-use super::operation::{Operation, UpgradeFrom, Workload};
+use super::operation::{CanarySplit, Operation, UpgradeFrom, Workload};
 use super::{
     Action, Change, Decision, DiffLine, Drift, FieldChange, FieldValue, InFlight, Resource, Slots,
     Stage, StageName, Upgrade,
 };
 use crate::desired::DesiredContainer;
-use crate::desired::host_table::{add_redirects, host_table, service_redirects};
+use crate::desired::host_table::{
+    add_canary, add_redirects, canary_comments, canary_rules, host_table, remove_canary,
+    service_redirects,
+};
 use crate::model::Redirect;
 use std::collections::HashMap;
 
@@ -46,15 +49,42 @@ pub(super) struct ServiceTable<'a> {
     pub found: &'a [Redirect],
     /// The table the plan wants (`None`: the node needs none).
     pub planned: Option<&'a NftTable>,
+    /// Whether the service's canary rules are in the observed table (a
+    /// canary was holding).
+    pub split: bool,
 }
 
 impl ServiceTable<'_> {
     /// The planned table plus `service`'s redirect elements: what an upgrade
     /// restores when the table is deleted while its redirect must hold.
     fn redirected(&self, service: &Service) -> NftTable {
-        let mut table = self.planned.cloned().unwrap_or_else(|| host_table(&[]));
+        let mut table = self.without_split(service);
         add_redirects(&mut table, &service_redirects(service));
         table
+    }
+
+    /// The planned table without `service`'s canary split (the planned
+    /// table keeps one found holding until its upgrade ends it).
+    fn without_split(&self, service: &Service) -> NftTable {
+        let mut table = self.planned.cloned().unwrap_or_else(|| host_table(&[]));
+        remove_canary(&mut table, &canary_comments(service));
+        table
+    }
+
+    /// The canary of `service`'s upgrade, if it has one: its rules, and the
+    /// planned table with them.
+    fn canary(&self, service: &Service) -> Option<Box<CanarySplit>> {
+        let canary = &service.upgrade.canary.as_ref()?.value;
+        let rules = canary_rules(service, canary.weight.value);
+        let mut table = self.without_split(service);
+        add_canary(&mut table, &rules);
+        Some(Box::new(CanarySplit {
+            weight: canary.weight.value,
+            hold: canary.hold.value,
+            unhealthy_after: canary.unhealthy_after.value,
+            rules,
+            table,
+        }))
     }
 }
 
@@ -292,6 +322,8 @@ pub(super) fn plan_service(
                 in_flight: None,
                 from: Some(upgrade_from(primary)),
                 redirected_table: table.redirected(service),
+                canary: table.canary(service),
+                split_found: table.split,
             },
         }),
     }
@@ -358,7 +390,13 @@ fn in_flight(
     };
     let stages = match decision {
         Decision::Resume => upgrade_stages(node, service, observed, Some(reached)),
-        Decision::RollBack => rollback_stages(node, service, reached),
+        Decision::RollBack => rollback_stages(node, service, reached, table.split),
+    };
+    // A canary found holding starts its hold again; one that has ended
+    // (the redirect is set) is not run again.
+    let canary = match decision {
+        Decision::Resume if reached < StageName::Redirect => table.canary(service),
+        _ => None,
     };
     let mut fields = Vec::new();
     if let (Some(old), Some(new)) = (mine.primary.or(mine.prev), mine.next)
@@ -395,6 +433,8 @@ fn in_flight(
             in_flight: Some(in_flight),
             from: mine.primary.map(upgrade_from),
             redirected_table: table.redirected(service),
+            canary,
+            split_found: table.split,
         },
     }
 }
@@ -511,18 +551,36 @@ fn upgrade_stages(
             String::new()
         }
     };
-    vec![
+    let next = container_name(name, node, Slot::Next);
+    let canary = service.upgrade.canary.as_ref().map(|canary| {
         stage(
-            StageName::StartNext,
-            done(StageName::StartNext),
+            StageName::Canary,
+            done(StageName::Canary),
             format!(
-                "start \"{}\" with the new spec on {}",
-                container_name(name, node, Slot::Next),
-                port_list(service, true)
+                "canary: send {} of new connections {} to \"{next}\", the rest to \"{}\" (one nft transaction)",
+                canary.weight.value,
+                redirect_list(service),
+                container_name(name, node, Slot::Primary),
             ),
-            Some("healthy".into()),
-            Some(start_timeout),
+            Some(format!(
+                "hold {} while \"{next}\" stays healthy ({} failed checks in a row roll back); `lessnat apply --promote` or `--abort` ends it early",
+                canary.hold.value, canary.unhealthy_after.value
+            )),
+            Some(canary.hold.value),
+        )
+    });
+    let mut stages = vec![stage(
+        StageName::StartNext,
+        done(StageName::StartNext),
+        format!(
+            "start \"{next}\" with the new spec on {}",
+            port_list(service, true)
         ),
+        Some("healthy".into()),
+        Some(start_timeout),
+    )];
+    stages.extend(canary);
+    stages.extend([
         stage(
             StageName::Redirect,
             done(StageName::Redirect),
@@ -590,10 +648,11 @@ fn upgrade_stages(
             None,
             None,
         ),
-    ]
+    ]);
+    stages
 }
 
-fn rollback_stages(node: &str, service: &Service, reached: StageName) -> Vec<Stage> {
+fn rollback_stages(node: &str, service: &Service, reached: StageName, split: bool) -> Vec<Stage> {
     let name = &service.name.value;
     let mut stages = Vec::new();
     if reached >= StageName::Drain {
@@ -614,6 +673,14 @@ fn rollback_stages(node: &str, service: &Service, reached: StageName) -> Vec<Sta
             StageName::Unredirect,
             false,
             "remove the redirect (one nft transaction)".into(),
+            None,
+            None,
+        ));
+    } else if split {
+        stages.push(stage(
+            StageName::Unredirect,
+            false,
+            "remove the canary split (one nft transaction)".into(),
             None,
             None,
         ));

@@ -19,7 +19,9 @@ pub use model::{
 };
 
 use crate::desired::desired_node;
-use crate::desired::host_table::{empty_table, host_table, redirects_in};
+use crate::desired::host_table::{
+    add_canary, canary_comments, canary_rules_in, empty_table, host_table, redirects_in,
+};
 use crate::desired::routed::{
     desired_addresses, desired_routing, desired_sysctls, load_balancer_role, worker_role,
 };
@@ -27,7 +29,7 @@ use crate::desired::routed_table::{WorkerRules, add_load_balancer, add_worker};
 use crate::model::Redirect;
 use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
-use crate::spec::{HumanDuration, NetworkMode, Spec};
+use crate::spec::{HumanDuration, NetworkMode, Service, Spec};
 
 use operation::{Operation, Switch};
 
@@ -57,9 +59,12 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         match service.network {
             NetworkMode::Host => {
                 let found = host::redirects_of(service, &redirects);
+                let split = observed_table
+                    .is_some_and(|t| !canary_rules_in(t, &canary_comments(service)).is_empty());
                 let table = host::ServiceTable {
                     found: &found,
                     planned: wanted_table.as_ref(),
+                    split,
                 };
                 let change = host::plan_service(
                     node,
@@ -176,18 +181,33 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
     let mut table = if desired.needs_host_table() {
         let slots = slots_by_service(observed);
         let redirects = host::index_redirects(found.map(redirects_in).unwrap_or_default());
-        let kept: Vec<Redirect> = desired
+        let in_flight: Vec<&Service> = desired
             .services
             .iter()
-            .filter(|(s, _)| s.network == NetworkMode::Host)
-            .filter(|(s, _)| {
+            .map(|(s, _)| *s)
+            .filter(|s| s.network == NetworkMode::Host)
+            .filter(|s| {
                 slots
                     .get(s.name.value.as_str())
                     .is_some_and(|slots| slots.next.is_some())
             })
-            .flat_map(|(s, _)| host::redirects_of(s, &redirects))
             .collect();
-        host_table(&kept)
+        let kept: Vec<Redirect> = in_flight
+            .iter()
+            .flat_map(|s| host::redirects_of(s, &redirects))
+            .collect();
+        let mut table = host_table(&kept);
+        // A canary holding keeps its split until its upgrade ends it.
+        for service in &in_flight {
+            let comments = canary_comments(service);
+            add_canary(
+                &mut table,
+                &found
+                    .map(|t| canary_rules_in(t, &comments))
+                    .unwrap_or_default(),
+            );
+        }
+        table
     } else {
         empty_table()
     };

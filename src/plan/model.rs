@@ -264,6 +264,9 @@ impl Decision {
 pub enum StageName {
     /// Start the next version on the temporary ports and wait until healthy.
     StartNext,
+    /// Send a share of new connections to the temporary ports and hold,
+    /// watching the next version's health.
+    Canary,
     /// Send new connections to the temporary ports.
     Redirect,
     /// Wait for the old version's connections to finish.
@@ -293,6 +296,7 @@ impl StageName {
     pub fn as_str(self) -> &'static str {
         match self {
             StageName::StartNext => "start-next",
+            StageName::Canary => "canary",
             StageName::Redirect => "redirect",
             StageName::Drain => "drain",
             StageName::Swap => "swap",

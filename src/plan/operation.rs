@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Decision, InFlight};
 use crate::desired::DesiredContainer;
-use crate::model::{IpRule, NftTable, OwnedAddress, Route};
-use crate::spec::{HumanDuration, Service};
+use crate::model::{IpRule, NftRule, NftTable, OwnedAddress, Route};
+use crate::spec::{HumanDuration, Percent, Service};
 
 /// One service as apply starts it: its spec (health check, upgrade settings,
 /// ports) and the container derived from it for this node.
@@ -32,6 +32,23 @@ pub struct UpgradeFrom {
     pub spec: String,
     /// The old primary's image.
     pub image: String,
+}
+
+/// A canary: the share of new connections the next version gets before all
+/// do, for how long, and what ends it early.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanarySplit {
+    /// The share of new connections to the next version.
+    pub weight: Percent,
+    /// How long the split holds.
+    pub hold: HumanDuration,
+    /// Failed health checks in a row of the next version that abort it.
+    pub unhealthy_after: u32,
+    /// The rules that split, each with its chain.
+    pub rules: Vec<(String, NftRule)>,
+    /// lessnat's table while the split holds: the planned table plus
+    /// `rules`. Written whole when someone else deletes part of it meanwhile.
+    pub table: NftTable,
 }
 
 /// A load-balancer node sends a replica's new connections to its other
@@ -123,6 +140,13 @@ pub enum Operation {
         /// the planned table plus the redirect's elements. Written whole when
         /// someone else deletes the table (or part of it) during the upgrade.
         redirected_table: NftTable,
+        /// The canary before the redirect, if the upgrade has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<Box<CanarySplit>>,
+        /// A canary's split was found in lessnat's table: the redirect, or
+        /// the rollback, ends it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        split_found: bool,
     },
     /// Host mode: stop the old primary, start the new one (downtime).
     StopStart {

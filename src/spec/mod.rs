@@ -6,6 +6,7 @@ mod de;
 mod duration;
 mod load;
 mod located;
+mod percent;
 mod placeholder;
 mod tree;
 mod validate;
@@ -19,6 +20,7 @@ pub use address::{Address, Subnet};
 pub use duration::{DurationError, HumanDuration};
 pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
 pub use located::Located;
+pub use percent::{Percent, PercentError};
 pub use placeholder::{PlaceholderError, render_placeholders};
 pub use warnings::{DEFAULT_EPHEMERAL_PORTS, ephemeral_port_warnings, parse_port_range};
 
@@ -323,6 +325,35 @@ pub struct Upgrade {
     /// its own next apply: run them more often than this). Default `30s`.
     #[serde(default = "default_switch_wait")]
     pub switch_wait: Located<HumanDuration>,
+    /// Host mode, redirect-drain: before all new connections go to the new
+    /// version, send it only a share of them for a while, watching its
+    /// health (see [`Canary`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Located<Canary>>,
+}
+
+/// A canary: once the new version is healthy, `weight` of the new
+/// connections go to it and the rest to the old version, for `hold`. If its
+/// health check fails `unhealthyAfter` times in a row, the upgrade is rolled
+/// back; when `hold` ends, it goes on as usual. `lessnat apply --promote` and
+/// `lessnat apply --abort` end the hold early. Established connections never
+/// move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Canary {
+    /// The share of new connections the new version gets, `1%` to `99%`.
+    pub weight: Located<Percent>,
+    /// How long the split holds before the upgrade goes on, e.g. `5m`.
+    pub hold: Located<HumanDuration>,
+    /// Failed health checks in a row of the new version that abort the
+    /// canary (the upgrade is rolled back). Default `3`.
+    #[serde(default = "default_unhealthy_after")]
+    #[schemars(range(min = 1))]
+    pub unhealthy_after: Located<u32>,
+}
+
+fn default_unhealthy_after() -> Located<u32> {
+    3.into()
 }
 
 impl Default for Upgrade {
@@ -334,6 +365,7 @@ impl Default for Upgrade {
             on_failure: OnFailure::default(),
             stop_timeout: default_stop_timeout(),
             switch_wait: default_switch_wait(),
+            canary: None,
         }
     }
 }

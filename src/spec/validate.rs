@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::{
-    Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy, SPEC_VERSION,
-    Service, Spec, Strategy, render_placeholders,
+    Canary, Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy,
+    SPEC_VERSION, Service, Spec, Strategy, render_placeholders,
 };
 use crate::diagnostic::{Diagnostic, Span, closest, one_of};
 use crate::error::chain;
@@ -245,7 +245,45 @@ impl Checker {
         if let Some(health) = &service.health {
             self.health(service, health);
         }
+        if let Some(canary) = &service.upgrade.canary {
+            self.canary(service, canary);
+        }
         self.placeholders(service);
+    }
+
+    /// A canary splits a host-mode redirect-drain upgrade's redirect.
+    fn canary(&mut self, service: &Service, canary: &Located<Canary>) {
+        if service.network == NetworkMode::Routed {
+            self.push(
+                error(canary.span, "`canary` is for host-mode services")
+                    .with_help("routed upgrades have no canary yet; remove `canary`"),
+            );
+        } else if service.upgrade.strategy == Strategy::StopStart {
+            self.push(
+                error(canary.span, "a canary needs the redirect-drain strategy")
+                    .with_help("remove `canary`, or `strategy: stop-start`"),
+            );
+        }
+        if canary.hold.get().is_zero() {
+            self.push(
+                error(
+                    canary.hold.span,
+                    "a canary hold of 0s sends nothing to the canary",
+                )
+                .with_help("hold it for a while, e.g. `hold: 5m`"),
+            );
+        }
+        if canary.unhealthy_after.value == 0 {
+            self.push(
+                error(
+                    canary.unhealthy_after.span,
+                    "`unhealthyAfter` must be at least 1",
+                )
+                .with_help(
+                    "the number of failed health checks in a row that abort the canary, e.g. `3`",
+                ),
+            );
+        }
     }
 
     /// Reports a reference to a node that does not exist; returns whether it was missing.

@@ -3,6 +3,7 @@
 //! applies the plan, and checks the host left behind and the order of the
 //! changes made. No root, no Docker, no real drain waits.
 
+mod canary;
 mod routed;
 mod upgrade;
 

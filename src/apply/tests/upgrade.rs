@@ -8,47 +8,47 @@ use crate::model::{ConntrackState, FlowCount};
 use crate::plan::operation::Operation;
 use crate::plan::{Decision, Plan, StageName};
 
-const NODE: &str = "a";
-const PRIMARY: &str = "lessnat-web.a";
-const NEXT: &str = "lessnat-web.a.next";
-const PREV: &str = "lessnat-web.a.prev";
+pub(super) const NODE: &str = "a";
+pub(super) const PRIMARY: &str = "lessnat-web.a";
+pub(super) const NEXT: &str = "lessnat-web.a.next";
+pub(super) const PREV: &str = "lessnat-web.a.prev";
 
 // The calls of each stage, as the fake host logs them.
-const START_NEXT: [&str; 2] = ["create lessnat-web.a.next", "start lessnat-web.a.next"];
-const REDIRECT: &str = "add redirect 8000/tcp -> 18000";
-const UNREDIRECT: &str = "remove redirect 8000/tcp -> 18000";
-const POLL: &str = "read conntrack";
+pub(super) const START_NEXT: [&str; 2] = ["create lessnat-web.a.next", "start lessnat-web.a.next"];
+pub(super) const REDIRECT: &str = "add redirect 8000/tcp -> 18000";
+pub(super) const UNREDIRECT: &str = "remove redirect 8000/tcp -> 18000";
+pub(super) const POLL: &str = "read conntrack";
 /// Stop the old primary and keep it as prev.
-const SET_ASIDE: [&str; 2] = [
+pub(super) const SET_ASIDE: [&str; 2] = [
     "stop lessnat-web.a",
     "rename lessnat-web.a lessnat-web.a.prev",
 ];
 /// Create and start the new primary.
-const START_PRIMARY: [&str; 2] = ["create lessnat-web.a", "start lessnat-web.a"];
-const KEEP: &str = "keep_running lessnat-web.a";
+pub(super) const START_PRIMARY: [&str; 2] = ["create lessnat-web.a", "start lessnat-web.a"];
+pub(super) const KEEP: &str = "keep_running lessnat-web.a";
 /// Rollback: the new primary goes, prev comes back and is kept running.
-const RESTORE: [&str; 5] = [
+pub(super) const RESTORE: [&str; 5] = [
     "stop lessnat-web.a",
     "remove lessnat-web.a",
     "rename lessnat-web.a.prev lessnat-web.a",
     "start lessnat-web.a",
     "keep_running lessnat-web.a",
 ];
-const REMOVE_NEXT: [&str; 2] = ["stop lessnat-web.a.next", "remove lessnat-web.a.next"];
-const REMOVE_PREV: [&str; 2] = ["stop lessnat-web.a.prev", "remove lessnat-web.a.prev"];
+pub(super) const REMOVE_NEXT: [&str; 2] = ["stop lessnat-web.a.next", "remove lessnat-web.a.next"];
+pub(super) const REMOVE_PREV: [&str; 2] = ["stop lessnat-web.a.prev", "remove lessnat-web.a.prev"];
 /// Someone else deletes lessnat's table; apply writes it again.
-const DELETED: &str = "foreign: delete table";
-const RESTORED: &str = "restore table";
+pub(super) const DELETED: &str = "foreign: delete table";
+pub(super) const RESTORED: &str = "restore table";
 
 /// The calls of `runs`, one after the other.
-fn calls(runs: &[&[&str]]) -> Vec<String> {
+pub(super) fn calls(runs: &[&[&str]]) -> Vec<String> {
     runs.concat().into_iter().map(str::to_string).collect()
 }
 
 /// The service `web` on node `a` at `image`, with `upgrade` settings (the
 /// inside of a YAML flow mapping). Health checks every millisecond and gives
 /// up after 50 ms; drains run on the fake host's virtual clock.
-fn web(image: &str, upgrade: &str) -> String {
+pub(super) fn web(image: &str, upgrade: &str) -> String {
     format!(
         r#"version: 1
 nodes: [{{name: a, address: 192.0.2.1}}]
@@ -66,7 +66,7 @@ services:
 
 /// Conntrack with `old` open connections answered by the old version (from
 /// port 8000) and `next` by the next one (from its temporary port 18000).
-fn connections(old: u64, next: u64) -> ConntrackState {
+pub(super) fn connections(old: u64, next: u64) -> ConntrackState {
     let flow = |reply_sport, count| FlowCount {
         protocol: "tcp".into(),
         orig_dport: 8000,
@@ -85,29 +85,30 @@ fn connections(old: u64, next: u64) -> ConntrackState {
 }
 
 /// Web 1 installed and serving.
-fn installed() -> Harness {
+pub(super) fn installed() -> Harness {
     Harness::installed(NODE, &web("web:1", ""))
 }
 
 /// Asserts that the old version serves alone again, as a rollback leaves it.
-fn assert_old_version_serves(h: &Harness) {
+pub(super) fn assert_old_version_serves(h: &Harness) {
     h.assert_only(PRIMARY, "web:1");
     assert!(h.fake.redirects().is_empty());
     assert!(h.journal().upgrades.is_empty(), "{:?}", h.journal());
 }
 
 /// Asserts that the new version serves alone, as a finished upgrade leaves it.
-fn assert_new_version_serves(h: &Harness, spec: &str) {
+pub(super) fn assert_new_version_serves(h: &Harness, spec: &str) {
     let primary = h.assert_only(PRIMARY, "web:2");
     assert_eq!(primary.spec.command, ["-listen=:8000"]);
     assert!(h.fake.redirects().is_empty());
     assert!(h.journal().upgrades.is_empty(), "{:?}", h.journal());
-    assert!(h.plan(spec).changes.is_empty(), "nothing left to do");
+    let left = h.plan(spec);
+    assert!(left.changes.is_empty(), "nothing left to do: {left:#?}");
 }
 
 /// Asserts that `plan` finishes (`Resume`) or rolls back the upgrade found
 /// after stage `reached`.
-fn assert_in_flight(plan: &Plan, reached: StageName, decision: Decision) {
+pub(super) fn assert_in_flight(plan: &Plan, reached: StageName, decision: Decision) {
     let found = match only_operation(plan) {
         Operation::Upgrade { in_flight, .. } => in_flight.as_ref(),
         other => panic!("expected an upgrade, got {other:#?}"),
@@ -119,7 +120,7 @@ fn assert_in_flight(plan: &Plan, reached: StageName, decision: Decision) {
 }
 
 /// The cause of a rolled-back upgrade.
-fn rolled_back(result: Result<(), ApplyError>) -> String {
+pub(super) fn rolled_back(result: Result<(), ApplyError>) -> String {
     match result {
         Err(ApplyError::RolledBack { cause, .. }) => crate::error::chain(cause.as_ref()),
         other => panic!("expected a rollback, got {other:?}"),

@@ -50,6 +50,25 @@ struct ListedRule {
     expr: Vec<Value>,
 }
 
+/// A rule's handle, as `nft -j list table` reports every rule.
+#[derive(Deserialize)]
+struct HandledRule {
+    chain: String,
+    handle: u32,
+    comment: Option<String>,
+}
+
+/// The chain and handle of each rule whose comment is one of `comments`, from
+/// `nft -j list table` output.
+pub(super) fn rule_handles(json: &str, comments: &[String]) -> Result<Vec<(String, u32)>, String> {
+    let listing = parse(json)?;
+    Ok(objects::<HandledRule>(&listing, &["rule"])?
+        .into_iter()
+        .filter(|r| r.comment.as_ref().is_some_and(|c| comments.contains(c)))
+        .map(|r| (r.chain, r.handle))
+        .collect())
+}
+
 /// A set or map as `nft -j list table` reports it.
 #[derive(Deserialize)]
 struct ListedSet {

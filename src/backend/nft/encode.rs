@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::NftError;
-use crate::model::{NftChain, NftMap, NftTable};
+use crate::model::{NftChain, NftMap, NftRule, NftTable};
 use crate::model::{Redirect, redirect_map_name};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 
@@ -54,26 +54,56 @@ pub(super) fn replace_table(desired: &NftTable) -> Result<Batch<'static>, NftErr
     }
     for chain in &desired.chains {
         for (index, rule) in chain.rules.iter().enumerate() {
-            let expr = rule
-                .expr
-                .iter()
-                .map(|statement| {
-                    convert::<Statement>(statement, || {
-                        format!("statement of rule {index} in chain {}", chain.name)
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            batch.add(NfListObject::Rule(Rule {
-                family: NfFamily::INet,
-                table: NFT_TABLE.into(),
-                chain: chain.name.clone().into(),
-                expr: expr.into(),
-                comment: rule.comment.clone().map(Cow::Owned),
-                ..Rule::default()
-            }));
+            batch.add(encode_rule(&chain.name, index, rule)?);
         }
     }
     Ok(batch)
+}
+
+/// Commands that delete the rules at `handles` (each with its chain) and
+/// append `add` (each to its chain), in lessnat's table.
+pub(super) fn replace_rules(
+    handles: &[(String, u32)],
+    add: &[(String, NftRule)],
+) -> Result<Batch<'static>, NftError> {
+    let mut batch = Batch::new();
+    for (chain, handle) in handles {
+        batch.delete(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: NFT_TABLE.into(),
+            chain: chain.clone().into(),
+            handle: Some(*handle),
+            ..Rule::default()
+        }));
+    }
+    for (index, (chain, rule)) in add.iter().enumerate() {
+        batch.add(encode_rule(chain, index, rule)?);
+    }
+    Ok(batch)
+}
+
+fn encode_rule(
+    chain: &str,
+    index: usize,
+    rule: &NftRule,
+) -> Result<NfListObject<'static>, NftError> {
+    let expr = rule
+        .expr
+        .iter()
+        .map(|statement| {
+            convert::<Statement>(statement, || {
+                format!("statement of rule {index} in chain {chain}")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: NFT_TABLE.into(),
+        chain: chain.to_string().into(),
+        expr: expr.into(),
+        comment: rule.comment.clone().map(Cow::Owned),
+        ..Rule::default()
+    }))
 }
 
 /// Commands that add (`present`) or remove one redirect element, leaving the

@@ -28,7 +28,7 @@ use nftables::helper::{self, NftablesError};
 
 use crate::error::chain;
 use crate::model::Redirect;
-use crate::model::{NftState, NftTable};
+use crate::model::{NftRule, NftState, NftTable};
 use crate::netns::{Netns, NetnsError};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 pub use guard::GuardTable;
@@ -184,6 +184,32 @@ pub fn set_redirect(netns: &Netns, redirect: &Redirect, present: bool) -> Result
         Err(error) if !present && is_absent(&error) => Ok(()),
         result => result,
     }
+}
+
+/// Replaces the rules of lessnat's table commented with one of `remove` by
+/// `add` (each appended to its chain), in one transaction; nothing else in
+/// the table changes. Removing rules that are gone (or whose table is)
+/// succeeds.
+pub fn replace_rules(
+    netns: &Netns,
+    remove: &[String],
+    add: &[(String, NftRule)],
+) -> Result<(), NftError> {
+    let command = describe(
+        &format!("nft -j list table {NFT_FAMILY} {NFT_TABLE}"),
+        netns,
+    );
+    let handles = match list(netns, &command, &["list", "table", NFT_FAMILY, NFT_TABLE]) {
+        Ok(json) => decode::rule_handles(&json, remove)
+            .map_err(|detail| NftError::Output { command, detail })?,
+        Err(error) if is_absent(&error) => Vec::new(),
+        Err(error) => return Err(error),
+    };
+    if handles.is_empty() && add.is_empty() {
+        return Ok(());
+    }
+    let doing = format!("replacing {} rules with {}", handles.len(), add.len());
+    transact(netns, &doing, encode::replace_rules(&handles, add)?)
 }
 
 /// Deletes lessnat's table in `netns`; succeeds when it is already absent.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use super::{load_spec, print, session};
+use crate::apply::canary::{self, Verdict};
 use crate::cli::args::GlobalArgs;
 use crate::report::Report;
 use crate::session::{Planned, Session};
@@ -30,6 +31,20 @@ pub fn apply(
         }
     };
     carry_out(&mut session, planned, auto_approve, "perform these actions")
+}
+
+/// `lessnat apply --promote` / `--abort`: asks the apply holding a canary
+/// on this node to end it; that apply carries on (or rolls back) and says so.
+pub fn end_canary(global: &GlobalArgs, verdict: Verdict) -> anyhow::Result<ExitCode> {
+    let service = canary::request(&global.state_dir, verdict)?;
+    let what = match verdict {
+        Verdict::Promote => "promote it: all new connections go to the new version",
+        Verdict::Abort => "abort it: the upgrade rolls back",
+    };
+    print(format!(
+        "Asked the apply holding the canary of {service} to {what}. That apply says when it has.\n"
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `lessnat destroy [-f SPEC]`.

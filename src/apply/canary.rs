@@ -1,0 +1,304 @@
+//! A canary's hold: a share of new connections goes to the next version (the
+//! split is in lessnat's table, set by the upgrade), while apply waits for
+//! `hold`, checking the next version's health at the service's interval. It
+//! ends by itself when `hold` passes, early when someone runs `lessnat apply
+//! --promote` or `--abort`, and with an error when the next version fails
+//! `unhealthyAfter` checks in a row or exits.
+//!
+//! The request to end a hold early is a file, `<state-dir>/canary`, holding
+//! `promote` or `abort`: the holding apply has the apply lock, so the command
+//! that asks cannot take it; it checks that an apply holds a canary (the
+//! journal says one holds, and the lock is taken), writes the file, and the
+//! holding apply reads and removes it at its next check. A file left over
+//! from a hold that ended is removed when the next hold starts.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::progress::{Progress, short};
+use super::ready::{ProbeAt, check_interval, probe};
+use super::{ApplyError, Context};
+use crate::journal::{JournalError, JournalFile};
+use crate::lock::{ApplyLock, LockError};
+use crate::plan::operation::CanarySplit;
+use crate::spec::Service;
+
+/// The request file's name inside the state directory.
+pub const CANARY_FILE: &str = "canary";
+
+/// How someone asks a holding canary to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on with the upgrade now: all new connections to the next version.
+    Promote,
+    /// Roll the upgrade back now.
+    Abort,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Promote => "promote",
+            Verdict::Abort => "abort",
+        }
+    }
+}
+
+/// Asking a canary to end failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CanaryError {
+    /// The journal records no canary holding.
+    #[error(
+        "no canary is holding on this node, so there is nothing to {verb}; `lessnat status` shows the upgrades in flight"
+    )]
+    NoHold {
+        /// `promote` or `abort`.
+        verb: &'static str,
+    },
+    /// The journal records a hold, but no apply runs.
+    #[error(
+        "the canary of {service} is not holding: the apply that held it has stopped; `lessnat apply` starts its hold again (or rolls it back when the spec changed)"
+    )]
+    NotRunning {
+        /// The service.
+        service: String,
+    },
+    /// The journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The apply lock could not be checked.
+    #[error(transparent)]
+    Lock(LockError),
+    /// The request file could not be written, read or removed.
+    #[error("canary request {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The request file of a state directory.
+#[derive(Debug, Clone)]
+struct RequestFile {
+    path: PathBuf,
+}
+
+impl RequestFile {
+    fn in_dir(state_dir: &Path) -> Self {
+        RequestFile {
+            path: state_dir.join(CANARY_FILE),
+        }
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> CanaryError + '_ {
+        |source| CanaryError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn write(&self, verdict: Verdict) -> Result<(), CanaryError> {
+        let text = format!("{}\n", verdict.as_str());
+        crate::atomic_file::write(&self.path, text.as_bytes(), crate::atomic_file::READABLE)
+            .map_err(self.io())
+    }
+
+    /// The request, if there is one; it is removed once read. Anything but
+    /// `promote` (an empty file made with `touch`, say) aborts: when unsure,
+    /// the old version keeps serving.
+    fn take(&self) -> Result<Option<Verdict>, CanaryError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io()(e)),
+        };
+        self.clear()?;
+        Ok(Some(if text.trim() == Verdict::Promote.as_str() {
+            Verdict::Promote
+        } else {
+            Verdict::Abort
+        }))
+    }
+
+    fn clear(&self) -> Result<(), CanaryError> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(self.io()(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `lessnat apply --promote` / `--abort`: asks the apply holding a canary in
+/// `state_dir` to end it. Returns the service whose canary was asked.
+pub fn request(state_dir: &Path, verdict: Verdict) -> Result<String, CanaryError> {
+    let journal = JournalFile::in_dir(state_dir).read()?;
+    let service = journal
+        .upgrades
+        .iter()
+        .find(|(_, record)| record.canary.is_some())
+        .map(|(service, _)| service.clone())
+        .ok_or(CanaryError::NoHold {
+            verb: verdict.as_str(),
+        })?;
+    match ApplyLock::acquire(state_dir, &format!("lessnat apply --{}", verdict.as_str())) {
+        Ok(_free) => Err(CanaryError::NotRunning { service }),
+        Err(LockError::Held { .. }) => {
+            RequestFile::in_dir(state_dir).write(verdict)?;
+            Ok(service)
+        }
+        Err(error) => Err(CanaryError::Lock(error)),
+    }
+}
+
+/// How a hold ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// `hold` passed with the next version healthy.
+    Out,
+    /// `lessnat apply --promote` ended it early.
+    Promoted,
+}
+
+/// Holds `split` for `service`: waits its `hold`, checking `next`'s health
+/// each interval and `tick` (the table's hold) before each check.
+pub(super) fn hold(
+    ctx: &Context,
+    progress: &mut Progress,
+    service: &Service,
+    next: &str,
+    split: &CanarySplit,
+    mut tick: impl FnMut(&mut Progress) -> Result<(), ApplyError>,
+) -> Result<Held, ApplyError> {
+    let requests = RequestFile::in_dir(ctx.journal.dir());
+    requests.clear()?;
+    let name = &service.name.value;
+    let hold = split.hold.get();
+    let interval = check_interval(service).max(Duration::from_millis(100));
+    let started = ctx.host.now();
+    let mut failures = 0;
+    let result = loop {
+        if ctx.interrupted() {
+            break Err(ApplyError::Interrupted);
+        }
+        if let Err(error) = tick(progress) {
+            break Err(error);
+        }
+        match requests.take()? {
+            Some(Verdict::Promote) => break Ok(Held::Promoted),
+            Some(Verdict::Abort) => {
+                break Err(ApplyError::CanaryAborted {
+                    service: name.clone(),
+                });
+            }
+            None => {}
+        }
+        if !ctx.host.state(next)?.is_some_and(|s| s.running) {
+            break Err(ApplyError::CanaryUnhealthy {
+                container: next.to_string(),
+                failures,
+                last: "it is not running".into(),
+            });
+        }
+        match probe(ctx, service, next, ProbeAt::loopback(true)) {
+            Ok(()) => failures = 0,
+            Err(last) => {
+                failures += 1;
+                if failures >= split.unhealthy_after {
+                    break Err(ApplyError::CanaryUnhealthy {
+                        container: next.to_string(),
+                        failures,
+                        last,
+                    });
+                }
+            }
+        }
+        let elapsed = ctx.host.now().saturating_duration_since(started);
+        if elapsed >= hold {
+            break Ok(Held::Out);
+        }
+        progress.waiting(&format!(
+            "{name}: canary: {} of new connections to {next}, {} of {} held{}; `lessnat apply --promote` or `--abort` ends it",
+            split.weight,
+            short(elapsed),
+            short(hold),
+            if failures > 0 {
+                format!(", {failures} failed check(s) in a row")
+            } else {
+                String::new()
+            }
+        ));
+        ctx.host.sleep(interval.min(hold - elapsed));
+    };
+    progress.end_wait();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_read_once_and_anything_but_promote_aborts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = RequestFile::in_dir(dir.path());
+        assert_eq!(file.take().expect("none"), None);
+        file.write(Verdict::Promote).expect("write");
+        assert_eq!(file.take().expect("read"), Some(Verdict::Promote));
+        assert_eq!(file.take().expect("gone"), None);
+        std::fs::write(dir.path().join(CANARY_FILE), b"").expect("touch");
+        assert_eq!(file.take().expect("read"), Some(Verdict::Abort));
+    }
+
+    #[test]
+    fn asking_without_a_hold_says_so() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let error = request(dir.path(), Verdict::Promote).expect_err("no hold");
+        assert!(
+            error.to_string().contains("no canary is holding"),
+            "{error}"
+        );
+        assert!(!dir.path().join(CANARY_FILE).exists());
+    }
+
+    #[test]
+    fn asking_when_the_holding_apply_is_gone_says_so() {
+        use crate::journal::{CanaryRecord, Journal, UpgradeRecord, now};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut journal = Journal::default();
+        journal.upgrades.insert(
+            "web".into(),
+            UpgradeRecord {
+                strategy: crate::spec::Strategy::RedirectDrain,
+                from_spec: "a".into(),
+                from_image: "web:1".into(),
+                to_spec: "b".into(),
+                reached: Some(crate::plan::StageName::StartNext),
+                rolling_back: false,
+                started_at: now(),
+                updated_at: now(),
+                canary: Some(CanaryRecord {
+                    weight: "5%".into(),
+                    until: now(),
+                }),
+            },
+        );
+        JournalFile::in_dir(dir.path())
+            .write(&journal)
+            .expect("journal");
+        let error = request(dir.path(), Verdict::Abort).expect_err("no apply");
+        assert!(error.to_string().contains("has stopped"), "{error}");
+        assert!(!dir.path().join(CANARY_FILE).exists());
+        let _held = ApplyLock::acquire(dir.path(), "test").expect("lock");
+        assert_eq!(
+            request(dir.path(), Verdict::Abort).expect("asked"),
+            "web".to_string()
+        );
+        assert_eq!(
+            RequestFile::in_dir(dir.path()).take().expect("read"),
+            Some(Verdict::Abort)
+        );
+    }
+}
