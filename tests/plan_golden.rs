@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use lessnat::desired::desired_node;
-use lessnat::desired::host_table::host_table;
+use lessnat::desired::host_table::{add_canary, canary_rules, host_table};
 use lessnat::desired::routed::{desired_addresses, desired_routing, desired_sysctls};
 use lessnat::model::Redirect;
 use lessnat::model::{
@@ -294,6 +294,26 @@ fn write_observed_fixtures() {
         .container(&older, "web", Slot::Primary, "running")
         .flows("tcp", 8000, 8000, "ESTABLISHED", 4)
         .write("upgrade-image");
+    // A canary: the same upgrade with a split first; and one found holding
+    // (its rules in the table, no redirect), whose hold starts again.
+    let canary = spec_from(&spec_text("in-flight-canary"));
+    Fixture::new("web-1")
+        .table(&[])
+        .container(&older, "web", Slot::Primary, "running")
+        .flows("tcp", 8000, 8000, "ESTABLISHED", 4)
+        .write("canary-upgrade");
+    let mut split = host_table(&[]);
+    add_canary(
+        &mut split,
+        &canary_rules(&canary.services[0], "10%".parse().expect("a share")),
+    );
+    Fixture::new("web-1")
+        .raw_table(split)
+        .container(&older, "web", Slot::Primary, "running")
+        .container(&canary, "web", Slot::Next, "running")
+        .flows("tcp", 8000, 8000, "ESTABLISHED", 9)
+        .flows("tcp", 8000, 18000, "ESTABLISHED", 1)
+        .write("in-flight-canary");
     Fixture::new("web-1")
         .table(&[])
         .container(&older, "web", Slot::Primary, "running")

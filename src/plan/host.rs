@@ -557,7 +557,7 @@ fn upgrade_stages(
             StageName::Canary,
             done(StageName::Canary),
             format!(
-                "canary: send {} of new connections {} to \"{next}\", the rest to \"{}\" (one nft transaction)",
+                "send {} of new connections {} to \"{next}\", the rest to \"{}\" (one nft transaction)",
                 canary.weight.value,
                 redirect_list(service),
                 container_name(name, node, Slot::Primary),
