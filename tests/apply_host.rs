@@ -126,6 +126,8 @@ struct Svc {
     image: Option<String>,
     /// `missing` or `always`.
     pull: &'static str,
+    /// The upgrade's canary (a flow mapping), if it has one.
+    canary: Option<&'static str>,
 }
 
 impl Svc {
@@ -145,6 +147,7 @@ impl Svc {
             stop_timeout: "5s",
             image: None,
             pull: "missing",
+            canary: None,
         }
     }
 
@@ -186,7 +189,7 @@ impl Svc {
              services:\n  - name: {name}\n    node: {node}\n    image: {image}\n    pull: {pull}\n    network: host\n    \
              command: {command}\n    ports:\n{ports}    health:\n      http: {{ path: /healthz, port: http }}\n      \
              interval: 200ms\n      timeout: 1s\n      healthyAfter: {healthy_after}\n      startTimeout: {start}\n    \
-             upgrade:\n      strategy: {strategy}\n      drainTimeout: {drain}\n      onDrainTimeout: {on_drain_timeout}\n      stopTimeout: {stop_timeout}\n",
+             upgrade:\n      strategy: {strategy}\n      drainTimeout: {drain}\n      onDrainTimeout: {on_drain_timeout}\n      stopTimeout: {stop_timeout}\n{canary}",
             name = self.name,
             image = self
                 .image
@@ -199,6 +202,10 @@ impl Svc {
             strategy = self.strategy,
             on_drain_timeout = self.on_drain_timeout,
             stop_timeout = self.stop_timeout,
+            canary = self
+                .canary
+                .map(|c| format!("      canary: {c}\n"))
+                .unwrap_or_default(),
         )
     }
 }
@@ -2499,4 +2506,215 @@ fn registry_gone_fails_at_the_pull_and_v1_keeps_serving() {
         "only the primary"
     );
     assert_eq!(host.journal_upgrades(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------
+// Canaries
+
+/// The canary rules in lessnat's table (their comments).
+fn canary_rules() -> Vec<String> {
+    let output = Command::new("nft")
+        .args(["-j", "list", "table", "inet", "lessnat"])
+        .output()
+        .expect("nft");
+    if !output.status.success() {
+        return Vec::new();
+    }
+    let json: Value = serde_json::from_slice(&output.stdout).expect("nft JSON");
+    json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["rule"]["comment"].as_str())
+        .filter(|comment| comment.starts_with("lessnat canary "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until the canary's split is in lessnat's table (an apply holds it).
+fn wait_for_split(apply: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while canary_rules().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no canary split after 30s:\n{}",
+            apply.output_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills a holding apply this test started when the test fails before the
+/// apply ends (it would hold its canary, and the apply lock, for minutes);
+/// disarmed once the apply has ended.
+struct StopApply(Option<u32>);
+
+impl Drop for StopApply {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // Gone already is fine: this runs while a failed test unwinds.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// `lessnat apply --promote` or `--abort` for `host`'s node.
+fn end_canary(host: &Host, flag: &str) -> Finished {
+    host.run(host.command(&["apply", flag]))
+}
+
+/// The web service at v2 with a 10% canary held for 10 minutes (the tests
+/// end it early).
+fn canary_v2(svc: &Svc) -> Svc {
+    Svc {
+        canary: Some("{ weight: 10%, hold: 10m }"),
+        ..svc.at("v2")
+    }
+}
+
+#[test]
+fn canary_sends_its_share_and_abort_drops_nothing() {
+    let Some(mut host) = Host::new("canary_sends_its_share_and_abort_drops_nothing") else {
+        return;
+    };
+    let svc = Svc::new("web", service_port(), service_port());
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let asked = end_canary(&host, "--abort");
+    assert!(
+        !asked.status.success() && asked.output().contains("no canary is holding"),
+        "--abort without a hold: {}",
+        asked.output()
+    );
+
+    let apply = host.spawn_apply(&canary_v2(&svc), &[]);
+    let mut stop = StopApply(Some(apply.pid()));
+    wait_for_split(&apply);
+    // Connections that stay open while the canary is aborted, on both versions.
+    let long = load::long_lived(svc.port, 100, 4000);
+    // 10,000 new connections, each one request.
+    let share = Load::start(LoadConfig {
+        clients: 16,
+        pause: Duration::ZERO,
+        max_requests_per_client: 625,
+        ..LoadConfig::new(svc.port)
+    });
+    share
+        .wait_requests(10_000 - share.done(), Duration::from_secs(120))
+        .expect("10,000 requests");
+    let share = share.stop();
+    let origin = Instant::now();
+    assert_no_failures(&share, origin, "during the hold");
+    let versions = share.versions(|_| true);
+    let total: usize = versions.values().sum();
+    let to_canary = versions.get("v2").copied().unwrap_or(0);
+    let percent = 100.0 * to_canary as f64 / total as f64;
+    eprintln!("canary share: {to_canary} of {total} new connections ({percent:.2}%): {versions:?}");
+    assert_eq!(total, 10_000);
+    assert!(
+        (percent - 10.0).abs() <= 2.0,
+        "the canary got {percent:.2}% of new connections, not 10% ± 2: {versions:?}"
+    );
+
+    let load = Load::start(LoadConfig::new(svc.port));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    end_canary(&host, "--abort").expect_success("apply --abort");
+    let aborted = apply.wait(APPLY_TIMEOUT);
+    stop.0 = None;
+    assert!(
+        !aborted.status.success()
+            && aborted
+                .output()
+                .contains("the canary was aborted by `lessnat apply --abort`"),
+        "the holding apply rolls back and says why:\n{}",
+        aborted.output()
+    );
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    let report = load.stop();
+    assert_no_failures(&report, origin, "abort under load");
+    assert_eq!(
+        report
+            .started_after(aborted.ended)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["v1"],
+        "after the abort only v1 answers"
+    );
+    let long = long.wait();
+    for sample in &long {
+        assert!(
+            sample.ok(),
+            "long-lived connection failed: {:?}",
+            sample.error
+        );
+    }
+    let on_canary = long
+        .iter()
+        .filter(|s| s.version.as_deref() == Some("v2"))
+        .count();
+    eprintln!(
+        "long-lived: {on_canary} of {} on the canary, all finished",
+        long.len()
+    );
+    assert!(on_canary > 0, "no long-lived connection reached the canary");
+    assert!(canary_rules().is_empty(), "the split is gone");
+    assert_eq!(version_at(svc.port), "v1");
+    host.assert_converged(&svc);
+}
+
+#[test]
+fn canary_promoted_finishes_as_an_upgrade_dropping_nothing() {
+    let Some(mut host) = Host::new("canary_promoted_finishes_as_an_upgrade_dropping_nothing")
+    else {
+        return;
+    };
+    let svc = Svc::new("web", service_port(), service_port());
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let origin = Instant::now();
+    let load = Load::start(LoadConfig::new(svc.port));
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    let canary = canary_v2(&svc);
+    let apply = host.spawn_apply(&canary, &[]);
+    let mut stop = StopApply(Some(apply.pid()));
+    wait_for_split(&apply);
+    let split_at = Instant::now();
+    load.wait_requests(32 * 20, Duration::from_secs(20))
+        .expect("the load runs");
+    end_canary(&host, "--promote").expect_success("apply --promote");
+    let promoted = apply.wait(APPLY_TIMEOUT);
+    stop.0 = None;
+    let promoted = promoted.expect_success("the promoted apply");
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    let report = load.stop();
+    eprintln!("load: {}", report.summary(origin));
+    assert_no_failures(&report, origin, "canary then promote under load");
+    assert!(
+        promoted
+            .stdout()
+            .contains("canary: promoted by `lessnat apply --promote`"),
+        "{}",
+        promoted.stdout()
+    );
+    let during =
+        report.versions(|s| s.start > split_at && s.end < promoted.line_at("stage 3/8 redirect"));
+    assert!(
+        during.len() == 2,
+        "both versions answer during the hold: {during:?}"
+    );
+    assert_eq!(
+        report
+            .started_after(promoted.ended)
+            .keys()
+            .collect::<Vec<_>>(),
+        ["v2"],
+        "after the apply only v2 answers"
+    );
+    assert!(canary_rules().is_empty(), "the split is gone");
+    host.assert_converged(&canary);
 }
