@@ -67,6 +67,8 @@ pub struct CanaryRecord {
     pub weight: String,
     /// When the hold ends by itself (RFC 3339).
     pub until: String,
+    /// The process id of the apply holding it: requests to end it name it.
+    pub pid: u32,
 }
 
 /// Reading or writing the journal failed.

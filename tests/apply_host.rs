@@ -2561,6 +2561,26 @@ impl Drop for StopApply {
     }
 }
 
+/// Waits until the journal records `apply` as holding the canary.
+fn wait_for_hold(host: &Host, apply: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let journal = std::fs::read_to_string(host.state_dir().join("journal.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+        let holder = journal.and_then(|j| j["upgrades"]["web"]["canary"]["pid"].as_u64());
+        if holder == Some(u64::from(apply.pid())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the apply did not hold the canary within 30s:\n{}",
+            apply.output_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `lessnat apply --promote` or `--abort` for `host`'s node.
 fn end_canary(host: &Host, flag: &str) -> Finished {
     host.run(host.command(&["apply", flag]))
@@ -2685,6 +2705,15 @@ fn canary_promoted_finishes_as_an_upgrade_dropping_nothing() {
     let split_at = Instant::now();
     load.wait_requests(32 * 20, Duration::from_secs(20))
         .expect("the load runs");
+    // Someone deletes lessnat's table in the hold: it comes back with the split.
+    let deleted = Command::new("nft")
+        .args(["delete", "table", "inet", "lessnat"])
+        .status()
+        .expect("nft");
+    assert!(deleted.success());
+    wait_for_split(&apply);
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
     end_canary(&host, "--promote").expect_success("apply --promote");
     let promoted = apply.wait(APPLY_TIMEOUT);
     stop.0 = None;
@@ -2694,13 +2723,12 @@ fn canary_promoted_finishes_as_an_upgrade_dropping_nothing() {
     let report = load.stop();
     eprintln!("load: {}", report.summary(origin));
     assert_no_failures(&report, origin, "canary then promote under load");
-    assert!(
-        promoted
-            .stdout()
-            .contains("canary: promoted by `lessnat apply --promote`"),
-        "{}",
-        promoted.stdout()
-    );
+    for line in [
+        "restored it with the canary split",
+        "canary: promoted by `lessnat apply --promote`",
+    ] {
+        assert!(promoted.stdout().contains(line), "{}", promoted.stdout());
+    }
     let during =
         report.versions(|s| s.start > split_at && s.end < promoted.line_at("stage 3/8 redirect"));
     assert!(
@@ -2716,5 +2744,59 @@ fn canary_promoted_finishes_as_an_upgrade_dropping_nothing() {
         "after the apply only v2 answers"
     );
     assert!(canary_rules().is_empty(), "the split is gone");
+    host.assert_converged(&canary);
+}
+
+#[test]
+fn canary_killed_in_its_hold_holds_again_when_applied_again() {
+    let Some(mut host) = Host::new("canary_killed_in_its_hold_holds_again_when_applied_again")
+    else {
+        return;
+    };
+    let svc = Svc::new("web", service_port(), service_port());
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let origin = Instant::now();
+    let load = Load::start(LoadConfig::new(svc.port));
+    let canary = canary_v2(&svc);
+    let apply = host.spawn_apply(&canary, &[]);
+    let mut stop = StopApply(Some(apply.pid()));
+    wait_for_split(&apply);
+    signal(apply.pid(), nix::sys::signal::Signal::SIGKILL);
+    let killed = apply.wait(APPLY_TIMEOUT);
+    stop.0 = None;
+    assert_eq!(killed.status.signal(), Some(9));
+    // Nobody holds the canary now: its split stays, and asking says so.
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    assert!(!canary_rules().is_empty(), "the split stays");
+    let asked = end_canary(&host, "--promote");
+    assert!(
+        !asked.status.success() && asked.output().contains("has stopped"),
+        "--promote with nobody holding: {}",
+        asked.output()
+    );
+    let mut again = host.spawn_apply(&canary, &[]);
+    stop.0 = Some(again.pid());
+    again.wait_line("stage 2/8 canary", Duration::from_secs(30));
+    wait_for_hold(&host, &again);
+    end_canary(&host, "--promote").expect_success("apply --promote");
+    let done = again.wait(APPLY_TIMEOUT);
+    stop.0 = None;
+    let done = done.expect_success("the apply that held again");
+    load.wait_requests(32 * 10, Duration::from_secs(20))
+        .expect("the load runs");
+    let report = load.stop();
+    eprintln!("load: {}", report.summary(origin));
+    assert_no_failures(
+        &report,
+        origin,
+        "a canary killed and held again, under load",
+    );
+    assert!(
+        done.stdout()
+            .contains("resuming the upgrade after stage start-next"),
+        "{}",
+        done.stdout()
+    );
     host.assert_converged(&canary);
 }

@@ -6,11 +6,12 @@
 //! `unhealthyAfter` checks in a row or exits.
 //!
 //! The request to end a hold early is a file, `<state-dir>/canary`, holding
-//! `promote` or `abort`: the holding apply has the apply lock, so the command
-//! that asks cannot take it; it checks that an apply holds a canary (the
-//! journal says one holds, and the lock is taken), writes the file, and the
-//! holding apply reads and removes it at its next check. A file left over
-//! from a hold that ended is removed when the next hold starts.
+//! `promote PID` or `abort PID`: the holding apply has the apply lock, so the
+//! command that asks cannot take it. It checks that the apply recorded in the
+//! journal as holding (by its process id) is the one holding the lock now,
+//! writes the file for that process, and the holding apply reads and removes
+//! it at its next check. A request for another process (one whose hold
+//! ended, or that was killed in it) is removed unread.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,16 @@ pub enum CanaryError {
         /// The service.
         service: String,
     },
+    /// The journal records a hold by a process that no longer holds the lock.
+    #[error(
+        "the canary of {service} is not holding now: the apply that held it has stopped, and the one running now ({holder}) has not reached its hold; ask again once it holds"
+    )]
+    NotYet {
+        /// The service.
+        service: String,
+        /// Who holds the lock, as recorded in it.
+        holder: String,
+    },
     /// The journal could not be read.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -100,27 +111,29 @@ impl RequestFile {
         }
     }
 
-    fn write(&self, verdict: Verdict) -> Result<(), CanaryError> {
-        let text = format!("{}\n", verdict.as_str());
+    fn write(&self, verdict: Verdict, pid: u32) -> Result<(), CanaryError> {
+        let text = format!("{} {pid}\n", verdict.as_str());
         crate::atomic_file::write(&self.path, text.as_bytes(), crate::atomic_file::READABLE)
             .map_err(self.io())
     }
 
-    /// The request, if there is one; it is removed once read. Anything but
-    /// `promote` (an empty file made with `touch`, say) aborts: when unsure,
-    /// the old version keeps serving.
-    fn take(&self) -> Result<Option<Verdict>, CanaryError> {
+    /// The request to process `pid`, if there is one; a request is removed
+    /// once read, also one for another process (or one that does not parse).
+    fn take(&self, pid: u32) -> Result<Option<Verdict>, CanaryError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io()(e)),
         };
         self.clear()?;
-        Ok(Some(if text.trim() == Verdict::Promote.as_str() {
-            Verdict::Promote
-        } else {
-            Verdict::Abort
-        }))
+        let mut words = text.split_whitespace();
+        let verdict = match words.next() {
+            Some("promote") => Verdict::Promote,
+            Some("abort") => Verdict::Abort,
+            _ => return Ok(None),
+        };
+        let to = words.next().and_then(|w| w.parse::<u32>().ok());
+        Ok((to == Some(pid)).then_some(verdict))
     }
 
     fn clear(&self) -> Result<(), CanaryError> {
@@ -135,22 +148,32 @@ impl RequestFile {
 /// `state_dir` to end it. Returns the service whose canary was asked.
 pub fn request(state_dir: &Path, verdict: Verdict) -> Result<String, CanaryError> {
     let journal = JournalFile::in_dir(state_dir).read()?;
-    let service = journal
+    let (service, pid) = journal
         .upgrades
         .iter()
-        .find(|(_, record)| record.canary.is_some())
-        .map(|(service, _)| service.clone())
+        .find_map(|(service, record)| Some((service.clone(), record.canary.as_ref()?.pid)))
         .ok_or(CanaryError::NoHold {
             verb: verdict.as_str(),
         })?;
     match ApplyLock::acquire(state_dir, &format!("lessnat apply --{}", verdict.as_str())) {
         Ok(_free) => Err(CanaryError::NotRunning { service }),
-        Err(LockError::Held { .. }) => {
-            RequestFile::in_dir(state_dir).write(verdict)?;
+        Err(LockError::Held { holder, .. }) if holder_pid(&holder) == Some(pid) => {
+            RequestFile::in_dir(state_dir).write(verdict, pid)?;
             Ok(service)
         }
+        Err(LockError::Held { holder, .. }) => Err(CanaryError::NotYet { service, holder }),
         Err(error) => Err(CanaryError::Lock(error)),
     }
+}
+
+/// The process id in the lock's record of its holder, `pid N (...) since ...`.
+fn holder_pid(holder: &str) -> Option<u32> {
+    holder
+        .strip_prefix("pid ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// How a hold ended without error.
@@ -173,7 +196,7 @@ pub(super) fn hold(
     mut tick: impl FnMut(&mut Progress) -> Result<(), ApplyError>,
 ) -> Result<Held, ApplyError> {
     let requests = RequestFile::in_dir(ctx.journal.dir());
-    requests.clear()?;
+    let pid = std::process::id();
     let name = &service.name.value;
     let hold = split.hold.get();
     let interval = check_interval(service).max(Duration::from_millis(100));
@@ -186,7 +209,7 @@ pub(super) fn hold(
         if let Err(error) = tick(progress) {
             break Err(error);
         }
-        match requests.take()? {
+        match requests.take(pid)? {
             Some(Verdict::Promote) => break Ok(Held::Promoted),
             Some(Verdict::Abort) => {
                 break Err(ApplyError::CanaryAborted {
@@ -241,15 +264,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_request_is_read_once_and_anything_but_promote_aborts() {
+    fn a_request_is_read_once_and_only_by_the_process_it_names() {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = RequestFile::in_dir(dir.path());
-        assert_eq!(file.take().expect("none"), None);
-        file.write(Verdict::Promote).expect("write");
-        assert_eq!(file.take().expect("read"), Some(Verdict::Promote));
-        assert_eq!(file.take().expect("gone"), None);
+        assert_eq!(file.take(7).expect("none"), None);
+        file.write(Verdict::Promote, 7).expect("write");
+        assert_eq!(file.take(7).expect("read"), Some(Verdict::Promote));
+        assert_eq!(file.take(7).expect("gone"), None);
+        file.write(Verdict::Abort, 8).expect("write");
+        assert_eq!(file.take(7).expect("another's"), None);
+        assert!(!dir.path().join(CANARY_FILE).exists(), "removed unread");
         std::fs::write(dir.path().join(CANARY_FILE), b"").expect("touch");
-        assert_eq!(file.take().expect("read"), Some(Verdict::Abort));
+        assert_eq!(file.take(7).expect("empty"), None);
+        assert_eq!(holder_pid("pid 42 (lessnat apply) since x"), Some(42));
     }
 
     #[test]
@@ -282,6 +309,7 @@ mod tests {
                 canary: Some(CanaryRecord {
                     weight: "5%".into(),
                     until: now(),
+                    pid: std::process::id(),
                 }),
             },
         );
@@ -297,7 +325,9 @@ mod tests {
             "web".to_string()
         );
         assert_eq!(
-            RequestFile::in_dir(dir.path()).take().expect("read"),
+            RequestFile::in_dir(dir.path())
+                .take(std::process::id())
+                .expect("read"),
             Some(Verdict::Abort)
         );
     }

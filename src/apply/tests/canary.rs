@@ -35,8 +35,8 @@ fn with_canary(image: &str, canary: &str) -> String {
 /// `--abort` does once it has checked that an apply holds one.
 fn ask(dir: &Path, verdict: &str) -> impl FnOnce() + 'static {
     let path = dir.join(CANARY_FILE);
-    let verdict = verdict.to_string();
-    move || std::fs::write(path, verdict).expect("request written")
+    let request = format!("{verdict} {}\n", std::process::id());
+    move || std::fs::write(path, request).expect("request written")
 }
 
 /// Whether lessnat's table carries a canary rule now.
@@ -153,7 +153,7 @@ fn next_unhealthy_during_the_hold_rolls_back_even_with_pause() {
 #[test]
 fn abort_ends_the_hold_and_rolls_back() {
     let h = installed();
-    h.fake.at_probe(3, ask(h.state_dir.path(), "abort\n"));
+    h.fake.at_probe(3, ask(h.state_dir.path(), "abort"));
     h.fake
         .set_conntrack(vec![connections(5, 1), connections(5, 0)]);
     let result = h.apply(&with_canary("web:2", "weight: 10%, hold: 1h"));
@@ -171,7 +171,7 @@ fn abort_ends_the_hold_and_rolls_back() {
 #[test]
 fn promote_ends_the_hold_early_and_the_upgrade_goes_on() {
     let h = installed();
-    h.fake.at_probe(3, ask(h.state_dir.path(), "promote\n"));
+    h.fake.at_probe(3, ask(h.state_dir.path(), "promote"));
     let spec = with_canary("web:2", "weight: 10%, hold: 1h");
     h.apply(&spec).expect("upgrades");
     assert!(
@@ -186,7 +186,7 @@ fn promote_ends_the_hold_early_and_the_upgrade_goes_on() {
 #[test]
 fn a_request_left_from_an_earlier_hold_is_ignored() {
     let h = installed();
-    ask(h.state_dir.path(), "abort\n")();
+    std::fs::write(h.state_dir.path().join(CANARY_FILE), "abort 1\n").expect("an old request");
     let spec = with_canary("web:2", "weight: 10%, hold: 1s");
     h.apply(&spec)
         .expect("upgrades: the old request is not this hold's");
