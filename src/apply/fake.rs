@@ -50,6 +50,11 @@ pub(super) enum Health {
         /// Checks passed before it fails.
         after: u32,
     },
+    /// Passes `after` checks, then exits with code 1.
+    Dies {
+        /// Checks passed before it exits.
+        after: u32,
+    },
     /// Fails `after` checks, then exits with `code`.
     Exits {
         /// Checks failed before it exits.
@@ -99,7 +104,13 @@ impl FakeContainer {
         self.checks += 1;
         match self.health {
             Health::After(failures) if self.checks > failures => Ok(()),
-            Health::Sickens { after } if self.checks <= after => Ok(()),
+            Health::Sickens { after } | Health::Dies { after } if self.checks <= after => Ok(()),
+            Health::Dies { .. } => {
+                self.running = false;
+                self.exit_code = Some(1);
+                self.pid = None;
+                Err("connection reset: the process exited".into())
+            }
             Health::Exits { after, code } if self.checks > after => {
                 self.running = false;
                 self.exit_code = Some(code);

@@ -269,3 +269,23 @@ fn canary_rule_comments_name_port_and_protocol() {
     };
     assert_eq!(canary_rule_comment(&redirect), "lessnat canary 53/udp");
 }
+
+#[test]
+fn next_that_exits_during_the_hold_rolls_back_at_the_next_check() {
+    let h = installed();
+    // One check to start, two in the hold, then it exits.
+    h.fake.set_health(NEXT, Health::Dies { after: 3 });
+    let result = h.apply(&with_canary(
+        "web:2",
+        "weight: 10%, hold: 1h, unhealthyAfter: 5",
+    ));
+    let cause = rolled_back(result);
+    assert!(cause.contains("it is not running"), "{cause}");
+    assert!(
+        h.fake.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        h.fake.elapsed()
+    );
+    assert!(!split_in_table(&h));
+    assert_old_version_serves(&h);
+}
