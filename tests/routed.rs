@@ -639,15 +639,15 @@ fn lb_timers(site: &Site, spec: &std::path::Path, done: &AtomicBool) -> Vec<Vec<
 /// Between two LB applies in the health test: a plain timer.
 const LB_TIMER: Duration = Duration::from_secs(1);
 
-/// Known gap (issue 13): it passed 7 of 8 runs. In the failing one, 4
-/// requests that started 3.4–4.1 s after the kill timed out although both
-/// LB nodes had dropped the replica from the spread at 0.95 s: most likely a
-/// client SYN that reuses a source port matches the dead replica's unanswered
-/// conntrack entry (SYN_SENT lives 120 s) and still goes there. The fix to
-/// come: delete a dropped replica's unanswered entries when the table drops
-/// it. Run it by hand: `cargo test --test routed -- --ignored`.
+/// Issue 13: a replica killed under load, with `lessnat apply` every 1 s
+/// on each LB node (no agent): no request fails later than 2 s after the
+/// kill, and the replica rejoins once it answers again. The LB apply that
+/// leaves the replica out also deletes its conntrack entries of client
+/// connections that never got an answer or were reset (measured at the
+/// drop: 8 SYN_SENT entries per LB, the connects in flight at the kill):
+/// until then a new connection that reused one of their source ports kept
+/// going to the dead replica, and 1 run in 8 failed.
 #[test]
-#[ignore = "flaky 1 in 8 until a dropped replica's unanswered conntrack entries are deleted (issue 13)"]
 fn routed_dead_replica_leaves_the_spread_and_rejoins() {
     let Some((site, spec)) = installed("routed_dead_replica", 2) else {
         return;

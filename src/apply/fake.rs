@@ -36,6 +36,7 @@ use crate::ownership::{
     LABEL_ADDRESS, LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT,
     parse_container_name, veth_name,
 };
+use crate::plan::operation::Unanswered;
 use crate::registry::{Credentials, ImageRef};
 
 /// How a container answers health checks (network probes and `exec`).
@@ -742,6 +743,12 @@ impl Host for FakeHost {
 
     fn live_connections_to(&self, address: IpAddr) -> Result<u64, ConntrackError> {
         Ok(self.flows_to(address)?.iter().filter(|f| f.live).count() as u64)
+    }
+
+    fn delete_unanswered(&self, flows: &Unanswered) -> Result<u64, ConntrackError> {
+        let call = format!("delete unanswered {flows}");
+        self.call(&call).map_err(|e| conntrack_error(&call, e))?;
+        Ok(0)
     }
 
     fn add_rule(&self, rule: &IpRule) -> Result<(), NetlinkError> {

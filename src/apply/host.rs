@@ -20,6 +20,7 @@ use crate::model::{
     ConntrackState, ContainerSpec, IpRule, NftRule, NftTable, OwnedAddress, Redirect, Route, Veth,
 };
 use crate::netns::Netns;
+use crate::plan::operation::Unanswered;
 use crate::registry::{Credentials, ImageRef};
 
 /// The operations apply carries out on a host, each as its backend does it
@@ -79,6 +80,10 @@ pub trait Host {
     fn flows_to(&self, address: IpAddr) -> Result<Vec<FlowTo>, ConntrackError>;
     /// Counts the live TCP connections whose reply comes from `address`.
     fn live_connections_to(&self, address: IpAddr) -> Result<u64, ConntrackError>;
+    /// Deletes the entries of connections to a VIP port that went to
+    /// replicas left out of its spread and never got a reply; returns how
+    /// many.
+    fn delete_unanswered(&self, flows: &Unanswered) -> Result<u64, ConntrackError>;
 
     /// Adds a policy routing rule.
     fn add_rule(&self, rule: &IpRule) -> Result<(), NetlinkError>;
@@ -234,6 +239,17 @@ impl Host for LiveHost<'_> {
 
     fn live_connections_to(&self, address: IpAddr) -> Result<u64, ConntrackError> {
         conntrack::live_connections_to(self.netns, address)
+    }
+
+    fn delete_unanswered(&self, flows: &Unanswered) -> Result<u64, ConntrackError> {
+        let replicas: Vec<IpAddr> = flows.addresses.iter().copied().map(IpAddr::V4).collect();
+        conntrack::delete_unanswered(
+            self.netns,
+            flows.protocol.as_str(),
+            IpAddr::V4(flows.vip),
+            flows.vip_port,
+            &replicas,
+        )
     }
 
     fn add_rule(&self, rule: &IpRule) -> Result<(), NetlinkError> {

@@ -215,11 +215,16 @@ pub fn apply_change(
         Operation::PullImage { image, digest } => {
             pull::pull(ctx, progress, &address, image, digest.as_deref())?;
         }
-        Operation::WriteTable { table, switches } => {
+        Operation::WriteTable {
+            table,
+            switches,
+            unanswered,
+        } => {
             progress.step(&format!(
                 "{address}: writing lessnat's table (one transaction)"
             ));
             ctx.host.apply_table(table)?;
+            routed::forget_unanswered(ctx, progress, unanswered)?;
             routed::report_drained(ctx, progress, switches)?;
         }
         Operation::DeleteTable => {

@@ -16,7 +16,7 @@ use super::{ApplyError, Context, container_spec};
 use crate::backend::veth::Wiring;
 use crate::desired::DesiredContainer;
 use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
-use crate::plan::operation::{Switch, Workload};
+use crate::plan::operation::{Switch, Unanswered, Workload};
 use crate::plan::{Decision, InFlight};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
@@ -52,6 +52,24 @@ pub(super) fn report_drained(
                 switch.service, switch.from
             )),
         }
+    }
+    Ok(())
+}
+
+/// On a load-balancer node, after a table change that left replicas out of
+/// a spread: deletes the conntrack entries of connections to that VIP port
+/// that went to them and never got a reply or were reset, so no
+/// retransmission or reused source port keeps going to a dead replica.
+pub(super) fn forget_unanswered(
+    ctx: &Context,
+    progress: &mut Progress,
+    unanswered: &[Unanswered],
+) -> Result<(), ApplyError> {
+    for flows in unanswered {
+        let deleted = ctx.host.delete_unanswered(flows)?;
+        progress.step(&format!(
+            "{flows}: {deleted} deleted (other connections are left alone)"
+        ));
     }
     Ok(())
 }

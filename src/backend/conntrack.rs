@@ -747,6 +747,66 @@ fn is_unsupported(error: &io::Error) -> bool {
     )
 }
 
+/// `IPS_SEEN_REPLY` (`nf_conntrack_common.h`): the entry's reply direction
+/// has carried a packet.
+const IPS_SEEN_REPLY: u32 = 1 << 1;
+
+/// TCP state `CLOSE`: the connection was reset.
+const TCP_CLOSE: u8 = 8;
+
+/// Deletes the entries of connections to `vip`:`vip_port` (`protocol`:
+/// `tcp` or `udp`) that a load-balancer node sent to one of `replicas` and
+/// that never saw a reply (a SYN_SENT, `[UNREPLIED]`) or were reset (TCP
+/// `CLOSE`); returns how many it deleted. A load-balancer node that drops
+/// dead replicas from a VIP port's spread calls this after the table
+/// transaction: such an entry keeps its NAT binding (SYN_SENT for 2 minutes,
+/// CLOSE for 10 s), and conntrack passes a SYN that matches it, a
+/// retransmission or a new connection that reuses the same source port,
+/// on to the dead address. Entries of connections that got an answer and
+/// were not reset (established, closing, TIME_WAIT) are never touched, nor
+/// entries of other VIP ports; an entry gone since the dump is fine.
+pub fn delete_unanswered(
+    netns: &Netns,
+    protocol: &str,
+    vip: IpAddr,
+    vip_port: u16,
+    replicas: &[IpAddr],
+) -> Result<u64, ConntrackError> {
+    netns
+        .run(|| -> Result<u64, Fault> {
+            let mut socket = Ctnetlink::open()?;
+            let mut doomed = Vec::new();
+            socket.dump(|entry| {
+                let dialled = ports(&entry.orig).is_some_and(|(p, _, dport)| {
+                    protocol_name(p) == protocol
+                        && (p == IPPROTO_TCP || p == IPPROTO_UDP)
+                        && dport == vip_port
+                });
+                let to_vip = entry.orig.iter().any(|tuple| match tuple {
+                    Tuple::Ip(parts) => parts.contains(&IPTuple::DestinationAddress(vip)),
+                    _ => false,
+                });
+                let dropped = source_address(&entry.reply).is_some_and(|a| replicas.contains(&a));
+                let over = entry.status & IPS_SEEN_REPLY == 0 || entry.tcp_state == Some(TCP_CLOSE);
+                if dialled && to_vip && dropped && over {
+                    doomed.push(entry.delete_request());
+                }
+            })?;
+            let mut deleted = 0;
+            for (family, request) in doomed {
+                match socket.delete(family, request) {
+                    Ok(()) => deleted += 1,
+                    // Expired since the dump.
+                    Err(Fault::Io(_, error)) if error.raw_os_error() == Some(nix::libc::ENOENT) => {
+                    }
+                    Err(fault) => return Err(fault),
+                }
+            }
+            Ok(deleted)
+        })?
+        .map_err(|fault| fault.within(netns))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

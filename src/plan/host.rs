@@ -382,6 +382,11 @@ fn in_flight(
             Decision::RollBack,
             "the spec changed since this upgrade started".to_string(),
         )
+    } else if table.split {
+        (
+            Decision::Resume,
+            "the next container is running and current; a canary was holding: its hold starts again".to_string(),
+        )
     } else {
         (
             Decision::Resume,

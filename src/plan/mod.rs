@@ -31,7 +31,15 @@ use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
 use crate::spec::{HumanDuration, NetworkMode, Service, Spec};
 
-use operation::{Operation, Switch};
+use operation::{Operation, Switch, Unanswered};
+
+/// What a load-balancer node's table write moves besides the table: the
+/// replicas it switches, and the unanswered connections to the replicas it
+/// leaves out of a spread.
+struct Moves {
+    switches: Vec<Switch>,
+    unanswered: Vec<Unanswered>,
+}
 
 /// Plans what `apply` must do so that `node` matches `spec`, given what was observed there.
 pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
@@ -98,10 +106,18 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     );
     let balancing =
         load_balancer_role(spec, node).map(|role| routed::load_balancing(spec, &role, observed));
-    let (switches, spread, kept_out, balancing_warnings) = balancing
-        .map(|b| (b.switches, b.spread, b.kept_out, b.warnings))
+    let (switches, spread, unanswered, kept_out, balancing_warnings) = balancing
+        .map(|b| (b.switches, b.spread, b.unanswered, b.kept_out, b.warnings))
         .unwrap_or_default();
-    planner.table(observed_table, wanted_table, switches, &spread);
+    planner.table(
+        observed_table,
+        wanted_table,
+        Moves {
+            switches,
+            unanswered,
+        },
+        &spread,
+    );
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,
@@ -315,9 +331,13 @@ impl<'a> Planner<'a> {
         &mut self,
         observed: Option<&NftTable>,
         desired: Option<NftTable>,
-        switches: Vec<Switch>,
+        moves: Moves,
         spread: &[String],
     ) {
+        let Moves {
+            switches,
+            unanswered,
+        } = moves;
         let balancing: Vec<String> = switches
             .iter()
             .map(ToString::to_string)
@@ -356,6 +376,7 @@ impl<'a> Planner<'a> {
                     operation: Operation::WriteTable {
                         table: desired,
                         switches,
+                        unanswered,
                     },
                 });
             }
@@ -371,6 +392,7 @@ impl<'a> Planner<'a> {
                     operation: Operation::WriteTable {
                         table: desired,
                         switches,
+                        unanswered,
                     },
                 });
             }
@@ -389,6 +411,7 @@ impl<'a> Planner<'a> {
                     operation: Operation::WriteTable {
                         table: desired,
                         switches,
+                        unanswered,
                     },
                 });
             }

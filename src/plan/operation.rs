@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Decision, InFlight};
 use crate::desired::DesiredContainer;
 use crate::model::{IpRule, NftRule, NftTable, OwnedAddress, Route};
-use crate::spec::{HumanDuration, Percent, Service};
+use crate::spec::{HumanDuration, Percent, Protocol, Service};
 
 /// One service as apply starts it: its spec (health check, upgrade settings,
 /// ports) and the container derived from it for this node.
@@ -80,6 +80,41 @@ impl std::fmt::Display for Switch {
     }
 }
 
+/// Replicas a load-balancer node's table leaves out of a VIP port's spread
+/// (neither address answers): after writing the table it deletes the
+/// conntrack entries of connections to that VIP port that went to their
+/// addresses and never got a reply, or were reset. Such an entry would keep
+/// steering its client's retransmitted SYNs, and a new connection that
+/// reuses its source port, to the dead replica until it expires (SYN_SENT:
+/// 2 minutes). Other connections that got a reply are left alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unanswered {
+    /// `SERVICE/PORT`.
+    pub port: String,
+    /// `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// The port on the VIP.
+    pub vip_port: u16,
+    /// Both addresses of each replica left out.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let addresses: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{} ({}:{}): unanswered or reset connections to {}",
+            self.port,
+            self.vip,
+            self.vip_port,
+            addresses.join(", ")
+        )
+    }
+}
+
 /// What apply does for one change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -95,14 +130,19 @@ pub enum Operation {
         digest: Option<String>,
     },
     /// Write lessnat's nftables table in one transaction (created, or
-    /// replaced whole); then, on a load-balancer node, wait for its own
-    /// connections to each switched replica's old address.
+    /// replaced whole); then, on a load-balancer node, delete the unanswered
+    /// connections to the replicas it leaves out of a spread, and wait for
+    /// its own connections to each switched replica's old address.
     WriteTable {
         /// The table as it must be.
         table: NftTable,
         /// Replicas whose new connections this table moves.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         switches: Vec<Switch>,
+        /// Replicas this table leaves out of a spread: their unanswered
+        /// connections go once it is written.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unanswered: Vec<Unanswered>,
     },
     /// Delete lessnat's nftables table.
     DeleteTable,

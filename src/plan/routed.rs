@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
-use super::operation::{Operation, Switch};
+use super::operation::{Operation, Switch, Unanswered};
 use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
@@ -411,6 +411,8 @@ pub struct LoadBalancing {
     pub switches: Vec<Switch>,
     /// Replicas that leave or rejoin the spread, for the table change's reason.
     pub spread: Vec<String>,
+    /// The connections to delete once the table leaves replicas out.
+    pub unanswered: Vec<Unanswered>,
     /// Replicas the observed table already leaves out that stay out: state
     /// shown in the plan, not a change.
     pub kept_out: Vec<String>,
@@ -467,6 +469,7 @@ pub(super) fn load_balancing(
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
     let mut spread = BTreeSet::new();
+    let mut unanswered = Vec::new();
     let mut kept_out = BTreeSet::new();
     let mut warnings = BTreeSet::new();
     for vip_port in &role.vip_ports {
@@ -559,6 +562,7 @@ pub(super) fn load_balancing(
             ));
         }
         let before = spreads.get(&comment);
+        let mut dropped = Vec::new();
         for target in &targets {
             let out = target.down && !all_down;
             let was_in = before.map(|b| b.iter().any(|a| target.pair.contains(*a)));
@@ -576,6 +580,7 @@ pub(super) fn load_balancing(
                 }
                 (true, _) => {
                     spread.insert(format!("{who}: out of the spread: neither address answers"));
+                    dropped.extend([target.pair.address, target.pair.next_address]);
                 }
                 (false, Some(false)) if target.down => {
                     spread.insert(format!(
@@ -590,6 +595,15 @@ pub(super) fn load_balancing(
                 }
                 (false, _) => {}
             }
+        }
+        if !dropped.is_empty() {
+            unanswered.push(Unanswered {
+                port: comment.clone(),
+                protocol: vip_port.port.protocol,
+                vip: vip_port.vip,
+                vip_port: vip_port.vip_port,
+                addresses: dropped,
+            });
         }
         dnat.push(Dnat {
             comment,
@@ -614,6 +628,7 @@ pub(super) fn load_balancing(
         },
         switches,
         spread: spread.into_iter().collect(),
+        unanswered,
         kept_out: kept_out.into_iter().collect(),
         warnings: warnings.into_iter().collect(),
     }

@@ -257,3 +257,75 @@ fn upgrade_found_in_flight_with_a_changed_spec_is_rolled_back() {
     );
     assert_serves(&h, "api:1", ADDRESS);
 }
+
+/// Two replicas of `api` behind load-balancer node `lb`, one on each worker.
+const TWO_WORKERS: &str = r#"version: 1
+nodes:
+  - {name: lb, address: 192.0.2.2, loadBalancer: {id: 1, vips: [203.0.113.10]}}
+  - {name: w1, address: 192.0.2.10, containerSubnet: 10.20.1.0/24}
+  - {name: w2, address: 192.0.2.11, containerSubnet: 10.20.2.0/24}
+services:
+  - name: api
+    image: api:1
+    network: routed
+    replicas: [{node: w1, address: 10.20.1.5}, {node: w2, address: 10.20.2.5}]
+    ports: [{name: http, port: 8080, vip: 203.0.113.10, vipPort: 80}]
+    health: {tcp: {}}
+"#;
+
+/// Plans [`TWO_WORKERS`] on `lb` as observed with `w2`'s replica answering
+/// (`w2_answers`) or not at either address, and applies the plan; returns
+/// the calls that changed the host.
+fn lb_apply(h: &Harness, w2_answers: bool) -> Vec<String> {
+    let spec = crate::spec::load_bytes("spec.yaml", TWO_WORKERS.as_bytes())
+        .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+    let mut observed = h.fake.observed("lb");
+    observed.probed_at = Some(1_796_000_000);
+    for (address, healthy) in [
+        ("10.20.1.5", true),
+        ("10.20.1.254", false),
+        ("10.20.2.5", w2_answers),
+        ("10.20.2.254", false),
+    ] {
+        observed.probes.push(crate::model::Probe {
+            service: "api".into(),
+            address: address.into(),
+            healthy,
+            detail: None,
+        });
+    }
+    h.fake.clear_calls();
+    h.apply_plan(&crate::plan::plan(&spec, "lb", &observed))
+        .expect("the load-balancer node applies");
+    h.changes()
+}
+
+#[test]
+fn a_replica_left_out_of_the_spread_loses_its_unanswered_connections_once() {
+    let h = Harness::new("lb");
+    let installed = lb_apply(&h, true);
+    assert!(
+        !installed.iter().any(|c| c.starts_with("delete unanswered")),
+        "nothing is left out yet: {installed:#?}"
+    );
+
+    let dropped = lb_apply(&h, false);
+    assert_eq!(
+        dropped,
+        [
+            "write table",
+            "delete unanswered api/http (203.0.113.10:80): unanswered or reset connections to 10.20.2.5, 10.20.2.254",
+        ],
+        "the table leaves it out first, then its unanswered connections go"
+    );
+    assert_eq!(
+        lb_apply(&h, false),
+        Vec::<String>::new(),
+        "staying out changes nothing"
+    );
+    assert_eq!(
+        lb_apply(&h, true),
+        ["write table"],
+        "rejoining deletes nothing"
+    );
+}
