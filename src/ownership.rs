@@ -123,13 +123,31 @@ pub fn container_name(service: &str, node: &str, slot: Slot) -> String {
     }
 }
 
-/// A container name made by [`container_name`], read back.
+/// The container name of routed replica number `replica` (from 1, in spec
+/// order) of `service` on `node` in `slot`: the first is named as
+/// [`container_name`] names it, the others `lessnat-SERVICE.NODE.N`, then
+/// `.next` or `.prev`.
+pub fn replica_container_name(service: &str, node: &str, replica: u32, slot: Slot) -> String {
+    if replica <= 1 {
+        return container_name(service, node, slot);
+    }
+    match slot {
+        Slot::Primary => format!("lessnat-{service}.{node}.{replica}"),
+        Slot::Next => format!("lessnat-{service}.{node}.{replica}.next"),
+        Slot::Prev => format!("lessnat-{service}.{node}.{replica}.prev"),
+    }
+}
+
+/// A container name made by [`container_name`] or
+/// [`replica_container_name`], read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerName<'a> {
     /// The service.
     pub service: &'a str,
     /// The node.
     pub node: &'a str,
+    /// The routed replica's number on the node (1 when the name has none).
+    pub replica: u32,
     /// The role.
     pub slot: Slot,
 }
@@ -141,8 +159,16 @@ pub fn parse_container_name(name: &str) -> Option<ContainerName<'_>> {
         .strip_prefix('/')
         .unwrap_or(name)
         .strip_prefix("lessnat-")?;
-    let mut parts = rest.split('.');
+    let mut parts = rest.split('.').peekable();
     let (service, node) = (parts.next()?, parts.next()?);
+    let replica = match parts.peek().map(|part| part.parse::<u32>()) {
+        Some(Ok(n)) if n >= 2 => {
+            parts.next();
+            n
+        }
+        Some(Ok(_)) => return None,
+        _ => 1,
+    };
     let slot = match parts.next() {
         None => Slot::Primary,
         Some("next") => Slot::Next,
@@ -155,6 +181,7 @@ pub fn parse_container_name(name: &str) -> Option<ContainerName<'_>> {
     Some(ContainerName {
         service,
         node,
+        replica,
         slot,
     })
 }
@@ -170,13 +197,26 @@ mod tests {
             let parsed = ContainerName {
                 service: "web",
                 node: "node-1",
+                replica: 1,
                 slot,
             };
             assert_eq!(parse_container_name(&name), Some(parsed));
+            assert_eq!(replica_container_name("web", "node-1", 1, slot), name);
+            let third = replica_container_name("web", "node-1", 3, slot);
+            let parsed = ContainerName {
+                replica: 3,
+                ..parsed
+            };
+            assert_eq!(parse_container_name(&third), Some(parsed));
         }
+        assert_eq!(
+            replica_container_name("web", "n", 12, Slot::Next),
+            "lessnat-web.n.12.next"
+        );
         let primary = ContainerName {
             service: "web",
             node: "n",
+            replica: 1,
             slot: Slot::Primary,
         };
         assert_eq!(parse_container_name("/lessnat-web.n"), Some(primary));
@@ -184,6 +224,9 @@ mod tests {
             "lessnat-web",
             "lessnat-web.n.old",
             "lessnat-web.n.next.x",
+            "lessnat-web.n.1",
+            "lessnat-web.n.0.next",
+            "lessnat-web.n.2.3",
             "lessnat-.n",
             "nginx",
         ] {

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use support::image::test_image;
 use support::load::{self, Load, LoadConfig, LongLived, Report};
 use support::topology::{
-    self, CLIENT_ADDRESSES, HTTP_PORT, Node, Replica, Service, Topology, client_of, show,
+    self, CLIENT_ADDRESSES, CLIENT_SUBNET, HTTP_PORT, Node, Replica, Service, Topology, client_of,
+    show,
 };
 
 /// The service's name in every spec.
@@ -79,6 +80,15 @@ fn site(test: &str, workers: usize) -> Option<Site> {
 /// A site with the service at v1 applied on every node (workers first);
 /// the spec's path.
 fn installed(test: &str, workers: usize) -> Option<(Site, PathBuf)> {
+    installed_with(test, workers, replicas)
+}
+
+/// [`installed`] with the service's `replicas`.
+fn installed_with(
+    test: &str,
+    workers: usize,
+    replicas: fn(&Topology) -> Vec<Replica>,
+) -> Option<(Site, PathBuf)> {
     let site = site(test, workers)?;
     let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
     let spec = site.write_spec("v1", &[service]);
@@ -357,7 +367,68 @@ fn routed_dscp_carries_the_lb_id_and_ecn_is_unchanged() {
 
 #[test]
 fn routed_upgrade_under_load_drops_nothing() {
-    upgrade_under_load("routed_upgrade_under_load", Duration::ZERO);
+    upgrade_under_load("routed_upgrade_under_load", 2, replicas, Duration::ZERO);
+}
+
+/// Issue 15: two replicas on one worker (10.20.1.5 and 10.20.1.7, next
+/// addresses .6 and .8), under load through both LBs: both get new
+/// connections; then the upgrade v1 → v2 moves them one at a time with 0
+/// failed requests, and connections held open across it finish on v1.
+#[test]
+fn routed_two_replicas_on_one_worker_share_the_load_and_upgrade_without_loss() {
+    let two_on_one = |_: &Topology| vec![Replica::on(0, 5), Replica::on(0, 7)];
+    let Some((site, spec)) = installed_with("routed_two_replicas_one_worker", 1, two_on_one) else {
+        return;
+    };
+    let worker = &site.workers[0];
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 2, "containers: {containers:?}");
+    count_syns_by_address(worker, &["10.20.1.5", "10.20.1.7"]);
+    let origin = Instant::now();
+    let loads = client_load(&site);
+    wait_requests(&loads, 400);
+    let report = stop(loads);
+    assert_no_failures(&report, origin, "requests to two replicas on one worker");
+    let counts = topology::nft_counters(&worker.ns, "ip", "lnt_replicas");
+    eprintln!("new connections per replica: {counts:?}");
+    for (name, count) in &counts {
+        assert!(
+            *count > 0,
+            "replica {name} received no connection: {counts:?}"
+        );
+    }
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_converged(&site, &spec);
+    drop(site);
+
+    upgrade_under_load(
+        "routed_two_replicas_one_worker_upgrade",
+        1,
+        two_on_one,
+        Duration::ZERO,
+    );
+}
+
+/// Counts, on `worker`, the client connections (SYNs from the clients'
+/// network) to each of `addresses`, in a test-owned nft table `ip
+/// lnt_replicas` (counters named by the address).
+fn count_syns_by_address(worker: &Node, addresses: &[&str]) {
+    let mut script = String::from("table ip lnt_replicas {\n");
+    for address in addresses {
+        script.push_str(&format!("  counter c{} {{}}\n", address.replace('.', "_")));
+    }
+    script.push_str(
+        "  chain prerouting {\n    type filter hook prerouting priority -400; policy accept;\n",
+    );
+    for address in addresses {
+        script.push_str(&format!(
+            "    iifname \"fab\" ip saddr {CLIENT_SUBNET} ip daddr {address} tcp dport {HTTP_PORT} \
+             tcp flags & (syn | ack) == syn counter name c{}\n",
+            address.replace('.', "_")
+        ));
+    }
+    script.push_str("  }\n}\n");
+    worker.ns.nft(&script);
 }
 
 /// docs/routed-mode.md, "an LB is down during the upgrade: the worker keeps
@@ -367,13 +438,24 @@ fn routed_upgrade_under_load_drops_nothing() {
 /// replica while LB 2 still sends it new connections.
 #[test]
 fn routed_upgrade_waits_for_a_load_balancer_that_applies_late() {
-    upgrade_under_load("routed_upgrade_late_lb", Duration::from_secs(12));
+    upgrade_under_load(
+        "routed_upgrade_late_lb",
+        2,
+        replicas,
+        Duration::from_secs(12),
+    );
 }
 
-/// Upgrades v1 → v2 on two workers under load from both clients, with LB
-/// applies every 0.3 s; LB 2's start `lb2_late` into the upgrade.
-fn upgrade_under_load(test: &str, lb2_late: Duration) {
-    let Some(site) = site(test, 2) else {
+/// Upgrades v1 → v2 of the `replicas` on `workers` workers under load from
+/// both clients, with LB applies every 0.3 s; LB 2's start `lb2_late` into
+/// the upgrade.
+fn upgrade_under_load(
+    test: &str,
+    workers: usize,
+    replicas: fn(&Topology) -> Vec<Replica>,
+    lb2_late: Duration,
+) {
+    let Some(site) = site(test, workers) else {
         return;
     };
     let v1 = Service::new(SERVICE, &test_image("v1"), replicas(&site));
@@ -523,19 +605,28 @@ fn upgrade_under_load(test: &str, lb2_late: Duration) {
         );
     }
 
-    // Only the new version is left, at the other address of the pair.
-    for (worker, replica) in site.workers.iter().zip(&v1.replicas) {
-        let containers = Topology::containers(worker);
+    // Only the new version is left, each replica at the other address of
+    // its pair.
+    for (w, worker) in site.workers.iter().enumerate() {
+        let mut wanted: Vec<String> = v1
+            .replicas
+            .iter()
+            .filter(|r| r.worker == w)
+            .map(|r| r.next_address.expect("nextAddress").to_string())
+            .collect();
+        let mut found = Vec::new();
+        for container in Topology::containers(worker) {
+            let (image, address) = image_and_address(&container);
+            assert_eq!(image, v2.image, "image of {container}");
+            found.push(address);
+        }
+        wanted.sort();
+        found.sort();
         assert_eq!(
-            containers.len(),
-            1,
-            "containers of {} after the upgrade: {containers:?}",
+            found, wanted,
+            "addresses of the containers of {} after the upgrade",
             worker.name
         );
-        let (image, address) = image_and_address(&containers[0]);
-        assert_eq!(image, v2.image, "image of {}", containers[0]);
-        let next = replica.next_address.expect("nextAddress").to_string();
-        assert_eq!(address, next, "address of {}", containers[0]);
     }
     assert_converged(&site, &spec2);
 }

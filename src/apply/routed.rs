@@ -15,7 +15,7 @@ use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context, container_spec};
 use crate::backend::veth::Wiring;
 use crate::desired::DesiredContainer;
-use crate::ownership::{LABEL_ADDRESS, Slot, container_name};
+use crate::ownership::{LABEL_ADDRESS, Slot, replica_container_name};
 use crate::plan::operation::{Switch, Unanswered, Workload};
 use crate::plan::{Decision, InFlight};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
@@ -143,7 +143,12 @@ impl<'a, 'c> Replica<'a, 'c> {
     }
 
     fn name(&self, slot: Slot) -> String {
-        container_name(&self.service.name, self.ctx.node, slot)
+        replica_container_name(
+            &self.service.name,
+            self.ctx.node,
+            self.desired.replica_number(),
+            slot,
+        )
     }
 
     fn stop_timeout(&self) -> Duration {

@@ -685,6 +685,7 @@ fn classify(summary: &ContainerSummary, node: &str) -> Classified {
         service: named_service,
         node: named_node,
         slot,
+        ..
     }) = parse_container_name(name)
     else {
         tracing::warn!(

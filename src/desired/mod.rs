@@ -16,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{ContainerNetwork, ContainerSpec};
 use crate::ownership::{
-    LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT, Slot, container_name,
+    LABEL_DIGEST, LABEL_PORTS, LABEL_SERVICE, LABEL_SPEC, LABEL_STOP_TIMEOUT, Slot,
+    replica_container_name,
 };
 use crate::spec::{
     HumanDuration, NetworkMode, PlaceholderError, Protocol, Service, Spec, render_placeholders,
@@ -54,6 +55,10 @@ pub struct DesiredContainer {
     pub ports: Vec<DesiredPort>,
     /// Routed mode: this replica's address.
     pub address: Option<String>,
+    /// Routed mode: the replica's number on its node when it is not the
+    /// first (see [`routed::PlacedReplica`]); it names its containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<u32>,
     /// `pull: always`: the registry digest of the image's tag, set by the
     /// planner from observation. Part of the hash, so a moved tag is a new
     /// container; recorded in the `io.lessnat.digest` label.
@@ -68,6 +73,11 @@ impl DesiredContainer {
         let canonical = serde_json::to_vec(self).unwrap_or_default();
         let digest = Sha256::digest(&canonical);
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The routed replica's number on its node (1 for the first, and in host mode).
+    pub fn replica_number(&self) -> u32 {
+        self.replica.unwrap_or(1)
     }
 
     /// The canonical ports as the `io.lessnat.ports` label lists them: `8000/tcp`.
@@ -120,7 +130,7 @@ impl DesiredContainer {
             labels.insert(LABEL_DIGEST.to_string(), digest.clone());
         }
         Ok(ContainerSpec {
-            name: container_name(&self.service, node, slot),
+            name: replica_container_name(&self.service, node, self.replica_number(), slot),
             image: self.image.clone(),
             command: self.command_for(temporary)?,
             env: self.env_for(temporary)?,
@@ -173,22 +183,21 @@ impl DesiredNode<'_> {
     }
 }
 
-/// Derives what `node` should run from a validated spec.
+/// Derives what `node` should run from a validated spec: a host-mode
+/// service's container, and one container per routed replica on the node.
 pub fn desired_node<'a>(spec: &'a Spec, node: &str) -> DesiredNode<'a> {
     let services = spec
         .services
         .iter()
-        .filter_map(|service| {
-            let address = match service.network {
-                NetworkMode::Host => {
-                    (service.node.as_deref().map(String::as_str) == Some(node)).then_some(None)?
-                }
-                NetworkMode::Routed => {
-                    let replica = service.replicas.iter().find(|r| r.node.value == node)?;
-                    Some(replica.address.to_string())
-                }
-            };
-            Some((service, container_for(service, address)))
+        .flat_map(|service| match service.network {
+            NetworkMode::Host => (service.node.as_deref().map(String::as_str) == Some(node))
+                .then(|| (service, container_for(service, None)))
+                .into_iter()
+                .collect::<Vec<_>>(),
+            NetworkMode::Routed => routed::replicas_on(spec, service, node)
+                .iter()
+                .map(|replica| (service, replica_container(service, replica)))
+                .collect(),
         })
         .collect();
     DesiredNode {
@@ -197,9 +206,18 @@ pub fn desired_node<'a>(spec: &'a Spec, node: &str) -> DesiredNode<'a> {
     }
 }
 
+/// The container of a routed replica: its `address` (part of what makes the
+/// container current) and, beyond the first on its node, its number.
+pub fn replica_container(service: &Service, replica: &routed::PlacedReplica) -> DesiredContainer {
+    DesiredContainer {
+        replica: (replica.number > 1).then_some(replica.number),
+        ..container_for(service, Some(replica.pair.address.to_string()))
+    }
+}
+
 /// The container `service` should have; `address` is a routed replica's
 /// `address` (part of what makes the container current), `None` in host mode.
-pub fn container_for(service: &Service, address: Option<String>) -> DesiredContainer {
+fn container_for(service: &Service, address: Option<String>) -> DesiredContainer {
     DesiredContainer {
         service: service.name.value.clone(),
         image: service.image.value.clone(),
@@ -221,6 +239,7 @@ pub fn container_for(service: &Service, address: Option<String>) -> DesiredConta
             })
             .collect(),
         address,
+        replica: None,
         digest: None,
     }
 }

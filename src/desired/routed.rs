@@ -39,44 +39,122 @@ impl ReplicaAddresses {
     }
 }
 
-/// The addresses of `replica`; `None` when the spec gives no IPv4 subnet for
-/// its node (validation reports that).
-pub fn replica_addresses(spec: &Spec, replica: &Replica) -> Option<ReplicaAddresses> {
-    let IpAddr::V4(address) = **replica.address else {
-        return None;
-    };
-    let next_address = match &replica.next_address {
-        Some(next) => match ***next {
-            IpAddr::V4(next) => next,
-            IpAddr::V6(_) => return None,
-        },
-        None => chosen_next_address(spec, replica)?,
-    };
-    Some(ReplicaAddresses {
-        address,
-        next_address,
-    })
+/// One routed replica as the spec places it: an entry of `replicas`, or
+/// one of the replicas an entry with `count` stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacedReplica<'a> {
+    /// The node that runs it.
+    pub node: &'a str,
+    /// Its number among the service's replicas on that node, from 1 in spec
+    /// order: the first is `lessnat-SERVICE.NODE`, the others carry it in
+    /// their container names.
+    pub number: u32,
+    /// Its two addresses.
+    pub pair: ReplicaAddresses,
 }
 
-/// The highest host address of the replica's node subnet that no replica in
-/// the spec uses (as `address` or `nextAddress`). Every node derives the same
+/// Every replica of `service`, in spec order, entries with `count`
+/// expanded; replicas without IPv4 addresses are left out (validation
+/// reports them).
+pub fn replicas_of<'a>(spec: &Spec, service: &'a Service) -> Vec<PlacedReplica<'a>> {
+    let mut numbers: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut placed = Vec::new();
+    for replica in &service.replicas {
+        for pair in entry_pairs(spec, replica) {
+            let number = numbers.entry(replica.node.value.as_str()).or_default();
+            *number += 1;
+            placed.push(PlacedReplica {
+                node: &replica.node.value,
+                number: *number,
+                pair,
+            });
+        }
+    }
+    placed
+}
+
+/// The replicas of `service` on `node`, numbered as [`replicas_of`] numbers them.
+pub fn replicas_on<'a>(spec: &Spec, service: &'a Service, node: &str) -> Vec<PlacedReplica<'a>> {
+    replicas_of(spec, service)
+        .into_iter()
+        .filter(|r| r.node == node)
+        .collect()
+}
+
+/// The address pairs one entry of `replicas` stands for: with `count`,
+/// consecutive pairs from `address`; otherwise `address` and `nextAddress`
+/// (or the address lessnat chose). Empty when they are not IPv4.
+fn entry_pairs(spec: &Spec, replica: &Replica) -> Vec<ReplicaAddresses> {
+    let IpAddr::V4(address) = **replica.address else {
+        return Vec::new();
+    };
+    if let Some(count) = &replica.count {
+        return (0..count.value)
+            .map_while(|k| {
+                let first = u32::from(address).checked_add(k.checked_mul(2)?)?;
+                Some(ReplicaAddresses {
+                    address: Ipv4Addr::from(first),
+                    next_address: Ipv4Addr::from(first.checked_add(1)?),
+                })
+            })
+            .collect();
+    }
+    let next_address = match &replica.next_address {
+        Some(next) => match ***next {
+            IpAddr::V4(next) => Some(next),
+            IpAddr::V6(_) => None,
+        },
+        None => chosen_next_address(spec, replica),
+    };
+    next_address
+        .map(|next_address| ReplicaAddresses {
+            address,
+            next_address,
+        })
+        .into_iter()
+        .collect()
+}
+
+/// Every address the spec names for a replica: `address` and `nextAddress`
+/// of each entry, and every address of the pairs of each entry with `count`.
+pub fn addresses_taken(spec: &Spec) -> Vec<IpAddr> {
+    spec.services
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .flat_map(|r| match (&r.count, **r.address) {
+            (Some(count), IpAddr::V4(first)) => (0..count.value.saturating_mul(2))
+                .filter_map(|k| u32::from(first).checked_add(k))
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
+                .collect::<Vec<_>>(),
+            _ => std::iter::once(&r.address)
+                .chain(&r.next_address)
+                .map(|a| ***a)
+                .collect(),
+        })
+        .collect()
+}
+
+/// The next address lessnat chooses for an entry without `nextAddress` or
+/// `count`: the highest host address of its node's subnet that the spec
+/// names for no replica; the second such entry on that subnet (in spec
+/// order) gets the second highest, and so on. Every node derives the same
 /// choice from the same spec.
 fn chosen_next_address(spec: &Spec, replica: &Replica) -> Option<Ipv4Addr> {
-    let node = spec.node(&replica.node)?;
-    let ipnet::IpNet::V4(subnet) = *node.container_subnet.as_ref()?.value else {
-        return None;
-    };
-    let taken: Vec<IpAddr> = spec
+    let subnet = worker_subnet(spec.node(&replica.node)?)?;
+    let taken = addresses_taken(spec);
+    let choosing: Vec<&Replica> = spec
         .services
         .iter()
         .flat_map(|s| &s.replicas)
-        .flat_map(|r| std::iter::once(&r.address).chain(&r.next_address))
-        .map(|a| ***a)
+        .filter(|r| r.count.is_none() && r.next_address.is_none())
+        .filter(|r| spec.node(&r.node).and_then(worker_subnet) == Some(subnet))
         .collect();
+    let rank = choosing.iter().position(|r| std::ptr::eq(*r, replica))?;
     subnet
         .hosts()
         .rev()
-        .find(|host| !taken.contains(&IpAddr::V4(*host)))
+        .filter(|host| !taken.contains(&IpAddr::V4(*host)))
+        .nth(rank)
 }
 
 /// A load-balancer node's part: its id and the VIP ports it serves.
@@ -295,10 +373,56 @@ mod tests {
     fn next_addresses_are_chosen_from_the_top_of_the_subnet() {
         let spec = spec();
         let api = &spec.services[0];
-        let addresses = replica_addresses(&spec, &api.replicas[0]).expect("ipv4");
+        let addresses = replicas_of(&spec, api)[0].pair;
         assert_eq!(addresses.address, Ipv4Addr::new(10, 20, 1, 5));
         assert_eq!(addresses.next_address, Ipv4Addr::new(10, 20, 1, 254));
         assert_eq!(addresses.other(addresses.next_address), addresses.address);
+    }
+
+    #[test]
+    fn counts_expand_into_consecutive_pairs_and_defaults_differ() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/routed-replicas.yaml"
+        ))
+        .expect("example exists")
+        .replace(
+            "address: 10.20.2.5, nextAddress: 10.20.2.6",
+            "address: 10.20.2.5",
+        )
+        .replace(
+            "address: 10.20.2.7, nextAddress: 10.20.2.8",
+            "address: 10.20.2.7",
+        );
+        let spec = load_bytes("routed-replicas.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+        let placed = replicas_of(&spec, &spec.services[0]);
+        let on = |node: &str| -> Vec<(u32, String, String)> {
+            placed
+                .iter()
+                .filter(|r| r.node == node)
+                .map(|r| {
+                    let pair = r.pair;
+                    (
+                        r.number,
+                        pair.address.to_string(),
+                        pair.next_address.to_string(),
+                    )
+                })
+                .collect()
+        };
+        let web1 = on("web-1");
+        assert_eq!(web1.len(), 8);
+        assert_eq!(web1[0], (1, "10.20.1.10".into(), "10.20.1.11".into()));
+        assert_eq!(web1[7], (8, "10.20.1.24".into(), "10.20.1.25".into()));
+        assert_eq!(
+            on("web-2"),
+            [
+                (1, "10.20.2.5".into(), "10.20.2.254".into()),
+                (2, "10.20.2.7".into(), "10.20.2.253".into()),
+            ],
+            "each replica without nextAddress gets its own"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::desired::routed::{load_balancer_role, replica_addresses};
+use crate::desired::routed::{load_balancer_role, replicas_of};
 use crate::error::chain;
 use crate::health::{NetworkCheck, probe_timeout};
 use crate::model::Probe;
@@ -39,12 +39,10 @@ pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
         .into_iter()
         .filter_map(|service| Some((service, NetworkCheck::of(service, false)?)))
         .flat_map(|(service, check)| {
-            service
-                .replicas
-                .iter()
-                .filter_map(|replica| replica_addresses(spec, replica))
-                .flat_map(move |pair| {
-                    [pair.address, pair.next_address]
+            replicas_of(spec, service)
+                .into_iter()
+                .flat_map(move |replica| {
+                    [replica.pair.address, replica.pair.next_address]
                         .map(|ip| (service, check.clone(), IpAddr::V4(ip)))
                 })
         })

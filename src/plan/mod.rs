@@ -28,7 +28,7 @@ use crate::desired::routed::{
 use crate::desired::routed_table::{WorkerRules, add_load_balancer, add_worker};
 use crate::model::Redirect;
 use crate::model::{Container, NftTable, Observed};
-use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, container_name};
+use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, parse_container_name, replica_container_name};
 use crate::spec::{HumanDuration, NetworkMode, Service, Spec};
 
 use operation::{Operation, Switch, Unanswered};
@@ -59,9 +59,10 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let slots = slots_by_service(observed);
 
     for (service, container) in &desired.services {
-        planner.foreign_name_conflicts(&service.name, node);
+        let replica = container.replica_number();
+        planner.foreign_name_conflicts(&service.name, node, replica);
         let mine = slots
-            .get(service.name.value.as_str())
+            .get(&(service.name.value.as_str(), replica))
             .cloned()
             .unwrap_or_default();
         match service.network {
@@ -101,7 +102,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         &desired
             .services
             .iter()
-            .map(|(s, _)| s.name.value.as_str())
+            .map(|(s, c)| (s.name.value.as_str(), c.replica_number()))
             .collect(),
     );
     let balancing =
@@ -204,7 +205,7 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
             .filter(|s| s.network == NetworkMode::Host)
             .filter(|s| {
                 slots
-                    .get(s.name.value.as_str())
+                    .get(&(s.name.value.as_str(), 1))
                     .is_some_and(|slots| slots.next.is_some())
             })
             .collect();
@@ -243,11 +244,14 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
     Some(table)
 }
 
-/// The containers of each service on the node, by slot.
-fn slots_by_service(observed: &Observed) -> HashMap<&str, Slots<'_>> {
-    let mut all: HashMap<&str, Slots> = HashMap::new();
+/// The containers of each service on the node (of each routed replica:
+/// service and replica number), by slot.
+fn slots_by_service(observed: &Observed) -> HashMap<(&str, u32), Slots<'_>> {
+    let mut all: HashMap<(&str, u32), Slots> = HashMap::new();
     for container in &observed.containers {
-        let slots = all.entry(container.service.as_str()).or_default();
+        let slots = all
+            .entry((container.service.as_str(), replica_number(container)))
+            .or_default();
         let place = match container.slot {
             Slot::Primary => &mut slots.primary,
             Slot::Next => &mut slots.next,
@@ -256,6 +260,11 @@ fn slots_by_service(observed: &Observed) -> HashMap<&str, Slots<'_>> {
         *place = Some(container);
     }
     all
+}
+
+/// The routed replica number a container's name carries (1 when none).
+fn replica_number(container: &Container) -> u32 {
+    parse_container_name(&container.name).map_or(1, |name| name.replica)
 }
 
 /// The containers one service has on the node, by slot.
@@ -282,9 +291,9 @@ struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn foreign_name_conflicts(&mut self, service: &str, node: &str) {
+    fn foreign_name_conflicts(&mut self, service: &str, node: &str, replica: u32) {
         for slot in Slot::ALL {
-            let name = container_name(service, node, slot);
+            let name = replica_container_name(service, node, replica, slot);
             if self
                 .observed
                 .foreign_containers
@@ -299,11 +308,17 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn orphan_containers(&mut self, wanted: &BTreeSet<&str>) {
+    fn orphan_containers(&mut self, wanted: &BTreeSet<(&str, u32)>) {
         for container in &self.observed.containers {
-            if wanted.contains(container.service.as_str()) {
+            let replica = replica_number(container);
+            if wanted.contains(&(container.service.as_str(), replica)) {
                 continue;
             }
+            let reason = if wanted.iter().any(|(s, _)| *s == container.service) {
+                "the spec runs fewer replicas of the service on this node"
+            } else {
+                "the service is no longer in the spec for this node"
+            };
             self.changes.push(Change {
                 action: Action::Destroy,
                 resource: Resource::Container {
@@ -311,7 +326,7 @@ impl<'a> Planner<'a> {
                     slot: container.slot,
                     name: container.name.clone(),
                 },
-                reason: "the service is no longer in the spec for this node".into(),
+                reason: reason.into(),
                 fields: vec![FieldChange {
                     name: "image".into(),
                     old: Some(container.image.clone().into()),

@@ -13,18 +13,44 @@ use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
 };
-use crate::desired::routed::{LoadBalancerRole, ReplicaAddresses, replica_addresses, version_tag};
+use crate::desired::routed::{
+    LoadBalancerRole, ReplicaAddresses, replicas_of, replicas_on, version_tag,
+};
 use crate::desired::routed_table::{Dnat, LoadBalancerRules, down_in, spreads_in, versions_in};
-use crate::desired::{DesiredContainer, container_for};
+use crate::desired::{DesiredContainer, replica_container};
 use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
-use crate::ownership::{Slot, container_name, veth_name};
+use crate::ownership::{Slot, replica_container_name, veth_name};
 use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
 
-fn resource(service: &str, node: &str, slot: Slot) -> Resource {
+/// A routed replica's place: its node and its number there.
+#[derive(Clone, Copy)]
+struct On<'a> {
+    node: &'a str,
+    number: u32,
+}
+
+impl On<'_> {
+    /// The replica's container in `slot`.
+    fn name(self, service: &str, slot: Slot) -> String {
+        replica_container_name(service, self.node, self.number, slot)
+    }
+
+    /// The replica as the resource an upgrade changes: `service.NAME`, and
+    /// `service.NAME[N]` for the node's replica number N beyond the first.
+    fn service(self, service: &str) -> Resource {
+        let name = match self.number {
+            1 => service.to_string(),
+            n => format!("{service}[{n}]"),
+        };
+        Resource::Service { name }
+    }
+}
+
+fn resource(service: &str, on: On, slot: Slot) -> Resource {
     Resource::Container {
         service: service.to_string(),
         slot,
-        name: container_name(service, node, slot),
+        name: on.name(service, slot),
     }
 }
 
@@ -83,19 +109,20 @@ pub(super) fn plan_replica(
     drift: &mut Vec<Drift>,
 ) -> Vec<Change> {
     let name = &service.name.value;
-    let Some(pair) = service
-        .replicas
+    let number = container.replica_number();
+    let Some(pair) = replicas_on(spec, service, node)
         .iter()
-        .find(|r| r.node.value == node)
-        .and_then(|r| replica_addresses(spec, r))
+        .find(|r| r.number == number)
+        .map(|r| r.pair)
     else {
         return Vec::new();
     };
+    let on = On { node, number };
     let hash = container.spec_hash();
     let workload = workload(service, container);
     if let Some(next) = mine.next {
         return vec![in_flight(
-            spec, node, service, workload, &pair, mine, next, &hash,
+            spec, on, service, workload, &pair, mine, next, &hash,
         )];
     }
     let Some(primary) = mine.primary else {
@@ -103,7 +130,7 @@ pub(super) fn plan_replica(
             workload,
             address: pair.address,
         };
-        let mut create = create_primary(resource(name, node, Slot::Primary), container, operation);
+        let mut create = create_primary(resource(name, on, Slot::Primary), container, operation);
         create.reason = format!("wired in at {} with a veth pair", pair.address);
         return vec![create];
     };
@@ -117,7 +144,7 @@ pub(super) fn plan_replica(
         if primary.state != "running" {
             return vec![Change {
                 action: Action::Replace,
-                resource: resource(name, node, Slot::Primary),
+                resource: resource(name, on, Slot::Primary),
                 reason: format!(
                     "the spec changed and the container is {}: nothing to drain",
                     primary.state
@@ -131,7 +158,7 @@ pub(super) fn plan_replica(
         return vec![match service.upgrade.strategy {
             Strategy::StopStart => Change {
                 action: Action::Replace,
-                resource: Resource::Service { name: name.clone() },
+                resource: on.service(name),
                 reason: format!(
                     "stop-start upgrade at {at}: the replica is down between stop and healthy"
                 ),
@@ -140,13 +167,13 @@ pub(super) fn plan_replica(
                 upgrade: Some(Upgrade {
                     strategy: Strategy::StopStart,
                     in_flight: None,
-                    stages: stop_start_stages(node, service, same_or_address(&pair, at)),
+                    stages: stop_start_stages(on, service, same_or_address(&pair, at)),
                 }),
                 operation: replace(workload),
             },
             Strategy::RedirectDrain => Change {
                 action: Action::Upgrade,
-                resource: Resource::Service { name: name.clone() },
+                resource: on.service(name),
                 reason: format!(
                     "the spec changed: zero-downtime upgrade from {at} to {}",
                     next_for(&pair, at)
@@ -156,7 +183,7 @@ pub(super) fn plan_replica(
                 upgrade: Some(Upgrade {
                     strategy: Strategy::RedirectDrain,
                     in_flight: None,
-                    stages: upgrade_stages(node, service, at, next_for(&pair, at), false),
+                    stages: upgrade_stages(on, service, at, next_for(&pair, at), false),
                 }),
                 operation: Operation::UpgradeReplica {
                     workload,
@@ -174,7 +201,7 @@ pub(super) fn plan_replica(
         address: at,
     };
     if let Some(start) =
-        restart_if_stopped(primary, resource(name, node, Slot::Primary), drift, restart)
+        restart_if_stopped(primary, resource(name, on, Slot::Primary), drift, restart)
     {
         return vec![start];
     }
@@ -221,7 +248,7 @@ fn load_balancer_addresses(spec: &Spec) -> Vec<IpAddr> {
 #[allow(clippy::too_many_arguments)]
 fn in_flight(
     spec: &Spec,
-    node: &str,
+    on: On,
     service: &Service,
     workload: Box<Workload>,
     pair: &ReplicaAddresses,
@@ -254,13 +281,13 @@ fn in_flight(
         )
     };
     let stages = match decision {
-        Decision::Resume => upgrade_stages(node, service, old_at, next_at, true),
+        Decision::Resume => upgrade_stages(on, service, old_at, next_at, true),
         Decision::RollBack => vec![Stage {
             name: StageName::RemoveNext,
             done: false,
             action: format!(
                 "remove {} (load-balancer nodes that switched to {next_at} switch back when it stops answering)",
-                container_name(name, node, Slot::Next)
+                on.name(name, Slot::Next)
             ),
             wait: None,
             timeout: None,
@@ -274,7 +301,7 @@ fn in_flight(
     };
     Change {
         action: Action::Upgrade,
-        resource: Resource::Service { name: name.clone() },
+        resource: on.service(name),
         reason: format!("{verb} the routed upgrade in flight"),
         fields: Vec::new(),
         diff: Vec::new(),
@@ -295,7 +322,7 @@ fn in_flight(
 }
 
 fn upgrade_stages(
-    node: &str,
+    on: On,
     service: &Service,
     old_at: Ipv4Addr,
     next_at: Ipv4Addr,
@@ -316,7 +343,7 @@ fn upgrade_stages(
             done: started,
             action: format!(
                 "start {} at {next_at} and wire it in",
-                container_name(name, node, Slot::Next)
+                on.name(name, Slot::Next)
             ),
             wait: Some("healthy".into()),
             timeout: Some(start_timeout),
@@ -342,8 +369,8 @@ fn upgrade_stages(
             done: false,
             action: format!(
                 "remove {}; {} becomes the primary at {next_at}",
-                container_name(name, node, Slot::Primary),
-                container_name(name, node, Slot::Next)
+                on.name(name, Slot::Primary),
+                on.name(name, Slot::Next)
             ),
             wait: None,
             timeout: None,
@@ -351,8 +378,8 @@ fn upgrade_stages(
     ]
 }
 
-fn stop_start_stages(node: &str, service: &Service, at: Ipv4Addr) -> Vec<Stage> {
-    let primary = container_name(&service.name, node, Slot::Primary);
+fn stop_start_stages(on: On, service: &Service, at: Ipv4Addr) -> Vec<Stage> {
+    let primary = on.name(&service.name, Slot::Primary);
     vec![
         Stage {
             name: StageName::Stop,
@@ -485,14 +512,12 @@ pub(super) fn load_balancing(
         };
         let healthy = |address: Ipv4Addr| answers(address) == Some(true);
         let mut targets = Vec::new();
-        for replica in &service.replicas {
-            let Some(pair) = replica_addresses(spec, replica) else {
-                continue;
-            };
+        for replica in replicas_of(spec, service) {
+            let pair = replica.pair;
             // Only a replica probed at both addresses can be known to be down.
             let down =
                 answers(pair.address) == Some(false) && answers(pair.next_address) == Some(false);
-            let node = replica.node.value.as_str();
+            let node = replica.node;
             let key = (name.clone(), pair.address);
             if let Some((address, _)) = chosen.get(&key) {
                 targets.push(Target {
@@ -503,8 +528,7 @@ pub(super) fn load_balancing(
                 });
                 continue;
             }
-            let wanted =
-                version_tag(&container_for(service, Some(pair.address.to_string())).spec_hash());
+            let wanted = version_tag(&replica_container(service, &replica).spec_hash());
             let current = [pair.address, pair.next_address]
                 .into_iter()
                 .find_map(|a| Some((a, *recorded.get(&a)?)));

@@ -150,20 +150,29 @@ impl PullPolicy {
     }
 }
 
-/// A routed-mode replica.
+/// A routed-mode replica, or with `count` several replicas on one node. A
+/// node may run several replicas of a service (several entries, or a count).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Replica {
     /// The node that runs this replica; it needs a `containerSubnet`.
     pub node: Located<String>,
-    /// The replica's own address, inside its node's `containerSubnet`.
+    /// The replica's own address, inside its node's `containerSubnet`. With
+    /// `count`, the first address of the first replica's pair.
     pub address: Located<Address>,
     /// The address an upgrade starts the next version at, inside the node's
     /// `containerSubnet`. Versions alternate between `address` and
     /// `nextAddress`. Default: the highest address of the subnet that no
-    /// replica in the spec uses.
+    /// replica in the spec uses (each replica gets its own). Not with `count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_address: Option<Located<Address>>,
+    /// Runs this many replicas on the node, each with its own pair of
+    /// consecutive addresses from `address` on: with `address: 10.20.1.10`
+    /// and `count: 3`, the pairs are .10/.11, .12/.13 and .14/.15 (versions
+    /// alternate within each pair). Raising the count adds pairs and leaves
+    /// the others where they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<Located<u32>>,
 }
 
 /// Transport protocol of a port.

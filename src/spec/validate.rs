@@ -2,10 +2,10 @@
 //! reported, each at the value that causes it.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::{
-    Canary, Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy,
+    Canary, Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy, Replica,
     SPEC_VERSION, Service, Spec, Strategy, render_placeholders,
 };
 use crate::diagnostic::{Diagnostic, Span, closest, one_of};
@@ -34,6 +34,37 @@ struct Checker {
 
 fn error(span: Span, message: impl Into<String>) -> Diagnostic {
     Diagnostic::new(Some(span), message)
+}
+
+/// Every address one entry of `replicas` names, with where to point at it:
+/// `address` and `nextAddress`, and with `count` the other addresses of its
+/// pairs (pointed at by the count).
+fn replica_entry_addresses(replica: &Replica) -> Vec<(IpAddr, Span)> {
+    let mut addresses: Vec<(IpAddr, Span)> = std::iter::once(&replica.address)
+        .chain(&replica.next_address)
+        .map(|a| (***a, a.span))
+        .collect();
+    if let (Some(count), IpAddr::V4(first)) = (&replica.count, **replica.address) {
+        let extra = (1..count.value.saturating_mul(2))
+            .filter_map(|k| u32::from(first).checked_add(k))
+            .map(|a| (IpAddr::V4(Ipv4Addr::from(a)), count.span));
+        addresses.extend(extra);
+    }
+    addresses
+}
+
+/// The last address of the pairs of an entry with `count`.
+fn last_of_count(replica: &Replica) -> Option<Ipv4Addr> {
+    let IpAddr::V4(first) = **replica.address else {
+        return None;
+    };
+    let span = replica
+        .count
+        .as_ref()?
+        .value
+        .checked_mul(2)?
+        .checked_sub(1)?;
+    u32::from(first).checked_add(span).map(Ipv4Addr::from)
 }
 
 fn at(span: Span) -> String {
@@ -160,23 +191,15 @@ impl Checker {
 
         let mut replica_addresses: HashMap<IpAddr, (&str, Span)> = HashMap::new();
         for service in &spec.services {
-            let addresses = service
-                .replicas
-                .iter()
-                .flat_map(|r| std::iter::once(&r.address).chain(&r.next_address));
-            for address in addresses {
+            let addresses = service.replicas.iter().flat_map(replica_entry_addresses);
+            for (address, span) in addresses {
                 if let Some((owner, first)) =
-                    replica_addresses.insert(***address, (&service.name, address.span))
+                    replica_addresses.insert(address, (&service.name, span))
                 {
                     self.push(
-                        error(
-                            address.span,
-                            format!("replica address {} is used twice", **address),
-                        )
-                        .with_help(format!(
-                            "service `{owner}` already uses it at {}",
-                            at(first)
-                        )),
+                        error(span, format!("replica address {address} is used twice")).with_help(
+                            format!("service `{owner}` already uses it at {}", at(first)),
+                        ),
                     );
                 }
             }
@@ -374,23 +397,8 @@ impl Checker {
                 .with_help("add `replicas: [ { node: NAME, address: IP } ]`"),
             );
         }
-        let mut nodes_seen: HashMap<&str, Span> = HashMap::new();
         for replica in &service.replicas {
-            if let Some(first) = nodes_seen.insert(&replica.node, replica.node.span) {
-                self.push(
-                    error(
-                        replica.node.span,
-                        format!(
-                            "service `{}` has two replicas on node `{}`",
-                            service.name.value, replica.node.value
-                        ),
-                    )
-                    .with_help(format!(
-                        "a node runs at most one replica of a service; the first is at {}",
-                        at(first)
-                    )),
-                );
-            }
+            self.replica_count(replica);
             if self.node_missing(spec, &replica.node) {
                 continue;
             }
@@ -404,6 +412,24 @@ impl Checker {
                 );
                 continue;
             };
+            if let (Some(count), Some(last)) = (&replica.count, last_of_count(replica)) {
+                let fits = match *subnet.value {
+                    ipnet::IpNet::V4(net) => net.contains(&last) && last != net.broadcast(),
+                    ipnet::IpNet::V6(_) => false,
+                };
+                if !fits {
+                    self.push(
+                        error(
+                            count.span,
+                            format!(
+                                "{} replicas from {} need addresses up to {last}, past the last host address of {} of node `{}`",
+                                count.value, **replica.address, subnet.value, node.name.value
+                            ),
+                        )
+                        .with_help("each replica takes two consecutive addresses; lower `count` or start `address` lower"),
+                    );
+                }
+            }
             for address in std::iter::once(&replica.address).chain(&replica.next_address) {
                 if !address.is_ipv4() {
                     self.push(
@@ -446,6 +472,25 @@ impl Checker {
                     .with_help("add it to the `loadBalancer.vips` of a node"),
                 );
             }
+        }
+    }
+
+    /// `count`: at least 1, and not with `nextAddress`.
+    fn replica_count(&mut self, replica: &Replica) {
+        let Some(count) = &replica.count else {
+            return;
+        };
+        if count.value == 0 {
+            self.push(
+                error(count.span, "`count` must be at least 1")
+                    .with_help("remove the entry to run no replica on this node"),
+            );
+        }
+        if let Some(next) = &replica.next_address {
+            self.push(
+                error(next.span, "`nextAddress` cannot be used with `count`")
+                    .with_help("with `count`, each replica alternates between two consecutive addresses from `address`; remove `nextAddress`"),
+            );
         }
     }
 

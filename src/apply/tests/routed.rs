@@ -214,11 +214,8 @@ fn upgrade_whose_drain_times_out_with_rollback_removes_next() {
     assert_next_removed(&h, next, before);
 }
 
-#[test]
-fn upgrade_found_in_flight_with_a_changed_spec_is_rolled_back() {
-    let h = installed();
-    h.fake.set_health(NEXT, Health::Never);
-    let result = h.apply(&api("api:2", "onFailure: pause"));
+/// Asserts that apply paused an upgrade whose next version never got healthy.
+fn assert_paused_at_start_next(result: &Result<(), ApplyError>) {
     assert!(
         matches!(
             result,
@@ -229,6 +226,14 @@ fn upgrade_found_in_flight_with_a_changed_spec_is_rolled_back() {
         ),
         "{result:?}"
     );
+}
+
+#[test]
+fn upgrade_found_in_flight_with_a_changed_spec_is_rolled_back() {
+    let h = installed();
+    h.fake.set_health(NEXT, Health::Never);
+    let result = h.apply(&api("api:2", "onFailure: pause"));
+    assert_paused_at_start_next(&result);
     assert_eq!(
         h.fake.container_names(),
         [PRIMARY, NEXT],
@@ -327,5 +332,103 @@ fn a_replica_left_out_of_the_spread_loses_its_unanswered_connections_once() {
         lb_apply(&h, true),
         ["write table"],
         "rejoining deletes nothing"
+    );
+}
+
+/// `api` with two replicas on worker `w` (10.20.1.5 and 10.20.1.7, next
+/// addresses .6 and .8) at `image`.
+fn two_on_one_worker(image: &str) -> String {
+    api(image, "switchWait: 1s, drainTimeout: 10s").replace(
+        "replicas: [{node: w, address: 10.20.1.5}]",
+        "replicas: [{node: w, address: 10.20.1.5, count: 2}]",
+    )
+}
+
+#[test]
+fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
+    let h = Harness::new(NODE);
+    let spec = two_on_one_worker("api:1");
+    h.apply(&spec).expect("creates both");
+    assert_eq!(h.fake.container_names(), [PRIMARY, "lessnat-api.w.2"]);
+    assert_eq!(wired(&h), ["10.20.1.5", "10.20.1.7"]);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
+
+    // An upgrade moves them one at a time, each to the other address of its pair.
+    h.fake.clear_calls();
+    let spec = two_on_one_worker("api:2");
+    let plan = h.plan(&spec);
+    let moves: Vec<(Ipv4Addr, Ipv4Addr)> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match &c.operation {
+            Operation::UpgradeReplica {
+                old_at, next_at, ..
+            } => Some((*old_at, *next_at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (ADDRESS, Ipv4Addr::new(10, 20, 1, 6)),
+            (Ipv4Addr::new(10, 20, 1, 7), Ipv4Addr::new(10, 20, 1, 8)),
+        ]
+    );
+    h.apply_plan(&plan).expect("upgrades both");
+    let changes = h.changes();
+    let at = |call: &str| {
+        changes
+            .iter()
+            .position(|c| c == call)
+            .unwrap_or_else(|| panic!("no {call:?} in {changes:#?}"))
+    };
+    assert!(
+        at("rename lessnat-api.w.next lessnat-api.w") < at("create lessnat-api.w.2.next"),
+        "the second replica starts its next version once the first is done: {changes:#?}"
+    );
+    assert_eq!(h.fake.container_names(), [PRIMARY, "lessnat-api.w.2"]);
+    assert_eq!(wired(&h), ["10.20.1.6", "10.20.1.8"]);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
+
+    // Down to one: the second replica goes.
+    h.fake.clear_calls();
+    let one = two_on_one_worker("api:2").replace("count: 2", "count: 1");
+    h.apply(&one).expect("scales down");
+    assert_eq!(
+        h.changes(),
+        ["stop lessnat-api.w.2", "remove lessnat-api.w.2"]
+    );
+    assert_eq!(h.fake.container_names(), [PRIMARY]);
+}
+
+#[test]
+fn an_upgrade_paused_on_the_second_replica_resumes_only_that_one() {
+    let h = Harness::installed(NODE, &two_on_one_worker("api:1"));
+    h.fake.set_health("lessnat-api.w.2.next", Health::Never);
+    let spec = two_on_one_worker("api:2")
+        .replace("drainTimeout: 10s", "drainTimeout: 10s, onFailure: pause");
+    let result = h.apply(&spec);
+    assert_paused_at_start_next(&result);
+    assert_eq!(
+        h.fake.container_names(),
+        [PRIMARY, "lessnat-api.w.2", "lessnat-api.w.2.next"],
+        "the first replica finished; the second is paused with its next version"
+    );
+
+    let plan = h.plan(&spec);
+    let upgrades: Vec<(String, Option<Decision>)> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match &c.operation {
+            Operation::UpgradeReplica { in_flight, .. } => {
+                Some((c.resource.address(), in_flight.as_ref().map(|f| f.decision)))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        upgrades,
+        [("service.api[2]".to_string(), Some(Decision::Resume))],
+        "{plan:#?}"
     );
 }
