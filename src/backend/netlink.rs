@@ -30,8 +30,8 @@
 //! so without that check deleting `10.20.1.0/24 dev v0` could remove
 //! `10.20.1.0/24 via 192.0.2.10` instead.
 
+use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::IpAddr;
 
@@ -50,7 +50,7 @@ use rtnetlink::{Handle, IpVersion};
 
 use crate::model::{IpRule, OwnedAddress, Route, RoutingState};
 use crate::netns::{Netns, NetnsError};
-use crate::ownership::{ADDRESS_LABEL_SUFFIX, ROUTE_TABLES, ROUTES_TABLE, RULE_PRIORITIES};
+use crate::ownership::{ADDRESS_LABEL_SUFFIX, ROUTE_TABLES, RULE_PRIORITIES};
 
 /// Reading or changing routing state, addresses or links failed.
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +196,7 @@ fn connect() -> Result<Rtnl, Fault> {
 }
 
 /// Reads the policy routing rules (IPv4 and IPv6) whose priority is in
-/// [`RULE_PRIORITIES`] and the routes of the tables in [`ROUTE_TABLES`] that
-/// those rules use, and of [`ROUTES_TABLE`], sorted.
+/// [`RULE_PRIORITIES`] and the routes of the tables in [`ROUTE_TABLES`], sorted.
 ///
 /// A rule's `fwmask` is reported only when it is not the full mask
 /// (`fwmark 1` and `fwmark 1/0xffffffff` are the same rule to the kernel). A
@@ -208,17 +207,9 @@ pub fn observe(netns: &Netns) -> Result<RoutingState, NetlinkError> {
         let mut rules = rules_here(&rtnl.handle, IpVersion::V4).await?;
         rules.extend(rules_here(&rtnl.handle, IpVersion::V6).await?);
         rules.sort();
-        // Routes only where lessnat's rules point, and its plain table: one
-        // dump per table with strict checking, not the whole range.
-        let tables: BTreeSet<u32> = rules
-            .iter()
-            .map(|rule| rule.table)
-            .filter(|table| ROUTE_TABLES.contains(table))
-            .chain([ROUTES_TABLE])
-            .collect();
         let mut routes = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            routes.extend(routes_here(&rtnl, family, tables.iter().copied(), None).await?);
+            routes.extend(routes_here(&rtnl, family, ROUTE_TABLES, None).await?);
         }
         routes.sort();
         Ok(RoutingState { rules, routes })
@@ -368,6 +359,9 @@ struct FoundRoute {
     onlink: bool,
 }
 
+/// Up to this many tables are dumped one by one (with strict checking).
+const FILTERED_TABLES: usize = 8;
+
 /// The routes of `family` in `tables` (through `oif`, when given), with
 /// their devices named, in kernel order.
 async fn routes_here(
@@ -378,7 +372,9 @@ async fn routes_here(
 ) -> Result<Vec<Route>, Fault> {
     let tables: Vec<u32> = tables.into_iter().collect();
     let mut found = Vec::new();
-    if rtnl.strict {
+    // A few tables: one filtered dump each; more (lessnat's whole range): one
+    // dump of the family, filtered here, instead of a thousand.
+    if rtnl.strict && tables.len() <= FILTERED_TABLES {
         for &table in &tables {
             dump_routes(&rtnl.handle, family, Some(table), oif, &mut found).await?;
         }
