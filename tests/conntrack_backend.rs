@@ -580,3 +580,29 @@ fn lost_events_make_the_watch_read_the_table_again() {
         })
         .expect("run in the namespace");
 }
+
+#[test]
+fn entries_deleted_by_someone_else_during_a_drain_leave_its_count() {
+    if !root_with(
+        "entries_deleted_by_someone_else_during_a_drain_leave_its_count",
+        &["nft", "conntrack"],
+    ) {
+        return;
+    }
+    let ns = tracking_netns("ct-deleted");
+    let netns = ns.netns();
+    netns
+        .run(|| {
+            let old = TcpListener::bind("127.0.0.1:8000").expect("bind 8000");
+            let before = connect(&old, "127.0.0.1:8000", 2);
+            let mut watch = ConntrackWatch::open(&netns, &OLD_VERSION).expect("watch");
+            let after = connect(&old, "127.0.0.1:8000", 2);
+            assert_eq!(wait_for(&mut watch, 4), Wake::Event);
+            // Someone deletes the service's entries (the connections stay
+            // open but idle, so the kernel makes no new ones).
+            ns.exec("conntrack", &["-D", "-p", "tcp", "--dport", "8000"]);
+            wait_for(&mut watch, 0);
+            drop((before, after));
+        })
+        .expect("run in the namespace");
+}
