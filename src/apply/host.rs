@@ -145,6 +145,22 @@ impl ConntrackWake for ConntrackWatch {
     }
 }
 
+/// A watch where conntrack is not available: no entry, ever.
+struct Untracked {
+    state: ConntrackState,
+}
+
+impl ConntrackWake for Untracked {
+    fn state(&mut self) -> Result<ConntrackState, ConntrackError> {
+        Ok(self.state.clone())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), ConntrackError> {
+        std::thread::sleep(timeout);
+        Ok(())
+    }
+}
+
 /// The live hold: the guard table (`nft::GuardTable`), when the host allows
 /// one, and the watch that restores lessnat's table.
 struct LiveHold {
@@ -240,7 +256,18 @@ impl Host for LiveHost<'_> {
         &self,
         interests: &[Interest],
     ) -> Result<Box<dyn ConntrackWake + '_>, ConntrackError> {
-        Ok(Box::new(ConntrackWatch::open(self.netns, interests)?))
+        match ConntrackWatch::open(self.netns, interests) {
+            Ok(watch) => Ok(Box::new(watch)),
+            // As observation reports it (with a warning in the plan): nothing
+            // to count, so nothing to wait for.
+            Err(ConntrackError::Unavailable { netns, reason }) => Ok(Box::new(Untracked {
+                state: ConntrackState {
+                    unavailable_reason: Some(format!("{reason} (in {netns})")),
+                    ..ConntrackState::default()
+                },
+            })),
+            Err(error) => Err(error),
+        }
     }
 
     fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
