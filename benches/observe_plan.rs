@@ -418,7 +418,7 @@ fn measure(
         t.routing
             .push(time(|| netlink::observe(&netns).expect("routing")).1);
         t.conntrack
-            .push(time(|| conntrack::observe(&netns).expect("conntrack")).1);
+            .push(time(|| conntrack::observe(&netns, &[]).expect("conntrack")).1);
         t.docker
             .push(time(|| docker.observe(NODE).expect("docker")).1);
 

@@ -625,7 +625,13 @@ impl CtTrace {
             let mut series = Vec::new();
             while !flag.load(Ordering::SeqCst) {
                 let at = epoch.elapsed();
-                let Ok(state) = lessnat::backend::conntrack::observe(&netns) else {
+                let port_of_service = [lessnat::backend::conntrack::Interest::ToPort {
+                    protocol: lessnat::spec::Protocol::Tcp,
+                    port,
+                    answered_from: None,
+                }];
+                let Ok(state) = lessnat::backend::conntrack::observe(&netns, &port_of_service)
+                else {
                     break;
                 };
                 let count = |reply: u16| {

@@ -1,13 +1,19 @@
-//! Waiting for connections to finish, counted in conntrack.
+//! Waiting for connections to finish, counted in conntrack: only the entries
+//! of the service's ports are read (the kernel filters them), and a host-mode
+//! drain is woken as soon as one of them changes (see
+//! `backend::conntrack_watch`), so it ends as the last connection closes.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use super::progress::{Progress, short};
 use super::{ApplyError, Context};
+use crate::backend::conntrack::Interest;
 use crate::model::ConntrackState;
 use crate::spec::{Protocol, Service};
 
-/// How often conntrack is read while draining.
+/// How often a drain counts, at the latest (a watched drain counts again as
+/// soon as its watch wakes).
 const POLL: Duration = Duration::from_millis(500);
 
 /// How a drain ended.
@@ -31,21 +37,14 @@ const OPEN_STATES: [&str; 3] = ["ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT"];
 /// the old version (reply from the canonical port) or the next one (from the
 /// temporary port).
 pub(super) fn established(state: &ConntrackState, service: &Service, temporary: bool) -> u64 {
-    service
-        .ports
-        .iter()
-        .filter(|p| p.protocol == Protocol::Tcp)
-        .map(|p| {
-            let reply = match (&p.temp_port, temporary) {
-                (Some(temp), true) => temp.value,
-                _ => p.port.value,
-            };
+    answering(service, temporary)
+        .map(|(port, reply)| {
             state
                 .flows
                 .iter()
                 .filter(|f| {
                     f.protocol == "tcp"
-                        && f.orig_dport == p.port.value
+                        && f.orig_dport == port
                         && f.reply_sport == reply
                         && OPEN_STATES.contains(&f.state.as_str())
                 })
@@ -53,6 +52,31 @@ pub(super) fn established(state: &ConntrackState, service: &Service, temporary: 
                 .sum::<u64>()
         })
         .sum()
+}
+
+/// The conntrack entries [`established`] counts: TCP to each canonical port,
+/// answered from it (the old version) or from the temporary port (`temporary`).
+pub(super) fn interests(service: &Service, temporary: bool) -> Vec<Interest> {
+    answering(service, temporary)
+        .map(|(port, reply)| Interest::ToPort {
+            protocol: Protocol::Tcp,
+            port,
+            answered_from: Some(reply),
+        })
+        .collect()
+}
+
+/// Each TCP port of `service` with the port its connections are answered
+/// from: itself, or the temporary port (`temporary`).
+fn answering(service: &Service, temporary: bool) -> impl Iterator<Item = (u16, u16)> + '_ {
+    service
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp)
+        .map(move |p| match (&p.temp_port, temporary) {
+            (Some(temp), true) => (p.port.value, temp.value),
+            _ => (p.port.value, p.port.value),
+        })
 }
 
 /// Connections that reached the old version after the redirect was set: with
@@ -78,17 +102,47 @@ impl Arrivals {
     }
 }
 
-/// Polls conntrack until `count` reaches 0 or `timeout` passes.
+/// Waits until `service` has no [`established`] connection left (to the
+/// next version when `temporary`) or `timeout` passes.
 pub(super) fn wait_drained(
     ctx: &Context,
     progress: &mut Progress,
     what: &str,
     timeout: Duration,
-    count: impl Fn(&ConntrackState) -> u64,
+    service: &Service,
+    temporary: bool,
 ) -> Result<Drained, ApplyError> {
-    wait_until_drained(ctx, progress, what, timeout, |_| {
-        Ok(count(&ctx.host.conntrack()?))
+    wait_established(ctx, progress, what, timeout, service, temporary, |_, _| {
+        Ok(())
     })
+}
+
+/// [`wait_drained`], calling `each` with every count (it may report, or fail
+/// the wait). The entries are followed by a conntrack watch: read once, then
+/// counted again as soon as one of them changes (at the latest after
+/// [`POLL`]), so the wait ends as the last connection closes.
+pub(super) fn wait_established(
+    ctx: &Context,
+    progress: &mut Progress,
+    what: &str,
+    timeout: Duration,
+    service: &Service,
+    temporary: bool,
+    mut each: impl FnMut(&mut Progress, u64) -> Result<(), ApplyError>,
+) -> Result<Drained, ApplyError> {
+    let watch = RefCell::new(ctx.host.watch_conntrack(&interests(service, temporary))?);
+    drain_loop(
+        ctx,
+        progress,
+        what,
+        timeout,
+        |progress| {
+            let left = established(&watch.borrow_mut().state()?, service, temporary);
+            each(progress, left)?;
+            Ok(left)
+        },
+        |left| Ok(watch.borrow_mut().wait(POLL.min(left))?),
+    )
 }
 
 /// Calls `count` every [`POLL`] until it returns 0 or `timeout` passes,
@@ -98,7 +152,23 @@ pub(super) fn wait_until_drained(
     progress: &mut Progress,
     what: &str,
     timeout: Duration,
+    count: impl FnMut(&mut Progress) -> Result<u64, ApplyError>,
+) -> Result<Drained, ApplyError> {
+    drain_loop(ctx, progress, what, timeout, count, |_| {
+        ctx.host.sleep(POLL);
+        Ok(())
+    })
+}
+
+/// Counts until none is left or `timeout` passes; between two counts,
+/// `pause` (given the time left) waits.
+fn drain_loop(
+    ctx: &Context,
+    progress: &mut Progress,
+    what: &str,
+    timeout: Duration,
     mut count: impl FnMut(&mut Progress) -> Result<u64, ApplyError>,
+    mut pause: impl FnMut(Duration) -> Result<(), ApplyError>,
 ) -> Result<Drained, ApplyError> {
     let started = ctx.host.now();
     loop {
@@ -121,7 +191,7 @@ pub(super) fn wait_until_drained(
             progress.end_wait();
             return Err(ApplyError::Interrupted);
         }
-        ctx.host.sleep(POLL);
+        pause(timeout - elapsed)?;
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use bollard::errors::Error as ApiError;
 
-use super::host::{Host, TableHold};
-use crate::backend::conntrack::{ConntrackError, FlowTo, Settled, UdpPort};
+use super::host::{ConntrackWake, Host, TableHold};
+use crate::backend::conntrack::{ConntrackError, FlowTo, Interest, Settled, UdpPort};
 use crate::backend::docker::{ContainerStatus, DockerError, PullProgress};
 use crate::backend::netlink::NetlinkError;
 use crate::backend::nft::NftError;
@@ -415,6 +415,23 @@ impl FakeHost {
     }
 
     /// Deletes lessnat's table when a test scheduled it `at` this moment.
+    /// One scripted conntrack read (logged as `read conntrack`).
+    fn read_conntrack(&self) -> Result<ConntrackState, ConntrackError> {
+        self.call("read conntrack")
+            .map_err(|e| conntrack_error("read conntrack", e))?;
+        let read = {
+            let mut state = self.state.borrow_mut();
+            state.conntrack_reads += 1;
+            state.conntrack_reads
+        };
+        self.foreign_delete(At::ConntrackRead(read));
+        let mut state = self.state.borrow_mut();
+        if state.interrupt_at_read == Some(read) {
+            self.interrupt.store(true, Ordering::SeqCst);
+        }
+        Ok(state.conntrack.next())
+    }
+
     fn foreign_delete(&self, at: At) {
         let mut state = self.state.borrow_mut();
         if state.delete_table_at.contains(&at) {
@@ -703,20 +720,11 @@ impl Host for FakeHost {
         }))
     }
 
-    fn conntrack(&self) -> Result<ConntrackState, ConntrackError> {
-        self.call("read conntrack")
-            .map_err(|e| conntrack_error("read conntrack", e))?;
-        let read = {
-            let mut state = self.state.borrow_mut();
-            state.conntrack_reads += 1;
-            state.conntrack_reads
-        };
-        self.foreign_delete(At::ConntrackRead(read));
-        let mut state = self.state.borrow_mut();
-        if state.interrupt_at_read == Some(read) {
-            self.interrupt.store(true, Ordering::SeqCst);
-        }
-        Ok(state.conntrack.next())
+    fn watch_conntrack(
+        &self,
+        _interests: &[Interest],
+    ) -> Result<Box<dyn ConntrackWake + '_>, ConntrackError> {
+        Ok(Box::new(FakeWake { host: self }))
     }
 
     fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {
@@ -896,6 +904,24 @@ impl Host for FakeHost {
 
     fn sleep(&self, duration: Duration) {
         self.state.borrow_mut().elapsed += duration;
+    }
+}
+
+/// A watch on the fake host's conntrack: each state is the next scripted
+/// read; nothing changes there by itself, so a wait lasts its whole timeout
+/// (virtual time).
+struct FakeWake<'a> {
+    host: &'a FakeHost,
+}
+
+impl ConntrackWake for FakeWake<'_> {
+    fn state(&mut self) -> Result<ConntrackState, ConntrackError> {
+        self.host.read_conntrack()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), ConntrackError> {
+        self.host.sleep(timeout);
+        Ok(())
     }
 }
 

@@ -8,7 +8,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::backend::conntrack::{self, ConntrackError, FlowTo, Settled, UdpPort};
+use crate::backend::conntrack::{self, ConntrackError, FlowTo, Interest, Settled, UdpPort};
+use crate::backend::conntrack_watch::ConntrackWatch;
 use crate::backend::docker::{ContainerStatus, Docker, DockerError, PullProgress};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
@@ -70,8 +71,12 @@ pub trait Host {
     /// one transaction (live: at once, on nftables' own event).
     fn hold_table(&self, table: &NftTable) -> Result<Box<dyn TableHold + '_>, NftError>;
 
-    /// Reads the conntrack counts (drains of host-mode upgrades).
-    fn conntrack(&self) -> Result<ConntrackState, ConntrackError>;
+    /// Follows the live conntrack entries of `interests` (drains of
+    /// host-mode upgrades): read once, then kept current.
+    fn watch_conntrack(
+        &self,
+        interests: &[Interest],
+    ) -> Result<Box<dyn ConntrackWake + '_>, ConntrackError>;
     /// Deletes the UDP conntrack entries of `ports` that keep a flow where it
     /// should no longer go, until none comes back for a while (how UDP flows
     /// move at a redirect and an unredirect).
@@ -128,6 +133,41 @@ pub trait TableHold {
     /// deletion of lessnat's table then leaves new connections unredirected
     /// until it is restored.
     fn unguarded(&self) -> Option<&NftError>;
+}
+
+/// A watch on conntrack entries, from [`Host::watch_conntrack`].
+pub trait ConntrackWake {
+    /// The live entries now, as flow counts.
+    fn state(&mut self) -> Result<ConntrackState, ConntrackError>;
+    /// Waits until one of the watched entries changes (or may have: events
+    /// were lost), at most `timeout`.
+    fn wait(&mut self, timeout: Duration) -> Result<(), ConntrackError>;
+}
+
+impl ConntrackWake for ConntrackWatch {
+    fn state(&mut self) -> Result<ConntrackState, ConntrackError> {
+        ConntrackWatch::state(self)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), ConntrackError> {
+        ConntrackWatch::wait(self, timeout).map(drop)
+    }
+}
+
+/// A watch where conntrack is not available: no entry, ever.
+struct Untracked {
+    state: ConntrackState,
+}
+
+impl ConntrackWake for Untracked {
+    fn state(&mut self) -> Result<ConntrackState, ConntrackError> {
+        Ok(self.state.clone())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), ConntrackError> {
+        std::thread::sleep(timeout);
+        Ok(())
+    }
 }
 
 /// The live hold: the guard table (`nft::GuardTable`), when the host allows
@@ -225,8 +265,22 @@ impl Host for LiveHost<'_> {
         Ok(Box::new(LiveHold { watch, guard }))
     }
 
-    fn conntrack(&self) -> Result<ConntrackState, ConntrackError> {
-        conntrack::observe(self.netns)
+    fn watch_conntrack(
+        &self,
+        interests: &[Interest],
+    ) -> Result<Box<dyn ConntrackWake + '_>, ConntrackError> {
+        match ConntrackWatch::open(self.netns, interests) {
+            Ok(watch) => Ok(Box::new(watch)),
+            // As observation reports it (with a warning in the plan): nothing
+            // to count, so nothing to wait for.
+            Err(ConntrackError::Unavailable { netns, reason }) => Ok(Box::new(Untracked {
+                state: ConntrackState {
+                    unavailable_reason: Some(format!("{reason} (in {netns})")),
+                    ..ConntrackState::default()
+                },
+            })),
+            Err(error) => Err(error),
+        }
     }
 
     fn settle_udp_flows(&self, ports: &[UdpPort]) -> Result<Settled, ConntrackError> {

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use super::canary::{self, Held};
-use super::drain::{Arrivals, Drained, established, wait_drained, wait_until_drained};
+use super::drain::{Arrivals, Drained, wait_drained, wait_established};
 use super::hold::RedirectHold;
 use super::progress::Progress;
 use super::ready::{ProbeAt, wait_ready, wait_ready_ticking};
@@ -437,19 +437,25 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 let (ctx, service, primary) = (self.ctx, self.service, &self.primary);
                 let hold = &mut self.hold;
                 let mut arrivals = Arrivals::default();
-                match wait_until_drained(ctx, self.progress, &what, timeout, |progress| {
-                    let state = ctx.host.conntrack()?;
-                    hold.check(progress)?;
-                    let left = established(&state, service, false);
-                    if let Some(total) = arrivals.note(left) {
-                        progress.step(&format!(
+                match wait_established(
+                    ctx,
+                    self.progress,
+                    &what,
+                    timeout,
+                    service,
+                    false,
+                    |progress, left| {
+                        hold.check(progress)?;
+                        if let Some(total) = arrivals.note(left) {
+                            progress.step(&format!(
                             "{}: {total} new connection{} reached {primary} directly since the redirect was set (it was missing); the drain waits for them too",
                             service.name,
                             if total == 1 { "" } else { "s" }
                         ));
-                    }
-                    Ok(left)
-                })? {
+                        }
+                        Ok(())
+                    },
+                )? {
                     Drained::Empty => Ok(()),
                     Drained::TimedOut(left) => match self.service.upgrade.on_drain_timeout {
                         OnDrainTimeout::Proceed => {
@@ -489,9 +495,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
                 let timeout = self.service.upgrade.drain_timeout.get();
                 let service = self.service;
                 if let Drained::TimedOut(left) =
-                    wait_drained(self.ctx, self.progress, &what, timeout, |s| {
-                        established(s, service, true)
-                    })?
+                    wait_drained(self.ctx, self.progress, &what, timeout, service, true)?
                 {
                     self.progress.step(&format!(
                         "{what}: {left} connections still open after the drain timeout; proceeding"
@@ -564,9 +568,7 @@ impl<'a, 'c> Upgrade<'a, 'c> {
             let timeout = self.service.upgrade.drain_timeout.get();
             let service = self.service;
             if let Drained::TimedOut(left) =
-                wait_drained(&ctx, self.progress, &what, timeout, |s| {
-                    established(s, service, true)
-                })?
+                wait_drained(&ctx, self.progress, &what, timeout, service, true)?
             {
                 self.progress.step(&format!(
                     "{what}: {left} connections still open after the drain timeout; proceeding"

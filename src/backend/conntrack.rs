@@ -3,24 +3,30 @@
 //! stages wait on) and deletes the entries that keep a UDP service's flows
 //! where they should no longer go (UDP has nothing to drain).
 //!
-//! The table is dumped once per call (per pass when moving flows), IPv4 and
-//! IPv6 together, and parsed one netlink message at a time: only the
-//! aggregated counts (and, when deleting, the entries that match) are kept,
-//! so a table of 100k+ entries costs no more memory than a small one.
+//! Every read names the entries it is about ([`Interest`]: a port, or the
+//! address replies come from) and the kernel filters the table for them
+//! (ctnetlink dump filters, `CTA_FILTER`, Linux 5.8+; on older kernels the
+//! whole table is dumped and filtered here). The kernel still walks its
+//! table, but the entries of everything else on the host are neither
+//! copied nor parsed, so a read costs about the same with 100k unrelated
+//! entries as with none. Answers are parsed one netlink message at a time:
+//! only the aggregated counts (and, when deleting, the entries that match)
+//! are kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
-    DecodeError, DefaultNla, NLA_HEADER_SIZE, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE,
-    NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer,
-    NlasIterator, Parseable,
+    DecodeError, DefaultNla, NLA_F_NESTED, NLA_HEADER_SIZE, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NlaBuffer, NlasIterator, Parseable,
 };
 use netlink_packet_netfilter::conntrack::{
-    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+    Protocol as CtProtocol, Tuple,
 };
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
@@ -28,6 +34,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use crate::error::chain;
 use crate::model::{ConntrackState, FlowCount};
 use crate::netns::{Netns, NetnsError};
+use crate::spec::Protocol;
 
 /// Where the per-namespace conntrack sysctls live.
 const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
@@ -43,6 +50,23 @@ const CTA_STATUS: u16 = 3;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
+const CTA_FILTER: u16 = 25;
+const CTA_FILTER_ORIG_FLAGS: u16 = 1;
+const CTA_FILTER_REPLY_FLAGS: u16 = 2;
+/// `CTA_FILTER_F_*` (`nf_internals.h`): which fields of a tuple a dump filter compares.
+const FILTER_IP_SRC: u32 = 1 << 0;
+const FILTER_PROTO_NUM: u32 = 1 << 3;
+const FILTER_PROTO_SRC_PORT: u32 = 1 << 4;
+const FILTER_PROTO_DST_PORT: u32 = 1 << 5;
+/// Each filtered dump makes the kernel walk its whole hash table (all
+/// namespaces' entries, and every bucket: ~8 ms for an empty table of 262144
+/// buckets on a busy 2-CPU machine); a whole dump walks it once and copies
+/// and parses this namespace's entries (~3 µs each). Filters pay off when
+/// each extra walk saves at least this many entries' copying.
+const ENTRIES_PER_WALK: u64 = 2_500;
+/// More filtered dumps than this per read cost more than one whole dump in
+/// any case.
+const MAX_FILTERED_DUMPS: usize = 32;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 /// `IPS_SRC_NAT` and `IPS_DST_NAT` (`nf_conntrack_common.h`): the entry's
@@ -98,19 +122,19 @@ pub enum ConntrackError {
 
 /// A failure inside the namespace thread, before it is placed in a namespace.
 #[derive(Debug)]
-enum Fault {
+pub(super) enum Fault {
     Unavailable(String),
     Io(String, io::Error),
     Decode(DecodeError),
 }
 
 impl Fault {
-    fn io(doing: impl Into<String>) -> impl FnOnce(io::Error) -> Fault {
+    pub(super) fn io(doing: impl Into<String>) -> impl FnOnce(io::Error) -> Fault {
         let doing = doing.into();
         move |source| Fault::Io(doing, source)
     }
 
-    fn within(self, netns: &Netns) -> ConntrackError {
+    pub(super) fn within(self, netns: &Netns) -> ConntrackError {
         let netns = netns.to_string();
         match self {
             Fault::Unavailable(reason) => ConntrackError::Unavailable { netns, reason },
@@ -124,12 +148,159 @@ impl Fault {
     }
 }
 
-/// Reads the conntrack table of `netns`: entry counts by protocol (TCP and UDP
-/// only), original destination port, reply source port and TCP state, plus the
-/// table's fill level. When conntrack cannot be used there the result has
-/// `available: false` and the reason, not an error.
-pub fn observe(netns: &Netns) -> Result<ConntrackState, ConntrackError> {
-    match netns.run(observe_here)? {
+/// Which conntrack entries a read or a watch is about. The kernel filters its
+/// table for them, so unrelated entries cost (almost) nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Interest {
+    /// Entries of `protocol` whose original destination port is `port` (what
+    /// clients dialled), answered from port `answered_from` (the reply's
+    /// source port: the canonical port, or the temporary one after a
+    /// redirect) when given.
+    ToPort {
+        /// TCP or UDP.
+        protocol: Protocol,
+        /// The original destination port.
+        port: u16,
+        /// The reply's source port, if it matters.
+        answered_from: Option<u16>,
+    },
+    /// Entries of `protocol` whose original source port is `port`: entries
+    /// opened by what listens on `port` (a UDP server's answer).
+    FromPort {
+        /// TCP or UDP.
+        protocol: Protocol,
+        /// The original source port.
+        port: u16,
+    },
+    /// Entries whose reply comes from `address` (a routed replica).
+    ReplyFrom(IpAddr),
+}
+
+impl Interest {
+    /// Whether `entry` is one this interest is about (what the kernel's
+    /// filter keeps).
+    pub(super) fn matches(&self, entry: &Entry<'_>) -> bool {
+        match *self {
+            Interest::ToPort {
+                protocol,
+                port,
+                answered_from,
+            } => {
+                let orig = ports(&entry.orig);
+                let reply = ports(&entry.reply);
+                orig.is_some_and(|(p, _, dport)| p == ip_protocol(protocol) && dport == port)
+                    && answered_from.is_none_or(|from| reply.is_some_and(|(_, s, _)| s == from))
+            }
+            Interest::FromPort { protocol, port } => ports(&entry.orig)
+                .is_some_and(|(p, sport, _)| p == ip_protocol(protocol) && sport == port),
+            Interest::ReplyFrom(address) => source_address(&entry.reply) == Some(address),
+        }
+    }
+
+    /// The dump requests that make the kernel send exactly the entries of
+    /// this interest: the tuple attributes and the `CTA_FILTER` attribute
+    /// (encoded here: the crate cannot flag an attribute as nested, and the
+    /// kernel insists). A filter needs an address family, so ports take one
+    /// request per family.
+    fn requests(&self) -> Vec<(NetfilterProtoFamily, Vec<ConntrackAttribute>, Vec<u8>)> {
+        let proto = |protocol: Protocol, part: ProtoTuple| {
+            vec![Tuple::Proto(vec![
+                ProtoTuple::Protocol(match protocol {
+                    Protocol::Tcp => CtProtocol::Tcp,
+                    Protocol::Udp => CtProtocol::Udp,
+                }),
+                part,
+            ])]
+        };
+        let both = |attributes: Vec<ConntrackAttribute>, filter: Vec<u8>| {
+            [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6]
+                .into_iter()
+                .map(|family| (family, attributes.clone(), filter.clone()))
+                .collect()
+        };
+        match *self {
+            Interest::ToPort {
+                protocol,
+                port,
+                answered_from,
+            } => {
+                let mut attributes = vec![ConntrackAttribute::CtaTupleOrig(proto(
+                    protocol,
+                    ProtoTuple::DestinationPort(port),
+                ))];
+                let mut reply_flags = 0;
+                if let Some(from) = answered_from {
+                    attributes.push(ConntrackAttribute::CtaTupleReply(proto(
+                        protocol,
+                        ProtoTuple::SourcePort(from),
+                    )));
+                    reply_flags = FILTER_PROTO_NUM | FILTER_PROTO_SRC_PORT;
+                }
+                both(
+                    attributes,
+                    filter(FILTER_PROTO_NUM | FILTER_PROTO_DST_PORT, reply_flags),
+                )
+            }
+            Interest::FromPort { protocol, port } => both(
+                vec![ConntrackAttribute::CtaTupleOrig(proto(
+                    protocol,
+                    ProtoTuple::SourcePort(port),
+                ))],
+                filter(FILTER_PROTO_NUM | FILTER_PROTO_SRC_PORT, 0),
+            ),
+            Interest::ReplyFrom(address) => {
+                let family = match address {
+                    IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
+                    IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
+                };
+                let reply = vec![Tuple::Ip(vec![IPTuple::SourceAddress(address)])];
+                vec![(
+                    family,
+                    vec![ConntrackAttribute::CtaTupleReply(reply)],
+                    filter(0, FILTER_IP_SRC),
+                )]
+            }
+        }
+    }
+}
+
+/// A `CTA_FILTER` attribute, header included: which fields of the original
+/// and reply tuples given beside it the kernel compares.
+fn filter(orig_flags: u32, reply_flags: u32) -> Vec<u8> {
+    let mut value = Vec::new();
+    for (kind, flags) in [
+        (CTA_FILTER_ORIG_FLAGS, orig_flags),
+        (CTA_FILTER_REPLY_FLAGS, reply_flags),
+    ] {
+        if flags != 0 {
+            // An attribute header (length 8, kind) and a u32 in host order.
+            value.extend_from_slice(&8u16.to_ne_bytes());
+            value.extend_from_slice(&kind.to_ne_bytes());
+            value.extend_from_slice(&flags.to_ne_bytes());
+        }
+    }
+    let length = u16::try_from(NLA_HEADER_SIZE + value.len()).unwrap_or(u16::MAX);
+    let mut attribute = Vec::with_capacity(NLA_HEADER_SIZE + value.len());
+    attribute.extend_from_slice(&length.to_ne_bytes());
+    attribute.extend_from_slice(&(CTA_FILTER | NLA_F_NESTED).to_ne_bytes());
+    attribute.extend_from_slice(&value);
+    attribute
+}
+
+fn ip_protocol(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Tcp => IPPROTO_TCP,
+        Protocol::Udp => IPPROTO_UDP,
+    }
+}
+
+/// Reads the conntrack table of `netns` for `interests`: entry counts by
+/// protocol (TCP and UDP only), original destination port, reply source port
+/// and TCP state, plus the table's fill level (read from its sysctls, never by
+/// a dump). Without interests nothing is dumped. When conntrack cannot be used
+/// there the result has `available: false` and the reason, not an error.
+pub fn observe(netns: &Netns, interests: &[Interest]) -> Result<ConntrackState, ConntrackError> {
+    match netns.run(|| observe_here(interests))? {
         Ok(state) => Ok(state),
         Err(Fault::Unavailable(reason)) => Ok(ConntrackState {
             available: false,
@@ -211,6 +382,31 @@ impl UdpPort {
     }
 }
 
+impl UdpPort {
+    /// The entries [`UdpPort::misplaced`] may pick: those to `port`, and
+    /// those opened by an answer from `port` or from the temporary port.
+    fn interests(&self) -> Vec<Interest> {
+        let mut interests = vec![
+            Interest::ToPort {
+                protocol: Protocol::Udp,
+                port: self.port,
+                answered_from: None,
+            },
+            Interest::FromPort {
+                protocol: Protocol::Udp,
+                port: self.port,
+            },
+        ];
+        for temp in [self.temp_port, self.redirected_to].into_iter().flatten() {
+            interests.push(Interest::FromPort {
+                protocol: Protocol::Udp,
+                port: temp,
+            });
+        }
+        interests
+    }
+}
+
 /// What [`settle_udp_flows`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
@@ -238,7 +434,7 @@ pub fn settle_udp_flows(netns: &Netns, ports: &[UdpPort]) -> Result<Settled, Con
 
 /// TCP states of a connection that is opening, open or closed by one side only
 /// (it may still carry data); the rest (LAST_ACK, TIME_WAIT, CLOSE) are over.
-const LIVE_TCP_STATES: [u8; 6] = [
+pub(super) const LIVE_TCP_STATES: [u8; 6] = [
     1, // SYN_SENT
     2, // SYN_RECV
     3, // ESTABLISHED
@@ -270,14 +466,8 @@ pub fn flows_to(netns: &Netns, address: IpAddr) -> Result<Vec<FlowTo>, Conntrack
         .run(|| -> Result<Vec<FlowTo>, Fault> {
             let mut flows = Vec::new();
             let mut socket = Ctnetlink::open()?;
-            socket.dump(|entry| {
-                if source_address(&entry.reply) != Some(address) {
-                    return;
-                }
-                let id = entry
-                    .id
-                    .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
-                    .map_or(0, u32::from_be_bytes);
+            socket.dump(&[Interest::ReplyFrom(address)], |entry| {
+                let id = entry.kernel_id();
                 let live = entry
                     .tcp_state
                     .is_some_and(|state| LIVE_TCP_STATES.contains(&state));
@@ -298,33 +488,18 @@ pub fn live_connections_to(netns: &Netns, address: IpAddr) -> Result<u64, Conntr
     Ok(flows_to(netns, address)?.iter().filter(|f| f.live).count() as u64)
 }
 
-fn observe_here() -> Result<ConntrackState, Fault> {
+fn observe_here(interests: &[Interest]) -> Result<ConntrackState, Fault> {
     let table_count = read_sysctl("nf_conntrack_count")?;
     let table_max = read_sysctl("nf_conntrack_max")?;
-    let mut counts: HashMap<(u8, u16, u16, Option<u8>), u64> = HashMap::new();
-    let mut socket = Ctnetlink::open()?;
-    socket.dump(|entry| {
-        if let Some(key) = entry.flow_key() {
-            *counts.entry(key).or_default() += 1;
-        }
-    })?;
-    let mut flows: Vec<FlowCount> = counts
-        .into_iter()
-        .map(
-            |((protocol, orig_dport, reply_sport, state), count)| FlowCount {
-                protocol: protocol_name(protocol).to_owned(),
-                orig_dport,
-                reply_sport,
-                state: state.map(tcp_state_name).unwrap_or_default(),
-                count,
-            },
-        )
-        .collect();
-    flows.sort();
+    let mut keys = Vec::new();
+    if !interests.is_empty() {
+        let mut socket = Ctnetlink::open()?;
+        socket.dump(interests, |entry| keys.extend(entry.flow_key()))?;
+    }
     Ok(ConntrackState {
         available: true,
         unavailable_reason: None,
-        flows,
+        flows: flow_counts(keys),
         table_count,
         table_max,
     })
@@ -364,8 +539,9 @@ fn settle_here(ports: &[UdpPort]) -> Result<Settled, Fault> {
 /// dump showed. Entries opened by an answer go first, so that a flow whose
 /// entry is deleted in the same pass never clashes with one of them.
 fn delete_misplaced(socket: &mut Ctnetlink, ports: &[UdpPort]) -> Result<u64, Fault> {
+    let interests: Vec<Interest> = ports.iter().flat_map(UdpPort::interests).collect();
     let mut doomed = Vec::new();
-    socket.dump(|entry| {
+    socket.dump(&interests, |entry| {
         let Some(flow) = entry.udp_flow() else {
             return;
         };
@@ -441,7 +617,7 @@ fn tcp_state_name(state: u8) -> String {
 }
 
 /// One conntrack entry, with what lessnat reads from it.
-struct Entry<'a> {
+pub(super) struct Entry<'a> {
     family: NetfilterProtoFamily,
     orig: Vec<Tuple>,
     reply: Vec<Tuple>,
@@ -449,6 +625,43 @@ struct Entry<'a> {
     status: u32,
     zone: Option<&'a [u8]>,
     id: Option<&'a [u8]>,
+}
+
+/// A conntrack entry a tracker follows (`backend::conntrack_watch`).
+#[derive(Debug, Clone)]
+pub(super) struct Tracked {
+    /// Its address family.
+    pub family: NetfilterProtoFamily,
+    /// Its original tuple, to look it up by.
+    pub orig: Vec<Tuple>,
+    /// Its zone, if not the default one.
+    pub zone: Option<Vec<u8>>,
+    /// `(protocol, original destination port, reply source port, TCP state)`.
+    pub key: (u8, u16, u16, Option<u8>),
+}
+
+/// Aggregates entry keys into the flow counts of a [`ConntrackState`].
+pub(super) fn flow_counts(
+    keys: impl IntoIterator<Item = (u8, u16, u16, Option<u8>)>,
+) -> Vec<FlowCount> {
+    let mut counts: HashMap<(u8, u16, u16, Option<u8>), u64> = HashMap::new();
+    for key in keys {
+        *counts.entry(key).or_default() += 1;
+    }
+    let mut flows: Vec<FlowCount> = counts
+        .into_iter()
+        .map(
+            |((protocol, orig_dport, reply_sport, state), count)| FlowCount {
+                protocol: protocol_name(protocol).to_owned(),
+                orig_dport,
+                reply_sport,
+                state: state.map(tcp_state_name).unwrap_or_default(),
+                count,
+            },
+        )
+        .collect();
+    flows.sort();
+    flows
 }
 
 /// What [`UdpPort::misplaced`] reads of a UDP entry.
@@ -464,7 +677,7 @@ struct UdpFlow {
 impl<'a> Entry<'a> {
     /// Parses the payload of a ctnetlink entry message (nfgenmsg + attributes).
     /// Only the attributes lessnat needs are decoded.
-    fn parse(payload: &'a [u8]) -> Result<Self, DecodeError> {
+    pub(super) fn parse(payload: &'a [u8]) -> Result<Self, DecodeError> {
         let header = NetfilterHeader::parse(payload)?;
         let attributes = payload.get(4..).unwrap_or_default();
         let mut entry = Entry {
@@ -500,6 +713,35 @@ impl<'a> Entry<'a> {
             }
         }
         Ok(entry)
+    }
+
+    /// The kernel's id of the entry (`CTA_ID`; 0 when missing).
+    pub(super) fn kernel_id(&self) -> u32 {
+        self.id
+            .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+            .map_or(0, u32::from_be_bytes)
+    }
+
+    /// What a tracker keeps of the entry: enough to look it up again and to
+    /// count it.
+    pub(super) fn tracked(&self) -> Option<Tracked> {
+        Some(Tracked {
+            family: self.family,
+            orig: self.orig.clone(),
+            zone: self.zone.map(<[u8]>::to_vec),
+            key: self.flow_key()?,
+        })
+    }
+
+    /// Whether the entry may still carry data: a TCP connection opening, open
+    /// or half-closed, or any UDP flow. `None` when an event did not say
+    /// (it carried no TCP state).
+    pub(super) fn live(&self) -> Option<bool> {
+        let (protocol, _, _) = ports(&self.orig)?;
+        if protocol != IPPROTO_TCP {
+            return Some(true);
+        }
+        self.tcp_state.map(|state| LIVE_TCP_STATES.contains(&state))
     }
 
     /// `(protocol, original destination port, reply source port, TCP state)`
@@ -597,14 +839,18 @@ fn tcp_state(infos: &[ProtoInfo]) -> Option<u8> {
 }
 
 /// A ctnetlink socket, opened in the calling thread's network namespace.
-struct Ctnetlink {
+pub(super) struct Ctnetlink {
     socket: Socket,
     sequence: u32,
     buffer: Vec<u8>,
+    /// Whether the kernel takes dump filters (until it refuses one).
+    filters: bool,
+    /// The namespace's entries when the socket was opened.
+    entries: u64,
 }
 
 impl Ctnetlink {
-    fn open() -> Result<Self, Fault> {
+    pub(super) fn open() -> Result<Self, Fault> {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|error| {
             if error.raw_os_error() == Some(nix::libc::EPROTONOSUPPORT) {
                 Fault::Unavailable(format!("the kernel has no nfnetlink ({})", chain(&error)))
@@ -622,16 +868,73 @@ impl Ctnetlink {
             socket,
             sequence: 0,
             buffer: vec![0; RECEIVE_BUFFER],
+            filters: true,
+            // Unknown: assume a big table.
+            entries: read_sysctl("nf_conntrack_count").unwrap_or(u64::MAX),
         })
     }
 
-    /// Dumps the whole table (both families), handing each entry to `each`.
-    fn dump(&mut self, mut each: impl FnMut(Entry<'_>)) -> Result<(), Fault> {
+    /// Hands each entry of `interests` (both families) to `each`, once: the
+    /// kernel filters its table for each interest (one dump per interest and
+    /// family), or, when that costs more (many interests, a small table; see
+    /// [`ENTRIES_PER_WALK`]) or the kernel has no dump filters, the whole
+    /// table is dumped and filtered here.
+    pub(super) fn dump(
+        &mut self,
+        interests: &[Interest],
+        mut each: impl FnMut(Entry<'_>),
+    ) -> Result<(), Fault> {
+        let mut interests = interests.to_vec();
+        interests.sort();
+        interests.dedup();
+        let requests: Vec<_> = interests.iter().flat_map(Interest::requests).collect();
+        let extra_walks = requests.len().saturating_sub(1) as u64;
+        let worth = extra_walks.saturating_mul(ENTRIES_PER_WALK) < self.entries;
+        if self.filters && worth && requests.len() <= MAX_FILTERED_DUMPS {
+            // An entry that two interests match comes twice.
+            let mut seen = HashSet::new();
+            let mut delivered = 0;
+            let mut filtered = Ok(());
+            for (family, attributes, filter) in requests {
+                filtered = self.dump_request(family, attributes, &filter, |entry| {
+                    delivered += 1;
+                    if interests.len() == 1 || seen.insert(entry.kernel_id()) {
+                        each(entry);
+                    }
+                });
+                if filtered.is_err() {
+                    break;
+                }
+            }
+            match filtered {
+                // A kernel older than 5.8 refuses the filter before it sends
+                // any entry.
+                Err(Fault::Unavailable(_)) if delivered == 0 => self.filters = false,
+                other => return other,
+            }
+        }
+        self.dump_request(NetfilterProtoFamily::Unspec, Vec::new(), &[], |entry| {
+            if interests.iter().any(|interest| interest.matches(&entry)) {
+                each(entry);
+            }
+        })
+    }
+
+    /// One dump request (`attributes` and the encoded `filter` attribute
+    /// filter it), handing each entry to `each`.
+    fn dump_request(
+        &mut self,
+        family: NetfilterProtoFamily,
+        attributes: Vec<ConntrackAttribute>,
+        filter: &[u8],
+        mut each: impl FnMut(Entry<'_>),
+    ) -> Result<(), Fault> {
         let sequence = self
-            .send(
-                NetfilterProtoFamily::Unspec,
+            .send_with(
+                family,
                 NLM_F_REQUEST | NLM_F_DUMP,
-                ConntrackMessage::Get(Vec::new()),
+                ConntrackMessage::Get(attributes),
+                filter,
             )
             .map_err(Fault::io("request a conntrack dump"))?;
         self.receive(sequence, "dump the conntrack table", |payload| {
@@ -645,6 +948,37 @@ impl Ctnetlink {
             )),
             fault => fault,
         })
+    }
+
+    /// Looks one entry up by its original tuple (and zone), in the kernel's
+    /// hash: its id and TCP state, or `None` when it is gone.
+    pub(super) fn get(
+        &mut self,
+        family: NetfilterProtoFamily,
+        orig: &[Tuple],
+        zone: Option<&[u8]>,
+    ) -> Result<Option<(u32, Option<u8>)>, Fault> {
+        let mut attributes = vec![ConntrackAttribute::CtaTupleOrig(orig.to_vec())];
+        attributes.extend(
+            zone.map(|zone| ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, zone.to_vec()))),
+        );
+        let sequence = self
+            .send(
+                family,
+                NLM_F_REQUEST | NLM_F_ACK,
+                ConntrackMessage::Get(attributes),
+            )
+            .map_err(Fault::io("look up a conntrack entry"))?;
+        let mut found = None;
+        match self.receive(sequence, "look up a conntrack entry", |payload| {
+            let entry = Entry::parse(payload)?;
+            found = Some((entry.kernel_id(), entry.tcp_state));
+            Ok(())
+        }) {
+            Ok(()) => Ok(found),
+            Err(Fault::Io(_, error)) if error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(None),
+            Err(fault) => Err(fault),
+        }
     }
 
     /// Deletes one entry and waits for the kernel's acknowledgement.
@@ -665,6 +999,17 @@ impl Ctnetlink {
         flags: u16,
         message: ConntrackMessage,
     ) -> io::Result<u32> {
+        self.send_with(family, flags, message, &[])
+    }
+
+    /// Sends `message` with the already encoded attributes `extra` after its own.
+    fn send_with(
+        &mut self,
+        family: NetfilterProtoFamily,
+        flags: u16,
+        message: ConntrackMessage,
+        extra: &[u8],
+    ) -> io::Result<u32> {
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -679,6 +1024,11 @@ impl Ctnetlink {
         packet.finalize();
         let mut bytes = vec![0; packet.buffer_len()];
         packet.serialize(&mut bytes);
+        bytes.extend_from_slice(extra);
+        let length = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        if let Some(header) = bytes.first_chunk_mut::<4>() {
+            *header = length.to_ne_bytes();
+        }
         self.socket.send(&bytes, 0)?;
         Ok(self.sequence)
     }
@@ -715,7 +1065,7 @@ impl Ctnetlink {
                     NLMSG_ERROR | NLMSG_DONE => {
                         return status(message.payload()).map_err(Fault::io(doing));
                     }
-                    kind if kind >> 8 == NFNL_SUBSYS_CTNETLINK => {
+                    kind if is_ctnetlink_message(kind) => {
                         each(message.payload()).map_err(Fault::Decode)?;
                     }
                     _ => {}
@@ -723,6 +1073,12 @@ impl Ctnetlink {
             }
         }
     }
+}
+
+/// Whether a netlink message type is a ctnetlink message (an entry, in a dump
+/// or an event).
+pub(super) fn is_ctnetlink_message(kind: u16) -> bool {
+    kind >> 8 == NFNL_SUBSYS_CTNETLINK
 }
 
 /// The status code that ends an answer (`NLMSG_ERROR`, or `NLMSG_DONE` of a
@@ -776,7 +1132,9 @@ pub fn delete_unanswered(
         .run(|| -> Result<u64, Fault> {
             let mut socket = Ctnetlink::open()?;
             let mut doomed = Vec::new();
-            socket.dump(|entry| {
+            let interests: Vec<Interest> =
+                replicas.iter().copied().map(Interest::ReplyFrom).collect();
+            socket.dump(&interests, |entry| {
                 let dialled = ports(&entry.orig).is_some_and(|(p, _, dport)| {
                     protocol_name(p) == protocol
                         && (p == IPPROTO_TCP || p == IPPROTO_UDP)
@@ -962,6 +1320,18 @@ mod tests {
             entry.udp_flow(),
             Some(udp_flow(5000, 53, 1053, IPS_DST_NAT | 1 << 8))
         );
+    }
+
+    #[test]
+    fn dump_filters_are_nested_attributes_with_flags_in_host_order() {
+        let bytes = filter(FILTER_PROTO_NUM | FILTER_PROTO_DST_PORT, 0);
+        let mut expected = Vec::new();
+        for half in [12u16, CTA_FILTER | NLA_F_NESTED, 8, CTA_FILTER_ORIG_FLAGS] {
+            expected.extend_from_slice(&half.to_ne_bytes());
+        }
+        expected.extend_from_slice(&0x28u32.to_ne_bytes());
+        assert_eq!(bytes, expected);
+        assert_eq!(filter(1, 1).len(), 20, "both flag attributes");
     }
 
     #[test]

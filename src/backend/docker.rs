@@ -216,30 +216,28 @@ impl Docker {
         &self,
         node: &str,
     ) -> Result<(Vec<Container>, Vec<ForeignContainer>), DockerError> {
-        let labelled = self.list("label", LABEL_SERVICE).await?;
+        // One list: every container lessnat makes is named `lessnat-…`, so
+        // the name filter finds lessnat's containers (by their label) and
+        // the foreign ones that use its names. A labelled container named
+        // otherwise is not lessnat's to manage and is not seen.
         let named = self.list("name", NAME_PREFIX).await?;
 
         let mut containers = Vec::new();
         let mut foreign = Vec::new();
-        for summary in &labelled {
-            match classify(summary, node) {
-                Classified::Ours(container) => containers.push(*container),
-                Classified::Foreign(container) => foreign.push(container),
-                Classified::Skip => {}
+        for summary in &named {
+            if label(summary, LABEL_SERVICE).is_some() {
+                match classify(summary, node) {
+                    Classified::Ours(container) => containers.push(*container),
+                    Classified::Foreign(container) => foreign.push(container),
+                    Classified::Skip => {}
+                }
+            } else if let Some(name) = name_of(summary).filter(|n| n.starts_with(NAME_PREFIX)) {
+                foreign.push(ForeignContainer {
+                    id: summary.id.clone().unwrap_or_default(),
+                    name: name.to_string(),
+                });
             }
         }
-        foreign.extend(
-            named
-                .iter()
-                .filter(|s| label(s, LABEL_SERVICE).is_none())
-                .filter_map(|s| {
-                    let name = name_of(s)?;
-                    name.starts_with(NAME_PREFIX).then(|| ForeignContainer {
-                        id: s.id.clone().unwrap_or_default(),
-                        name: name.to_string(),
-                    })
-                }),
-        );
 
         let wanted: Vec<(usize, String)> = containers
             .iter()

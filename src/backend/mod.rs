@@ -2,6 +2,7 @@
 //! inside a network namespace ([`crate::netns::Netns`]).
 
 pub mod conntrack;
+pub mod conntrack_watch;
 pub mod docker;
 pub mod netlink;
 pub mod nft;

@@ -359,6 +359,9 @@ struct FoundRoute {
     onlink: bool,
 }
 
+/// Up to this many tables are dumped one by one (with strict checking).
+const FILTERED_TABLES: usize = 8;
+
 /// The routes of `family` in `tables` (through `oif`, when given), with
 /// their devices named, in kernel order.
 async fn routes_here(
@@ -369,7 +372,9 @@ async fn routes_here(
 ) -> Result<Vec<Route>, Fault> {
     let tables: Vec<u32> = tables.into_iter().collect();
     let mut found = Vec::new();
-    if rtnl.strict {
+    // A few tables: one filtered dump each; more (lessnat's whole range): one
+    // dump of the family, filtered here, instead of a thousand.
+    if rtnl.strict && tables.len() <= FILTERED_TABLES {
         for &table in &tables {
             dump_routes(&rtnl.handle, family, Some(table), oif, &mut found).await?;
         }

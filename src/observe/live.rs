@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::backend::conntrack::{self, ConntrackError};
+use crate::backend::conntrack::{self, ConntrackError, Interest};
 use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
@@ -13,9 +13,10 @@ use crate::netns::Netns;
 use crate::ownership::ROUTED_SYSCTLS;
 use crate::spec::Spec;
 
+use super::drains::drain_interests;
 use super::images::{ImagesError, observe_images};
 use super::probe::probe_replicas;
-use crate::model::{OBSERVED_FORMAT, Observed};
+use crate::model::{ConntrackState, OBSERVED_FORMAT, Observed};
 
 /// Observing the live host failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,9 @@ pub fn observe_for(
     netns: &Netns,
     docker: &Docker,
 ) -> Result<Observed, ObserveError> {
-    let mut observed = observe_with(node, netns, docker)?;
+    let mut observed = observe_reading(node, netns, docker, |observed| {
+        drain_interests(spec, node, observed)
+    })?;
     (observed.images, observed.remote_digests) = observe_images(spec, node, docker)?;
     observed.probes = probe_replicas(spec, node, netns);
     if !observed.probes.is_empty() {
@@ -68,27 +71,36 @@ pub fn observe_for(
     Ok(observed)
 }
 
-/// Like [`observe`], with a Docker client the caller already has.
+/// Like [`observe`], with a Docker client the caller already has. Without a
+/// spec no service can be known to drain, so no conntrack entry is read
+/// (the table's fill level is).
 pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observed, ObserveError> {
+    observe_reading(node, netns, docker, |_| Vec::new())
+}
+
+/// Observes the host, reading the conntrack entries that `interests` asks
+/// for once the rest is known.
+fn observe_reading(
+    node: &str,
+    netns: &Netns,
+    docker: &Docker,
+    interests: impl FnOnce(&Observed) -> Vec<Interest>,
+) -> Result<Observed, ObserveError> {
     let nft = nft::observe(netns)?;
     let routing = netlink::observe(netns)?;
-    let conntrack = conntrack::observe(netns)?;
     let (containers, foreign_containers) = docker.observe(node)?;
     let veths = veth::observe(netns)?;
     let addresses = netlink::observe_addresses(netns)?;
     let sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
-    let mut warnings = conntrack::warnings(&conntrack);
-    warnings.extend(nft::untracked_warnings(netns)?);
-    warnings.sort();
-    Ok(Observed {
+    let mut observed = Observed {
         format: OBSERVED_FORMAT,
         node: node.to_string(),
         nft,
         routing,
         containers,
         foreign_containers,
-        conntrack,
-        warnings,
+        conntrack: ConntrackState::default(),
+        warnings: Vec::new(),
         veths,
         addresses,
         sysctls,
@@ -96,7 +108,13 @@ pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observ
         images: Vec::new(),
         remote_digests: Vec::new(),
         probed_at: None,
-    })
+    };
+    observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
+    let mut warnings = conntrack::warnings(&observed.conntrack);
+    warnings.extend(nft::untracked_warnings(netns)?);
+    warnings.sort();
+    observed.warnings = warnings;
+    Ok(observed)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! [`Observed`](crate::model::Observed) snapshot, through the backends,
 //! inside the `--netns` namespace.
 
+pub mod drains;
 pub mod images;
 pub mod live;
 pub mod probe;

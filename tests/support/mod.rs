@@ -3,6 +3,7 @@
 //! network namespaces that are always removed.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod conntrack;
 pub mod image;
 pub mod load;
 pub mod registry;

@@ -1,0 +1,253 @@
+//! Conntrack with a big table (issue 14): what a plan's read and a drain's
+//! poll cost with 100k unrelated entries against an empty table, how soon a
+//! drain sees the last old connection close, and how long the redirect
+//! element takes to be written once the next version is healthy.
+//!
+//! Everything runs in a network namespace the benchmark creates (and always
+//! deletes), as root; it needs `nft`. `cargo bench --bench conntrack`.
+//! Knobs: `LESSNAT_BENCH_CT_ENTRIES` (unrelated entries, default 100000),
+//! `LESSNAT_BENCH_RUNS` (repetitions of each measurement, default 30).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use lessnat::backend::conntrack::{self, Interest};
+use lessnat::backend::conntrack_watch::ConntrackWatch;
+use lessnat::backend::nft::{apply_table, set_redirect};
+use lessnat::desired::host_table::host_table;
+use lessnat::model::{ConntrackState, Redirect};
+use lessnat::netns::Netns;
+use lessnat::spec::Protocol;
+use support::TestNetns;
+
+/// The service's canonical port and the next version's temporary port.
+const PORT: u16 = 8000;
+const TEMP_PORT: u16 = 18000;
+/// Open connections of the old version while the reads are timed.
+const OPEN: usize = 10;
+/// More interests than the backend reads with kernel filters: it dumps the
+/// whole table once and filters it itself, as every read did before.
+const WHOLE_TABLE: u16 = 40;
+
+/// One way of reading what a drain or a plan counts.
+type Read<'a> = Box<dyn FnMut() -> ConntrackState + 'a>;
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` must not run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("conntrack benchmark: run it with `cargo bench --bench conntrack`");
+        return;
+    }
+    if !support::root_with("bench conntrack", &["nft"]) {
+        return;
+    }
+    let entries = env_number("LESSNAT_BENCH_CT_ENTRIES", 100_000);
+    let runs = env_number("LESSNAT_BENCH_RUNS", 30).max(2);
+    let ns = TestNetns::new("bench-ct");
+    // lessnat's own table: it makes conntrack track, and it is the table the
+    // redirect goes into.
+    apply_table(&ns.netns(), &host_table(&[])).expect("lessnat's table");
+    let netns = ns.netns();
+    netns
+        .run(|| run(&netns, entries, runs))
+        .expect("run in the namespace");
+}
+
+fn run(netns: &Netns, entries: usize, runs: usize) {
+    let listener = TcpListener::bind(("127.0.0.1", PORT)).expect("bind the service port");
+    let open = connect(&listener, OPEN);
+    let plan = [Interest::ToPort {
+        protocol: Protocol::Tcp,
+        port: PORT,
+        answered_from: None,
+    }];
+    let whole: Vec<Interest> = (0..WHOLE_TABLE)
+        .map(|i| Interest::ToPort {
+            protocol: Protocol::Tcp,
+            port: PORT + i,
+            answered_from: None,
+        })
+        .collect();
+    let drain = [Interest::ToPort {
+        protocol: Protocol::Tcp,
+        port: PORT,
+        answered_from: Some(PORT),
+    }];
+
+    let mut empty = Vec::new();
+    let mut full = Vec::new();
+    for (label, results) in [("empty", &mut empty), ("full", &mut full)] {
+        if label == "full" {
+            let filled = Instant::now();
+            support::conntrack::fill_unrelated(entries);
+            eprintln!(
+                "filled {entries} unrelated entries in {:.0} ms",
+                filled.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+        let mut watch = ConntrackWatch::open(netns, &drain).expect("watch");
+        let table = conntrack::observe(netns, &[]).expect("sysctls").table_count;
+        let reads: [(&str, Read<'_>); 3] = [
+            (
+                "plan: read the upgrading service's port (kernel-filtered)",
+                Box::new(|| conntrack::observe(netns, &plan).expect("read")),
+            ),
+            (
+                "whole-table dump, filtered here (every read before)",
+                Box::new(|| conntrack::observe(netns, &whole).expect("read")),
+            ),
+            (
+                "drain poll: the watch's state (lookups by tuple)",
+                Box::new(|| watch.state().expect("state")),
+            ),
+        ];
+        for (name, mut read) in reads {
+            let mut times = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                let state = read();
+                times.push(started.elapsed());
+                assert_eq!(open_count(&state), OPEN as u64, "{name}: {state:?}");
+            }
+            results.push((name, table, median(&mut times)));
+        }
+    }
+    println!("\nConntrack reads, median of {runs} (ms); {OPEN} open connections of the service");
+    println!("| read | empty table | {entries} unrelated entries | extra | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    for ((name, empty_count, empty), (_, full_count, full)) in empty.iter().zip(&full) {
+        println!(
+            "| {name} | {} ({empty_count} entries) | {} ({full_count} entries) | {:+.2} | {:.2} |",
+            ms(*empty),
+            ms(*full),
+            (full.as_secs_f64() - empty.as_secs_f64()) * 1000.0,
+            full.as_secs_f64() / empty.as_secs_f64().max(1e-9),
+        );
+    }
+
+    drop(open);
+    drain_end(netns, &listener, &drain, runs);
+    redirect(netns, runs);
+}
+
+/// From the moment the last old connection is closed to the moment a drain
+/// counting with a watch sees none left; for connections older than the
+/// watch (no events: the watch's lookups) and newer (events).
+fn drain_end(netns: &Netns, listener: &TcpListener, drain: &[Interest], runs: usize) {
+    println!("\nDrain end detection: last old connection closed → drain sees 0 (ms)");
+    println!("| connections | p50 | p99 | max | runs |");
+    println!("|---|---:|---:|---:|---:|");
+    for older in [true, false] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let mut open = Vec::new();
+            if older {
+                open = connect(listener, 3);
+            }
+            let mut watch = ConntrackWatch::open(netns, drain).expect("watch");
+            if !older {
+                open = connect(listener, 3);
+            }
+            assert_eq!(open_count(&watch.state().expect("state")), 3);
+            // Some idle time, as in a real drain.
+            std::thread::sleep(Duration::from_millis(30));
+            open.clear();
+            let closed = Instant::now();
+            loop {
+                watch.wait(Duration::from_millis(500)).expect("wait");
+                if open_count(&watch.state().expect("state")) == 0 {
+                    break;
+                }
+            }
+            times.push(closed.elapsed());
+        }
+        times.sort();
+        println!(
+            "| {} | {} | {} | {} | {runs} |",
+            if older {
+                "older than the drain (no events: lookups every 20 ms)"
+            } else {
+                "newer than the drain (conntrack events)"
+            },
+            ms(percentile(&times, 50.0)),
+            ms(percentile(&times, 99.0)),
+            ms(times.last().copied().unwrap_or_default()),
+        );
+    }
+}
+
+/// The redirect element written, as the redirect stage writes it once the
+/// next version passed its health check.
+fn redirect(netns: &Netns, runs: usize) {
+    let element = Redirect {
+        protocol: Protocol::Tcp,
+        port: PORT,
+        temp_port: TEMP_PORT,
+    };
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        set_redirect(netns, &element, true).expect("redirect");
+        times.push(started.elapsed());
+        set_redirect(netns, &element, false).expect("unredirect");
+    }
+    times.sort();
+    println!("\nNext healthy → redirect element in the kernel (nft::set_redirect), ms");
+    println!("| p50 | p99 | max | runs |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {} | {} | {} | {runs} |",
+        ms(percentile(&times, 50.0)),
+        ms(percentile(&times, 99.0)),
+        ms(times.last().copied().unwrap_or_default())
+    );
+}
+
+fn connect(listener: &TcpListener, n: usize) -> Vec<(TcpStream, TcpStream)> {
+    (0..n)
+        .map(|_| {
+            let client = TcpStream::connect(("127.0.0.1", PORT)).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            (client, server)
+        })
+        .collect()
+}
+
+/// Open connections to the service answered by it, as a drain counts them.
+fn open_count(state: &ConntrackState) -> u64 {
+    state
+        .flows
+        .iter()
+        .filter(|f| f.protocol == "tcp" && f.orig_dport == PORT && f.reply_sport == PORT)
+        .filter(|f| ["ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT"].contains(&f.state.as_str()))
+        .map(|f| f.count)
+        .sum()
+}
+
+fn median(times: &mut [Duration]) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
