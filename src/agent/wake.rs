@@ -1,0 +1,95 @@
+//! Why the agent converges now: what woke it, and the channel its event
+//! sources wake it through.
+
+use std::sync::mpsc::Sender;
+
+use serde::{Deserialize, Serialize};
+
+/// What woke the agent up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// The agent started.
+    Start,
+    /// The interval passed.
+    Interval,
+    /// Something in lessnat's nftables table changed.
+    Table,
+    /// One of lessnat's containers died or started.
+    Container,
+    /// A replica address probed by this load-balancer node changed health.
+    Health,
+    /// A run that could not take the apply lock, tried again.
+    Retry,
+}
+
+impl Trigger {
+    /// Every trigger, in the order metrics and status list them.
+    pub const ALL: [Trigger; 6] = [
+        Trigger::Start,
+        Trigger::Interval,
+        Trigger::Table,
+        Trigger::Container,
+        Trigger::Health,
+        Trigger::Retry,
+    ];
+
+    /// The name used in metrics labels, JSON and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Start => "start",
+            Trigger::Interval => "interval",
+            Trigger::Table => "table",
+            Trigger::Container => "container",
+            Trigger::Health => "health",
+            Trigger::Retry => "retry",
+        }
+    }
+
+    /// Whether the trigger is an event someone else caused (so changes it
+    /// leads to correct drift).
+    pub fn is_event(self) -> bool {
+        matches!(self, Trigger::Table | Trigger::Container | Trigger::Health)
+    }
+}
+
+/// One wake-up: what and, for people, what exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wake {
+    /// What woke the agent.
+    pub trigger: Trigger,
+    /// What happened, e.g. `container lessnat-web died`.
+    pub detail: String,
+    /// The container that died, for the crash-loop back-off.
+    pub died: Option<String>,
+}
+
+/// Where event sources send their wake-ups. Sending never fails: a loop that
+/// has ended just does not read them.
+#[derive(Debug, Clone)]
+pub struct Waker(Sender<Wake>);
+
+impl Waker {
+    /// A waker sending to `sender`.
+    pub fn new(sender: Sender<Wake>) -> Waker {
+        Waker(sender)
+    }
+
+    /// Wakes the agent for `trigger`, saying `detail`.
+    pub fn wake(&self, trigger: Trigger, detail: impl Into<String>) {
+        let _ = self.0.send(Wake {
+            trigger,
+            detail: detail.into(),
+            died: None,
+        });
+    }
+
+    /// Wakes the agent because container `name` died.
+    pub fn died(&self, name: &str) {
+        let _ = self.0.send(Wake {
+            trigger: Trigger::Container,
+            detail: format!("container {name} died"),
+            died: Some(name.to_string()),
+        });
+    }
+}
