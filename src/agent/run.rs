@@ -187,9 +187,10 @@ impl Agent {
                         });
                         let at = (Instant::now() + hold).max(not_before);
                         due = if pending.is_some() { due.max(at) } else { at };
-                        if pending.as_ref().is_none_or(|p| !p.trigger.is_event()) {
-                            pending = Some(wake);
-                        }
+                        pending = Some(match pending.take() {
+                            Some(earlier) => earlier.merge(wake),
+                            None => wake,
+                        });
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {

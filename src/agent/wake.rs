@@ -46,10 +46,16 @@ impl Trigger {
         }
     }
 
-    /// Whether the trigger is an event someone else caused (so changes it
-    /// leads to correct drift).
-    pub fn is_event(self) -> bool {
-        matches!(self, Trigger::Table | Trigger::Container | Trigger::Health)
+    /// How telling the trigger is when several wake the agent for one run:
+    /// a container's death or a health change says what happened; a table
+    /// event may be lessnat's own write; the interval and retries say nothing.
+    pub fn weight(self) -> u8 {
+        match self {
+            Trigger::Container => 3,
+            Trigger::Health => 2,
+            Trigger::Table => 1,
+            Trigger::Start | Trigger::Interval | Trigger::Retry => 0,
+        }
     }
 }
 
@@ -62,6 +68,28 @@ pub struct Wake {
     pub detail: String,
     /// The container that died, for the crash-loop back-off.
     pub died: Option<String>,
+}
+
+impl Wake {
+    /// One run for this wake-up and `other`: the more telling trigger (the
+    /// earlier one on a tie), both details, and the container that died.
+    pub fn merge(self, other: Wake) -> Wake {
+        let (first, second) = if other.trigger.weight() > self.trigger.weight() {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        let detail = if first.detail.contains(&second.detail) {
+            first.detail
+        } else {
+            format!("{}; {}", first.detail, second.detail)
+        };
+        Wake {
+            trigger: first.trigger,
+            detail,
+            died: first.died.or(second.died),
+        }
+    }
 }
 
 /// Where event sources send their wake-ups. Sending never fails: a loop that
@@ -91,5 +119,36 @@ impl Waker {
             detail: format!("container {name} died"),
             died: Some(name.to_string()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wake(trigger: Trigger, detail: &str) -> Wake {
+        Wake {
+            trigger,
+            detail: detail.into(),
+            died: None,
+        }
+    }
+
+    #[test]
+    fn merged_wakes_keep_the_telling_trigger_and_every_detail() {
+        let table = wake(Trigger::Table, "inet lessnat changed");
+        let died = Wake {
+            died: Some("lessnat-web".into()),
+            ..wake(Trigger::Container, "container lessnat-web died")
+        };
+        let merged = table.clone().merge(died).merge(table.clone());
+        assert_eq!(merged.trigger, Trigger::Container);
+        assert_eq!(
+            merged.detail,
+            "container lessnat-web died; inet lessnat changed"
+        );
+        assert_eq!(merged.died.as_deref(), Some("lessnat-web"));
+        let interval = wake(Trigger::Interval, "every 30s").merge(table);
+        assert_eq!(interval.trigger, Trigger::Table);
     }
 }
