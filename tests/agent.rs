@@ -4,7 +4,10 @@
 //! `kill -9` of it drops no request and the next agent adopts the node with
 //! no change, and it restarts a container someone killed. In a network
 //! namespace of the test's own, a second agent refuses to start, naming the
-//! first, while `lessnat apply` by hand still works.
+//! first, while `lessnat apply` by hand still works. In routed mode
+//! (`support::topology`: clients, two load-balancer nodes, two workers, each
+//! a namespace), agents on the load-balancer nodes take a replica killed
+//! under load out of the spread, and put it back once it answers again.
 //!
 //! Timings are printed, not asserted: the bounds here only keep a broken
 //! agent from hanging the test (the measured numbers are in
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::image::test_image;
 use support::load::{Load, LoadConfig, Report};
+use support::topology::{Replica, Service, Topology};
 
 const LESSNAT: &str = env!("CARGO_BIN_EXE_lessnat");
 
@@ -348,8 +352,7 @@ fn agent_restores_a_deleted_table_under_load() {
     }
     let restored = Instant::now();
     let corrected = agent.wait_line("Drift corrected (table", 1, BOUND);
-    load.wait_requests(load.done() + 32 * 20, BOUND)
-        .expect("the load runs");
+    load.wait_requests(32 * 20, BOUND).expect("the load runs");
     let report = load.stop();
     eprintln!(
         "table restored {:.3}s after its deletion (reported after {:.3}s); load: {}",
@@ -398,12 +401,11 @@ fn kill_9_of_the_agent_drops_nothing_and_the_next_one_adopts() {
         Some(9),
         "{output}"
     );
-    load.wait_requests(load.done() + 32 * 20, BOUND)
+    load.wait_requests(32 * 20, BOUND)
         .expect("the load runs without the agent");
     let mut next = node.agent();
     next.wait_line("Adopted: the node already matches the spec", 1, BOUND);
-    load.wait_requests(load.done() + 32 * 20, BOUND)
-        .expect("the load runs");
+    load.wait_requests(32 * 20, BOUND).expect("the load runs");
     let report = load.stop();
     eprintln!("load: {}", report.summary(origin));
     assert_no_failures(&report, origin, "kill -9 of the agent and a new one");
@@ -490,4 +492,106 @@ fn a_second_agent_refuses_naming_the_first_and_apply_still_works() {
     );
     let (status, output) = first.end(nix::sys::signal::Signal::SIGTERM);
     assert!(status.success(), "{status}\n{output}");
+}
+
+/// Known gap, shared with `routed_dead_replica_leaves_the_spread_and_rejoins`
+/// in `tests/routed.rs`: it passed 3 of 5 runs. Both agents take the replica
+/// out 0.8–1.7 s after the kill (probe every 200 ms, then one run), yet in
+/// the failing runs a few connections that started over 2 s after the kill
+/// timed out: most likely a client SYN reusing a source port matches the dead
+/// replica's unanswered conntrack entry and still goes there. Run it by hand
+/// until those entries are deleted: `cargo test --test agent -- --ignored`.
+#[test]
+#[ignore = "flaky until a dropped replica's unanswered conntrack entries are deleted (issue 13)"]
+fn agents_on_the_load_balancers_take_a_dead_replica_out_and_back() {
+    let test = "agents_on_the_load_balancers_take_a_dead_replica_out_and_back";
+    if !support::root_with(test, &["nft", "sysctl"]) || !support::docker(test) {
+        return;
+    }
+    let site = Topology::new(2);
+    let replicas = (0..2).map(|w| Replica::on(w, 5)).collect();
+    let spec = site.write_spec("v1", &[Service::new("web", &test_image("v1"), replicas)]);
+    site.apply_all(&spec);
+    let worker = &site.workers[1];
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 1, "containers: {containers:?}");
+    let victim = &containers[0];
+    let mut agents: Vec<Process> = site
+        .lbs
+        .iter()
+        .map(|lb| {
+            let mut command = Topology::lessnat(lb, &["agent", "--interval", "60s", "-f"]);
+            command.arg(&spec).env_remove("NOTIFY_SOCKET");
+            let mut agent = Process::spawn(command);
+            agent.wait_line("Ready:", 1, FIRST_RUN);
+            agent
+        })
+        .collect();
+
+    let origin = Instant::now();
+    // A connection to a dead replica is refused or never answered: a request
+    // that takes over 1 s counts as failed.
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    let killed = Instant::now();
+    support::run("docker", &["kill", victim]);
+    for (lb, agent) in site.lbs.iter().zip(&mut agents) {
+        let out = agent.wait_line("Drift corrected (health", 1, BOUND);
+        eprintln!(
+            "{}: {victim} out of the spread {:.3}s after the kill",
+            lb.name,
+            (out - killed).as_secs_f64()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    support::run("docker", &["start", victim]);
+    Topology::apply(worker, &spec);
+    let rewired = Instant::now();
+    for (lb, agent) in site.lbs.iter().zip(&mut agents) {
+        let back = agent.wait_line("Drift corrected (health", 2, BOUND);
+        eprintln!(
+            "{}: {victim} back in the spread {:.3}s after its worker's apply",
+            lb.name,
+            (back.max(rewired) - rewired).as_secs_f64()
+        );
+    }
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    let failed = report.failed();
+    let late: Vec<_> = failed
+        .iter()
+        .filter(|s| s.start > killed + Duration::from_secs(2))
+        .collect();
+    eprintln!(
+        "load: {}; failed: {} in all, {} later than 2 s after the kill",
+        report.summary(origin),
+        failed.len(),
+        late.len()
+    );
+    let described: Vec<String> = late
+        .iter()
+        .map(|s| {
+            format!(
+                "client {} at +{:.2}s: {:?}",
+                s.client,
+                (s.start - killed).as_secs_f64(),
+                s.error
+            )
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "requests failed later than 2 s after the kill (both LBs had taken {victim} out by then): {described:?}"
+    );
+    for agent in agents {
+        let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+        assert!(status.success(), "{status}\n{output}");
+    }
 }

@@ -1,5 +1,6 @@
 //! The agent's Docker event source: a thread follows the engine's `die` and
-//! `start` events of lessnat's containers and wakes the agent for each. When
+//! `start` events of lessnat's containers of its node (an engine may hold
+//! other nodes' containers too) and wakes the agent for each. When
 //! the stream breaks (the engine restarted), it connects again a second later
 //! and wakes the agent once, since events may have been missed.
 
@@ -12,26 +13,35 @@ use super::AgentError;
 use super::wake::{Trigger, Waker};
 use crate::backend::docker::{ContainerEvent, Docker};
 use crate::error::chain;
+use crate::ownership::parse_container_name;
 
 /// How long the thread waits before connecting again.
 const RECONNECT: Duration = Duration::from_secs(1);
 
-/// Follows lessnat's container events on a thread until `stop` is set.
-pub fn spawn(waker: Waker, stop: Arc<AtomicBool>) -> Result<JoinHandle<()>, AgentError> {
+/// Follows the container events of `node` on a thread until `stop` is set.
+pub fn spawn(
+    node: String,
+    waker: Waker,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, AgentError> {
     std::thread::Builder::new()
         .name("lessnat-agent-docker".into())
-        .spawn(move || follow(&waker, &stop))
+        .spawn(move || follow(&node, &waker, &stop))
         .map_err(AgentError::Thread)
 }
 
-fn follow(waker: &Waker, stop: &AtomicBool) {
+fn follow(node: &str, waker: &Waker, stop: &AtomicBool) {
     let mut reconnecting = false;
     while !stop.load(Ordering::SeqCst) {
         let result = Docker::connect().and_then(|docker| {
             if reconnecting {
                 waker.wake(Trigger::Container, "the Docker engine's events are back");
             }
-            docker.follow_container_events(stop, |event| wake_for(waker, event))
+            docker.follow_container_events(stop, |event| {
+                if parse_container_name(&event.name).is_some_and(|name| name.node == node) {
+                    wake_for(waker, event);
+                }
+            })
         });
         if let Err(error) = result {
             tracing::warn!("Docker events: {}; connecting again", chain(&error));

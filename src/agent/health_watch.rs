@@ -3,7 +3,6 @@
 //! `health.interval` (the shortest of those services), and wakes the agent
 //! when any address changes from answering to not or back, so a dead replica
 //! leaves the spread within one interval plus one probe and one transaction.
-//! The latest probes are kept for the agent's state (`lessnat status`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,8 +19,8 @@ use crate::observe::probe::probe_replicas;
 use crate::spec::Spec;
 
 /// How long the thread waits when the node balances nothing (the spec may
-/// change).
-const IDLE: Duration = Duration::from_secs(1);
+/// change), or before the agent's first run.
+const IDLE: Duration = Duration::from_millis(200);
 
 /// The shortest probe period: a spec asking for less gets this.
 const MIN_PERIOD: Duration = Duration::from_millis(100);
@@ -34,18 +33,12 @@ pub struct HealthShared {
 }
 
 impl HealthShared {
-    /// From now on, probe for `spec` on `node`.
-    pub fn set_target(&self, spec: &Spec, node: &str) {
+    /// From now on, probe for `spec` on `node`, and look for changes from
+    /// `probes` (what the agent's last run planned with).
+    pub fn set_target(&self, spec: &Spec, node: &str, probes: &[Probe]) {
         *self.target.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((spec.clone(), node.to_string()));
-    }
-
-    /// The latest probes (empty on nodes that balance nothing).
-    pub fn probes(&self) -> Vec<Probe> {
-        self.probes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        *self.probes.lock().unwrap_or_else(PoisonError::into_inner) = probes.to_vec();
     }
 
     fn target(&self) -> Option<(Spec, String)> {
@@ -57,7 +50,8 @@ impl HealthShared {
 }
 
 /// How often `node` probes its replicas: the shortest `health.interval` of
-/// the routed services it balances; `None` when it balances none.
+/// the routed services it balances (1 s for a service without health
+/// settings); `None` when it balances none.
 pub fn probe_period(spec: &Spec, node: &str) -> Option<Duration> {
     let role = load_balancer_role(spec, node)?;
     role.vip_ports
@@ -66,7 +60,7 @@ pub fn probe_period(spec: &Spec, node: &str) -> Option<Duration> {
             v.service
                 .health
                 .as_ref()
-                .map_or(IDLE, |h| h.interval.value.get())
+                .map_or(Duration::from_secs(1), |h| h.interval.value.get())
         })
         .min()
         .map(|period| period.max(MIN_PERIOD))
@@ -96,6 +90,11 @@ fn watch(netns: &Netns, shared: &HealthShared, waker: &Waker, stop: &AtomicBool)
             continue;
         };
         let probes = probe_replicas(&spec, &node, netns);
+        tracing::debug!(
+            "probed {} replica addresses, {} answering; next in {period:?}",
+            probes.len(),
+            probes.iter().filter(|p| p.healthy).count()
+        );
         let before = std::mem::replace(
             &mut *shared.probes.lock().unwrap_or_else(PoisonError::into_inner),
             probes.clone(),

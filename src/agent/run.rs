@@ -46,6 +46,8 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(200);
 pub struct Settings {
     /// The spec file, read again at every run.
     pub spec_file: PathBuf,
+    /// The node this is (chosen once, at the start).
+    pub node: String,
     /// How long apart runs are without events.
     pub interval: Duration,
     /// Where to serve `/metrics` and `/healthz`.
@@ -105,7 +107,7 @@ impl Agent {
         let netns = session.settings().netns.clone();
         let threads = vec![
             table_events::spawn(&netns, waker.clone(), Arc::clone(&stop))?,
-            container_events::spawn(waker.clone(), Arc::clone(&stop))?,
+            container_events::spawn(settings.node.clone(), waker.clone(), Arc::clone(&stop))?,
             health_watch::spawn(netns, Arc::clone(&health), waker, Arc::clone(&stop))?,
         ];
         let metrics = Arc::new(AgentMetrics::new());
@@ -323,16 +325,18 @@ impl Agent {
             )
         })?;
         let node = self.session.node(Some(&spec)).map_err(|e| chain(&e))?;
-        self.health.set_target(&spec, &node);
+        if node != self.settings.node {
+            return Err(format!(
+                "the spec now makes this host node `{node}`, but the agent started as node `{}`: restart the agent",
+                self.settings.node
+            ));
+        }
         self.state.node = Some(node.clone());
         let mut planned = self.session.plan(spec, node).map_err(|e| chain(&e))?;
-        let probes = if planned.observed.probes.is_empty() {
-            self.health.probes()
-        } else {
-            planned.observed.probes.clone()
-        };
-        self.state.note_spreads(&planned.observed, &probes);
-        self.metrics.probed(&probes);
+        let probes = &planned.observed.probes;
+        self.health.set_target(&planned.spec, &planned.node, probes);
+        self.state.note_spreads(&planned.observed, probes);
+        self.metrics.probed(probes);
         let state_dir = self.session.settings().state_dir.clone();
         let suspended = SuspendFile::in_dir(&state_dir)
             .read()

@@ -19,10 +19,12 @@ pub fn agent(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         interval.get() >= MIN_INTERVAL,
         "--interval {interval} is too short: give at least 1s (events wake the agent in between)"
     );
-    load_spec(global, &args.spec)?;
+    let spec = load_spec(global, &args.spec)?;
     let session = Session::new(session_settings(global), Box::new(people(global, false)));
+    let node = session.node(Some(&spec))?;
     let settings = Settings {
         spec_file: args.spec.clone(),
+        node,
         interval: interval.get(),
         listen: args.metrics_addr,
     };
