@@ -249,7 +249,14 @@ impl Node {
 
     /// Starts an agent and waits until it is ready (its first run done).
     fn agent(&self) -> Process {
-        let mut command = self.command(&["agent", "--interval", "60s", "-f"]);
+        let mut command = self.command(&[
+            "agent",
+            "--interval",
+            "60s",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "-f",
+        ]);
         command.arg(self.spec());
         let mut agent = Process::spawn(command);
         agent.wait_line("Ready:", 1, FIRST_RUN);
@@ -284,6 +291,33 @@ impl Drop for Node {
             .args(["rm", "-f", &self.container()])
             .output();
     }
+}
+
+/// `GET path` from the agent's HTTP endpoint (the address it printed); the
+/// whole response.
+fn http_get(agent: &Process, path: &str) -> String {
+    use std::io::{Read, Write};
+    let line = agent
+        .lines_with("Serving metrics at http://")
+        .into_iter()
+        .next()
+        .map(|(_, line)| line)
+        .expect("the agent says where it serves");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("an address");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(BOUND)).expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: lessnat\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }
 
 fn table_exists() -> bool {
@@ -361,6 +395,15 @@ fn agent_restores_a_deleted_table_under_load() {
         report.summary(origin)
     );
     assert_no_failures(&report, origin, "table deleted and restored under load");
+
+    let metrics = http_get(&agent, "/metrics");
+    assert!(
+        metrics.starts_with("HTTP/1.1 200")
+            && metrics.contains("lessnat_agent_drift_corrected_total{trigger=\"table\"} 1"),
+        "/metrics counts the correction:\n{metrics}"
+    );
+    let healthz = http_get(&agent, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "/healthz:\n{healthz}");
 
     let status = node.status();
     let agent_view = &status["agent"];

@@ -23,10 +23,13 @@ use super::state::{AgentState, Outcome, Run, StateFile};
 use super::wake::{Trigger, Wake, Waker};
 use super::{AgentError, container_events, table_events};
 use crate::apply::ApplyError;
+use crate::backend::nft::reassert;
 use crate::error::chain;
 use crate::gitops::record::Timestamp;
 use crate::gitops::suspend::SuspendFile;
 use crate::lock::{AGENT_LOCK_FILE, ApplyLock, LockError};
+use crate::model::NftTable;
+use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 use crate::report::Report;
 use crate::session::{Session, SessionError};
 use crate::spec::load_file;
@@ -72,6 +75,9 @@ pub struct Agent {
     threads: Vec<JoinHandle<()>>,
     crash_loops: CrashLoops,
     failures: u32,
+    /// lessnat's table as the last run that planned no change found it: what
+    /// a run woken by a table event writes back at once, before it observes.
+    settled_table: Option<NftTable>,
     _lock: ApplyLock,
 }
 
@@ -132,6 +138,7 @@ impl Agent {
             threads,
             crash_loops: CrashLoops::default(),
             failures: 0,
+            settled_table: None,
             session,
             _lock: lock,
         };
@@ -217,7 +224,7 @@ impl Agent {
     /// and the log.
     fn converge(&mut self, wake: &Wake) -> Result<Outcome, AgentError> {
         let started = Instant::now();
-        let result = self.converge_once();
+        let result = self.converge_once(wake.trigger);
         let seconds = started.elapsed().as_secs_f64();
         let (outcome, changes, error) = match result {
             Ok((outcome, changes)) => (outcome, changes, None),
@@ -300,7 +307,7 @@ impl Agent {
     /// suspended). Returns how it ended and the plan's changes, or why not
     /// ([`Outcome::Busy`] when another lessnat holds the apply lock,
     /// [`Outcome::Failed`]).
-    fn converge_once(&mut self) -> Result<(Outcome, usize), (Outcome, String)> {
+    fn converge_once(&mut self, trigger: Trigger) -> Result<(Outcome, usize), (Outcome, String)> {
         let _lock = match self.session.lock() {
             Ok(lock) => lock,
             Err(SessionError::Lock(LockError::Held { holder, .. })) => {
@@ -311,8 +318,21 @@ impl Agent {
             }
             Err(error) => return Err((Outcome::Failed, chain(&error))),
         };
-        self.plan_and_apply()
-            .map_err(|message| (Outcome::Failed, message))
+        let restored = match (trigger, &self.settled_table) {
+            (Trigger::Table, Some(table)) => reassert(&self.session.settings().netns, table)
+                .map_err(|error| (Outcome::Failed, chain(&error)))?,
+            _ => false,
+        };
+        if restored {
+            self.say(
+                "Restored lessnat's table as it last was when converged; now checking the rest.",
+            );
+        }
+        match self.plan_and_apply() {
+            Ok((Outcome::InSync, _)) if restored => Ok((Outcome::Applied, 1)),
+            Ok((outcome, changes)) => Ok((outcome, changes + usize::from(restored))),
+            Err(message) => Err((Outcome::Failed, message)),
+        }
     }
 
     /// [`Agent::converge_once`] under the apply lock; an error is its message.
@@ -344,7 +364,15 @@ impl Agent {
             .is_some();
         self.metrics.set_suspended(suspended);
         let changes = planned.plan.changes.len();
+        self.settled_table = None;
         if planned.plan.is_empty() {
+            self.settled_table = planned
+                .observed
+                .nft
+                .tables
+                .iter()
+                .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE)
+                .cloned();
             return Ok((Outcome::InSync, 0));
         }
         self.session.report(&Report::Plan(&planned.plan));

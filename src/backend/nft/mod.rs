@@ -34,7 +34,7 @@ use crate::netns::{Netns, NetnsError};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 pub use events::TableEvents;
 pub use guard::GuardTable;
-pub use watch::TableWatch;
+pub use watch::{TableWatch, reassert};
 
 /// The nft executable, looked up in `PATH`.
 const NFT: &str = "nft";

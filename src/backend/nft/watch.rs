@@ -42,7 +42,7 @@ const EVENT_BUFFER: usize = 1 << 20;
 /// Whether lessnat's table in `netns` still holds `wanted` (its chains as
 /// they are, and every element of its maps); when not, writes `wanted` whole
 /// in one transaction. Returns whether it wrote.
-fn reassert(netns: &Netns, wanted: &NftTable) -> Result<bool, NftError> {
+pub fn reassert(netns: &Netns, wanted: &NftTable) -> Result<bool, NftError> {
     if read_table(netns, NFT_TABLE)?.is_some_and(|found| found.holds(wanted)) {
         return Ok(false);
     }
