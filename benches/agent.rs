@@ -14,8 +14,8 @@
 //!   started and re-wired (`docker start`, the worker's `lessnat apply`) and
 //!   the next trial waits until the agent has it back in the spread;
 //! - **table deleted → restored**: `nft delete table inet lessnat` in the LB
-//!   namespace, then the table is listed every 5 ms until it is back whole
-//!   (its `routed_dnat` chain present).
+//!   namespace (1 s after the last restore), then the table is listed every
+//!   5 ms until it is back whole (its `routed_dnat` chain present).
 //!
 //! Reported: p50, p99, min and max over N trials of each (default 20,
 //! `LESSNAT_BENCH_TRIALS`). Everything it creates (namespaces, containers,
@@ -33,6 +33,10 @@ use support::topology::{Node, Replica, Service, Topology};
 
 /// How often the LB's table is read while waiting.
 const POLL: Duration = Duration::from_millis(5);
+
+/// How long a trial waits before it starts, so the agent has finished the
+/// run its own last write woke it for (a run in progress delays the next).
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The longest anything measured may take before the benchmark gives up.
 const GIVE_UP: Duration = Duration::from_secs(30);
@@ -94,8 +98,9 @@ fn main() {
             || spread(lb).contains(&address),
             "the replica is in the spread",
         );
-        // Between two health probes, wherever they fall.
-        std::thread::sleep(Duration::from_millis(50 * (trial as u64 % 5)));
+        // Once the agent is idle again (the run after its own last write),
+        // and between two health probes, wherever they fall.
+        std::thread::sleep(SETTLE + Duration::from_millis(50 * (trial as u64 % 5)));
         let killed = Instant::now();
         support::run("docker", &["kill", &victim]);
         wait_until(
@@ -110,6 +115,7 @@ fn main() {
     let mut restores = Vec::new();
     for _ in 1..=trials {
         wait_until(|| spread(lb).contains(&address), "the table is whole");
+        std::thread::sleep(SETTLE);
         let deleted = Instant::now();
         lb.ns.exec("nft", &["delete", "table", "inet", "lessnat"]);
         wait_until(|| !spread(lb).is_empty(), "the table is back");

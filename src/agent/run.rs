@@ -148,11 +148,7 @@ impl Agent {
     /// Runs until SIGINT or SIGTERM: a run now, `READY=1` to systemd, then a
     /// run at each wake-up.
     pub fn run(mut self) -> Result<(), AgentError> {
-        let mut pending = Some(Wake {
-            trigger: Trigger::Start,
-            detail: "the agent started".into(),
-            died: None,
-        });
+        let mut pending = Some(Wake::new(Trigger::Start, "the agent started"));
         let mut due = Instant::now();
         let mut not_before = Instant::now();
         let mut next_interval = Instant::now() + self.settings.interval;
@@ -164,11 +160,10 @@ impl Agent {
                 next_interval = Instant::now() + self.settings.interval;
                 not_before = Instant::now() + after_failures(FAILURE_BACKOFF_BASE, self.failures);
                 if outcome == Outcome::Busy {
-                    pending = Some(Wake {
-                        trigger: Trigger::Retry,
-                        detail: format!("after waiting for the apply lock ({})", wake.detail),
-                        died: None,
-                    });
+                    pending = Some(Wake::new(
+                        Trigger::Retry,
+                        format!("after waiting for the apply lock ({})", wake.detail),
+                    ));
                     due = Instant::now() + BUSY_RETRY;
                 }
                 if !ready {
@@ -204,11 +199,10 @@ impl Agent {
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if pending.is_none() && Instant::now() >= next_interval {
-                        pending = Some(Wake {
-                            trigger: Trigger::Interval,
-                            detail: format!("every {:?}", self.settings.interval),
-                            died: None,
-                        });
+                        pending = Some(Wake::new(
+                            Trigger::Interval,
+                            format!("every {:?}", self.settings.interval),
+                        ));
                         due = not_before;
                     }
                 }
@@ -224,7 +218,7 @@ impl Agent {
     /// and the log.
     fn converge(&mut self, wake: &Wake) -> Result<Outcome, AgentError> {
         let started = Instant::now();
-        let result = self.converge_once(wake.trigger);
+        let result = self.converge_once(wake.table_changed);
         let seconds = started.elapsed().as_secs_f64();
         let (outcome, changes, error) = match result {
             Ok((outcome, changes)) => (outcome, changes, None),
@@ -303,11 +297,15 @@ impl Agent {
         Ok(outcome)
     }
 
-    /// Observes, plans and applies when the plan has changes (unless
-    /// suspended). Returns how it ended and the plan's changes, or why not
-    /// ([`Outcome::Busy`] when another lessnat holds the apply lock,
-    /// [`Outcome::Failed`]).
-    fn converge_once(&mut self, trigger: Trigger) -> Result<(Outcome, usize), (Outcome, String)> {
+    /// Under the apply lock: when `table_changed`, writes back the settled
+    /// table if it no longer holds; then observes, plans and applies when
+    /// the plan has changes (unless suspended). Returns how it ended and the
+    /// changes, or why not ([`Outcome::Busy`] when another lessnat holds the
+    /// apply lock, [`Outcome::Failed`]).
+    fn converge_once(
+        &mut self,
+        table_changed: bool,
+    ) -> Result<(Outcome, usize), (Outcome, String)> {
         let _lock = match self.session.lock() {
             Ok(lock) => lock,
             Err(SessionError::Lock(LockError::Held { holder, .. })) => {
@@ -318,8 +316,8 @@ impl Agent {
             }
             Err(error) => return Err((Outcome::Failed, chain(&error))),
         };
-        let restored = match (trigger, &self.settled_table) {
-            (Trigger::Table, Some(table)) => reassert(&self.session.settings().netns, table)
+        let restored = match (table_changed, &self.settled_table) {
+            (true, Some(table)) => reassert(&self.session.settings().netns, table)
                 .map_err(|error| (Outcome::Failed, chain(&error)))?,
             _ => false,
         };

@@ -68,9 +68,21 @@ pub struct Wake {
     pub detail: String,
     /// The container that died, for the crash-loop back-off.
     pub died: Option<String>,
+    /// Whether a table event is among the wake-ups merged into this one.
+    pub table_changed: bool,
 }
 
 impl Wake {
+    /// A wake-up for `trigger`, saying `detail`.
+    pub fn new(trigger: Trigger, detail: impl Into<String>) -> Wake {
+        Wake {
+            trigger,
+            detail: detail.into(),
+            died: None,
+            table_changed: trigger == Trigger::Table,
+        }
+    }
+
     /// One run for this wake-up and `other`: the more telling trigger (the
     /// earlier one on a tie), both details, and the container that died.
     pub fn merge(self, other: Wake) -> Wake {
@@ -88,6 +100,7 @@ impl Wake {
             trigger: first.trigger,
             detail,
             died: first.died.or(second.died),
+            table_changed: first.table_changed || second.table_changed,
         }
     }
 }
@@ -105,19 +118,14 @@ impl Waker {
 
     /// Wakes the agent for `trigger`, saying `detail`.
     pub fn wake(&self, trigger: Trigger, detail: impl Into<String>) {
-        let _ = self.0.send(Wake {
-            trigger,
-            detail: detail.into(),
-            died: None,
-        });
+        let _ = self.0.send(Wake::new(trigger, detail));
     }
 
     /// Wakes the agent because container `name` died.
     pub fn died(&self, name: &str) {
         let _ = self.0.send(Wake {
-            trigger: Trigger::Container,
-            detail: format!("container {name} died"),
             died: Some(name.to_string()),
+            ..Wake::new(Trigger::Container, format!("container {name} died"))
         });
     }
 }
@@ -127,11 +135,7 @@ mod tests {
     use super::*;
 
     fn wake(trigger: Trigger, detail: &str) -> Wake {
-        Wake {
-            trigger,
-            detail: detail.into(),
-            died: None,
-        }
+        Wake::new(trigger, detail)
     }
 
     #[test]
@@ -148,6 +152,7 @@ mod tests {
             "container lessnat-web died; inet lessnat changed"
         );
         assert_eq!(merged.died.as_deref(), Some("lessnat-web"));
+        assert!(merged.table_changed, "a table event is among them");
         let interval = wake(Trigger::Interval, "every 30s").merge(table);
         assert_eq!(interval.trigger, Trigger::Table);
     }
