@@ -537,15 +537,12 @@ fn a_second_agent_refuses_naming_the_first_and_apply_still_works() {
     assert!(status.success(), "{status}\n{output}");
 }
 
-/// Known gap, shared with `routed_dead_replica_leaves_the_spread_and_rejoins`
-/// in `tests/routed.rs`: it passed 3 of 5 runs. Both agents take the replica
-/// out 0.8–1.7 s after the kill (probe every 200 ms, then one run), yet in
-/// the failing runs a few connections that started over 2 s after the kill
-/// timed out: most likely a client SYN reusing a source port matches the dead
-/// replica's unanswered conntrack entry and still goes there. Run it by hand
-/// until those entries are deleted: `cargo test --test agent -- --ignored`.
+/// The twin of `routed_dead_replica_leaves_the_spread_and_rejoins` in
+/// `tests/routed.rs` with agents instead of applies on a timer: no request
+/// that starts over 2 s after the kill fails (a dropped replica's unanswered
+/// conntrack entries are deleted with the spread change), and the replica
+/// rejoins once it answers again.
 #[test]
-#[ignore = "flaky until a dropped replica's unanswered conntrack entries are deleted (issue 13)"]
 fn agents_on_the_load_balancers_take_a_dead_replica_out_and_back() {
     let test = "agents_on_the_load_balancers_take_a_dead_replica_out_and_back";
     if !support::root_with(test, &["nft", "sysctl"]) || !support::docker(test) {
