@@ -54,9 +54,19 @@ pub fn serve(addr: SocketAddr, router: Router) -> Result<SocketAddr, ServeError>
     Ok(bound)
 }
 
-/// A plain-text response.
+/// A plain-text response, after which the connection is closed: scrapes
+/// are seconds apart, and a client that reads to the end of the stream (as
+/// simple scrapers do) gets its end.
 pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONNECTION, "close"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// The answer to any path lessnat does not serve.

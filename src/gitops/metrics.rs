@@ -314,11 +314,7 @@ mod tests {
         .expect("serve");
         let get = |path: &str| {
             let mut stream = TcpStream::connect(addr).expect("connect");
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .expect("send");
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
             let mut response = String::new();
             stream.read_to_string(&mut response).expect("read");
             response
