@@ -4,6 +4,7 @@
 //! The pipeline is spec → observe → plan → apply; see `docs/architecture.md`.
 //! This crate holds the library; `main.rs` is a thin command-line front.
 
+pub mod agent;
 pub mod apply;
 pub mod atomic_file;
 pub mod backend;

@@ -1,7 +1,9 @@
 //! The exclusive apply lock: one `apply` per state directory at a time. The
 //! lock is an `flock` on a file, so it is released when the holder exits, even
 //! by `kill -9`; the file records who holds it, for the message a second apply
-//! prints.
+//! prints. The agent holds a second lock of the same kind, [`AGENT_LOCK_FILE`],
+//! for its whole life (one agent per node), and the apply lock only while it
+//! plans and applies.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -13,6 +15,9 @@ use nix::fcntl::{Flock, FlockArg};
 
 /// The lock file's name inside the state directory.
 pub const LOCK_FILE: &str = "lock";
+
+/// The agent's lock file inside the state directory.
+pub const AGENT_LOCK_FILE: &str = "agent.lock";
 
 /// Taking the lock failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +54,12 @@ impl ApplyLock {
     /// apply -f spec.yaml`; credentials in URLs in it are masked before it is
     /// recorded.
     pub fn acquire(state_dir: &Path, what: &str) -> Result<ApplyLock, LockError> {
-        let path = state_dir.join(LOCK_FILE);
+        ApplyLock::acquire_file(state_dir, LOCK_FILE, what)
+    }
+
+    /// Takes the lock file `name` in `state_dir`, like [`ApplyLock::acquire`].
+    pub fn acquire_file(state_dir: &Path, name: &str, what: &str) -> Result<ApplyLock, LockError> {
+        let path = state_dir.join(name);
         let io = |source| LockError::Io {
             path: path.clone(),
             source,
@@ -93,6 +103,21 @@ impl ApplyLock {
     }
 }
 
+/// Who holds the lock file `name` in `state_dir`, as they recorded it;
+/// `None` when nobody does (or the file cannot be read).
+pub fn holder(state_dir: &Path, name: &str) -> Option<String> {
+    let file = File::open(state_dir.join(name)).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_free) => None,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            file.read_to_string(&mut holder).ok()?;
+            Some(holder.trim().to_string())
+        }
+        Err(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +136,20 @@ mod tests {
         assert!(message.contains("lessnat apply -f a.yaml"), "{message}");
         drop(first);
         ApplyLock::acquire(dir.path(), "lessnat apply -f b.yaml").expect("free again after drop");
+    }
+
+    #[test]
+    fn the_agent_lock_is_its_own_and_tells_its_holder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(holder(dir.path(), AGENT_LOCK_FILE), None);
+        let agent = ApplyLock::acquire_file(dir.path(), AGENT_LOCK_FILE, "lessnat agent -f a.yaml")
+            .expect("agent lock");
+        let apply =
+            ApplyLock::acquire(dir.path(), "lessnat apply").expect("apply lock is separate");
+        let held = holder(dir.path(), AGENT_LOCK_FILE).expect("held");
+        assert!(held.contains("lessnat agent -f a.yaml"), "{held}");
+        drop((agent, apply));
+        assert_eq!(holder(dir.path(), AGENT_LOCK_FILE), None);
     }
 
     #[test]

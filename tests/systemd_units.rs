@@ -45,7 +45,11 @@ fn exposure(name: &str) -> Option<f64> {
 
 #[test]
 fn service_units_are_sandboxed() {
-    for name in ["lessnat-apply.service", "lessnat-reconcile.service"] {
+    for name in [
+        "lessnat-apply.service",
+        "lessnat-reconcile.service",
+        "lessnat-agent.service",
+    ] {
         let Some(score) = exposure(name) else {
             return;
         };
@@ -62,5 +66,21 @@ fn service_units_are_sandboxed() {
         ] {
             assert!(text.contains(needed), "{name} lacks {needed}");
         }
+    }
+}
+
+#[test]
+fn the_agent_unit_is_a_notify_service_that_always_restarts() {
+    let text = std::fs::read_to_string(unit("lessnat-agent.service")).expect("unit file");
+    for needed in [
+        "Type=notify",
+        "NotifyAccess=main",
+        "Restart=always",
+        "ExecStart=/usr/local/bin/lessnat agent -f",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(needed)),
+            "lessnat-agent.service lacks {needed}"
+        );
     }
 }

@@ -15,8 +15,10 @@
 //! bollard is async; [`Docker`] keeps the API synchronous with a current-thread
 //! tokio runtime of its own.
 
+mod events;
 mod image;
 
+pub use events::ContainerEvent;
 pub use image::PullProgress;
 
 use std::collections::HashMap;

@@ -100,6 +100,20 @@ pub(crate) struct ReconcileArgs {
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// Options of `lessnat agent`.
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// The spec file (read again at every run, so edits apply at the next one).
+    #[arg(short = 'f', long = "file", value_name = "SPEC")]
+    pub(crate) spec: PathBuf,
+    /// Run this long apart when no event comes (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub(crate) interval: HumanDuration,
+    /// Serve Prometheus metrics at http://ADDR/metrics and readiness at /healthz, e.g. 127.0.0.1:9824.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+}
+
 /// Formats of `reconcile --events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum EventsFormat {
@@ -201,10 +215,24 @@ pub(crate) enum Command {
     /// --plan-only, 0 no drift, 2 drift, 1 error. `lessnat status` shows the
     /// last run.
     Reconcile(ReconcileArgs),
-    /// Show what reconcile last did on this node.
+    /// Keep this node converged: run plan and apply on an interval and at once on events.
+    ///
+    /// One long-running process per node (systemd: examples/systemd/lessnat-agent.service,
+    /// Type=notify). Between runs it reacts to lessnat's nftables table being
+    /// deleted or edited (netlink events), to lessnat's containers dying
+    /// (Docker events; a crash loop backs off), and on load-balancer nodes to
+    /// a replica changing health (probed every `health.interval`). It takes
+    /// the apply lock for each run, so `lessnat apply` by hand waits its turn;
+    /// `lessnat suspend` stops it from applying. A second agent on the node
+    /// refuses to start. Killing it stops no traffic; started again, it adopts
+    /// what runs. `lessnat status` shows its view.
+    Agent(AgentArgs),
+    /// Show what reconcile and the agent last did on this node.
     ///
     /// The applied commit, the last run and its drift, the last error, the
-    /// failure back-off, and an upgrade in flight (from the journal).
+    /// failure back-off, and an upgrade in flight (from the journal); when an
+    /// agent runs (or ran) here, its last runs, the drift it corrected, a
+    /// load-balancer node's spreads with each replica's health, and recent events.
     Status {
         /// Print JSON.
         #[arg(long)]

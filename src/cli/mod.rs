@@ -78,6 +78,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Show { plan, json } => commands::show::show(global, plan.as_deref(), *json),
         Command::Reconcile(args) => commands::reconcile::reconcile(global, args),
+        Command::Agent(args) => commands::agent::agent(global, args),
         Command::Status { json } => commands::state::status(global, *json),
         Command::Suspend { reason } => commands::state::suspend(global, reason.clone()),
         Command::Resume => commands::state::resume(global),

@@ -1,17 +1,21 @@
 //! Prometheus metrics, made from the reconcile record and the suspend flag:
 //! as a textfile for node_exporter's textfile collector (`--metrics-file`,
 //! written atomically after each run) or served over HTTP at `/metrics`
-//! (`--metrics-addr`, loop mode; each scrape reads the state directory, so it
-//! is current even right after `lessnat suspend`).
+//! (`--metrics-addr`, loop mode, through the agent's HTTP endpoint
+//! `agent/http.rs`; each scrape reads the state directory, so it is current
+//! even right after `lessnat suspend`).
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
 
 use super::record::{Record, RecordError, RecordFile};
 use super::suspend::{SuspendError, SuspendFile};
+use crate::agent::http::{self, PROMETHEUS_TEXT, ServeError};
 use crate::error::chain;
 
 /// Making or publishing the metrics failed.
@@ -32,15 +36,9 @@ pub enum MetricsError {
         #[source]
         cause: std::io::Error,
     },
-    /// The HTTP listener could not be set up.
-    #[error("cannot serve metrics on {addr}")]
-    Listen {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        cause: std::io::Error,
-    },
+    /// The HTTP endpoint could not be set up.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
 }
 
 /// A label value with `\`, `"` and newlines escaped.
@@ -202,83 +200,36 @@ pub fn write_textfile(state_dir: &Path, path: &Path) -> Result<(), MetricsError>
 }
 
 /// Serves the metrics of `state_dir` at `http://ADDR/metrics` from a
-/// background thread, one connection at a time (a scraper, not the world).
-/// Returns the address bound (useful with port 0).
+/// background thread; every connection is its own task, so a slow client
+/// holds up no other scrape. Returns the address bound (useful with port 0).
 pub fn serve(addr: SocketAddr, state_dir: PathBuf) -> Result<SocketAddr, MetricsError> {
-    let listen = |cause| MetricsError::Listen { addr, cause };
-    let listener = TcpListener::bind(addr).map_err(listen)?;
-    let bound = listener.local_addr().map_err(listen)?;
-    std::thread::Builder::new()
-        .name("lessnat-metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(error) = answer(stream, &state_dir) {
-                            tracing::debug!("metrics request: {}", chain(&error));
-                        }
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let answer = gather(&state_dir);
+                async move {
+                    match answer {
+                        Ok(text) => http::text(StatusCode::OK, PROMETHEUS_TEXT, text),
+                        Err(error) => http::text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain; charset=utf-8",
+                            format!("{}\n", chain(&error)),
+                        ),
                     }
-                    Err(error) => tracing::warn!("metrics listener: {}", chain(&error)),
                 }
-            }
-        })
-        .map_err(listen)?;
-    Ok(bound)
-}
-
-/// Reads one request's head and answers it.
-fn answer(mut stream: TcpStream, state_dir: &Path) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buffer[..n]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => match gather(state_dir) {
-            Ok(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
-            Err(error) => (
-                "500 Internal Server Error",
-                "text/plain; charset=utf-8",
-                format!("{}\n", chain(&error)),
-            ),
-        },
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "lessnat serves only /metrics\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "only GET and HEAD\n".to_string(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes())?;
-    stream.flush()
+            }),
+        )
+        .fallback(http::not_found);
+    Ok(http::serve(addr, router)?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
     use super::*;
     use crate::gitops::record::{Applied, Outcome, Run, Stage, Timestamp};
     use crate::plan::Summary;
@@ -377,6 +328,41 @@ mod tests {
             .expect("suspend");
         assert!(get("/metrics").contains("lessnat_suspended 1\n"));
         assert!(get("/").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn a_client_that_sends_nothing_blocks_no_scrape() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr = serve(
+            "127.0.0.1:0".parse().expect("addr"),
+            dir.path().to_path_buf(),
+        )
+        .expect("serve");
+        let silent: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut half = TcpStream::connect(addr).expect("connect");
+        write!(half, "GET /metrics HTTP/1.1\r\n").expect("half a request");
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.contains("lessnat_suspended 0\n"), "{response}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(4),
+            "a scrape waited {took:?} behind clients that sent nothing"
+        );
+        drop((silent, half));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! `lessnat status`: what reconcile last did on this node, put together from
-//! the state directory: the record (last applied commit, last run, drift, last
-//! error, back-off), the suspend flag, and the journal (upgrades in flight).
+//! `lessnat status`: what reconcile and the agent last did on this node, put
+//! together from the state directory: the record (last applied commit, last
+//! run, drift, last error, back-off), the suspend flag, the journal (upgrades
+//! in flight), and the agent's state (`agent.json`) with whether an agent
+//! holds the agent lock now.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,9 @@ use super::record::{
     Applied, Backoff, LastError, Outcome, RecordError, RecordFile, Run, Timestamp, Totals,
 };
 use super::suspend::{SuspendError, SuspendFile, Suspension};
+use crate::agent::state::{AgentState, StateError, StateFile};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
+use crate::lock::{AGENT_LOCK_FILE, holder};
 use crate::plan::Summary;
 use crate::spec::Strategy;
 use crate::style::Style;
@@ -29,6 +33,20 @@ pub enum StatusError {
     /// The journal could not be read.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The agent's state could not be read.
+    #[error(transparent)]
+    Agent(#[from] StateError),
+}
+
+/// The agent's view of the node, and whether it runs now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentView {
+    /// Who holds the agent lock now (`pid N (command line) since T`); `None`
+    /// when no agent runs.
+    pub running: Option<String>,
+    /// What the agent (the running one, or the last one) wrote.
+    #[serde(flatten)]
+    pub state: AgentState,
 }
 
 /// An upgrade in flight, from the journal.
@@ -66,6 +84,8 @@ pub struct Status {
     pub totals: Totals,
     /// Upgrades in flight, from the journal.
     pub in_flight: Vec<InFlight>,
+    /// The agent's view, when an agent ever ran with this state directory.
+    pub agent: Option<AgentView>,
 }
 
 impl Status {
@@ -74,6 +94,10 @@ impl Status {
         let record = RecordFile::in_dir(state_dir).read()?;
         let suspended = SuspendFile::in_dir(state_dir).read()?;
         let journal = JournalFile::in_dir(state_dir).read()?;
+        let agent = StateFile::in_dir(state_dir).read()?.map(|state| AgentView {
+            running: holder(state_dir, AGENT_LOCK_FILE),
+            state,
+        });
         Ok(Status {
             state_dir: state_dir.to_path_buf(),
             node: record.node,
@@ -90,6 +114,7 @@ impl Status {
                 .into_iter()
                 .map(|(service, upgrade)| InFlight { service, upgrade })
                 .collect(),
+            agent,
         })
     }
 
@@ -115,7 +140,7 @@ impl Status {
         let row = |out: &mut String, name: &str, value: &str| {
             let _ = writeln!(out, "  {name:<12} {value}");
         };
-        if self.last_run.is_none() {
+        if self.last_run.is_none() && self.agent.is_none() {
             row(
                 &mut out,
                 "runs",
@@ -273,6 +298,10 @@ impl Status {
             for line in error.message.trim_end().lines() {
                 let _ = writeln!(out, "  {line}");
             }
+        }
+        if let Some(agent) = &self.agent {
+            out.push('\n');
+            out.push_str(&agent.state.render(agent.running.as_deref(), style));
         }
         out
     }

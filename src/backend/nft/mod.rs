@@ -17,6 +17,7 @@
 
 mod decode;
 mod encode;
+mod events;
 mod guard;
 mod watch;
 
@@ -31,8 +32,9 @@ use crate::model::Redirect;
 use crate::model::{NftRule, NftState, NftTable};
 use crate::netns::{Netns, NetnsError};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
+pub use events::TableEvents;
 pub use guard::GuardTable;
-pub use watch::TableWatch;
+pub use watch::{TableWatch, reassert};
 
 /// The nft executable, looked up in `PATH`.
 const NFT: &str = "nft";

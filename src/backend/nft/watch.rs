@@ -42,7 +42,7 @@ const EVENT_BUFFER: usize = 1 << 20;
 /// Whether lessnat's table in `netns` still holds `wanted` (its chains as
 /// they are, and every element of its maps); when not, writes `wanted` whole
 /// in one transaction. Returns whether it wrote.
-fn reassert(netns: &Netns, wanted: &NftTable) -> Result<bool, NftError> {
+pub fn reassert(netns: &Netns, wanted: &NftTable) -> Result<bool, NftError> {
     if read_table(netns, NFT_TABLE)?.is_some_and(|found| found.holds(wanted)) {
         return Ok(false);
     }
@@ -143,7 +143,7 @@ impl Drop for TableWatch {
 
 /// A socket subscribed to nf_tables events in the calling thread's namespace,
 /// whose reads time out so that the watch thread sees when to end.
-fn open_events() -> std::io::Result<Socket> {
+pub(super) fn open_events() -> std::io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_NETFILTER)?;
     socket.bind_auto()?;
     socket.add_membership(NFNLGRP_NFTABLES)?;
@@ -188,14 +188,26 @@ fn watch(socket: &Socket, shared: &Shared, stop: &AtomicBool) {
 }
 
 /// Whether a datagram of nf_tables events deletes anything in `inet lessnat`.
-fn deletes_in_own_table(mut datagram: &[u8]) -> bool {
+fn deletes_in_own_table(datagram: &[u8]) -> bool {
+    in_own_table(datagram, |kind| DELETIONS.contains(&kind))
+}
+
+/// Whether a datagram of nf_tables events adds, changes or deletes anything
+/// in `inet lessnat`.
+pub(super) fn changes_own_table(datagram: &[u8]) -> bool {
+    in_own_table(datagram, |_| true)
+}
+
+/// Whether a datagram holds an nf_tables event of a kind `wanted` accepts
+/// (`NFT_MSG_*`) about `inet lessnat`.
+fn in_own_table(mut datagram: &[u8], wanted: impl Fn(u16) -> bool) -> bool {
     let mut found = false;
     while let Ok(message) = NetlinkBuffer::new_checked(datagram) {
         let length = message.length() as usize;
         let kind = message.message_type();
         let payload = message.payload();
         found |= kind >> 8 == NFNL_SUBSYS_NFTABLES
-            && DELETIONS.contains(&(kind & 0xff))
+            && wanted(kind & 0xff)
             && payload.first() == Some(&FAMILY_INET)
             && names_own_table(payload.get(4..).unwrap_or_default());
         datagram = datagram
@@ -254,5 +266,9 @@ mod tests {
         .concat();
         assert!(deletes_in_own_table(&batch));
         assert!(!deletes_in_own_table(&[1, 2, 3]));
+        // Additions count as changes, in lessnat's table only.
+        assert!(changes_own_table(&event(6, FAMILY_INET, "lessnat")));
+        assert!(changes_own_table(&event(2, FAMILY_INET, "lessnat")));
+        assert!(!changes_own_table(&event(6, FAMILY_INET, "filter")));
     }
 }

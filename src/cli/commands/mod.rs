@@ -1,6 +1,7 @@
 //! One function per command, and what they share: the session, the reporter
 //! for people, loading a spec, writing to standard output.
 
+pub mod agent;
 pub mod apply;
 pub mod generated;
 pub mod plan;

@@ -1,0 +1,637 @@
+//! `lessnat agent` as the real binary, killed for real: in host mode under
+//! load (Docker's host network, lessnat's real `inet lessnat` table, the
+//! machine-wide host-network lock held), it restores a deleted table, a
+//! `kill -9` of it drops no request and the next agent adopts the node with
+//! no change, and it restarts a container someone killed. In a network
+//! namespace of the test's own, a second agent refuses to start, naming the
+//! first, while `lessnat apply` by hand still works. In routed mode
+//! (`support::topology`: clients, two load-balancer nodes, two workers, each
+//! a namespace), agents on the load-balancer nodes take a replica killed
+//! under load out of the spread, and put it back once it answers again.
+//!
+//! Timings are printed, not asserted: the bounds here only keep a broken
+//! agent from hanging the test (the measured numbers are in
+//! `cargo bench --bench agent`).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::image::test_image;
+use support::load::{Load, LoadConfig, Report};
+use support::topology::{Replica, Service, Topology};
+
+const LESSNAT: &str = env!("CARGO_BIN_EXE_lessnat");
+
+/// The longest the test waits for anything the agent should do within a
+/// second or two.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// The longest a first converge (pulling nothing, one container) may take.
+const FIRST_RUN: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// The agent process
+
+/// A lessnat process whose output lines (standard output and error) are
+/// recorded with the instant each was read; killed when dropped.
+struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("{LESSNAT}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let readers = [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ]
+        .into_iter()
+        .map(|stream| {
+            let lines = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    lines
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((Instant::now(), line));
+                }
+            })
+        })
+        .collect();
+        Process {
+            child,
+            lines,
+            readers,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The lines containing `text`, with when each was read.
+    fn lines_with(&self, text: &str) -> Vec<(Instant, String)> {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, l)| l.contains(text))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the `n`th line containing `text` (counting from 1); returns
+    /// when it was read. Panics with the output when the process ends first
+    /// or `timeout` passes.
+    fn wait_line(&mut self, text: &str, n: usize, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((at, _)) = self.lines_with(text).get(n - 1) {
+                return *at;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some((at, _)) = self.lines_with(text).get(n - 1) {
+                    return *at;
+                }
+                panic!(
+                    "lessnat ended ({status}) without printing {text:?}:\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lessnat did not print {text:?} (#{n}) within {timeout:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `signal`, waits for the end; returns the status and the output.
+    fn end(mut self, signal: nix::sys::signal::Signal) -> (ExitStatus, String) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, signal);
+        let status = self.wait(BOUND);
+        (status, self.output())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lessnat did not end within {timeout:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A host-mode node
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// One test's host-mode node: a spec with one service on a port of its own,
+/// a state directory, and on the way out `lessnat destroy` and `docker rm -f`.
+struct Node {
+    name: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    _guard: support::HostNetworkGuard,
+}
+
+impl Node {
+    /// `None` (skipped) without root, nft or Docker.
+    fn new(test: &str) -> Option<Node> {
+        if !support::root_with(test, &["nft"]) || !support::docker(test) {
+            return None;
+        }
+        test_image("v1");
+        let guard = support::host_network();
+        let name = format!(
+            "a{}x{}",
+            std::process::id(),
+            NEXT_NODE.fetch_add(1, Ordering::SeqCst)
+        );
+        let node = Node {
+            name,
+            port: support::free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            _guard: guard,
+        };
+        let temp = support::free_port();
+        let spec = format!(
+            "version: 1\n\
+             nodes:\n  - name: {node}\n    address: 192.0.2.10\n\
+             services:\n  - name: web\n    node: {node}\n    image: {image}\n    network: host\n    \
+             command: [\"--listen\", \"127.0.0.1:{{port.http}}\"]\n    ports:\n      \
+             - {{ name: http, port: {port}, protocol: tcp, tempPort: {temp} }}\n    health:\n      \
+             http: {{ path: /healthz, port: http }}\n      interval: 200ms\n      timeout: 1s\n      \
+             healthyAfter: 1\n      startTimeout: 15s\n    upgrade:\n      stopTimeout: 2s\n",
+            node = node.name,
+            image = test_image("v1"),
+            port = node.port,
+        );
+        std::fs::write(node.spec(), spec).expect("write spec");
+        eprintln!("{test}: node {}, port {}", node.name, node.port);
+        Some(node)
+    }
+
+    fn spec(&self) -> PathBuf {
+        self.dir.path().join("spec.yaml")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn container(&self) -> String {
+        format!("lessnat-web.{}", self.name)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(LESSNAT);
+        command
+            .arg("--node")
+            .arg(&self.name)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--no-color")
+            .args(args)
+            .env_remove("LESSNAT_NODE")
+            .env_remove("LESSNAT_STATE_DIR")
+            .env_remove("NOTIFY_SOCKET");
+        command
+    }
+
+    /// Starts an agent and waits until it is ready (its first run done).
+    fn agent(&self) -> Process {
+        let mut command = self.command(&[
+            "agent",
+            "--interval",
+            "60s",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "-f",
+        ]);
+        command.arg(self.spec());
+        let mut agent = Process::spawn(command);
+        agent.wait_line("Ready:", 1, FIRST_RUN);
+        agent
+    }
+
+    fn status(&self) -> Value {
+        let output = self
+            .command(&["status", "--json"])
+            .output()
+            .expect("lessnat status");
+        assert!(output.status.success(), "status: {output:?}");
+        serde_json::from_slice(&output.stdout).expect("status JSON")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let destroy = self
+            .command(&["destroy", "--auto-approve"])
+            .stdin(Stdio::null())
+            .output();
+        if let Some(o) = destroy.as_ref().ok().filter(|o| !o.status.success()) {
+            eprintln!(
+                "cleanup: lessnat destroy --node {} failed: {}{}",
+                self.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.container()])
+            .output();
+    }
+}
+
+/// `GET path` from the agent's HTTP endpoint (the address it printed); the
+/// whole response.
+fn http_get(agent: &Process, path: &str) -> String {
+    use std::io::{Read, Write};
+    let line = agent
+        .lines_with("Serving metrics at http://")
+        .into_iter()
+        .next()
+        .map(|(_, line)| line)
+        .expect("the agent says where it serves");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("an address");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(BOUND)).expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: lessnat\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+}
+
+fn table_exists() -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", "lessnat"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn start_load(port: u16) -> Load {
+    let load = Load::start(LoadConfig::new(port));
+    load.wait_requests(32 * 20, BOUND).expect("the load runs");
+    load
+}
+
+fn assert_no_failures(report: &Report, origin: Instant, what: &str) {
+    let failed = report.failed();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} requests failed: {}",
+        failed.len(),
+        report.samples.len(),
+        report.summary(origin)
+    );
+}
+
+/// The container's start time as Docker reports it, and whether it runs.
+fn container_state(name: &str) -> (String, bool) {
+    let output = support::run(
+        "docker",
+        &[
+            "inspect",
+            "--format",
+            "{{.State.StartedAt}} {{.State.Running}}",
+            name,
+        ],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut words = text.split_whitespace();
+    let started = words.next().unwrap_or_default().to_string();
+    (started, words.next() == Some("true"))
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn agent_restores_a_deleted_table_under_load() {
+    let Some(node) = Node::new("agent_restores_a_deleted_table_under_load") else {
+        return;
+    };
+    let mut agent = node.agent();
+    assert!(table_exists(), "the agent's first run made the table");
+    let origin = Instant::now();
+    let load = start_load(node.port);
+
+    let deleted = Instant::now();
+    support::run("nft", &["delete", "table", "inet", "lessnat"]);
+    while !table_exists() {
+        assert!(
+            deleted.elapsed() < BOUND,
+            "the table is still gone {BOUND:?} after its deletion:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let restored = Instant::now();
+    let corrected = agent.wait_line("Drift corrected (table", 1, BOUND);
+    load.wait_requests(32 * 20, BOUND).expect("the load runs");
+    let report = load.stop();
+    eprintln!(
+        "table restored {:.3}s after its deletion (reported after {:.3}s); load: {}",
+        (restored - deleted).as_secs_f64(),
+        (corrected - deleted).as_secs_f64(),
+        report.summary(origin)
+    );
+    assert_no_failures(&report, origin, "table deleted and restored under load");
+
+    let metrics = http_get(&agent, "/metrics");
+    assert!(
+        metrics.starts_with("HTTP/1.1 200")
+            && metrics.contains("lessnat_agent_drift_corrected_total{trigger=\"table\"} 1"),
+        "/metrics counts the correction:\n{metrics}"
+    );
+    let healthz = http_get(&agent, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "/healthz:\n{healthz}");
+
+    let status = node.status();
+    let agent_view = &status["agent"];
+    assert!(
+        agent_view["running"]
+            .as_str()
+            .is_some_and(|r| r.contains("agent")),
+        "status names the running agent: {agent_view}"
+    );
+    assert!(
+        agent_view["drift_corrected"]["table"].as_u64() >= Some(1),
+        "status counts the correction: {agent_view}"
+    );
+    let text = node.command(&["status"]).output().expect("status");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("(table)"), "{text}");
+    assert!(text.contains("Drift corrected (table"), "{text}");
+
+    let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "the agent ends on SIGTERM: {status}\n{output}"
+    );
+    assert!(table_exists(), "a stopped agent leaves the table in place");
+}
+
+#[test]
+fn kill_9_of_the_agent_drops_nothing_and_the_next_one_adopts() {
+    let Some(node) = Node::new("kill_9_of_the_agent_drops_nothing_and_the_next_one_adopts") else {
+        return;
+    };
+    let agent = node.agent();
+    let origin = Instant::now();
+    let load = start_load(node.port);
+    let (status, output) = agent.end(nix::sys::signal::Signal::SIGKILL);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{output}"
+    );
+    load.wait_requests(32 * 20, BOUND)
+        .expect("the load runs without the agent");
+    let mut next = node.agent();
+    next.wait_line("Adopted: the node already matches the spec", 1, BOUND);
+    load.wait_requests(32 * 20, BOUND).expect("the load runs");
+    let report = load.stop();
+    eprintln!("load: {}", report.summary(origin));
+    assert_no_failures(&report, origin, "kill -9 of the agent and a new one");
+    let applied = next.lines_with("Converged");
+    assert!(
+        applied.is_empty(),
+        "the new agent applied something: {applied:?}\n{}",
+        next.output()
+    );
+}
+
+#[test]
+fn a_killed_container_is_restarted_by_the_agent() {
+    let Some(node) = Node::new("a_killed_container_is_restarted_by_the_agent") else {
+        return;
+    };
+    let mut agent = node.agent();
+    let container = node.container();
+    let (first_start, running) = container_state(&container);
+    assert!(running, "{container} runs after the first run");
+
+    let killed = Instant::now();
+    support::run("docker", &["kill", &container]);
+    let line = agent.wait_line("Drift corrected (container", 1, BOUND);
+    eprintln!("corrected after {:.3}s", (line - killed).as_secs_f64());
+    let (started, running) = container_state(&container);
+    eprintln!(
+        "{container} restarted {:.3}s after docker kill",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(running, "{container} runs again:\n{}", agent.output());
+    assert_ne!(started, first_start, "{container} was started again");
+    let answer = support::load::request(0, node.port, "/", Duration::from_secs(5));
+    assert!(answer.ok(), "the service answers again: {:?}", answer.error);
+}
+
+#[test]
+fn a_second_agent_refuses_naming_the_first_and_apply_still_works() {
+    let test = "a_second_agent_refuses_naming_the_first_and_apply_still_works";
+    if !support::root_with(test, &["nft"]) || !support::docker(test) {
+        return;
+    }
+    let netns = support::TestNetns::new("agent2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("spec.yaml");
+    std::fs::write(
+        &spec,
+        "version: 1\nnodes:\n  - name: solo\n    address: 192.0.2.10\nservices: []\n",
+    )
+    .expect("write spec");
+    let command = |args: &[&str]| {
+        let mut command = Command::new(LESSNAT);
+        command
+            .arg("--netns")
+            .arg(&netns.name)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--no-color")
+            .args(args)
+            .arg(&spec)
+            .env_remove("LESSNAT_NODE")
+            .env_remove("LESSNAT_STATE_DIR")
+            .env_remove("NOTIFY_SOCKET");
+        command
+    };
+    let mut first = Process::spawn(command(&["agent", "--interval", "60s", "-f"]));
+    first.wait_line("Ready:", 1, FIRST_RUN);
+    let second = command(&["agent", "-f"]).output().expect("second agent");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another lessnat agent runs on this node")
+            && stderr.contains(&format!("pid {}", first.child.id())),
+        "the second agent names the first: {stderr}"
+    );
+    let apply = command(&["apply", "--auto-approve", "-f"])
+        .output()
+        .expect("apply");
+    assert!(
+        apply.status.success(),
+        "apply by hand while the agent runs: {}{}",
+        String::from_utf8_lossy(&apply.stdout),
+        String::from_utf8_lossy(&apply.stderr)
+    );
+    let (status, output) = first.end(nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "{status}\n{output}");
+}
+
+/// The twin of `routed_dead_replica_leaves_the_spread_and_rejoins` in
+/// `tests/routed.rs` with agents instead of applies on a timer: no request
+/// that starts over 2 s after the kill fails (a dropped replica's unanswered
+/// conntrack entries are deleted with the spread change), and the replica
+/// rejoins once it answers again.
+#[test]
+fn agents_on_the_load_balancers_take_a_dead_replica_out_and_back() {
+    let test = "agents_on_the_load_balancers_take_a_dead_replica_out_and_back";
+    if !support::root_with(test, &["nft", "sysctl"]) || !support::docker(test) {
+        return;
+    }
+    let site = Topology::new(2);
+    let replicas = (0..2).map(|w| Replica::on(w, 5)).collect();
+    let spec = site.write_spec("v1", &[Service::new("web", &test_image("v1"), replicas)]);
+    site.apply_all(&spec);
+    let worker = &site.workers[1];
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 1, "containers: {containers:?}");
+    let victim = &containers[0];
+    let mut agents: Vec<Process> = site
+        .lbs
+        .iter()
+        .map(|lb| {
+            let mut command = Topology::lessnat(lb, &["agent", "--interval", "60s", "-f"]);
+            command.arg(&spec).env_remove("NOTIFY_SOCKET");
+            let mut agent = Process::spawn(command);
+            agent.wait_line("Ready:", 1, FIRST_RUN);
+            agent
+        })
+        .collect();
+
+    let origin = Instant::now();
+    // A connection to a dead replica is refused or never answered: a request
+    // that takes over 1 s counts as failed.
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    let killed = Instant::now();
+    support::run("docker", &["kill", victim]);
+    for (lb, agent) in site.lbs.iter().zip(&mut agents) {
+        let out = agent.wait_line("Drift corrected (health", 1, BOUND);
+        eprintln!(
+            "{}: {victim} out of the spread {:.3}s after the kill",
+            lb.name,
+            (out - killed).as_secs_f64()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    support::run("docker", &["start", victim]);
+    Topology::apply(worker, &spec);
+    let rewired = Instant::now();
+    for (lb, agent) in site.lbs.iter().zip(&mut agents) {
+        let back = agent.wait_line("Drift corrected (health", 2, BOUND);
+        eprintln!(
+            "{}: {victim} back in the spread {:.3}s after its worker's apply",
+            lb.name,
+            (back.max(rewired) - rewired).as_secs_f64()
+        );
+    }
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    let failed = report.failed();
+    let late: Vec<_> = failed
+        .iter()
+        .filter(|s| s.start > killed + Duration::from_secs(2))
+        .collect();
+    eprintln!(
+        "load: {}; failed: {} in all, {} later than 2 s after the kill",
+        report.summary(origin),
+        failed.len(),
+        late.len()
+    );
+    let described: Vec<String> = late
+        .iter()
+        .map(|s| {
+            format!(
+                "client {} at +{:.2}s: {:?}",
+                s.client,
+                (s.start - killed).as_secs_f64(),
+                s.error
+            )
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "requests failed later than 2 s after the kill (both LBs had taken {victim} out by then): {described:?}"
+    );
+    for agent in agents {
+        let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+        assert!(status.success(), "{status}\n{output}");
+    }
+}
