@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::git::{Upstream, has_git};
 use support::image::test_image;
 use support::load::{Load, LoadConfig, Report};
 use support::topology::{Replica, Service, Topology};
@@ -261,6 +262,23 @@ impl Node {
         let mut agent = Process::spawn(command);
         agent.wait_line("Ready:", 1, FIRST_RUN);
         agent
+    }
+
+    /// Starts an agent following `url` (`spec.yaml` on `main`), running
+    /// every `interval`; does not wait for it.
+    fn repo_agent(&self, url: &str, interval: &str) -> Process {
+        let command = self.command(&[
+            "agent",
+            "--interval",
+            interval,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--repo",
+            url,
+            "--path",
+            "spec.yaml",
+        ]);
+        Process::spawn(command)
     }
 
     fn status(&self) -> Value {
@@ -634,4 +652,124 @@ fn agents_on_the_load_balancers_take_a_dead_replica_out_and_back() {
         let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
         assert!(status.success(), "{status}\n{output}");
     }
+}
+
+/// The agent following a Git repository: it applies the spec at the head,
+/// a table deleted meanwhile is restored (re-planning the fetched commit), a
+/// new commit is applied at the next interval, and status and metrics name
+/// the commit.
+#[test]
+fn agent_follows_a_repository() {
+    let test = "agent_follows_a_repository";
+    if !has_git(test) {
+        return;
+    }
+    let Some(node) = Node::new(test) else {
+        return;
+    };
+    let upstream = Upstream::new();
+    let spec = std::fs::read_to_string(node.spec()).expect("read spec");
+    let first = upstream.commit(&spec, "first");
+    let mut agent = node.repo_agent(&upstream.url(), "2s");
+    agent.wait_line("Ready:", 1, FIRST_RUN);
+    assert!(table_exists(), "the agent's first run made the table");
+    assert!(container_state(&node.container()).1, "the service runs");
+    assert_eq!(
+        node.status()["agent"]["commit"].as_str(),
+        Some(first.as_str()),
+        "status names the commit"
+    );
+    let metrics = http_get(&agent, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "lessnat_applied_commit_info{{commit=\"{first}\"}} 1"
+        )),
+        "/metrics names the applied commit:\n{metrics}"
+    );
+
+    let deleted = Instant::now();
+    support::run("nft", &["delete", "table", "inet", "lessnat"]);
+    agent.wait_line("Drift corrected (table", 1, BOUND);
+    assert!(table_exists(), "the table is back");
+    eprintln!(
+        "table restored and reported {:.3}s after its deletion",
+        deleted.elapsed().as_secs_f64()
+    );
+    assert!(
+        agent
+            .lines_with("Re-planning the last fetched main")
+            .iter()
+            .any(|(at, _)| *at >= deleted),
+        "the table event re-planned the fetched commit:\n{}",
+        agent.output()
+    );
+
+    let (started, _) = container_state(&node.container());
+    let second = upstream.commit(
+        &spec.replace("stopTimeout: 2s", "stopTimeout: 3s"),
+        "second",
+    );
+    assert_ne!(second, first, "the second commit differs");
+    let pushed = Instant::now();
+    while node.status()["agent"]["commit"].as_str() != Some(second.as_str())
+        || node.status()["agent"]["last_run"]["outcome"].as_str() == Some("failed")
+    {
+        assert!(
+            pushed.elapsed() < FIRST_RUN,
+            "commit {second} not applied within {FIRST_RUN:?}:\n{}",
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "new commit reached the agent {:.3}s after the push (interval 2s); container started {started}",
+        pushed.elapsed().as_secs_f64()
+    );
+    let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "the agent ends on SIGTERM: {status}\n{output}"
+    );
+}
+
+/// An agent whose repository cannot be reached at start says so, changes
+/// nothing on the host, and converges once the repository is there.
+#[test]
+fn agent_waits_for_an_unreachable_repository() {
+    let test = "agent_waits_for_an_unreachable_repository";
+    if !has_git(test) {
+        return;
+    }
+    let Some(node) = Node::new(test) else {
+        return;
+    };
+    let upstream = Upstream::new();
+    let missing = format!("file://{}", upstream.dir.path().join("later.git").display());
+    let mut agent = node.repo_agent(&missing, "1s");
+    agent.wait_line("Run failed (start", 1, FIRST_RUN);
+    let exists = Command::new("docker")
+        .args(["inspect", &node.container()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(!exists, "nothing started while the repository is missing");
+    let healthz = http_get(&agent, "/healthz");
+    assert!(
+        healthz.starts_with("HTTP/1.1 503") && healthz.contains("last run failed"),
+        "/healthz says the fetch failed:\n{healthz}"
+    );
+
+    let spec = std::fs::read_to_string(node.spec()).expect("read spec");
+    let head = upstream.commit(&spec, "first");
+    upstream.git(&["clone", "--quiet", "--bare", "remote.git", "later.git"]);
+    agent.wait_line(" applied in ", 1, FIRST_RUN);
+    assert!(container_state(&node.container()).1, "the service runs");
+    assert_eq!(
+        node.status()["agent"]["commit"].as_str(),
+        Some(head.as_str())
+    );
+    let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        status.success(),
+        "the agent ends on SIGTERM: {status}\n{output}"
+    );
 }

@@ -25,96 +25,9 @@ use lessnat::gitops::reconcile::REPO_DIR;
 use lessnat::gitops::record::{Applied, Record, RecordFile, Timestamp};
 use lessnat::plan::Summary;
 use serde_json::Value;
+use support::git::{Upstream, has_git};
 
 const LESSNAT: &str = env!("CARGO_BIN_EXE_lessnat");
-
-/// Whether the git CLI is there (CI installs it; elsewhere the test skips).
-fn has_git(test: &str) -> bool {
-    let ok = Command::new("git")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !support::privileged_required(),
-            "{test}: needs the git command, and LESSNAT_REQUIRE_PRIVILEGED=1"
-        );
-        eprintln!("SKIPPED {test}: needs the git command");
-    }
-    ok
-}
-
-/// A bare repository (`remote.git`, what lessnat fetches) and a work
-/// repository (`work`) that commits and pushes to it, in a temporary directory.
-struct Upstream {
-    dir: tempfile::TempDir,
-}
-
-impl Upstream {
-    fn new() -> Upstream {
-        let upstream = Upstream {
-            dir: tempfile::tempdir().expect("temp dir"),
-        };
-        upstream.git(&["init", "--quiet", "--bare", "-b", "main", "remote.git"]);
-        upstream.git(&["init", "--quiet", "-b", "main", "work"]);
-        upstream
-    }
-
-    fn git(&self, args: &[&str]) -> String {
-        let output = Command::new("git")
-            .current_dir(self.dir.path())
-            .args([
-                "-c",
-                "user.name=lessnat test",
-                "-c",
-                "user.email=test@example.org",
-            ])
-            .args(args)
-            .output()
-            .expect("running git");
-        assert!(
-            output.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    }
-
-    /// Commits `text` as `spec.yaml`, pushes `main`, returns the commit id.
-    fn commit(&self, text: &str, message: &str) -> String {
-        std::fs::write(self.dir.path().join("work").join("spec.yaml"), text).expect("write spec");
-        self.git(&["-C", "work", "add", "spec.yaml"]);
-        self.git(&[
-            "-C",
-            "work",
-            "commit",
-            "--quiet",
-            "--allow-empty",
-            "-m",
-            message,
-        ]);
-        self.git(&["-C", "work", "push", "--quiet", "../remote.git", "main"]);
-        self.git(&["-C", "work", "rev-parse", "HEAD"])
-    }
-
-    /// Moves `main` back to `commit` on the remote (a reset and force-push).
-    fn reset_to(&self, commit: &str) {
-        self.git(&["-C", "work", "reset", "--quiet", "--hard", commit]);
-        self.git(&[
-            "-C",
-            "work",
-            "push",
-            "--quiet",
-            "--force",
-            "../remote.git",
-            "main",
-        ]);
-    }
-
-    fn url(&self) -> String {
-        format!("file://{}", self.dir.path().join("remote.git").display())
-    }
-}
 
 /// lessnat with its own state directory and node.
 struct Lessnat {

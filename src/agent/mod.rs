@@ -28,7 +28,7 @@ pub mod state;
 pub mod table_events;
 pub mod wake;
 
-pub use run::{Agent, Settings};
+pub use run::{Agent, Settings, SpecSource};
 
 use crate::backend::nft::NftError;
 use crate::lock::LockError;

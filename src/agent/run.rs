@@ -25,13 +25,15 @@ use super::{AgentError, container_events, table_events};
 use crate::apply::ApplyError;
 use crate::backend::nft::reassert;
 use crate::error::chain;
-use crate::gitops::record::Timestamp;
+use crate::gitops::metrics::gather;
+use crate::gitops::reconcile::{Fetch, Reconciler};
+use crate::gitops::record::{Outcome as GitopsOutcome, Timestamp};
 use crate::gitops::suspend::SuspendFile;
 use crate::lock::{AGENT_LOCK_FILE, ApplyLock, LockError};
 use crate::model::NftTable;
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 use crate::report::Report;
-use crate::session::{Session, SessionError};
+use crate::session::{Planned, Session, SessionError};
 use crate::spec::load_file;
 use crate::style::Style;
 
@@ -44,11 +46,37 @@ const FAILURE_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// How often the loop looks at the interrupt flag while it waits.
 const SIGNAL_CHECK: Duration = Duration::from_millis(200);
 
+/// Where the agent's runs take the spec from.
+pub enum SpecSource {
+    /// A spec file, read again at every run.
+    File(PathBuf),
+    /// A Git repository: each run is a reconcile run (fetch, check the
+    /// commit, read the spec at it, plan, apply, record). Runs woken by an
+    /// event re-plan the last fetched commit; the interval fetches.
+    Repo(Box<Reconciler>),
+}
+
+impl SpecSource {
+    /// Where the spec comes from, for people.
+    fn describe(&self) -> String {
+        match self {
+            SpecSource::File(path) => path.display().to_string(),
+            SpecSource::Repo(reconciler) => reconciler.source().describe(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SpecSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 /// What the agent is set up with.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Settings {
-    /// The spec file, read again at every run.
-    pub spec_file: PathBuf,
+    /// Where the spec comes from.
+    pub source: SpecSource,
     /// The node this is (chosen once, at the start).
     pub node: String,
     /// How long apart runs are without events.
@@ -94,7 +122,7 @@ impl Agent {
     /// has it), catches SIGINT and SIGTERM, starts the event sources and the
     /// HTTP endpoint. Returns the agent and the address it serves on.
     pub fn start(
-        settings: Settings,
+        mut settings: Settings,
         mut session: Session,
     ) -> Result<(Agent, Option<SocketAddr>), AgentError> {
         let state_dir = session.settings().state_dir.clone();
@@ -119,13 +147,19 @@ impl Agent {
         let metrics = Arc::new(AgentMetrics::new());
         let healthz: Healthz = Arc::default();
         let bound = match settings.listen {
-            Some(addr) => Some(http::serve(addr, router(&metrics, &healthz))?),
+            Some(addr) => {
+                let record_dir =
+                    matches!(settings.source, SpecSource::Repo(_)).then(|| state_dir.clone());
+                Some(http::serve(addr, router(&metrics, &healthz, record_dir))?)
+            }
             None => None,
         };
-        let state = AgentState::new(
-            settings.spec_file.display().to_string(),
-            settings.interval.as_secs_f64(),
-        );
+        if let SpecSource::Repo(reconciler) = &mut settings.source {
+            reconciler
+                .catch_signals()
+                .map_err(|error| AgentError::Session(Box::new(error)))?;
+        }
+        let state = AgentState::new(settings.source.describe(), settings.interval.as_secs_f64());
         let agent = Agent {
             settings,
             state,
@@ -218,7 +252,7 @@ impl Agent {
     /// and the log.
     fn converge(&mut self, wake: &Wake) -> Result<Outcome, AgentError> {
         let started = Instant::now();
-        let result = self.converge_once(wake.table_changed);
+        let result = self.converge_once(wake);
         let seconds = started.elapsed().as_secs_f64();
         let (outcome, changes, error) = match result {
             Ok((outcome, changes)) => (outcome, changes, None),
@@ -302,11 +336,8 @@ impl Agent {
     /// the plan has changes (unless suspended). Returns how it ended and the
     /// changes, or why not ([`Outcome::Busy`] when another lessnat holds the
     /// apply lock, [`Outcome::Failed`]).
-    fn converge_once(
-        &mut self,
-        table_changed: bool,
-    ) -> Result<(Outcome, usize), (Outcome, String)> {
-        let _lock = match self.session.lock() {
+    fn converge_once(&mut self, wake: &Wake) -> Result<(Outcome, usize), (Outcome, String)> {
+        let lock = match self.session.lock() {
             Ok(lock) => lock,
             Err(SessionError::Lock(LockError::Held { holder, .. })) => {
                 return Err((
@@ -316,7 +347,7 @@ impl Agent {
             }
             Err(error) => return Err((Outcome::Failed, chain(&error))),
         };
-        let restored = match (table_changed, &self.settled_table) {
+        let restored = match (wake.table_changed, &self.settled_table) {
             (true, Some(table)) => reassert(&self.session.settings().netns, table)
                 .map_err(|error| (Outcome::Failed, chain(&error)))?,
             _ => false,
@@ -326,19 +357,82 @@ impl Agent {
                 "Restored lessnat's table as it last was when converged; now checking the rest.",
             );
         }
-        match self.plan_and_apply() {
+        let ran = if matches!(self.settings.source, SpecSource::Repo(_)) {
+            // The reconcile run takes the apply lock itself.
+            drop(lock);
+            self.reconcile(wake)
+        } else {
+            self.plan_and_apply()
+                .map_err(|message| (Outcome::Failed, message))
+        };
+        match ran {
             Ok((Outcome::InSync, _)) if restored => Ok((Outcome::Applied, 1)),
             Ok((outcome, changes)) => Ok((outcome, changes + usize::from(restored))),
-            Err(message) => Err((Outcome::Failed, message)),
+            Err(error) => Err(error),
         }
+    }
+
+    /// A reconcile run for `wake`: one that fetches at the start and on the
+    /// interval, else one that re-plans the last fetched commit. Returns
+    /// how it ended and the changes, or why not.
+    fn reconcile(&mut self, wake: &Wake) -> Result<(Outcome, usize), (Outcome, String)> {
+        let SpecSource::Repo(reconciler) = &mut self.settings.source else {
+            let message = "the agent has no repository to reconcile".to_string();
+            return Err((Outcome::Failed, message));
+        };
+        let fetch = match wake.trigger {
+            Trigger::Start | Trigger::Interval => Fetch::Remote,
+            _ => Fetch::LastFetched,
+        };
+        let ran = reconciler.run_with(fetch);
+        self.state.commit.clone_from(&ran.commit);
+        let state_dir = self.session.settings().state_dir.clone();
+        let suspended = SuspendFile::in_dir(&state_dir)
+            .read()
+            .map_err(|e| (Outcome::Failed, chain(&e)))?
+            .is_some();
+        self.metrics.set_suspended(suspended);
+        self.settled_table = None;
+        if ran.busy {
+            return Err((Outcome::Busy, ran.error.unwrap_or_default()));
+        }
+        if let Some(planned) = &ran.planned {
+            self.state.node = Some(planned.node.clone());
+            self.noted(planned);
+            if ran.outcome == Some(GitopsOutcome::InSync) {
+                self.settled_table = own_table(planned);
+            }
+        }
+        let error = ran.error.unwrap_or_default();
+        match ran.outcome {
+            Some(GitopsOutcome::Applied) => Ok((Outcome::Applied, ran.changes)),
+            Some(GitopsOutcome::InSync) => Ok((Outcome::InSync, 0)),
+            Some(GitopsOutcome::Suspended) => Ok((Outcome::Suspended, ran.changes)),
+            Some(GitopsOutcome::Refused) => Err((Outcome::Failed, format!("refused: {error}"))),
+            Some(GitopsOutcome::Failed | GitopsOutcome::Planned) | None => {
+                Err((Outcome::Failed, error))
+            }
+        }
+    }
+
+    /// Notes what a run planned: the replicas to watch, the spreads and
+    /// their health in the state file and the metrics.
+    fn noted(&mut self, planned: &Planned) {
+        let probes = &planned.observed.probes;
+        self.health.set_target(&planned.spec, &planned.node, probes);
+        self.state.note_spreads(&planned.observed, probes);
+        self.metrics.probed(probes);
     }
 
     /// [`Agent::converge_once`] under the apply lock; an error is its message.
     fn plan_and_apply(&mut self) -> Result<(Outcome, usize), String> {
-        let spec = load_file(&self.settings.spec_file).map_err(|report| {
+        let SpecSource::File(spec_file) = &self.settings.source else {
+            return Err("the agent has no spec file to apply".to_string());
+        };
+        let spec = load_file(spec_file).map_err(|report| {
             format!(
                 "{} is not a valid spec:\n{}",
-                self.settings.spec_file.display(),
+                spec_file.display(),
                 report.render(Style::Plain)
             )
         })?;
@@ -351,10 +445,7 @@ impl Agent {
         }
         self.state.node = Some(node.clone());
         let mut planned = self.session.plan(spec, node).map_err(|e| chain(&e))?;
-        let probes = &planned.observed.probes;
-        self.health.set_target(&planned.spec, &planned.node, probes);
-        self.state.note_spreads(&planned.observed, probes);
-        self.metrics.probed(probes);
+        self.noted(&planned);
         let state_dir = self.session.settings().state_dir.clone();
         let suspended = SuspendFile::in_dir(&state_dir)
             .read()
@@ -364,13 +455,7 @@ impl Agent {
         let changes = planned.plan.changes.len();
         self.settled_table = None;
         if planned.plan.is_empty() {
-            self.settled_table = planned
-                .observed
-                .nft
-                .tables
-                .iter()
-                .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE)
-                .cloned();
+            self.settled_table = own_table(&planned);
             return Ok((Outcome::InSync, 0));
         }
         self.session.report(&Report::Plan(&planned.plan));
@@ -409,8 +494,21 @@ impl Drop for Agent {
     }
 }
 
-/// The agent's HTTP endpoints: `/metrics` and `/healthz`.
-fn router(metrics: &Arc<AgentMetrics>, healthz: &Healthz) -> Router {
+/// lessnat's table as `planned` observed it.
+fn own_table(planned: &Planned) -> Option<NftTable> {
+    planned
+        .observed
+        .nft
+        .tables
+        .iter()
+        .find(|t| t.family == NFT_FAMILY && t.name == NFT_TABLE)
+        .cloned()
+}
+
+/// The agent's HTTP endpoints: `/metrics` and `/healthz`. With
+/// `record_dir` (`--repo`), `/metrics` also carries reconcile's metrics from
+/// the record there (the applied commit among them).
+fn router(metrics: &Arc<AgentMetrics>, healthz: &Healthz, record_dir: Option<PathBuf>) -> Router {
     let metrics = Arc::clone(metrics);
     let healthz = Arc::clone(healthz);
     Router::new()
@@ -418,7 +516,15 @@ fn router(metrics: &Arc<AgentMetrics>, healthz: &Healthz) -> Router {
             "/metrics",
             get(move || {
                 let metrics = Arc::clone(&metrics);
-                async move { http::text(StatusCode::OK, PROMETHEUS_TEXT, metrics.render()) }
+                let record_dir = record_dir.clone();
+                async move {
+                    let mut text = metrics.render();
+                    // A record that cannot be read shows as missing reconcile metrics.
+                    if let Some(more) = record_dir.and_then(|dir| gather(&dir).ok()) {
+                        text.push_str(&more);
+                    }
+                    http::text(StatusCode::OK, PROMETHEUS_TEXT, text)
+                }
             }),
         )
         .route(

@@ -139,6 +139,9 @@ pub struct AgentState {
     pub node: Option<String>,
     /// Where its spec comes from.
     pub spec: String,
+    /// The commit its last run went on with (`--repo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     /// How often it runs without events, in seconds.
     pub interval_seconds: f64,
     /// Its last run.
@@ -165,6 +168,7 @@ impl AgentState {
             started: Timestamp::now(),
             node: None,
             spec,
+            commit: None,
             interval_seconds,
             last_run: None,
             last_change: None,
@@ -279,6 +283,9 @@ impl AgentState {
                 self.spec, self.interval_seconds
             ),
         );
+        if let Some(commit) = &self.commit {
+            row(&mut out, "commit", commit);
+        }
         let describe = |run: &Run| {
             let error = run
                 .error

@@ -104,8 +104,39 @@ pub(crate) struct ReconcileArgs {
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
     /// The spec file (read again at every run, so edits apply at the next one).
-    #[arg(short = 'f', long = "file", value_name = "SPEC")]
-    pub(crate) spec: PathBuf,
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "SPEC",
+        required_unless_present = "repo",
+        conflicts_with = "repo"
+    )]
+    pub(crate) spec: Option<PathBuf>,
+    /// Follow a Git repository instead, as `lessnat reconcile` does: fetch at
+    /// start and each interval; events re-plan the last fetched commit.
+    #[arg(long, value_name = "URL", requires = "path")]
+    pub(crate) repo: Option<String>,
+    /// With --repo: the branch to follow (or a full ref, like refs/tags/v3).
+    #[arg(
+        long = "ref",
+        value_name = "BRANCH",
+        default_value = "main",
+        requires = "repo"
+    )]
+    pub(crate) reference: String,
+    /// With --repo: the spec file's path inside the repository.
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    pub(crate) path: Option<String>,
+    /// With --repo: apply a fetched commit that is not a descendant of the
+    /// last applied one. Use it once, by hand.
+    #[arg(long, requires = "repo")]
+    pub(crate) allow_rollback: bool,
+    /// With --repo: append reconcile's events as JSON lines to this file.
+    #[arg(long, value_name = "PATH", requires = "repo")]
+    pub(crate) events_file: Option<PathBuf>,
+    /// With --repo: write reconcile's Prometheus metrics to this file after each run.
+    #[arg(long, value_name = "PATH", requires = "repo")]
+    pub(crate) metrics_file: Option<PathBuf>,
     /// Run this long apart when no event comes (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub(crate) interval: HumanDuration,

@@ -167,6 +167,11 @@ impl Source {
         self.redact(&self.url)
     }
 
+    /// `URL@REF:PATH` without the password, for people.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}", self.public_url(), self.short_ref(), self.path)
+    }
+
     /// This source with the password taken out of the URL, fit to be recorded.
     pub fn redacted(&self) -> Source {
         Source {
@@ -354,6 +359,26 @@ impl Mirror {
                 cause: e,
             })?;
         Ok(commit.id)
+    }
+
+    /// The commit [`FETCHED_REF`] points to: what the last fetch brought,
+    /// or `None` before the first.
+    pub fn fetched(&self) -> Result<Option<ObjectId>, FetchError> {
+        let reference =
+            self.repo
+                .try_find_reference(FETCHED_REF)
+                .map_err(|e| FetchError::Mirror {
+                    path: self.path.clone(),
+                    cause: gix::Error::from_error(e),
+                })?;
+        let Some(mut reference) = reference else {
+            return Ok(None);
+        };
+        let id = reference.peel_to_id().map_err(|e| FetchError::Mirror {
+            path: self.path.clone(),
+            cause: gix::Error::from_error(e),
+        })?;
+        Ok(Some(id.detach()))
     }
 
     /// The bytes of the file at `path` (as normalised by [`Source::new`]) in `commit`.

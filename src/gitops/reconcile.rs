@@ -19,6 +19,7 @@ use super::status::short;
 use super::suspend::SuspendFile;
 use crate::apply::ApplyError;
 use crate::error::chain;
+use crate::lock::LockError;
 use crate::plan::{Action, Change, Decision, Resource, Summary, plan};
 use crate::report::{Report, Reporter};
 use crate::session::{self, Planned, Session, SessionError};
@@ -44,8 +45,18 @@ pub struct Settings {
     pub metrics_file: Option<PathBuf>,
 }
 
+/// Whether a run fetches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// Fetch the ref and go on with the commit it points to.
+    Remote,
+    /// Go on with the commit the last fetch brought (fetch only when there
+    /// was none yet): for runs woken by something on the host, not in Git.
+    LastFetched,
+}
+
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Ran {
     /// How it ended; `None` when nothing was tried: another lessnat held the
     /// lock, or the commit failed before and its back-off has not passed.
@@ -54,6 +65,14 @@ pub struct Ran {
     pub changes: usize,
     /// After a failure, or while backing off: when the same commit is tried again.
     pub retry_after: Option<Timestamp>,
+    /// The commit the run went on with, once fetched.
+    pub commit: Option<String>,
+    /// Why it failed or was refused, or why nothing was tried.
+    pub error: Option<String>,
+    /// Nothing was tried because another lessnat held the apply lock.
+    pub busy: bool,
+    /// The run's last plan (spec, node, what it observed), when it got that far.
+    pub planned: Option<Box<Planned>>,
 }
 
 /// Runs reconcile, once per call of [`Reconciler::run`], in one [`Session`]
@@ -133,6 +152,7 @@ struct Notes {
     apply_seconds: Option<f64>,
     upgrade_seconds: Vec<(String, f64)>,
     rollbacks: u64,
+    last_plan: Option<Box<Planned>>,
 }
 
 impl Reconciler {
@@ -163,6 +183,11 @@ impl Reconciler {
         self.session.catch_signals()
     }
 
+    /// Where the spec comes from.
+    pub fn source(&self) -> &Source {
+        &self.settings.source
+    }
+
     /// Whether SIGINT or SIGTERM arrived.
     pub fn interrupted(&self) -> bool {
         self.session.interrupted()
@@ -178,31 +203,41 @@ impl Reconciler {
         self.session.report(&Report::Problem(text));
     }
 
+    /// One run that fetches; see [`Reconciler::run_with`].
+    pub fn run(&mut self) -> Ran {
+        self.run_with(Fetch::Remote)
+    }
+
     /// One run. Every problem is written to `out` and reported as an event,
     /// and recorded, unless it keeps the run from recording anything: another
     /// lessnat holds the lock, or the record cannot be read.
-    pub fn run(&mut self) -> Ran {
+    pub fn run_with(&mut self, fetch: Fetch) -> Ran {
         let started = Timestamp::now();
         let clock = Instant::now();
         let state_dir = self.session.settings().state_dir.clone();
-        let nothing_tried = |retry_after| Ran {
+        let nothing_tried = |retry_after, error: Option<String>, busy| Ran {
             outcome: None,
             changes: 0,
             retry_after,
+            commit: None,
+            error,
+            busy,
+            planned: None,
         };
         let _lock = match self.session.lock() {
             Ok(lock) => lock,
             Err(error) => {
-                self.unrecorded(&error);
-                return nothing_tried(None);
+                let busy = matches!(error, SessionError::Lock(LockError::Held { .. }));
+                let message = self.unrecorded(&error);
+                return nothing_tried(None, Some(message), busy);
             }
         };
         let records = RecordFile::in_dir(&state_dir);
         let mut record = match records.read() {
             Ok(record) => record,
             Err(error) => {
-                self.unrecorded(&error);
-                return nothing_tried(None);
+                let message = self.unrecorded(&error);
+                return nothing_tried(None, Some(message), false);
             }
         };
         let mut notes = Notes {
@@ -214,7 +249,7 @@ impl Reconciler {
                 .or_else(|| record.node.clone()),
             ..Notes::default()
         };
-        let step = self.steps(&record, &mut notes);
+        let step = self.steps(&record, fetch, &mut notes);
         let now = Timestamp::now();
         let mut run = Run {
             started,
@@ -230,7 +265,11 @@ impl Reconciler {
         };
         let last_event;
         match step {
-            Ok(Step::BackingOff(retry_after)) => return nothing_tried(retry_after),
+            Ok(Step::BackingOff(retry_after)) => {
+                let why = retry_after.map_or(String::new(), |t| format!(" until {t}"));
+                let error = format!("backing off after failures{why}");
+                return nothing_tried(retry_after, Some(error), false);
+            }
             Ok(Step::Done(outcome, event)) => {
                 last_event = event;
                 run.outcome = outcome;
@@ -300,6 +339,10 @@ impl Reconciler {
                 Outcome::Failed => record.backoff.retry_after,
                 _ => None,
             },
+            commit: run.commit.clone(),
+            error: run.error.clone(),
+            busy: false,
+            planned: notes.last_plan.take(),
         };
         record.last_run = Some(run);
         if let Err(error) = records.write(&record) {
@@ -317,8 +360,8 @@ impl Reconciler {
     }
 
     /// Reports a problem with lessnat's own state that keeps the run from
-    /// recording anything.
-    fn unrecorded(&mut self, error: &dyn std::error::Error) {
+    /// recording anything; returns its message.
+    fn unrecorded(&mut self, error: &dyn std::error::Error) -> String {
         let message = chain(error);
         self.complain(&format!("not reconciling now: {message}"));
         let node = self.session.settings().node.clone();
@@ -327,40 +370,56 @@ impl Reconciler {
             &Event::Failed {
                 stage: Stage::State,
                 commit: None,
-                error: message,
+                error: message.clone(),
                 consecutive_failures: 0,
                 retry_after: None,
             },
         );
+        message
     }
 
     fn emit(&mut self, notes: &Notes, event: &Event) {
         self.events.emit(notes.node.as_deref(), event);
     }
 
-    fn steps(&mut self, record: &Record, notes: &mut Notes) -> Result<Step, Failure> {
+    fn steps(&mut self, record: &Record, fetch: Fetch, notes: &mut Notes) -> Result<Step, Failure> {
         let source = self.settings.source.clone();
         let state_dir = self.session.settings().state_dir.clone();
         let suspension = SuspendFile::in_dir(&state_dir)
             .read()
             .map_err(|e| Failure::new(Stage::State, &e))?;
         let applying = !self.settings.plan_only && suspension.is_none();
-        if applying && record.backoff.holds(None, Timestamp::now()) {
-            return Ok(self.back_off(&record.backoff, None, notes));
-        }
         let mirror = Mirror::open_or_init(&state_dir.join(REPO_DIR))
             .map_err(|e| Failure::new(Stage::Fetch, &e))?;
-        let commit = mirror
-            .fetch(&source, self.session.interrupt())
-            .map_err(|e| Failure {
-                stage: Stage::Fetch,
-                message: source.redact(&chain(&e)),
-            })?;
+        let last_fetched = match fetch {
+            Fetch::Remote => None,
+            Fetch::LastFetched => mirror
+                .fetched()
+                .map_err(|e| Failure::new(Stage::Fetch, &e))?,
+        };
+        if last_fetched.is_none() && applying && record.backoff.holds(None, Timestamp::now()) {
+            return Ok(self.back_off(&record.backoff, None, notes));
+        }
+        let fetched_now = last_fetched.is_none();
+        let commit = match last_fetched {
+            Some(commit) => commit,
+            None => mirror
+                .fetch(&source, self.session.interrupt())
+                .map_err(|e| Failure {
+                    stage: Stage::Fetch,
+                    message: source.redact(&chain(&e)),
+                })?,
+        };
         let commit_hex = commit.to_string();
         notes.commit = Some(commit_hex.clone());
         let applied = record.applied.as_ref().map(|a| a.commit.clone());
         self.say(&format!(
-            "Fetched {} from {}: commit {}{}",
+            "{} {} from {}: commit {}{}",
+            if fetched_now {
+                "Fetched"
+            } else {
+                "Re-planning the last fetched"
+            },
             source.short_ref(),
             source.public_url(),
             short(&commit_hex),
@@ -370,15 +429,17 @@ impl Reconciler {
                 None => " (nothing applied yet)".to_string(),
             }
         ));
-        self.emit(
-            notes,
-            &Event::Fetched {
-                repo: source.public_url(),
-                reference: source.reference.clone(),
-                commit: commit_hex.clone(),
-                applied: applied.clone(),
-            },
-        );
+        if fetched_now {
+            self.emit(
+                notes,
+                &Event::Fetched {
+                    repo: source.public_url(),
+                    reference: source.reference.clone(),
+                    commit: commit_hex.clone(),
+                    applied: applied.clone(),
+                },
+            );
+        }
 
         if applying && record.backoff.holds(Some(&commit_hex), Timestamp::now()) {
             return Ok(self.back_off(&record.backoff, Some(commit_hex), notes));
@@ -457,6 +518,7 @@ impl Reconciler {
             },
         );
         if self.settings.plan_only {
+            notes.last_plan = Some(Box::new(planned));
             return Ok(Step::Done(Outcome::Planned, None));
         }
         if let Some(suspension) = suspension {
@@ -474,9 +536,11 @@ impl Reconciler {
                 since: suspension.since,
                 reason: suspension.reason,
             };
+            notes.last_plan = Some(Box::new(planned));
             return Ok(Step::Done(Outcome::Suspended, Some(event)));
         }
         let outcome = if plan.is_empty() && plan.conflicts.is_empty() {
+            notes.last_plan = Some(Box::new(planned));
             Outcome::InSync
         } else {
             self.apply(planned, notes)?;
@@ -538,6 +602,10 @@ impl Reconciler {
             .observe(Some(&planned.spec), &planned.node)
             .map_err(failure)?;
         let left = plan(&planned.spec, &planned.node, &after).changes.len();
+        notes.last_plan = Some(Box::new(Planned {
+            observed: after,
+            ..planned
+        }));
         notes.drift = Some(left);
         if left > 0 {
             self.complain(&format!(

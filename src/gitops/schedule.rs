@@ -93,12 +93,20 @@ mod tests {
             outcome: Some(Outcome::Applied),
             changes: 0,
             retry_after: None,
+            commit: None,
+            error: None,
+            busy: false,
+            planned: None,
         };
         assert_eq!(wait_after(&ok, interval, now), interval);
         let failed = Ran {
             outcome: Some(Outcome::Failed),
             changes: 0,
             retry_after: Some(Timestamp(now + Duration::from_secs(240))),
+            commit: None,
+            error: None,
+            busy: false,
+            planned: None,
         };
         assert_eq!(wait_after(&failed, interval, now), Duration::from_secs(240));
         let past = Ran {

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod conntrack;
+pub mod git;
 pub mod image;
 pub mod load;
 pub mod registry;
