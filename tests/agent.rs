@@ -773,3 +773,31 @@ fn agent_waits_for_an_unreachable_repository() {
         "the agent ends on SIGTERM: {status}\n{output}"
     );
 }
+
+/// `-f` and `--repo` exclude each other, and `--repo` needs `--path`.
+#[test]
+fn agent_takes_one_spec_source() {
+    let state = tempfile::tempdir().expect("state");
+    for (args, expected) in [
+        (
+            &["-f", "spec.yaml", "--repo", "file:///x", "--path", "s.yaml"][..],
+            "cannot be used with",
+        ),
+        (&["--repo", "file:///x"][..], "--path"),
+        (&["--path", "s.yaml"][..], "--repo"),
+        (&[][..], "--file"),
+    ] {
+        let output = Command::new(LESSNAT)
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("agent")
+            .args(args)
+            .output()
+            .expect("lessnat agent");
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && text.contains(expected),
+            "{args:?}: {text}"
+        );
+    }
+}

@@ -615,8 +615,10 @@ mod tests {
         let mirror = Mirror::open_or_init(&state.path().join("repo")).expect("mirror");
         let source = Source::new(&upstream.url(), "main", "lessnat/spec.yaml").expect("source");
         let stop = AtomicBool::new(false);
+        assert_eq!(mirror.fetched().expect("nothing fetched yet"), None);
         let fetched = mirror.fetch(&source, &stop).expect("fetch");
         assert_eq!(fetched.to_string(), first);
+        assert_eq!(mirror.fetched().expect("fetched"), Some(fetched));
         assert_eq!(
             mirror.read_file(fetched, &source.path).expect("read"),
             b"one"
@@ -637,6 +639,11 @@ mod tests {
         let second = upstream.commit("lessnat/spec.yaml", "two");
         upstream.push("main");
         let mirror = Mirror::open_or_init(&state.path().join("repo")).expect("reopen");
+        assert_eq!(
+            mirror.fetched().expect("reopened").map(|c| c.to_string()),
+            Some(first.clone()),
+            "the last fetch is remembered until the next"
+        );
         let fetched = mirror.fetch(&source, &stop).expect("fetch again");
         assert_eq!(fetched.to_string(), second);
         assert_eq!(
