@@ -3,7 +3,7 @@
 //! or the interval) and converge again, until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -26,7 +26,7 @@ use crate::apply::ApplyError;
 use crate::backend::nft::reassert;
 use crate::error::chain;
 use crate::gitops::metrics::gather;
-use crate::gitops::reconcile::{Fetch, Reconciler};
+use crate::gitops::reconcile::{Fetch, Ran, Reconciler};
 use crate::gitops::record::{Outcome as GitopsOutcome, Timestamp};
 use crate::gitops::suspend::SuspendFile;
 use crate::lock::{AGENT_LOCK_FILE, ApplyLock, LockError};
@@ -357,13 +357,21 @@ impl Agent {
                 "Restored lessnat's table as it last was when converged; now checking the rest.",
             );
         }
-        let ran = if matches!(self.settings.source, SpecSource::Repo(_)) {
-            // The reconcile run takes the apply lock itself.
-            drop(lock);
-            self.reconcile(wake)
-        } else {
-            self.plan_and_apply()
-                .map_err(|message| (Outcome::Failed, message))
+        let ran = match &mut self.settings.source {
+            SpecSource::File(spec_file) => {
+                let spec_file = spec_file.clone();
+                self.plan_and_apply(&spec_file)
+                    .map_err(|message| (Outcome::Failed, message))
+            }
+            SpecSource::Repo(reconciler) => {
+                // The reconcile run takes the apply lock itself.
+                drop(lock);
+                let ran = reconciler.run_with(match wake.trigger {
+                    Trigger::Start | Trigger::Interval => Fetch::Remote,
+                    _ => Fetch::LastFetched,
+                });
+                self.reconciled(ran)
+            }
         };
         match ran {
             Ok((Outcome::InSync, _)) if restored => Ok((Outcome::Applied, 1)),
@@ -372,19 +380,10 @@ impl Agent {
         }
     }
 
-    /// A reconcile run for `wake`: one that fetches at the start and on the
-    /// interval, else one that re-plans the last fetched commit. Returns
-    /// how it ended and the changes, or why not.
-    fn reconcile(&mut self, wake: &Wake) -> Result<(Outcome, usize), (Outcome, String)> {
-        let SpecSource::Repo(reconciler) = &mut self.settings.source else {
-            let message = "the agent has no repository to reconcile".to_string();
-            return Err((Outcome::Failed, message));
-        };
-        let fetch = match wake.trigger {
-            Trigger::Start | Trigger::Interval => Fetch::Remote,
-            _ => Fetch::LastFetched,
-        };
-        let ran = reconciler.run_with(fetch);
+    /// Notes what a reconcile run did (a run that fetches at the start and
+    /// on the interval, else one that re-plans the last fetched commit).
+    /// Returns how it ended and the changes, or why not.
+    fn reconciled(&mut self, ran: Ran) -> Result<(Outcome, usize), (Outcome, String)> {
         self.state.commit.clone_from(&ran.commit);
         let state_dir = self.session.settings().state_dir.clone();
         let suspended = SuspendFile::in_dir(&state_dir)
@@ -425,10 +424,7 @@ impl Agent {
     }
 
     /// [`Agent::converge_once`] under the apply lock; an error is its message.
-    fn plan_and_apply(&mut self) -> Result<(Outcome, usize), String> {
-        let SpecSource::File(spec_file) = &self.settings.source else {
-            return Err("the agent has no spec file to apply".to_string());
-        };
+    fn plan_and_apply(&mut self, spec_file: &Path) -> Result<(Outcome, usize), String> {
         let spec = load_file(spec_file).map_err(|report| {
             format!(
                 "{} is not a valid spec:\n{}",
