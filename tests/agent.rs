@@ -657,7 +657,8 @@ fn agents_on_the_load_balancers_take_a_dead_replica_out_and_back() {
 /// The agent following a Git repository: it applies the spec at the head,
 /// a table deleted meanwhile is restored (re-planning the fetched commit), a
 /// new commit is applied at the next interval, and status and metrics name
-/// the commit.
+/// the commit. With the repository gone, the fetch fails, nothing stops, and
+/// a deleted table is restored all the same.
 #[test]
 fn agent_follows_a_repository() {
     let test = "agent_follows_a_repository";
@@ -724,6 +725,28 @@ fn agent_follows_a_repository() {
     eprintln!(
         "new commit reached the agent {:.3}s after the push (interval 2s); container started {started}",
         pushed.elapsed().as_secs_f64()
+    );
+
+    // The repository goes away: the interval's fetch fails, what runs keeps
+    // running, and a deleted table is still restored from the fetched commit.
+    let remote = upstream.dir.path().join("remote.git");
+    std::fs::rename(&remote, upstream.dir.path().join("gone.git")).expect("hide the repository");
+    agent.wait_line("Run failed (interval", 1, BOUND);
+    assert!(
+        container_state(&node.container()).1,
+        "the service still runs"
+    );
+    assert!(table_exists(), "the table stays");
+    let deleted = Instant::now();
+    support::run("nft", &["delete", "table", "inet", "lessnat"]);
+    agent.wait_line("Drift corrected (table", 2, BOUND);
+    assert!(
+        table_exists(),
+        "the table is back while the repository is gone"
+    );
+    eprintln!(
+        "repository gone: table restored and reported {:.3}s after its deletion",
+        deleted.elapsed().as_secs_f64()
     );
     let (status, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
     assert!(

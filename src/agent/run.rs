@@ -27,7 +27,7 @@ use crate::backend::nft::reassert;
 use crate::error::chain;
 use crate::gitops::metrics::gather;
 use crate::gitops::reconcile::{Fetch, Ran, Reconciler};
-use crate::gitops::record::{Outcome as GitopsOutcome, Timestamp};
+use crate::gitops::record::{Outcome as GitopsOutcome, Stage, Timestamp};
 use crate::gitops::suspend::SuspendFile;
 use crate::lock::{AGENT_LOCK_FILE, ApplyLock, LockError};
 use crate::model::NftTable;
@@ -103,6 +103,10 @@ pub struct Agent {
     threads: Vec<JoinHandle<()>>,
     crash_loops: CrashLoops,
     failures: u32,
+    /// The last run failed only to fetch (`--repo`): the interval paces
+    /// fetches, and event runs go on with the last fetched commit, so such a
+    /// failure holds no run back.
+    fetch_failed: bool,
     /// lessnat's table as the last run that planned no change found it: what
     /// a run woken by a table event writes back at once, before it observes.
     settled_table: Option<NftTable>,
@@ -172,6 +176,7 @@ impl Agent {
             threads,
             crash_loops: CrashLoops::default(),
             failures: 0,
+            fetch_failed: false,
             settled_table: None,
             session,
             _lock: lock,
@@ -252,16 +257,17 @@ impl Agent {
     /// and the log.
     fn converge(&mut self, wake: &Wake) -> Result<Outcome, AgentError> {
         let started = Instant::now();
+        self.fetch_failed = false;
         let result = self.converge_once(wake);
         let seconds = started.elapsed().as_secs_f64();
         let (outcome, changes, error) = match result {
             Ok((outcome, changes)) => (outcome, changes, None),
             Err((outcome, message)) => (outcome, 0, Some(message)),
         };
-        self.failures = if outcome == Outcome::Failed {
-            self.failures.saturating_add(1)
-        } else {
-            0
+        self.failures = match outcome {
+            Outcome::Failed if self.fetch_failed => self.failures,
+            Outcome::Failed => self.failures.saturating_add(1),
+            _ => 0,
         };
         let corrected = outcome == Outcome::Applied && wake.trigger != Trigger::Start;
         self.metrics.ran(
@@ -385,6 +391,7 @@ impl Agent {
     /// Returns how it ended and the changes, or why not.
     fn reconciled(&mut self, ran: Ran) -> Result<(Outcome, usize), (Outcome, String)> {
         self.state.commit.clone_from(&ran.commit);
+        self.fetch_failed = ran.stage == Some(Stage::Fetch);
         let state_dir = self.session.settings().state_dir.clone();
         let suspended = SuspendFile::in_dir(&state_dir)
             .read()

@@ -69,6 +69,8 @@ pub struct Ran {
     pub commit: Option<String>,
     /// Why it failed or was refused, or why nothing was tried.
     pub error: Option<String>,
+    /// Where it failed.
+    pub stage: Option<Stage>,
     /// Nothing was tried because another lessnat held the apply lock.
     pub busy: bool,
     /// The run's last plan (spec, node, what it observed), when it got that far.
@@ -221,6 +223,7 @@ impl Reconciler {
             retry_after,
             commit: None,
             error,
+            stage: None,
             busy,
             planned: None,
         };
@@ -341,6 +344,7 @@ impl Reconciler {
             },
             commit: run.commit.clone(),
             error: run.error.clone(),
+            stage: run.stage,
             busy: false,
             planned: notes.last_plan.take(),
         };

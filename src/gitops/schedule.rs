@@ -95,6 +95,7 @@ mod tests {
             retry_after: None,
             commit: None,
             error: None,
+            stage: None,
             busy: false,
             planned: None,
         };
@@ -105,6 +106,7 @@ mod tests {
             retry_after: Some(Timestamp(now + Duration::from_secs(240))),
             commit: None,
             error: None,
+            stage: None,
             busy: false,
             planned: None,
         };
