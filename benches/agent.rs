@@ -2,6 +2,10 @@
 //! death to its removal from a load-balancer node's spread, and from the
 //! deletion of lessnat's table to its restore.
 //!
+//! Replica deaths are timed twice, with the agent probing again in each run
+//! (`--probe-again`, as before the run reused the health watch's round)
+//! and without, so one run shows what the reuse saves.
+//!
 //! `cargo bench --bench agent` (as root, with Docker). The site is the one
 //! the integration tests use (`tests/support/topology.rs`): two client
 //! namespaces, two LB nodes, two workers with one replica each, every node
@@ -26,6 +30,7 @@
 mod support;
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -81,36 +86,13 @@ fn main() {
         .expect("the second worker's replica");
     let address = replica_address(&victim);
 
-    let mut command = Topology::lessnat(lb, &["agent", "--interval", "60s", "-f"]);
-    command
-        .arg(&spec)
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _agent = AgentProcess(command.spawn().expect("lessnat agent"));
-    wait_until(|| spread(lb).contains(&address), "the agent runs");
-    eprintln!("agent on {}; {trials} trials of each", lb.name);
-
-    let mut removals = Vec::new();
-    for trial in 1..=trials {
-        wait_until(
-            || spread(lb).contains(&address),
-            "the replica is in the spread",
-        );
-        // Once the agent is idle again (the run after its own last write),
-        // and between two health probes, wherever they fall.
-        std::thread::sleep(SETTLE + Duration::from_millis(50 * (trial as u64 % 5)));
-        let killed = Instant::now();
-        support::run("docker", &["kill", &victim]);
-        wait_until(
-            || !spread(lb).contains(&address),
-            "the replica leaves the spread",
-        );
-        removals.push(killed.elapsed());
-        support::run("docker", &["start", &victim]);
-        Topology::apply(worker, &spec);
-    }
+    // Before: every run probes the replicas again (`--probe-again`).
+    let mut reprobed = {
+        let _agent = start_agent(lb, &spec, &["--probe-again"], &address);
+        removals(lb, worker, &spec, &victim, &address, trials)
+    };
+    let _agent = start_agent(lb, &spec, &[], &address);
+    let mut reused = removals(lb, worker, &spec, &victim, &address, trials);
 
     let mut restores = Vec::new();
     for _ in 1..=trials {
@@ -125,8 +107,65 @@ fn main() {
     println!();
     println!("| what | p50 | p99 | min | max | trials |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    row("replica killed → out of the LB's spread", &mut removals);
+    row(
+        "replica killed → out of the LB's spread, run probes again (before)",
+        &mut reprobed,
+    );
+    row(
+        "replica killed → out of the LB's spread, run reuses the watch's probes",
+        &mut reused,
+    );
     row("table deleted → restored", &mut restores);
+}
+
+/// Runs `lessnat agent` with `extra` arguments on `lb`, once it has the
+/// replica at `address` in its spread.
+fn start_agent(lb: &Node, spec: &Path, extra: &[&str], address: &Ipv4Addr) -> AgentProcess {
+    let mut command = Topology::lessnat(lb, &["agent", "--interval", "60s"]);
+    command
+        .args(extra)
+        .arg("-f")
+        .arg(spec)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let agent = AgentProcess(command.spawn().expect("lessnat agent"));
+    wait_until(|| spread(lb).contains(address), "the agent runs");
+    eprintln!("agent on {} {extra:?}", lb.name);
+    agent
+}
+
+/// `trials` times: kill the replica `victim` at `address`, time until the
+/// agent on `lb` takes it out of the spread, start and re-wire it again.
+fn removals(
+    lb: &Node,
+    worker: &Node,
+    spec: &Path,
+    victim: &str,
+    address: &Ipv4Addr,
+    trials: usize,
+) -> Vec<Duration> {
+    let mut removals = Vec::new();
+    for trial in 1..=trials {
+        wait_until(
+            || spread(lb).contains(address),
+            "the replica is in the spread",
+        );
+        // Once the agent is idle again (the run after its own last write),
+        // and between two health probes, wherever they fall.
+        std::thread::sleep(SETTLE + Duration::from_millis(50 * (trial as u64 % 5)));
+        let killed = Instant::now();
+        support::run("docker", &["kill", victim]);
+        wait_until(
+            || !spread(lb).contains(address),
+            "the replica leaves the spread",
+        );
+        removals.push(killed.elapsed());
+        support::run("docker", &["start", victim]);
+        Topology::apply(worker, spec);
+    }
+    removals
 }
 
 /// One table row of `samples`.

@@ -20,6 +20,7 @@ use crate::lock::{ApplyLock, LockError};
 use crate::model::Observed;
 use crate::netns::Netns;
 use crate::observe::live::{ObserveError, observe_for, observe_with};
+use crate::observe::probe::RecentProbes;
 use crate::plan::saved::{SAVED_PLAN_FORMAT, SavedPlan, SavedPlanError};
 use crate::plan::{Plan, Summary, plan};
 use crate::report::{Report, Reporter};
@@ -290,10 +291,21 @@ impl Session {
     /// Reads what lessnat owns on the live host for `node`; with the spec,
     /// also what only the spec says where to look (a load balancer's probes).
     pub fn observe(&self, spec: Option<&Spec>, node: &str) -> Result<Observed, SessionError> {
+        self.observe_with_probes(spec, node, None)
+    }
+
+    /// Like [`Session::observe`], with probes that just ran standing in for
+    /// new ones when they fit the spec (see [`RecentProbes::for_plan`]).
+    fn observe_with_probes(
+        &self,
+        spec: Option<&Spec>,
+        node: &str,
+        recent: Option<&RecentProbes>,
+    ) -> Result<Observed, SessionError> {
         let docker = self.docker()?;
         let netns = &self.settings.netns;
         match spec {
-            Some(spec) => observe_for(spec, node, netns, docker),
+            Some(spec) => observe_for(spec, node, netns, docker, recent),
             None => observe_with(node, netns, docker),
         }
         .map_err(SessionError::Observe)
@@ -301,7 +313,19 @@ impl Session {
 
     /// Observes the live host and plans `spec` for `node` against it.
     pub fn plan(&self, spec: Spec, node: String) -> Result<Planned, SessionError> {
-        let observed = self.observe(Some(&spec), &node)?;
+        self.plan_with_probes(spec, node, None)
+    }
+
+    /// Like [`Session::plan`], with the probes of `recent` instead of new
+    /// ones when they are fresh and for the same addresses (the agent's
+    /// health watch just ran them).
+    pub fn plan_with_probes(
+        &self,
+        spec: Spec,
+        node: String,
+        recent: Option<&RecentProbes>,
+    ) -> Result<Planned, SessionError> {
+        let observed = self.observe_with_probes(Some(&spec), &node, recent)?;
         Ok(Planned::new(spec, node, observed))
     }
 

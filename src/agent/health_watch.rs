@@ -3,11 +3,13 @@
 //! `health.interval` (the shortest of those services), and wakes the agent
 //! when any address changes from answering to not or back, so a dead replica
 //! leaves the spread within one interval plus one probe and one transaction.
+//! The run it wakes plans with the round that found the change
+//! ([`HealthShared::recent`]) instead of probing again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::AgentError;
 use super::container_events::sleep_unless_stopped;
@@ -15,7 +17,7 @@ use super::wake::{Trigger, Waker};
 use crate::desired::routed::load_balancer_role;
 use crate::model::Probe;
 use crate::netns::Netns;
-use crate::observe::probe::probe_replicas;
+use crate::observe::probe::{RecentProbes, probe_replicas};
 use crate::spec::Spec;
 
 /// How long the thread waits when the node balances nothing (the spec may
@@ -30,6 +32,7 @@ const MIN_PERIOD: Duration = Duration::from_millis(100);
 pub struct HealthShared {
     target: Mutex<Option<(Spec, String)>>,
     probes: Mutex<Vec<Probe>>,
+    recent: Mutex<Option<RecentProbes>>,
 }
 
 impl HealthShared {
@@ -39,6 +42,15 @@ impl HealthShared {
         *self.target.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((spec.clone(), node.to_string()));
         *self.probes.lock().unwrap_or_else(PoisonError::into_inner) = probes.to_vec();
+    }
+
+    /// The last round of probes, good for one probe period after it
+    /// finished; `None` before the first.
+    pub fn recent(&self) -> Option<RecentProbes> {
+        self.recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn target(&self) -> Option<(Spec, String)> {
@@ -90,6 +102,13 @@ fn watch(netns: &Netns, shared: &HealthShared, waker: &Waker, stop: &AtomicBool)
             continue;
         };
         let probes = probe_replicas(&spec, &node, netns);
+        *shared.recent.lock().unwrap_or_else(PoisonError::into_inner) = Some(RecentProbes::new(
+            spec,
+            node,
+            probes.clone(),
+            Instant::now(),
+            period,
+        ));
         tracing::debug!(
             "probed {} replica addresses, {} answering; next in {period:?}",
             probes.len(),

@@ -83,6 +83,9 @@ pub struct Settings {
     pub interval: Duration,
     /// Where to serve `/metrics` and `/healthz`.
     pub listen: Option<SocketAddr>,
+    /// Whether a run plans with the health watch's last round of probes
+    /// when it is fresh, instead of probing again (off only to measure).
+    pub reuse_probes: bool,
 }
 
 /// What `/healthz` says: `None` before the first run, then whether the last
@@ -447,7 +450,15 @@ impl Agent {
             ));
         }
         self.state.node = Some(node.clone());
-        let mut planned = self.session.plan(spec, node).map_err(|e| chain(&e))?;
+        let recent = self
+            .settings
+            .reuse_probes
+            .then(|| self.health.recent())
+            .flatten();
+        let mut planned = self
+            .session
+            .plan_with_probes(spec, node, recent.as_ref())
+            .map_err(|e| chain(&e))?;
         self.noted(&planned);
         let state_dir = self.session.settings().state_dir.clone();
         let suspended = SuspendFile::in_dir(&state_dir)

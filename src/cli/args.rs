@@ -143,6 +143,10 @@ pub(crate) struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics and readiness at /healthz, e.g. 127.0.0.1:9824.
     #[arg(long, value_name = "ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// Probe the replicas again in every run instead of using the health
+    /// watch's fresh round (for measuring what the reuse saves).
+    #[arg(long, hide = true)]
+    pub(crate) probe_again: bool,
 }
 
 /// Formats of `reconcile --events`.

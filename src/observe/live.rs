@@ -1,7 +1,7 @@
 //! Reading the live host: each backend observes its part inside the chosen
 //! network namespace, and the parts are put together into one [`Observed`].
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::conntrack::{self, ConntrackError, Interest};
 use crate::backend::docker::{Docker, DockerError};
@@ -15,7 +15,7 @@ use crate::spec::Spec;
 
 use super::drains::drain_interests;
 use super::images::{ImagesError, observe_images};
-use super::probe::probe_replicas;
+use super::probe::{RecentProbes, probe_replicas};
 use crate::model::{ConntrackState, OBSERVED_FORMAT, Observed};
 
 /// Observing the live host failed.
@@ -51,21 +51,34 @@ pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
 /// Like [`observe_with`], plus what only the spec can say where to look: a
 /// load-balancer node's probes of its replicas' addresses, the images the
 /// node's services use, and the registry digests of `pull: always` images.
+/// The probes are `recent`'s when it has them for this spec (see
+/// [`RecentProbes::for_plan`]); otherwise they run now.
 pub fn observe_for(
     spec: &Spec,
     node: &str,
     netns: &Netns,
     docker: &Docker,
+    recent: Option<&RecentProbes>,
 ) -> Result<Observed, ObserveError> {
     let mut observed = observe_reading(node, netns, docker, |observed| {
         drain_interests(spec, node, observed)
     })?;
     (observed.images, observed.remote_digests) = observe_images(spec, node, docker)?;
-    observed.probes = probe_replicas(spec, node, netns);
+    let reused = recent.and_then(|recent| recent.for_plan(spec, node, Instant::now()));
+    let age = match reused {
+        Some((probes, age)) => {
+            observed.probes = probes.to_vec();
+            age
+        }
+        None => {
+            observed.probes = probe_replicas(spec, node, netns);
+            Duration::ZERO
+        }
+    };
     if !observed.probes.is_empty() {
         observed.probed_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
+            .checked_sub(age)
+            .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs());
     }
     Ok(observed)

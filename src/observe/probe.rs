@@ -5,9 +5,11 @@
 //! probes run in parallel, inside the node's network namespace, through the
 //! routes lessnat set up to the workers, each for at most
 //! [`LB_PROBE_TIMEOUT`], so an apply with a dead replica stays short.
+//! A round that just ran (the agent's health watch) can stand in for a new
+//! one: see [`RecentProbes`].
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::desired::routed::{load_balancer_role, replicas_of};
 use crate::error::chain;
@@ -24,41 +26,62 @@ use crate::spec::{Service, Spec};
 /// health check takes longer than this counts as not answering.
 pub const LB_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Probes every replica address of the routed services `node` balances; empty
-/// when `node` is not a load-balancer node. Services whose only check is an
-/// `exec` (or that have no TCP port) cannot be probed from another host and
-/// are left out: a load-balancer node then keeps sending their new
-/// connections where it did.
-pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
+/// One replica address a load-balancer node probes, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProbeTarget<'a> {
+    service: &'a str,
+    check: NetworkCheck<'a>,
+    address: IpAddr,
+    timeout: Duration,
+}
+
+/// What `node` probes for `spec`: every replica address of the routed
+/// services it balances; empty when `node` is not a load-balancer node.
+/// Services whose only check is an `exec` (or that have no TCP port) cannot
+/// be probed from another host and are left out.
+fn probe_targets<'a>(spec: &'a Spec, node: &str) -> Vec<ProbeTarget<'a>> {
     let Some(role) = load_balancer_role(spec, node) else {
         return Vec::new();
     };
     let mut services: Vec<&Service> = role.vip_ports.iter().map(|v| v.service).collect();
     services.dedup_by(|a, b| a.name.value == b.name.value);
-    let targets: Vec<(&Service, NetworkCheck, IpAddr)> = services
+    services
         .into_iter()
         .filter_map(|service| Some((service, NetworkCheck::of(service, false)?)))
         .flat_map(|(service, check)| {
             replicas_of(spec, service)
                 .into_iter()
                 .flat_map(move |replica| {
-                    [replica.pair.address, replica.pair.next_address]
-                        .map(|ip| (service, check.clone(), IpAddr::V4(ip)))
+                    [replica.pair.address, replica.pair.next_address].map(|ip| ProbeTarget {
+                        service: &service.name.value,
+                        check: check.clone(),
+                        address: IpAddr::V4(ip),
+                        timeout: probe_timeout(service).min(LB_PROBE_TIMEOUT),
+                    })
                 })
         })
-        .collect();
+        .collect()
+}
+
+/// Probes every replica address of the routed services `node` balances; empty
+/// when `node` is not a load-balancer node. Services whose only check is an
+/// `exec` (or that have no TCP port) cannot be probed from another host and
+/// are left out: a load-balancer node then keeps sending their new
+/// connections where it did.
+pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
+    let targets = probe_targets(spec, node);
     let mut probes: Vec<Probe> = std::thread::scope(|scope| {
         let running: Vec<_> = targets
             .iter()
-            .map(|(service, check, ip)| {
+            .map(|target| {
                 scope.spawn(move || {
                     let outcome = netns
-                        .run(|| check.run(*ip, probe_timeout(service).min(LB_PROBE_TIMEOUT)))
+                        .run(|| target.check.run(target.address, target.timeout))
                         .map_err(|e| chain(&e))
                         .and_then(|r| r.map_err(|e| chain(&e)));
                     Probe {
-                        service: service.name.value.clone(),
-                        address: ip.to_string(),
+                        service: target.service.to_string(),
+                        address: target.address.to_string(),
                         healthy: outcome.is_ok(),
                         detail: outcome.err(),
                     }
@@ -72,4 +95,147 @@ pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
     });
     probes.sort();
     probes
+}
+
+/// A round of [`probe_replicas`] that just ran (the agent's health watch),
+/// which an observation may use instead of probing again: only while it is
+/// younger than its `max_age` and was made for the same addresses and checks
+/// as the spec being planned.
+#[derive(Debug, Clone)]
+pub struct RecentProbes {
+    spec: Spec,
+    node: String,
+    probes: Vec<Probe>,
+    finished: Instant,
+    max_age: Duration,
+}
+
+impl RecentProbes {
+    /// The `probes` of one round for `spec` on `node`, finished at
+    /// `finished`, good for `max_age` after that.
+    pub fn new(
+        spec: Spec,
+        node: String,
+        probes: Vec<Probe>,
+        finished: Instant,
+        max_age: Duration,
+    ) -> RecentProbes {
+        RecentProbes {
+            spec,
+            node,
+            probes,
+            finished,
+            max_age,
+        }
+    }
+
+    /// The probes, and how long ago they finished, when they may stand in
+    /// for probing `spec` on `node` at `now`; `None` when they are older
+    /// than their `max_age` or the spec now asks for other probes.
+    pub fn for_plan(&self, spec: &Spec, node: &str, now: Instant) -> Option<(&[Probe], Duration)> {
+        let age = now.checked_duration_since(self.finished)?;
+        let same = probe_targets(&self.spec, &self.node) == probe_targets(spec, node);
+        (age <= self.max_age && same).then_some((&self.probes, age))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::load_bytes;
+
+    fn load(text: &str) -> Spec {
+        load_bytes("routed.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)))
+    }
+
+    fn example() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/routed.yaml"))
+            .expect("example exists")
+    }
+
+    fn round(spec: &Spec, finished: Instant) -> RecentProbes {
+        let probes = probe_targets(spec, "lb-1")
+            .iter()
+            .map(|target| Probe {
+                service: target.service.to_string(),
+                address: target.address.to_string(),
+                healthy: target.address.to_string() != "10.20.2.5",
+                detail: None,
+            })
+            .collect();
+        RecentProbes::new(
+            spec.clone(),
+            "lb-1".into(),
+            probes,
+            finished,
+            Duration::from_millis(200),
+        )
+    }
+
+    #[test]
+    fn a_load_balancer_probes_both_addresses_of_each_replica() {
+        let spec = load(&example());
+        let addresses: Vec<String> = probe_targets(&spec, "lb-1")
+            .iter()
+            .map(|t| t.address.to_string())
+            .collect();
+        assert_eq!(
+            addresses,
+            ["10.20.1.5", "10.20.1.254", "10.20.2.5", "10.20.2.254"]
+        );
+        assert!(
+            probe_targets(&spec, "web-1").is_empty(),
+            "a worker probes none"
+        );
+    }
+
+    #[test]
+    fn a_fresh_round_for_the_same_probes_is_reused() {
+        let spec = load(&example());
+        let finished = Instant::now();
+        let recent = round(&spec, finished);
+        let (probes, age) = recent
+            .for_plan(&spec, "lb-1", finished + Duration::from_millis(150))
+            .expect("fresh and for the same spec");
+        assert_eq!(age, Duration::from_millis(150));
+        assert_eq!(probes.len(), 4);
+        assert!(
+            probes
+                .iter()
+                .any(|p| p.address == "10.20.2.5" && !p.healthy)
+        );
+        let edited = load(&example().replace("drainTimeout: 2m", "drainTimeout: 1m"));
+        assert!(
+            recent.for_plan(&edited, "lb-1", finished).is_some(),
+            "an edit that changes no probe keeps the round"
+        );
+    }
+
+    #[test]
+    fn a_stale_round_or_one_for_other_probes_is_not_reused() {
+        let spec = load(&example());
+        let finished = Instant::now();
+        let recent = round(&spec, finished);
+        assert!(
+            recent
+                .for_plan(&spec, "lb-1", finished + Duration::from_millis(201))
+                .is_none(),
+            "older than one probe period"
+        );
+        assert!(
+            recent.for_plan(&spec, "web-1", finished).is_none(),
+            "a node that probes nothing"
+        );
+        let moved = load(&example().replace("10.20.2.5 }", "10.20.2.6 }"));
+        assert!(
+            recent.for_plan(&moved, "lb-1", finished).is_none(),
+            "a replica at another address"
+        );
+        let other_check = load(&example().replace("path: /healthz", "path: /ready"));
+        assert!(
+            recent.for_plan(&other_check, "lb-1", finished).is_none(),
+            "another health check"
+        );
+    }
 }

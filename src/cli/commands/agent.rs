@@ -57,6 +57,7 @@ pub fn agent(global: &GlobalArgs, args: &AgentArgs) -> anyhow::Result<ExitCode> 
         node,
         interval: interval.get(),
         listen: args.metrics_addr,
+        reuse_probes: !args.probe_again,
     };
     let (mut agent, bound) = Agent::start(settings, session)?;
     if let Some(bound) = bound {
