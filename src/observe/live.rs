@@ -121,6 +121,7 @@ fn observe_reading(
         images: Vec::new(),
         remote_digests: Vec::new(),
         probed_at: None,
+        cluster: None,
     };
     observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);

@@ -1,6 +1,7 @@
 //! The planner: a pure function from the spec and the observed state of a node
 //! to a [`Plan`]. No I/O happens here; everything it needs is in [`Observed`].
 
+mod cluster;
 mod fingerprint;
 mod host;
 mod model;

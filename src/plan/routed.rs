@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::cluster::Answers;
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
 use super::operation::{Operation, Switch, Unanswered};
@@ -499,17 +500,12 @@ pub(super) fn load_balancing(
     let mut unanswered = Vec::new();
     let mut kept_out = BTreeSet::new();
     let mut warnings = BTreeSet::new();
+    let (source, unread) = Answers::of(spec, observed);
+    warnings.extend(unread);
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
-        let answers = |address: Ipv4Addr| {
-            let address = address.to_string();
-            observed
-                .probes
-                .iter()
-                .find(|p| &p.service == name && p.address == address)
-                .map(|p| p.healthy)
-        };
+        let answers = |address: Ipv4Addr| source.at(name, address);
         let healthy = |address: Ipv4Addr| answers(address) == Some(true);
         let mut targets = Vec::new();
         for replica in replicas_of(spec, service) {

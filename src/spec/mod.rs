@@ -2,6 +2,7 @@
 //! becomes its description in the JSON Schema, shown as hover text in editors.
 
 mod address;
+mod cluster;
 mod de;
 mod duration;
 mod load;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use address::{Address, Subnet};
+pub use cluster::{Cluster, Etcd, EtcdTls, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use duration::{DurationError, HumanDuration};
 pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
 pub use located::Located;
@@ -41,6 +43,11 @@ pub struct Spec {
     /// The services to run.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Cluster coordination through etcd (optional): agents register their
+    /// nodes and healthy replicas, load-balancer nodes follow the
+    /// registrations. Without it, every node decides from its own probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
 }
 
 /// A host managed by lessnat.

@@ -24,6 +24,9 @@ pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
     check.services(spec);
     check.node_ports(spec);
     check.vip_ports(spec);
+    if let Some(cluster) = &spec.cluster {
+        check.found.extend(super::cluster::check(cluster));
+    }
     check.found
 }
 

@@ -1,0 +1,170 @@
+//! The etcd backend against a real three-member etcd cluster on loopback
+//! (`tests/support/etcd.rs`): leases keep their keys while kept alive, also
+//! across the leader's death; keys go when the lease ends; a watch sees puts
+//! and expiries; a dead etcd answers with an error within the timeout.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use lessnat::backend::etcd::{
+    CONNECT_TIMEOUT, Etcd, EtcdConfig, EtcdError, KeyChange, REQUEST_TIMEOUT,
+};
+use lessnat::cluster::keys::{Keys, NodeRecord, Role};
+use lessnat::error::chain;
+use support::etcd::EtcdCluster;
+
+fn config(endpoints: Vec<String>) -> EtcdConfig {
+    EtcdConfig {
+        endpoints,
+        tls: None,
+        connect_timeout: CONNECT_TIMEOUT,
+        request_timeout: REQUEST_TIMEOUT,
+    }
+}
+
+fn record() -> Vec<u8> {
+    serde_json::to_vec(&NodeRecord {
+        roles: vec![Role::LoadBalancer],
+        commit: None,
+        spec_hash: "sha256:00".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        since: 0,
+    })
+    .expect("serialises")
+}
+
+/// Retries `call` for up to 10 s (a member may be electing a leader).
+fn retry<T>(what: &str, mut call: impl FnMut() -> Result<T, EtcdError>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call() {
+            Ok(value) => return value,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("{what}: {} (retrying)", chain(&error));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => panic!("{what}: {}", chain(&error)),
+        }
+    }
+}
+
+#[test]
+fn a_kept_lease_and_its_keys_survive_the_leaders_death() {
+    if !support::commands(
+        "a_kept_lease_and_its_keys_survive_the_leaders_death",
+        &["etcd"],
+    ) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/lessnat-test");
+    let lease = etcd.grant(Duration::from_secs(2)).expect("lease");
+    etcd.put(&keys.node("lb-1"), &record(), Some(lease))
+        .expect("put");
+    let mut keeper = etcd.keep_alive(lease).expect("keep alive");
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill(leader);
+    eprintln!("killed the leader, member {leader}");
+    // Keep the lease alive through the election, for twice its TTL.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut renewals = 0;
+    while Instant::now() < until {
+        match keeper.renew() {
+            Ok(ttl) => {
+                assert!(ttl > Duration::ZERO);
+                renewals += 1;
+            }
+            Err(EtcdError::LeaseGone { id }) => {
+                panic!("lease {id:x} expired while kept alive\n{}", cluster.logs())
+            }
+            // The stream to the dead member broke: keep alive anew.
+            Err(error) => {
+                eprintln!("renewing: {} (keeping alive anew)", chain(&error));
+                keeper = retry("keep alive", || etcd.keep_alive(lease));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(renewals >= 4, "renewed {renewals} times in 4 s");
+    let read = retry("read", || etcd.get_prefix(&keys.nodes()));
+    assert_eq!(
+        read.entries.len(),
+        1,
+        "the key outlived the leader: {read:?}"
+    );
+    assert_eq!(read.entries[0].lease, lease);
+    assert_ne!(cluster.leader(), None, "a new leader was elected");
+    // The killed member comes back and the lease still holds.
+    cluster.restart(leader);
+    assert!(retry("lease", || etcd.lease_left(lease)).is_some());
+    etcd.revoke(lease).expect("revoke");
+    let read = etcd.get_prefix(&keys.nodes()).expect("read");
+    assert!(
+        read.entries.is_empty(),
+        "revoking deleted the key: {read:?}"
+    );
+}
+
+#[test]
+fn a_lease_left_alone_expires_and_the_watch_sees_its_keys_go() {
+    if !support::commands(
+        "a_lease_left_alone_expires_and_the_watch_sees_its_keys_go",
+        &["etcd"],
+    ) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/lessnat-test");
+    let before = etcd.get_prefix(&keys.replicas()).expect("read");
+    let mut watch = etcd
+        .watch_prefix(&keys.replicas(), before.revision + 1)
+        .expect("watch");
+    let lease = etcd.grant(Duration::from_secs(2)).expect("lease");
+    let key = keys.replica("api", "10.20.1.5");
+    let granted = Instant::now();
+    etcd.put(&key, b"{}", Some(lease)).expect("put");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.iter().any(|c| matches!(c, KeyChange::Delete { .. })) {
+        assert!(Instant::now() < deadline, "no deletion seen: {seen:?}");
+        if let Some((_, changes)) = watch.next(Duration::from_millis(500)).expect("watch") {
+            seen.extend(changes);
+        }
+    }
+    let gone_after = granted.elapsed();
+    assert!(
+        matches!(&seen[0], KeyChange::Put(entry) if entry.key == key && entry.lease == lease),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[1], KeyChange::Delete { key: k, .. } if *k == key),
+        "{seen:?}"
+    );
+    eprintln!("the key went {gone_after:?} after its 2 s lease was granted");
+    assert!(gone_after >= Duration::from_secs(2), "{gone_after:?}");
+    assert!(etcd.lease_left(lease).expect("lease").is_none());
+}
+
+#[test]
+fn a_dead_etcd_fails_each_call_within_its_timeout() {
+    if !support::commands("a_dead_etcd_fails_each_call_within_its_timeout", &["etcd"]) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    let endpoints = cluster.endpoints();
+    cluster.kill_all();
+    let started = Instant::now();
+    let etcd = Etcd::connect(&config(endpoints)).expect("a client connects lazily");
+    let error = etcd.get_prefix("/lessnat-test/").expect_err("etcd is dead");
+    let took = started.elapsed();
+    let text = chain(&error);
+    eprintln!("{text} ({took:?})");
+    assert!(text.starts_with("etcd at http://127.0.0.1:"), "{text}");
+    assert!(
+        took < CONNECT_TIMEOUT + REQUEST_TIMEOUT + Duration::from_secs(1),
+        "took {took:?}"
+    );
+}
