@@ -114,6 +114,17 @@ pub enum ApplyError {
     /// SIGINT or SIGTERM arrived.
     #[error("interrupted")]
     Interrupted,
+    /// Load-balancer nodes with a live lease did not acknowledge a routed
+    /// upgrade's switch in etcd within `drainTimeout`.
+    #[error(
+        "service {service}: load-balancer nodes {waiting} did not acknowledge the switch to the next version within drainTimeout while their leases lived; check their agents (`lessnat status --cluster`)"
+    )]
+    Unacknowledged {
+        /// The service.
+        service: String,
+        /// The nodes still waited for.
+        waiting: String,
+    },
     /// The upgrade failed and was rolled back: the old version serves.
     #[error("service {service}: the upgrade was rolled back; the previous version serves")]
     RolledBack {
@@ -281,6 +292,7 @@ pub fn apply_change(
             in_flight,
             old_exists,
             load_balancers,
+            handshake,
         } => {
             routed::Replica::new(ctx, progress, workload).upgrade(&routed::ReplicaUpgrade {
                 old_at: *old_at,
@@ -288,6 +300,7 @@ pub fn apply_change(
                 in_flight: in_flight.as_ref(),
                 old_exists: *old_exists,
                 load_balancers,
+                handshake: handshake.as_ref(),
             })?;
         }
         Operation::Wire {

@@ -13,8 +13,11 @@ use super::drain::{Drained, wait_until_drained};
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context, container_spec};
+use crate::backend::etcd::EtcdError;
 use crate::backend::veth::Wiring;
+use crate::cluster::handshake::{Handshake, Published};
 use crate::desired::DesiredContainer;
+use crate::error::chain;
 use crate::ownership::{LABEL_ADDRESS, Slot, replica_container_name};
 use crate::plan::operation::{Switch, Unanswered, Workload};
 use crate::plan::{Decision, InFlight};
@@ -30,6 +33,27 @@ pub(super) fn report_drained(
     progress: &mut Progress,
     switches: &[Switch],
 ) -> Result<(), ApplyError> {
+    // The table is live: acknowledge every switch first (workers wait for
+    // these), then wait for this node's own connections.
+    for switch in switches {
+        let Some(ack) = &switch.ack else {
+            continue;
+        };
+        match ack.acknowledge(&switch.service, switch.from, switch.to) {
+            Ok(()) => progress.step(&format!(
+                "{}: acknowledged in etcd: this node sends new connections to {} ({})",
+                switch.service,
+                switch.to,
+                short_version(&ack.version)
+            )),
+            Err(error) => progress.step(&format!(
+                "{}: could not acknowledge the switch to {} in etcd ({}); the worker goes on once this node's lease expires, or rolls back after drainTimeout",
+                switch.service,
+                switch.to,
+                chain(&error)
+            )),
+        }
+    }
     for switch in switches {
         progress.step(&format!("{switch}"));
         // Bounded by switchWait, not drainTimeout: while this apply waits it
@@ -111,6 +135,8 @@ pub(super) struct ReplicaUpgrade<'a> {
     pub old_exists: bool,
     /// Load-balancer node addresses (their probes are not clients).
     pub load_balancers: &'a [IpAddr],
+    /// With the spec's `cluster:`: the handshake in etcd.
+    pub handshake: Option<&'a Handshake>,
 }
 
 /// How long the old replica must see no new connection before it is removed.
@@ -227,6 +253,7 @@ impl<'a, 'c> Replica<'a, 'c> {
             in_flight,
             old_exists,
             load_balancers,
+            handshake,
         } = *planned;
         match in_flight.map(|f| f.decision) {
             Some(Decision::RollBack) => {
@@ -257,25 +284,40 @@ impl<'a, 'c> Replica<'a, 'c> {
                 }
             }
         }
+        let mut published = None;
         if old_exists || in_flight.is_none() {
-            if let Err(error) = self.wait_switch(next_at) {
-                return self.fail("switch", error);
-            }
-            match self.wait_drained(old_at, load_balancers) {
-                Ok(0) => {}
-                Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
-                    return self.fail(
-                        "drain",
-                        ApplyError::DrainTimeout {
-                            service: self.service.name.value.clone(),
-                            left,
-                        },
-                    );
+            let switched = match handshake {
+                Some(handshake) => self.wait_acknowledged(handshake),
+                None => self
+                    .wait_switch(next_at, self.service.upgrade.switch_wait.get())
+                    .map(|()| None),
+            };
+            published = match switched {
+                Ok(published) => published,
+                Err(error) => return self.fail("switch", error),
+            };
+            let drained = self.wait_drained(old_at, load_balancers);
+            let drained = match drained {
+                Ok(left)
+                    if left > 0
+                        && self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback =>
+                {
+                    Err(ApplyError::DrainTimeout {
+                        service: self.service.name.value.clone(),
+                        left,
+                    })
                 }
+                other => other,
+            };
+            match drained {
+                Ok(0) => {}
                 Ok(left) => self.progress.step(&format!(
                     "{primary}: drainTimeout passed with {left} connections open; they are cut now (onDrainTimeout: proceed)"
                 )),
-                Err(error) => return self.fail("drain", error),
+                Err(error) => {
+                    self.abandon(published.take());
+                    return self.fail("drain", error);
+                }
             }
             self.progress
                 .step(&format!("{primary}: removing the old version at {old_at}"));
@@ -285,13 +327,102 @@ impl<'a, 'c> Replica<'a, 'c> {
             .step(&format!("{next}: becoming {primary} at {next_at}"));
         self.ctx.host.rename(&next, &primary)?;
         self.ctx.host.keep_running(&primary)?;
+        if let Some(Err(error)) = published.map(Published::finish) {
+            self.progress.step(&format!(
+                "{}: could not remove the upgrade's keys from etcd ({}); they go when its lease expires",
+                self.service.name,
+                chain(&error)
+            ));
+        }
         Ok(())
     }
 
-    /// Waits `switchWait`, so every load-balancer node can see the next
-    /// replica answer and switch on its next apply.
-    fn wait_switch(&mut self, next_at: Ipv4Addr) -> Result<(), ApplyError> {
-        let wait = self.service.upgrade.switch_wait.get();
+    /// A rolled-back upgrade's keys leave etcd at once (else with their lease).
+    fn abandon(&mut self, published: Option<Published>) {
+        if let Some(Err(error)) = published.map(Published::abandon) {
+            self.progress.step(&format!(
+                "{}: could not remove the upgrade's keys from etcd ({}); they go when its lease expires",
+                self.service.name,
+                chain(&error)
+            ));
+        }
+    }
+
+    /// Publishes the ready next version in etcd and waits until every
+    /// load-balancer node alive then acknowledged the switch to it, or its
+    /// lease expired (up to `drainTimeout`); when etcd cannot be reached,
+    /// waits what is left of `switchWait` instead, and says so.
+    fn wait_acknowledged(
+        &mut self,
+        handshake: &Handshake,
+    ) -> Result<Option<Published>, ApplyError> {
+        let host = self.ctx.host;
+        let started = host.now();
+        let elapsed = || host.now().saturating_duration_since(started);
+        let switch_wait = self.service.upgrade.switch_wait.get();
+        let fallback = |this: &mut Self, error: &EtcdError| {
+            this.progress.end_wait();
+            this.progress.step(&format!(
+                "{}: etcd cannot be reached ({}); falling back to switchWait",
+                this.service.name,
+                chain(error)
+            ));
+            this.wait_switch(handshake.to, switch_wait.saturating_sub(elapsed()))
+                .map(|()| None)
+        };
+        let mut published = match handshake.publish(self.desired.replica_number()) {
+            Ok(published) => published,
+            Err(error) => return fallback(self, &error),
+        };
+        self.progress.step(&format!(
+            "{}: published {} ({}) in etcd; load-balancer nodes to acknowledge: {}",
+            self.service.name,
+            handshake.to,
+            short_version(&handshake.version),
+            names(&published.standing().waiting)
+        ));
+        let timeout = self.service.upgrade.drain_timeout.get();
+        loop {
+            let standing = match published.wait(POLL) {
+                Ok(standing) => standing.clone(),
+                Err(error) => return fallback(self, &error),
+            };
+            if standing.done() {
+                self.progress.end_wait();
+                self.progress.step(&format!(
+                    "{}: every live load-balancer node switched to {}: acknowledged by {}; lease expired: {}",
+                    self.service.name,
+                    handshake.to,
+                    names(&standing.acknowledged),
+                    names(&standing.expired)
+                ));
+                return Ok(Some(published));
+            }
+            if self.ctx.interrupted() {
+                self.progress.end_wait();
+                self.abandon(Some(published));
+                return Err(ApplyError::Interrupted);
+            }
+            if elapsed() >= timeout {
+                self.progress.end_wait();
+                self.abandon(Some(published));
+                return Err(ApplyError::Unacknowledged {
+                    service: self.service.name.value.clone(),
+                    waiting: names(&standing.waiting),
+                });
+            }
+            self.progress.waiting(&format!(
+                "{}: waiting for {} to acknowledge {} (or their leases to expire)",
+                self.service.name,
+                names(&standing.waiting),
+                handshake.to
+            ));
+        }
+    }
+
+    /// Waits `wait` (`switchWait`), so every load-balancer node can see the
+    /// next replica answer and switch on its next apply.
+    fn wait_switch(&mut self, next_at: Ipv4Addr, wait: Duration) -> Result<(), ApplyError> {
         let host = self.ctx.host;
         let started = host.now();
         let elapsed = || host.now().saturating_duration_since(started);
@@ -405,4 +536,17 @@ impl<'a, 'c> Replica<'a, 'c> {
         self.ctx.host.remove(name)?;
         Ok(())
     }
+}
+
+/// `names` as a list, `none` when empty.
+fn names(names: &std::collections::BTreeSet<String>) -> String {
+    if names.is_empty() {
+        return "none".to_string();
+    }
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+/// A version (`sha256:…`) shortened for output.
+fn short_version(version: &str) -> &str {
+    version.get(..19).unwrap_or(version)
 }

@@ -7,11 +7,11 @@
 //! | `{prefix}/nodes/{node}` | [`NodeRecord`] | every node's agent | the node's |
 //! | `{prefix}/replicas/{service}/{address}` | [`ReplicaRecord`] | the worker running it | the node's |
 //!
-//! Reserved for the upgrade handshake and fleet rollouts (their values are
-//! defined where they are used): `{prefix}/upgrades/…` (a worker's upgrade
-//! in flight and its ready `next`), `{prefix}/acks/…` (each load-balancer
-//! node's acknowledgement of a switch) and `{prefix}/rollouts/…` (per-service
-//! slots and versions marked bad). Nothing else is written under the prefix.
+//! | `{prefix}/upgrades/{service}/{from}` | [`UpgradeRecord`] | the upgrading worker's apply | its own |
+//! | `{prefix}/acks/{service}/{from}/{node}` | [`AckRecord`] | load-balancer node `node`'s apply | none (the worker deletes them) |
+//!
+//! Reserved for fleet rollouts: `{prefix}/rollouts/…` (per-service slots
+//! and versions marked bad). Nothing else is written under the prefix.
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +67,65 @@ impl Keys {
         (!service.is_empty() && !address.is_empty() && !address.contains('/'))
             .then_some((service, address))
     }
+
+    // The upgrade handshake (`docs/cluster.md`, "Upgrade handshake").
+
+    /// Where workers publish their upgrades in flight: `{prefix}/upgrades/`.
+    pub fn upgrades(&self) -> String {
+        format!("{}/upgrades/", self.prefix)
+    }
+
+    /// The upgrade of `service`'s replica serving at `from` (its old address).
+    pub fn upgrade(&self, service: &str, from: &str) -> String {
+        format!("{}{service}/{from}", self.upgrades())
+    }
+
+    /// Where load-balancer nodes acknowledge switches: `{prefix}/acks/`.
+    pub fn acks(&self) -> String {
+        format!("{}/acks/", self.prefix)
+    }
+
+    /// Every acknowledgement of a switch of `service`'s replica away from `from`.
+    pub fn acks_of(&self, service: &str, from: &str) -> String {
+        format!("{}{service}/{from}/", self.acks())
+    }
+
+    /// Load-balancer node `node`'s acknowledgement of a switch of
+    /// `service`'s replica away from `from`.
+    pub fn ack(&self, service: &str, from: &str, node: &str) -> String {
+        format!("{}{node}", self.acks_of(service, from))
+    }
+}
+
+/// `{prefix}/upgrades/{service}/{from}`: a worker's routed upgrade whose
+/// next version is ready, under a lease of the worker's apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeRecord {
+    /// The worker.
+    pub node: String,
+    /// The replica's old address: new connections leave it.
+    pub from: String,
+    /// The next version's address: new connections go there.
+    pub to: String,
+    /// The next version: its container's spec hash.
+    pub version: String,
+    /// When it was published (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// `{prefix}/acks/{service}/{from}/{node}`: load-balancer node `node`'s
+/// table sends the replica's new connections to `to`, at `version`
+/// (not leased: the worker deletes the acknowledgements when its upgrade ends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AckRecord {
+    /// Where new connections go now.
+    pub to: String,
+    /// The version registered at `to` when the table was planned.
+    pub version: String,
+    /// When the table was written (seconds since the Unix epoch).
+    pub since: u64,
 }
 
 /// What a node is in the site, as registered.

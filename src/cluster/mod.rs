@@ -5,11 +5,13 @@
 //! | --- | --- |
 //! | `keys.rs` | the key layout and the JSON values stored under it |
 //! | `config.rs` | the spec's `cluster:` block as the etcd backend's settings |
+//! | `handshake.rs` | the upgrade handshake: a worker publishes its ready next version and waits for every live load-balancer node's acknowledgement |
 //! | `registration.rs` | what a node registers (its record, its running replicas and their health) and the `Registrar` keeping it under a lease |
 //! | `status.rs` | `lessnat status --cluster`: every registered node, its lease, replicas, and the upgrade and rollout keys |
 //! | `view.rs` | the registrations a load-balancer node plans with, read once or kept by a watch |
 
 pub mod config;
+pub mod handshake;
 pub mod keys;
 pub mod registration;
 pub mod status;

@@ -106,8 +106,8 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .map(|(s, c)| (s.name.value.as_str(), c.replica_number()))
             .collect(),
     );
-    let balancing =
-        load_balancer_role(spec, node).map(|role| routed::load_balancing(spec, &role, observed));
+    let balancing = load_balancer_role(spec, node)
+        .map(|role| routed::load_balancing(spec, node, &role, observed));
     let (switches, spread, unanswered, kept_out, balancing_warnings) = balancing
         .map(|b| (b.switches, b.spread, b.unanswered, b.kept_out, b.warnings))
         .unwrap_or_default();
@@ -230,7 +230,7 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
         empty_table()
     };
     if let Some(role) = &balancer {
-        let balancing = routed::load_balancing(spec, role, observed);
+        let balancing = routed::load_balancing(spec, node, role, observed);
         add_load_balancer(&mut table, &balancing.rules);
     }
     if let Some(worker) = &worker {

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 use super::model::{Decision, InFlight};
+use crate::cluster::handshake::{Handshake, SwitchAck};
 use crate::desired::DesiredContainer;
 use crate::model::{IpRule, NftRule, NftTable, OwnedAddress, Route};
 use crate::spec::{HumanDuration, Percent, Protocol, Service};
@@ -54,7 +55,7 @@ pub struct CanarySplit {
 /// A load-balancer node sends a replica's new connections to its other
 /// address; after writing the table it waits, at most `wait`, until its own
 /// connections to the old address are gone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Switch {
     /// The service.
     pub service: String,
@@ -68,6 +69,10 @@ pub struct Switch {
     pub why: String,
     /// How long this node waits for its connections to `from` (the service's `switchWait`).
     pub wait: HumanDuration,
+    /// With the spec's `cluster:`: the acknowledgement this node writes in
+    /// etcd once the table is written (the worker waits for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<SwitchAck>,
 }
 
 impl std::fmt::Display for Switch {
@@ -229,6 +234,11 @@ pub enum Operation {
         old_exists: bool,
         /// Load-balancer node addresses: their probes are not client connections.
         load_balancers: Vec<IpAddr>,
+        /// With the spec's `cluster:`: the handshake that replaces the
+        /// `switchWait` guess (`switchWait` stays the fallback when etcd
+        /// cannot be reached).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handshake: Option<Handshake>,
     },
     /// Routed mode: wire a running container in again (its veth was lost).
     Wire {

@@ -14,6 +14,7 @@ use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
 };
+use crate::cluster::handshake::{Handshake, SwitchAck};
 use crate::desired::routed::{
     LoadBalancerRole, ReplicaAddresses, replicas_of, replicas_on, version_tag,
 };
@@ -184,7 +185,7 @@ pub(super) fn plan_replica(
                 upgrade: Some(Upgrade {
                     strategy: Strategy::RedirectDrain,
                     in_flight: None,
-                    stages: upgrade_stages(on, service, at, next_for(&pair, at), false),
+                    stages: upgrade_stages(spec, on, service, at, next_for(&pair, at), false),
                 }),
                 operation: Operation::UpgradeReplica {
                     workload,
@@ -193,6 +194,7 @@ pub(super) fn plan_replica(
                     in_flight: None,
                     old_exists: true,
                     load_balancers: load_balancer_addresses(spec),
+                    handshake: handshake(spec, on, service, at, next_for(&pair, at), &hash),
                 },
             },
         }];
@@ -282,7 +284,7 @@ fn in_flight(
         )
     };
     let stages = match decision {
-        Decision::Resume => upgrade_stages(on, service, old_at, next_at, true),
+        Decision::Resume => upgrade_stages(spec, on, service, old_at, next_at, true),
         Decision::RollBack => vec![Stage {
             name: StageName::RemoveNext,
             done: false,
@@ -295,6 +297,12 @@ fn in_flight(
         }],
     };
     let verb = decision.verb();
+    let handshake = match decision {
+        Decision::Resume if mine.primary.is_some() => {
+            handshake(spec, on, service, old_at, next_at, hash)
+        }
+        _ => None,
+    };
     let in_flight = InFlight {
         reached: StageName::StartNext,
         decision,
@@ -318,11 +326,34 @@ fn in_flight(
             in_flight: Some(in_flight),
             old_exists: mine.primary.is_some(),
             load_balancers: load_balancer_addresses(spec),
+            handshake,
         },
     }
 }
 
+/// With the spec's `cluster:`, the handshake of an upgrade of `service`'s
+/// replica on `on` from `from` to `to` at `version`.
+fn handshake(
+    spec: &Spec,
+    on: On,
+    service: &Service,
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    version: &str,
+) -> Option<Handshake> {
+    let cluster = spec.cluster.as_ref()?;
+    Some(Handshake {
+        etcd: cluster.etcd.value.clone(),
+        service: service.name.value.clone(),
+        node: on.node.to_string(),
+        from,
+        to,
+        version: version.to_string(),
+    })
+}
+
 fn upgrade_stages(
+    spec: &Spec,
     on: On,
     service: &Service,
     old_at: Ipv4Addr,
@@ -349,14 +380,27 @@ fn upgrade_stages(
             wait: Some("healthy".into()),
             timeout: Some(start_timeout),
         },
-        Stage {
-            name: StageName::Switch,
-            done: false,
-            action: format!(
-                "load-balancer nodes send new connections to {next_at} once it answers (on their own next apply)"
-            ),
-            wait: Some(format!("at least {}", service.upgrade.switch_wait.value)),
-            timeout: None,
+        if spec.cluster.is_some() {
+            Stage {
+                name: StageName::Switch,
+                done: false,
+                action: format!(
+                    "publish {next_at} in etcd; every load-balancer node with a live lease acknowledges that it sends new connections there, or its lease expires (without an answer from etcd: wait switchWait, {})",
+                    service.upgrade.switch_wait.value
+                ),
+                wait: Some("every live load-balancer node's acknowledgement".into()),
+                timeout: Some(service.upgrade.drain_timeout.value),
+            }
+        } else {
+            Stage {
+                name: StageName::Switch,
+                done: false,
+                action: format!(
+                    "load-balancer nodes send new connections to {next_at} once it answers (on their own next apply)"
+                ),
+                wait: Some(format!("at least {}", service.upgrade.switch_wait.value)),
+                timeout: None,
+            }
         },
         Stage {
             name: StageName::Drain,
@@ -475,6 +519,7 @@ struct Target<'a> {
 /// unless no replica of the VIP port answers: then all stay in.
 pub(super) fn load_balancing(
     spec: &Spec,
+    balancer: &str,
     role: &LoadBalancerRole,
     observed: &Observed,
 ) -> LoadBalancing {
@@ -560,6 +605,7 @@ pub(super) fn load_balancing(
                     to: address,
                     why: why.to_string(),
                     wait: service.upgrade.switch_wait.value,
+                    ack: switch_ack(spec, balancer, &source, name, address),
                 });
             }
             chosen.insert(key, (address, tag));
@@ -656,6 +702,33 @@ pub(super) fn load_balancing(
 
 /// ` since TIME (for DURATION)`: when a replica left the spread, recorded at
 /// `since`, and how long ago that was at `now`.
+/// With the spec's `cluster:` and the registrations read: the
+/// acknowledgement load-balancer node `balancer` writes once its table
+/// sends `service`'s new connections to `to`, with the version registered
+/// there (the worker waits for that version only).
+fn switch_ack(
+    spec: &Spec,
+    balancer: &str,
+    source: &Answers,
+    service: &str,
+    to: Ipv4Addr,
+) -> Option<SwitchAck> {
+    let cluster = spec.cluster.as_ref()?;
+    let Answers::Registered(view) = source else {
+        return None;
+    };
+    let to = to.to_string();
+    let registered = view
+        .replicas
+        .iter()
+        .find(|r| r.service == service && r.address == to && r.healthy)?;
+    Some(SwitchAck {
+        etcd: cluster.etcd.value.clone(),
+        node: balancer.to_string(),
+        version: registered.version.clone(),
+    })
+}
+
 fn out_since(since: u32, now: Option<u32>) -> String {
     let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(since.into()));
     match now.and_then(|now| now.checked_sub(since)) {
