@@ -335,3 +335,74 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain structs of strings and numbers always serialise.
     serde_json::to_vec(value).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{Container, Observed};
+    use crate::ownership::Slot;
+    use crate::plan::operation::Operation;
+    use crate::spec::Spec;
+
+    fn spec(text: &str) -> Spec {
+        crate::spec::load_bytes("cluster.yaml", text.as_bytes()).expect("valid")
+    }
+
+    fn example() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/cluster.yaml"
+        ))
+        .expect("example")
+    }
+
+    /// web-1 runs api's replica at 10.20.1.5 at an older version.
+    fn running_old() -> Observed {
+        Observed {
+            containers: vec![Container {
+                id: "c1".into(),
+                name: "lessnat-api.web-1".into(),
+                service: "api".into(),
+                slot: Slot::Primary,
+                spec_hash: "sha256:old".into(),
+                image: "registry.example/api:6".into(),
+                ports: Vec::new(),
+                state: "running".into(),
+                health: None,
+                pid: Some(1),
+                address: Some("10.20.1.5".into()),
+                stop_timeout: None,
+                digest: None,
+            }],
+            ..Observed::default()
+        }
+    }
+
+    fn upgrade_of(spec: &Spec) -> Option<super::Handshake> {
+        crate::plan::plan(spec, "web-1", &running_old())
+            .changes
+            .into_iter()
+            .find_map(|c| match c.operation {
+                Operation::UpgradeReplica { handshake, .. } => Some(handshake),
+                _ => None,
+            })
+            .expect("an upgrade is planned")
+    }
+
+    #[test]
+    fn a_routed_upgrade_with_a_cluster_carries_its_handshake_and_without_none() {
+        let with = spec(&example());
+        let handshake = upgrade_of(&with).expect("a handshake");
+        assert_eq!(handshake.service, "api");
+        assert_eq!(handshake.node, "web-1");
+        assert_eq!(handshake.from.to_string(), "10.20.1.5");
+        assert_ne!(handshake.to, handshake.from);
+        assert!(handshake.version.starts_with("sha256:"));
+        assert_ne!(handshake.version, "sha256:old");
+        assert_eq!(handshake.etcd.prefix.value, "/lessnat/site-1");
+        let text = example();
+        let start = text.find("cluster:").expect("cluster block");
+        let end = text.find("nodes:").expect("nodes");
+        let without = spec(&format!("{}{}", &text[..start], &text[end..]));
+        assert_eq!(upgrade_of(&without), None);
+    }
+}
