@@ -1,7 +1,7 @@
 //! Routed mode on a worker: a replica created, replaced in place, upgraded
 //! across addresses, and upgrades rolled back.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use super::super::fake::{FakeContainer, Health};
 use super::{Harness, only_operation};
@@ -14,7 +14,7 @@ use crate::plan::{Decision, InFlight};
 const NODE: &str = "w";
 const PRIMARY: &str = "lessnat-api.w";
 const NEXT: &str = "lessnat-api.w.next";
-const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
+const ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 20, 1, 5));
 
 /// The routed service `api` with its replica on worker `w` at 10.20.1.5,
 /// at `image` with `upgrade` settings (the inside of a YAML flow mapping).
@@ -53,7 +53,7 @@ fn wired(h: &Harness) -> Vec<String> {
 }
 
 /// Asserts that `image` serves alone as the primary, wired in at `address`.
-fn assert_serves(h: &Harness, image: &str, address: Ipv4Addr) {
+fn assert_serves(h: &Harness, image: &str, address: IpAddr) {
     let primary = h.assert_only(PRIMARY, image);
     assert_eq!(primary.spec.labels[LABEL_ADDRESS], address.to_string());
     assert_eq!(wired(h), [address.to_string()]);
@@ -61,7 +61,7 @@ fn assert_serves(h: &Harness, image: &str, address: Ipv4Addr) {
 
 /// Asserts that the only changes were the next replica started at `next`
 /// and removed again, and that the old one, `before`, is untouched.
-fn assert_next_removed(h: &Harness, next: Ipv4Addr, before: Option<FakeContainer>) {
+fn assert_next_removed(h: &Harness, next: IpAddr, before: Option<FakeContainer>) {
     assert_eq!(
         h.changes(),
         [
@@ -81,7 +81,7 @@ fn assert_next_removed(h: &Harness, next: Ipv4Addr, before: Option<FakeContainer
 }
 
 /// Where the plan's upgrade starts the next replica.
-fn next_at(operation: &Operation) -> Ipv4Addr {
+fn next_at(operation: &Operation) -> IpAddr {
     match operation {
         Operation::UpgradeReplica { next_at, .. } => *next_at,
         other => panic!("expected a routed upgrade, got {other:#?}"),
@@ -150,7 +150,7 @@ fn upgrade_moves_to_the_other_address_once_the_old_one_is_quiet() {
     let h = installed();
     // The client's connection to the old replica closes at the third read.
     h.fake.set_flows_to(
-        IpAddr::V4(ADDRESS),
+        ADDRESS,
         vec![
             vec![client_connection(true)],
             vec![client_connection(true)],
@@ -200,7 +200,7 @@ fn upgrade_whose_drain_times_out_with_rollback_removes_next() {
     let h = installed();
     let before = h.fake.container(PRIMARY);
     h.fake
-        .set_flows_to(IpAddr::V4(ADDRESS), vec![vec![client_connection(true)]]);
+        .set_flows_to(ADDRESS, vec![vec![client_connection(true)]]);
     let plan = h.plan(&api(
         "api:2",
         "switchWait: 1s, drainTimeout: 2s, onDrainTimeout: rollback",
@@ -357,7 +357,7 @@ fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
     h.fake.clear_calls();
     let spec = two_on_one_worker("api:2");
     let plan = h.plan(&spec);
-    let moves: Vec<(Ipv4Addr, Ipv4Addr)> = plan
+    let moves: Vec<(IpAddr, IpAddr)> = plan
         .changes
         .iter()
         .filter_map(|c| match &c.operation {
@@ -370,8 +370,8 @@ fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
     assert_eq!(
         moves,
         [
-            (ADDRESS, Ipv4Addr::new(10, 20, 1, 6)),
-            (Ipv4Addr::new(10, 20, 1, 7), Ipv4Addr::new(10, 20, 1, 8)),
+            (ADDRESS, IpAddr::from([10, 20, 1, 6])),
+            (IpAddr::from([10, 20, 1, 7]), IpAddr::from([10, 20, 1, 8])),
         ]
     );
     h.apply_plan(&plan).expect("upgrades both");
