@@ -246,7 +246,7 @@ impl Topology {
             node.ns.nft(
                 "table ip6 lnt_rpf {\n  counter dropped {}\n  chain prerouting {\n    \
                  type filter hook prerouting priority -100; policy accept;\n    \
-                 meta nfproto ipv6 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n    \
+                 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n    \
                  fib saddr . mark . iif oif missing counter name dropped drop\n  }\n}\n",
             );
         }
