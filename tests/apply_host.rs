@@ -779,8 +779,7 @@ fn upgrade_under_load_drops_nothing() {
 /// drain counts the held connections of both families.
 #[test]
 fn ipv6_clients_are_redirected_and_drained_like_ipv4_ones() {
-    let Some(mut host) = Host::new("ipv6_clients_are_redirected_and_drained_like_ipv4_ones")
-    else {
+    let Some(mut host) = Host::new("ipv6_clients_are_redirected_and_drained_like_ipv4_ones") else {
         return;
     };
     let svc = Svc {
@@ -826,7 +825,11 @@ fn ipv6_clients_are_redirected_and_drained_like_ipv4_ones() {
     );
     let redirected = upgrade.line_at("stage 3/7 drain");
     for (family, report, long) in [("IPv4", &report4, &long4), ("IPv6", &report6, &long6)] {
-        assert_no_failures(report, origin, &format!("{family} clients during the upgrade"));
+        assert_no_failures(
+            report,
+            origin,
+            &format!("{family} clients during the upgrade"),
+        );
         let after_redirect = report.started_after(redirected);
         assert_eq!(
             after_redirect.keys().collect::<Vec<_>>(),

@@ -503,6 +503,27 @@ fn routed_ipv6_keeps_client_addresses_through_a_strict_rpfilter() {
         SocketAddr::new(topology::VIP6.into(), topology::VIP_UDP_PORT),
     );
     assert_no_rpfilter_drops_but_lb1(&site);
+
+    // Drift: someone deletes LB 1's IPv6 VIP and IPv6 rule; plan shows
+    // both, apply restores them, and clients get through again.
+    let lb = &site.lbs[0];
+    lb.ns.exec(
+        "ip",
+        &["-6", "addr", "del", "2001:db8:f::10/128", "dev", "lo"],
+    );
+    lb.ns
+        .exec("ip", &["-6", "rule", "del", "priority", "27000"]);
+    let (code, output) = Topology::plan_exit(lb, &spec);
+    assert_eq!(code, Some(2), "plan should see the drift:\n{output}");
+    for resource in ["address.lo.2001:db8:f::10/128", "ip_rule.inet6.27000"] {
+        assert!(output.contains(resource), "{resource} in:\n{output}");
+    }
+    Topology::apply(lb, &spec);
+    assert_converged(&site, &spec);
+    assert_eq!(
+        version_at_within(&site, 0, topology::vip6(), Duration::from_secs(5)),
+        "v1"
+    );
 }
 
 /// A TCP connection in namespace `netns` from `source` to `target`, given

@@ -839,8 +839,8 @@ pub(crate) async fn add_address_here(
     request.execute().await
 }
 
-/// Deletes `address` (only with lessnat's label); when it is not there,
-/// nothing happens.
+/// Deletes `address` (only with lessnat's label, or for IPv6 its
+/// protocol); when it is not there, nothing happens.
 pub fn delete_address(netns: &Netns, address: &OwnedAddress) -> Result<(), NetlinkError> {
     let doing = format!("delete address {} from {}", address.address, address.device);
     let (net, label) = owned_address_spec(address, &doing)?;
@@ -848,6 +848,11 @@ pub fn delete_address(netns: &Netns, address: &OwnedAddress) -> Result<(), Netli
         let Some(index) = link_index(&rtnl.handle, &address.device).await? else {
             return Ok(());
         };
+        // The kernel matches an IPv4 delete's label, but not an IPv6
+        // delete's protocol: someone else's IPv6 address is left alone here.
+        if net.addr().is_ipv6() && !owned_addresses_here(&rtnl.handle).await?.contains(address) {
+            return Ok(());
+        }
         match rtnl
             .handle
             .address()
