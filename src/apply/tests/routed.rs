@@ -432,3 +432,60 @@ fn an_upgrade_paused_on_the_second_replica_resumes_only_that_one() {
         "{plan:#?}"
     );
 }
+
+/// Issue 15: the IPv6-only form of [`api`]: the replica at fd00:20:1::5, its
+/// default next address the subnet's highest.
+fn api6(image: &str) -> String {
+    format!(
+        r#"version: 1
+nodes:
+  - {{name: lb, address: "2001:db8:b::2", loadBalancer: {{id: 1, vips: ["2001:db8:f::10"]}}}}
+  - {{name: w, address: "2001:db8:b::10", containerSubnet: "fd00:20:1::/64"}}
+services:
+  - name: api
+    image: {image}
+    network: routed
+    command: ["--listen", ":{{port}}"]
+    replicas: [{{node: w, address: "fd00:20:1::5"}}]
+    ports: [{{name: http, port: 8080, vip: "2001:db8:f::10", vipPort: 80}}]
+    health: {{tcp: {{}}, interval: 1ms, healthyAfter: 1, startTimeout: 50ms}}
+    upgrade: {{switchWait: 10s, drainTimeout: 1m}}
+"#
+    )
+}
+
+#[test]
+fn an_ipv6_replica_is_wired_in_and_upgraded_to_its_other_address_after_its_drain() {
+    let h = Harness::new(NODE);
+    h.apply(&api6("api:1")).expect("creates");
+    let address: IpAddr = "fd00:20:1::5".parse().expect("address");
+    h.assert_before("wire api at fd00:20:1::5", "probe [fd00:20:1::5]:8080");
+    assert_serves(&h, "api:1", address);
+    let routing = h.fake.observed(NODE).routing;
+    assert!(
+        routing
+            .rules
+            .iter()
+            .any(|r| r.family == "inet6" && r.source.as_deref() == Some("fd00:20:1::/64")),
+        "the IPv6 reply rule: {routing:#?}"
+    );
+
+    let client = FlowTo {
+        source: Some("2001:db8:c::1".parse().expect("address")),
+        ..client_connection(true)
+    };
+    let closed = FlowTo {
+        live: false,
+        ..client
+    };
+    h.fake
+        .set_flows_to(address, vec![vec![client], vec![client], vec![closed]]);
+    let spec = api6("api:2");
+    let plan = h.plan(&spec);
+    let next = next_at(only_operation(&plan));
+    assert_eq!(next.to_string(), "fd00:20:1:0:ffff:ffff:ffff:ffff");
+    h.apply_plan(&plan).expect("upgrades");
+    assert_eq!(h.fake.elapsed(), std::time::Duration::from_millis(12_500));
+    assert_serves(&h, "api:2", next);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
+}
