@@ -4,7 +4,7 @@
 //! there; any other address of the service does not); otherwise, and when
 //! etcd could not be read, from the node's own probes, as without a cluster.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::model::{ClusterView, Observed};
 use crate::spec::Spec;
@@ -46,7 +46,7 @@ impl<'a> Answers<'a> {
 
     /// Whether `service`'s replica answers at `address`; `None` when nothing
     /// says (not probed).
-    pub(super) fn at(&self, service: &str, address: Ipv4Addr) -> Option<bool> {
+    pub(super) fn at(&self, service: &str, address: IpAddr) -> Option<bool> {
         let address = address.to_string();
         match self {
             Answers::Registered(view) => Some(
