@@ -197,6 +197,24 @@ fn pause_and_unpause(cluster: &Cluster, what: &str) {
         cluster.site.lbs.iter().all(|lb| in_spread(lb, STAYS)),
         "the healthy replica stays in"
     );
+    // `lessnat status` on an LB shows it out, unhealthy by its registration.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let status = lb_status(&cluster.site.lbs[0]);
+        let replicas = &status["agent"]["spreads"][0]["replicas"];
+        let shown_out =
+            replicas.as_array().into_iter().flatten().any(|r| {
+                r["address"] == VICTIM && r["in_spread"] == false && r["healthy"] == false
+            });
+        if shown_out {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status does not show {VICTIM} out: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let unpaused = Instant::now();
     support::run("docker", &["unpause", &victim]);
     let back = wait_spreads(&cluster.site.lbs, VICTIM, true, unpaused);

@@ -36,7 +36,7 @@ use crate::cluster::registration::{
     Registrar, RunningReplica, Wanted, healthy, roles, running_replicas,
 };
 use crate::cluster::view::{self, now};
-use crate::desired::routed::{load_balancer_role, worker_role};
+use crate::desired::routed::{load_balancer_role, replicas_of, worker_role};
 use crate::error::chain;
 use crate::model::{ClusterView, Observed, Probe};
 use crate::netns::Netns;
@@ -184,6 +184,40 @@ pub fn spawn_watch(
         .name("lessnat-agent-watch".into())
         .spawn(move || watch(&shared, &waker, &stop))
         .map_err(AgentError::Thread)
+}
+
+/// On a load-balancer node that planned with current registrations (and so
+/// probed nothing), the health of every replica address it balances as the
+/// registrations say, in the form of probes (for status and metrics);
+/// `None` otherwise.
+pub fn registered_health(spec: &Spec, node: &str, observed: &Observed) -> Option<Vec<Probe>> {
+    let view = observed.cluster.as_ref().filter(|v| v.is_current())?;
+    if !observed.probes.is_empty() {
+        return None;
+    }
+    let role = load_balancer_role(spec, node)?;
+    let mut probes = Vec::new();
+    for vip_port in &role.vip_ports {
+        let service = &vip_port.service.name.value;
+        for replica in replicas_of(spec, vip_port.service) {
+            for address in [replica.pair.address, replica.pair.next_address] {
+                let address = address.to_string();
+                let healthy = view
+                    .replicas
+                    .iter()
+                    .any(|r| &r.service == service && r.address == address && r.healthy);
+                probes.push(Probe {
+                    service: service.clone(),
+                    address,
+                    healthy,
+                    detail: (!healthy).then(|| "not registered healthy".to_string()),
+                });
+            }
+        }
+    }
+    probes.sort();
+    probes.dedup();
+    Some(probes)
 }
 
 /// Each replica's health as last registered, and since when.

@@ -44,6 +44,22 @@ impl<'a> Answers<'a> {
         }
     }
 
+    /// Why a replica is out of the spread, for people.
+    pub(super) fn silent(&self) -> &'static str {
+        match self {
+            Answers::Registered(_) => "not registered healthy at either address",
+            Answers::Probed(_) => "neither address answers",
+        }
+    }
+
+    /// Why a replica is back in the spread, for people.
+    pub(super) fn back(&self) -> &'static str {
+        match self {
+            Answers::Registered(_) => "registered healthy again",
+            Answers::Probed(_) => "it answers again",
+        }
+    }
+
     /// Whether `service`'s replica answers at `address`; `None` when nothing
     /// says (not probed).
     pub(super) fn at(&self, service: &str, address: IpAddr) -> Option<bool> {

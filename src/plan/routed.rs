@@ -595,11 +595,12 @@ pub(super) fn load_balancing(
                 (true, Some(false)) => {
                     let when = since.map(|s| out_since(s, now)).unwrap_or_default();
                     kept_out.insert(format!(
-                        "{who} stays out of the spread: neither address answers{when}"
+                        "{who} stays out of the spread: {}{when}",
+                        source.silent()
                     ));
                 }
                 (true, _) => {
-                    spread.insert(format!("{who}: out of the spread: neither address answers"));
+                    spread.insert(format!("{who}: out of the spread: {}", source.silent()));
                     dropped.extend([target.pair.address, target.pair.next_address]);
                 }
                 (false, Some(false)) if target.down => {
@@ -611,7 +612,10 @@ pub(super) fn load_balancing(
                     let when = since
                         .map(|s| format!(", out{}", out_since(s, now)))
                         .unwrap_or_default();
-                    spread.insert(format!("{who}: back in the spread: it answers again{when}"));
+                    spread.insert(format!(
+                        "{who}: back in the spread: {}{when}",
+                        source.back()
+                    ));
                 }
                 (false, _) => {}
             }
