@@ -23,6 +23,11 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lessnat::backend::etcd::{CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT};
+use lessnat::cluster::keys::Keys;
 use serde_json::Value;
 use support::etcd::EtcdCluster;
 use support::image::test_image;
@@ -49,6 +54,87 @@ struct Cluster {
     etcd: EtcdCluster,
     site: Topology,
     spec: PathBuf,
+    clock: RegistrationClock,
+}
+
+/// When the victim's registration changed, as seen by a watch of the test's
+/// own (the instant each change arrived, and whether it says healthy).
+struct RegistrationClock {
+    changes: Arc<Mutex<Vec<(Instant, bool)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RegistrationClock {
+    fn start(endpoints: Vec<String>, prefix: &str) -> RegistrationClock {
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let keys = Keys::new(prefix);
+        let key = keys.replica("web", VICTIM);
+        let etcd = Etcd::connect(&EtcdConfig {
+            endpoints,
+            tls: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        })
+        .expect("etcd client");
+        let (seen, stopped) = (Arc::clone(&changes), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut watch = None;
+            while !stopped.load(Ordering::SeqCst) {
+                let Some(current) = watch.as_mut() else {
+                    let revision = etcd.get_prefix(&keys.replicas()).map(|s| s.revision + 1);
+                    watch = revision
+                        .and_then(|r| etcd.watch_prefix(&keys.replicas(), r))
+                        .ok();
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                match current.next(Duration::from_millis(100)) {
+                    Ok(Some((_, changes))) => {
+                        let at = Instant::now();
+                        for change in changes {
+                            let healthy = match change {
+                                KeyChange::Put(entry) if entry.key == key => {
+                                    serde_json::from_slice::<Value>(&entry.value)
+                                        .is_ok_and(|v| v["healthy"] == true)
+                                }
+                                KeyChange::Delete { key: k, .. } if k == key => false,
+                                _ => continue,
+                            };
+                            seen.lock().expect("clock").push((at, healthy));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => watch = None,
+                }
+            }
+        });
+        RegistrationClock {
+            changes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The first change to `healthy` seen after `after`.
+    fn first(&self, healthy: bool, after: Instant) -> Option<Instant> {
+        self.changes
+            .lock()
+            .expect("clock")
+            .iter()
+            .find(|(at, h)| *at >= after && *h == healthy)
+            .map(|(at, _)| *at)
+    }
+}
+
+impl Drop for RegistrationClock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Cluster {
@@ -62,15 +148,21 @@ impl Cluster {
         let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
         let spec = site.write_spec("v1", &[Service::new("web", &test_image("v1"), replicas)]);
         let text = std::fs::read_to_string(&spec).expect("spec");
+        let prefix = format!("/lessnat-test-{}", std::process::id());
         let block = format!(
-            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /lessnat-test-{}\n    leaseTtl: 2s\n",
+            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {prefix}\n    leaseTtl: 2s\n",
             etcd.endpoints().join(", "),
-            std::process::id()
         );
         let text = text.replacen("version: 1\n", &format!("version: 1\n{block}"), 1);
         std::fs::write(&spec, text).expect("write spec");
         site.apply_all(&spec);
-        Some(Cluster { etcd, site, spec })
+        let clock = RegistrationClock::start(etcd.endpoints(), &prefix);
+        Some(Cluster {
+            etcd,
+            site,
+            spec,
+            clock,
+        })
     }
 
     /// Starts the agent of `node` and waits until it is ready.
@@ -193,6 +285,7 @@ fn pause_and_unpause(cluster: &Cluster, what: &str) {
     let paused = Instant::now();
     support::run("docker", &["pause", &victim]);
     let out = wait_spreads(&cluster.site.lbs, VICTIM, false, paused);
+    let registered_out = cluster.clock.first(false, paused);
     assert!(
         cluster.site.lbs.iter().all(|lb| in_spread(lb, STAYS)),
         "the healthy replica stays in"
@@ -218,6 +311,20 @@ fn pause_and_unpause(cluster: &Cluster, what: &str) {
     let unpaused = Instant::now();
     support::run("docker", &["unpause", &victim]);
     let back = wait_spreads(&cluster.site.lbs, VICTIM, true, unpaused);
+    let registered_back = cluster.clock.first(true, unpaused);
+    let after = |registered: Option<Instant>, since: Instant, took: Duration| {
+        registered.map_or("?".to_string(), |at| {
+            format!(
+                "{:.3}",
+                (since + took).saturating_duration_since(at).as_secs_f64()
+            )
+        })
+    };
+    eprintln!(
+        "{what}: registration change to both spreads changed: out {}s, back {}s",
+        after(registered_out, paused, out),
+        after(registered_back, unpaused, back)
+    );
     eprintln!(
         "{what}: paused replica out of both spreads {:.3}s after the pause, back {:.3}s after the unpause",
         out.as_secs_f64(),
