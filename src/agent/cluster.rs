@@ -228,7 +228,6 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
     let mut probes: Vec<Probe> = Vec::new();
     let mut probed: Option<Instant> = None;
     let mut healths: Healths = BTreeMap::new();
-    let since = now();
     while !stop.load(Ordering::SeqCst) {
         let target = shared.target();
         let Some((target, cluster)) = target.and_then(|t| t.spec.cluster.clone().map(|c| (t, c)))
@@ -269,7 +268,7 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
             probes = probe_own_replicas(&target.spec, &addresses, netns);
             probed = Some(Instant::now());
         }
-        let wanted = wanted(&target, &probes, &mut healths, since);
+        let wanted = wanted(&target, &probes, &mut healths);
         match current.step(&wanted) {
             Ok(()) => {
                 let (lease, count) = (
@@ -322,7 +321,7 @@ fn own_probe_period(spec: &Spec, node: &str) -> Duration {
 
 /// What `target`'s node registers, with each replica's health from
 /// `probes` (and since when it has had it, kept in `healths`).
-fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths, since: u64) -> Wanted {
+fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths) -> Wanted {
     let mut replicas = BTreeMap::new();
     let mut seen = Healths::new();
     for replica in &target.running {
@@ -353,7 +352,8 @@ fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths, since: u64) 
             commit: target.commit.clone(),
             spec_hash: spec_hash(&target.spec),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            since,
+            // The registrar writes when it was granted the lease.
+            since: 0,
         },
         replicas,
     }
