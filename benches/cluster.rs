@@ -26,7 +26,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -38,8 +38,8 @@ use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, Role};
 use lessnat::spec::{Etcd as EtcdSpec, HumanDuration};
 use support::etcd::EtcdCluster;
 
-const FROM: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
-const TO: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 6);
+const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 5));
+const TO: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 6));
 
 fn client(spec: &EtcdSpec) -> Etcd {
     Etcd::connect(&EtcdConfig {

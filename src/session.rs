@@ -318,8 +318,10 @@ impl Session {
     ) -> Result<Observed, SessionError> {
         let docker = self.docker()?;
         let netns = &self.settings.netns;
+        // Registrations the agent keeps current stand in for probes.
+        let probe = !view.as_ref().is_some_and(ClusterView::is_current);
         let mut observed = match spec {
-            Some(spec) => observe_for(spec, node, netns, docker, recent),
+            Some(spec) => observe_for(spec, node, netns, docker, recent, probe),
             None => observe_with(node, netns, docker),
         }
         .map_err(SessionError::Observe)?;

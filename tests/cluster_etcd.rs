@@ -1,7 +1,8 @@
 //! The etcd backend against a real three-member etcd cluster on loopback
 //! (`tests/support/etcd.rs`): leases keep their keys while kept alive, also
 //! across the leader's death; keys go when the lease ends; a watch sees puts
-//! and expiries; a dead etcd answers with an error within the timeout.
+//! and expiries; a dead etcd answers with an error within the timeout; a
+//! registrar whose lease was lost writes everything again under a new one.
 
 mod support;
 
@@ -10,7 +11,8 @@ use std::time::{Duration, Instant};
 use lessnat::backend::etcd::{
     CONNECT_TIMEOUT, Etcd, EtcdConfig, EtcdError, KeyChange, REQUEST_TIMEOUT,
 };
-use lessnat::cluster::keys::{Keys, NodeRecord, Role};
+use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role};
+use lessnat::cluster::registration::{Registrar, Wanted};
 use lessnat::error::chain;
 use support::etcd::EtcdCluster;
 
@@ -23,7 +25,7 @@ fn config(endpoints: Vec<String>) -> EtcdConfig {
     }
 }
 
-fn record() -> Vec<u8> {
+fn record_bytes() -> Vec<u8> {
     serde_json::to_vec(&NodeRecord {
         roles: vec![Role::LoadBalancer],
         commit: None,
@@ -61,7 +63,7 @@ fn a_kept_lease_and_its_keys_survive_the_leaders_death() {
     let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
     let keys = Keys::new("/lessnat-test");
     let lease = etcd.grant(Duration::from_secs(2)).expect("lease");
-    etcd.put(&keys.node("lb-1"), &record(), Some(lease))
+    etcd.put(&keys.node("lb-1"), &record_bytes(), Some(lease))
         .expect("put");
     let mut keeper = etcd.keep_alive(lease).expect("keep alive");
     let leader = cluster.leader().expect("a leader");
@@ -167,4 +169,57 @@ fn a_dead_etcd_fails_each_call_within_its_timeout() {
         took < CONNECT_TIMEOUT + REQUEST_TIMEOUT + Duration::from_secs(1),
         "took {took:?}"
     );
+}
+
+#[test]
+fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_stop() {
+    let test = "a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_stop";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let yaml = format!(
+        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /reg\n    leaseTtl: 2s\n\
+         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
+        cluster.endpoints().join(", ")
+    );
+    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
+    let settings = spec.cluster.as_ref().expect("cluster block");
+    let mut registrar = Registrar::new(settings).expect("registrar");
+    let record = ReplicaRecord {
+        node: "web-1".into(),
+        replica: 1,
+        version: "sha256:aa".into(),
+        slot: ReplicaSlot::Primary,
+        healthy: true,
+        since: 0,
+    };
+    let wanted = Wanted {
+        node: "web-1".into(),
+        record: serde_json::from_slice(&record_bytes()).expect("node record"),
+        replicas: [(("api".to_string(), "10.20.1.5".to_string()), record)].into(),
+    };
+    registrar.step(&wanted).expect("registered");
+    let (first, _) = registrar.lease().expect("a lease");
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/reg");
+    let read = etcd.get_prefix("/reg/").expect("read");
+    assert_eq!(read.entries.len(), 2, "{read:?}");
+    // Someone (or an outage longer than the TTL) ends the lease.
+    etcd.revoke(first).expect("revoke");
+    assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+    std::thread::sleep(Duration::from_millis(700));
+    registrar.step(&wanted).expect("registered again");
+    let (second, _) = registrar.lease().expect("a new lease");
+    assert_ne!(first, second);
+    let read = etcd.get_prefix("/reg/").expect("read");
+    let leases: Vec<i64> = read.entries.iter().map(|e| e.lease).collect();
+    assert_eq!(leases, [second, second], "{read:?}");
+    assert!(
+        read.entries
+            .iter()
+            .any(|e| e.key == keys.replica("api", "10.20.1.5"))
+    );
+    registrar.revoke().expect("revoke");
+    assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
 }

@@ -11,7 +11,7 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use lessnat::backend::etcd::{
@@ -22,8 +22,8 @@ use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, Role};
 use lessnat::spec::{Etcd as EtcdSpec, HumanDuration};
 use support::etcd::EtcdCluster;
 
-const FROM: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
-const TO: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 6);
+const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 5));
+const TO: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 6));
 const VERSION: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000002";
 
 fn spec(cluster: &EtcdCluster, prefix: &str) -> EtcdSpec {

@@ -36,7 +36,7 @@ use crate::cluster::registration::{
     Registrar, RunningReplica, Wanted, healthy, roles, running_replicas,
 };
 use crate::cluster::view::{self, now};
-use crate::desired::routed::{load_balancer_role, worker_role};
+use crate::desired::routed::{load_balancer_role, replicas_of, worker_role};
 use crate::error::chain;
 use crate::model::{ClusterView, Observed, Probe};
 use crate::netns::Netns;
@@ -186,6 +186,40 @@ pub fn spawn_watch(
         .map_err(AgentError::Thread)
 }
 
+/// On a load-balancer node that planned with current registrations (and so
+/// probed nothing), the health of every replica address it balances as the
+/// registrations say, in the form of probes (for status and metrics);
+/// `None` otherwise.
+pub fn registered_health(spec: &Spec, node: &str, observed: &Observed) -> Option<Vec<Probe>> {
+    let view = observed.cluster.as_ref().filter(|v| v.is_current())?;
+    if !observed.probes.is_empty() {
+        return None;
+    }
+    let role = load_balancer_role(spec, node)?;
+    let mut probes = Vec::new();
+    for vip_port in &role.vip_ports {
+        let service = &vip_port.service.name.value;
+        for replica in replicas_of(spec, vip_port.service) {
+            for address in [replica.pair.address, replica.pair.next_address] {
+                let address = address.to_string();
+                let healthy = view
+                    .replicas
+                    .iter()
+                    .any(|r| &r.service == service && r.address == address && r.healthy);
+                probes.push(Probe {
+                    service: service.clone(),
+                    address,
+                    healthy,
+                    detail: (!healthy).then(|| "not registered healthy".to_string()),
+                });
+            }
+        }
+    }
+    probes.sort();
+    probes.dedup();
+    Some(probes)
+}
+
 /// Each replica's health as last registered, and since when.
 type Healths = BTreeMap<(String, String), (bool, u64)>;
 
@@ -194,7 +228,6 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
     let mut probes: Vec<Probe> = Vec::new();
     let mut probed: Option<Instant> = None;
     let mut healths: Healths = BTreeMap::new();
-    let since = now();
     while !stop.load(Ordering::SeqCst) {
         let target = shared.target();
         let Some((target, cluster)) = target.and_then(|t| t.spec.cluster.clone().map(|c| (t, c)))
@@ -235,7 +268,7 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
             probes = probe_own_replicas(&target.spec, &addresses, netns);
             probed = Some(Instant::now());
         }
-        let wanted = wanted(&target, &probes, &mut healths, since);
+        let wanted = wanted(&target, &probes, &mut healths);
         match current.step(&wanted) {
             Ok(()) => {
                 let (lease, count) = (
@@ -288,7 +321,7 @@ fn own_probe_period(spec: &Spec, node: &str) -> Duration {
 
 /// What `target`'s node registers, with each replica's health from
 /// `probes` (and since when it has had it, kept in `healths`).
-fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths, since: u64) -> Wanted {
+fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths) -> Wanted {
     let mut replicas = BTreeMap::new();
     let mut seen = Healths::new();
     for replica in &target.running {
@@ -319,7 +352,8 @@ fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths, since: u64) 
             commit: target.commit.clone(),
             spec_hash: spec_hash(&target.spec),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            since,
+            // The registrar writes when it was granted the lease.
+            since: 0,
         },
         replicas,
     }

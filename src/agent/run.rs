@@ -448,6 +448,9 @@ impl Agent {
     fn noted(&mut self, planned: &Planned) {
         let probes = &planned.observed.probes;
         self.health.set_target(&planned.spec, &planned.node, probes);
+        let registered =
+            cluster::registered_health(&planned.spec, &planned.node, &planned.observed);
+        let probes = registered.as_deref().unwrap_or(probes);
         self.cluster.set_target(
             &planned.spec,
             &planned.node,

@@ -300,7 +300,7 @@ pub fn apply_change(
                 in_flight: in_flight.as_ref(),
                 old_exists: *old_exists,
                 load_balancers,
-                handshake: handshake.as_ref(),
+                handshake: handshake.as_deref(),
             })?;
         }
         Operation::Wire {

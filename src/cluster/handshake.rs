@@ -12,7 +12,7 @@
 //! carried in the operations; these calls only read and write etcd.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -38,9 +38,9 @@ pub struct Handshake {
     /// The worker.
     pub node: String,
     /// The replica's old address.
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// The next version's address.
-    pub to: Ipv4Addr,
+    pub to: IpAddr,
     /// The next version: its container's spec hash.
     pub version: String,
 }
@@ -60,12 +60,7 @@ pub struct SwitchAck {
 impl SwitchAck {
     /// Writes the acknowledgement that this node's table sends `service`'s
     /// new connections from `from` to `to` (call it once the table is live).
-    pub fn acknowledge(
-        &self,
-        service: &str,
-        from: Ipv4Addr,
-        to: Ipv4Addr,
-    ) -> Result<(), EtcdError> {
+    pub fn acknowledge(&self, service: &str, from: IpAddr, to: IpAddr) -> Result<(), EtcdError> {
         let etcd = Etcd::connect(&etcd_config(&self.etcd))?;
         let record = AckRecord {
             to: to.to_string(),
@@ -377,12 +372,17 @@ mod tests {
         }
     }
 
-    fn upgrade_of(spec: &Spec) -> Option<super::Handshake> {
+    /// The planned upgrade's handshake, and the version it upgrades to.
+    fn upgrade_of(spec: &Spec) -> (Option<Box<super::Handshake>>, String) {
         crate::plan::plan(spec, "web-1", &running_old())
             .changes
             .into_iter()
             .find_map(|c| match c.operation {
-                Operation::UpgradeReplica { handshake, .. } => Some(handshake),
+                Operation::UpgradeReplica {
+                    handshake,
+                    workload,
+                    ..
+                } => Some((handshake, workload.container.spec_hash())),
                 _ => None,
             })
             .expect("an upgrade is planned")
@@ -391,18 +391,18 @@ mod tests {
     #[test]
     fn a_routed_upgrade_with_a_cluster_carries_its_handshake_and_without_none() {
         let with = spec(&example());
-        let handshake = upgrade_of(&with).expect("a handshake");
+        let (handshake, version) = upgrade_of(&with);
+        let handshake = handshake.expect("a handshake");
         assert_eq!(handshake.service, "api");
         assert_eq!(handshake.node, "web-1");
         assert_eq!(handshake.from.to_string(), "10.20.1.5");
         assert_ne!(handshake.to, handshake.from);
-        assert!(handshake.version.starts_with("sha256:"));
-        assert_ne!(handshake.version, "sha256:old");
+        assert_eq!(handshake.version, version);
         assert_eq!(handshake.etcd.prefix.value, "/lessnat/site-1");
         let text = example();
         let start = text.find("cluster:").expect("cluster block");
         let end = text.find("nodes:").expect("nodes");
         let without = spec(&format!("{}{}", &text[..start], &text[end..]));
-        assert_eq!(upgrade_of(&without), None);
+        assert_eq!(upgrade_of(&without).0, None);
     }
 }

@@ -153,7 +153,7 @@ pub struct NodeRecord {
     pub spec_hash: String,
     /// The lessnat version of its agent.
     pub agent_version: String,
-    /// When its agent registered under this lease (seconds since the Unix epoch).
+    /// When its lease was granted (seconds since the Unix epoch).
     pub since: u64,
 }
 

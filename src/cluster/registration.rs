@@ -99,7 +99,7 @@ pub fn healthy(replica: &RunningReplica, probes: &[Probe]) -> bool {
 pub struct Wanted {
     /// The node.
     pub node: String,
-    /// Its record.
+    /// Its record (`since` is the registrar's: when the lease was granted).
     pub record: NodeRecord,
     /// Its replicas' records, by service and address.
     pub replicas: BTreeMap<(String, String), ReplicaRecord>,
@@ -122,6 +122,9 @@ struct Kept {
     keeper: KeepAlive,
     renewed: Instant,
     granted: Instant,
+    /// When it was granted, in seconds since the Unix epoch: the node
+    /// record's `since`.
+    granted_unix: u64,
 }
 
 impl Registrar {
@@ -148,7 +151,8 @@ impl Registrar {
 
     /// Makes etcd hold `wanted` under a live lease: grants one when there is
     /// none (or it expired), renews it when a third of its TTL has passed,
-    /// writes what changed and deletes what is no longer wanted.
+    /// writes what changed and deletes what is no longer wanted. The node
+    /// record's `since` is when the lease was granted.
     pub fn step(&mut self, wanted: &Wanted) -> Result<(), EtcdError> {
         let renew_every = self.ttl / 3;
         match &mut self.lease {
@@ -170,8 +174,8 @@ impl Registrar {
             },
             _ => {}
         }
-        let lease = match &self.lease {
-            Some(kept) => kept.keeper.lease(),
+        let (lease, since) = match &self.lease {
+            Some(kept) => (kept.keeper.lease(), kept.granted_unix),
             None => {
                 let lease = self.etcd.grant(self.ttl)?;
                 let keeper = self.etcd.keep_alive(lease)?;
@@ -179,13 +183,18 @@ impl Registrar {
                     keeper,
                     renewed: Instant::now(),
                     granted: Instant::now(),
+                    granted_unix: super::view::now(),
                 });
                 self.published.clear();
-                lease
+                (lease, super::view::now())
             }
         };
         let mut values: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        values.insert(self.keys.node(&wanted.node), to_json(&wanted.record));
+        let record = NodeRecord {
+            since,
+            ..wanted.record.clone()
+        };
+        values.insert(self.keys.node(&wanted.node), to_json(&record));
         for ((service, address), record) in &wanted.replicas {
             values.insert(self.keys.replica(service, address), to_json(record));
         }

@@ -10,7 +10,7 @@ use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
 use crate::netns::Netns;
-use crate::ownership::ROUTED_SYSCTLS;
+use crate::ownership::{IPV6_FORWARDING, ROUTED_SYSCTLS};
 use crate::spec::Spec;
 
 use super::drains::drain_interests;
@@ -52,13 +52,15 @@ pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
 /// load-balancer node's probes of its replicas' addresses, the images the
 /// node's services use, and the registry digests of `pull: always` images.
 /// The probes are `recent`'s when it has them for this spec (see
-/// [`RecentProbes::for_plan`]); otherwise they run now.
+/// [`RecentProbes::for_plan`]); otherwise they run now, unless `probe` is
+/// false (the registrations in etcd decide instead): then there are none.
 pub fn observe_for(
     spec: &Spec,
     node: &str,
     netns: &Netns,
     docker: &Docker,
     recent: Option<&RecentProbes>,
+    probe: bool,
 ) -> Result<Observed, ObserveError> {
     let mut observed = observe_reading(node, netns, docker, |observed| {
         drain_interests(spec, node, observed)
@@ -70,12 +72,13 @@ pub fn observe_for(
             observed.probes = probes.to_vec();
             age
         }
-        None => {
+        None if probe => {
             observed.probes = probe_replicas(spec, node, netns);
             Duration::ZERO
         }
+        None => Duration::ZERO,
     };
-    if !observed.probes.is_empty() {
+    if !observed.probes.is_empty() || !probe {
         observed.probed_at = SystemTime::now()
             .checked_sub(age)
             .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
@@ -104,7 +107,8 @@ fn observe_reading(
     let (containers, foreign_containers) = docker.observe(node)?;
     let veths = veth::observe(netns)?;
     let addresses = netlink::observe_addresses(netns)?;
-    let sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
+    let mut sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
+    sysctls.extend(sysctl::read_present(netns, &[IPV6_FORWARDING])?);
     let mut observed = Observed {
         format: OBSERVED_FORMAT,
         node: node.to_string(),

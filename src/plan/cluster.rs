@@ -4,7 +4,7 @@
 //! there; any other address of the service does not); otherwise, and when
 //! etcd could not be read, from the node's own probes, as without a cluster.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::model::{ClusterView, Observed};
 use crate::spec::Spec;
@@ -44,9 +44,25 @@ impl<'a> Answers<'a> {
         }
     }
 
+    /// Why a replica is out of the spread, for people.
+    pub(super) fn silent(&self) -> &'static str {
+        match self {
+            Answers::Registered(_) => "not registered healthy at either address",
+            Answers::Probed(_) => "neither address answers",
+        }
+    }
+
+    /// Why a replica is back in the spread, for people.
+    pub(super) fn back(&self) -> &'static str {
+        match self {
+            Answers::Registered(_) => "registered healthy again",
+            Answers::Probed(_) => "it answers again",
+        }
+    }
+
     /// Whether `service`'s replica answers at `address`; `None` when nothing
     /// says (not probed).
-    pub(super) fn at(&self, service: &str, address: Ipv4Addr) -> Option<bool> {
+    pub(super) fn at(&self, service: &str, address: IpAddr) -> Option<bool> {
         let address = address.to_string();
         match self {
             Answers::Registered(view) => Some(

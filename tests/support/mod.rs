@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod git;
 pub mod image;
 pub mod load;
+pub mod process;
 pub mod registry;
 
 use std::process::{Command, Output};
