@@ -227,7 +227,8 @@ pub enum Operation {
         in_flight: Option<InFlight>,
         /// Whether an old primary exists to switch away from and drain.
         old_exists: bool,
-        /// Load-balancer node addresses: their probes are not client connections.
+        /// Load-balancer node addresses (with `cluster:`, also the node side
+        /// of the worker's veths): their probes are not client connections.
         load_balancers: Vec<IpAddr>,
     },
     /// Routed mode: wire a running container in again (its veth was lost).

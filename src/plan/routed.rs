@@ -20,7 +20,7 @@ use crate::desired::routed::{
 use crate::desired::routed_table::{Dnat, LoadBalancerRules, down_in, spreads_in, versions_in};
 use crate::desired::{DesiredContainer, replica_container};
 use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
-use crate::ownership::{Slot, replica_container_name, veth_name};
+use crate::ownership::{Slot, VETH_GATEWAY, VETH_GATEWAY_V6, replica_container_name, veth_name};
 use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
 
 /// A routed replica's place: its node and its number there.
@@ -236,13 +236,20 @@ pub(super) fn plan_replica(
 }
 
 /// The addresses of the spec's load-balancer nodes: their probes reach
-/// replicas, and are not client connections.
+/// replicas, and are not client connections. With `cluster:`, also the node
+/// side of the worker's veths, where its own probes (for its registrations)
+/// come from.
 fn load_balancer_addresses(spec: &Spec) -> Vec<IpAddr> {
-    spec.nodes
+    let mut addresses: Vec<IpAddr> = spec
+        .nodes
         .iter()
         .filter(|n| n.load_balancer.is_some())
         .map(|n| *n.address.value)
-        .collect()
+        .collect();
+    if spec.cluster.is_some() {
+        addresses.extend([IpAddr::V4(VETH_GATEWAY), IpAddr::V6(VETH_GATEWAY_V6)]);
+    }
+    addresses
 }
 
 /// A routed upgrade found with its `next` container.
