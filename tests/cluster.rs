@@ -458,13 +458,7 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         .collect();
     cluster.wait_registered(4, 2);
     let origin = Instant::now();
-    let loads = cluster.site.load(8, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
+    let loads = start_load(&cluster.site);
     let cut = Instant::now();
     cluster.etcd.kill_all();
     for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
@@ -536,21 +530,43 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     cluster.wait_registered(4, 2);
+    finish_load(loads, origin, "outage");
+    // Converged: a replica paused now leaves the spreads as before.
+    pause_and_unpause(&cluster, "pause after etcd came back");
+    drop(workers);
+    drop(lbs);
+}
+
+/// Load from both clients through the VIP (a request counts as failed
+/// after 1 s), running once each has had 50 answers.
+fn start_load(site: &Topology) -> Vec<Load> {
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    loads
+}
+
+/// Stops `loads` after 100 more answers each, prints the report and
+/// asserts that no request failed through `what`.
+fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
     for load in &loads {
         load.wait_requests(100, BOUND).expect("the load runs");
     }
     let report = Report::merged(loads.into_iter().map(Load::stop));
     let failed = report.failed();
     eprintln!(
-        "load through the outage: {}; failed: {}",
+        "load through the {what}: {}; failed: {}",
         report.summary(origin),
         failed.len()
     );
-    assert!(failed.is_empty(), "requests failed: {failed:?}");
-    // Converged: a replica paused now leaves the spreads as before.
-    pause_and_unpause(&cluster, "pause after etcd came back");
-    drop(workers);
-    drop(lbs);
+    assert!(
+        failed.is_empty(),
+        "requests failed through the {what}: {failed:?}"
+    );
 }
 
 /// `lessnat status --json` on `lb`.
@@ -586,13 +602,7 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
     cluster.wait_registered(4, 2);
     wait_spreads(&cluster.site.lbs, VICTIM, true, Instant::now());
     let origin = Instant::now();
-    let loads = cluster.site.load(8, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
+    let loads = start_load(&cluster.site);
     let started = Instant::now();
     cluster.write_spec(&test_image("v2"));
     // Both replicas move to their other addresses (.6), new version.
@@ -625,17 +635,7 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
         took < Duration::from_secs(25),
         "the upgrade took {took:?}: the drain waited for its timeout"
     );
-    for load in &loads {
-        load.wait_requests(100, BOUND).expect("the load runs");
-    }
-    let report = Report::merged(loads.into_iter().map(Load::stop));
-    let failed = report.failed();
-    eprintln!(
-        "load through the upgrade: {}; failed: {}",
-        report.summary(origin),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    finish_load(loads, origin, "upgrade");
     drop(workers);
     drop(lbs);
 }
