@@ -17,7 +17,13 @@
 //! Worker node, chain `routed_mark` (filter prerouting, mangle), per LB id:
 //! `ip daddr SUBNET ct state new ip dscp ID ct mark set MARK` and
 //! `ct mark MARK meta mark set MARK`, so replies (and, with `src_valid_mark`,
-//! reverse-path checks) use that LB's routing table.
+//! reverse-path checks) use that LB's routing table. While the spec gives a
+//! routed service of the worker a canary, the chain `routed_canary` (nat
+//! prerouting) too, empty but during a canary's hold: then it sends a share
+//! of the new connections that reach the old replica to the next one
+//! ([`canary_split_rule`]), and once the canary is promoted, `routed_mark`
+//! drops the load-balancer nodes' new connections (their probes) to the old
+//! replica ([`canary_promote_rule`]), which is how they learn to switch.
 
 use std::net::Ipv4Addr;
 
@@ -27,7 +33,7 @@ use serde_json::{Value, json};
 use crate::model::compare_keys;
 use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 use crate::ownership::lb_mark;
-use crate::spec::Protocol;
+use crate::spec::{Percent, Protocol};
 
 /// Name of the map recording where each replica's new connections go.
 pub const VERSIONS_MAP: &str = "routed_versions";
@@ -135,6 +141,95 @@ pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
         hook: Some(hook("filter", "prerouting", -150)),
         rules: marks,
     });
+}
+
+/// The worker chain a routed canary's split is in.
+pub const CANARY_CHAIN: &str = "routed_canary";
+
+/// Adds the (empty) chain of routed canaries' splits to a worker's `table`.
+pub fn add_canary_chain(table: &mut NftTable) {
+    table.chains.push(NftChain {
+        name: CANARY_CHAIN.into(),
+        hook: Some(hook("nat", "prerouting", -100)),
+        rules: Vec::new(),
+    });
+}
+
+/// The comment of the split rule of `service`'s canary at the old replica `old`.
+pub fn canary_split_comment(service: &str, old: Ipv4Addr) -> String {
+    format!("lessnat canary {service} {old}")
+}
+
+/// The comment of the rule that promotes `service`'s canary at the old replica `old`.
+pub fn canary_promote_comment(service: &str, old: Ipv4Addr) -> String {
+    format!("lessnat canary {service} {old} promoted")
+}
+
+/// A canary's split on the worker, with its chain: `weight` of the new
+/// connections that reach the old replica at `old` go to the next one at
+/// `next` (same port), except those of the load-balancer nodes themselves
+/// (`balancers`: their probes must reach the address they probe).
+pub fn canary_split_rule(
+    service: &str,
+    old: Ipv4Addr,
+    next: Ipv4Addr,
+    weight: Percent,
+    balancers: &[Ipv4Addr],
+) -> (String, NftRule) {
+    let mut expr = vec![matches("==", ip("daddr"), json!(old.to_string()))];
+    if let Some(from) = one_or_set(balancers) {
+        expr.push(matches("!=", ip("saddr"), from));
+    }
+    expr.push(matches(
+        "<",
+        json!({"numgen": {"mode": "random", "mod": 100, "offset": 0}}),
+        json!(weight.get()),
+    ));
+    expr.push(json!({"dnat": {"family": "ip", "addr": next.to_string()}}));
+    (
+        CANARY_CHAIN.to_string(),
+        NftRule {
+            comment: Some(canary_split_comment(service, old)),
+            expr,
+        },
+    )
+}
+
+/// A promoted canary's signal to the load-balancer nodes, with its chain:
+/// their new connections (probes) to the old replica at `old` are dropped,
+/// so they see it silent while the next one answers, and switch. Clients'
+/// connections pass. `None` without load-balancer nodes.
+pub fn canary_promote_rule(
+    service: &str,
+    old: Ipv4Addr,
+    balancers: &[Ipv4Addr],
+) -> Option<(String, NftRule)> {
+    let from = one_or_set(balancers)?;
+    Some((
+        "routed_mark".to_string(),
+        NftRule {
+            comment: Some(canary_promote_comment(service, old)),
+            expr: vec![
+                matches("==", ip("saddr"), from),
+                matches("==", ip("daddr"), json!(old.to_string())),
+                matches("in", json!({"ct": {"key": "state"}}), json!("new")),
+                json!({"drop": null}),
+            ],
+        },
+    ))
+}
+
+/// `addresses` as `nft -j` lists a match's right side: one address alone,
+/// several as a sorted set; `None` when there are none.
+fn one_or_set(addresses: &[Ipv4Addr]) -> Option<Value> {
+    let mut sorted = addresses.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    match sorted.as_slice() {
+        [] => None,
+        [one] => Some(json!(one.to_string())),
+        all => Some(json!({"set": all.iter().map(ToString::to_string).collect::<Vec<_>>()})),
+    }
 }
 
 /// An `ipv4_addr : mark` map named `name` with `entries`.
