@@ -297,3 +297,48 @@ fn load_balancers_stay_on_the_old_replica_until_the_worker_silences_it() {
         "{plain:#?}"
     );
 }
+
+#[test]
+fn a_batch_holds_one_canary_for_all_its_replicas() {
+    let spec = |image: &str| {
+        super::routed::two_on_one_worker(image).replace(
+            "drainTimeout: 10s",
+            "drainTimeout: 10s, maxParallel: 2, canary: {weight: 10%, hold: 2s}",
+        )
+    };
+    let h = Harness::installed(NODE, &spec("api:1"));
+    let plan = h.plan(&spec("api:2"));
+    let Operation::UpgradeReplicas {
+        batch,
+        canary: Some(canary),
+        ..
+    } = only_operation(&plan)
+    else {
+        panic!("expected a batch with a canary: {plan:#?}");
+    };
+    assert_eq!(batch.len(), 2);
+    let split = render_table(&canary.split.table);
+    for (old, next) in [("10.20.1.5", "10.20.1.6"), ("10.20.1.7", "10.20.1.8")] {
+        assert!(
+            split.contains(&format!(
+                "ip daddr {old} ip saddr != 192.0.2.2 numgen random mod 100 < 10 dnat ip to {next}"
+            )),
+            "{split}"
+        );
+    }
+    assert_eq!(canary.promote.len(), 2);
+    h.apply_plan(&plan).expect("upgrades both");
+    let replaced: Vec<String> = h
+        .changes()
+        .into_iter()
+        .filter(|c| c.starts_with("replace rules"))
+        .map(|c| c.rsplit(' ').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        replaced,
+        ["+2", "+4", "+0"],
+        "one split, one promotion, one end"
+    );
+    assert_eq!(super::routed::wired(&h), ["10.20.1.6", "10.20.1.8"]);
+    assert!(!table_text(&h).contains("lessnat canary"));
+}
