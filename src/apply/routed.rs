@@ -6,7 +6,7 @@
 //! connection to the old address, and only then removes the old replica.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::canary::{self, Held};
@@ -43,7 +43,7 @@ pub(super) fn report_drained(
             "{}: connections through this node to {}",
             switch.service, switch.from
         );
-        let from = IpAddr::V4(switch.from);
+        let from = switch.from;
         match wait_until_drained(ctx, progress, &what, switch.wait.get(), |_| {
             Ok(ctx.host.live_connections_to(from)?)
         })? {
@@ -85,7 +85,7 @@ pub(super) fn wire(
     progress: &mut Progress,
     service: &str,
     container: &str,
-    address: Ipv4Addr,
+    address: IpAddr,
 ) -> Result<(), ApplyError> {
     let pid = ctx
         .host
@@ -189,7 +189,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// Creates and starts the container for `slot` at `address`, wires it in
     /// and waits until it is healthy there. When it does not become healthy
     /// it is removed again, unless `onFailure` is `pause`.
-    pub(super) fn start(&mut self, slot: Slot, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn start(&mut self, slot: Slot, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
@@ -217,7 +217,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     }
 
     /// Creates the primary at `address`, wired in and healthy.
-    pub(super) fn create(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn create(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         self.start(Slot::Primary, address)?;
         self.ctx.host.keep_running(&self.name(Slot::Primary))?;
         Ok(())
@@ -225,7 +225,7 @@ impl<'a, 'c> Replica<'a, 'c> {
 
     /// Starts the stopped primary again, wires it in at `address` and waits
     /// until healthy.
-    pub(super) fn restart(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn restart(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress.step(&format!("{name}: starting"));
         self.ctx.host.start(&name)?;
@@ -238,7 +238,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// Replaces the primary in place at `address` (stop-start, or a stopped
     /// container whose spec changed): the replica is down until the new one
     /// is healthy.
-    pub(super) fn replace(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn replace(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress
             .step(&format!("{name}: stopping and removing"));
@@ -248,7 +248,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    fn wire(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+    fn wire(&mut self, name: &str, address: IpAddr) -> Result<(), ApplyError> {
         wire(
             self.ctx,
             self.progress,
@@ -258,14 +258,14 @@ impl<'a, 'c> Replica<'a, 'c> {
         )
     }
 
-    fn wait_ready(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+    fn wait_ready(&mut self, name: &str, address: IpAddr) -> Result<(), ApplyError> {
         wait_ready(
             self.ctx,
             self.progress,
             self.service,
             name,
             ProbeAt {
-                ip: IpAddr::V4(address),
+                ip: address,
                 temporary: false,
             },
         )
@@ -372,8 +372,8 @@ impl<'a, 'c> Batch<'a, 'c> {
         }
         let switching: Vec<&ReplicaMove> = moving.iter().copied().filter(|m| switches(m)).collect();
         if !switching.is_empty() {
-            let nexts: Vec<Ipv4Addr> = switching.iter().map(|m| m.next_at).collect();
-            let olds: Vec<Ipv4Addr> = switching.iter().map(|m| m.old_at).collect();
+            let nexts: Vec<IpAddr> = switching.iter().map(|m| m.next_at).collect();
+            let olds: Vec<IpAddr> = switching.iter().map(|m| m.old_at).collect();
             if let Some(canary) = self.canary
                 && let Err(error) = self.run_canary(&switching, canary)
             {
@@ -444,7 +444,7 @@ impl<'a, 'c> Batch<'a, 'c> {
                 .map(|m| canary::Watched {
                     container: self.name(m, Slot::Next),
                     at: ProbeAt {
-                        ip: IpAddr::V4(m.next_at),
+                        ip: m.next_at,
                         temporary: false,
                     },
                 })
@@ -470,7 +470,7 @@ impl<'a, 'c> Batch<'a, 'c> {
             }
             self.hold.release(self.progress)?;
         }
-        let olds: Vec<Ipv4Addr> = switching.iter().map(|m| m.old_at).collect();
+        let olds: Vec<IpAddr> = switching.iter().map(|m| m.old_at).collect();
         self.progress.step(&format!(
             "{name}: dropping load-balancer nodes' probes of {} so they switch (one nft transaction)",
             addresses(&olds)
@@ -564,7 +564,7 @@ impl<'a, 'c> Batch<'a, 'c> {
 
     /// Waits `switchWait`, so every load-balancer node can see the next
     /// replicas at `nexts` answer and switch on its next apply.
-    fn wait_switch(&mut self, nexts: &[Ipv4Addr]) -> Result<(), ApplyError> {
+    fn wait_switch(&mut self, nexts: &[IpAddr]) -> Result<(), ApplyError> {
         let wait = self.service.upgrade.switch_wait.get();
         let host = self.ctx.host;
         let started = host.now();
@@ -593,7 +593,7 @@ impl<'a, 'c> Batch<'a, 'c> {
     /// node has not switched yet (it applies late): a drain that only waited
     /// for the count to touch 0 could remove the old replica between two of
     /// them.
-    fn wait_drained(&mut self, olds: &[Ipv4Addr]) -> Result<u64, ApplyError> {
+    fn wait_drained(&mut self, olds: &[IpAddr]) -> Result<u64, ApplyError> {
         let balancers = self.load_balancers;
         let timeout = self.service.upgrade.drain_timeout.get();
         let what = format!(
@@ -605,10 +605,8 @@ impl<'a, 'c> Batch<'a, 'c> {
         let host = self.ctx.host;
         // Load-balancer nodes probe both addresses of each replica on every
         // apply; those probes come from their own addresses and are not clients.
-        let mut watched: Vec<(IpAddr, Quiet)> = olds
-            .iter()
-            .map(|&a| (IpAddr::V4(a), Quiet::new(host.now())))
-            .collect();
+        let mut watched: Vec<(IpAddr, Quiet)> =
+            olds.iter().map(|&a| (a, Quiet::new(host.now()))).collect();
         let hold = &mut self.hold;
         let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, |p| {
             hold.check(p)?;
@@ -654,7 +652,7 @@ impl<'a, 'c> Batch<'a, 'c> {
             // New connections stop going to the next replicas (load-balancer
             // nodes never switched to them); the ones the split sent them
             // finish there before they go.
-            let nexts: Vec<Ipv4Addr> = self.members.iter().map(|m| m.next_at).collect();
+            let nexts: Vec<IpAddr> = self.members.iter().map(|m| m.next_at).collect();
             let left = self.wait_drained(&nexts)?;
             if left > 0 {
                 self.progress.step(&format!(
@@ -680,7 +678,7 @@ impl<'a, 'c> Batch<'a, 'c> {
 }
 
 /// `addresses` as `a, b`.
-fn addresses(addresses: &[Ipv4Addr]) -> String {
+fn addresses(addresses: &[IpAddr]) -> String {
     addresses
         .iter()
         .map(ToString::to_string)

@@ -23,7 +23,7 @@ fn replicas(image: &str, count: u32, max: u32) -> String {
 }
 
 /// The replicas each upgrade change of `plan` moves, as their old addresses.
-fn batches(plan: &crate::plan::Plan) -> Vec<Vec<Ipv4Addr>> {
+fn batches(plan: &crate::plan::Plan) -> Vec<Vec<IpAddr>> {
     plan.changes
         .iter()
         .filter_map(|c| match &c.operation {
@@ -40,7 +40,7 @@ fn batches(plan: &crate::plan::Plan) -> Vec<Vec<Ipv4Addr>> {
 fn max_parallel_groups_a_nodes_replicas_into_batches_in_order() {
     let h = Harness::installed(NODE, &replicas("api:1", 3, 2));
     let plan = h.plan(&replicas("api:2", 3, 2));
-    let at = |last: u8| Ipv4Addr::new(10, 20, 1, last);
+    let at = |last: u8| IpAddr::V4(Ipv4Addr::new(10, 20, 1, last));
     assert_eq!(batches(&plan), [vec![at(5), at(7)], vec![at(9)]]);
     let batch = plan
         .changes

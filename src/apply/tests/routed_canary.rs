@@ -17,7 +17,7 @@ use crate::model::nft_text::render_table;
 use crate::plan::StageName;
 use crate::plan::operation::Operation;
 
-const NEXT_AT: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 254);
+const NEXT_AT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 254));
 /// The split set.
 const SPLIT: &str =
     "replace rules -lessnat canary api 10.20.1.5 -lessnat canary api 10.20.1.5 promoted +1";
@@ -124,7 +124,7 @@ fn an_aborted_canary_ends_the_split_drains_the_next_replica_and_removes_it() {
     let before = h.fake.container(PRIMARY);
     // The next replica has a connection the split sent it; it closes at the third read.
     h.fake.set_flows_to(
-        IpAddr::V4(NEXT_AT),
+        NEXT_AT,
         vec![
             vec![client_connection(true)],
             vec![client_connection(true)],
