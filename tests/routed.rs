@@ -1021,7 +1021,25 @@ const LB_TIMER: Duration = Duration::from_secs(1);
 /// going to the dead replica, and 1 run in 8 failed.
 #[test]
 fn routed_dead_replica_leaves_the_spread_and_rejoins() {
-    let Some((site, spec)) = installed("routed_dead_replica", 2) else {
+    dead_replica_leaves_the_spread("routed_dead_replica", replicas, Stack::Ipv4);
+}
+
+/// Issue 15: the same with an IPv6-only site (and the strict IPv6
+/// reverse-path filter): the LB apply takes the dead IPv6 replica out of the
+/// spread (`routed_down6`) and deletes its unanswered IPv6 connections.
+#[test]
+fn routed_ipv6_dead_replica_leaves_the_spread_and_rejoins() {
+    dead_replica_leaves_the_spread("routed_ipv6_dead_replica", replicas6, Stack::Ipv6);
+}
+
+/// A replica on worker 2 killed under load with LB applies every 1 s, on a
+/// site of `stack` with `replicas` (one per worker).
+fn dead_replica_leaves_the_spread(
+    test: &str,
+    replicas: fn(&Topology) -> Vec<Replica>,
+    stack: Stack,
+) {
+    let Some((site, spec)) = installed_in(test, 2, replicas, stack) else {
         return;
     };
     let worker = &site.workers[1];
@@ -1033,10 +1051,15 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
     // A connection to a dead replica is refused or, as often, never answered
     // (the worker's ICMP errors are rate limited) and would hang until the
     // replica is back: a request that takes over 1 s counts as failed.
-    let loads = site.load(CLIENTS_PER_NAMESPACE, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
+    let loads: Vec<Load> = targets(&site)
+        .into_iter()
+        .flat_map(|target| {
+            site.load_to(target, CLIENTS_PER_NAMESPACE, |config| LoadConfig {
+                io_timeout: Duration::from_secs(1),
+                ..config
+            })
+        })
+        .collect();
     wait_requests(&loads, 50);
     let done = AtomicBool::new(false);
     let mut killed = origin;

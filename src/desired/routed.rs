@@ -520,6 +520,49 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_replicas_expand_in_their_own_family() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/routed-dual-stack.yaml"
+        ))
+        .expect("example exists");
+        let spec = load_bytes("routed-dual-stack.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+        let pairs: Vec<(String, String)> = replicas_on(&spec, &spec.services[0], "web-1")
+            .iter()
+            .map(|r| (r.pair.address.to_string(), r.pair.next_address.to_string()))
+            .collect();
+        assert_eq!(pairs.len(), 8);
+        assert_eq!(pairs[3], ("10.20.1.16".into(), "10.20.1.17".into()));
+        assert_eq!(pairs[4], ("fd00:20:1::10".into(), "fd00:20:1::11".into()));
+        assert_eq!(pairs[7], ("fd00:20:1::16".into(), "fd00:20:1::17".into()));
+        let web2 = replicas_on(&spec, &spec.services[0], "web-2");
+        assert_eq!(
+            web2[1].pair.next_address.to_string(),
+            "fd00:20:2:0:ffff:ffff:ffff:ffff",
+            "the highest address of the IPv6 subnet"
+        );
+        let lb = load_balancer_role(&spec, "lb-1").expect("lb-1 balances");
+        let comments: Vec<&str> = lb.vip_ports.iter().map(|v| v.comment.as_str()).collect();
+        assert_eq!(comments, ["api/http", "api/http/ipv6"]);
+        assert_eq!(lb.workers.len(), 4, "two subnets of two workers");
+        let worker = worker_role(&spec, "web-1").expect("web-1 works");
+        assert_eq!(worker.subnets.len(), 2);
+        assert_eq!(worker.lb_ids(), [1, 2]);
+        assert_eq!(
+            desired_sysctls(&spec, "web-1")
+                .get(IPV6_FORWARDING)
+                .map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            offset("255.255.255.255".parse().expect("address"), 1),
+            None,
+            "no address past the family's last"
+        );
+    }
+
+    #[test]
     fn roles_follow_the_nodes() {
         let spec = spec();
         let lb = load_balancer_role(&spec, "lb-1").expect("lb-1 balances");

@@ -181,8 +181,9 @@ pub struct Replica {
     /// consecutive addresses from `address` on: with `address: 10.20.1.10`
     /// and `count: 3`, the pairs are .10/.11, .12/.13 and .14/.15 (versions
     /// alternate within each pair). Raising the count adds pairs and leaves
-    /// the others where they are.
+    /// the others where they are. At most 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
     pub count: Option<Located<u32>>,
 }
 

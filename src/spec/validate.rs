@@ -19,6 +19,10 @@ use crate::registry::ImageRef;
 /// names are built from them).
 pub const MAX_NAME_LEN: usize = 40;
 
+/// The most replicas one entry of `replicas` may stand for (`count`): an
+/// IPv6 subnet would hold billions, which lessnat would list one by one.
+pub const MAX_COUNT: u32 = 1024;
+
 /// Checks every rule and returns all problems found, in no particular order.
 pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
     let mut check = Checker::default();
@@ -49,7 +53,7 @@ fn replica_entry_addresses(replica: &Replica) -> Vec<(IpAddr, Span)> {
         .map(|a| (***a, a.span))
         .collect();
     if let Some(count) = &replica.count {
-        let extra = (1..count.value.saturating_mul(2))
+        let extra = (1..count.value.min(MAX_COUNT).saturating_mul(2))
             .filter_map(|k| offset(**replica.address, u128::from(k)))
             .map(|a| (a, count.span));
         addresses.extend(extra);
@@ -670,6 +674,12 @@ impl Checker {
             self.push(
                 error(count.span, "`count` must be at least 1")
                     .with_help("remove the entry to run no replica on this node"),
+            );
+        }
+        if count.value > MAX_COUNT {
+            self.push(
+                error(count.span, format!("`count` {} is more than {MAX_COUNT}", count.value))
+                    .with_help(format!("one entry stands for at most {MAX_COUNT} replicas; split it into entries with their own `address`")),
             );
         }
         if let Some(next) = &replica.next_address {
