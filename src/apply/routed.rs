@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use super::canary::{self, Held};
@@ -594,6 +595,12 @@ impl<'a, 'c> Batch<'a, 'c> {
     /// for the count to touch 0 could remove the old replica between two of
     /// them.
     fn wait_drained(&mut self, olds: &[IpAddr]) -> Result<u64, ApplyError> {
+        self.wait_drained_in(self.ctx, olds)
+    }
+
+    /// [`Batch::wait_drained`] in `ctx` (a rollback's, which no interrupt
+    /// stops).
+    fn wait_drained_in(&mut self, ctx: &Context, olds: &[IpAddr]) -> Result<u64, ApplyError> {
         let balancers = self.load_balancers;
         let timeout = self.service.upgrade.drain_timeout.get();
         let what = format!(
@@ -608,7 +615,7 @@ impl<'a, 'c> Batch<'a, 'c> {
         let mut watched: Vec<(IpAddr, Quiet)> =
             olds.iter().map(|&a| (a, Quiet::new(host.now()))).collect();
         let hold = &mut self.hold;
-        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, |p| {
+        let drained = wait_until_drained(ctx, self.progress, &what, timeout, |p| {
             hold.check(p)?;
             let mut left = 0;
             for (old, quiet) in &mut watched {
@@ -652,8 +659,18 @@ impl<'a, 'c> Batch<'a, 'c> {
             // New connections stop going to the next replicas (load-balancer
             // nodes never switched to them); the ones the split sent them
             // finish there before they go.
+            // No interrupt stops this wait (one often starts the
+            // rollback): it is bounded by drainTimeout, and stopping half
+            // way would leave the next replicas behind.
+            let calm = AtomicBool::new(false);
+            let ctx = Context {
+                node: self.ctx.node,
+                host: self.ctx.host,
+                journal: self.ctx.journal.clone(),
+                interrupt: &calm,
+            };
             let nexts: Vec<IpAddr> = self.members.iter().map(|m| m.next_at).collect();
-            let left = self.wait_drained(&nexts)?;
+            let left = self.wait_drained_in(&ctx, &nexts)?;
             if left > 0 {
                 self.progress.step(&format!(
                     "{service}: drainTimeout passed with {left} connections open to the next version; they are cut now"

@@ -342,3 +342,37 @@ fn a_batch_holds_one_canary_for_all_its_replicas() {
     assert_eq!(super::routed::wired(&h), ["10.20.1.6", "10.20.1.8"]);
     assert!(!table_text(&h).contains("lessnat canary"));
 }
+
+#[test]
+fn an_interrupt_during_the_hold_rolls_back_after_the_canarys_connections() {
+    let h = installed();
+    // The split sent the next replica a connection; it closes at the third read.
+    h.fake.set_flows_to(
+        NEXT_AT,
+        vec![
+            vec![client_connection(true)],
+            vec![client_connection(true)],
+            vec![client_connection(false)],
+        ],
+    );
+    h.fake.interrupt_at_probe(4);
+    let result = h.apply(&with_canary("api:2", "weight: 10%, hold: 1m"));
+    assert!(
+        matches!(&result, Err(ApplyError::RolledBack { cause, .. }) if matches!(**cause, ApplyError::Interrupted)),
+        "{result:?}"
+    );
+    let calls = h.fake.calls();
+    assert!(
+        position(&calls, END) < position(&calls, "stop lessnat-api.w.next"),
+        "{calls:#?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .filter(|c| *c == "read flows to 10.20.1.254")
+            .count()
+            >= 3,
+        "the rollback waited for the connection: {calls:#?}"
+    );
+    assert_serves(&h, "api:1", ADDRESS);
+}
