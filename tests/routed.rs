@@ -1266,33 +1266,44 @@ fn ask_canary(worker: &Node, verdict: &str) {
     );
 }
 
+/// What [`canary_under_load`] leaves: the site, the worker's apply output,
+/// the load's report, when the worker's apply returned, the v2 spec.
+struct CanaryRun {
+    site: Site,
+    run: std::process::Output,
+    report: Report,
+    returned: Instant,
+    spec: PathBuf,
+}
+
 /// A routed canary under load from both clients, LB applies every 0.3 s:
 /// v1 installed with a canary in its spec, the worker's apply of v2 started
 /// in the background; `during` runs once the split is set, with the loads.
-/// Returns the site, the worker's apply output, the load's report, when the
-/// split was seen and when the worker's apply returned.
 fn canary_under_load(
     test: &str,
     during: impl FnOnce(&Site, &[Load], &std::path::Path),
-) -> Option<(
-    Site,
-    std::process::Output,
-    Report,
-    Instant,
-    Instant,
-    PathBuf,
-)> {
+) -> Option<CanaryRun> {
+    canary_of_under_load(test, vec![Replica::on(0, 5)], &[CANARY], during)
+}
+
+/// [`canary_under_load`] of `replicas` with the `upgrade` settings.
+fn canary_of_under_load(
+    test: &str,
+    replicas: Vec<Replica>,
+    upgrade: &[&str],
+    during: impl FnOnce(&Site, &[Load], &std::path::Path),
+) -> Option<CanaryRun> {
     let site = site_in(test, 1, Stack::Ipv4)?;
-    let v1 = Service::new(SERVICE, &test_image("v1"), vec![Replica::on(0, 5)]);
+    let v1 = Service::new(SERVICE, &test_image("v1"), replicas);
     let v2 = v1.with_image(&test_image("v2"));
-    let spec1 = write_spec_with(&site, "v1", &v1, &[CANARY]);
-    let spec2 = write_spec_with(&site, "v2", &v2, &[CANARY]);
+    let spec1 = write_spec_with(&site, "v1", &v1, upgrade);
+    let spec2 = write_spec_with(&site, "v2", &v2, upgrade);
     site.apply_all(&spec1);
     let origin = Instant::now();
     let loads = client_load(&site);
     wait_requests(&loads, 100);
     let done = AtomicBool::new(false);
-    let (run, split_at, returned) = std::thread::scope(|scope| {
+    let (run, returned) = std::thread::scope(|scope| {
         let lb_loops: Vec<_> = site
             .lbs
             .iter()
@@ -1314,14 +1325,13 @@ fn canary_under_load(
             (output, Instant::now())
         });
         wait_split(worker);
-        let split_at = Instant::now();
         during(&site, &loads, &spec2);
         let (run, returned) = apply.join().expect("worker apply thread");
         done.store(true, Ordering::SeqCst);
         for lb_loop in lb_loops {
             lb_loop.join().expect("LB apply loop");
         }
-        (run, split_at, returned)
+        (run, returned)
     });
     for lb in &site.lbs {
         Topology::apply(lb, &spec2);
@@ -1332,7 +1342,13 @@ fn canary_under_load(
     eprintln!("--- worker apply ---\n{}", show(&run));
     assert_no_failures(&report, origin, "the canary under load");
     assert_real_client_addresses(&site, &report, "the canary under load");
-    Some((site, run, report, split_at, returned, spec2))
+    Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    })
 }
 
 /// Issue 15: a 10% routed canary over 10,000 new connections through both
@@ -1342,30 +1358,35 @@ fn canary_under_load(
 #[test]
 fn routed_canary_sends_its_share_and_aborts_without_loss() {
     let measured = std::cell::Cell::new((Instant::now(), Instant::now()));
-    let Some((site, run, report, _, returned, spec2)) =
-        canary_under_load("routed_canary_abort", |site, loads, _| {
-            let worker = &site.workers[0];
-            let from = Instant::now();
-            let before: usize = loads.iter().map(Load::done).sum();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while loads.iter().map(Load::done).sum::<usize>() < before + 10_000 {
-                assert!(Instant::now() < deadline, "10,000 requests took too long");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            measured.set((from, Instant::now()));
-            // Someone deletes lessnat's table on the worker: the hold writes
-            // it back with the split.
-            worker
-                .ns
-                .exec("nft", &["delete", "table", "inet", "lessnat"]);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !canary_rules(worker).0 {
-                assert!(Instant::now() < deadline, "the split did not come back");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            wait_requests(loads, 200);
-            ask_canary(worker, "abort");
-        })
+    let Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    }) = canary_under_load("routed_canary_abort", |site, loads, _| {
+        let worker = &site.workers[0];
+        let from = Instant::now();
+        let before: usize = loads.iter().map(Load::done).sum();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while loads.iter().map(Load::done).sum::<usize>() < before + 10_000 {
+            assert!(Instant::now() < deadline, "10,000 requests took too long");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        measured.set((from, Instant::now()));
+        // Someone deletes lessnat's table on the worker: the hold writes
+        // it back with the split.
+        worker
+            .ns
+            .exec("nft", &["delete", "table", "inet", "lessnat"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !canary_rules(worker).0 {
+            assert!(Instant::now() < deadline, "the split did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_requests(loads, 200);
+        ask_canary(worker, "abort");
+    })
     else {
         return;
     };
@@ -1411,22 +1432,27 @@ fn routed_canary_sends_its_share_and_aborts_without_loss() {
 /// during the hold changes nothing.
 #[test]
 fn routed_canary_promoted_finishes_as_an_upgrade() {
-    let Some((site, run, report, _, returned, spec2)) =
-        canary_under_load("routed_canary_promote", |site, loads, spec| {
-            // An LB apply killed in the middle: its table is the one before
-            // or after its one transaction.
-            let mut killed = Topology::lessnat(&site.lbs[0], &["apply", "--auto-approve", "-f"])
-                .arg(spec)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("LB apply");
-            std::thread::sleep(Duration::from_millis(60));
-            killed.kill().expect("kill -9 the LB apply");
-            let _ = killed.wait();
-            wait_requests(loads, 500);
-            ask_canary(&site.workers[0], "promote");
-        })
+    let Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    }) = canary_under_load("routed_canary_promote", |site, loads, spec| {
+        // An LB apply killed in the middle: its table is the one before
+        // or after its one transaction.
+        let mut killed = Topology::lessnat(&site.lbs[0], &["apply", "--auto-approve", "-f"])
+            .arg(spec)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("LB apply");
+        std::thread::sleep(Duration::from_millis(60));
+        killed.kill().expect("kill -9 the LB apply");
+        let _ = killed.wait();
+        wait_requests(loads, 500);
+        ask_canary(&site.workers[0], "promote");
+    })
     else {
         return;
     };
@@ -1444,4 +1470,43 @@ fn routed_canary_promoted_finishes_as_an_upgrade() {
     assert_eq!(containers.len(), 1, "{containers:?}");
     assert_eq!(image_and_address(&containers[0]).1, "10.20.1.6");
     assert_converged(&site, &spec2);
+}
+
+/// Issue 15: `maxParallel: 2` with a canary: the two replicas on one worker
+/// hold one canary together, and `lessnat apply --promote` promotes both;
+/// under load, 0 failed requests, both end at their other address.
+#[test]
+fn routed_canary_of_a_batch_is_promoted_together() {
+    let two_on_one = vec![Replica::on(0, 5), Replica::on(0, 7)];
+    let Some(CanaryRun {
+        site, run, spec, ..
+    }) = canary_of_under_load(
+        "routed_canary_batch",
+        two_on_one,
+        &["maxParallel: 2", CANARY],
+        |site, loads, _| {
+            wait_requests(loads, 300);
+            ask_canary(&site.workers[0], "promote");
+        },
+    )
+    else {
+        return;
+    };
+    assert!(run.status.success(), "{}", show(&run));
+    let text = show(&run);
+    assert_eq!(
+        text.matches("dropping load-balancer nodes' probes of 10.20.1.5, 10.20.1.7")
+            .count(),
+        1,
+        "one promotion for both:\n{text}"
+    );
+    let worker = &site.workers[0];
+    let mut addresses: Vec<String> = Topology::containers(worker)
+        .iter()
+        .map(|c| image_and_address(c).1)
+        .collect();
+    addresses.sort();
+    assert_eq!(addresses, ["10.20.1.6", "10.20.1.8"]);
+    assert_eq!(canary_rules(worker), (false, false));
+    assert_converged(&site, &spec);
 }
