@@ -4,6 +4,10 @@
 //! nodes see it answer and switch new connections to it on their own applies;
 //! this worker waits `switchWait`, then until its conntrack shows no live
 //! connection to the old address, and only then removes the old replica.
+//! Several replicas of a service may do this together (`maxParallel`), and a
+//! canary may come first: this worker sends a share of the new connections
+//! that reach each old replica on to its next one for the hold, then drops
+//! the load-balancer nodes' probes of the old replicas so they switch.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
