@@ -14,7 +14,10 @@
 //! - agents stopped cleanly revoke their leases: nothing stays registered;
 //! - every etcd member killed under load: the LBs keep serving with no
 //!   failed request, say so in status and metrics, and converge again when
-//!   etcd is back.
+//!   etcd is back;
+//! - a routed upgrade run by the workers' agents under load: the LBs switch
+//!   when the `next` replicas are registered, no request fails, and the
+//!   drain ends by itself (the workers' own probes are not clients).
 //!
 //! Timings are printed, not asserted.
 
@@ -54,6 +57,7 @@ struct Cluster {
     etcd: EtcdCluster,
     site: Topology,
     spec: PathBuf,
+    prefix: String,
     clock: RegistrationClock,
 }
 
@@ -145,34 +149,51 @@ impl Cluster {
         }
         let etcd = EtcdCluster::start(3);
         let site = Topology::new(2);
-        let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
-        let spec = site.write_spec("v1", &[Service::new("web", &test_image("v1"), replicas)]);
-        let text = std::fs::read_to_string(&spec).expect("spec");
         let prefix = format!("/lessnat-test-{}", std::process::id());
+        let clock = RegistrationClock::start(etcd.endpoints(), &prefix);
+        let mut cluster = Cluster {
+            etcd,
+            site,
+            spec: PathBuf::new(),
+            prefix,
+            clock,
+        };
+        cluster.spec = cluster.write_spec(&test_image("v1"));
+        cluster.site.apply_all(&cluster.spec);
+        Some(cluster)
+    }
+
+    /// Writes the spec (`spec.yaml`) with the service's `image`; returns its path.
+    fn write_spec(&self, image: &str) -> PathBuf {
+        let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
+        let spec = self
+            .site
+            .write_spec("spec", &[Service::new("web", image, replicas)]);
+        let text = std::fs::read_to_string(&spec).expect("spec");
         let block = format!(
-            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {prefix}\n    leaseTtl: 2s\n",
-            etcd.endpoints().join(", "),
+            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {}\n    leaseTtl: 2s\n",
+            self.etcd.endpoints().join(", "),
+            self.prefix
         );
         let text = text.replacen("version: 1\n", &format!("version: 1\n{block}"), 1);
         std::fs::write(&spec, text).expect("write spec");
-        site.apply_all(&spec);
-        let clock = RegistrationClock::start(etcd.endpoints(), &prefix);
-        Some(Cluster {
-            etcd,
-            site,
-            spec,
-            clock,
-        })
+        spec
     }
 
     /// Starts the agent of `node` and waits until it is ready.
     fn agent(&self, node: &Node) -> Process {
+        self.agent_every(node, "60s")
+    }
+
+    /// Starts the agent of `node`, running every `interval` without events,
+    /// and waits until it is ready.
+    fn agent_every(&self, node: &Node, interval: &str) -> Process {
         let mut command = Topology::lessnat(
             node,
             &[
                 "agent",
                 "--interval",
-                "60s",
+                interval,
                 "--metrics-addr",
                 "127.0.0.1:0",
                 "-f",
@@ -437,13 +458,7 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         .collect();
     cluster.wait_registered(4, 2);
     let origin = Instant::now();
-    let loads = cluster.site.load(8, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
+    let loads = start_load(&cluster.site);
     let cut = Instant::now();
     cluster.etcd.kill_all();
     for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
@@ -515,21 +530,43 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     cluster.wait_registered(4, 2);
+    finish_load(loads, origin, "outage");
+    // Converged: a replica paused now leaves the spreads as before.
+    pause_and_unpause(&cluster, "pause after etcd came back");
+    drop(workers);
+    drop(lbs);
+}
+
+/// Load from both clients through the VIP (a request counts as failed
+/// after 1 s), running once each has had 50 answers.
+fn start_load(site: &Topology) -> Vec<Load> {
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    loads
+}
+
+/// Stops `loads` after 100 more answers each, prints the report and
+/// asserts that no request failed through `what`.
+fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
     for load in &loads {
         load.wait_requests(100, BOUND).expect("the load runs");
     }
     let report = Report::merged(loads.into_iter().map(Load::stop));
     let failed = report.failed();
     eprintln!(
-        "load through the outage: {}; failed: {}",
+        "load through the {what}: {}; failed: {}",
         report.summary(origin),
         failed.len()
     );
-    assert!(failed.is_empty(), "requests failed: {failed:?}");
-    // Converged: a replica paused now leaves the spreads as before.
-    pause_and_unpause(&cluster, "pause after etcd came back");
-    drop(workers);
-    drop(lbs);
+    assert!(
+        failed.is_empty(),
+        "requests failed through the {what}: {failed:?}"
+    );
 }
 
 /// `lessnat status --json` on `lb`.
@@ -538,4 +575,67 @@ fn lb_status(lb: &Node) -> Value {
     let output = output_within(command, BOUND);
     assert!(output.status.success(), "{}", show(&output));
     serde_json::from_slice(&output.stdout).expect("status JSON")
+}
+
+/// A routed upgrade of both workers' replicas, run by the workers' agents
+/// while the LB agents follow the registrations: the `next` replicas are
+/// registered as soon as they run and answer, the LBs switch to them, and no
+/// request fails under load.
+#[test]
+fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
+    let test = "a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss";
+    let Some(cluster) = Cluster::new(test) else {
+        return;
+    };
+    let workers: Vec<Process> = cluster
+        .site
+        .workers
+        .iter()
+        .map(|w| cluster.agent_every(w, "1s"))
+        .collect();
+    let lbs: Vec<Process> = cluster
+        .site
+        .lbs
+        .iter()
+        .map(|lb| cluster.agent(lb))
+        .collect();
+    cluster.wait_registered(4, 2);
+    wait_spreads(&cluster.site.lbs, VICTIM, true, Instant::now());
+    let origin = Instant::now();
+    let loads = start_load(&cluster.site);
+    let started = Instant::now();
+    cluster.write_spec(&test_image("v2"));
+    // Both replicas move to their other addresses (.6), new version.
+    let moved = wait_spreads(&cluster.site.lbs, "10.20.2.6", true, started);
+    wait_spreads(&cluster.site.lbs, "10.20.1.6", true, started);
+    eprintln!(
+        "both LBs send new connections to the next replicas {:.3}s after the spec changed",
+        moved.as_secs_f64()
+    );
+    for agent in &workers {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while agent.lines_with("Drift corrected (interval").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the worker's agent did not finish the upgrade:\n{}",
+                agent.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    cluster.wait_registered(4, 2);
+    let took = started.elapsed();
+    eprintln!(
+        "upgrade done {:.3}s after the spec changed",
+        took.as_secs_f64()
+    );
+    // The drain ends by itself (drainTimeout is 30s): the workers' own
+    // registration probes of the old replica are not counted as clients.
+    assert!(
+        took < Duration::from_secs(25),
+        "the upgrade took {took:?}: the drain waited for its timeout"
+    );
+    finish_load(loads, origin, "upgrade");
+    drop(workers);
+    drop(lbs);
 }

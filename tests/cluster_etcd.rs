@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use lessnat::backend::etcd::{
-    CONNECT_TIMEOUT, Etcd, EtcdConfig, EtcdError, KeyChange, REQUEST_TIMEOUT,
+    CONNECT_TIMEOUT, Etcd, EtcdConfig, EtcdError, KeyChange, REQUEST_TIMEOUT, TlsFiles,
 };
 use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role};
 use lessnat::cluster::registration::{Registrar, Wanted};
@@ -222,4 +222,37 @@ fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_st
     );
     registrar.revoke().expect("revoke");
     assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+}
+
+#[test]
+fn tls_with_a_client_certificate_works_and_without_one_is_refused() {
+    let test = "tls_with_a_client_certificate_works_and_without_one_is_refused";
+    if !support::commands(test, &["etcd", "openssl"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(1);
+    let files = cluster.tls().expect("TLS files").clone();
+    let with_identity = EtcdConfig {
+        tls: Some(TlsFiles {
+            ca: files.ca.clone(),
+            identity: Some((files.cert.clone(), files.key.clone())),
+        }),
+        ..config(cluster.endpoints())
+    };
+    let etcd = Etcd::connect(&with_identity).expect("client");
+    let lease = retry("grant", || etcd.grant(Duration::from_secs(2)));
+    etcd.put("/tls/key", b"value", Some(lease))
+        .expect("put over TLS");
+    assert_eq!(etcd.get_prefix("/tls/").expect("read").entries.len(), 1);
+    let without = EtcdConfig {
+        tls: Some(TlsFiles {
+            ca: files.ca,
+            identity: None,
+        }),
+        ..config(cluster.endpoints())
+    };
+    let refused = Etcd::connect(&without)
+        .and_then(|etcd| etcd.get_prefix("/tls/"))
+        .expect_err("etcd asks for a client certificate");
+    eprintln!("without a client certificate: {}", chain(&refused));
 }

@@ -3,10 +3,12 @@
 //! planned ([`ClusterShared::set_target`]):
 //!
 //! - registration (every node): keeps the node's lease and registrations in
-//!   etcd (`cluster::registration::Registrar`); on workers it probes each
-//!   routed replica the node runs, every `health.interval`, with the
-//!   service's check, and registers it with that health. On a clean stop it
-//!   revokes the lease, so everything it registered goes at once.
+//!   etcd (`cluster::registration::Registrar`); on workers, every
+//!   `health.interval`, it lists the node's containers (so a `next` an
+//!   upgrade starts in the middle of a run is registered as soon as it
+//!   runs) and probes each routed replica with the service's check, and
+//!   registers it with that health. On a clean stop it revokes the lease,
+//!   so everything it registered goes at once.
 //! - watch (load-balancer nodes): reads the replica registrations, then
 //!   watches them, keeping [`ClusterShared::view`] current and waking the
 //!   agent ([`Trigger::Cluster`]) on every change, so the run that follows
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 use super::AgentError;
 use super::container_events::sleep_unless_stopped;
 use super::wake::{Trigger, Waker};
+use crate::backend::docker::Docker;
 use crate::backend::etcd::{Etcd, EtcdError, KeyChange, Watch};
 use crate::cluster::config::{etcd_config, keys};
 use crate::cluster::keys::{Keys, NodeRecord, ReplicaRecord};
@@ -62,7 +65,6 @@ const WATCH_WAIT: Duration = Duration::from_millis(200);
 struct Target {
     spec: Spec,
     node: String,
-    running: Vec<RunningReplica>,
     commit: Option<String>,
 }
 
@@ -96,11 +98,10 @@ pub struct ClusterShared {
 }
 
 impl ClusterShared {
-    /// From now on, register and watch for `spec` on `node`, with the
-    /// replicas `observed` shows running and the Git `commit` (if any).
-    pub fn set_target(&self, spec: &Spec, node: &str, observed: &Observed, commit: Option<String>) {
+    /// From now on, register and watch for `spec` on `node`, with the Git
+    /// `commit` (if any).
+    pub fn set_target(&self, spec: &Spec, node: &str, commit: Option<String>) {
         let target = Target {
-            running: running_replicas(spec, observed),
             spec: spec.clone(),
             node: node.to_string(),
             commit,
@@ -226,6 +227,8 @@ type Healths = BTreeMap<(String, String), (bool, u64)>;
 fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicBool) {
     let mut registrar: Option<(Cluster, Registrar)> = None;
     let mut probes: Vec<Probe> = Vec::new();
+    let mut running: Vec<RunningReplica> = Vec::new();
+    let mut docker: Option<Docker> = None;
     let mut probed: Option<Instant> = None;
     let mut healths: Healths = BTreeMap::new();
     while !stop.load(Ordering::SeqCst) {
@@ -260,15 +263,23 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
         let due = worker_role(&target.spec, &target.node).is_some()
             && probed.is_none_or(|at| at.elapsed() >= own_probe_period(&target.spec, &target.node));
         if due {
-            let addresses: Vec<(String, IpAddr)> = target
-                .running
+            if docker.is_none() {
+                docker = Docker::connect().ok();
+            }
+            // With the engine away, keep what ran (their probes say whether they answer).
+            if let Some((containers, _)) =
+                docker.as_ref().and_then(|d| d.observe(&target.node).ok())
+            {
+                running = running_replicas(&target.spec, &containers);
+            }
+            let addresses: Vec<(String, IpAddr)> = running
                 .iter()
                 .map(|r| (r.service.clone(), r.address))
                 .collect();
             probes = probe_own_replicas(&target.spec, &addresses, netns);
             probed = Some(Instant::now());
         }
-        let wanted = wanted(&target, &probes, &mut healths);
+        let wanted = wanted(&target, &running, &probes, &mut healths);
         match current.step(&wanted) {
             Ok(()) => {
                 let (lease, count) = (
@@ -321,10 +332,15 @@ fn own_probe_period(spec: &Spec, node: &str) -> Duration {
 
 /// What `target`'s node registers, with each replica's health from
 /// `probes` (and since when it has had it, kept in `healths`).
-fn wanted(target: &Target, probes: &[Probe], healths: &mut Healths) -> Wanted {
+fn wanted(
+    target: &Target,
+    running: &[RunningReplica],
+    probes: &[Probe],
+    healths: &mut Healths,
+) -> Wanted {
     let mut replicas = BTreeMap::new();
     let mut seen = Healths::new();
-    for replica in &target.running {
+    for replica in running {
         let key = (replica.service.clone(), replica.address.to_string());
         let ok = healthy(replica, probes);
         let since = match healths.get(&key) {

@@ -451,12 +451,8 @@ impl Agent {
         let registered =
             cluster::registered_health(&planned.spec, &planned.node, &planned.observed);
         let probes = registered.as_deref().unwrap_or(probes);
-        self.cluster.set_target(
-            &planned.spec,
-            &planned.node,
-            &planned.observed,
-            self.state.commit.clone(),
-        );
+        self.cluster
+            .set_target(&planned.spec, &planned.node, self.state.commit.clone());
         self.state.note_spreads(&planned.observed, probes);
         self.metrics.probed(probes);
     }

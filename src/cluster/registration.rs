@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::etcd::{Etcd, EtcdError, KeepAlive, LeaseId};
 use crate::desired::routed::{load_balancer_role, worker_role};
-use crate::model::{Observed, Probe};
+use crate::model::{Container, Probe};
 use crate::ownership::Slot;
 use crate::spec::{Cluster, NetworkMode, Spec};
 
@@ -51,17 +51,15 @@ pub fn roles(spec: &Spec, node: &str) -> Vec<Role> {
     roles
 }
 
-/// The routed replicas `observed` shows running on its node: running
-/// primary and next containers of routed services of `spec` that carry an
-/// address.
-pub fn running_replicas(spec: &Spec, observed: &Observed) -> Vec<RunningReplica> {
+/// The routed replicas among a node's `containers`: running primary and
+/// next containers of routed services of `spec` that carry an address.
+pub fn running_replicas(spec: &Spec, containers: &[Container]) -> Vec<RunningReplica> {
     let routed = |name: &str| {
         spec.services
             .iter()
             .any(|s| s.name.value == name && s.network == NetworkMode::Routed)
     };
-    let mut running: Vec<RunningReplica> = observed
-        .containers
+    let mut running: Vec<RunningReplica> = containers
         .iter()
         .filter(|c| c.state == "running" && routed(&c.service))
         .filter_map(|c| {
@@ -235,7 +233,6 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Container;
 
     fn spec() -> Spec {
         let text = std::fs::read_to_string(concat!(
@@ -269,21 +266,18 @@ mod tests {
         let spec = spec();
         assert_eq!(roles(&spec, "lb-1"), [Role::LoadBalancer]);
         assert_eq!(roles(&spec, "web-1"), [Role::Worker]);
-        let observed = Observed {
-            containers: vec![
-                container("lessnat-api.web-1", Slot::Primary, "running", "10.20.1.5"),
-                container(
-                    "lessnat-api.web-1.next",
-                    Slot::Next,
-                    "running",
-                    "10.20.1.254",
-                ),
-                container("lessnat-api.web-1.prev", Slot::Prev, "running", "10.20.1.6"),
-                container("lessnat-api.web-1.2", Slot::Primary, "exited", "10.20.1.7"),
-            ],
-            ..Observed::default()
-        };
-        let running = running_replicas(&spec, &observed);
+        let containers = vec![
+            container("lessnat-api.web-1", Slot::Primary, "running", "10.20.1.5"),
+            container(
+                "lessnat-api.web-1.next",
+                Slot::Next,
+                "running",
+                "10.20.1.254",
+            ),
+            container("lessnat-api.web-1.prev", Slot::Prev, "running", "10.20.1.6"),
+            container("lessnat-api.web-1.2", Slot::Primary, "exited", "10.20.1.7"),
+        ];
+        let running = running_replicas(&spec, &containers);
         let found: Vec<(String, ReplicaSlot)> = running
             .iter()
             .map(|r| (r.address.to_string(), r.slot))

@@ -359,11 +359,28 @@ pub struct Upgrade {
     /// its own next apply: run them more often than this). Default `30s`.
     #[serde(default = "default_switch_wait")]
     pub switch_wait: Located<HumanDuration>,
-    /// Host mode, redirect-drain: before all new connections go to the new
-    /// version, send it only a share of them for a while, watching its
-    /// health (see [`Canary`]).
+    /// Redirect-drain: before all new connections go to the new version,
+    /// send it only a share of them for a while, watching its health (see
+    /// [`Canary`]). In routed mode the worker splits the new connections
+    /// that reach each old replica; load-balancer nodes switch once it
+    /// promotes the canary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Located<Canary>>,
+    /// Routed mode: how many replicas of the service on one node upgrade at
+    /// the same time (their next versions start, load-balancer nodes switch
+    /// them, and they drain together). Default `1`: one after the other.
+    #[serde(default = "default_max_parallel", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1))]
+    pub max_parallel: Located<u32>,
+}
+
+fn default_max_parallel() -> Located<u32> {
+    1.into()
+}
+
+/// Whether `value` is the default `maxParallel`, 1 (left out of plans' JSON).
+fn is_one(value: &Located<u32>) -> bool {
+    value.value == 1
 }
 
 /// A canary: once the new version is healthy, `weight` of the new
@@ -400,6 +417,7 @@ impl Default for Upgrade {
             stop_timeout: default_stop_timeout(),
             switch_wait: default_switch_wait(),
             canary: None,
+            max_parallel: default_max_parallel(),
         }
     }
 }

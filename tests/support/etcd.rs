@@ -15,12 +15,16 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` (`--listen-metrics-urls`), also with TLS.
+    metrics_port: u16,
+    tls: bool,
     child: Option<Child>,
 }
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -33,17 +37,48 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     token: String,
     members: Vec<Member>,
+    tls: Option<TlsFiles>,
+}
+
+/// PEM files a TLS cluster was made with (in its temporary directory).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the server and client certificates.
+    pub ca: PathBuf,
+    /// A client certificate and its key.
+    pub cert: PathBuf,
+    /// The client key.
+    pub key: PathBuf,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub fn start(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, false)
+    }
+
+    /// Starts `size` members that serve clients over TLS only and ask for
+    /// client certificates (a CA, server and client certificates made with
+    /// `openssl`); waits until they are healthy.
+    pub fn start_tls(size: usize) -> EtcdCluster {
+        EtcdCluster::start_with(size, true)
+    }
+
+    /// The TLS files of a cluster started with [`EtcdCluster::start_tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
+    fn start_with(size: usize, tls: bool) -> EtcdCluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        let files = tls.then(|| make_certificates(dir.path()));
         let members = (1..=size)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: super::free_port(),
                 peer_port: super::free_port(),
+                metrics_port: super::free_port(),
+                tls,
                 child: None,
             })
             .collect();
@@ -51,6 +86,7 @@ impl EtcdCluster {
             token: format!("lessnat-test-{}-{}", std::process::id(), super::free_port()),
             dir,
             members,
+            tls: files,
         };
         for index in 0..size {
             cluster.spawn(index);
@@ -73,7 +109,21 @@ impl EtcdCluster {
             .append(true)
             .open(self.log_path(index))
             .expect("etcd log file");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if self.tls.is_some() {
+            let dir = self.dir.path();
+            command
+                .arg("--cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(dir.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(dir.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let metrics = format!("http://127.0.0.1:{}", member.metrics_port);
+        let child = command
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&data)
@@ -132,10 +182,12 @@ impl EtcdCluster {
                 .filter(|i| self.members[*i].child.is_some())
                 .collect();
             let healthy = running.iter().all(|i| {
-                http(self.members[*i].client_port, "GET", "/health", "")
+                http(self.members[*i].metrics_port, "GET", "/health", "")
                     .is_some_and(|body| body.contains(r#""health":"true""#))
             });
-            if healthy && self.leader().is_some() {
+            // A TLS cluster's status is not read over plain HTTP: healthy
+            // members have a leader.
+            if healthy && (self.tls.is_some() || self.leader().is_some()) {
                 return;
             }
             for (i, member) in self.members.iter_mut().enumerate() {
@@ -215,6 +267,78 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         self.kill_all();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate in
+/// `dir` (`ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`).
+fn make_certificates(dir: &std::path::Path) -> TlsFiles {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let openssl = |args: &[&str]| {
+        super::run("openssl", args);
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=lessnat-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        let ext = path(&format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\nbasicConstraints=CA:FALSE\n"
+            ),
+        )
+        .expect("extensions file");
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN=lessnat-test-{name}"),
+            "-keyout",
+            &path(&format!("{name}.key")),
+            "-out",
+            &path(&format!("{name}.csr")),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &path(&format!("{name}.csr")),
+            "-CA",
+            &path("ca.pem"),
+            "-CAkey",
+            &path("ca.key"),
+            "-CAcreateserial",
+            "-extfile",
+            &ext,
+            "-out",
+            &path(&format!("{name}.pem")),
+        ]);
+    }
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
     }
 }
 
