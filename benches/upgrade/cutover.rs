@@ -3,7 +3,8 @@
 //! "next" one on the temporary port. Each trial takes the health probe's
 //! passing answer from the next server (lessnat's own HTTP probe), then does
 //! what apply does between that answer and the redirect stage's end of
-//! writing (the journal's record of stage 1, fsynced; the redirect element),
+//! writing (the journal's record of stage 1: read, then written and fsynced;
+//! the redirect element),
 //! then connects to the canonical port until the answer comes from the next
 //! server. Two ways of writing the element, alternating trial by trial so
 //! that load elsewhere falls on both: one nf_tables netlink batch (what
@@ -139,7 +140,9 @@ pub fn run(trials: usize) {
         port: PORT,
         temp_port: TEMP_PORT,
     };
-    let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    // Per writer: the whole interval, the journal write, the element write,
+    // the new connection.
+    let mut times: BTreeMap<&str, [Vec<Duration>; 4]> = BTreeMap::new();
     let load_before = crate::load_average();
     netns
         .run(|| {
@@ -159,17 +162,24 @@ pub fn run(trials: usize) {
                 assert_eq!(answer(), "old", "no redirect before the trial");
                 probe_http(next, "/healthz", Duration::from_secs(1)).expect("next healthy");
                 let healthy = Instant::now();
-                journal.write(&record).expect("journal");
+                // As apply journals a stage: read, update, write (fsynced).
+                let mut read = journal.read().expect("journal");
+                read.upgrades.clone_from(&record.upgrades);
+                journal.write(&read).expect("journal");
+                let journaled = Instant::now();
                 writer.set(&netns, &redirect, true);
+                let written = Instant::now();
                 let mut tries = 1;
                 while answer() != "next" {
                     tries += 1;
                     assert!(tries < 1000, "the redirect never took");
                 }
-                times
-                    .entry(writer.name())
-                    .or_default()
-                    .push(healthy.elapsed());
+                let live = Instant::now();
+                let parts = times.entry(writer.name()).or_default();
+                parts[0].push(live - healthy);
+                parts[1].push(journaled - healthy);
+                parts[2].push(written - journaled);
+                parts[3].push(live - written);
                 writer.set(&netns, &redirect, false);
             }
         })
@@ -179,16 +189,28 @@ pub fn run(trials: usize) {
          ms, {trials} trials each, alternating; load average {load_before} → {}",
         crate::load_average()
     );
-    println!("| element written by | p50 | p99 | max | min |");
-    println!("|---|---:|---:|---:|---:|");
-    for (name, mut samples) in times {
-        samples.sort();
+    println!(
+        "| element written by | p50 | p99 | max | min | journal p50 / p99 | element p50 / p99 | connection p50 / p99 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, mut parts) in times {
+        for samples in &mut parts {
+            samples.sort();
+        }
+        let p = |samples: &[Duration], q: f64| crate::ms(crate::percentile(samples, q));
+        let [total, journal, element, connection] = &parts;
         println!(
-            "| {name} | {} | {} | {} | {} |",
-            crate::ms(crate::percentile(&samples, 50.0)),
-            crate::ms(crate::percentile(&samples, 99.0)),
-            crate::ms(samples.last().copied().unwrap_or_default()),
-            crate::ms(samples.first().copied().unwrap_or_default()),
+            "| {name} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} |",
+            p(total, 50.0),
+            p(total, 99.0),
+            crate::ms(total.last().copied().unwrap_or_default()),
+            crate::ms(total.first().copied().unwrap_or_default()),
+            p(journal, 50.0),
+            p(journal, 99.0),
+            p(element, 50.0),
+            p(element, 99.0),
+            p(connection, 50.0),
+            p(connection, 99.0),
         );
     }
 }
