@@ -47,11 +47,20 @@ pub const LABEL_DIGEST: &str = "io.lessnat.digest";
 /// label, so lessnat can tell its VIPs from addresses others added.
 pub const ADDRESS_LABEL_SUFFIX: &str = ":lessnat";
 
+/// The address protocol (`IFA_PROTO`, `ip address … proto 108`) of the IPv6
+/// addresses lessnat adds: IPv6 addresses have no label.
+pub const ADDRESS_PROTO: u8 = 108;
+
 /// Interface alias prefix of the veths lessnat makes: `lessnat SERVICE ADDRESS`.
 pub const VETH_ALIAS_PREFIX: &str = "lessnat ";
 
 /// Address of the node side of every container veth; containers route through it.
 pub const VETH_GATEWAY: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+
+/// [`VETH_GATEWAY`] for IPv6 containers: a link-local address on every
+/// node-side veth.
+pub const VETH_GATEWAY_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// The routing table (and its rule's priority) holding lessnat's plain routes:
 /// container `/32`s on workers, container subnets via workers on LB nodes.
@@ -72,6 +81,10 @@ pub fn lb_mark(lb_id: u8) -> u32 {
 /// and `src_valid_mark` on workers, so reverse-path filtering uses the mark's
 /// routing table (strict `rp_filter` then passes).
 pub const ROUTED_SYSCTLS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv4.conf.all.src_valid_mark"];
+
+/// IPv6 forwarding, which routed mode sets where a node routes IPv6; read
+/// only when the kernel has IPv6.
+pub const IPV6_FORWARDING: &str = "net.ipv6.conf.all.forwarding";
 
 /// The node-side name of the veth for `service`'s container at `address`:
 /// `ln` and 12 hex digits of a hash (interface names have at most 15 bytes).

@@ -771,6 +771,94 @@ fn upgrade_under_load_drops_nothing() {
     host.assert_converged(&svc.at("v2"));
 }
 
+/// Issue 15: a host-mode service that also listens on `::1`, upgraded under
+/// load from IPv4 clients (127.0.0.1) and IPv6 clients (::1) at once: the
+/// `inet` table's redirect and the conntrack drain treat both alike: 0
+/// failed requests in either family, connections opened after the redirect
+/// answered by v2, connections held open across it finish on v1, and the
+/// drain counts the held connections of both families.
+#[test]
+fn ipv6_clients_are_redirected_and_drained_like_ipv4_ones() {
+    let Some(mut host) = Host::new("ipv6_clients_are_redirected_and_drained_like_ipv4_ones") else {
+        return;
+    };
+    let svc = Svc {
+        args: vec!["--listen".into(), "[::1]:{port.http}".into()],
+        ..Svc::new("web6", service_port(), service_port())
+    };
+    host.apply(&svc).expect_success("installing v1 (apply)");
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, svc.port));
+    let v6_version = load::request_to(0, v6, "/", Duration::from_secs(5));
+    assert_eq!(v6_version.version.as_deref(), Some("v1"), "{v6_version:?}");
+
+    let origin = Instant::now();
+    let half = |config: LoadConfig| LoadConfig {
+        clients: 16,
+        ..config
+    };
+    let loads = [
+        Load::start(half(LoadConfig::new(svc.port))),
+        Load::start(half(LoadConfig::to(v6))),
+    ];
+    for load in &loads {
+        load.wait_requests(16 * 20, Duration::from_secs(20))
+            .expect("the load runs");
+    }
+    let long4 = load::long_lived(svc.port, 3, 4000);
+    let long6 = load::long_lived_in("/proc/self/ns/net", v6, 3, 4000);
+    let apply_started = Instant::now();
+    let upgrade = host
+        .apply(&svc.at("v2"))
+        .expect_success("upgrading to v2 (apply)");
+    for load in &loads {
+        load.wait_requests(16 * 20, Duration::from_secs(20))
+            .expect("the load runs");
+    }
+    let [load4, load6] = loads;
+    let (report4, report6) = (load4.stop(), load6.stop());
+    let (long4, long6) = (long4.wait(), long6.wait());
+    eprintln!(
+        "upgrade took {:.2}s; IPv4: {}; IPv6: {}",
+        secs(apply_started, upgrade.ended),
+        report4.summary(origin),
+        report6.summary(origin)
+    );
+    let redirected = upgrade.line_at("stage 3/7 drain");
+    for (family, report, long) in [("IPv4", &report4, &long4), ("IPv6", &report6, &long6)] {
+        assert_no_failures(
+            report,
+            origin,
+            &format!("{family} clients during the upgrade"),
+        );
+        let after_redirect = report.started_after(redirected);
+        assert_eq!(
+            after_redirect.keys().collect::<Vec<_>>(),
+            ["v2"],
+            "{family}: answers to connections opened after the redirect: {after_redirect:?}"
+        );
+        for sample in long {
+            assert!(
+                sample.ok() && sample.version.as_deref() == Some("v1"),
+                "{family}: a connection held across the redirect should finish on v1: {sample:?}"
+            );
+            assert!(
+                sample.end > redirected,
+                "{family}: the held connection ended before the redirect"
+            );
+        }
+    }
+    let primary = format!("lessnat-web6.{}", host.node);
+    let waited = first_drain_count(&upgrade, &primary);
+    assert!(
+        waited.is_some_and(|n| n >= (long4.len() + long6.len()) as u64),
+        "the drain should have counted the held connections of both families; it reported {waited:?}:\n{}",
+        upgrade.stdout()
+    );
+    let after = load::request_to(0, v6, "/", Duration::from_secs(5));
+    assert_eq!(after.version.as_deref(), Some("v2"), "{after:?}");
+    host.assert_converged(&svc.at("v2"));
+}
+
 #[test]
 fn never_healthy_new_version_rolls_back() {
     let Some(mut host) = Host::new("never_healthy_new_version_rolls_back") else {

@@ -464,8 +464,10 @@ fn routed_parts_are_observed_exactly() {
     }
     let ns = TestNetns::new("nft-routed");
     let netns = ns.netns();
-    let a = Ipv4Addr::new(10, 20, 1, 5);
-    let b = Ipv4Addr::new(10, 20, 2, 5);
+    let ip = |text: &str| -> IpAddr { text.parse().expect("address") };
+    let (a, b) = (ip("10.20.1.5"), ip("10.20.2.5"));
+    // IPv6 replicas (issue 15): their own maps, `ip6` matches and DNAT.
+    let (a6, b6) = (ip("fd00:20:1::5"), ip("fd00:20:2::ffff:ffff:ffff:ffff"));
     // Every LB id: DSCP values with and without nft names must read back alike.
     for id in [1, 2, 8, 46, 63] {
         let mut table = host_table(&[tcp(8000, 18000)]);
@@ -477,7 +479,7 @@ fn routed_parts_are_observed_exactly() {
                     Dnat {
                         comment: "api/http".into(),
                         protocol: Protocol::Tcp,
-                        vip: Ipv4Addr::new(203, 0, 113, 10),
+                        vip: ip("203.0.113.10"),
                         vip_port: 80,
                         targets: vec![a, b],
                         port: 8080,
@@ -485,24 +487,44 @@ fn routed_parts_are_observed_exactly() {
                     Dnat {
                         comment: "api/dns".into(),
                         protocol: Protocol::Udp,
-                        vip: Ipv4Addr::new(203, 0, 113, 10),
+                        vip: ip("203.0.113.10"),
                         vip_port: 53,
                         targets: vec![b],
+                        port: 5353,
+                    },
+                    Dnat {
+                        comment: "api/http/ipv6".into(),
+                        protocol: Protocol::Tcp,
+                        vip: ip("2001:db8:f::10"),
+                        vip_port: 80,
+                        targets: vec![a6, b6],
+                        port: 8080,
+                    },
+                    Dnat {
+                        comment: "api/dns/ipv6".into(),
+                        protocol: Protocol::Udp,
+                        vip: ip("2001:db8:f::10"),
+                        vip_port: 53,
+                        targets: vec![b6],
                         port: 5353,
                     },
                 ],
                 subnets: vec![
                     "10.20.1.0/24".parse().expect("subnet"),
                     "10.20.2.0/24".parse().expect("subnet"),
+                    "fd00:20:1::/64".parse().expect("subnet"),
                 ],
-                versions: vec![(b, 0xdead_beef), (a, 7)],
-                down: vec![(a, 1_796_000_000)],
+                versions: vec![(b, 0xdead_beef), (a, 7), (b6, 9), (a6, 8)],
+                down: vec![(a, 1_796_000_000), (a6, 1_796_000_001)],
             },
         );
         add_worker(
             &mut table,
             &WorkerRules {
-                subnet: "10.20.1.0/24".parse().expect("subnet"),
+                subnets: vec![
+                    "10.20.1.0/24".parse().expect("subnet"),
+                    "fd00:20:1::/64".parse().expect("subnet"),
+                ],
                 lb_ids: vec![id, 2],
             },
         );
@@ -511,12 +533,20 @@ fn routed_parts_are_observed_exactly() {
         assert_eq!(observed, only(table.clone()), "LB id {id}");
         assert_eq!(
             versions_in(&observed.tables[0]),
-            vec![(a, 7), (b, 0xdead_beef)]
+            vec![(a, 7), (b, 0xdead_beef), (a6, 8), (b6, 9)]
         );
-        assert_eq!(down_in(&observed.tables[0]), vec![(a, 1_796_000_000)]);
+        assert_eq!(
+            down_in(&observed.tables[0]),
+            vec![(a, 1_796_000_000), (a6, 1_796_000_001)]
+        );
         assert_eq!(
             spreads_in(&observed.tables[0]),
-            vec![("api/http".into(), vec![a, b]), ("api/dns".into(), vec![b])]
+            vec![
+                ("api/http".into(), vec![a, b]),
+                ("api/dns".into(), vec![b]),
+                ("api/http/ipv6".into(), vec![a6, b6]),
+                ("api/dns/ipv6".into(), vec![b6])
+            ]
         );
     }
     let text = String::from_utf8_lossy(&ns.exec("nft", &["list", "ruleset"]).stdout).into_owned();

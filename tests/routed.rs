@@ -22,6 +22,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -30,8 +31,8 @@ use std::time::{Duration, Instant};
 use support::image::test_image;
 use support::load::{self, Load, LoadConfig, LongLived, Report};
 use support::topology::{
-    self, CLIENT_ADDRESSES, CLIENT_SUBNET, HTTP_PORT, Node, Replica, Service, Topology, client_of,
-    show,
+    self, CLIENT_ADDRESSES, CLIENT_SUBNET, HTTP_PORT, Node, Replica, Service, Stack, Topology,
+    client_of, show,
 };
 
 /// The service's name in every spec.
@@ -45,8 +46,8 @@ const LB_APPLY_EVERY: Duration = Duration::from_millis(300);
 /// drain has to wait for them.
 const HOLD_MS: u64 = 6000;
 
-/// A site for one test, with the test's lock held; `None` (skipped) without
-/// root, nft or Docker.
+/// A site of `stack` for one test, with the test's lock held; `None`
+/// (skipped) without root, nft or Docker.
 struct Site {
     topo: Topology,
     _serial: MutexGuard<'static, ()>,
@@ -59,7 +60,7 @@ impl std::ops::Deref for Site {
     }
 }
 
-fn site(test: &str, workers: usize) -> Option<Site> {
+fn site_in(test: &str, workers: usize, stack: Stack) -> Option<Site> {
     static SERIAL: Mutex<()> = Mutex::new(());
     if !support::root_with(test, &["nft", "sysctl"]) || !support::docker(test) {
         return None;
@@ -68,7 +69,7 @@ fn site(test: &str, workers: usize) -> Option<Site> {
     test_image("v1");
     test_image("v2");
     let serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
-    let topo = Topology::new(workers);
+    let topo = Topology::new_stack(workers, stack);
     let names: Vec<&str> = topo.nodes().map(|n| n.name.as_str()).collect();
     eprintln!("{test}: nodes {}", names.join(", "));
     Some(Site {
@@ -89,7 +90,20 @@ fn installed_with(
     workers: usize,
     replicas: fn(&Topology) -> Vec<Replica>,
 ) -> Option<(Site, PathBuf)> {
-    let site = site(test, workers)?;
+    installed_in(test, workers, replicas, Stack::Ipv4)
+}
+
+/// [`installed_with`] on a site of `stack`.
+fn installed_in(
+    test: &str,
+    workers: usize,
+    replicas: fn(&Topology) -> Vec<Replica>,
+    stack: Stack,
+) -> Option<(Site, PathBuf)> {
+    let site = site_in(test, workers, stack)?;
+    if stack.has_ipv6() {
+        site.strict_rpfilter6();
+    }
     let service = Service::new(SERVICE, &test_image("v1"), replicas(&site));
     let spec = site.write_spec("v1", &[service]);
     site.apply_all(&spec);
@@ -101,12 +115,52 @@ fn replicas(topo: &Topology) -> Vec<Replica> {
     (0..topo.workers.len()).map(|w| Replica::on(w, 5)).collect()
 }
 
-/// A pool of client threads in each client namespace, asking the VIP for `/peer`.
+/// One replica (`fd00:20:N::5`, next `fd00:20:N::6`) on each worker.
+fn replicas6(topo: &Topology) -> Vec<Replica> {
+    (0..topo.workers.len())
+        .map(|w| Replica::on6(w, 5))
+        .collect()
+}
+
+/// One IPv4 and one IPv6 replica on each worker.
+fn replicas_dual(topo: &Topology) -> Vec<Replica> {
+    let mut all = replicas(topo);
+    all.extend(replicas6(topo));
+    all
+}
+
+/// The VIP addresses the site's spec serves (HTTP).
+fn targets(topo: &Topology) -> Vec<SocketAddr> {
+    match topo.stack {
+        Stack::Ipv4 => vec![topology::vip()],
+        Stack::Ipv6 => vec![topology::vip6()],
+        Stack::Dual => vec![topology::vip(), topology::vip6()],
+    }
+}
+
+/// The addresses client `client` reaches [`targets`] from.
+fn client_addresses(topo: &Topology, client: usize) -> Vec<String> {
+    let v4 = CLIENT_ADDRESSES[client].to_string();
+    let v6 = topology::CLIENT_ADDRESSES6[client].to_string();
+    match topo.stack {
+        Stack::Ipv4 => vec![v4],
+        Stack::Ipv6 => vec![v6],
+        Stack::Dual => vec![v4, v6],
+    }
+}
+
+/// A pool of client threads in each client namespace, asking the VIP for
+/// `/peer` (each of the site's VIPs, on a dual-stack site).
 fn client_load(topo: &Topology) -> Vec<Load> {
-    topo.load(CLIENTS_PER_NAMESPACE, |config| LoadConfig {
-        io_timeout: Duration::from_secs(5),
-        ..config
-    })
+    targets(topo)
+        .into_iter()
+        .flat_map(|target| {
+            topo.load_to(target, CLIENTS_PER_NAMESPACE, |config| LoadConfig {
+                io_timeout: Duration::from_secs(5),
+                ..config
+            })
+        })
+        .collect()
 }
 
 /// Waits until each pool made `n` more requests.
@@ -128,16 +182,21 @@ fn assert_no_failures(report: &Report, origin: Instant, what: &str) {
 }
 
 /// Every successful `/peer` answer shows the real address of the client
-/// that asked.
-fn assert_real_client_addresses(report: &Report, what: &str) {
-    for (i, address) in CLIENT_ADDRESSES.iter().enumerate() {
+/// that asked (each of its addresses answered, on a dual-stack site).
+fn assert_real_client_addresses(topo: &Topology, report: &Report, what: &str) {
+    for i in 0..CLIENT_ADDRESSES.len() {
         let peers = report.peers(|s| client_of(s) == i);
-        let total: usize = peers.values().sum();
-        assert!(total > 0, "{what}: no answer to client {}", i + 1);
-        assert_eq!(
-            peers,
-            BTreeMap::from([(address.to_string(), total)]),
-            "{what}: client addresses the server saw for client {} ({address})",
+        let addresses = client_addresses(topo, i);
+        assert!(
+            addresses
+                .iter()
+                .all(|a| peers.get(a).is_some_and(|n| *n > 0)),
+            "{what}: client {} ({addresses:?}) got no answer at each address: {peers:?}",
+            i + 1
+        );
+        assert!(
+            peers.keys().all(|p| addresses.contains(p)),
+            "{what}: client addresses the server saw for client {} ({addresses:?}): {peers:?}",
             i + 1
         );
     }
@@ -178,9 +237,9 @@ fn container_veths(worker: &Node) -> Vec<String> {
 fn count_syns(worker: &Node) {
     let _ = worker
         .ns
-        .try_exec("nft", &["delete", "table", "ip", "lnt_syn"]);
+        .try_exec("nft", &["delete", "table", "inet", "lnt_syn"]);
     worker.ns.nft(&format!(
-        "table ip lnt_syn {{\n  counter syn {{}}\n  chain prerouting {{\n    \
+        "table inet lnt_syn {{\n  counter syn {{}}\n  chain prerouting {{\n    \
          type filter hook prerouting priority -400; policy accept;\n    \
          iifname \"fab\" tcp dport {HTTP_PORT} tcp flags & (syn | ack) == syn counter name syn\n  }}\n}}\n"
     ));
@@ -188,7 +247,7 @@ fn count_syns(worker: &Node) {
 
 /// The connections `worker` received since [`count_syns`].
 fn syns(worker: &Node) -> u64 {
-    topology::nft_counters(&worker.ns, "ip", "lnt_syn")
+    topology::nft_counters(&worker.ns, "inet", "lnt_syn")
         .get("syn")
         .copied()
         .unwrap_or(0)
@@ -213,15 +272,25 @@ fn image_and_address(container: &str) -> (String, String) {
 /// `GET /` from client `client` through the VIP, retried for up to `within`;
 /// the version that answered.
 fn version_within(topo: &Topology, client: usize, within: Duration) -> String {
+    version_at_within(topo, client, topology::vip(), within)
+}
+
+/// [`version_within`] through `target`.
+fn version_at_within(
+    topo: &Topology,
+    client: usize,
+    target: SocketAddr,
+    within: Duration,
+) -> String {
     let deadline = Instant::now() + within;
     loop {
-        let sample = topo.request(client, "/");
+        let sample = topo.request_to(client, target, "/");
         if sample.ok() {
             return sample.version.expect("a version");
         }
         assert!(
             Instant::now() < deadline,
-            "client {} got no answer through the VIP within {within:?}: {:?}",
+            "client {} got no answer through {target} within {within:?}: {:?}",
             client + 1,
             sample.error
         );
@@ -232,24 +301,24 @@ fn version_within(topo: &Topology, client: usize, within: Duration) -> String {
 // ---------------------------------------------------------------------------
 // Tests
 
-#[test]
-fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
-    let Some((site, spec)) = installed("routed_keeps_client_addresses", 2) else {
-        return;
-    };
-    assert_converged(&site, &spec);
+/// Through the site's VIPs under load, with `spec` applied everywhere:
+/// nothing to change, no failed request, the real client addresses at the
+/// replicas, connections on both workers, each reply forwarded by the LB
+/// that got its request, and no route from a worker to a client.
+fn assert_paths(site: &Topology, spec: &std::path::Path) {
+    assert_converged(site, spec);
 
     site.count_forwarded();
     for worker in &site.workers {
         count_syns(worker);
     }
     let origin = Instant::now();
-    let loads = client_load(&site);
+    let loads = client_load(site);
     wait_requests(&loads, 400);
     let report = stop(loads);
     eprintln!("load: {}", report.summary(origin));
     assert_no_failures(&report, origin, "requests through the VIP");
-    assert_real_client_addresses(&report, "requests through the VIP");
+    assert_real_client_addresses(site, &report, "requests through the VIP");
 
     // Both replicas served (numgen spreads new connections).
     for worker in &site.workers {
@@ -294,14 +363,26 @@ fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
 
     // The workers cannot reach the clients except by the LBs' policy routes.
     for worker in &site.workers {
-        for client in CLIENT_ADDRESSES {
-            assert!(
-                !topology::has_route(&worker.ns, client),
-                "worker {} has a route to client {client}",
-                worker.name
-            );
+        for client in &site.clients {
+            let addresses =
+                std::iter::once(client.address.into()).chain(client.address6.map(Into::into));
+            for address in addresses {
+                assert!(
+                    !topology::has_route(&worker.ns, address),
+                    "worker {} has a route to client {address}",
+                    worker.name
+                );
+            }
         }
     }
+}
+
+#[test]
+fn routed_keeps_client_addresses_and_replies_return_through_the_same_lb() {
+    let Some((site, spec)) = installed("routed_keeps_client_addresses", 2) else {
+        return;
+    };
+    assert_paths(&site, &spec);
 
     // No source NAT anywhere; the check itself sees a masquerade rule.
     for ns in site.namespaces() {
@@ -327,32 +408,47 @@ fn routed_dscp_carries_the_lb_id_and_ecn_is_unchanged() {
     let Some((site, _spec)) = installed("routed_dscp_and_ecn", 1) else {
         return;
     };
-    site.count_udp_marks(0);
+    assert_dscp_and_ecn(&site, topology::vip_udp());
+}
 
-    // DSCP AF11 (10) and ECN ECT(1) as sent by the clients.
+/// UDP datagrams from both clients to `target` with DSCP AF11 (10) and ECN
+/// ECT(1) in IPv4's TOS or IPv6's traffic class: answered by v1 with the
+/// client's real address, and counted at the workers with DSCP = the id of
+/// the LB they came through and ECN still ECT(1).
+fn assert_dscp_and_ecn(site: &Topology, target: SocketAddr) {
     const TOS: u8 = (10 << 2) | 0b01;
     const DATAGRAMS: usize = 20;
+    for w in 0..site.workers.len() {
+        site.count_udp_marks(w, target.is_ipv6());
+    }
     for (i, client) in site.clients.iter().enumerate() {
         let answers = topology::udp_exchange(
             &client.ns.name,
-            topology::vip_udp(),
+            target,
             TOS,
             DATAGRAMS,
             Duration::from_secs(2),
         );
-        let expected = format!("v1 {}:", CLIENT_ADDRESSES[i]);
-        let wrong: Vec<_> = answers
-            .iter()
-            .filter(|a| !a.as_deref().is_some_and(|a| a.starts_with(&expected)))
-            .collect();
+        let peer = match target {
+            SocketAddr::V4(_) => client.address.to_string(),
+            SocketAddr::V6(_) => format!("[{}]", client.address6.expect("an IPv6 client")),
+        };
+        let expected = format!("v1 {peer}:");
         assert!(
-            wrong.is_empty(),
+            answers
+                .iter()
+                .all(|a| a.as_deref().is_some_and(|a| a.starts_with(&expected))),
             "client {}: UDP answers should start with {expected:?}: {answers:?}",
             i + 1
         );
     }
-    let marks = site.udp_marks(0);
-    eprintln!("at the worker: {marks:?}");
+    let mut marks: BTreeMap<String, u64> = BTreeMap::new();
+    for w in 0..site.workers.len() {
+        for (name, count) in site.udp_marks(w) {
+            *marks.entry(name).or_default() += count;
+        }
+    }
+    eprintln!("at the workers: {marks:?}");
     let n = DATAGRAMS as u64;
     assert_eq!(
         marks,
@@ -361,7 +457,139 @@ fn routed_dscp_carries_the_lb_id_and_ecn_is_unchanged() {
             ("lb1_ect1".to_string(), n),
             ("lb2_ect1".to_string(), n),
         ]),
-        "datagrams at the worker: all, and those with DSCP = the id of the LB they came through and ECN ECT(1)"
+        "datagrams to {target} at the workers: all, and those with DSCP = the id of the LB they came through and ECN ECT(1)"
+    );
+}
+
+/// Issue 15: an IPv6-only spec (node addresses, container subnets, VIP
+/// and replicas in IPv6) on two LBs and two workers, with a strict IPv6
+/// reverse-path filter on every node (`fib saddr . mark . iif oif missing
+/// drop`): real IPv6 client addresses at the replicas, replies through the
+/// receiving LB, nothing dropped by the filter (which does drop a spoofed
+/// source), and the LB id in the traffic class's DSCP bits with ECN
+/// untouched.
+#[test]
+fn routed_ipv6_keeps_client_addresses_through_a_strict_rpfilter() {
+    let Some((site, spec)) = installed_in("routed_ipv6_paths", 2, replicas6, Stack::Ipv6) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&spec).expect("the spec");
+    assert!(
+        !text.contains("10.20.") && !text.contains("192.0.2.") && !text.contains("203.0.113."),
+        "an IPv6-only spec:\n{text}"
+    );
+    assert_paths(&site, &spec);
+    assert_no_rpfilter_drops(&site);
+
+    // The filter is live: a source LB 1 cannot route back is dropped.
+    let client = &site.clients[0].ns;
+    client.exec(
+        "ip",
+        &["addr", "add", "2001:db8:9::1/128", "dev", "fab", "nodad"],
+    );
+    let spoofed = connect_from(&client.name, "[2001:db8:9::1]:0", topology::vip6());
+    assert!(
+        spoofed.is_err(),
+        "a connection from a spoofed source was answered"
+    );
+    let drops = site.rpfilter6_drops();
+    assert!(
+        drops.get(&site.lbs[0].name).is_some_and(|n| *n > 0),
+        "LB 1's reverse-path filter should have dropped the spoofed connection: {drops:?}"
+    );
+
+    assert_dscp_and_ecn(
+        &site,
+        SocketAddr::new(topology::VIP6.into(), topology::VIP_UDP_PORT),
+    );
+    assert_no_rpfilter_drops_but_lb1(&site);
+
+    // Drift: someone deletes LB 1's IPv6 VIP and IPv6 rule; plan shows
+    // both, apply restores them, and clients get through again.
+    let lb = &site.lbs[0];
+    lb.ns.exec(
+        "ip",
+        &["-6", "addr", "del", "2001:db8:f::10/128", "dev", "lo"],
+    );
+    lb.ns
+        .exec("ip", &["-6", "rule", "del", "priority", "27000"]);
+    let (code, output) = Topology::plan_exit(lb, &spec);
+    assert_eq!(code, Some(2), "plan should see the drift:\n{output}");
+    for resource in ["address.lo.2001:db8:f::10/128", "ip_rule.inet6.27000"] {
+        assert!(output.contains(resource), "{resource} in:\n{output}");
+    }
+    Topology::apply(lb, &spec);
+    assert_converged(&site, &spec);
+    assert_eq!(
+        version_at_within(&site, 0, topology::vip6(), Duration::from_secs(5)),
+        "v1"
+    );
+}
+
+/// A TCP connection in namespace `netns` from `source` to `target`, given
+/// up after a second.
+fn connect_from(netns: &str, source: &str, target: SocketAddr) -> std::io::Result<()> {
+    let source: SocketAddr = source.parse().expect("a source address");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                load::enter_netns(netns)?;
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(target),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.bind(&source.into())?;
+                socket.connect_timeout(&target.into(), Duration::from_secs(1))
+            })
+            .join()
+            .expect("the connecting thread")
+    })
+}
+
+/// Only LB 1's filter dropped anything (the spoofed connection).
+fn assert_no_rpfilter_drops_but_lb1(topo: &Topology) {
+    let drops = topo.rpfilter6_drops();
+    let others: Vec<_> = drops
+        .iter()
+        .filter(|(name, n)| **name != topo.lbs[0].name && **n > 0)
+        .collect();
+    assert!(others.is_empty(), "reverse-path drops: {drops:?}");
+}
+
+/// Issue 15: the upgrade under load of an IPv6-only site, with the strict
+/// IPv6 reverse-path filter on every node: 0 failed requests, held
+/// connections finish on v1.
+#[test]
+fn routed_ipv6_upgrade_under_load_drops_nothing() {
+    upgrade_under_load_in(
+        "routed_ipv6_upgrade",
+        2,
+        replicas6,
+        Duration::ZERO,
+        Stack::Ipv6,
+    );
+}
+
+/// Issue 15: a dual-stack site (nodes with `address6` and
+/// `containerSubnet6`, ports with `vip6`), an IPv4 and an IPv6 replica on
+/// each worker, load through both VIPs: real client addresses of both
+/// families, then the upgrade under load with 0 failed requests.
+#[test]
+fn routed_dual_stack_serves_both_families_and_upgrades_without_loss() {
+    let Some((site, spec)) = installed_in("routed_dual_stack_paths", 2, replicas_dual, Stack::Dual)
+    else {
+        return;
+    };
+    assert_paths(&site, &spec);
+    assert_no_rpfilter_drops(&site);
+    drop(site);
+    upgrade_under_load_in(
+        "routed_dual_stack_upgrade",
+        2,
+        replicas_dual,
+        Duration::ZERO,
+        Stack::Dual,
     );
 }
 
@@ -455,16 +683,37 @@ fn upgrade_under_load(
     replicas: fn(&Topology) -> Vec<Replica>,
     lb2_late: Duration,
 ) {
-    let Some(site) = site(test, workers) else {
+    upgrade_under_load_in(test, workers, replicas, lb2_late, Stack::Ipv4);
+}
+
+/// [`upgrade_under_load`] on a site of `stack` (with a strict IPv6
+/// reverse-path filter on every node when it has IPv6), load through each
+/// of its VIPs.
+fn upgrade_under_load_in(
+    test: &str,
+    workers: usize,
+    replicas: fn(&Topology) -> Vec<Replica>,
+    lb2_late: Duration,
+    stack: Stack,
+) {
+    let Some(site) = site_in(test, workers, stack) else {
         return;
     };
+    if stack.has_ipv6() {
+        site.strict_rpfilter6();
+    }
     let v1 = Service::new(SERVICE, &test_image("v1"), replicas(&site));
     let v2 = v1.with_image(&test_image("v2"));
     let spec1 = site.write_spec("v1", std::slice::from_ref(&v1));
     let spec2 = site.write_spec("v2", std::slice::from_ref(&v2));
     site.apply_all(&spec1);
     for client in 0..2 {
-        assert_eq!(version_within(&site, client, Duration::from_secs(5)), "v1");
+        for target in targets(&site) {
+            assert_eq!(
+                version_at_within(&site, client, target, Duration::from_secs(5)),
+                "v1"
+            );
+        }
     }
 
     let origin = Instant::now();
@@ -475,7 +724,8 @@ fn upgrade_under_load(
     let long: Vec<_> = site
         .clients
         .iter()
-        .map(|c| load::long_lived_in(&c.ns.name, topology::vip(), 2, HOLD_MS))
+        .flat_map(|c| targets(&site).into_iter().map(move |t| (c, t)))
+        .map(|(c, target)| load::long_lived_in(&c.ns.name, target, 2, HOLD_MS))
         .collect();
     let upgrade_started = Instant::now();
     // Each worker upgrades with its own apply; each LB applies the new spec
@@ -578,7 +828,7 @@ fn upgrade_under_load(
             (sample.end - upgraded).as_secs_f64()
         );
     }
-    assert_real_client_addresses(&report, "the upgrade under load");
+    assert_real_client_addresses(&site, &report, "the upgrade under load");
     let only = |version: &str, answers: BTreeMap<String, usize>, what: &str| {
         assert!(
             answers.len() == 1 && answers.contains_key(version),
@@ -629,6 +879,18 @@ fn upgrade_under_load(
         );
     }
     assert_converged(&site, &spec2);
+    if stack.has_ipv6() {
+        assert_no_rpfilter_drops(&site);
+    }
+}
+
+/// The strict IPv6 reverse-path filter of every node dropped nothing.
+fn assert_no_rpfilter_drops(topo: &Topology) {
+    let drops = topo.rpfilter6_drops();
+    assert!(
+        drops.values().all(|n| *n == 0),
+        "the strict IPv6 reverse-path filter dropped packets: {drops:?}"
+    );
 }
 
 #[test]
@@ -687,7 +949,7 @@ fn routed_container_restarted_behind_lessnats_back_is_rewired() {
         report.samples[0].start,
         "requests after the re-wiring",
     );
-    assert_real_client_addresses(&report, "requests after the re-wiring");
+    assert_real_client_addresses(&site, &report, "requests after the re-wiring");
     for lb in &site.lbs {
         Topology::apply(lb, &spec);
     }
@@ -740,7 +1002,25 @@ const LB_TIMER: Duration = Duration::from_secs(1);
 /// going to the dead replica, and 1 run in 8 failed.
 #[test]
 fn routed_dead_replica_leaves_the_spread_and_rejoins() {
-    let Some((site, spec)) = installed("routed_dead_replica", 2) else {
+    dead_replica_leaves_the_spread("routed_dead_replica", replicas, Stack::Ipv4);
+}
+
+/// Issue 15: the same with an IPv6-only site (and the strict IPv6
+/// reverse-path filter): the LB apply takes the dead IPv6 replica out of the
+/// spread (`routed_down6`) and deletes its unanswered IPv6 connections.
+#[test]
+fn routed_ipv6_dead_replica_leaves_the_spread_and_rejoins() {
+    dead_replica_leaves_the_spread("routed_ipv6_dead_replica", replicas6, Stack::Ipv6);
+}
+
+/// A replica on worker 2 killed under load with LB applies every 1 s, on a
+/// site of `stack` with `replicas` (one per worker).
+fn dead_replica_leaves_the_spread(
+    test: &str,
+    replicas: fn(&Topology) -> Vec<Replica>,
+    stack: Stack,
+) {
+    let Some((site, spec)) = installed_in(test, 2, replicas, stack) else {
         return;
     };
     let worker = &site.workers[1];
@@ -752,10 +1032,15 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
     // A connection to a dead replica is refused or, as often, never answered
     // (the worker's ICMP errors are rate limited) and would hang until the
     // replica is back: a request that takes over 1 s counts as failed.
-    let loads = site.load(CLIENTS_PER_NAMESPACE, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
+    let loads: Vec<Load> = targets(&site)
+        .into_iter()
+        .flat_map(|target| {
+            site.load_to(target, CLIENTS_PER_NAMESPACE, |config| LoadConfig {
+                io_timeout: Duration::from_secs(1),
+                ..config
+            })
+        })
+        .collect();
     wait_requests(&loads, 50);
     let done = AtomicBool::new(false);
     let mut killed = origin;
@@ -874,7 +1159,7 @@ fn routed_dead_replica_leaves_the_spread_and_rejoins() {
         "requests failed later than 2 s after the kill: {}",
         report.summary(origin)
     );
-    assert_real_client_addresses(&report, "requests around the kill");
+    assert_real_client_addresses(&site, &report, "requests around the kill");
     for lb in &site.lbs {
         Topology::apply(lb, &spec);
     }

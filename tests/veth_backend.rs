@@ -7,7 +7,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -81,7 +81,7 @@ impl Drop for Container {
     }
 }
 
-const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
+const ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 5));
 
 fn wiring(container: &Container) -> Wiring<'static> {
     Wiring {
@@ -116,11 +116,16 @@ fn route_through_lessnats_table(node: &Netns) {
 /// Connects from the node to the container at `ADDRESS:8080` and returns the
 /// client address the container saw, after a short exchange both ways.
 fn connect_through(node: &TestNetns, container: &Container) -> SocketAddr {
+    connect_to(node, container, ADDRESS)
+}
+
+/// [`connect_through`] to `address`.
+fn connect_to(node: &TestNetns, container: &Container, address: IpAddr) -> SocketAddr {
     // A socket stays in the namespace it was made in, whichever thread uses it.
     let listener = container
         .ns
         .netns()
-        .run(|| TcpListener::bind((ADDRESS, 8080)))
+        .run(|| TcpListener::bind((address, 8080)))
         .expect("enter the container")
         .expect("listen in the container");
     let server = std::thread::spawn(move || {
@@ -133,7 +138,7 @@ fn connect_through(node: &TestNetns, container: &Container) -> SocketAddr {
     });
     let mut client = node
         .netns()
-        .run(|| TcpStream::connect_timeout(&(ADDRESS, 8080).into(), Duration::from_secs(5)))
+        .run(|| TcpStream::connect_timeout(&(address, 8080).into(), Duration::from_secs(5)))
         .expect("enter the node")
         .expect("connect from the node to the container");
     client.write_all(b"hello").expect("write");
@@ -214,6 +219,91 @@ fn a_wired_container_is_reachable_from_the_node() {
     veth::unwire(&netns, &veth.name).expect("unwiring an absent veth is fine");
 }
 
+/// Issue 15: an IPv6 container, `fd00:20:1::5/128` with `default via
+/// fe80::1 dev eth0`, the node side `fe80::1/64` and the `/128` route; both
+/// usable at once (no duplicate address detection), with real traffic.
+#[test]
+fn an_ipv6_container_is_wired_and_reachable_at_once() {
+    if !root_with(
+        "an_ipv6_container_is_wired_and_reachable_at_once",
+        &["sleep"],
+    ) {
+        return;
+    }
+    let node = TestNetns::new("node6");
+    let container = Container::start("ctr6");
+    let netns = node.netns();
+    let address: IpAddr = "fd00:20:1::5".parse().expect("address");
+    // The node's own address, the source of its connections.
+    node.exec("ip", &["link", "set", "lo", "up"]);
+    node.exec(
+        "ip",
+        &["addr", "add", "2001:db8::1/128", "dev", "lo", "nodad"],
+    );
+
+    let veth = veth::wire(
+        &netns,
+        &Wiring {
+            address,
+            ..wiring(&container)
+        },
+    )
+    .expect("wire");
+    assert_eq!(veth.address, "fd00:20:1::5");
+    let routes = netlink::observe(&netns).expect("observe routing").routes;
+    assert_eq!(
+        routes,
+        vec![Route {
+            table: ROUTES_TABLE,
+            destination: "fd00:20:1::5/128".into(),
+            gateway: None,
+            device: Some(veth.name.clone()),
+        }]
+    );
+    let shown = node.exec("ip", &["-6", "addr", "show", "dev", &veth.name]);
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    let gateway = shown
+        .lines()
+        .find(|line| line.contains("inet6 fe80::1/64"))
+        .unwrap_or_else(|| panic!("no fe80::1/64 on the node side: {shown}"));
+    assert!(!gateway.contains("tentative"), "usable at once: {shown}");
+    let addresses = container.ip_json("-6 addr show dev eth0");
+    let own = addresses[0]["addr_info"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .find(|a| a["local"] == "fd00:20:1::5")
+        .unwrap_or_else(|| panic!("no fd00:20:1::5 on eth0: {addresses}"))
+        .clone();
+    assert_eq!(own["prefixlen"], 128, "{own}");
+    assert!(own.get("tentative").is_none(), "usable at once: {own}");
+    let routes = container.ip_json("-6 route show");
+    assert!(
+        routes.as_array().expect("routes").iter().any(|route| {
+            route["dst"] == "default" && route["gateway"] == "fe80::1" && route["dev"] == "eth0"
+        }),
+        "{routes}"
+    );
+
+    netlink::add_rule(
+        &netns,
+        &IpRule {
+            family: "inet6".into(),
+            priority: ROUTES_TABLE,
+            source: None,
+            fwmark: None,
+            fwmask: None,
+            table: ROUTES_TABLE,
+        },
+    )
+    .expect("add the routes table's IPv6 rule");
+    let peer = connect_to(&node, &container, address);
+    assert_eq!(peer.ip(), "2001:db8::1".parse::<IpAddr>().expect("address"));
+
+    veth::unwire(&netns, &veth.name).expect("unwire");
+    assert_eq!(container.links(), vec!["lo"]);
+}
+
 #[test]
 fn wiring_again_replaces_a_stale_pair() {
     if !root_with("wiring_again_replaces_a_stale_pair", &["sleep"]) {
@@ -285,7 +375,7 @@ fn a_failed_wiring_leaves_nothing_behind() {
     let long = "s".repeat(300);
     let refused = Wiring {
         service: &long,
-        address: Ipv4Addr::new(10, 20, 1, 6),
+        address: IpAddr::V4(Ipv4Addr::new(10, 20, 1, 6)),
         pid: container.pid(),
     };
     let error = veth::wire(&netns, &refused).expect_err("alias too long");

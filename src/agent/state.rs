@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ pub struct Run {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Replica {
     /// The address new connections are sent to.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Whether new connections go there now.
     pub in_spread: bool,
     /// Whether it answered its last probe (unknown when not probed).
@@ -219,7 +219,7 @@ impl AgentState {
             self.spreads.clear();
             return;
         };
-        let down: Vec<Ipv4Addr> = down_in(table).into_iter().map(|(a, _)| a).collect();
+        let down: Vec<IpAddr> = down_in(table).into_iter().map(|(a, _)| a).collect();
         self.spreads = spreads_in(table)
             .into_iter()
             .map(|(port, addresses)| {
@@ -227,9 +227,9 @@ impl AgentState {
                 let out = probes
                     .iter()
                     .filter(|p| p.service == service)
-                    .filter_map(|p| p.address.parse::<Ipv4Addr>().ok())
+                    .filter_map(|p| p.address.parse::<IpAddr>().ok())
                     .filter(|a| down.contains(a) && !addresses.contains(a));
-                let mut all: Vec<(Ipv4Addr, bool)> = addresses.iter().map(|a| (*a, true)).collect();
+                let mut all: Vec<(IpAddr, bool)> = addresses.iter().map(|a| (*a, true)).collect();
                 all.extend(out.map(|a| (a, false)));
                 all.dedup();
                 let replicas = all
@@ -464,7 +464,7 @@ mod tests {
         state.spreads.push(Spread {
             port: "web/80".into(),
             replicas: vec![Replica {
-                address: Ipv4Addr::new(10, 1, 0, 2),
+                address: IpAddr::from([10, 1, 0, 2]),
                 in_spread: false,
                 healthy: Some(false),
                 detail: Some("connection refused".into()),

@@ -296,13 +296,12 @@ impl Host for LiveHost<'_> {
     }
 
     fn delete_unanswered(&self, flows: &Unanswered) -> Result<u64, ConntrackError> {
-        let replicas: Vec<IpAddr> = flows.addresses.iter().copied().map(IpAddr::V4).collect();
         conntrack::delete_unanswered(
             self.netns,
             flows.protocol.as_str(),
-            IpAddr::V4(flows.vip),
+            flows.vip,
             flows.vip_port,
-            &replicas,
+            &flows.addresses,
         )
     }
 

@@ -6,7 +6,7 @@
 //! connection to the old address, and only then removes the old replica.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use super::drain::{Drained, wait_until_drained};
@@ -39,7 +39,7 @@ pub(super) fn report_drained(
             "{}: connections through this node to {}",
             switch.service, switch.from
         );
-        let from = IpAddr::V4(switch.from);
+        let from = switch.from;
         match wait_until_drained(ctx, progress, &what, switch.wait.get(), |_| {
             Ok(ctx.host.live_connections_to(from)?)
         })? {
@@ -81,7 +81,7 @@ pub(super) fn wire(
     progress: &mut Progress,
     service: &str,
     container: &str,
-    address: Ipv4Addr,
+    address: IpAddr,
 ) -> Result<(), ApplyError> {
     let pid = ctx
         .host
@@ -102,9 +102,9 @@ pub(super) fn wire(
 /// Where a routed upgrade goes from and to, as planned.
 pub(super) struct ReplicaUpgrade<'a> {
     /// Where the old version is wired in.
-    pub old_at: Ipv4Addr,
+    pub old_at: IpAddr,
     /// Where the next version is (or will be) wired in.
-    pub next_at: Ipv4Addr,
+    pub next_at: IpAddr,
     /// The upgrade found in flight, if any.
     pub in_flight: Option<&'a InFlight>,
     /// Whether an old primary exists.
@@ -158,7 +158,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// Creates and starts the container for `slot` at `address`, wires it in
     /// and waits until it is healthy there. When it does not become healthy
     /// it is removed again, unless `onFailure` is `pause`.
-    pub(super) fn start(&mut self, slot: Slot, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn start(&mut self, slot: Slot, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(slot);
         self.progress
             .step(&format!("{name}: creating and starting at {address}"));
@@ -186,7 +186,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     }
 
     /// Creates the primary at `address`, wired in and healthy.
-    pub(super) fn create(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn create(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         self.start(Slot::Primary, address)?;
         self.ctx.host.keep_running(&self.name(Slot::Primary))?;
         Ok(())
@@ -194,7 +194,7 @@ impl<'a, 'c> Replica<'a, 'c> {
 
     /// Starts the stopped primary again, wires it in at `address` and waits
     /// until healthy.
-    pub(super) fn restart(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn restart(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress.step(&format!("{name}: starting"));
         self.ctx.host.start(&name)?;
@@ -207,7 +207,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// Replaces the primary in place at `address` (stop-start, or a stopped
     /// container whose spec changed): the replica is down until the new one
     /// is healthy.
-    pub(super) fn replace(&mut self, address: Ipv4Addr) -> Result<(), ApplyError> {
+    pub(super) fn replace(&mut self, address: IpAddr) -> Result<(), ApplyError> {
         let name = self.name(Slot::Primary);
         self.progress
             .step(&format!("{name}: stopping and removing"));
@@ -290,7 +290,7 @@ impl<'a, 'c> Replica<'a, 'c> {
 
     /// Waits `switchWait`, so every load-balancer node can see the next
     /// replica answer and switch on its next apply.
-    fn wait_switch(&mut self, next_at: Ipv4Addr) -> Result<(), ApplyError> {
+    fn wait_switch(&mut self, next_at: IpAddr) -> Result<(), ApplyError> {
         let wait = self.service.upgrade.switch_wait.get();
         let host = self.ctx.host;
         let started = host.now();
@@ -316,7 +316,7 @@ impl<'a, 'c> Replica<'a, 'c> {
     /// left. New connections mean a load-balancer node has not switched yet
     /// (it applies late): a drain that only waited for the count to touch 0
     /// could remove the old replica between two of them.
-    fn wait_drained(&mut self, old_at: Ipv4Addr, balancers: &[IpAddr]) -> Result<u64, ApplyError> {
+    fn wait_drained(&mut self, old_at: IpAddr, balancers: &[IpAddr]) -> Result<u64, ApplyError> {
         let timeout = self.service.upgrade.drain_timeout.get();
         let what = format!(
             "{}: connections to {old_at} (and {} without a new one)",
@@ -330,7 +330,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         let mut first = true;
         let mut last_activity = host.now();
         let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, |_| {
-            let mut flows = host.flows_to(IpAddr::V4(old_at))?;
+            let mut flows = host.flows_to(old_at)?;
             flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
             let live = flows.iter().filter(|f| f.live).count() as u64;
             let new = flows.iter().any(|f| !seen.contains(&f.id));
@@ -373,7 +373,7 @@ impl<'a, 'c> Replica<'a, 'c> {
         })
     }
 
-    fn wire(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+    fn wire(&mut self, name: &str, address: IpAddr) -> Result<(), ApplyError> {
         wire(
             self.ctx,
             self.progress,
@@ -383,14 +383,14 @@ impl<'a, 'c> Replica<'a, 'c> {
         )
     }
 
-    fn wait_ready(&mut self, name: &str, address: Ipv4Addr) -> Result<(), ApplyError> {
+    fn wait_ready(&mut self, name: &str, address: IpAddr) -> Result<(), ApplyError> {
         wait_ready(
             self.ctx,
             self.progress,
             self.service,
             name,
             ProbeAt {
-                ip: IpAddr::V4(address),
+                ip: address,
                 temporary: false,
             },
         )

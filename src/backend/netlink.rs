@@ -36,10 +36,12 @@ use std::io;
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use nix::libc;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressMessage, AddressProtocol,
+};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -50,7 +52,7 @@ use rtnetlink::{Handle, IpVersion};
 
 use crate::model::{IpRule, OwnedAddress, Route, RoutingState};
 use crate::netns::{Netns, NetnsError};
-use crate::ownership::{ADDRESS_LABEL_SUFFIX, ROUTE_TABLES, RULE_PRIORITIES};
+use crate::ownership::{ADDRESS_LABEL_SUFFIX, ADDRESS_PROTO, ROUTE_TABLES, RULE_PRIORITIES};
 
 /// Reading or changing routing state, addresses or links failed.
 #[derive(Debug, thiserror::Error)]
@@ -669,7 +671,8 @@ pub fn delete_route(netns: &Netns, route: &Route) -> Result<(), NetlinkError> {
 }
 
 /// The addresses lessnat added: IPv4 addresses whose label ends with
-/// [`ADDRESS_LABEL_SUFFIX`] (`lo:lessnat`), sorted.
+/// [`ADDRESS_LABEL_SUFFIX`] (`lo:lessnat`) and IPv6 addresses of protocol
+/// [`ADDRESS_PROTO`], sorted.
 pub fn observe_addresses(netns: &Netns) -> Result<Vec<OwnedAddress>, NetlinkError> {
     with_rtnl(netns, |rtnl| async move {
         let mut addresses = owned_addresses_here(&rtnl.handle).await?;
@@ -679,17 +682,22 @@ pub fn observe_addresses(netns: &Netns) -> Result<Vec<OwnedAddress>, NetlinkErro
 }
 
 async fn owned_addresses_here(handle: &Handle) -> Result<Vec<OwnedAddress>, Fault> {
-    let mut request = handle.address().get();
-    request.message_mut().header.family = AddressFamily::Inet;
-    let mut dump = request.execute();
     let mut found = Vec::new();
-    while let Some(message) = dump
-        .try_next()
-        .await
-        .map_err(Fault::netlink("dump the IPv4 addresses"))?
-    {
-        if let Some(address) = owned_address(&message) {
-            found.push((message.header.index, address));
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = handle.address().get();
+        request.message_mut().header.family = family;
+        let mut dump = request.execute();
+        while let Some(message) = dump
+            .try_next()
+            .await
+            .map_err(Fault::netlink("dump the addresses"))?
+        {
+            if message.header.family != family {
+                continue;
+            }
+            if let Some(address) = owned_address(&message) {
+                found.push((message.header.index, address));
+            }
         }
     }
     let mut names = BTreeMap::new();
@@ -707,32 +715,40 @@ async fn owned_addresses_here(handle: &Handle) -> Result<Vec<OwnedAddress>, Faul
     Ok(addresses)
 }
 
-/// The address (CIDR) of an IPv4 address message with lessnat's label.
+/// The address (CIDR) of an address message lessnat's mark: an IPv4 label
+/// ending with [`ADDRESS_LABEL_SUFFIX`], the IPv6 protocol [`ADDRESS_PROTO`].
 fn owned_address(message: &AddressMessage) -> Option<String> {
     let mut label = None;
+    let mut protocol = None;
     let mut local = None;
     let mut address = None;
     for attribute in &message.attributes {
         match attribute {
             AddressAttribute::Label(text) => label = Some(text.as_str()),
+            AddressAttribute::Protocol(value) => protocol = Some(u8::from(*value)),
             AddressAttribute::Local(ip) => local = Some(*ip),
             AddressAttribute::Address(ip) => address = Some(*ip),
             _ => {}
         }
     }
-    label.filter(|label| label.ends_with(ADDRESS_LABEL_SUFFIX))?;
+    let owned = match message.header.family {
+        AddressFamily::Inet => label.is_some_and(|label| label.ends_with(ADDRESS_LABEL_SUFFIX)),
+        _ => protocol == Some(ADDRESS_PROTO),
+    };
+    owned.then_some(())?;
     let address = local.or(address)?;
     Some(format!("{address}/{}", message.header.prefix_len))
 }
 
-/// `address`, checked: IPv4 CIDR, with its label (`lo:lessnat`).
+/// `address`, checked: CIDR, with its label (`lo:lessnat`; IPv6 addresses
+/// carry [`ADDRESS_PROTO`] instead).
 fn owned_address_spec(
     address: &OwnedAddress,
     doing: &str,
-) -> Result<(Ipv4Net, String), NetlinkError> {
-    let net = address.address.parse::<Ipv4Net>().map_err(|_| {
+) -> Result<(IpNet, String), NetlinkError> {
+    let net = address.address.parse::<IpNet>().map_err(|_| {
         invalid(doing)(format!(
-            "{} is not an IPv4 address in CIDR form (such as 203.0.113.10/32)",
+            "{} is not an address in CIDR form (such as 203.0.113.10/32 or 2001:db8::10/128)",
             address.address
         ))
     })?;
@@ -746,18 +762,37 @@ fn owned_address_spec(
     Ok((net, label))
 }
 
-/// The kernel message for `net` on interface `index`, with `label` if given.
-fn address_message(index: u32, net: Ipv4Net, label: Option<String>) -> AddressMessage {
+/// The kernel message for `net` on interface `index`; `owned` (the label
+/// for IPv4) marks it as lessnat's. IPv6 addresses skip duplicate address
+/// detection (`nodad`), so they are usable at once.
+fn address_message(index: u32, net: IpNet, owned: Option<String>) -> AddressMessage {
     let mut message = AddressMessage::default();
-    message.header.family = AddressFamily::Inet;
     message.header.prefix_len = net.prefix_len();
     message.header.index = index;
-    let address = IpAddr::V4(net.addr());
+    let address = net.addr();
     message.attributes.push(AddressAttribute::Local(address));
     message.attributes.push(AddressAttribute::Address(address));
-    message
-        .attributes
-        .extend(label.map(AddressAttribute::Label));
+    match address {
+        IpAddr::V4(_) => {
+            message.header.family = AddressFamily::Inet;
+            message
+                .attributes
+                .extend(owned.map(AddressAttribute::Label));
+        }
+        IpAddr::V6(_) => {
+            message.header.family = AddressFamily::Inet6;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            if owned.is_some() {
+                message
+                    .attributes
+                    .push(AddressAttribute::Protocol(AddressProtocol::from(
+                        ADDRESS_PROTO,
+                    )));
+            }
+        }
+    }
     message
 }
 
@@ -791,23 +826,21 @@ pub fn add_address(netns: &Netns, address: &OwnedAddress) -> Result<(), NetlinkE
     })
 }
 
-/// Adds `net` to interface `index` (with `label` if given), from the
-/// namespace thread; an address that is there already is `EEXIST`.
+/// Adds `net` to interface `index` (as lessnat's, with `label`, if given),
+/// from the namespace thread; an address that is there already is `EEXIST`.
 pub(crate) async fn add_address_here(
     handle: &Handle,
     index: u32,
-    net: Ipv4Net,
+    net: IpNet,
     label: Option<String>,
 ) -> Result<(), rtnetlink::Error> {
-    let mut request = handle
-        .address()
-        .add(index, IpAddr::V4(net.addr()), net.prefix_len());
+    let mut request = handle.address().add(index, net.addr(), net.prefix_len());
     *request.message_mut() = address_message(index, net, label);
     request.execute().await
 }
 
-/// Deletes `address` (only with lessnat's label); when it is not there,
-/// nothing happens.
+/// Deletes `address` (only with lessnat's label, or for IPv6 its
+/// protocol); when it is not there, nothing happens.
 pub fn delete_address(netns: &Netns, address: &OwnedAddress) -> Result<(), NetlinkError> {
     let doing = format!("delete address {} from {}", address.address, address.device);
     let (net, label) = owned_address_spec(address, &doing)?;
@@ -815,6 +848,11 @@ pub fn delete_address(netns: &Netns, address: &OwnedAddress) -> Result<(), Netli
         let Some(index) = link_index(&rtnl.handle, &address.device).await? else {
             return Ok(());
         };
+        // The kernel matches an IPv4 delete's label, but not an IPv6
+        // delete's protocol: someone else's IPv6 address is left alone here.
+        if net.addr().is_ipv6() && !owned_addresses_here(&rtnl.handle).await?.contains(address) {
+            return Ok(());
+        }
         match rtnl
             .handle
             .address()
@@ -1125,12 +1163,26 @@ mod tests {
 
     #[test]
     fn owned_addresses_are_recognised_by_their_label() {
-        let net: Ipv4Net = "203.0.113.10/32".parse().expect("valid");
+        let net: IpNet = "203.0.113.10/32".parse().expect("valid");
         let ours = address_message(1, net, Some("lo:lessnat".into()));
         assert_eq!(owned_address(&ours), Some("203.0.113.10/32".into()));
         for label in [None, Some("lo".to_owned()), Some("lo:lessnatx".to_owned())] {
             let message = address_message(1, net, label.clone());
             assert_eq!(owned_address(&message), None, "{label:?}");
         }
+    }
+
+    #[test]
+    fn owned_ipv6_addresses_are_recognised_by_their_protocol() {
+        let net: IpNet = "2001:db8:f::10/128".parse().expect("valid");
+        let ours = address_message(1, net, Some("lo:lessnat".into()));
+        assert_eq!(owned_address(&ours), Some("2001:db8:f::10/128".into()));
+        assert!(
+            ours.attributes
+                .contains(&AddressAttribute::Flags(AddressFlags::Nodad)),
+            "IPv6 addresses skip duplicate address detection"
+        );
+        let theirs = address_message(1, net, None);
+        assert_eq!(owned_address(&theirs), None);
     }
 }

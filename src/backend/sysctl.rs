@@ -2,7 +2,8 @@
 //! thread inside the network namespace: the `net.*` settings are per
 //! namespace, and `/proc/sys/net` shows those of the namespace of the thread
 //! that opens it. Routed mode needs IP forwarding and `src_valid_mark`
-//! ([`ROUTED_SYSCTLS`](crate::ownership::ROUTED_SYSCTLS)); setting them in a
+//! ([`ROUTED_SYSCTLS`](crate::ownership::ROUTED_SYSCTLS), and IPv6
+//! forwarding where it routes IPv6); setting them in a
 //! node's namespace leaves the host's own values alone.
 
 use std::collections::BTreeMap;
@@ -63,6 +64,21 @@ pub fn read(netns: &Netns, keys: &[&str]) -> Result<BTreeMap<String, String>, Sy
             })
         })
         .collect()
+}
+
+/// Reads `keys` as [`read`] does, leaving out the keys this kernel does
+/// not have (`net.ipv6.*` when IPv6 is disabled): what is not there is
+/// planned as a setting to make, whose write then fails with its name.
+pub fn read_present(netns: &Netns, keys: &[&str]) -> Result<BTreeMap<String, String>, SysctlError> {
+    let mut values = BTreeMap::new();
+    for key in keys {
+        match read(netns, &[key]) {
+            Ok(found) => values.extend(found),
+            Err(SysctlError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(values)
 }
 
 /// Sets `key` to `value` inside `netns`.
@@ -130,6 +146,16 @@ mod tests {
             error.to_string().contains("net.ipv4.lessnat_no_such_key"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn missing_keys_are_left_out_when_asked() {
+        let values = read_present(
+            &Netns::Current,
+            &["kernel.ostype", "net.ipv4.lessnat_no_such_key"],
+        )
+        .expect("readable");
+        assert_eq!(values.keys().collect::<Vec<_>>(), ["kernel.ostype"]);
     }
 
     #[test]

@@ -14,7 +14,11 @@
 //! ```
 //!
 //! Every node side carries the same gateway address, [`VETH_GATEWAY`], so a
-//! container needs to know nothing about the node it runs on. The node side
+//! container needs to know nothing about the node it runs on. An IPv6
+//! container gets `ADDRESS/128` and `default via fe80::1 dev eth0`, the node
+//! side `fe80::1/64` ([`VETH_GATEWAY_V6`]) and the `/128` route; both
+//! addresses skip duplicate address detection (`nodad`), so they are usable
+//! at once, and the container's `eth0` has IPv6 enabled whatever Docker set. The node side
 //! is named [`veth_name`] and carries the alias `lessnat SERVICE ADDRESS`
 //! ([`VETH_ALIAS_PREFIX`]): that is how lessnat recognises its veths and
 //! what they lead to. The pair lives only as long as the container's network
@@ -23,13 +27,13 @@
 
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::libc;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
@@ -41,7 +45,7 @@ use super::netlink::{
 use crate::error::chain;
 use crate::model::{Route, Veth};
 use crate::netns::Netns;
-use crate::ownership::{ROUTES_TABLE, VETH_ALIAS_PREFIX, VETH_GATEWAY, veth_name};
+use crate::ownership::{ROUTES_TABLE, VETH_ALIAS_PREFIX, VETH_GATEWAY, VETH_GATEWAY_V6, veth_name};
 
 /// The container side's name.
 const CONTAINER_DEVICE: &str = "eth0";
@@ -90,7 +94,7 @@ fn veth(link: &LinkMessage) -> Option<Veth> {
 }
 
 /// The alias of the veth for `service`'s container at `address`.
-fn alias(service: &str, address: Ipv4Addr) -> String {
+fn alias(service: &str, address: IpAddr) -> String {
     format!("{VETH_ALIAS_PREFIX}{service} {address}")
 }
 
@@ -107,7 +111,7 @@ pub struct Wiring<'a> {
     /// The service (it goes into the node side's alias).
     pub service: &'a str,
     /// The container's address, from the node's container subnet.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The container's main process, as the host PID namespace numbers it:
     /// its network namespace is `/proc/PID/ns/net`.
     pub pid: u32,
@@ -223,18 +227,28 @@ fn wire_node(
             .await
             .map_err(Fault::netlink("set the alias and bring the node side up"))
             .map_err(step)?;
-        add_address_here(handle, index, Ipv4Net::from(VETH_GATEWAY), None)
+        let gateway = gateway_net(wiring.address);
+        add_address_here(handle, index, gateway, None)
             .await
-            .map_err(Fault::netlink(format!("add the gateway {VETH_GATEWAY}/32")))
+            .map_err(Fault::netlink(format!("add the gateway {gateway}")))
             .map_err(step)?;
         let route = Route {
             table: ROUTES_TABLE,
-            destination: format!("{}/32", wiring.address),
+            destination: IpNet::from(wiring.address).to_string(),
             gateway: None,
             device: Some(name.to_owned()),
         };
         replace_route(handle, &route).await.map_err(step)
     })
+}
+
+/// The node side's address for a container at `address`: the gateway of
+/// its family.
+fn gateway_net(address: IpAddr) -> IpNet {
+    match address {
+        IpAddr::V4(_) => IpNet::V4(Ipv4Net::from(VETH_GATEWAY)),
+        IpAddr::V6(_) => IpNet::V6(Ipv6Net::new_assert(VETH_GATEWAY_V6, 64)),
+    }
 }
 
 /// Whether the namespace `file` is the one the calling thread is in.
@@ -253,29 +267,44 @@ fn wire_container(container: &Netns, wiring: &Wiring, context: &str) -> Result<(
         let index = required_link(handle, CONTAINER_DEVICE)
             .await
             .map_err(step)?;
-        add_address_here(handle, index, Ipv4Net::from(wiring.address), None)
+        if wiring.address.is_ipv6() {
+            // Docker may disable IPv6 in containers whose networks have
+            // none; this thread is in the container's namespace, so
+            // `/proc/sys/net` is the container's.
+            let key = format!("/proc/sys/net/ipv6/conf/{CONTAINER_DEVICE}/disable_ipv6");
+            std::fs::write(&key, "0")
+                .map_err(Fault::io(format!(
+                    "enable IPv6 on {CONTAINER_DEVICE} ({key})"
+                )))
+                .map_err(step)?;
+        }
+        let own = IpNet::from(wiring.address);
+        add_address_here(handle, index, own, None)
             .await
-            .map_err(Fault::netlink(format!(
-                "add {}/32 to {CONTAINER_DEVICE}",
-                wiring.address
-            )))
+            .map_err(Fault::netlink(format!("add {own} to {CONTAINER_DEVICE}")))
             .map_err(step)?;
         for device in [CONTAINER_DEVICE, "lo"] {
             set_up(handle, device).await.map_err(step)?;
         }
-        let gateway = Route {
+        let gateway = gateway_net(wiring.address).addr();
+        let link = Route {
             table: MAIN_TABLE,
-            destination: format!("{VETH_GATEWAY}/32"),
+            destination: IpNet::from(gateway).to_string(),
             gateway: None,
             device: Some(CONTAINER_DEVICE.to_owned()),
         };
         let default = Route {
             table: MAIN_TABLE,
             destination: "default".to_owned(),
-            gateway: Some(VETH_GATEWAY.to_string()),
+            gateway: Some(gateway.to_string()),
             device: Some(CONTAINER_DEVICE.to_owned()),
         };
-        for route in [gateway, default] {
+        // A link-local gateway needs no route of its own: it is on the link.
+        let routes = match wiring.address {
+            IpAddr::V4(_) => vec![link, default],
+            IpAddr::V6(_) => vec![default],
+        };
+        for route in routes {
             replace_route(handle, &route).await.map_err(step)?;
         }
         Ok(())
@@ -320,7 +349,7 @@ mod tests {
 
     #[test]
     fn aliases_round_trip() {
-        let text = alias("web", Ipv4Addr::new(10, 20, 1, 5));
+        let text = alias("web", IpAddr::from([10, 20, 1, 5]));
         assert_eq!(text, "lessnat web 10.20.1.5");
         assert_eq!(parse_alias(&text), Some(("web", "10.20.1.5")));
     }
@@ -366,7 +395,7 @@ mod tests {
     fn service_names_with_spaces_are_refused_before_anything_is_done() {
         let wiring = Wiring {
             service: "a b",
-            address: Ipv4Addr::new(10, 20, 1, 5),
+            address: IpAddr::from([10, 20, 1, 5]),
             pid: 1,
         };
         let error = wire(&Netns::from_arg("lessnat-no-such-ns"), &wiring).expect_err("invalid");

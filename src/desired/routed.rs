@@ -5,12 +5,12 @@
 //! sends new connections to) are decided by the planner.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::model::{IpRule, OwnedAddress, Route, RoutingState};
-use crate::ownership::{ROUTED_SYSCTLS, ROUTES_TABLE, lb_mark, reply_table};
+use crate::ownership::{IPV6_FORWARDING, ROUTED_SYSCTLS, ROUTES_TABLE, lb_mark, reply_table};
 use crate::spec::{NetworkMode, Node, Port, Replica, Service, Spec};
 
 /// The two addresses a routed replica alternates between: each upgrade starts
@@ -18,14 +18,14 @@ use crate::spec::{NetworkMode, Node, Port, Replica, Service, Spec};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaAddresses {
     /// `address` from the spec.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// `nextAddress` from the spec, or the one lessnat chose.
-    pub next_address: Ipv4Addr,
+    pub next_address: IpAddr,
 }
 
 impl ReplicaAddresses {
     /// The other address of the pair.
-    pub fn other(&self, address: Ipv4Addr) -> Ipv4Addr {
+    pub fn other(&self, address: IpAddr) -> IpAddr {
         if address == self.address {
             self.next_address
         } else {
@@ -34,7 +34,7 @@ impl ReplicaAddresses {
     }
 
     /// Whether `address` is one of the pair.
-    pub fn contains(&self, address: Ipv4Addr) -> bool {
+    pub fn contains(&self, address: IpAddr) -> bool {
         address == self.address || address == self.next_address
     }
 }
@@ -54,8 +54,7 @@ pub struct PlacedReplica<'a> {
 }
 
 /// Every replica of `service`, in spec order, entries with `count`
-/// expanded; replicas without IPv4 addresses are left out (validation
-/// reports them).
+/// expanded.
 pub fn replicas_of<'a>(spec: &Spec, service: &'a Service) -> Vec<PlacedReplica<'a>> {
     let mut numbers: BTreeMap<&str, u32> = BTreeMap::new();
     let mut placed = Vec::new();
@@ -83,27 +82,22 @@ pub fn replicas_on<'a>(spec: &Spec, service: &'a Service, node: &str) -> Vec<Pla
 
 /// The address pairs one entry of `replicas` stands for: with `count`,
 /// consecutive pairs from `address`; otherwise `address` and `nextAddress`
-/// (or the address lessnat chose). Empty when they are not IPv4.
+/// (or the address lessnat chose).
 fn entry_pairs(spec: &Spec, replica: &Replica) -> Vec<ReplicaAddresses> {
-    let IpAddr::V4(address) = **replica.address else {
-        return Vec::new();
-    };
+    let address = **replica.address;
     if let Some(count) = &replica.count {
         return (0..count.value)
             .map_while(|k| {
-                let first = u32::from(address).checked_add(k.checked_mul(2)?)?;
+                let first = offset(address, u128::from(k).checked_mul(2)?)?;
                 Some(ReplicaAddresses {
-                    address: Ipv4Addr::from(first),
-                    next_address: Ipv4Addr::from(first.checked_add(1)?),
+                    address: first,
+                    next_address: offset(first, 1)?,
                 })
             })
             .collect();
     }
     let next_address = match &replica.next_address {
-        Some(next) => match ***next {
-            IpAddr::V4(next) => Some(next),
-            IpAddr::V6(_) => None,
-        },
+        Some(next) => Some(***next),
         None => chosen_next_address(spec, replica),
     };
     next_address
@@ -115,18 +109,29 @@ fn entry_pairs(spec: &Spec, replica: &Replica) -> Vec<ReplicaAddresses> {
         .collect()
 }
 
+/// `address` plus `by`, in its own family; `None` past the family's last
+/// address.
+pub fn offset(address: IpAddr, by: u128) -> Option<IpAddr> {
+    match address {
+        IpAddr::V4(v4) => {
+            let by = u32::try_from(by).ok()?;
+            u32::from(v4).checked_add(by).map(|a| IpAddr::V4(a.into()))
+        }
+        IpAddr::V6(v6) => u128::from(v6).checked_add(by).map(|a| IpAddr::V6(a.into())),
+    }
+}
+
 /// Every address the spec names for a replica: `address` and `nextAddress`
 /// of each entry, and every address of the pairs of each entry with `count`.
 pub fn addresses_taken(spec: &Spec) -> Vec<IpAddr> {
     spec.services
         .iter()
         .flat_map(|s| &s.replicas)
-        .flat_map(|r| match (&r.count, **r.address) {
-            (Some(count), IpAddr::V4(first)) => (0..count.value.saturating_mul(2))
-                .filter_map(|k| u32::from(first).checked_add(k))
-                .map(|a| IpAddr::V4(Ipv4Addr::from(a)))
+        .flat_map(|r| match &r.count {
+            Some(count) => (0..count.value.saturating_mul(2))
+                .filter_map(|k| offset(**r.address, u128::from(k)))
                 .collect::<Vec<_>>(),
-            _ => std::iter::once(&r.address)
+            None => std::iter::once(&r.address)
                 .chain(&r.next_address)
                 .map(|a| ***a)
                 .collect(),
@@ -139,22 +144,29 @@ pub fn addresses_taken(spec: &Spec) -> Vec<IpAddr> {
 /// names for no replica; the second such entry on that subnet (in spec
 /// order) gets the second highest, and so on. Every node derives the same
 /// choice from the same spec.
-fn chosen_next_address(spec: &Spec, replica: &Replica) -> Option<Ipv4Addr> {
-    let subnet = worker_subnet(spec.node(&replica.node)?)?;
+fn chosen_next_address(spec: &Spec, replica: &Replica) -> Option<IpAddr> {
+    let subnet = subnet_of(spec, replica)?;
     let taken = addresses_taken(spec);
     let choosing: Vec<&Replica> = spec
         .services
         .iter()
         .flat_map(|s| &s.replicas)
         .filter(|r| r.count.is_none() && r.next_address.is_none())
-        .filter(|r| spec.node(&r.node).and_then(worker_subnet) == Some(subnet))
+        .filter(|r| subnet_of(spec, r) == Some(subnet))
         .collect();
     let rank = choosing.iter().position(|r| std::ptr::eq(*r, replica))?;
     subnet
         .hosts()
         .rev()
-        .filter(|host| !taken.contains(&IpAddr::V4(*host)))
+        .filter(|host| !taken.contains(host))
         .nth(rank)
+}
+
+/// The container subnet of `replica`'s node in its address's family.
+fn subnet_of(spec: &Spec, replica: &Replica) -> Option<IpNet> {
+    worker_subnets(spec.node(&replica.node)?)
+        .into_iter()
+        .find(|subnet| subnet.addr().is_ipv4() == replica.address.is_ipv4())
 }
 
 /// A load-balancer node's part: its id and the VIP ports it serves.
@@ -163,11 +175,12 @@ pub struct LoadBalancerRole<'a> {
     /// The id carried in DSCP (1..63).
     pub id: u8,
     /// The node's VIPs.
-    pub vips: Vec<Ipv4Addr>,
+    pub vips: Vec<IpAddr>,
     /// The VIP ports of routed services on those VIPs.
     pub vip_ports: Vec<VipPort<'a>>,
-    /// Every worker's container subnet, with the worker's address.
-    pub workers: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// Every worker's container subnets, each with the worker's address of
+    /// its family.
+    pub workers: Vec<(IpNet, IpAddr)>,
 }
 
 /// One port of a routed service reached through a VIP.
@@ -178,45 +191,75 @@ pub struct VipPort<'a> {
     /// The port.
     pub port: &'a Port,
     /// The VIP.
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     /// The port on the VIP.
     pub vip_port: u16,
+    /// `SERVICE/PORT` (`SERVICE/PORT/ipv6` for a port's `vip6`): the name
+    /// of its spread in the table.
+    pub comment: String,
 }
 
-/// A worker node's part: its container subnet and the load-balancer nodes
+impl VipPort<'_> {
+    /// Whether `address` is of the VIP's family: the replicas it spreads
+    /// over are those whose addresses are.
+    pub fn reaches(&self, address: IpAddr) -> bool {
+        address.is_ipv4() == self.vip.is_ipv4()
+    }
+}
+
+/// A worker node's part: its container subnets and the load-balancer nodes
 /// replies go back through.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRole {
-    /// The node's container subnet.
-    pub subnet: Ipv4Net,
-    /// Every load-balancer node: id and address.
-    pub load_balancers: Vec<(u8, Ipv4Addr)>,
+    /// The node's container subnets (one per address family).
+    pub subnets: Vec<IpNet>,
+    /// Every load-balancer node: id and address, one entry per address.
+    pub load_balancers: Vec<(u8, IpAddr)>,
+}
+
+impl WorkerRole {
+    /// The ids of the load-balancer nodes, each once.
+    pub fn lb_ids(&self) -> Vec<u8> {
+        let mut ids: Vec<u8> = self.load_balancers.iter().map(|(id, _)| *id).collect();
+        ids.dedup();
+        ids
+    }
 }
 
 /// The load-balancer role of `node`, if it has one.
 pub fn load_balancer_role<'a>(spec: &'a Spec, node: &str) -> Option<LoadBalancerRole<'a>> {
     let lb = spec.node(node)?.load_balancer.as_ref()?;
-    let vips: Vec<Ipv4Addr> = lb.vips.iter().filter_map(|v| ipv4(*v.value)).collect();
+    let vips: Vec<IpAddr> = lb.vips.iter().map(|v| *v.value).collect();
     let vip_ports = spec
         .services
         .iter()
         .filter(|s| s.network == NetworkMode::Routed)
         .flat_map(|service| service.ports.iter().map(move |port| (service, port)))
-        .filter_map(|(service, port)| {
-            let vip = ipv4(*port.vip.as_ref()?.value)?;
-            vips.contains(&vip).then(|| VipPort {
-                service,
-                port,
-                vip,
-                vip_port: port.vip_port.as_ref().map_or(port.port.value, |p| p.value),
-            })
+        .flat_map(|(service, port)| {
+            let comment = format!("{}/{}", service.name.value, port.name.value);
+            let second = format!("{comment}/ipv6");
+            [(&port.vip, comment), (&port.vip6, second)]
+                .into_iter()
+                .filter_map(|(vip, comment)| Some((*vip.as_ref()?.value, comment)))
+                .filter(|(vip, _)| vips.contains(vip))
+                .map(move |(vip, comment)| VipPort {
+                    service,
+                    port,
+                    vip,
+                    vip_port: port.vip_port.as_ref().map_or(port.port.value, |p| p.value),
+                    comment,
+                })
         })
         .collect();
     let workers = spec
         .nodes
         .iter()
         .filter(|n| n.name.value != node)
-        .filter_map(|n| Some((worker_subnet(n)?, ipv4(*n.address.value)?)))
+        .flat_map(|n| {
+            worker_subnets(n)
+                .into_iter()
+                .filter_map(|subnet| Some((subnet, address_like(n, subnet.addr())?)))
+        })
         .collect();
     Some(LoadBalancerRole {
         id: lb.id.value,
@@ -229,43 +272,58 @@ pub fn load_balancer_role<'a>(spec: &'a Spec, node: &str) -> Option<LoadBalancer
 /// The worker role of `node`: it has a container subnet and runs at least one
 /// routed replica.
 pub fn worker_role(spec: &Spec, node: &str) -> Option<WorkerRole> {
-    let subnet = worker_subnet(spec.node(node)?)?;
+    let subnets = worker_subnets(spec.node(node)?);
     let runs_replicas = spec
         .services
         .iter()
         .flat_map(|s| &s.replicas)
         .any(|r| r.node.value == node);
-    if !runs_replicas {
+    if subnets.is_empty() || !runs_replicas {
         return None;
     }
     let load_balancers = spec
         .nodes
         .iter()
-        .filter_map(|n| Some((n.load_balancer.as_ref()?.id.value, ipv4(*n.address.value)?)))
+        .flat_map(|n| {
+            let id = n.load_balancer.as_ref().map(|lb| lb.id.value);
+            node_addresses(n)
+                .into_iter()
+                .filter_map(move |address| Some((id?, address)))
+        })
         .collect();
     Some(WorkerRole {
-        subnet,
+        subnets,
         load_balancers,
     })
 }
 
-fn worker_subnet(node: &Node) -> Option<Ipv4Net> {
-    match *node.container_subnet.as_ref()?.value {
-        ipnet::IpNet::V4(subnet) => Some(subnet),
-        ipnet::IpNet::V6(_) => None,
-    }
+/// A node's container subnets: `containerSubnet`, and `containerSubnet6`
+/// when it has one.
+pub fn worker_subnets(node: &Node) -> Vec<IpNet> {
+    [&node.container_subnet, &node.container_subnet6]
+        .into_iter()
+        .filter_map(|subnet| Some(*subnet.as_ref()?.value))
+        .collect()
 }
 
-fn ipv4(address: IpAddr) -> Option<Ipv4Addr> {
-    match address {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(_) => None,
-    }
+/// A node's addresses: `address`, and `address6` when it has one.
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
+    std::iter::once(*node.address.value)
+        .chain(node.address6.as_ref().map(|a| *a.value))
+        .collect()
+}
+
+/// The node's address of `like`'s family, if it has one.
+pub fn address_like(node: &Node, like: IpAddr) -> Option<IpAddr> {
+    node_addresses(node)
+        .into_iter()
+        .find(|a| a.is_ipv4() == like.is_ipv4())
 }
 
 /// The policy routing rules and routes `node` needs, sorted as observation
-/// sorts them. The `/32` routes to wired containers are not included: they
-/// belong to each container's wiring.
+/// sorts them. The `/32` (`/128`) routes to wired containers are not
+/// included: they belong to each container's wiring. Rule 27000 is there for
+/// IPv4 as it always was, and for IPv6 when the node routes IPv6.
 pub fn desired_routing(spec: &Spec, node: &str) -> RoutingState {
     let lb = load_balancer_role(spec, node);
     let worker = worker_role(spec, node);
@@ -273,14 +331,21 @@ pub fn desired_routing(spec: &Spec, node: &str) -> RoutingState {
     if lb.is_none() && worker.is_none() {
         return state;
     }
-    state.rules.push(IpRule {
-        family: "inet".into(),
-        priority: ROUTES_TABLE,
-        source: None,
-        fwmark: None,
-        fwmask: None,
-        table: ROUTES_TABLE,
-    });
+    let subnets = lb
+        .iter()
+        .flat_map(|lb| lb.workers.iter().map(|(subnet, _)| subnet))
+        .chain(worker.iter().flat_map(|w| &w.subnets));
+    let ipv6 = subnets.into_iter().any(|s| !s.addr().is_ipv4());
+    for family in ["inet", "inet6"].into_iter().take(if ipv6 { 2 } else { 1 }) {
+        state.rules.push(IpRule {
+            family: family.into(),
+            priority: ROUTES_TABLE,
+            source: None,
+            fwmark: None,
+            fwmask: None,
+            table: ROUTES_TABLE,
+        });
+    }
     if let Some(lb) = &lb {
         for (subnet, via) in &lb.workers {
             state.routes.push(Route {
@@ -293,10 +358,17 @@ pub fn desired_routing(spec: &Spec, node: &str) -> RoutingState {
     }
     if let Some(worker) = &worker {
         for (id, address) in &worker.load_balancers {
+            let Some(subnet) = worker
+                .subnets
+                .iter()
+                .find(|s| s.addr().is_ipv4() == address.is_ipv4())
+            else {
+                continue;
+            };
             state.rules.push(IpRule {
-                family: "inet".into(),
+                family: family(*address).into(),
                 priority: reply_table(*id),
-                source: Some(worker.subnet.to_string()),
+                source: Some(subnet.to_string()),
                 fwmark: Some(lb_mark(*id)),
                 fwmask: None,
                 table: reply_table(*id),
@@ -314,7 +386,16 @@ pub fn desired_routing(spec: &Spec, node: &str) -> RoutingState {
     state
 }
 
-/// The addresses lessnat puts on `node`: a load-balancer node's VIPs on `lo`.
+/// The routing family of `address`: `inet` or `inet6`.
+fn family(address: IpAddr) -> &'static str {
+    match address {
+        IpAddr::V4(_) => "inet",
+        IpAddr::V6(_) => "inet6",
+    }
+}
+
+/// The addresses lessnat puts on `node`: a load-balancer node's VIPs on `lo`
+/// (`/32`, or `/128` for IPv6).
 pub fn desired_addresses(spec: &Spec, node: &str) -> Vec<OwnedAddress> {
     let mut addresses: Vec<OwnedAddress> = load_balancer_role(spec, node)
         .map(|lb| {
@@ -322,7 +403,7 @@ pub fn desired_addresses(spec: &Spec, node: &str) -> Vec<OwnedAddress> {
                 .iter()
                 .map(|vip| OwnedAddress {
                     device: "lo".into(),
-                    address: format!("{vip}/32"),
+                    address: IpNet::from(*vip).to_string(),
                 })
                 .collect()
         })
@@ -333,15 +414,28 @@ pub fn desired_addresses(spec: &Spec, node: &str) -> Vec<OwnedAddress> {
 }
 
 /// The kernel settings `node` needs: forwarding on load-balancer nodes and
-/// workers, `src_valid_mark` on workers.
+/// workers (IPv6 forwarding too where the node routes IPv6: a worker with
+/// an IPv6 subnet, a load-balancer node with an IPv6 VIP), `src_valid_mark`
+/// on workers. IPv6 has no `rp_filter` or `src_valid_mark`: a reverse-path
+/// rule in nftables (`fib saddr . mark . iif oif missing drop`) passes
+/// because the reply rules are scoped `from SUBNET` (docs/routed-mode.md).
 pub fn desired_sysctls(spec: &Spec, node: &str) -> BTreeMap<String, String> {
     let [forward, src_valid_mark] = ROUTED_SYSCTLS;
     let mut sysctls = BTreeMap::new();
-    let worker = worker_role(spec, node).is_some();
-    if worker || load_balancer_role(spec, node).is_some() {
+    let worker = worker_role(spec, node);
+    let lb = load_balancer_role(spec, node);
+    if worker.is_some() || lb.is_some() {
         sysctls.insert(forward.to_string(), "1".to_string());
     }
-    if worker {
+    let ipv6 = worker
+        .iter()
+        .flat_map(|w| &w.subnets)
+        .any(|s| !s.addr().is_ipv4())
+        || lb.iter().flat_map(|lb| &lb.vips).any(|v| !v.is_ipv4());
+    if ipv6 {
+        sysctls.insert(IPV6_FORWARDING.to_string(), "1".to_string());
+    }
+    if worker.is_some() {
         sysctls.insert(src_valid_mark.to_string(), "1".to_string());
     }
     sysctls
@@ -374,8 +468,8 @@ mod tests {
         let spec = spec();
         let api = &spec.services[0];
         let addresses = replicas_of(&spec, api)[0].pair;
-        assert_eq!(addresses.address, Ipv4Addr::new(10, 20, 1, 5));
-        assert_eq!(addresses.next_address, Ipv4Addr::new(10, 20, 1, 254));
+        assert_eq!(addresses.address, IpAddr::from([10, 20, 1, 5]));
+        assert_eq!(addresses.next_address, IpAddr::from([10, 20, 1, 254]));
         assert_eq!(addresses.other(addresses.next_address), addresses.address);
     }
 
@@ -422,6 +516,49 @@ mod tests {
                 (2, "10.20.2.7".into(), "10.20.2.253".into()),
             ],
             "each replica without nextAddress gets its own"
+        );
+    }
+
+    #[test]
+    fn dual_stack_replicas_expand_in_their_own_family() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/routed-dual-stack.yaml"
+        ))
+        .expect("example exists");
+        let spec = load_bytes("routed-dual-stack.yaml", text.as_bytes())
+            .unwrap_or_else(|r| panic!("{}", r.render(crate::style::Style::Plain)));
+        let pairs: Vec<(String, String)> = replicas_on(&spec, &spec.services[0], "web-1")
+            .iter()
+            .map(|r| (r.pair.address.to_string(), r.pair.next_address.to_string()))
+            .collect();
+        assert_eq!(pairs.len(), 8);
+        assert_eq!(pairs[3], ("10.20.1.16".into(), "10.20.1.17".into()));
+        assert_eq!(pairs[4], ("fd00:20:1::10".into(), "fd00:20:1::11".into()));
+        assert_eq!(pairs[7], ("fd00:20:1::16".into(), "fd00:20:1::17".into()));
+        let web2 = replicas_on(&spec, &spec.services[0], "web-2");
+        assert_eq!(
+            web2[1].pair.next_address.to_string(),
+            "fd00:20:2:0:ffff:ffff:ffff:ffff",
+            "the highest address of the IPv6 subnet"
+        );
+        let lb = load_balancer_role(&spec, "lb-1").expect("lb-1 balances");
+        let comments: Vec<&str> = lb.vip_ports.iter().map(|v| v.comment.as_str()).collect();
+        assert_eq!(comments, ["api/http", "api/http/ipv6"]);
+        assert_eq!(lb.workers.len(), 4, "two subnets of two workers");
+        let worker = worker_role(&spec, "web-1").expect("web-1 works");
+        assert_eq!(worker.subnets.len(), 2);
+        assert_eq!(worker.lb_ids(), [1, 2]);
+        assert_eq!(
+            desired_sysctls(&spec, "web-1")
+                .get(IPV6_FORWARDING)
+                .map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            offset("255.255.255.255".parse().expect("address"), 1),
+            None,
+            "no address past the family's last"
         );
     }
 

@@ -18,10 +18,16 @@
 //! `ip daddr SUBNET ct state new ip dscp ID ct mark set MARK` and
 //! `ct mark MARK meta mark set MARK`, so replies (and, with `src_valid_mark`,
 //! reverse-path checks) use that LB's routing table.
+//!
+//! IPv6 uses the same rules with `ip6` (`ip6 dscp` is the traffic class's
+//! DSCP part, ECN untouched again, `dnat ip6 to`), and its own maps,
+//! `routed_versions6` and `routed_down6` (`ipv6_addr : mark`): nft 1.0's
+//! JSON has no map keyed by either family. A node with only IPv6 replicas
+//! has no `routed_versions`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::{Value, json};
 
 use crate::model::compare_keys;
@@ -29,11 +35,19 @@ use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 use crate::ownership::lb_mark;
 use crate::spec::Protocol;
 
-/// Name of the map recording where each replica's new connections go.
+/// Name of the map recording where each replica's new connections go
+/// (IPv4 replicas; [`VERSIONS_MAP_V6`] holds the IPv6 ones).
 pub const VERSIONS_MAP: &str = "routed_versions";
 
-/// Name of the map recording since when each replica out of the spread is out.
+/// [`VERSIONS_MAP`] for IPv6 replicas.
+pub const VERSIONS_MAP_V6: &str = "routed_versions6";
+
+/// Name of the map recording since when each replica out of the spread is
+/// out (IPv4 replicas; [`DOWN_MAP_V6`] holds the IPv6 ones).
 pub const DOWN_MAP: &str = "routed_down";
+
+/// [`DOWN_MAP`] for IPv6 replicas.
+pub const DOWN_MAP_V6: &str = "routed_down6";
 
 /// One VIP port and the replica addresses its new connections are spread over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,11 +57,11 @@ pub struct Dnat {
     /// `tcp` or `udp`.
     pub protocol: Protocol,
     /// The VIP.
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     /// The port on the VIP.
     pub vip_port: u16,
     /// The replica addresses, in spec order.
-    pub targets: Vec<Ipv4Addr>,
+    pub targets: Vec<IpAddr>,
     /// The port the replicas listen on.
     pub port: u16,
 }
@@ -60,30 +74,40 @@ pub struct LoadBalancerRules {
     /// The DNAT rules.
     pub dnat: Vec<Dnat>,
     /// Every worker's container subnet.
-    pub subnets: Vec<Ipv4Net>,
+    pub subnets: Vec<IpNet>,
     /// Address → version tag of the replica addresses in use.
-    pub versions: Vec<(Ipv4Addr, u32)>,
+    pub versions: Vec<(IpAddr, u32)>,
     /// Address → when it left the spread (seconds since the Unix epoch) of
     /// the replicas out of it.
-    pub down: Vec<(Ipv4Addr, u32)>,
+    pub down: Vec<(IpAddr, u32)>,
 }
 
 /// A worker node's chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerRules {
-    /// The node's container subnet.
-    pub subnet: Ipv4Net,
+    /// The node's container subnets (one per address family).
+    pub subnets: Vec<IpNet>,
     /// The ids of every load-balancer node.
     pub lb_ids: Vec<u8>,
 }
 
 /// Adds the load-balancer parts to `table`.
 pub fn add_load_balancer(table: &mut NftTable, rules: &LoadBalancerRules) {
-    table
-        .maps
-        .push(address_marks(VERSIONS_MAP, &rules.versions));
-    if !rules.down.is_empty() {
-        table.maps.push(address_marks(DOWN_MAP, &rules.down));
+    let (v4, v6): (Vec<_>, Vec<_>) = rules.versions.iter().partition(|(a, _)| a.is_ipv4());
+    // The IPv4 map is there as it always was, unless the node only has
+    // IPv6 replicas.
+    if !v4.is_empty() || v6.is_empty() {
+        table.maps.push(address_marks(VERSIONS_MAP, false, &v4));
+    }
+    if !v6.is_empty() {
+        table.maps.push(address_marks(VERSIONS_MAP_V6, true, &v6));
+    }
+    let (v4, v6): (Vec<_>, Vec<_>) = rules.down.iter().partition(|(a, _)| a.is_ipv4());
+    if !v4.is_empty() {
+        table.maps.push(address_marks(DOWN_MAP, false, &v4));
+    }
+    if !v6.is_empty() {
+        table.maps.push(address_marks(DOWN_MAP_V6, true, &v6));
     }
     table.chains.push(NftChain {
         name: "routed_dnat".into(),
@@ -100,8 +124,8 @@ pub fn add_load_balancer(table: &mut NftTable, rules: &LoadBalancerRules) {
                 comment: None,
                 expr: vec![
                     matches("in", json!({"ct": {"key": "status"}}), json!("dnat")),
-                    matches("==", ip("daddr"), prefix(subnet)),
-                    json!({"mangle": {"key": ip("dscp"), "value": dscp(rules.id)}}),
+                    matches("==", ip(subnet.addr(), "daddr"), prefix(subnet)),
+                    json!({"mangle": {"key": ip(subnet.addr(), "dscp"), "value": dscp(rules.id)}}),
                 ],
             })
             .collect(),
@@ -113,15 +137,17 @@ pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
     let mut marks = Vec::new();
     for &id in &rules.lb_ids {
         let mark = lb_mark(id);
-        marks.push(NftRule {
-            comment: None,
-            expr: vec![
-                matches("==", ip("daddr"), prefix(&rules.subnet)),
-                matches("in", json!({"ct": {"key": "state"}}), json!("new")),
-                matches("==", ip("dscp"), dscp(id)),
-                json!({"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}}),
-            ],
-        });
+        for subnet in &rules.subnets {
+            marks.push(NftRule {
+                comment: None,
+                expr: vec![
+                    matches("==", ip(subnet.addr(), "daddr"), prefix(subnet)),
+                    matches("in", json!({"ct": {"key": "state"}}), json!("new")),
+                    matches("==", ip(subnet.addr(), "dscp"), dscp(id)),
+                    json!({"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}}),
+                ],
+            });
+        }
         marks.push(NftRule {
             comment: None,
             expr: vec![
@@ -137,8 +163,9 @@ pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
     });
 }
 
-/// An `ipv4_addr : mark` map named `name` with `entries`.
-fn address_marks(name: &str, entries: &[(Ipv4Addr, u32)]) -> NftMap {
+/// An `ipv4_addr : mark` (or `ipv6_addr : mark`) map named `name` with
+/// `entries`.
+fn address_marks(name: &str, ipv6: bool, entries: &[&(IpAddr, u32)]) -> NftMap {
     let mut elements: Vec<NftElement> = entries
         .iter()
         .map(|(address, mark)| NftElement {
@@ -149,7 +176,7 @@ fn address_marks(name: &str, entries: &[(Ipv4Addr, u32)]) -> NftMap {
     elements.sort_by(|a, b| compare_keys(&a.key, &b.key));
     NftMap {
         name: name.into(),
-        key: "ipv4_addr".into(),
+        key: if ipv6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
         data: Some("mark".into()),
         comment: None,
         elements,
@@ -157,18 +184,22 @@ fn address_marks(name: &str, entries: &[(Ipv4Addr, u32)]) -> NftMap {
 }
 
 /// The address → version tag entries of a table's versions map.
-pub fn versions_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
-    address_marks_in(table, VERSIONS_MAP)
+pub fn versions_in(table: &NftTable) -> Vec<(IpAddr, u32)> {
+    let mut found = address_marks_in(table, VERSIONS_MAP);
+    found.extend(address_marks_in(table, VERSIONS_MAP_V6));
+    found
 }
 
 /// The address → time left entries of a table's map of replicas out of the
 /// spread.
-pub fn down_in(table: &NftTable) -> Vec<(Ipv4Addr, u32)> {
-    address_marks_in(table, DOWN_MAP)
+pub fn down_in(table: &NftTable) -> Vec<(IpAddr, u32)> {
+    let mut found = address_marks_in(table, DOWN_MAP);
+    found.extend(address_marks_in(table, DOWN_MAP_V6));
+    found
 }
 
-/// The entries of the `ipv4_addr : mark` map `name` of a table.
-fn address_marks_in(table: &NftTable, name: &str) -> Vec<(Ipv4Addr, u32)> {
+/// The entries of the address → mark map `name` of a table.
+fn address_marks_in(table: &NftTable, name: &str) -> Vec<(IpAddr, u32)> {
     table
         .maps
         .iter()
@@ -184,7 +215,7 @@ fn address_marks_in(table: &NftTable, name: &str) -> Vec<(Ipv4Addr, u32)> {
 
 /// The replica addresses each `routed_dnat` rule of a table spreads new
 /// connections over, by the rule's comment (`SERVICE/PORT`).
-pub fn spreads_in(table: &NftTable) -> Vec<(String, Vec<Ipv4Addr>)> {
+pub fn spreads_in(table: &NftTable) -> Vec<(String, Vec<IpAddr>)> {
     table
         .chains
         .iter()
@@ -225,13 +256,13 @@ fn dnat_rule(dnat: &Dnat) -> NftRule {
     NftRule {
         comment: Some(dnat.comment.clone()),
         expr: vec![
-            matches("==", ip("daddr"), json!(dnat.vip.to_string())),
+            matches("==", ip(dnat.vip, "daddr"), json!(dnat.vip.to_string())),
             matches(
                 "==",
                 json!({"payload": {"protocol": proto, "field": "dport"}}),
                 json!(dnat.vip_port),
             ),
-            json!({"dnat": {"family": "ip", "addr": addr, "port": dnat.port}}),
+            json!({"dnat": {"family": protocol(dnat.vip), "addr": addr, "port": dnat.port}}),
         ],
     }
 }
@@ -249,11 +280,20 @@ fn matches(op: &str, left: Value, right: Value) -> Value {
     json!({"match": {"op": op, "left": left, "right": right}})
 }
 
-fn ip(field: &str) -> Value {
-    json!({"payload": {"protocol": "ip", "field": field}})
+/// The nft protocol of `address`'s family: `ip` or `ip6`.
+fn protocol(address: IpAddr) -> &'static str {
+    match address {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(_) => "ip6",
+    }
 }
 
-fn prefix(subnet: &Ipv4Net) -> Value {
+/// The header field `field` of `address`'s family.
+fn ip(address: IpAddr, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol(address), "field": field}})
+}
+
+fn prefix(subnet: &IpNet) -> Value {
     json!({"prefix": {"addr": subnet.network().to_string(), "len": subnet.prefix_len()}})
 }
 
@@ -291,19 +331,23 @@ fn dscp(value: u8) -> Value {
 mod tests {
     use super::*;
 
+    fn ipv4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::from([a, b, c, d])
+    }
+
     #[test]
     fn one_target_needs_no_spread() {
         let mut dnat = Dnat {
             comment: "api/http".into(),
             protocol: Protocol::Tcp,
-            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip: ipv4(203, 0, 113, 10),
             vip_port: 80,
-            targets: vec![Ipv4Addr::new(10, 20, 1, 5)],
+            targets: vec![ipv4(10, 20, 1, 5)],
             port: 8080,
         };
         let rule = dnat_rule(&dnat);
         assert_eq!(rule.expr[2]["dnat"]["addr"], json!("10.20.1.5"));
-        dnat.targets.push(Ipv4Addr::new(10, 20, 2, 5));
+        dnat.targets.push(ipv4(10, 20, 2, 5));
         let rule = dnat_rule(&dnat);
         assert_eq!(
             rule.expr[2]["dnat"]["addr"]["map"]["key"]["numgen"]["mod"],
@@ -327,26 +371,23 @@ mod tests {
                 id: 1,
                 dnat: Vec::new(),
                 subnets: Vec::new(),
-                versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
-                down: vec![(Ipv4Addr::new(10, 20, 2, 5), 1_796_000_000)],
+                versions: vec![(ipv4(10, 20, 1, 5), 7)],
+                down: vec![(ipv4(10, 20, 2, 5), 1_796_000_000)],
             },
         );
-        assert_eq!(versions_in(&table), vec![(Ipv4Addr::new(10, 20, 1, 5), 7)]);
-        assert_eq!(
-            down_in(&table),
-            vec![(Ipv4Addr::new(10, 20, 2, 5), 1_796_000_000)]
-        );
+        assert_eq!(versions_in(&table), vec![(ipv4(10, 20, 1, 5), 7)]);
+        assert_eq!(down_in(&table), vec![(ipv4(10, 20, 2, 5), 1_796_000_000)]);
     }
 
     #[test]
     fn spreads_read_back() {
-        let one = Ipv4Addr::new(10, 20, 1, 5);
-        let two = Ipv4Addr::new(10, 20, 2, 5);
+        let one = ipv4(10, 20, 1, 5);
+        let two = ipv4(10, 20, 2, 5);
         let mut table = crate::desired::host_table::empty_table();
-        let dnat = |comment: &str, targets: Vec<Ipv4Addr>| Dnat {
+        let dnat = |comment: &str, targets: Vec<IpAddr>| Dnat {
             comment: comment.into(),
             protocol: Protocol::Tcp,
-            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip: ipv4(203, 0, 113, 10),
             vip_port: 80,
             targets,
             port: 8080,

@@ -310,29 +310,46 @@ mod tests {
         use crate::desired::routed_table::{
             Dnat, LoadBalancerRules, WorkerRules, add_load_balancer, add_worker,
         };
-        use std::net::Ipv4Addr;
+        use std::net::IpAddr;
+        let ip = |text: &str| -> IpAddr { text.parse().expect("address") };
         let mut table = crate::desired::host_table::empty_table();
         add_load_balancer(
             &mut table,
             &LoadBalancerRules {
                 id: 1,
-                dnat: vec![Dnat {
-                    comment: "api/http".into(),
-                    protocol: Protocol::Tcp,
-                    vip: Ipv4Addr::new(203, 0, 113, 10),
-                    vip_port: 80,
-                    targets: vec![Ipv4Addr::new(10, 20, 1, 5), Ipv4Addr::new(10, 20, 2, 5)],
-                    port: 8080,
-                }],
-                subnets: vec!["10.20.1.0/24".parse().expect("subnet")],
-                versions: vec![(Ipv4Addr::new(10, 20, 1, 5), 7)],
+                dnat: vec![
+                    Dnat {
+                        comment: "api/http".into(),
+                        protocol: Protocol::Tcp,
+                        vip: ip("203.0.113.10"),
+                        vip_port: 80,
+                        targets: vec![ip("10.20.1.5"), ip("10.20.2.5")],
+                        port: 8080,
+                    },
+                    Dnat {
+                        comment: "api/http/ipv6".into(),
+                        protocol: Protocol::Tcp,
+                        vip: ip("2001:db8:f::10"),
+                        vip_port: 80,
+                        targets: vec![ip("fd00:20:1::5")],
+                        port: 8080,
+                    },
+                ],
+                subnets: vec![
+                    "10.20.1.0/24".parse().expect("subnet"),
+                    "fd00:20:1::/64".parse().expect("subnet"),
+                ],
+                versions: vec![(ip("10.20.1.5"), 7), (ip("fd00:20:1::5"), 7)],
                 down: Vec::new(),
             },
         );
         add_worker(
             &mut table,
             &WorkerRules {
-                subnet: "10.20.1.0/24".parse().expect("subnet"),
+                subnets: vec![
+                    "10.20.1.0/24".parse().expect("subnet"),
+                    "fd00:20:1::/64".parse().expect("subnet"),
+                ],
                 lb_ids: vec![1],
             },
         );
@@ -340,9 +357,13 @@ mod tests {
         // The lines as `nft list table` prints them (priorities in numbers).
         for line in [
             "ip daddr 203.0.113.10 tcp dport 80 dnat ip to numgen inc mod 2 map { 0 : 10.20.1.5, 1 : 10.20.2.5 }:8080 comment \"api/http\"",
+            "ip6 daddr 2001:db8:f::10 tcp dport 80 dnat ip6 to [fd00:20:1::5]:8080 comment \"api/http/ipv6\"",
             "ct status dnat ip daddr 10.20.1.0/24 ip dscp set lephb",
+            "ct status dnat ip6 daddr fd00:20:1::/64 ip6 dscp set lephb",
             "ip daddr 10.20.1.0/24 ct state new ip dscp lephb ct mark set 0x6c6e0001",
+            "ip6 daddr fd00:20:1::/64 ct state new ip6 dscp lephb ct mark set 0x6c6e0001",
             "ct mark 0x6c6e0001 meta mark set 0x6c6e0001",
+            "type ipv6_addr : mark",
         ] {
             assert!(
                 text.contains(&format!("\t\t{line}\n")),

@@ -10,7 +10,7 @@ use crate::backend::nft::{self, NftError};
 use crate::backend::sysctl::{self, SysctlError};
 use crate::backend::veth;
 use crate::netns::Netns;
-use crate::ownership::ROUTED_SYSCTLS;
+use crate::ownership::{IPV6_FORWARDING, ROUTED_SYSCTLS};
 use crate::spec::Spec;
 
 use super::drains::drain_interests;
@@ -104,7 +104,8 @@ fn observe_reading(
     let (containers, foreign_containers) = docker.observe(node)?;
     let veths = veth::observe(netns)?;
     let addresses = netlink::observe_addresses(netns)?;
-    let sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
+    let mut sysctls = sysctl::read(netns, &ROUTED_SYSCTLS)?;
+    sysctls.extend(sysctl::read_present(netns, &[IPV6_FORWARDING])?);
     let mut observed = Observed {
         format: OBSERVED_FORMAT,
         node: node.to_string(),

@@ -55,7 +55,7 @@ fn probe_targets<'a>(spec: &'a Spec, node: &str) -> Vec<ProbeTarget<'a>> {
                     [replica.pair.address, replica.pair.next_address].map(|ip| ProbeTarget {
                         service: &service.name.value,
                         check: check.clone(),
-                        address: IpAddr::V4(ip),
+                        address: ip,
                         timeout: probe_timeout(service).min(LB_PROBE_TIMEOUT),
                     })
                 })

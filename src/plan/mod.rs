@@ -236,8 +236,8 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
         add_worker(
             &mut table,
             &WorkerRules {
-                subnet: worker.subnet,
-                lb_ids: worker.load_balancers.iter().map(|(id, _)| *id).collect(),
+                subnets: worker.subnets.clone(),
+                lb_ids: worker.lb_ids(),
             },
         );
     }

@@ -6,7 +6,7 @@
 //! state they start from; `apply` has one short arm per variant and never
 //! reads the spec or re-runs a planner decision.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -61,9 +61,9 @@ pub struct Switch {
     /// The replica's node.
     pub node: String,
     /// The address connections went to.
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// The address they go to now.
-    pub to: Ipv4Addr,
+    pub to: IpAddr,
     /// Why.
     pub why: String,
     /// How long this node waits for its connections to `from` (the service's `switchWait`).
@@ -94,11 +94,11 @@ pub struct Unanswered {
     /// `tcp` or `udp`.
     pub protocol: Protocol,
     /// The VIP.
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     /// The port on the VIP.
     pub vip_port: u16,
     /// Both addresses of each replica left out.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 impl std::fmt::Display for Unanswered {
@@ -198,30 +198,30 @@ pub enum Operation {
         /// The service.
         workload: Box<Workload>,
         /// Where it is wired in.
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// Routed mode: start the stopped primary and wire it in again at `address`.
     RestartReplica {
         /// The service.
         workload: Box<Workload>,
         /// Where it is wired in.
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// Routed mode: replace the primary in place at `address` (downtime).
     ReplaceReplica {
         /// The service.
         workload: Box<Workload>,
         /// Where the new one is wired in.
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// Routed mode: an upgrade across machines from `old_at` to `next_at`.
     UpgradeReplica {
         /// The service at the version it goes to.
         workload: Box<Workload>,
         /// Where the old version is wired in.
-        old_at: Ipv4Addr,
+        old_at: IpAddr,
         /// Where the next version is (or will be) wired in.
-        next_at: Ipv4Addr,
+        next_at: IpAddr,
         /// The upgrade found on the host, and whether it resumes or rolls back.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         in_flight: Option<InFlight>,
@@ -237,7 +237,7 @@ pub enum Operation {
         /// The container.
         container: String,
         /// Its address.
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     /// Remove a veth pair lessnat made.
     Unwire {

@@ -3,7 +3,7 @@
 //! VIPs and kernel settings either role needs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
@@ -54,7 +54,7 @@ fn resource(service: &str, on: On, slot: Slot) -> Resource {
     }
 }
 
-fn veth_resource(service: &str, address: Ipv4Addr) -> Resource {
+fn veth_resource(service: &str, address: IpAddr) -> Resource {
     let address = address.to_string();
     Resource::Veth {
         service: service.to_string(),
@@ -64,13 +64,13 @@ fn veth_resource(service: &str, address: Ipv4Addr) -> Resource {
 }
 
 /// The address a routed container is wired in at, from its label.
-fn wired_at(container: &Container) -> Option<Ipv4Addr> {
+fn wired_at(container: &Container) -> Option<IpAddr> {
     container.address.as_deref()?.parse().ok()
 }
 
 /// Where a replica stays when it is replaced in place: at `old`, unless the
 /// spec moved it to other addresses.
-fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+fn same_or_address(pair: &ReplicaAddresses, old: IpAddr) -> IpAddr {
     if pair.contains(old) {
         old
     } else {
@@ -81,7 +81,7 @@ fn same_or_address(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
 /// Where an upgrade starts the next version when the current one is at
 /// `old`: the pair's other address; `address` when `old` is not one of the
 /// pair (the spec changed the replica's addresses).
-fn next_for(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
+fn next_for(pair: &ReplicaAddresses, old: IpAddr) -> IpAddr {
     if pair.contains(old) {
         pair.other(old)
     } else {
@@ -90,7 +90,7 @@ fn next_for(pair: &ReplicaAddresses, old: Ipv4Addr) -> Ipv4Addr {
 }
 
 /// The veth found for `service`'s container at `address`.
-fn veth_of<'a>(observed: &'a Observed, service: &str, address: Ipv4Addr) -> Option<&'a Veth> {
+fn veth_of<'a>(observed: &'a Observed, service: &str, address: IpAddr) -> Option<&'a Veth> {
     let address = address.to_string();
     observed
         .veths
@@ -324,8 +324,8 @@ fn in_flight(
 fn upgrade_stages(
     on: On,
     service: &Service,
-    old_at: Ipv4Addr,
-    next_at: Ipv4Addr,
+    old_at: IpAddr,
+    next_at: IpAddr,
     started: bool,
 ) -> Vec<Stage> {
     let name = &service.name.value;
@@ -378,7 +378,7 @@ fn upgrade_stages(
     ]
 }
 
-fn stop_start_stages(on: On, service: &Service, at: Ipv4Addr) -> Vec<Stage> {
+fn stop_start_stages(on: On, service: &Service, at: IpAddr) -> Vec<Stage> {
     let primary = on.name(&service.name, Slot::Primary);
     vec![
         Stage {
@@ -454,7 +454,7 @@ struct Target<'a> {
     /// Its two addresses.
     pair: ReplicaAddresses,
     /// The address its new connections go to.
-    address: Ipv4Addr,
+    address: IpAddr,
     /// Neither of its addresses answered its probe.
     down: bool,
 }
@@ -478,21 +478,21 @@ pub(super) fn load_balancing(
     observed: &Observed,
 ) -> LoadBalancing {
     let found = super::own_table(observed);
-    let recorded: BTreeMap<Ipv4Addr, u32> = found
+    let recorded: BTreeMap<IpAddr, u32> = found
         .map(versions_in)
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let spreads: BTreeMap<String, Vec<Ipv4Addr>> = found
+    let spreads: BTreeMap<String, Vec<IpAddr>> = found
         .map(spreads_in)
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let down_since: BTreeMap<Ipv4Addr, u32> =
+    let down_since: BTreeMap<IpAddr, u32> =
         found.map(down_in).unwrap_or_default().into_iter().collect();
     let now = observed.probed_at.and_then(|t| u32::try_from(t).ok());
     let mut down = BTreeMap::new();
-    let mut chosen: BTreeMap<(String, Ipv4Addr), (Ipv4Addr, u32)> = BTreeMap::new();
+    let mut chosen: BTreeMap<(String, IpAddr), (IpAddr, u32)> = BTreeMap::new();
     let mut switches = Vec::new();
     let mut dnat = Vec::new();
     let mut spread = BTreeSet::new();
@@ -502,7 +502,7 @@ pub(super) fn load_balancing(
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
-        let answers = |address: Ipv4Addr| {
+        let answers = |address: IpAddr| {
             let address = address.to_string();
             observed
                 .probes
@@ -510,9 +510,10 @@ pub(super) fn load_balancing(
                 .find(|p| &p.service == name && p.address == address)
                 .map(|p| p.healthy)
         };
-        let healthy = |address: Ipv4Addr| answers(address) == Some(true);
+        let healthy = |address: IpAddr| answers(address) == Some(true);
         let mut targets = Vec::new();
-        for replica in replicas_of(spec, service) {
+        let placed = replicas_of(spec, service);
+        for replica in placed.iter().filter(|r| vip_port.reaches(r.pair.address)) {
             let pair = replica.pair;
             // Only a replica probed at both addresses can be known to be down.
             let down =
@@ -528,11 +529,11 @@ pub(super) fn load_balancing(
                 });
                 continue;
             }
-            let wanted = version_tag(&replica_container(service, &replica).spec_hash());
+            let wanted = version_tag(&replica_container(service, replica).spec_hash());
             let current = [pair.address, pair.next_address]
                 .into_iter()
                 .find_map(|a| Some((a, *recorded.get(&a)?)));
-            let other_answers = |a: Ipv4Addr| healthy(pair.other(a));
+            let other_answers = |a: IpAddr| healthy(pair.other(a));
             let (address, tag, why) = match current {
                 None if healthy(pair.address) || !healthy(pair.next_address) => {
                     (pair.address, wanted, None)
@@ -574,14 +575,13 @@ pub(super) fn load_balancing(
                 down,
             });
         }
-        let comment = format!("{name}/{}", vip_port.port.name.value);
+        let comment = vip_port.comment.clone();
         let all_down = targets.iter().all(|t| t.down);
         if all_down && !targets.is_empty() {
             warnings.insert(format!(
-                "no replica of {comment} ({}:{}) answers its health check: all {} stay in the spread \
+                "no replica of {comment} ({}) answers its health check: all {} stay in the spread \
                  (a replica that may be recovering beats a certain refusal); new connections fail until one answers",
-                vip_port.vip,
-                vip_port.vip_port,
+                std::net::SocketAddr::new(vip_port.vip, vip_port.vip_port),
                 targets.len()
             ));
         }
@@ -665,6 +665,42 @@ fn out_since(since: u32, now: Option<u32>) -> String {
     match now.and_then(|now| now.checked_sub(since)) {
         Some(seconds) => format!(" since {at} (for {})", HumanDuration::secs(seconds.into())),
         None => format!(" since {at}"),
+    }
+}
+
+/// Whether a route is IPv6: by its destination, else by its gateway
+/// (`default` without a gateway is IPv4, as for `ip route`).
+fn is_ipv6_route(route: &Route) -> bool {
+    let destination = route
+        .destination
+        .parse::<ipnet::IpNet>()
+        .ok()
+        .map(|n| n.addr());
+    let gateway = route
+        .gateway
+        .as_deref()
+        .and_then(|g| g.parse::<IpAddr>().ok());
+    destination.or(gateway).is_some_and(|a| a.is_ipv6())
+}
+
+/// Whether two routes are the same route (perhaps with other gateways):
+/// same table, destination and family; the IPv4 and IPv6 default routes of
+/// one table are two.
+fn same_route(a: &Route, b: &Route) -> bool {
+    a.table == b.table && a.destination == b.destination && is_ipv6_route(a) == is_ipv6_route(b)
+}
+
+/// A route as a resource in plans: `route.TABLE.DESTINATION`, an IPv6
+/// default route's destination shown as `::/0`.
+fn route_resource(route: &Route) -> Resource {
+    let destination = if route.destination == "default" && is_ipv6_route(route) {
+        "::/0".to_string()
+    } else {
+        route.destination.clone()
+    };
+    Resource::Route {
+        table: route.table,
+        destination,
     }
 }
 
@@ -780,7 +816,7 @@ pub(super) fn plan_wiring(
             .routing
             .routes
             .iter()
-            .find(|r| r.table == route.table && r.destination == route.destination);
+            .find(|r| same_route(r, route));
         if found == Some(route) {
             continue;
         }
@@ -790,10 +826,7 @@ pub(super) fn plan_wiring(
             } else {
                 Action::Create
             },
-            Resource::Route {
-                table: route.table,
-                destination: route.destination.clone(),
-            },
+            route_resource(route),
             "routed mode's routes",
             vec![field(
                 "route",
@@ -811,16 +844,11 @@ pub(super) fn plan_wiring(
             .device
             .as_ref()
             .is_some_and(|d| observed.veths.iter().any(|v| &v.name == d));
-        let wanted = routes
-            .iter()
-            .any(|r| r.table == found.table && r.destination == found.destination);
+        let wanted = routes.iter().any(|r| same_route(r, found));
         if !wired && !wanted {
             wiring.last.push(change(
                 Action::Destroy,
-                Resource::Route {
-                    table: found.table,
-                    destination: found.destination.clone(),
-                },
+                route_resource(found),
                 "not in the spec for this node",
                 vec![field("route", Some(describe_route(found)), None)],
                 Operation::Route {

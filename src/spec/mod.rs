@@ -52,10 +52,21 @@ pub struct Node {
     pub name: Located<String>,
     /// The node's address on the data-centre network.
     pub address: Located<Address>,
-    /// Routed mode: the subnet container addresses on this node live in, e.g. `10.20.1.0/24`.
-    /// Load-balancer nodes route it via `address`.
+    /// Routed mode, dual stack: the node's IPv6 address when `address` is
+    /// IPv4 (load-balancer nodes route `containerSubnet6` via it, workers
+    /// send IPv6 replies back to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Located<Address>>,
+    /// Routed mode: the subnet container addresses on this node live in, e.g. `10.20.1.0/24`
+    /// or `fd00:20:1::/64`. Load-balancer nodes route it via `address`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_subnet: Option<Located<Subnet>>,
+    /// Routed mode, dual stack: the node's IPv6 container subnet when
+    /// `containerSubnet` is IPv4, e.g. `fd00:20:1::/64`. Replicas whose
+    /// address is in it are IPv6 replicas (each replica has one address
+    /// family; a dual-stack service lists replicas of both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_subnet6: Option<Located<Subnet>>,
     /// Makes this node a load balancer for routed services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
@@ -170,8 +181,9 @@ pub struct Replica {
     /// consecutive addresses from `address` on: with `address: 10.20.1.10`
     /// and `count: 3`, the pairs are .10/.11, .12/.13 and .14/.15 (versions
     /// alternate within each pair). Raising the count adds pairs and leaves
-    /// the others where they are.
+    /// the others where they are. At most 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
     pub count: Option<Located<u32>>,
 }
 
@@ -228,9 +240,15 @@ pub struct Port {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub temp_port: Option<Located<u16>>,
-    /// Routed mode: a virtual IP of a load-balancer node that serves this port.
+    /// Routed mode: a virtual IP of a load-balancer node that serves this port
+    /// (IPv4 or IPv6); it spreads new connections over the replicas of its
+    /// address family.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip: Option<Located<Address>>,
+    /// Routed mode, dual stack: the port's IPv6 VIP when `vip` is IPv4; it
+    /// spreads over the service's IPv6 replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Located<Address>>,
     /// Routed mode: the port on the VIP; defaults to `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]

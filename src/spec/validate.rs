@@ -2,12 +2,15 @@
 //! reported, each at the value that causes it.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use super::{
     Canary, Health, Located, NetworkMode, Node, PlaceholderError, Protocol, PullPolicy, Replica,
     SPEC_VERSION, Service, Spec, Strategy, render_placeholders,
 };
+use crate::desired::routed::{node_addresses, offset, worker_subnets};
 use crate::diagnostic::{Diagnostic, Span, closest, one_of};
 use crate::error::chain;
 use crate::registry::ImageRef;
@@ -15,6 +18,10 @@ use crate::registry::ImageRef;
 /// The longest name lessnat accepts for nodes, services and ports (container
 /// names are built from them).
 pub const MAX_NAME_LEN: usize = 40;
+
+/// The most replicas one entry of `replicas` may stand for (`count`): an
+/// IPv6 subnet would hold billions, which lessnat would list one by one.
+pub const MAX_COUNT: u32 = 1024;
 
 /// Checks every rule and returns all problems found, in no particular order.
 pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
@@ -24,6 +31,7 @@ pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
     check.services(spec);
     check.node_ports(spec);
     check.vip_ports(spec);
+    check.routed_families(spec);
     check.found
 }
 
@@ -44,27 +52,38 @@ fn replica_entry_addresses(replica: &Replica) -> Vec<(IpAddr, Span)> {
         .chain(&replica.next_address)
         .map(|a| (***a, a.span))
         .collect();
-    if let (Some(count), IpAddr::V4(first)) = (&replica.count, **replica.address) {
-        let extra = (1..count.value.saturating_mul(2))
-            .filter_map(|k| u32::from(first).checked_add(k))
-            .map(|a| (IpAddr::V4(Ipv4Addr::from(a)), count.span));
+    if let Some(count) = &replica.count {
+        let extra = (1..count.value.min(MAX_COUNT).saturating_mul(2))
+            .filter_map(|k| offset(**replica.address, u128::from(k)))
+            .map(|a| (a, count.span));
         addresses.extend(extra);
     }
     addresses
 }
 
 /// The last address of the pairs of an entry with `count`.
-fn last_of_count(replica: &Replica) -> Option<Ipv4Addr> {
-    let IpAddr::V4(first) = **replica.address else {
-        return None;
-    };
+fn last_of_count(replica: &Replica) -> Option<IpAddr> {
     let span = replica
         .count
         .as_ref()?
         .value
         .checked_mul(2)?
         .checked_sub(1)?;
-    u32::from(first).checked_add(span).map(Ipv4Addr::from)
+    offset(**replica.address, u128::from(span))
+}
+
+/// `IPv4` or `IPv6`.
+fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Whether `address` is a host address of `subnet`: inside it, and not an
+/// IPv4 subnet's broadcast address.
+fn is_host_of(subnet: &IpNet, address: IpAddr) -> bool {
+    match subnet {
+        IpNet::V4(net) => subnet.contains(&address) && address != IpAddr::V4(net.broadcast()),
+        IpNet::V6(_) => subnet.contains(&address),
+    }
 }
 
 fn at(span: Span) -> String {
@@ -122,33 +141,38 @@ impl Checker {
         let mut addresses: HashMap<IpAddr, &Node> = HashMap::new();
         let mut lb_ids: HashMap<u8, &Node> = HashMap::new();
         for (index, node) in spec.nodes.iter().enumerate() {
-            if let Some(first) = addresses.insert(**node.address, node) {
-                self.push(
-                    error(
-                        node.address.span,
-                        format!("address {} is used by two nodes", *node.address),
-                    )
-                    .with_help(format!("node `{}` already has it", first.name.value)),
-                );
+            self.node_families(node);
+            for address in std::iter::once(&node.address).chain(&node.address6) {
+                if let Some(first) = addresses.insert(***address, node) {
+                    self.push(
+                        error(
+                            address.span,
+                            format!("address {} is used by two nodes", **address),
+                        )
+                        .with_help(format!("node `{}` already has it", first.name.value)),
+                    );
+                }
             }
-            if let Some(subnet) = &node.container_subnet {
+            for subnet in [&node.container_subnet, &node.container_subnet6]
+                .into_iter()
+                .flatten()
+            {
                 for other in &spec.nodes[..index] {
-                    let Some(other_subnet) = &other.container_subnet else {
-                        continue;
-                    };
-                    if subnet.contains(&other_subnet.network())
-                        || other_subnet.contains(&subnet.network())
-                    {
-                        self.push(
-                            error(
-                                subnet.span,
-                                format!(
-                                    "containerSubnet {} overlaps {} of node `{}`",
-                                    subnet.value, other_subnet.value, other.name.value
-                                ),
-                            )
-                            .with_help("give each node a subnet of its own"),
-                        );
+                    for other_subnet in worker_subnets(other) {
+                        if subnet.contains(&other_subnet.network())
+                            || other_subnet.contains(&subnet.network())
+                        {
+                            self.push(
+                                error(
+                                    subnet.span,
+                                    format!(
+                                        "container subnet {} overlaps {other_subnet} of node `{}`",
+                                        subnet.value, other.name.value
+                                    ),
+                                )
+                                .with_help("give each node a subnet of its own"),
+                            );
+                        }
                     }
                 }
             }
@@ -174,6 +198,96 @@ impl Checker {
                         first.name.value, *lb.id
                     )),
                 );
+            }
+        }
+    }
+
+    /// A node's second-family fields: `address6` and `containerSubnet6`
+    /// are IPv6 and go with an IPv4 `address` and `containerSubnet`.
+    fn node_families(&mut self, node: &Node) {
+        if let Some(address6) = &node.address6 {
+            if !address6.is_ipv6() {
+                self.push(
+                    error(
+                        address6.span,
+                        format!("`address6` {} is not IPv6", **address6),
+                    )
+                    .with_help("write the node's IPv6 address here, its IPv4 one in `address`"),
+                );
+            } else if node.address.is_ipv6() {
+                self.push(
+                    error(address6.span, "`address6` with an IPv6 `address`")
+                        .with_help("`address6` is the IPv6 address of a node whose `address` is IPv4; remove it"),
+                );
+            }
+        }
+        if let Some(subnet6) = &node.container_subnet6 {
+            let first_is_v4 = node
+                .container_subnet
+                .as_ref()
+                .is_some_and(|s| s.addr().is_ipv4());
+            if subnet6.addr().is_ipv4() {
+                self.push(
+                    error(
+                        subnet6.span,
+                        format!("`containerSubnet6` {} is not IPv6", subnet6.value),
+                    )
+                    .with_help(
+                        "write the IPv6 container subnet here, the IPv4 one in `containerSubnet`",
+                    ),
+                );
+            } else if !first_is_v4 {
+                self.push(
+                    error(
+                        subnet6.span,
+                        "`containerSubnet6` needs an IPv4 `containerSubnet`",
+                    )
+                    .with_help(
+                        "a node with only IPv6 containers writes its subnet in `containerSubnet`",
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Every node that routes a family (a worker's container subnet, a
+    /// load-balancer node's VIP) has an address of that family, and so has
+    /// every load-balancer node, for the workers' replies.
+    fn routed_families(&mut self, spec: &Spec) {
+        let routed = |v4: bool| {
+            spec.nodes.iter().any(|n| {
+                worker_subnets(n).iter().any(|s| s.addr().is_ipv4() == v4)
+                    && spec
+                        .services
+                        .iter()
+                        .flat_map(|s| &s.replicas)
+                        .any(|r| r.node.value == n.name.value && r.address.is_ipv4() == v4)
+            })
+        };
+        for v4 in [true, false] {
+            if !routed(v4) {
+                continue;
+            }
+            let wanted = if v4 { "IPv4" } else { "IPv6" };
+            for node in &spec.nodes {
+                let has = node_addresses(node).iter().any(|a| a.is_ipv4() == v4);
+                let needs = node.load_balancer.is_some()
+                    || worker_subnets(node)
+                        .iter()
+                        .any(|s| s.addr().is_ipv4() == v4);
+                if needs && !has {
+                    self.push(
+                        error(
+                            node.address.span,
+                            format!("node `{}` has no {wanted} address, and routed replicas use {wanted}", node.name.value),
+                        )
+                        .with_help(if v4 {
+                            "load-balancer nodes and workers route each family through the nodes' addresses of that family; give the node an IPv4 `address`"
+                        } else {
+                            "load-balancer nodes and workers route each family through the nodes' addresses of that family; add `address6`"
+                        }),
+                    );
+                }
             }
         }
     }
@@ -351,11 +465,13 @@ impl Checker {
             );
         }
         for port in &service.ports {
-            if let Some(vip) = &port.vip {
-                self.push(
-                    error(vip.span, "`vip` is for routed services")
-                        .with_help("remove it, or set `network: routed`"),
-                );
+            for (vip, key) in [(&port.vip, "vip"), (&port.vip6, "vip6")] {
+                if let Some(vip) = vip {
+                    self.push(
+                        error(vip.span, format!("`{key}` is for routed services"))
+                            .with_help("remove it, or set `network: routed`"),
+                    );
+                }
             }
             if let Some(vip_port) = &port.vip_port {
                 self.push(
@@ -405,47 +521,75 @@ impl Checker {
             let Some(node) = spec.node(&replica.node) else {
                 continue;
             };
-            let Some(subnet) = &node.container_subnet else {
+            let subnets = worker_subnets(node);
+            if subnets.is_empty() {
                 self.push(
                     error(replica.node.span, format!("node `{}` has no `containerSubnet`", node.name.value))
                         .with_help("routed replicas take their address from their node's `containerSubnet`; add one to the node"),
                 );
                 continue;
+            }
+            let first = **replica.address;
+            let Some(subnet) = subnets
+                .iter()
+                .find(|s| s.addr().is_ipv4() == first.is_ipv4())
+            else {
+                self.push(
+                    error(
+                        replica.address.span,
+                        format!(
+                            "address {first} is {}, and node `{}` has no {} container subnet",
+                            family(first),
+                            node.name.value,
+                            family(first)
+                        ),
+                    )
+                    .with_help(if first.is_ipv4() {
+                        "pick an address in the node's `containerSubnet`"
+                    } else {
+                        "pick an address in the node's `containerSubnet`, or give the node `containerSubnet6`"
+                    }),
+                );
+                continue;
             };
-            if let (Some(count), Some(last)) = (&replica.count, last_of_count(replica)) {
-                let fits = match *subnet.value {
-                    ipnet::IpNet::V4(net) => net.contains(&last) && last != net.broadcast(),
-                    ipnet::IpNet::V6(_) => false,
-                };
-                if !fits {
-                    self.push(
-                        error(
-                            count.span,
-                            format!(
-                                "{} replicas from {} need addresses up to {last}, past the last host address of {} of node `{}`",
-                                count.value, **replica.address, subnet.value, node.name.value
-                            ),
-                        )
-                        .with_help("each replica takes two consecutive addresses; lower `count` or start `address` lower"),
-                    );
-                }
+            if let (Some(count), Some(last)) = (&replica.count, last_of_count(replica))
+                && !is_host_of(subnet, last)
+            {
+                self.push(
+                    error(
+                        count.span,
+                        format!(
+                            "{} replicas from {first} need addresses up to {last}, past the last host address of {subnet} of node `{}`",
+                            count.value, node.name.value
+                        ),
+                    )
+                    .with_help("each replica takes two consecutive addresses; lower `count` or start `address` lower"),
+                );
             }
             for address in std::iter::once(&replica.address).chain(&replica.next_address) {
-                if !address.is_ipv4() {
+                if address.is_ipv4() != first.is_ipv4() {
                     self.push(
-                        error(address.span, format!("routed replicas need IPv4 addresses, not {}", **address))
-                            .with_help("routed mode carries the load-balancer id in the IPv4 DSCP field; use an IPv4 `containerSubnet`"),
+                        error(
+                            address.span,
+                            format!(
+                                "nextAddress {} is {}, and address {first} is {}",
+                                **address,
+                                family(***address),
+                                family(first)
+                            ),
+                        )
+                        .with_help("a replica's two addresses are of one family (for dual stack, list a replica of each family)"),
                     );
                 } else if !subnet.contains(&***address) {
                     self.push(
                         error(
                             address.span,
                             format!(
-                                "address {} is outside {} of node `{}`",
-                                **address, subnet.value, node.name.value
+                                "address {} is outside {subnet} of node `{}`",
+                                **address, node.name.value
                             ),
                         )
-                        .with_help("pick an address inside the node's `containerSubnet`"),
+                        .with_help("pick an address inside the node's container subnet"),
                     );
                 }
             }
@@ -457,20 +601,53 @@ impl Checker {
                         .with_help("a routed upgrade gives the next replica its own address; remove `tempPort`"),
                 );
             }
-            let Some(vip) = &port.vip else { continue };
-            let served = spec
-                .nodes
-                .iter()
-                .filter_map(|n| n.load_balancer.as_ref())
-                .any(|lb| lb.vips.iter().any(|v| v.value == vip.value));
-            if !served {
-                self.push(
-                    error(
-                        vip.span,
-                        format!("no load-balancer node serves VIP {}", vip.value),
-                    )
-                    .with_help("add it to the `loadBalancer.vips` of a node"),
-                );
+            if let Some(vip6) = &port.vip6 {
+                if !vip6.is_ipv6() {
+                    self.push(
+                        error(vip6.span, format!("`vip6` {} is not IPv6", **vip6))
+                            .with_help("write the port's IPv6 VIP here, its IPv4 one in `vip`"),
+                    );
+                } else if port.vip.as_ref().is_none_or(|v| v.is_ipv6()) {
+                    self.push(
+                        error(vip6.span, "`vip6` needs an IPv4 `vip`")
+                            .with_help("a port with only an IPv6 VIP writes it in `vip`"),
+                    );
+                }
+            }
+            for vip in [&port.vip, &port.vip6].into_iter().flatten() {
+                let served = spec
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.load_balancer.as_ref())
+                    .any(|lb| lb.vips.iter().any(|v| v.value == vip.value));
+                if !served {
+                    self.push(
+                        error(
+                            vip.span,
+                            format!("no load-balancer node serves VIP {}", vip.value),
+                        )
+                        .with_help("add it to the `loadBalancer.vips` of a node"),
+                    );
+                }
+                let reached = service
+                    .replicas
+                    .iter()
+                    .any(|r| r.address.is_ipv4() == vip.is_ipv4());
+                if !reached && !service.replicas.is_empty() {
+                    self.push(
+                        error(
+                            vip.span,
+                            format!(
+                                "VIP {} is {}, and service `{}` has no {} replica",
+                                vip.value,
+                                family(*vip.value),
+                                service.name.value,
+                                family(*vip.value)
+                            ),
+                        )
+                        .with_help("a VIP spreads over the replicas of its own family; add one, or use a VIP of the replicas' family"),
+                    );
+                }
             }
         }
     }
@@ -484,6 +661,12 @@ impl Checker {
             self.push(
                 error(count.span, "`count` must be at least 1")
                     .with_help("remove the entry to run no replica on this node"),
+            );
+        }
+        if count.value > MAX_COUNT {
+            self.push(
+                error(count.span, format!("`count` {} is more than {MAX_COUNT}", count.value))
+                    .with_help(format!("one entry stands for at most {MAX_COUNT} replicas; split it into entries with their own `address`")),
             );
         }
         if let Some(next) = &replica.next_address {
@@ -712,8 +895,11 @@ impl Checker {
             .iter()
             .filter(|s| s.network == NetworkMode::Routed)
         {
-            for port in &service.ports {
-                let Some(vip) = &port.vip else { continue };
+            for (port, vip) in service
+                .ports
+                .iter()
+                .flat_map(|p| [&p.vip, &p.vip6].into_iter().flatten().map(move |v| (p, v)))
+            {
                 let (number, span) = match &port.vip_port {
                     Some(p) => (p.value, p.span),
                     None => (port.port.value, port.port.span),
@@ -725,9 +911,8 @@ impl Checker {
                         error(
                             span,
                             format!(
-                                "{}:{}/{} is already served by `{owner}`",
-                                vip.value,
-                                number,
+                                "{}/{} is already served by `{owner}`",
+                                std::net::SocketAddr::new(*vip.value, number),
                                 port.protocol.as_str()
                             ),
                         )

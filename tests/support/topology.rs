@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,9 +19,10 @@ use serde_json::Value;
 
 #[allow(unused_imports)] // each test binary uses a different part
 pub use lessnat::demo::topology::{
-    CLIENT_ADDRESSES, CLIENT_SUBNET, CLIENT_THREADS, HTTP_PORT, LB_ADDRESSES, LB_FRONT_ADDRESSES,
-    Replica, Service, UDP_PORT, VIP, VIP_PORT, VIP_UDP_PORT, WORKER_ADDRESSES, WORKER_SUBNETS,
-    client_of, saw_real_client, vip, vip_udp,
+    CLIENT_ADDRESSES, CLIENT_ADDRESSES6, CLIENT_SUBNET, CLIENT_SUBNET6, CLIENT_THREADS, HTTP_PORT,
+    LB_ADDRESSES, LB_FRONT_ADDRESSES, Replica, Service, Stack, UDP_PORT, VIP, VIP_PORT,
+    VIP_UDP_PORT, VIP6, WORKER_ADDRESSES, WORKER_SUBNETS, client_of, saw_real_client, vip, vip_udp,
+    vip6,
 };
 
 use super::TestNetns;
@@ -123,9 +124,14 @@ impl Topology {
     /// Builds the site with `workers` workers (1 or 2). Needs root and `ip`
     /// (check with `support::root_with` first).
     pub fn new(workers: usize) -> Topology {
+        Topology::new_stack(workers, Stack::Ipv4)
+    }
+
+    /// [`Topology::new`] with the address families of `stack`.
+    pub fn new_stack(workers: usize, stack: Stack) -> Topology {
         assert!((1..=2).contains(&workers), "1 or 2 workers, not {workers}");
         let dir = tempfile::tempdir().expect("temp dir");
-        let site = Site::build("lnt-", &random_tag(), workers, dir.path())
+        let site = Site::build_stack("lnt-", &random_tag(), workers, dir.path(), stack)
             .unwrap_or_else(|e| panic!("building the site: {}", lessnat::error::chain(&e)));
         Topology { site, dir }
     }
@@ -211,32 +217,79 @@ impl Topology {
 
     /// An HTTP `/peer` request from client `client` to the VIP.
     pub fn request(&self, client: usize, path: &str) -> Sample {
+        self.request_to(client, vip(), path)
+    }
+
+    /// An HTTP request from client `client` to `target` (such as [`vip6`]).
+    pub fn request_to(&self, client: usize, target: SocketAddr, path: &str) -> Sample {
         super::load::request_in(
             &self.clients[client].ns.name,
             client,
-            vip(),
+            target,
             path,
             Duration::from_secs(5),
         )
     }
 
-    /// Counts, in each LB's forward hook, packets from and to each client
-    /// (test-owned table `ip lnt_paths`, named counters `from_c1`, `to_c1`,
-    /// `from_c2`, `to_c2`; only replies go to clients). Resets the counters
-    /// when called again.
+    /// A strict reverse-path filter for IPv6 on every LB and worker, the
+    /// nftables form of `rp_filter=1` (IPv6 has no `rp_filter`): a packet
+    /// whose source is not routed back out of the interface it came in on,
+    /// looked up with its mark, is dropped and counted (test-owned table
+    /// `ip6 lnt_rpf`, counter `dropped`). It runs after lessnat's
+    /// `routed_mark` (priority -150), as the kernel's IPv4 check runs
+    /// after every prerouting hook.
+    pub fn strict_rpfilter6(&self) {
+        for node in self.nodes() {
+            let _ = node
+                .ns
+                .try_exec("nft", &["delete", "table", "ip6", "lnt_rpf"]);
+            node.ns.nft(
+                "table ip6 lnt_rpf {\n  counter dropped {}\n  chain prerouting {\n    \
+                 type filter hook prerouting priority -100; policy accept;\n    \
+                 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept\n    \
+                 fib saddr . mark . iif oif missing counter name dropped drop\n  }\n}\n",
+            );
+        }
+    }
+
+    /// The packets [`Topology::strict_rpfilter6`] dropped on each node, by name.
+    pub fn rpfilter6_drops(&self) -> BTreeMap<String, u64> {
+        self.nodes()
+            .map(|node| {
+                let dropped = nft_counters(&node.ns, "ip6", "lnt_rpf")
+                    .get("dropped")
+                    .copied()
+                    .unwrap_or(0);
+                (node.name.clone(), dropped)
+            })
+            .collect()
+    }
+
+    /// Counts, in each LB's forward hook, packets from and to each client,
+    /// at its IPv4 and (on sites with IPv6) IPv6 address (test-owned table
+    /// `inet lnt_paths`, named counters `from_c1`, `to_c1`, `from_c2`,
+    /// `to_c2`; only replies go to clients). Resets the counters when called
+    /// again.
     pub fn count_forwarded(&self) {
         for lb in &self.lbs {
             let _ = lb
                 .ns
-                .try_exec("nft", &["delete", "table", "ip", "lnt_paths"]);
-            let mut script = String::from("table ip lnt_paths {\n");
-            for (i, client) in CLIENT_ADDRESSES.iter().enumerate() {
+                .try_exec("nft", &["delete", "table", "inet", "lnt_paths"]);
+            let mut script = String::from("table inet lnt_paths {\n");
+            for (i, client) in self.clients.iter().enumerate() {
                 let n = i + 1;
                 let _ = writeln!(script, "  counter from_c{n} {{}}\n  counter to_c{n} {{}}");
-                let _ = writeln!(
-                    script,
-                    "  chain count_{n} {{ ip saddr {client} counter name from_c{n}; ip daddr {client} counter name to_c{n}; }}"
+                let mut rules = format!(
+                    "ip saddr {0} counter name from_c{n}; ip daddr {0} counter name to_c{n};",
+                    client.address
                 );
+                if let Some(address6) = client.address6 {
+                    let _ = write!(
+                        rules,
+                        " ip6 saddr {address6} counter name from_c{n}; ip6 daddr {address6} counter name to_c{n};"
+                    );
+                }
+                let _ = writeln!(script, "  chain count_{n} {{ {rules} }}");
             }
             script.push_str(
                 "  chain forward { type filter hook forward priority -300; policy accept; \
@@ -248,30 +301,33 @@ impl Topology {
 
     /// The counters [`Topology::count_forwarded`] installed on LB `lb`.
     pub fn forwarded(&self, lb: usize) -> BTreeMap<String, u64> {
-        nft_counters(&self.lbs[lb].ns, "ip", "lnt_paths")
+        nft_counters(&self.lbs[lb].ns, "inet", "lnt_paths")
     }
 
     /// Counts, in worker `worker`'s prerouting hook (before anything of
     /// lessnat's), the UDP datagrams arriving from the back network for the
     /// containers' UDP port: all of them (`all_udp`), and those with DSCP = LB
     /// *n*'s id and ECN ECT(1) (`lbN_ect1`). Test-owned table `ip lnt_ecn`;
-    /// resets the counters when called again.
-    pub fn count_udp_marks(&self, worker: usize) {
+    /// resets the counters when called again. With `ipv6`, the same of
+    /// IPv6 datagrams (`ip6 dscp`, `ip6 ecn`).
+    pub fn count_udp_marks(&self, worker: usize, ipv6: bool) {
         let ns = &self.workers[worker].ns;
-        let _ = ns.try_exec("nft", &["delete", "table", "ip", "lnt_ecn"]);
+        let _ = ns.try_exec("nft", &["delete", "table", "inet", "lnt_ecn"]);
+        let ip = if ipv6 { "ip6" } else { "ip" };
         let mut script = String::from(
-            "table ip lnt_ecn {\n  counter all_udp {}\n  counter lb1_ect1 {}\n  counter lb2_ect1 {}\n  \
+            "table inet lnt_ecn {\n  counter all_udp {}\n  counter lb1_ect1 {}\n  counter lb2_ect1 {}\n  \
              chain prerouting {\n    type filter hook prerouting priority -400; policy accept;\n",
         );
         let _ = writeln!(
             script,
-            "    iifname \"fab\" udp dport {UDP_PORT} counter name all_udp"
+            "    iifname \"fab\" meta nfproto {} udp dport {UDP_PORT} counter name all_udp",
+            if ipv6 { "ipv6" } else { "ipv4" }
         );
         for lb in &self.lbs {
             let id = lb.lb_id.expect("an LB has an id");
             let _ = writeln!(
                 script,
-                "    iifname \"fab\" udp dport {UDP_PORT} ip dscp {id} ip ecn ect1 counter name lb{id}_ect1"
+                "    iifname \"fab\" udp dport {UDP_PORT} {ip} dscp {id} {ip} ecn ect1 counter name lb{id}_ect1"
             );
         }
         script.push_str("  }\n}\n");
@@ -280,7 +336,7 @@ impl Topology {
 
     /// The counters [`Topology::count_udp_marks`] installed on worker `worker`.
     pub fn udp_marks(&self, worker: usize) -> BTreeMap<String, u64> {
-        nft_counters(&self.workers[worker].ns, "ip", "lnt_ecn")
+        nft_counters(&self.workers[worker].ns, "inet", "lnt_ecn")
     }
 
     /// Adds (or with `on == false` removes) the masquerading baseline on
@@ -366,14 +422,14 @@ pub fn nft_counters(ns: &TestNetns, family: &str, table: &str) -> BTreeMap<Strin
 }
 
 /// Whether `ns` has a route to `destination` (`ip route get`, no mark).
-pub fn has_route(ns: &TestNetns, destination: Ipv4Addr) -> bool {
+pub fn has_route(ns: &TestNetns, destination: IpAddr) -> bool {
     ns.try_exec("ip", &["route", "get", &destination.to_string()])
         .status
         .success()
 }
 
 /// Sends `count` UDP datagrams from one socket in `netns` to `target` with
-/// IP_TOS `tos`, waiting up to `timeout` for an answer to each; returns the
+/// IP_TOS (IPV6_TCLASS for an IPv6 target) `tos`, waiting up to `timeout` for an answer to each; returns the
 /// answers (the test server's `VERSION PEER`), in order, `None` for a lost one.
 pub fn udp_exchange(
     netns: &str,
@@ -386,10 +442,18 @@ pub fn udp_exchange(
         scope
             .spawn(|| {
                 enter_netns(netns).unwrap_or_else(|e| panic!("entering {netns}: {e}"));
-                let socket = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket");
-                socket2::SockRef::from(&socket)
-                    .set_tos_v4(u32::from(tos))
-                    .expect("IP_TOS");
+                let any = if target.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
+                let socket = UdpSocket::bind(any).expect("bind a UDP socket");
+                let sock = socket2::SockRef::from(&socket);
+                if target.is_ipv4() {
+                    sock.set_tos_v4(u32::from(tos)).expect("IP_TOS");
+                } else {
+                    sock.set_tclass_v6(u32::from(tos)).expect("IPV6_TCLASS");
+                }
                 socket.set_read_timeout(Some(timeout)).expect("timeout");
                 let mut buf = [0u8; 512];
                 (0..count)

@@ -1,7 +1,7 @@
 //! Routed mode on a worker: a replica created, replaced in place, upgraded
 //! across addresses, and upgrades rolled back.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use super::super::fake::{FakeContainer, Health};
 use super::{Harness, only_operation};
@@ -14,7 +14,7 @@ use crate::plan::{Decision, InFlight};
 const NODE: &str = "w";
 const PRIMARY: &str = "lessnat-api.w";
 const NEXT: &str = "lessnat-api.w.next";
-const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 5);
+const ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 20, 1, 5));
 
 /// The routed service `api` with its replica on worker `w` at 10.20.1.5,
 /// at `image` with `upgrade` settings (the inside of a YAML flow mapping).
@@ -53,7 +53,7 @@ fn wired(h: &Harness) -> Vec<String> {
 }
 
 /// Asserts that `image` serves alone as the primary, wired in at `address`.
-fn assert_serves(h: &Harness, image: &str, address: Ipv4Addr) {
+fn assert_serves(h: &Harness, image: &str, address: IpAddr) {
     let primary = h.assert_only(PRIMARY, image);
     assert_eq!(primary.spec.labels[LABEL_ADDRESS], address.to_string());
     assert_eq!(wired(h), [address.to_string()]);
@@ -61,7 +61,7 @@ fn assert_serves(h: &Harness, image: &str, address: Ipv4Addr) {
 
 /// Asserts that the only changes were the next replica started at `next`
 /// and removed again, and that the old one, `before`, is untouched.
-fn assert_next_removed(h: &Harness, next: Ipv4Addr, before: Option<FakeContainer>) {
+fn assert_next_removed(h: &Harness, next: IpAddr, before: Option<FakeContainer>) {
     assert_eq!(
         h.changes(),
         [
@@ -81,7 +81,7 @@ fn assert_next_removed(h: &Harness, next: Ipv4Addr, before: Option<FakeContainer
 }
 
 /// Where the plan's upgrade starts the next replica.
-fn next_at(operation: &Operation) -> Ipv4Addr {
+fn next_at(operation: &Operation) -> IpAddr {
     match operation {
         Operation::UpgradeReplica { next_at, .. } => *next_at,
         other => panic!("expected a routed upgrade, got {other:#?}"),
@@ -150,7 +150,7 @@ fn upgrade_moves_to_the_other_address_once_the_old_one_is_quiet() {
     let h = installed();
     // The client's connection to the old replica closes at the third read.
     h.fake.set_flows_to(
-        IpAddr::V4(ADDRESS),
+        ADDRESS,
         vec![
             vec![client_connection(true)],
             vec![client_connection(true)],
@@ -200,7 +200,7 @@ fn upgrade_whose_drain_times_out_with_rollback_removes_next() {
     let h = installed();
     let before = h.fake.container(PRIMARY);
     h.fake
-        .set_flows_to(IpAddr::V4(ADDRESS), vec![vec![client_connection(true)]]);
+        .set_flows_to(ADDRESS, vec![vec![client_connection(true)]]);
     let plan = h.plan(&api(
         "api:2",
         "switchWait: 1s, drainTimeout: 2s, onDrainTimeout: rollback",
@@ -357,7 +357,7 @@ fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
     h.fake.clear_calls();
     let spec = two_on_one_worker("api:2");
     let plan = h.plan(&spec);
-    let moves: Vec<(Ipv4Addr, Ipv4Addr)> = plan
+    let moves: Vec<(IpAddr, IpAddr)> = plan
         .changes
         .iter()
         .filter_map(|c| match &c.operation {
@@ -370,8 +370,8 @@ fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
     assert_eq!(
         moves,
         [
-            (ADDRESS, Ipv4Addr::new(10, 20, 1, 6)),
-            (Ipv4Addr::new(10, 20, 1, 7), Ipv4Addr::new(10, 20, 1, 8)),
+            (ADDRESS, IpAddr::from([10, 20, 1, 6])),
+            (IpAddr::from([10, 20, 1, 7]), IpAddr::from([10, 20, 1, 8])),
         ]
     );
     h.apply_plan(&plan).expect("upgrades both");
@@ -431,4 +431,61 @@ fn an_upgrade_paused_on_the_second_replica_resumes_only_that_one() {
         [("service.api[2]".to_string(), Some(Decision::Resume))],
         "{plan:#?}"
     );
+}
+
+/// Issue 15: the IPv6-only form of [`api`]: the replica at fd00:20:1::5, its
+/// default next address the subnet's highest.
+fn api6(image: &str) -> String {
+    format!(
+        r#"version: 1
+nodes:
+  - {{name: lb, address: "2001:db8:b::2", loadBalancer: {{id: 1, vips: ["2001:db8:f::10"]}}}}
+  - {{name: w, address: "2001:db8:b::10", containerSubnet: "fd00:20:1::/64"}}
+services:
+  - name: api
+    image: {image}
+    network: routed
+    command: ["--listen", ":{{port}}"]
+    replicas: [{{node: w, address: "fd00:20:1::5"}}]
+    ports: [{{name: http, port: 8080, vip: "2001:db8:f::10", vipPort: 80}}]
+    health: {{tcp: {{}}, interval: 1ms, healthyAfter: 1, startTimeout: 50ms}}
+    upgrade: {{switchWait: 10s, drainTimeout: 1m}}
+"#
+    )
+}
+
+#[test]
+fn an_ipv6_replica_is_wired_in_and_upgraded_to_its_other_address_after_its_drain() {
+    let h = Harness::new(NODE);
+    h.apply(&api6("api:1")).expect("creates");
+    let address: IpAddr = "fd00:20:1::5".parse().expect("address");
+    h.assert_before("wire api at fd00:20:1::5", "probe [fd00:20:1::5]:8080");
+    assert_serves(&h, "api:1", address);
+    let routing = h.fake.observed(NODE).routing;
+    assert!(
+        routing
+            .rules
+            .iter()
+            .any(|r| r.family == "inet6" && r.source.as_deref() == Some("fd00:20:1::/64")),
+        "the IPv6 reply rule: {routing:#?}"
+    );
+
+    let client = FlowTo {
+        source: Some("2001:db8:c::1".parse().expect("address")),
+        ..client_connection(true)
+    };
+    let closed = FlowTo {
+        live: false,
+        ..client
+    };
+    h.fake
+        .set_flows_to(address, vec![vec![client], vec![client], vec![closed]]);
+    let spec = api6("api:2");
+    let plan = h.plan(&spec);
+    let next = next_at(only_operation(&plan));
+    assert_eq!(next.to_string(), "fd00:20:1:0:ffff:ffff:ffff:ffff");
+    h.apply_plan(&plan).expect("upgrades");
+    assert_eq!(h.fake.elapsed(), std::time::Duration::from_millis(12_500));
+    assert_serves(&h, "api:2", next);
+    assert!(h.plan(&spec).changes.is_empty(), "nothing left to do");
 }
