@@ -9,6 +9,7 @@ pub mod apply;
 pub mod atomic_file;
 pub mod backend;
 pub mod cli;
+pub mod cluster;
 pub mod demo;
 pub mod desired;
 pub mod diagnostic;

@@ -15,9 +15,11 @@ use crate::apply::progress::Progress;
 use crate::apply::stale::changes_since;
 use crate::apply::{self, ApplyError};
 use crate::backend::docker::{Docker, DockerError};
+use crate::cluster::view::read_once;
+use crate::desired::routed::load_balancer_role;
 use crate::journal::JournalFile;
 use crate::lock::{ApplyLock, LockError};
-use crate::model::Observed;
+use crate::model::{ClusterView, Observed};
 use crate::netns::Netns;
 use crate::observe::live::{ObserveError, observe_for, observe_with};
 use crate::observe::probe::RecentProbes;
@@ -302,13 +304,35 @@ impl Session {
         node: &str,
         recent: Option<&RecentProbes>,
     ) -> Result<Observed, SessionError> {
+        self.observe_sourced(spec, node, recent, None)
+    }
+
+    /// Like [`Session::observe_with_probes`], with the registrations `view`
+    /// (when given) instead of reading them from etcd once.
+    fn observe_sourced(
+        &self,
+        spec: Option<&Spec>,
+        node: &str,
+        recent: Option<&RecentProbes>,
+        view: Option<ClusterView>,
+    ) -> Result<Observed, SessionError> {
         let docker = self.docker()?;
         let netns = &self.settings.netns;
-        match spec {
-            Some(spec) => observe_for(spec, node, netns, docker, recent),
+        // Registrations the agent keeps current stand in for probes.
+        let probe = !view.as_ref().is_some_and(ClusterView::is_current);
+        let mut observed = match spec {
+            Some(spec) => observe_for(spec, node, netns, docker, recent, probe),
             None => observe_with(node, netns, docker),
         }
-        .map_err(SessionError::Observe)
+        .map_err(SessionError::Observe)?;
+        // Only a load-balancer node plans with the registrations.
+        if let Some(cluster) = spec
+            .filter(|spec| load_balancer_role(spec, node).is_some())
+            .and_then(|spec| spec.cluster.as_ref())
+        {
+            observed.cluster = Some(view.unwrap_or_else(|| read_once(cluster)));
+        }
+        Ok(observed)
     }
 
     /// Observes the live host and plans `spec` for `node` against it.
@@ -325,7 +349,19 @@ impl Session {
         node: String,
         recent: Option<&RecentProbes>,
     ) -> Result<Planned, SessionError> {
-        let observed = self.observe_with_probes(Some(&spec), &node, recent)?;
+        self.plan_with_cluster(spec, node, recent, None)
+    }
+
+    /// Like [`Session::plan_with_probes`], with the registrations `cluster`
+    /// the agent keeps (instead of reading them from etcd once).
+    pub fn plan_with_cluster(
+        &self,
+        spec: Spec,
+        node: String,
+        recent: Option<&RecentProbes>,
+        cluster: Option<ClusterView>,
+    ) -> Result<Planned, SessionError> {
+        let observed = self.observe_sourced(Some(&spec), &node, recent, cluster)?;
         Ok(Planned::new(spec, node, observed))
     }
 
@@ -336,6 +372,7 @@ impl Session {
             version: SPEC_VERSION.into(),
             nodes: Vec::new(),
             services: Vec::new(),
+            cluster: None,
         };
         Ok(Planned::new(nothing, node, observed))
     }

@@ -15,18 +15,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::git::{Upstream, has_git};
 use support::image::test_image;
 use support::load::{Load, LoadConfig, Report};
+use support::process::Process;
 use support::topology::{Replica, Service, Topology};
 
 const LESSNAT: &str = env!("CARGO_BIN_EXE_lessnat");
@@ -37,138 +35,6 @@ const BOUND: Duration = Duration::from_secs(10);
 
 /// The longest a first converge (pulling nothing, one container) may take.
 const FIRST_RUN: Duration = Duration::from_secs(60);
-
-// ---------------------------------------------------------------------------
-// The agent process
-
-/// A lessnat process whose output lines (standard output and error) are
-/// recorded with the instant each was read; killed when dropped.
-struct Process {
-    child: Child,
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Process {
-    fn spawn(mut command: Command) -> Process {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("{LESSNAT}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        let readers = [
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            Box::new(stderr),
-        ]
-        .into_iter()
-        .map(|stream| {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    lines
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push((Instant::now(), line));
-                }
-            })
-        })
-        .collect();
-        Process {
-            child,
-            lines,
-            readers,
-        }
-    }
-
-    fn output(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// The lines containing `text`, with when each was read.
-    fn lines_with(&self, text: &str) -> Vec<(Instant, String)> {
-        self.lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .filter(|(_, l)| l.contains(text))
-            .cloned()
-            .collect()
-    }
-
-    /// Waits until the `n`th line containing `text` (counting from 1); returns
-    /// when it was read. Panics with the output when the process ends first
-    /// or `timeout` passes.
-    fn wait_line(&mut self, text: &str, n: usize, timeout: Duration) -> Instant {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((at, _)) = self.lines_with(text).get(n - 1) {
-                return *at;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100));
-                if let Some((at, _)) = self.lines_with(text).get(n - 1) {
-                    return *at;
-                }
-                panic!(
-                    "lessnat ended ({status}) without printing {text:?}:\n{}",
-                    self.output()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lessnat did not print {text:?} (#{n}) within {timeout:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Sends `signal`, waits for the end; returns the status and the output.
-    fn end(mut self, signal: nix::sys::signal::Signal) -> (ExitStatus, String) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, signal);
-        let status = self.wait(BOUND);
-        (status, self.output())
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lessnat did not end within {timeout:?}:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-        status
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // A host-mode node
@@ -311,33 +177,6 @@ impl Drop for Node {
     }
 }
 
-/// `GET path` from the agent's HTTP endpoint (the address it printed); the
-/// whole response.
-fn http_get(agent: &Process, path: &str) -> String {
-    use std::io::{Read, Write};
-    let line = agent
-        .lines_with("Serving metrics at http://")
-        .into_iter()
-        .next()
-        .map(|(_, line)| line)
-        .expect("the agent says where it serves");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("an address");
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(BOUND)).expect("read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: lessnat\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    response
-}
-
 fn table_exists() -> bool {
     Command::new("nft")
         .args(["list", "table", "inet", "lessnat"])
@@ -414,13 +253,13 @@ fn agent_restores_a_deleted_table_under_load() {
     );
     assert_no_failures(&report, origin, "table deleted and restored under load");
 
-    let metrics = http_get(&agent, "/metrics");
+    let metrics = agent.http_get("/metrics");
     assert!(
         metrics.starts_with("HTTP/1.1 200")
             && metrics.contains("lessnat_agent_drift_corrected_total{trigger=\"table\"} 1"),
         "/metrics counts the correction:\n{metrics}"
     );
-    let healthz = http_get(&agent, "/healthz");
+    let healthz = agent.http_get("/healthz");
     assert!(healthz.starts_with("HTTP/1.1 200"), "/healthz:\n{healthz}");
 
     let status = node.status();
@@ -539,7 +378,7 @@ fn a_second_agent_refuses_naming_the_first_and_apply_still_works() {
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("another lessnat agent runs on this node")
-            && stderr.contains(&format!("pid {}", first.child.id())),
+            && stderr.contains(&format!("pid {}", first.pid())),
         "the second agent names the first: {stderr}"
     );
     let apply = command(&["apply", "--auto-approve", "-f"])
@@ -680,7 +519,7 @@ fn agent_follows_a_repository() {
         Some(first.as_str()),
         "status names the commit"
     );
-    let metrics = http_get(&agent, "/metrics");
+    let metrics = agent.http_get("/metrics");
     assert!(
         metrics.contains(&format!(
             "lessnat_applied_commit_info{{commit=\"{first}\"}} 1"
@@ -775,7 +614,7 @@ fn agent_waits_for_an_unreachable_repository() {
         .output()
         .is_ok_and(|o| o.status.success());
     assert!(!exists, "nothing started while the repository is missing");
-    let healthz = http_get(&agent, "/healthz");
+    let healthz = agent.http_get("/healthz");
     assert!(
         healthz.starts_with("HTTP/1.1 503") && healthz.contains("last run failed"),
         "/healthz says the fetch failed:\n{healthz}"

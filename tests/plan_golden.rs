@@ -17,7 +17,7 @@ use lessnat::model::{
     Observed, Route,
 };
 use lessnat::model::{Image, Probe, RemoteDigest, Veth};
-use lessnat::ownership::{Slot, container_name, veth_name};
+use lessnat::ownership::{Slot, container_name, replica_container_name, veth_name};
 use lessnat::plan::{desired_table, plan, render::render};
 use lessnat::spec::{HumanDuration, Protocol, Spec, load_bytes};
 use lessnat::style::Style;
@@ -150,6 +150,36 @@ impl<'a> Fixture<'a> {
             stop_timeout: Some(spec.upgrade.stop_timeout.value),
             digest: c.digest.clone(),
         });
+        self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+
+    /// Every replica of routed `service` that `from` puts on this node, as
+    /// running primaries.
+    fn replicas(mut self, from: &Spec, service: &str) -> Self {
+        let desired = desired_node(from, self.node);
+        for (spec, c) in desired
+            .services
+            .iter()
+            .filter(|(s, _)| s.name.value == service)
+        {
+            let n = self.observed.containers.len() + 1;
+            self.observed.containers.push(Container {
+                id: format!("{n:0>12}"),
+                name: replica_container_name(service, self.node, c.replica_number(), Slot::Primary),
+                service: service.to_string(),
+                slot: Slot::Primary,
+                spec_hash: c.spec_hash(),
+                image: c.image.clone(),
+                ports: c.port_labels(),
+                state: "running".into(),
+                health: None,
+                pid: Some(1000 + n as u32),
+                address: c.address.clone(),
+                stop_timeout: Some(spec.upgrade.stop_timeout.value),
+                digest: None,
+            });
+        }
         self.observed.containers.sort_by(|a, b| a.name.cmp(&b.name));
         self
     }
@@ -543,6 +573,41 @@ fn write_observed_fixtures() {
         .sysctls
         .insert("net.ipv4.conf.all.src_valid_mark".into(), "0".into());
     drifted.write("routed-drift");
+
+    // Routed worker with a canary and `maxParallel: 2`: four replicas of the
+    // previous version run; the upgrade goes in two batches of two.
+    let canary_v7 = spec_from(&spec_text("routed-canary-batch").replace("api:8", "api:7"));
+    Fixture::new("web-1")
+        .replicas(&canary_v7, "api")
+        .routed_in_place(&canary_v7)
+        .write("routed-canary-batch");
+
+    // Routed, load-balancer node, the worker holds a canary: replica 1's next
+    // version answers at 10.20.1.11 while the old one still answers at
+    // 10.20.1.10 (stay: a line in the plan, no change); replica 2's old
+    // version stopped answering this node's probes (the worker promoted it:
+    // switch).
+    let mut holding = Fixture::new("lb-1")
+        .probes(
+            "api",
+            &["10.20.1.10", "10.20.1.12", "10.20.1.14", "10.20.1.16"],
+            &["10.20.1.11", "10.20.1.13", "10.20.1.15", "10.20.1.17"],
+        )
+        .routed_in_place(&canary_v7);
+    holding.observed.probes.clear();
+    holding
+        .probes(
+            "api",
+            &[
+                "10.20.1.10",
+                "10.20.1.11",
+                "10.20.1.13",
+                "10.20.1.14",
+                "10.20.1.16",
+            ],
+            &["10.20.1.12", "10.20.1.15", "10.20.1.17"],
+        )
+        .write("routed-lb-canary-holding");
 
     // Conntrack nearly full: a warning.
     let mut full =

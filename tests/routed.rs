@@ -568,6 +568,7 @@ fn routed_ipv6_upgrade_under_load_drops_nothing() {
         replicas6,
         Duration::ZERO,
         Stack::Ipv6,
+        &[],
     );
 }
 
@@ -590,6 +591,7 @@ fn routed_dual_stack_serves_both_families_and_upgrades_without_loss() {
         replicas_dual,
         Duration::ZERO,
         Stack::Dual,
+        &[],
     );
 }
 
@@ -674,6 +676,20 @@ fn routed_upgrade_waits_for_a_load_balancer_that_applies_late() {
     );
 }
 
+/// Writes the spec of `service` named `name`, with `upgrade` (more
+/// `upgrade:` settings, one per line, e.g. `maxParallel: 2`) added.
+fn write_spec_with(site: &Topology, name: &str, service: &Service, upgrade: &[&str]) -> PathBuf {
+    let path = site.write_spec(name, std::slice::from_ref(service));
+    let mut text = std::fs::read_to_string(&path).expect("spec written");
+    let settings: String = upgrade.iter().map(|s| format!("      {s}\n")).collect();
+    text = text.replace(
+        "      stopTimeout: 5s\n",
+        &format!("      stopTimeout: 5s\n{settings}"),
+    );
+    std::fs::write(&path, text).expect("spec rewritten");
+    path
+}
+
 /// Upgrades v1 → v2 of the `replicas` on `workers` workers under load from
 /// both clients, with LB applies every 0.3 s; LB 2's start `lb2_late` into
 /// the upgrade.
@@ -683,29 +699,31 @@ fn upgrade_under_load(
     replicas: fn(&Topology) -> Vec<Replica>,
     lb2_late: Duration,
 ) {
-    upgrade_under_load_in(test, workers, replicas, lb2_late, Stack::Ipv4);
+    upgrade_under_load_in(test, workers, replicas, lb2_late, Stack::Ipv4, &[]);
 }
 
 /// [`upgrade_under_load`] on a site of `stack` (with a strict IPv6
 /// reverse-path filter on every node when it has IPv6), load through each
-/// of its VIPs.
+/// of its VIPs; `upgrade`: more upgrade settings of the service. Returns
+/// the workers' apply outputs.
 fn upgrade_under_load_in(
     test: &str,
     workers: usize,
     replicas: fn(&Topology) -> Vec<Replica>,
     lb2_late: Duration,
     stack: Stack,
-) {
+    upgrade: &[&str],
+) -> Vec<std::process::Output> {
     let Some(site) = site_in(test, workers, stack) else {
-        return;
+        return Vec::new();
     };
     if stack.has_ipv6() {
         site.strict_rpfilter6();
     }
     let v1 = Service::new(SERVICE, &test_image("v1"), replicas(&site));
     let v2 = v1.with_image(&test_image("v2"));
-    let spec1 = site.write_spec("v1", std::slice::from_ref(&v1));
-    let spec2 = site.write_spec("v2", std::slice::from_ref(&v2));
+    let spec1 = write_spec_with(&site, "v1", &v1, upgrade);
+    let spec2 = write_spec_with(&site, "v2", &v2, upgrade);
     site.apply_all(&spec1);
     for client in 0..2 {
         for target in targets(&site) {
@@ -882,6 +900,7 @@ fn upgrade_under_load_in(
     if stack.has_ipv6() {
         assert_no_rpfilter_drops(&site);
     }
+    worker_runs
 }
 
 /// The strict IPv6 reverse-path filter of every node dropped nothing.
@@ -1163,5 +1182,331 @@ fn dead_replica_leaves_the_spread(
     for lb in &site.lbs {
         Topology::apply(lb, &spec);
     }
+    assert_converged(&site, &spec);
+}
+
+/// Issue 15, `maxParallel: 2`: two replicas on one worker upgrade together
+/// under load through both LBs: 0 failed requests, held connections finish
+/// on v1, and the two next versions really overlapped: both started before
+/// either old replica was removed (apply's output, in order).
+#[test]
+fn routed_max_parallel_upgrades_two_replicas_together_without_loss() {
+    let two_on_one = |_: &Topology| vec![Replica::on(0, 5), Replica::on(0, 7)];
+    let runs = upgrade_under_load_in(
+        "routed_max_parallel",
+        1,
+        two_on_one,
+        Duration::ZERO,
+        Stack::Ipv4,
+        &["maxParallel: 2"],
+    );
+    let Some(run) = runs.first() else {
+        return;
+    };
+    let text = show(run);
+    let line = |what: &str| {
+        text.find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in the worker's apply:\n{text}"))
+    };
+    let second_started = line("creating and starting at 10.20.1.8");
+    let first_removed = line("removing the old version at 10.20.1.5");
+    assert!(
+        line("creating and starting at 10.20.1.6") < first_removed
+            && second_started < first_removed,
+        "both next versions start before an old one goes:\n{text}"
+    );
+    assert_eq!(
+        text.matches("load-balancer nodes switch new connections to 10.20.1.6, 10.20.1.8")
+            .count()
+            .min(1),
+        1,
+        "one switch wait for both:\n{text}"
+    );
+}
+
+/// The routed canary's settings in the tests: 10% for up to 2 minutes (the
+/// tests end it earlier with `--promote` or `--abort`).
+const CANARY: &str = "canary: { weight: 10%, hold: 2m, unhealthyAfter: 3 }";
+
+/// Whether the worker's table carries the canary's split (and, with
+/// `promoted`, its promotion).
+fn canary_rules(worker: &Node) -> (bool, bool) {
+    let text = String::from_utf8_lossy(
+        &worker
+            .ns
+            .try_exec("nft", &["list", "table", "inet", "lessnat"])
+            .stdout,
+    )
+    .to_string();
+    (
+        text.contains("numgen random mod 100 < 10 dnat ip to"),
+        text.contains("promoted\""),
+    )
+}
+
+/// Waits until the worker's table carries the split (the worker holds).
+fn wait_split(worker: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !canary_rules(worker).0 {
+        assert!(Instant::now() < deadline, "the worker never set the split");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `lessnat apply --promote` / `--abort` on `worker`; panics when it fails.
+fn ask_canary(worker: &Node, verdict: &str) {
+    let output = topology::output_within(
+        Topology::lessnat(worker, &["apply", &format!("--{verdict}")]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        output.status.success(),
+        "apply --{verdict}:\n{}",
+        show(&output)
+    );
+}
+
+/// What [`canary_under_load`] leaves: the site, the worker's apply output,
+/// the load's report, when the worker's apply returned, the v2 spec.
+struct CanaryRun {
+    site: Site,
+    run: std::process::Output,
+    report: Report,
+    returned: Instant,
+    spec: PathBuf,
+}
+
+/// A routed canary under load from both clients, LB applies every 0.3 s:
+/// v1 installed with a canary in its spec, the worker's apply of v2 started
+/// in the background; `during` runs once the split is set, with the loads.
+fn canary_under_load(
+    test: &str,
+    during: impl FnOnce(&Site, &[Load], &std::path::Path),
+) -> Option<CanaryRun> {
+    canary_of_under_load(test, vec![Replica::on(0, 5)], &[CANARY], during)
+}
+
+/// [`canary_under_load`] of `replicas` with the `upgrade` settings.
+fn canary_of_under_load(
+    test: &str,
+    replicas: Vec<Replica>,
+    upgrade: &[&str],
+    during: impl FnOnce(&Site, &[Load], &std::path::Path),
+) -> Option<CanaryRun> {
+    let site = site_in(test, 1, Stack::Ipv4)?;
+    let v1 = Service::new(SERVICE, &test_image("v1"), replicas);
+    let v2 = v1.with_image(&test_image("v2"));
+    let spec1 = write_spec_with(&site, "v1", &v1, upgrade);
+    let spec2 = write_spec_with(&site, "v2", &v2, upgrade);
+    site.apply_all(&spec1);
+    let origin = Instant::now();
+    let loads = client_load(&site);
+    wait_requests(&loads, 100);
+    let done = AtomicBool::new(false);
+    let (run, returned) = std::thread::scope(|scope| {
+        let lb_loops: Vec<_> = site
+            .lbs
+            .iter()
+            .map(|lb| {
+                let (spec, done) = (&spec2, &done);
+                scope.spawn(move || {
+                    while !done.load(Ordering::SeqCst) {
+                        let output = Topology::try_apply(lb, spec);
+                        assert!(output.status.success(), "LB apply:\n{}", show(&output));
+                        std::thread::sleep(LB_APPLY_EVERY);
+                    }
+                })
+            })
+            .collect();
+        let worker = &site.workers[0];
+        let spec = &spec2;
+        let apply = scope.spawn(move || {
+            let output = Topology::try_apply(worker, spec);
+            (output, Instant::now())
+        });
+        wait_split(worker);
+        during(&site, &loads, &spec2);
+        let (run, returned) = apply.join().expect("worker apply thread");
+        done.store(true, Ordering::SeqCst);
+        for lb_loop in lb_loops {
+            lb_loop.join().expect("LB apply loop");
+        }
+        (run, returned)
+    });
+    for lb in &site.lbs {
+        Topology::apply(lb, &spec2);
+    }
+    wait_requests(&loads, 200);
+    let report = stop(loads);
+    eprintln!("canary: {}", report.summary(origin));
+    eprintln!("--- worker apply ---\n{}", show(&run));
+    assert_no_failures(&report, origin, "the canary under load");
+    assert_real_client_addresses(&site, &report, "the canary under load");
+    Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    })
+}
+
+/// Issue 15: a 10% routed canary over 10,000 new connections through both
+/// LBs gets 8–12% of them; the worker's table deleted during the hold comes
+/// back with the split; `lessnat apply --abort` ends it: 0 failed requests,
+/// the next version gone, v1 alone answers afterwards.
+#[test]
+fn routed_canary_sends_its_share_and_aborts_without_loss() {
+    let measured = std::cell::Cell::new((Instant::now(), Instant::now()));
+    let Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    }) = canary_under_load("routed_canary_abort", |site, loads, _| {
+        let worker = &site.workers[0];
+        let from = Instant::now();
+        let before: usize = loads.iter().map(Load::done).sum();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while loads.iter().map(Load::done).sum::<usize>() < before + 10_000 {
+            assert!(Instant::now() < deadline, "10,000 requests took too long");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        measured.set((from, Instant::now()));
+        // Someone deletes lessnat's table on the worker: the hold writes
+        // it back with the split.
+        worker
+            .ns
+            .exec("nft", &["delete", "table", "inet", "lessnat"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !canary_rules(worker).0 {
+            assert!(Instant::now() < deadline, "the split did not come back");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        wait_requests(loads, 200);
+        ask_canary(worker, "abort");
+    })
+    else {
+        return;
+    };
+    let (from, to) = measured.get();
+    let versions = report.versions(|s| s.start >= from && s.end <= to);
+    let total: usize = versions.values().sum();
+    let share = 100.0 * versions.get("v2").copied().unwrap_or(0) as f64 / total as f64;
+    eprintln!("canary share: {share:.2}% of {total} new connections ({versions:?})");
+    assert!(total >= 9_000, "{versions:?}");
+    assert!(
+        (8.0..=12.0).contains(&share),
+        "share {share:.2}%: {versions:?}"
+    );
+    assert!(!run.status.success(), "an aborted canary fails the apply");
+    assert!(
+        show(&run).contains("aborted by `lessnat apply --abort`"),
+        "{}",
+        show(&run)
+    );
+    assert!(
+        show(&run).contains("restored it with the canary split"),
+        "the hold restored the deleted table:\n{}",
+        show(&run)
+    );
+    let worker = &site.workers[0];
+    assert_eq!(
+        Topology::containers(worker).len(),
+        1,
+        "the next version is gone"
+    );
+    assert_eq!(canary_rules(worker), (false, false), "the split ended");
+    let after = report.started_after(returned);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["v1"], "{after:?}");
+    // The spec still says v2: the next apply would start the canary again.
+    let (code, _) = Topology::plan_exit(worker, &spec2);
+    assert_eq!(code, Some(2));
+}
+
+/// Issue 15: `lessnat apply --promote` during a routed canary's hold, under
+/// load: the worker drops the LBs' probes of the old replica, they switch on
+/// their next apply, the old replica drains and goes: the upgrade finishes
+/// with 0 failed requests and only v2 answers afterwards. An LB apply killed
+/// during the hold changes nothing.
+#[test]
+fn routed_canary_promoted_finishes_as_an_upgrade() {
+    let Some(CanaryRun {
+        site,
+        run,
+        report,
+        returned,
+        spec: spec2,
+    }) = canary_under_load("routed_canary_promote", |site, loads, spec| {
+        // An LB apply killed in the middle: its table is the one before
+        // or after its one transaction.
+        let mut killed = Topology::lessnat(&site.lbs[0], &["apply", "--auto-approve", "-f"])
+            .arg(spec)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("LB apply");
+        std::thread::sleep(Duration::from_millis(60));
+        killed.kill().expect("kill -9 the LB apply");
+        let _ = killed.wait();
+        wait_requests(loads, 500);
+        ask_canary(&site.workers[0], "promote");
+    })
+    else {
+        return;
+    };
+    assert!(run.status.success(), "{}", show(&run));
+    assert!(
+        show(&run).contains("promoted by `lessnat apply --promote`"),
+        "{}",
+        show(&run)
+    );
+    let worker = &site.workers[0];
+    assert_eq!(canary_rules(worker), (false, false), "the rules ended");
+    let after = report.started_after(returned);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["v2"], "{after:?}");
+    let containers = Topology::containers(worker);
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(image_and_address(&containers[0]).1, "10.20.1.6");
+    assert_converged(&site, &spec2);
+}
+
+/// Issue 15: `maxParallel: 2` with a canary: the two replicas on one worker
+/// hold one canary together, and `lessnat apply --promote` promotes both;
+/// under load, 0 failed requests, both end at their other address.
+#[test]
+fn routed_canary_of_a_batch_is_promoted_together() {
+    let two_on_one = vec![Replica::on(0, 5), Replica::on(0, 7)];
+    let Some(CanaryRun {
+        site, run, spec, ..
+    }) = canary_of_under_load(
+        "routed_canary_batch",
+        two_on_one,
+        &["maxParallel: 2", CANARY],
+        |site, loads, _| {
+            wait_requests(loads, 300);
+            ask_canary(&site.workers[0], "promote");
+        },
+    )
+    else {
+        return;
+    };
+    assert!(run.status.success(), "{}", show(&run));
+    let text = show(&run);
+    assert_eq!(
+        text.matches("dropping load-balancer nodes' probes of 10.20.1.5, 10.20.1.7")
+            .count(),
+        1,
+        "one promotion for both:\n{text}"
+    );
+    let worker = &site.workers[0];
+    let mut addresses: Vec<String> = Topology::containers(worker)
+        .iter()
+        .map(|c| image_and_address(c).1)
+        .collect();
+    addresses.sort();
+    assert_eq!(addresses, ["10.20.1.6", "10.20.1.8"]);
+    assert_eq!(canary_rules(worker), (false, false));
     assert_converged(&site, &spec);
 }

@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::cluster::Link;
 use super::wake::Trigger;
 use crate::model::Probe;
 
@@ -47,6 +48,8 @@ pub struct AgentMetrics {
     last_run_seconds: Gauge<f64, AtomicU64>,
     replica_healthy: Family<ReplicaLabels, Gauge>,
     suspended: Gauge,
+    etcd_up: Gauge,
+    registrations: Gauge,
 }
 
 impl Default for AgentMetrics {
@@ -95,6 +98,18 @@ impl AgentMetrics {
             "1 while applies are suspended on this node (lessnat suspend, or an upgrade paused by onFailure: pause)",
             suspended.clone(),
         );
+        let etcd_up = Gauge::default();
+        registry.register(
+            "lessnat_cluster_etcd_up",
+            "With the spec's cluster: 1 while this node's agent reaches etcd, 0 while it cannot (serving goes on; registrations and watches pause)",
+            etcd_up.clone(),
+        );
+        let registrations = Gauge::default();
+        registry.register(
+            "lessnat_cluster_registrations",
+            "With the spec's cluster: how many keys (the node and its replicas) this node's agent keeps registered under its lease",
+            registrations.clone(),
+        );
         for trigger in Trigger::ALL {
             drop(drift_corrected.get_or_create(&TriggerLabels {
                 trigger: trigger.as_str().to_string(),
@@ -108,7 +123,17 @@ impl AgentMetrics {
             last_run_seconds,
             replica_healthy,
             suspended,
+            etcd_up,
+            registrations,
         }
+    }
+
+    /// Notes the link to etcd (`None`: no cluster, both gauges stay 0).
+    pub fn cluster(&self, link: Option<&Link>) {
+        let (up, count) = link.map_or((false, 0), |l| (l.up, l.registrations));
+        self.etcd_up.set(i64::from(up));
+        self.registrations
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Counts a run woken by `trigger` that ended as `outcome`, at

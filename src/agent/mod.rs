@@ -7,6 +7,7 @@
 //! | `table_events.rs` | nf_tables events in lessnat's table (deleted, edited) |
 //! | `container_events.rs` | Docker `die`/`start` events of lessnat's containers |
 //! | `health_watch.rs` | a replica address of a load-balancer node changing health |
+//! | `cluster.rs` | with `cluster:`, the replica registrations in etcd changing (load-balancer nodes); it also keeps the node's own registrations |
 //!
 //! The loop (`run.rs`) coalesces wake-ups, holds back after failures and for
 //! crash loops (`backoff.rs`), takes the apply lock for each run (so a
@@ -18,6 +19,7 @@
 //! killed, nothing it made stops forwarding; started, it adopts what runs.
 
 pub mod backoff;
+pub mod cluster;
 pub mod container_events;
 pub mod health_watch;
 pub mod http;

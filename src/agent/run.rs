@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 
 use super::backoff::{CrashLoops, after_failures};
+use super::cluster::{self, ClusterShared};
 use super::health_watch::{self, HealthShared};
 use super::http::{self, PROMETHEUS_TEXT};
 use super::metrics::AgentMetrics;
@@ -100,6 +101,7 @@ pub struct Agent {
     state_file: StateFile,
     metrics: Arc<AgentMetrics>,
     health: Arc<HealthShared>,
+    cluster: Arc<ClusterShared>,
     healthz: Healthz,
     wakes: Receiver<Wake>,
     stop: Arc<AtomicBool>,
@@ -145,11 +147,24 @@ impl Agent {
         let waker = Waker::new(sender);
         let stop = Arc::new(AtomicBool::new(false));
         let health = Arc::new(HealthShared::default());
+        let cluster = Arc::new(ClusterShared::default());
         let netns = session.settings().netns.clone();
         let threads = vec![
             table_events::spawn(&netns, waker.clone(), Arc::clone(&stop))?,
             container_events::spawn(settings.node.clone(), waker.clone(), Arc::clone(&stop))?,
-            health_watch::spawn(netns, Arc::clone(&health), waker, Arc::clone(&stop))?,
+            health_watch::spawn(
+                netns.clone(),
+                Arc::clone(&health),
+                waker.clone(),
+                Arc::clone(&stop),
+            )?,
+            cluster::spawn_registration(
+                netns,
+                Arc::clone(&cluster),
+                waker.clone(),
+                Arc::clone(&stop),
+            )?,
+            cluster::spawn_watch(Arc::clone(&cluster), waker, Arc::clone(&stop))?,
         ];
         let metrics = Arc::new(AgentMetrics::new());
         let healthz: Healthz = Arc::default();
@@ -173,6 +188,7 @@ impl Agent {
             state_file: StateFile::in_dir(&state_dir),
             metrics,
             health,
+            cluster,
             healthz,
             wakes,
             stop,
@@ -321,6 +337,9 @@ impl Agent {
             Some(error) if outcome == Outcome::Failed => Err(error.clone()),
             _ => Ok(()),
         });
+        let link = self.cluster.link();
+        self.metrics.cluster(link.as_ref());
+        self.state.cluster = link;
         self.state.ran(Run {
             at: Timestamp::now(),
             trigger: wake.trigger,
@@ -429,6 +448,11 @@ impl Agent {
     fn noted(&mut self, planned: &Planned) {
         let probes = &planned.observed.probes;
         self.health.set_target(&planned.spec, &planned.node, probes);
+        let registered =
+            cluster::registered_health(&planned.spec, &planned.node, &planned.observed);
+        let probes = registered.as_deref().unwrap_or(probes);
+        self.cluster
+            .set_target(&planned.spec, &planned.node, self.state.commit.clone());
         self.state.note_spreads(&planned.observed, probes);
         self.metrics.probed(probes);
     }
@@ -455,9 +479,10 @@ impl Agent {
             .reuse_probes
             .then(|| self.health.recent())
             .flatten();
+        let view = self.cluster.view(&spec);
         let mut planned = self
             .session
-            .plan_with_probes(spec, node, recent.as_ref())
+            .plan_with_cluster(spec, node, recent.as_ref(), view)
             .map_err(|e| chain(&e))?;
         self.noted(&planned);
         let state_dir = self.session.settings().state_dir.clone();

@@ -7,9 +7,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::cluster::Link;
 use super::wake::Trigger;
 use crate::desired::routed_table::{down_in, spreads_in};
 use crate::gitops::record::Timestamp;
@@ -158,6 +160,9 @@ pub struct AgentState {
     pub spreads: Vec<Spread>,
     /// Recent events, oldest first.
     pub events: VecDeque<Event>,
+    /// With the spec's `cluster:`: the agent's link to etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Link>,
 }
 
 impl AgentState {
@@ -177,6 +182,7 @@ impl AgentState {
             failures: 0,
             spreads: Vec::new(),
             events: VecDeque::new(),
+            cluster: None,
         }
     }
 
@@ -332,6 +338,9 @@ impl AgentState {
             "runs",
             &format!("{} ({} failed)", self.runs, self.failures),
         );
+        if let Some(link) = &self.cluster {
+            row(&mut out, "etcd", &link_line(link, style));
+        }
         for spread in &self.spreads {
             let replicas: Vec<String> = spread
                 .replicas
@@ -361,6 +370,38 @@ impl AgentState {
         }
         out
     }
+}
+
+/// The `etcd` row of status: reachable (with the lease and registrations)
+/// or unreachable since when and why.
+fn link_line(link: &Link, style: Style) -> String {
+    if link.up {
+        let lease = link
+            .lease
+            .as_deref()
+            .map_or(String::new(), |l| format!(", lease {l}"));
+        let watched = link.watched.map_or(String::new(), |n| {
+            format!(", watching {n} replica registrations")
+        });
+        return style.paint(
+            "32",
+            &format!(
+                "reachable{lease}, {} keys registered{watched}",
+                link.registrations
+            ),
+        );
+    }
+    let since = link.unreachable_since.map_or(String::new(), |s| {
+        format!(" since {}", Timestamp(UNIX_EPOCH + Duration::from_secs(s)))
+    });
+    let error = link
+        .error
+        .as_deref()
+        .map_or(String::new(), |e| format!(": {e}"));
+    style.paint(
+        "1;31",
+        &format!("unreachable{since}{error} (serving goes on; registrations and watches resume when it is back)"),
+    )
 }
 
 /// The state file of a state directory.

@@ -19,18 +19,22 @@ pub enum Trigger {
     Container,
     /// A replica address probed by this load-balancer node changed health.
     Health,
+    /// The replica registrations in etcd changed, or etcd became
+    /// unreachable or reachable again (spec with `cluster:`).
+    Cluster,
     /// A run that could not take the apply lock, tried again.
     Retry,
 }
 
 impl Trigger {
     /// Every trigger, in the order metrics and status list them.
-    pub const ALL: [Trigger; 6] = [
+    pub const ALL: [Trigger; 7] = [
         Trigger::Start,
         Trigger::Interval,
         Trigger::Table,
         Trigger::Container,
         Trigger::Health,
+        Trigger::Cluster,
         Trigger::Retry,
     ];
 
@@ -42,6 +46,7 @@ impl Trigger {
             Trigger::Table => "table",
             Trigger::Container => "container",
             Trigger::Health => "health",
+            Trigger::Cluster => "cluster",
             Trigger::Retry => "retry",
         }
     }
@@ -52,7 +57,7 @@ impl Trigger {
     pub fn weight(self) -> u8 {
         match self {
             Trigger::Container => 3,
-            Trigger::Health => 2,
+            Trigger::Health | Trigger::Cluster => 2,
             Trigger::Table => 1,
             Trigger::Start | Trigger::Interval | Trigger::Retry => 0,
         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, check_interval, probe};
 use super::{ApplyError, Context};
-use crate::journal::{JournalError, JournalFile};
+use crate::journal::{CanaryRecord, JournalError, JournalFile};
 use crate::lock::{ApplyLock, LockError};
 use crate::plan::operation::CanarySplit;
 use crate::spec::Service;
@@ -185,13 +185,23 @@ pub(super) enum Held {
     Promoted,
 }
 
-/// Holds `split` for `service`: waits its `hold`, checking `next`'s health
-/// each interval and `tick` (the table's hold) before each check.
+/// A next version a canary watches: its container and where it is probed.
+pub(super) struct Watched {
+    /// The container.
+    pub container: String,
+    /// Where its health check goes.
+    pub at: ProbeAt,
+}
+
+/// Holds `split` for `service`: waits its `hold`, checking the health of
+/// each of `nexts` each interval and `tick` (the table's hold) before each
+/// check; any of them failing `unhealthyAfter` checks in a row (or not
+/// running) ends it with an error.
 pub(super) fn hold(
     ctx: &Context,
     progress: &mut Progress,
     service: &Service,
-    next: &str,
+    nexts: &[Watched],
     split: &CanarySplit,
     mut tick: impl FnMut(&mut Progress) -> Result<(), ApplyError>,
 ) -> Result<Held, ApplyError> {
@@ -201,8 +211,10 @@ pub(super) fn hold(
     let hold = split.hold.get();
     let interval = check_interval(service).max(Duration::from_millis(100));
     let started = ctx.host.now();
-    let mut failures = 0;
-    let result = loop {
+    let names: Vec<&str> = nexts.iter().map(|n| n.container.as_str()).collect();
+    let names = names.join(", ");
+    let mut failures = vec![0; nexts.len()];
+    let result = 'hold: loop {
         if ctx.interrupted() {
             break Err(ApplyError::Interrupted);
         }
@@ -218,23 +230,25 @@ pub(super) fn hold(
             }
             None => {}
         }
-        if !ctx.host.state(next)?.is_some_and(|s| s.running) {
-            break Err(ApplyError::CanaryUnhealthy {
-                container: next.to_string(),
-                failures,
-                last: "it is not running".into(),
-            });
-        }
-        match probe(ctx, service, next, ProbeAt::loopback(true)) {
-            Ok(()) => failures = 0,
-            Err(last) => {
-                failures += 1;
-                if failures >= split.unhealthy_after {
-                    break Err(ApplyError::CanaryUnhealthy {
-                        container: next.to_string(),
-                        failures,
-                        last,
-                    });
+        for (next, failed) in nexts.iter().zip(&mut failures) {
+            if !ctx.host.state(&next.container)?.is_some_and(|s| s.running) {
+                break 'hold Err(ApplyError::CanaryUnhealthy {
+                    container: next.container.clone(),
+                    failures: *failed,
+                    last: "it is not running".into(),
+                });
+            }
+            match probe(ctx, service, &next.container, next.at) {
+                Ok(()) => *failed = 0,
+                Err(last) => {
+                    *failed += 1;
+                    if *failed >= split.unhealthy_after {
+                        break 'hold Err(ApplyError::CanaryUnhealthy {
+                            container: next.container.clone(),
+                            failures: *failed,
+                            last,
+                        });
+                    }
                 }
             }
         }
@@ -242,13 +256,14 @@ pub(super) fn hold(
         if elapsed >= hold {
             break Ok(Held::Out);
         }
+        let failing = failures.iter().copied().max().unwrap_or(0);
         progress.waiting(&format!(
-            "{name}: canary: {} of new connections to {next}, {} of {} held{}; `lessnat apply --promote` or `--abort` ends it",
+            "{name}: canary: {} of new connections to {names}, {} of {} held{}; `lessnat apply --promote` or `--abort` ends it",
             split.weight,
             short(elapsed),
             short(hold),
-            if failures > 0 {
-                format!(", {failures} failed check(s) in a row")
+            if failing > 0 {
+                format!(", {failing} failed check(s) in a row")
             } else {
                 String::new()
             }
@@ -257,6 +272,17 @@ pub(super) fn hold(
     };
     progress.end_wait();
     result
+}
+
+/// The journal's record of a canary holding now, for `lessnat apply
+/// --promote` / `--abort` (which look for it) and `lessnat status`.
+pub(super) fn holding(split: &CanarySplit) -> CanaryRecord {
+    let until = std::time::SystemTime::now() + split.hold.get();
+    CanaryRecord {
+        weight: split.weight.to_string(),
+        until: humantime::format_rfc3339_seconds(until).to_string(),
+        pid: std::process::id(),
+    }
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::model::ContainerSpec;
 use crate::netns::NetnsError;
 use crate::ownership::Slot;
 use crate::plan::Change;
-use crate::plan::operation::Operation;
+use crate::plan::operation::{Operation, ReplicaMove};
 use crate::spec::{PlaceholderError, Service};
 pub use host::{Host, LiveHost, TableHold};
 use progress::Progress;
@@ -275,20 +275,19 @@ pub fn apply_change(
             routed::Replica::new(ctx, progress, workload).replace(*address)?;
         }
         Operation::UpgradeReplica {
-            workload,
-            old_at,
-            next_at,
-            in_flight,
-            old_exists,
             load_balancers,
+            canary,
+            ..
         } => {
-            routed::Replica::new(ctx, progress, workload).upgrade(&routed::ReplicaUpgrade {
-                old_at: *old_at,
-                next_at: *next_at,
-                in_flight: in_flight.as_ref(),
-                old_exists: *old_exists,
-                load_balancers,
-            })?;
+            let members: Vec<ReplicaMove> = change.operation.replica_move().into_iter().collect();
+            return routed::upgrade(ctx, progress, &members, load_balancers, canary.as_deref());
+        }
+        Operation::UpgradeReplicas {
+            batch,
+            load_balancers,
+            canary,
+        } => {
+            return routed::upgrade(ctx, progress, batch, load_balancers, canary.as_deref());
         }
         Operation::Wire {
             service,

@@ -4,20 +4,29 @@
 //! nodes see it answer and switch new connections to it on their own applies;
 //! this worker waits `switchWait`, then until its conntrack shows no live
 //! connection to the old address, and only then removes the old replica.
+//! Several replicas of a service may do this together (`maxParallel`), and a
+//! canary may come first: this worker sends a share of the new connections
+//! that reach each old replica on to its next one for the hold, then drops
+//! the load-balancer nodes' probes of the old replicas so they switch.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
+use super::canary::{self, Held};
 use super::drain::{Drained, wait_until_drained};
+use super::hold::RedirectHold;
 use super::progress::{Progress, short};
 use super::ready::{ProbeAt, wait_ready};
 use super::{ApplyError, Context, container_spec};
+use crate::backend::conntrack::FlowTo;
 use crate::backend::veth::Wiring;
 use crate::desired::DesiredContainer;
+use crate::journal::{CanaryRecord, UpgradeRecord, now};
 use crate::ownership::{LABEL_ADDRESS, Slot, replica_container_name};
-use crate::plan::operation::{Switch, Unanswered, Workload};
-use crate::plan::{Decision, InFlight};
+use crate::plan::operation::{ReplicaCanary, ReplicaMove, Switch, Unanswered, Workload};
+use crate::plan::{Decision, StageName};
 use crate::spec::{OnDrainTimeout, OnFailure, Service};
 
 /// On a load-balancer node, after a table change that switched replicas:
@@ -99,18 +108,45 @@ pub(super) fn wire(
     Ok(())
 }
 
-/// Where a routed upgrade goes from and to, as planned.
-pub(super) struct ReplicaUpgrade<'a> {
-    /// Where the old version is wired in.
-    pub old_at: IpAddr,
-    /// Where the next version is (or will be) wired in.
-    pub next_at: IpAddr,
-    /// The upgrade found in flight, if any.
-    pub in_flight: Option<&'a InFlight>,
-    /// Whether an old primary exists.
-    pub old_exists: bool,
-    /// Load-balancer node addresses (their probes are not clients).
-    pub load_balancers: &'a [IpAddr],
+/// Whether load-balancer nodes switch away from a replica's old version and
+/// it drains (not when a resumed upgrade finds the old one gone).
+fn switches(member: &ReplicaMove) -> bool {
+    member.old_exists || member.in_flight.is_none()
+}
+
+/// Upgrades `members`, replicas of one service on this node, together (see
+/// [`Batch`]), with the canary the plan gives them; `load_balancers` are the
+/// load-balancer nodes' addresses. Returns how many times lessnat's table
+/// was written again because someone else deleted it meanwhile.
+pub(super) fn upgrade(
+    ctx: &Context,
+    progress: &mut Progress,
+    members: &[ReplicaMove],
+    load_balancers: &[IpAddr],
+    canary: Option<&ReplicaCanary>,
+) -> Result<usize, ApplyError> {
+    let Some(first) = members.first() else {
+        return Ok(0);
+    };
+    let service = &first.workload.service;
+    let mut batch = Batch {
+        ctx,
+        progress,
+        service,
+        members,
+        load_balancers,
+        canary,
+        hold: RedirectHold::canary(service, None),
+        rules: if canary.is_some() {
+            CanaryRules::Unknown
+        } else {
+            CanaryRules::Ended
+        },
+        restores: 0,
+    };
+    let result = batch.run();
+    let restores = batch.restores + batch.hold.restores();
+    result.map(|()| restores)
 }
 
 /// How long the old replica must see no new connection before it is removed.
@@ -217,162 +253,6 @@ impl<'a, 'c> Replica<'a, 'c> {
         Ok(())
     }
 
-    /// A zero-downtime upgrade, new or found in flight (see the module doc).
-    pub(super) fn upgrade(&mut self, planned: &ReplicaUpgrade) -> Result<(), ApplyError> {
-        let primary = self.name(Slot::Primary);
-        let next = self.name(Slot::Next);
-        let ReplicaUpgrade {
-            old_at,
-            next_at,
-            in_flight,
-            old_exists,
-            load_balancers,
-        } = *planned;
-        match in_flight.map(|f| f.decision) {
-            Some(Decision::RollBack) => {
-                self.progress
-                    .step(&format!("{next}: removing (rolling the upgrade back)"));
-                return self.remove(&next);
-            }
-            Some(Decision::Resume) => {
-                self.progress.step(&format!(
-                    "{}: resuming the upgrade: checking {next} at {next_at}",
-                    self.service.name
-                ));
-                let ready = if self.ctx.host.veths()?.iter().any(|v| {
-                    v.service == self.service.name.value && v.address == next_at.to_string()
-                }) {
-                    Ok(())
-                } else {
-                    self.wire(&next, next_at)
-                }
-                .and_then(|()| self.wait_ready(&next, next_at));
-                if let Err(error) = ready {
-                    return self.fail("start-next", error);
-                }
-            }
-            None => {
-                if let Err(error) = self.start(Slot::Next, next_at) {
-                    return self.fail("start-next", error);
-                }
-            }
-        }
-        if old_exists || in_flight.is_none() {
-            if let Err(error) = self.wait_switch(next_at) {
-                return self.fail("switch", error);
-            }
-            match self.wait_drained(old_at, load_balancers) {
-                Ok(0) => {}
-                Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
-                    return self.fail(
-                        "drain",
-                        ApplyError::DrainTimeout {
-                            service: self.service.name.value.clone(),
-                            left,
-                        },
-                    );
-                }
-                Ok(left) => self.progress.step(&format!(
-                    "{primary}: drainTimeout passed with {left} connections open; they are cut now (onDrainTimeout: proceed)"
-                )),
-                Err(error) => return self.fail("drain", error),
-            }
-            self.progress
-                .step(&format!("{primary}: removing the old version at {old_at}"));
-            self.remove(&primary)?;
-        }
-        self.progress
-            .step(&format!("{next}: becoming {primary} at {next_at}"));
-        self.ctx.host.rename(&next, &primary)?;
-        self.ctx.host.keep_running(&primary)?;
-        Ok(())
-    }
-
-    /// Waits `switchWait`, so every load-balancer node can see the next
-    /// replica answer and switch on its next apply.
-    fn wait_switch(&mut self, next_at: IpAddr) -> Result<(), ApplyError> {
-        let wait = self.service.upgrade.switch_wait.get();
-        let host = self.ctx.host;
-        let started = host.now();
-        let elapsed = || host.now().saturating_duration_since(started);
-        while elapsed() < wait {
-            if self.ctx.interrupted() {
-                self.progress.end_wait();
-                return Err(ApplyError::Interrupted);
-            }
-            self.progress.waiting(&format!(
-                "{}: load-balancer nodes switch new connections to {next_at}; {} to go",
-                self.service.name,
-                short(wait - elapsed().min(wait))
-            ));
-            host.sleep(POLL.min(wait - elapsed().min(wait)));
-        }
-        self.progress.end_wait();
-        Ok(())
-    }
-
-    /// Waits until no live connection to `old_at` is left and no new one has
-    /// come for [`QUIET`], or `drainTimeout` passes; returns how many were
-    /// left. New connections mean a load-balancer node has not switched yet
-    /// (it applies late): a drain that only waited for the count to touch 0
-    /// could remove the old replica between two of them.
-    fn wait_drained(&mut self, old_at: IpAddr, balancers: &[IpAddr]) -> Result<u64, ApplyError> {
-        let timeout = self.service.upgrade.drain_timeout.get();
-        let what = format!(
-            "{}: connections to {old_at} (and {} without a new one)",
-            self.service.name,
-            short(QUIET)
-        );
-        let host = self.ctx.host;
-        // Load-balancer nodes probe both addresses of each replica on every
-        // apply; those probes come from their own addresses and are not clients.
-        let mut seen: HashSet<u32> = HashSet::new();
-        let mut first = true;
-        let mut last_activity = host.now();
-        let drained = wait_until_drained(self.ctx, self.progress, &what, timeout, |_| {
-            let mut flows = host.flows_to(old_at)?;
-            flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
-            let live = flows.iter().filter(|f| f.live).count() as u64;
-            let new = flows.iter().any(|f| !seen.contains(&f.id));
-            seen.extend(flows.iter().map(|f| f.id));
-            if live > 0 || (new && !first) {
-                last_activity = host.now();
-            }
-            first = false;
-            let quiet = host.now().saturating_duration_since(last_activity) >= QUIET;
-            Ok(if live == 0 && !quiet { 1 } else { live })
-        })?;
-        Ok(match drained {
-            Drained::Empty => 0,
-            Drained::TimedOut(left) => left,
-        })
-    }
-
-    /// A stage failed: roll back (remove the next replica: load-balancer nodes
-    /// that switched to it fail over to the old one once it stops answering)
-    /// or, with `onFailure: pause`, leave everything as it is.
-    fn fail(&mut self, stage: &'static str, error: ApplyError) -> Result<(), ApplyError> {
-        let service = self.service.name.value.clone();
-        if self.service.upgrade.on_failure == OnFailure::Pause
-            && !matches!(error, ApplyError::Interrupted)
-        {
-            return Err(ApplyError::Paused {
-                service,
-                stage,
-                cause: Box::new(error),
-            });
-        }
-        let next = self.name(Slot::Next);
-        self.progress.step(&format!(
-            "{next}: removing (rolling back after {stage} failed)"
-        ));
-        self.remove(&next)?;
-        Err(ApplyError::RolledBack {
-            service,
-            cause: Box::new(error),
-        })
-    }
-
     fn wire(&mut self, name: &str, address: IpAddr) -> Result<(), ApplyError> {
         wire(
             self.ctx,
@@ -404,5 +284,457 @@ impl<'a, 'c> Replica<'a, 'c> {
         self.ctx.host.stop(name, self.stop_timeout())?;
         self.ctx.host.remove(name)?;
         Ok(())
+    }
+}
+
+/// Routed upgrades of one or more replicas of a service on this node, new
+/// or found in flight (see the module doc): every next version starts, then
+/// one switch wait and one drain for all of them, then each old replica is
+/// removed and its next one takes its name. A failure rolls the whole batch
+/// back (or, with `onFailure: pause`, leaves it).
+struct Batch<'a, 'c> {
+    ctx: &'a Context<'c>,
+    progress: &'a mut Progress,
+    service: &'a Service,
+    members: &'a [ReplicaMove],
+    /// Load-balancer node addresses (their probes are not clients).
+    load_balancers: &'a [IpAddr],
+    /// The canary before the switch, if any.
+    canary: Option<&'a ReplicaCanary>,
+    /// The hold on lessnat's table while the canary's rules must stay.
+    hold: RedirectHold<'a>,
+    /// Where the canary's rules stand.
+    rules: CanaryRules,
+    /// Times lessnat's table was written again by holds that ended.
+    restores: usize,
+}
+
+/// Which of a canary's rules may be in lessnat's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CanaryRules {
+    /// None: no canary, or its rules were ended.
+    Ended,
+    /// Maybe the split or the promotion (an upgrade with a canary that has
+    /// not set them yet, or one found in flight).
+    Unknown,
+    /// The split: the next replicas have connections only the split sent.
+    Split,
+    /// The promotion: load-balancer nodes switch to the next replicas.
+    Promoted,
+}
+
+impl<'a, 'c> Batch<'a, 'c> {
+    fn replica(&mut self, member: &'a ReplicaMove) -> Replica<'_, 'c> {
+        Replica {
+            ctx: self.ctx,
+            progress: &mut *self.progress,
+            service: self.service,
+            desired: &member.workload.container,
+        }
+    }
+
+    fn name(&self, member: &ReplicaMove, slot: Slot) -> String {
+        replica_container_name(
+            &self.service.name,
+            self.ctx.node,
+            member.workload.container.replica_number(),
+            slot,
+        )
+    }
+
+    /// Runs the upgrade.
+    fn run(&mut self) -> Result<(), ApplyError> {
+        let members = self.members;
+        if members.iter().any(|m| {
+            m.in_flight
+                .as_ref()
+                .is_some_and(|f| f.decision == Decision::RollBack)
+        }) {
+            self.end_canary()?;
+        }
+        let mut moving: Vec<&ReplicaMove> = Vec::new();
+        for member in members {
+            let next = self.name(member, Slot::Next);
+            match member.in_flight.as_ref().map(|f| f.decision) {
+                Some(Decision::RollBack) => {
+                    self.progress
+                        .step(&format!("{next}: removing (rolling the upgrade back)"));
+                    self.replica(member).remove(&next)?;
+                    continue;
+                }
+                Some(Decision::Resume) => {
+                    if let Err(error) = self.resume(member) {
+                        return self.fail("start-next", error);
+                    }
+                }
+                None => {
+                    if let Err(error) = self.replica(member).start(Slot::Next, member.next_at) {
+                        return self.fail("start-next", error);
+                    }
+                }
+            }
+            moving.push(member);
+        }
+        let switching: Vec<&ReplicaMove> = moving.iter().copied().filter(|m| switches(m)).collect();
+        if !switching.is_empty() {
+            let nexts: Vec<IpAddr> = switching.iter().map(|m| m.next_at).collect();
+            let olds: Vec<IpAddr> = switching.iter().map(|m| m.old_at).collect();
+            if let Some(canary) = self.canary
+                && let Err(error) = self.run_canary(&switching, canary)
+            {
+                return self.fail("canary", error);
+            }
+            if let Err(error) = self.wait_switch(&nexts) {
+                return self.fail("switch", error);
+            }
+            match self.wait_drained(&olds) {
+                Ok(0) => {}
+                Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
+                    return self.fail(
+                        "drain",
+                        ApplyError::DrainTimeout {
+                            service: self.service.name.value.clone(),
+                            left,
+                        },
+                    );
+                }
+                Ok(left) => self.progress.step(&format!(
+                    "{}: drainTimeout passed with {left} connections open; they are cut now (onDrainTimeout: proceed)",
+                    self.service.name
+                )),
+                Err(error) => return self.fail("drain", error),
+            }
+            for member in &switching {
+                let primary = self.name(member, Slot::Primary);
+                self.progress.step(&format!(
+                    "{primary}: removing the old version at {}",
+                    member.old_at
+                ));
+                self.replica(member).remove(&primary)?;
+            }
+        }
+        for member in moving {
+            let (primary, next) = (
+                self.name(member, Slot::Primary),
+                self.name(member, Slot::Next),
+            );
+            self.progress
+                .step(&format!("{next}: becoming {primary} at {}", member.next_at));
+            self.ctx.host.rename(&next, &primary)?;
+            self.ctx.host.keep_running(&primary)?;
+        }
+        self.end_canary()
+    }
+
+    /// The canary: sets the split and holds it while every next replica
+    /// stays healthy (unless the plan found it promoted already), then
+    /// promotes it: the load-balancer nodes' probes of the old replicas are
+    /// dropped, so each switches on its next apply.
+    fn run_canary(
+        &mut self,
+        switching: &[&ReplicaMove],
+        canary: &'a ReplicaCanary,
+    ) -> Result<(), ApplyError> {
+        let name = self.service.name.value.clone();
+        let host = self.ctx.host;
+        if !canary.promoted {
+            // Journaled first: whoever sees the split can ask to end it.
+            self.journal_hold(switching, Some(canary::holding(&canary.split)))?;
+            host.replace_rules(&canary.comments, &canary.split.rules)?;
+            self.rules = CanaryRules::Split;
+            self.hold = RedirectHold::canary(self.service, Some(&canary.split.table));
+            self.hold.take(host, self.progress)?;
+            let watched: Vec<canary::Watched> = switching
+                .iter()
+                .map(|m| canary::Watched {
+                    container: self.name(m, Slot::Next),
+                    at: ProbeAt {
+                        ip: m.next_at,
+                        temporary: false,
+                    },
+                })
+                .collect();
+            let hold = &mut self.hold;
+            let held = canary::hold(
+                self.ctx,
+                self.progress,
+                self.service,
+                &watched,
+                &canary.split,
+                |p| hold.check(p),
+            );
+            self.journal_hold(switching, None)?;
+            match held? {
+                Held::Out => self.progress.step(&format!(
+                    "{name}: canary: the next version stayed healthy for {}; promoting",
+                    canary.split.hold
+                )),
+                Held::Promoted => self.progress.step(&format!(
+                    "{name}: canary: promoted by `lessnat apply --promote`"
+                )),
+            }
+            self.hold.release(self.progress)?;
+        }
+        let olds: Vec<IpAddr> = switching.iter().map(|m| m.old_at).collect();
+        self.progress.step(&format!(
+            "{name}: dropping load-balancer nodes' probes of {} so they switch (one nft transaction)",
+            addresses(&olds)
+        ));
+        let rules: Vec<_> = canary
+            .split
+            .rules
+            .iter()
+            .chain(&canary.promote)
+            .cloned()
+            .collect();
+        host.replace_rules(&canary.comments, &rules)?;
+        self.rules = CanaryRules::Promoted;
+        self.restores += self.hold.restores();
+        self.hold = RedirectHold::canary(self.service, Some(&canary.promoted_table));
+        self.hold.take(host, self.progress)
+    }
+
+    /// Ends the canary's split and promotion (their rules, whether or not
+    /// they are there), when the upgrade has a canary.
+    fn end_canary(&mut self) -> Result<(), ApplyError> {
+        let Some(canary) = self.canary else {
+            return Ok(());
+        };
+        if self.rules == CanaryRules::Ended {
+            return Ok(());
+        }
+        self.hold.release(self.progress)?;
+        self.ctx.host.replace_rules(&canary.comments, &[])?;
+        self.rules = CanaryRules::Ended;
+        Ok(())
+    }
+
+    /// Records the canary holding for the replicas of `switching` (`None`:
+    /// it holds no more), for `lessnat apply --promote` / `--abort` and
+    /// `lessnat status`: a routed upgrade has no other journal record.
+    fn journal_hold(
+        &self,
+        switching: &[&ReplicaMove],
+        canary: Option<CanaryRecord>,
+    ) -> Result<(), ApplyError> {
+        let file = &self.ctx.journal;
+        let mut journal = file.read()?;
+        let key = self.service.name.value.clone();
+        match (canary, switching.first()) {
+            (Some(canary), Some(first)) => {
+                journal.upgrades.insert(
+                    key,
+                    UpgradeRecord {
+                        strategy: self.service.upgrade.strategy,
+                        from_spec: String::new(),
+                        from_image: String::new(),
+                        to_spec: first.workload.container.spec_hash(),
+                        reached: Some(StageName::StartNext),
+                        rolling_back: false,
+                        started_at: now(),
+                        updated_at: now(),
+                        canary: Some(canary),
+                    },
+                );
+            }
+            _ => {
+                journal.upgrades.remove(&key);
+            }
+        }
+        file.write(&journal)?;
+        Ok(())
+    }
+
+    /// An upgrade found in flight that resumes: its next replica is wired in
+    /// (again, when its veth was lost) and healthy.
+    fn resume(&mut self, member: &'a ReplicaMove) -> Result<(), ApplyError> {
+        let next = self.name(member, Slot::Next);
+        self.progress.step(&format!(
+            "{}: resuming the upgrade: checking {next} at {}",
+            self.service.name, member.next_at
+        ));
+        let at = member.next_at.to_string();
+        let wired = self
+            .ctx
+            .host
+            .veths()?
+            .iter()
+            .any(|v| v.service == self.service.name.value && v.address == at);
+        let mut replica = self.replica(member);
+        if !wired {
+            replica.wire(&next, member.next_at)?;
+        }
+        replica.wait_ready(&next, member.next_at)
+    }
+
+    /// Waits `switchWait`, so every load-balancer node can see the next
+    /// replicas at `nexts` answer and switch on its next apply.
+    fn wait_switch(&mut self, nexts: &[IpAddr]) -> Result<(), ApplyError> {
+        let wait = self.service.upgrade.switch_wait.get();
+        let host = self.ctx.host;
+        let started = host.now();
+        let elapsed = || host.now().saturating_duration_since(started);
+        let nexts = addresses(nexts);
+        while elapsed() < wait {
+            if self.ctx.interrupted() {
+                self.progress.end_wait();
+                return Err(ApplyError::Interrupted);
+            }
+            self.hold.check(self.progress)?;
+            self.progress.waiting(&format!(
+                "{}: load-balancer nodes switch new connections to {nexts}; {} to go",
+                self.service.name,
+                short(wait - elapsed().min(wait))
+            ));
+            host.sleep(POLL.min(wait - elapsed().min(wait)));
+        }
+        self.progress.end_wait();
+        Ok(())
+    }
+
+    /// Waits until no live connection to any of `olds` is left and none of
+    /// them has had a new one for [`QUIET`], or `drainTimeout` passes;
+    /// returns how many were left. New connections mean a load-balancer
+    /// node has not switched yet (it applies late): a drain that only waited
+    /// for the count to touch 0 could remove the old replica between two of
+    /// them.
+    fn wait_drained(&mut self, olds: &[IpAddr]) -> Result<u64, ApplyError> {
+        self.wait_drained_in(self.ctx, olds)
+    }
+
+    /// [`Batch::wait_drained`] in `ctx` (a rollback's, which no interrupt
+    /// stops).
+    fn wait_drained_in(&mut self, ctx: &Context, olds: &[IpAddr]) -> Result<u64, ApplyError> {
+        let balancers = self.load_balancers;
+        let timeout = self.service.upgrade.drain_timeout.get();
+        let what = format!(
+            "{}: connections to {} (and {} without a new one)",
+            self.service.name,
+            addresses(olds),
+            short(QUIET)
+        );
+        let host = self.ctx.host;
+        // Load-balancer nodes probe both addresses of each replica on every
+        // apply; those probes come from their own addresses and are not clients.
+        let mut watched: Vec<(IpAddr, Quiet)> =
+            olds.iter().map(|&a| (a, Quiet::new(host.now()))).collect();
+        let hold = &mut self.hold;
+        let drained = wait_until_drained(ctx, self.progress, &what, timeout, |p| {
+            hold.check(p)?;
+            let mut left = 0;
+            for (old, quiet) in &mut watched {
+                let mut flows = host.flows_to(*old)?;
+                flows.retain(|f| f.source.is_none_or(|s| !balancers.contains(&s)));
+                left += quiet.left(&flows, host.now());
+            }
+            Ok(left)
+        })?;
+        Ok(match drained {
+            Drained::Empty => 0,
+            Drained::TimedOut(left) => left,
+        })
+    }
+
+    /// A stage failed: roll back (remove every next replica of the batch:
+    /// load-balancer nodes that switched to one fail over to its old one
+    /// once it stops answering) or, with `onFailure: pause`, leave
+    /// everything as it is.
+    fn fail(&mut self, stage: &'static str, error: ApplyError) -> Result<(), ApplyError> {
+        let service = self.service.name.value.clone();
+        // A canary that fails or is aborted always rolls back: deciding
+        // that is what it is for.
+        let canary = matches!(
+            error,
+            ApplyError::CanaryUnhealthy { .. } | ApplyError::CanaryAborted { .. }
+        );
+        if self.service.upgrade.on_failure == OnFailure::Pause
+            && !matches!(error, ApplyError::Interrupted)
+            && !canary
+        {
+            return Err(ApplyError::Paused {
+                service,
+                stage,
+                cause: Box::new(error),
+            });
+        }
+        let split = self.rules == CanaryRules::Split;
+        self.end_canary()?;
+        if split {
+            // New connections stop going to the next replicas (load-balancer
+            // nodes never switched to them); the ones the split sent them
+            // finish there before they go.
+            // No interrupt stops this wait (one often starts the
+            // rollback): it is bounded by drainTimeout, and stopping half
+            // way would leave the next replicas behind.
+            let calm = AtomicBool::new(false);
+            let ctx = Context {
+                node: self.ctx.node,
+                host: self.ctx.host,
+                journal: self.ctx.journal.clone(),
+                interrupt: &calm,
+            };
+            let nexts: Vec<IpAddr> = self.members.iter().map(|m| m.next_at).collect();
+            let left = self.wait_drained_in(&ctx, &nexts)?;
+            if left > 0 {
+                self.progress.step(&format!(
+                    "{service}: drainTimeout passed with {left} connections open to the next version; they are cut now"
+                ));
+            }
+        }
+        for member in self.members {
+            let next = self.name(member, Slot::Next);
+            if self.ctx.host.state(&next)?.is_none() {
+                continue;
+            }
+            self.progress.step(&format!(
+                "{next}: removing (rolling back after {stage} failed)"
+            ));
+            self.replica(member).remove(&next)?;
+        }
+        Err(ApplyError::RolledBack {
+            service,
+            cause: Box::new(error),
+        })
+    }
+}
+
+/// `addresses` as `a, b`.
+fn addresses(addresses: &[IpAddr]) -> String {
+    addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One old address's drain: the connections seen so far, and when one was
+/// last live or new.
+struct Quiet {
+    seen: HashSet<u32>,
+    first: bool,
+    last_activity: Instant,
+}
+
+impl Quiet {
+    fn new(now: Instant) -> Self {
+        Quiet {
+            seen: HashSet::new(),
+            first: true,
+            last_activity: now,
+        }
+    }
+
+    /// What is left of the drain given `flows` at `now`: the live
+    /// connections, or 1 while it has not been quiet for [`QUIET`].
+    fn left(&mut self, flows: &[FlowTo], now: Instant) -> u64 {
+        let live = flows.iter().filter(|f| f.live).count() as u64;
+        let new = flows.iter().any(|f| !self.seen.contains(&f.id));
+        self.seen.extend(flows.iter().map(|f| f.id));
+        if live > 0 || (new && !self.first) {
+            self.last_activity = now;
+        }
+        self.first = false;
+        let quiet = now.saturating_duration_since(self.last_activity) >= QUIET;
+        if live == 0 && !quiet { 1 } else { live }
     }
 }

@@ -190,21 +190,25 @@ impl<'a, 'c> Upgrade<'a, 'c> {
     fn run_canary(&mut self, split: &CanarySplit) -> Result<(), ApplyError> {
         let name = self.service.name.value.clone();
         // Journaled first: whoever sees the split can ask to end it.
-        let until = std::time::SystemTime::now() + split.hold.get();
-        self.journal_canary(Some(CanaryRecord {
-            weight: split.weight.to_string(),
-            until: humantime::format_rfc3339_seconds(until).to_string(),
-            pid: std::process::id(),
-        }))?;
+        self.journal_canary(Some(canary::holding(split)))?;
         self.ctx
             .host
             .replace_rules(&canary_comments(self.service), &split.rules)?;
         self.canary_hold.take(self.ctx.host, self.progress)?;
         let next = self.next.clone();
         let hold = &mut self.canary_hold;
-        let held = canary::hold(self.ctx, self.progress, self.service, &next, split, |p| {
-            hold.check(p)
-        });
+        let watched = [canary::Watched {
+            container: next.clone(),
+            at: ProbeAt::loopback(true),
+        }];
+        let held = canary::hold(
+            self.ctx,
+            self.progress,
+            self.service,
+            &watched,
+            split,
+            |p| hold.check(p),
+        );
         self.journal_canary(None)?;
         match held? {
             Held::Out => self.progress.step(&format!(

@@ -4,6 +4,7 @@
 pub mod conntrack;
 pub mod conntrack_watch;
 pub mod docker;
+pub mod etcd;
 pub mod netlink;
 pub mod nft;
 pub mod sysctl;

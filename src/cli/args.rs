@@ -272,6 +272,14 @@ pub(crate) enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Show the whole site as etcd holds it instead: every registered
+        /// node (roles, commit, lease), its replicas and their health,
+        /// upgrades in flight and rollout slots. Needs `--spec`.
+        #[arg(long, requires = "spec")]
+        cluster: bool,
+        /// The spec whose `cluster:` block says where etcd is (with `--cluster`).
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
     },
     /// Stop reconcile from applying on this node.
     ///

@@ -79,7 +79,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Show { plan, json } => commands::show::show(global, plan.as_deref(), *json),
         Command::Reconcile(args) => commands::reconcile::reconcile(global, args),
         Command::Agent(args) => commands::agent::agent(global, args),
-        Command::Status { json } => commands::state::status(global, *json),
+        Command::Status {
+            json,
+            cluster: true,
+            spec: Some(spec),
+        } => commands::state::cluster_status(global, spec, *json),
+        Command::Status { json, .. } => commands::state::status(global, *json),
         Command::Suspend { reason } => commands::state::suspend(global, reason.clone()),
         Command::Resume => commands::state::resume(global),
         Command::Schema => commands::generated::schema(),

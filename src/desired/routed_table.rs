@@ -17,7 +17,13 @@
 //! Worker node, chain `routed_mark` (filter prerouting, mangle), per LB id:
 //! `ip daddr SUBNET ct state new ip dscp ID ct mark set MARK` and
 //! `ct mark MARK meta mark set MARK`, so replies (and, with `src_valid_mark`,
-//! reverse-path checks) use that LB's routing table.
+//! reverse-path checks) use that LB's routing table. While the spec gives a
+//! routed service of the worker a canary, the chain `routed_canary` (nat
+//! prerouting) too, empty but during a canary's hold: then it sends a share
+//! of the new connections that reach the old replica to the next one
+//! ([`canary_split_rule`]), and once the canary is promoted, `routed_mark`
+//! drops the load-balancer nodes' new connections (their probes) to the old
+//! replica ([`canary_promote_rule`]), which is how they learn to switch.
 //!
 //! IPv6 uses the same rules with `ip6` (`ip6 dscp` is the traffic class's
 //! DSCP part, ECN untouched again, `dnat ip6 to`), and its own maps,
@@ -33,7 +39,7 @@ use serde_json::{Value, json};
 use crate::model::compare_keys;
 use crate::model::{NftChain, NftElement, NftHook, NftMap, NftRule, NftTable};
 use crate::ownership::lb_mark;
-use crate::spec::Protocol;
+use crate::spec::{Percent, Protocol};
 
 /// Name of the map recording where each replica's new connections go
 /// (IPv4 replicas; [`VERSIONS_MAP_V6`] holds the IPv6 ones).
@@ -161,6 +167,101 @@ pub fn add_worker(table: &mut NftTable, rules: &WorkerRules) {
         hook: Some(hook("filter", "prerouting", -150)),
         rules: marks,
     });
+}
+
+/// The worker chain a routed canary's split is in.
+pub const CANARY_CHAIN: &str = "routed_canary";
+
+/// Adds the (empty) chain of routed canaries' splits to a worker's `table`.
+pub fn add_canary_chain(table: &mut NftTable) {
+    table.chains.push(NftChain {
+        name: CANARY_CHAIN.into(),
+        hook: Some(hook("nat", "prerouting", -100)),
+        rules: Vec::new(),
+    });
+}
+
+/// The comment of the split rule of `service`'s canary at the old replica `old`.
+pub fn canary_split_comment(service: &str, old: IpAddr) -> String {
+    format!("lessnat canary {service} {old}")
+}
+
+/// The comment of the rule that promotes `service`'s canary at the old replica `old`.
+pub fn canary_promote_comment(service: &str, old: IpAddr) -> String {
+    format!("lessnat canary {service} {old} promoted")
+}
+
+/// A canary's split on the worker, with its chain: `weight` of the new
+/// connections that reach the old replica at `old` go to the next one at
+/// `next` (same port), except those of the load-balancer nodes themselves
+/// (`balancers`, those of `old`'s family: their probes must reach the
+/// address they probe).
+pub fn canary_split_rule(
+    service: &str,
+    old: IpAddr,
+    next: IpAddr,
+    weight: Percent,
+    balancers: &[IpAddr],
+) -> (String, NftRule) {
+    let mut expr = vec![matches("==", ip(old, "daddr"), json!(old.to_string()))];
+    if let Some(from) = one_or_set(old, balancers) {
+        expr.push(matches("!=", ip(old, "saddr"), from));
+    }
+    expr.push(matches(
+        "<",
+        json!({"numgen": {"mode": "random", "mod": 100, "offset": 0}}),
+        json!(weight.get()),
+    ));
+    expr.push(json!({"dnat": {"family": protocol(next), "addr": next.to_string()}}));
+    (
+        CANARY_CHAIN.to_string(),
+        NftRule {
+            comment: Some(canary_split_comment(service, old)),
+            expr,
+        },
+    )
+}
+
+/// A promoted canary's signal to the load-balancer nodes, with its chain:
+/// their new connections (probes) to the old replica at `old` are dropped,
+/// so they see it silent while the next one answers, and switch. Clients'
+/// connections pass. `None` without load-balancer nodes.
+pub fn canary_promote_rule(
+    service: &str,
+    old: IpAddr,
+    balancers: &[IpAddr],
+) -> Option<(String, NftRule)> {
+    let from = one_or_set(old, balancers)?;
+    Some((
+        "routed_mark".to_string(),
+        NftRule {
+            comment: Some(canary_promote_comment(service, old)),
+            expr: vec![
+                matches("==", ip(old, "saddr"), from),
+                matches("==", ip(old, "daddr"), json!(old.to_string())),
+                matches("in", json!({"ct": {"key": "state"}}), json!("new")),
+                json!({"drop": null}),
+            ],
+        },
+    ))
+}
+
+/// The `addresses` of `like`'s family as `nft -j` lists a match's right
+/// side: one address alone, several as a sorted set; `None` when there are
+/// none.
+fn one_or_set(like: IpAddr, addresses: &[IpAddr]) -> Option<Value> {
+    let mut sorted: Vec<IpAddr> = addresses
+        .iter()
+        .copied()
+        .filter(|a| a.is_ipv6() == like.is_ipv6())
+        .collect();
+    sorted.sort();
+    sorted.dedup();
+    match sorted.as_slice() {
+        [] => None,
+        [one] => Some(json!(one.to_string())),
+        all => Some(json!({"set": all.iter().map(ToString::to_string).collect::<Vec<_>>()})),
+    }
 }
 
 /// An `ipv4_addr : mark` (or `ipv6_addr : mark`) map named `name` with
@@ -409,5 +510,31 @@ mod tests {
                 ("api/alt".into(), vec![two])
             ]
         );
+    }
+
+    #[test]
+    fn canary_rules_use_the_old_replicas_family() {
+        let old: IpAddr = "fd00:20:1::5".parse().expect("address");
+        let next: IpAddr = "fd00:20:1::6".parse().expect("address");
+        let balancers = [ipv4(192, 0, 2, 2), "2001:db8::2".parse().expect("address")];
+        let weight = "10%".parse().expect("weight");
+        let (chain, split) = canary_split_rule("api", old, next, weight, &balancers);
+        assert_eq!(chain, CANARY_CHAIN);
+        assert_eq!(
+            split.expr[1],
+            matches("!=", ip(old, "saddr"), json!("2001:db8::2")),
+            "only the load-balancer nodes' IPv6 addresses"
+        );
+        assert_eq!(
+            split.expr[3],
+            json!({"dnat": {"family": "ip6", "addr": "fd00:20:1::6"}})
+        );
+        let (chain, promote) = canary_promote_rule("api", old, &balancers).expect("a rule");
+        assert_eq!(chain, "routed_mark");
+        assert_eq!(
+            promote.comment.as_deref(),
+            Some("lessnat canary api fd00:20:1::5 promoted")
+        );
+        assert_eq!(canary_promote_rule("api", old, &[ipv4(192, 0, 2, 2)]), None);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -15,6 +16,8 @@ use super::record::{
 };
 use super::suspend::{SuspendError, SuspendFile, Suspension};
 use crate::agent::state::{AgentState, StateError, StateFile};
+use crate::cluster::keys::{ReplicaSlot, Role};
+use crate::cluster::status::{ClusterStatus, ReplicaStatus};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
 use crate::lock::{AGENT_LOCK_FILE, holder};
 use crate::plan::Summary;
@@ -322,6 +325,115 @@ pub fn summary_text(summary: &Summary) -> String {
         "{} added, {} changed, {} destroyed, {} upgraded",
         summary.add, summary.change, summary.destroy, summary.upgrade
     )
+}
+
+/// `lessnat status --cluster` for people: each registered node with its
+/// roles, commit, lease and replicas, then upgrades in flight and rollout
+/// slots as stored.
+pub fn render_cluster(status: &ClusterStatus, style: Style) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}",
+        style.paint(
+            "1",
+            &format!(
+                "lessnat cluster {} (etcd revision {}): {} nodes registered",
+                status.prefix,
+                status.revision,
+                status.nodes.len()
+            )
+        )
+    );
+    for node in &status.nodes {
+        out.push('\n');
+        let roles: Vec<&str> = node
+            .record
+            .roles
+            .iter()
+            .map(|r| match r {
+                Role::LoadBalancer => "load balancer",
+                Role::Worker => "worker",
+                Role::Host => "host",
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {} ({})",
+            style.paint("1", &node.name),
+            if roles.is_empty() {
+                "no role".to_string()
+            } else {
+                roles.join(", ")
+            }
+        );
+        let commit = node.record.commit.as_deref().unwrap_or("none (spec file)");
+        let _ = writeln!(
+            out,
+            "    {:<10} {commit}, spec {}",
+            "commit",
+            short_hash(&node.record.spec_hash)
+        );
+        let ttl = match (node.ttl_left_seconds, node.ttl_seconds) {
+            (Some(left), Some(ttl)) => format!("{left}s of {ttl}s left"),
+            _ => style.paint("1;31", "expired"),
+        };
+        let _ = writeln!(
+            out,
+            "    {:<10} {} for {}s, {ttl}; agent {}",
+            "lease", node.lease, node.lease_age_seconds, node.record.agent_version
+        );
+        for replica in &node.replicas {
+            out.push_str(&replica_line(replica, style));
+        }
+    }
+    if !status.orphans.is_empty() {
+        out.push('\n');
+        let _ = writeln!(out, "  replicas of nodes without a record:");
+        for replica in &status.orphans {
+            out.push_str(&replica_line(replica, style));
+        }
+    }
+    out.push('\n');
+    for (name, keys) in [
+        ("upgrades", &status.upgrades),
+        ("rollouts", &status.rollouts),
+    ] {
+        if keys.is_empty() {
+            let _ = writeln!(out, "  {name:<12} none");
+        }
+        for key in keys {
+            let _ = writeln!(out, "  {name:<12} {} = {}", key.key, key.value);
+        }
+    }
+    out
+}
+
+fn replica_line(replica: &ReplicaStatus, style: Style) -> String {
+    let record = &replica.record;
+    let health = if record.healthy {
+        style.paint("32", "healthy")
+    } else {
+        style.paint("1;31", "unhealthy")
+    };
+    let slot = match record.slot {
+        ReplicaSlot::Primary => "primary",
+        ReplicaSlot::Next => "next",
+    };
+    format!(
+        "    {:<10} {} {} (replica {}, {slot}, version {}), {health} since {}\n",
+        "replica",
+        replica.service,
+        replica.address,
+        record.replica,
+        short_hash(&record.version),
+        Timestamp(UNIX_EPOCH + Duration::from_secs(record.since))
+    )
+}
+
+/// The first 12 hex digits of a `sha256:` hash.
+fn short_hash(hash: &str) -> &str {
+    short(hash.strip_prefix("sha256:").unwrap_or(hash))
 }
 
 #[cfg(test)]

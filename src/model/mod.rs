@@ -5,6 +5,7 @@
 //! The snapshot serialises to JSON so the planner can be tested on fixtures
 //! (`testdata/plans/*/observed.json`) without touching a host.
 
+mod cluster;
 pub mod nft_text;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use cluster::{ClusterView, Registration};
 
 use crate::ownership::Slot;
 use crate::spec::{HumanDuration, Protocol};
@@ -61,6 +64,10 @@ pub struct Observed {
     /// fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probed_at: Option<u64>,
+    /// With the spec's `cluster:`: the replicas registered in etcd, or why
+    /// etcd could not be read. Not part of the fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterView>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Things the observers noticed that make the picture less reliable.

@@ -52,13 +52,15 @@ pub fn observe(node: &str, netns: &Netns) -> Result<Observed, ObserveError> {
 /// load-balancer node's probes of its replicas' addresses, the images the
 /// node's services use, and the registry digests of `pull: always` images.
 /// The probes are `recent`'s when it has them for this spec (see
-/// [`RecentProbes::for_plan`]); otherwise they run now.
+/// [`RecentProbes::for_plan`]); otherwise they run now, unless `probe` is
+/// false (the registrations in etcd decide instead): then there are none.
 pub fn observe_for(
     spec: &Spec,
     node: &str,
     netns: &Netns,
     docker: &Docker,
     recent: Option<&RecentProbes>,
+    probe: bool,
 ) -> Result<Observed, ObserveError> {
     let mut observed = observe_reading(node, netns, docker, |observed| {
         drain_interests(spec, node, observed)
@@ -70,12 +72,13 @@ pub fn observe_for(
             observed.probes = probes.to_vec();
             age
         }
-        None => {
+        None if probe => {
             observed.probes = probe_replicas(spec, node, netns);
             Duration::ZERO
         }
+        None => Duration::ZERO,
     };
-    if !observed.probes.is_empty() {
+    if !observed.probes.is_empty() || !probe {
         observed.probed_at = SystemTime::now()
             .checked_sub(age)
             .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
@@ -122,6 +125,7 @@ fn observe_reading(
         images: Vec::new(),
         remote_digests: Vec::new(),
         probed_at: None,
+        cluster: None,
     };
     observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);

@@ -69,7 +69,35 @@ fn probe_targets<'a>(spec: &'a Spec, node: &str) -> Vec<ProbeTarget<'a>> {
 /// are left out: a load-balancer node then keeps sending their new
 /// connections where it did.
 pub fn probe_replicas(spec: &Spec, node: &str, netns: &Netns) -> Vec<Probe> {
-    let targets = probe_targets(spec, node);
+    probe(&probe_targets(spec, node), netns)
+}
+
+/// Probes, from a worker, the replicas it runs at `addresses` (service and
+/// address) with their services' checks, like a load-balancer node does
+/// (each for at most [`LB_PROBE_TIMEOUT`]). Replicas whose service has no
+/// network check (`exec` only) are left out.
+pub fn probe_own_replicas(
+    spec: &Spec,
+    addresses: &[(String, IpAddr)],
+    netns: &Netns,
+) -> Vec<Probe> {
+    let targets: Vec<ProbeTarget> = addresses
+        .iter()
+        .filter_map(|(name, address)| {
+            let service = spec.services.iter().find(|s| s.name.value == *name)?;
+            Some(ProbeTarget {
+                service: &service.name.value,
+                check: NetworkCheck::of(service, false)?,
+                address: *address,
+                timeout: probe_timeout(service).min(LB_PROBE_TIMEOUT),
+            })
+        })
+        .collect();
+    probe(&targets, netns)
+}
+
+/// Runs `targets` in parallel inside `netns`.
+fn probe(targets: &[ProbeTarget], netns: &Netns) -> Vec<Probe> {
     let mut probes: Vec<Probe> = std::thread::scope(|scope| {
         let running: Vec<_> = targets
             .iter()

@@ -1,6 +1,7 @@
 //! The planner: a pure function from the spec and the observed state of a node
 //! to a [`Plan`]. No I/O happens here; everything it needs is in [`Observed`].
 
+mod cluster;
 mod fingerprint;
 mod host;
 mod model;
@@ -26,7 +27,7 @@ use crate::desired::host_table::{
 use crate::desired::routed::{
     desired_addresses, desired_routing, desired_sysctls, load_balancer_role, worker_role,
 };
-use crate::desired::routed_table::{WorkerRules, add_load_balancer, add_worker};
+use crate::desired::routed_table::{WorkerRules, add_canary_chain, add_load_balancer, add_worker};
 use crate::model::Redirect;
 use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE, Slot, parse_container_name, replica_container_name};
@@ -101,6 +102,13 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             )),
         }
     }
+    planner.changes = routed::batch_upgrades(node, std::mem::take(&mut planner.changes));
+    routed::attach_canaries(
+        &mut planner.changes,
+        spec,
+        wanted_table.as_ref(),
+        observed_table,
+    );
     planner.changes.extend(routed::stale_veths(observed));
     planner.orphan_containers(
         &desired
@@ -244,6 +252,13 @@ pub fn desired_table(spec: &Spec, node: &str, observed: &Observed) -> Option<Nft
                 lb_ids: worker.lb_ids(),
             },
         );
+        if routed::canary_chain_needed(spec, node) {
+            add_canary_chain(&mut table);
+            let kept = found
+                .map(|t| routed::kept_canary_rules(spec, observed, t))
+                .unwrap_or_default();
+            add_canary(&mut table, &kept);
+        }
     }
     Some(table)
 }

@@ -26,7 +26,8 @@ pub struct Plan {
     /// The changes, in the order they will be applied.
     pub changes: Vec<Change>,
     /// Load-balancer state that is not a change: replicas the table already
-    /// leaves out of the spread and that stay out.
+    /// leaves out of the spread and that stay out, and replicas whose worker
+    /// holds a canary (new connections stay on the old address).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub load_balancing: Vec<String>,
     /// Warnings from observation (conntrack full, ...) and from load

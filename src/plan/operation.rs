@@ -52,6 +52,28 @@ pub struct CanarySplit {
     pub table: NftTable,
 }
 
+/// A routed canary on the worker: the split (the share of new connections
+/// that reach each old replica sent on to its next one, for `hold`), then the
+/// promotion (the load-balancer nodes' probes of each old replica dropped, so
+/// they switch), both ended when the upgrade finishes or rolls back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaCanary {
+    /// The share, the hold, what ends it, the split's rules and the table
+    /// while it holds.
+    pub split: CanarySplit,
+    /// The rules that promote it, each with its chain.
+    pub promote: Vec<(String, NftRule)>,
+    /// lessnat's table once promoted: the planned table plus the split's
+    /// and the promotion's rules.
+    pub promoted_table: NftTable,
+    /// The comments of every rule of the split and the promotion (what ends them).
+    pub comments: Vec<String>,
+    /// The promotion's rules were found: the hold is over, the upgrade goes
+    /// on from the switch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub promoted: bool,
+}
+
 /// A load-balancer node sends a replica's new connections to its other
 /// address; after writing the table it waits, at most `wait`, until its own
 /// connections to the old address are gone.
@@ -114,6 +136,22 @@ impl std::fmt::Display for Unanswered {
             addresses.join(", ")
         )
     }
+}
+
+/// One replica's part of a batch of routed upgrades.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaMove {
+    /// The service at the version it goes to, with this replica's container.
+    pub workload: Box<Workload>,
+    /// Where the old version is wired in.
+    pub old_at: IpAddr,
+    /// Where the next version is (or will be) wired in.
+    pub next_at: IpAddr,
+    /// The upgrade found on the host, and whether it resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+    /// Whether an old primary exists to switch away from and drain.
+    pub old_exists: bool,
 }
 
 /// What apply does for one change.
@@ -230,8 +268,27 @@ pub enum Operation {
         in_flight: Option<InFlight>,
         /// Whether an old primary exists to switch away from and drain.
         old_exists: bool,
+        /// Load-balancer node addresses (with `cluster:`, also the node side
+        /// of the worker's veths): their probes are not client connections.
+        load_balancers: Vec<IpAddr>,
+        /// The canary before the switch, if the upgrade has one (or its
+        /// rules were found and must end).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<Box<ReplicaCanary>>,
+    },
+    /// Routed mode: upgrades of several replicas of one service on this node
+    /// at once (`maxParallel`): every next version starts, then one switch
+    /// wait and one drain for all, then each old replica goes. A failure
+    /// rolls back the whole batch.
+    UpgradeReplicas {
+        /// The replicas, in order.
+        batch: Vec<ReplicaMove>,
         /// Load-balancer node addresses: their probes are not client connections.
         load_balancers: Vec<IpAddr>,
+        /// The canary of the whole batch before the switch, if the upgrade
+        /// has one (or its rules were found and must end).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<Box<ReplicaCanary>>,
     },
     /// Routed mode: wire a running container in again (its veth was lost).
     Wire {
@@ -285,6 +342,28 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// A routed upgrade of one replica (`UpgradeReplica`), as a member of a
+    /// batch.
+    pub fn replica_move(&self) -> Option<ReplicaMove> {
+        match self {
+            Operation::UpgradeReplica {
+                workload,
+                old_at,
+                next_at,
+                in_flight,
+                old_exists,
+                ..
+            } => Some(ReplicaMove {
+                workload: workload.clone(),
+                old_at: *old_at,
+                next_at: *next_at,
+                in_flight: in_flight.clone(),
+                old_exists: *old_exists,
+            }),
+            _ => None,
+        }
+    }
+
     /// The container this operation creates containers from, if it creates any:
     /// its image must be on the engine first. An upgrade in flight that rolls
     /// back creates nothing new.
@@ -302,6 +381,9 @@ impl Operation {
                 in_flight,
                 ..
             } if !rolls_back(in_flight) => Some(&workload.container),
+            Operation::UpgradeReplicas { batch, .. } => {
+                batch.first().map(|member| &member.workload.container)
+            }
             Operation::CreatePrimary { workload, .. }
             | Operation::StopStart { workload }
             | Operation::CreateReplica { workload, .. }

@@ -6,21 +6,28 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::cluster::Answers;
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
-use super::operation::{Operation, Switch, Unanswered};
+use super::operation::{CanarySplit, Operation, ReplicaCanary, ReplicaMove, Switch, Unanswered};
 use super::{
     Action, Change, Decision, Drift, FieldChange, InFlight, Resource, Slots, Stage, StageName,
     Upgrade,
 };
+use crate::desired::host_table::{add_canary, canary_rules_in, remove_canary};
 use crate::desired::routed::{
     LoadBalancerRole, ReplicaAddresses, replicas_of, replicas_on, version_tag,
 };
-use crate::desired::routed_table::{Dnat, LoadBalancerRules, down_in, spreads_in, versions_in};
+use crate::desired::routed_table::{
+    Dnat, LoadBalancerRules, canary_promote_comment, canary_promote_rule, canary_split_comment,
+    canary_split_rule, down_in, spreads_in, versions_in,
+};
 use crate::desired::{DesiredContainer, replica_container};
-use crate::model::{Container, IpRule, Observed, OwnedAddress, Route, Veth};
-use crate::ownership::{Slot, replica_container_name, veth_name};
-use crate::spec::{HumanDuration, OnDrainTimeout, Service, Spec, Strategy};
+use crate::model::{Container, IpRule, NftRule, NftTable, Observed, OwnedAddress, Route, Veth};
+use crate::ownership::{
+    Slot, VETH_GATEWAY, VETH_GATEWAY_V6, parse_container_name, replica_container_name, veth_name,
+};
+use crate::spec::{HumanDuration, NetworkMode, OnDrainTimeout, Service, Spec, Strategy};
 
 /// A routed replica's place: its node and its number there.
 #[derive(Clone, Copy)]
@@ -183,7 +190,15 @@ pub(super) fn plan_replica(
                 upgrade: Some(Upgrade {
                     strategy: Strategy::RedirectDrain,
                     in_flight: None,
-                    stages: upgrade_stages(on, service, at, next_for(&pair, at), false),
+                    stages: upgrade_stages(
+                        service,
+                        &[Move {
+                            on,
+                            old_at: at,
+                            next_at: next_for(&pair, at),
+                        }],
+                        false,
+                    ),
                 }),
                 operation: Operation::UpgradeReplica {
                     workload,
@@ -192,6 +207,7 @@ pub(super) fn plan_replica(
                     in_flight: None,
                     old_exists: true,
                     load_balancers: load_balancer_addresses(spec),
+                    canary: None,
                 },
             },
         }];
@@ -235,13 +251,22 @@ pub(super) fn plan_replica(
 }
 
 /// The addresses of the spec's load-balancer nodes: their probes reach
-/// replicas, and are not client connections.
+/// replicas, and are not client connections. With `cluster:`, also the node
+/// side of the worker's veths, where its own probes (for its registrations)
+/// come from.
 fn load_balancer_addresses(spec: &Spec) -> Vec<IpAddr> {
-    spec.nodes
+    let mut addresses: Vec<IpAddr> = spec
+        .nodes
         .iter()
         .filter(|n| n.load_balancer.is_some())
-        .map(|n| *n.address.value)
-        .collect()
+        .flat_map(|n| {
+            std::iter::once(*n.address.value).chain(n.address6.as_ref().map(|a| *a.value))
+        })
+        .collect();
+    if spec.cluster.is_some() {
+        addresses.extend([IpAddr::V4(VETH_GATEWAY), IpAddr::V6(VETH_GATEWAY_V6)]);
+    }
+    addresses
 }
 
 /// A routed upgrade found with its `next` container.
@@ -281,7 +306,15 @@ fn in_flight(
         )
     };
     let stages = match decision {
-        Decision::Resume => upgrade_stages(on, service, old_at, next_at, true),
+        Decision::Resume => upgrade_stages(
+            service,
+            &[Move {
+                on,
+                old_at,
+                next_at,
+            }],
+            true,
+        ),
         Decision::RollBack => vec![Stage {
             name: StageName::RemoveNext,
             done: false,
@@ -317,65 +350,220 @@ fn in_flight(
             in_flight: Some(in_flight),
             old_exists: mine.primary.is_some(),
             load_balancers: load_balancer_addresses(spec),
+            canary: None,
         },
     }
 }
 
-fn upgrade_stages(
-    on: On,
-    service: &Service,
+/// One replica an upgrade moves: where, and from and to which address.
+#[derive(Clone, Copy)]
+struct Move<'a> {
+    on: On<'a>,
     old_at: IpAddr,
     next_at: IpAddr,
-    started: bool,
-) -> Vec<Stage> {
+}
+
+/// `text` of each of `moves`, joined with `separator`.
+fn each(moves: &[Move], separator: &str, text: impl Fn(&Move) -> String) -> String {
+    moves.iter().map(text).collect::<Vec<_>>().join(separator)
+}
+
+/// The stages of an upgrade of `moves` (one replica, or a batch of them
+/// that upgrade together).
+fn upgrade_stages(service: &Service, moves: &[Move], started: bool) -> Vec<Stage> {
     let name = &service.name.value;
     let start_timeout = service
         .health
         .as_ref()
         .map_or(HumanDuration::secs(60), |h| h.start_timeout.value);
+    let them = if moves.len() > 1 { "them" } else { "it" };
     let on_timeout = match service.upgrade.on_drain_timeout {
-        OnDrainTimeout::Proceed => "then remove it anyway",
-        OnDrainTimeout::Rollback => "then roll back",
+        OnDrainTimeout::Proceed => format!("then remove {them} anyway"),
+        OnDrainTimeout::Rollback => "then roll back".to_string(),
     };
-    vec![
-        Stage {
-            name: StageName::StartNext,
-            done: started,
-            action: format!(
-                "start {} at {next_at} and wire it in",
-                on.name(name, Slot::Next)
-            ),
-            wait: Some("healthy".into()),
-            timeout: Some(start_timeout),
-        },
-        Stage {
-            name: StageName::Switch,
-            done: false,
-            action: format!(
-                "load-balancer nodes send new connections to {next_at} once it answers (on their own next apply)"
-            ),
-            wait: Some(format!("at least {}", service.upgrade.switch_wait.value)),
-            timeout: None,
-        },
+    let nexts = each(moves, ", ", |m| m.next_at.to_string());
+    let olds = each(moves, ", ", |m| m.old_at.to_string());
+    let mut stages = vec![Stage {
+        name: StageName::StartNext,
+        done: started,
+        action: format!(
+            "start {} and wire {them} in",
+            each(moves, ", ", |m| format!(
+                "{} at {}",
+                m.on.name(name, Slot::Next),
+                m.next_at
+            ))
+        ),
+        wait: Some("healthy".into()),
+        timeout: Some(start_timeout),
+    }];
+    let switch = match &service.upgrade.canary {
+        Some(canary) => {
+            stages.push(Stage {
+                name: StageName::Canary,
+                done: false,
+                action: format!(
+                    "send {} of the new connections that reach {olds} to {nexts} (this node's table; load-balancer nodes keep sending to {olds})",
+                    canary.weight.value
+                ),
+                wait: Some(format!(
+                    "hold {} while {nexts} {} healthy ({} failed checks in a row roll back); `lessnat apply --promote` or `--abort` ends it early",
+                    canary.hold.value,
+                    if moves.len() > 1 { "stay" } else { "stays" },
+                    canary.unhealthy_after.value
+                )),
+                timeout: Some(canary.hold.value),
+            });
+            format!(
+                "promote: drop load-balancer nodes' probes of {olds}, so they send new connections to {nexts} (on their own next apply)"
+            )
+        }
+        None => format!(
+            "load-balancer nodes send new connections to {nexts} once {} (on their own next apply)",
+            if moves.len() > 1 {
+                "each answers"
+            } else {
+                "it answers"
+            }
+        ),
+    };
+    stages.push(Stage {
+        name: StageName::Switch,
+        done: false,
+        action: switch,
+        wait: Some(format!("at least {}", service.upgrade.switch_wait.value)),
+        timeout: None,
+    });
+    stages.extend([
         Stage {
             name: StageName::Drain,
             done: false,
-            action: format!("wait until no connection to {old_at} remains ({on_timeout})"),
-            wait: Some("0 live connections to the old replica".into()),
+            action: format!("wait until no connection to {olds} remains ({on_timeout})"),
+            wait: Some(
+                if moves.len() > 1 {
+                    "0 live connections to the old replicas"
+                } else {
+                    "0 live connections to the old replica"
+                }
+                .into(),
+            ),
             timeout: Some(service.upgrade.drain_timeout.value),
         },
         Stage {
             name: StageName::Finish,
             done: false,
-            action: format!(
-                "remove {}; {} becomes the primary at {next_at}",
-                on.name(name, Slot::Primary),
-                on.name(name, Slot::Next)
-            ),
+            action: each(moves, "; ", |m| {
+                format!(
+                    "remove {}; {} becomes the primary at {}",
+                    m.on.name(name, Slot::Primary),
+                    m.on.name(name, Slot::Next),
+                    m.next_at
+                )
+            }),
             wait: None,
             timeout: None,
         },
-    ]
+    ]);
+    stages
+}
+
+/// Merges the upgrades of a routed service's replicas on `node` into
+/// batches of its `maxParallel`, in replica order: each batch is one change
+/// whose replicas start, switch and drain together. Upgrades found in
+/// flight that roll back stay on their own.
+pub(super) fn batch_upgrades(node: &str, changes: Vec<Change>) -> Vec<Change> {
+    let mut slots: Vec<Vec<Change>> = Vec::new();
+    // Per service, the slot of its open batch.
+    let mut open: BTreeMap<String, usize> = BTreeMap::new();
+    for change in changes {
+        let Some(member) = batchable(&change) else {
+            slots.push(vec![change]);
+            continue;
+        };
+        let service = member.workload.service.name.value.clone();
+        let max = member.workload.service.upgrade.max_parallel.value as usize;
+        match open.get(&service) {
+            Some(&at) if slots[at].len() < max => slots[at].push(change),
+            _ => {
+                open.insert(service, slots.len());
+                slots.push(vec![change]);
+            }
+        }
+    }
+    slots
+        .into_iter()
+        .filter_map(|mut slot| match slot.len() {
+            1 => slot.pop(),
+            _ => batch_change(node, slot),
+        })
+        .collect()
+}
+
+/// The replica an upgrade change moves, if it can join a batch: an upgrade
+/// that starts, or one in flight that resumes.
+fn batchable(change: &Change) -> Option<ReplicaMove> {
+    change.operation.replica_move().filter(|m| {
+        m.in_flight
+            .as_ref()
+            .is_none_or(|f| f.decision == Decision::Resume)
+    })
+}
+
+/// The one change that upgrades the replicas of `changes` together.
+fn batch_change(node: &str, changes: Vec<Change>) -> Option<Change> {
+    let batch: Vec<ReplicaMove> = changes.iter().filter_map(batchable).collect();
+    let load_balancers = match &changes.first()?.operation {
+        Operation::UpgradeReplica { load_balancers, .. } => load_balancers.clone(),
+        _ => Vec::new(),
+    };
+    let service = batch.first()?.workload.service.clone();
+    let name = &service.name.value;
+    let moves: Vec<Move> = batch
+        .iter()
+        .map(|m| Move {
+            on: On {
+                node,
+                number: m.workload.container.replica_number(),
+            },
+            old_at: m.old_at,
+            next_at: m.next_at,
+        })
+        .collect();
+    let numbers: Vec<String> = moves.iter().map(|m| m.on.number.to_string()).collect();
+    let mut fields: Vec<FieldChange> = Vec::new();
+    for field in changes.iter().flat_map(|c| &c.fields) {
+        if !fields.contains(field) {
+            fields.push(field.clone());
+        }
+    }
+    Some(Change {
+        action: Action::Upgrade,
+        resource: Resource::Service {
+            name: format!("{name}[{}]", numbers.join(",")),
+        },
+        reason: format!(
+            "{} replicas at once (maxParallel {}): {}",
+            batch.len(),
+            service.upgrade.max_parallel.value,
+            each(&moves, ", ", |m| format!("{} to {}", m.old_at, m.next_at))
+        ),
+        fields,
+        diff: Vec::new(),
+        upgrade: Some(Upgrade {
+            strategy: Strategy::RedirectDrain,
+            in_flight: batch.iter().find_map(|m| m.in_flight.clone()),
+            stages: upgrade_stages(
+                &service,
+                &moves,
+                batch.iter().all(|m| m.in_flight.is_some()),
+            ),
+        }),
+        operation: Operation::UpgradeReplicas {
+            batch,
+            load_balancers,
+            canary: None,
+        },
+    })
 }
 
 fn stop_start_stages(on: On, service: &Service, at: IpAddr) -> Vec<Stage> {
@@ -396,6 +584,140 @@ fn stop_start_stages(on: On, service: &Service, at: IpAddr) -> Vec<Stage> {
             timeout: None,
         },
     ]
+}
+
+/// Whether `node`'s table needs the chain of routed canaries' splits: the
+/// spec gives a canary to a routed service with a replica there.
+pub(super) fn canary_chain_needed(spec: &Spec, node: &str) -> bool {
+    spec.services.iter().any(|s| {
+        s.network == NetworkMode::Routed
+            && s.upgrade.canary.is_some()
+            && s.replicas.iter().any(|r| r.node.value == node)
+    })
+}
+
+/// The comments of a canary's rules for the old replica at `old`.
+fn canary_comments(service: &str, old: IpAddr) -> [String; 2] {
+    [
+        canary_split_comment(service, old),
+        canary_promote_comment(service, old),
+    ]
+}
+
+/// The rules of routed canaries found in `found` that stay while their
+/// upgrade is in flight (a `next` container runs beside the old primary)
+/// and the spec still gives the service a canary: the upgrade ends them.
+pub(super) fn kept_canary_rules(
+    spec: &Spec,
+    observed: &Observed,
+    found: &NftTable,
+) -> Vec<(String, NftRule)> {
+    let mut comments = Vec::new();
+    for next in observed.containers.iter().filter(|c| c.slot == Slot::Next) {
+        let canary = spec
+            .services
+            .iter()
+            .any(|s| s.name.value == next.service && s.upgrade.canary.is_some());
+        let number = replica_number_of(&next.name);
+        let old = observed
+            .containers
+            .iter()
+            .filter(|c| c.slot == Slot::Primary && c.service == next.service)
+            .find(|c| replica_number_of(&c.name) == number)
+            .and_then(wired_at);
+        if let (true, Some(old)) = (canary, old) {
+            comments.extend(canary_comments(&next.service, old));
+        }
+    }
+    canary_rules_in(found, &comments)
+}
+
+fn replica_number_of(name: &str) -> u32 {
+    parse_container_name(name).map_or(1, |n| n.replica)
+}
+
+/// Gives each routed upgrade of a service with a canary its canary: the
+/// split's and the promotion's rules for its replicas, and the tables to
+/// hold meanwhile (`planned`, the table the plan writes, plus them).
+/// `found`: lessnat's table as observed (promotion rules found there mean
+/// the hold is over).
+pub(super) fn attach_canaries(
+    changes: &mut [Change],
+    spec: &Spec,
+    planned: Option<&NftTable>,
+    found: Option<&NftTable>,
+) {
+    let balancers = load_balancer_addresses(spec);
+    for change in changes {
+        let (service, moves, slot): (&Service, Vec<(IpAddr, IpAddr)>, _) =
+            match &mut change.operation {
+                Operation::UpgradeReplica {
+                    workload,
+                    old_at,
+                    next_at,
+                    canary,
+                    ..
+                } => (&workload.service, vec![(*old_at, *next_at)], canary),
+                Operation::UpgradeReplicas { batch, canary, .. } => match batch.first() {
+                    Some(first) => (
+                        &first.workload.service,
+                        batch.iter().map(|m| (m.old_at, m.next_at)).collect(),
+                        canary,
+                    ),
+                    None => continue,
+                },
+                _ => continue,
+            };
+        let (Some(settings), Some(planned)) = (&service.upgrade.canary, planned) else {
+            continue;
+        };
+        let name = &service.name.value;
+        let comments: Vec<String> = moves
+            .iter()
+            .flat_map(|(old, _)| canary_comments(name, *old))
+            .collect();
+        let split: Vec<(String, NftRule)> = moves
+            .iter()
+            .map(|(old, next)| {
+                canary_split_rule(name, *old, *next, settings.weight.value, &balancers)
+            })
+            .collect();
+        let promote: Vec<(String, NftRule)> = moves
+            .iter()
+            .filter_map(|(old, _)| canary_promote_rule(name, *old, &balancers))
+            .collect();
+        let promote_comments: Vec<String> = moves
+            .iter()
+            .map(|(old, _)| canary_promote_comment(name, *old))
+            .collect();
+        let promoted = found.is_some_and(|t| !canary_rules_in(t, &promote_comments).is_empty());
+        let mut base = planned.clone();
+        remove_canary(&mut base, &comments);
+        let mut split_table = base.clone();
+        add_canary(&mut split_table, &split);
+        let mut promoted_table = split_table.clone();
+        add_canary(&mut promoted_table, &promote);
+        *slot = Some(Box::new(ReplicaCanary {
+            split: CanarySplit {
+                weight: settings.weight.value,
+                hold: settings.hold.value,
+                unhealthy_after: settings.unhealthy_after.value,
+                rules: split,
+                table: split_table,
+            },
+            promote,
+            promoted_table,
+            comments,
+            promoted,
+        }));
+        if let Some(stage) = change
+            .upgrade
+            .as_mut()
+            .and_then(|u| u.stages.iter_mut().find(|s| s.name == StageName::Canary))
+        {
+            stage.done = promoted;
+        }
+    }
 }
 
 /// Veths that lead to no running container of ours at their address: left
@@ -440,8 +762,9 @@ pub struct LoadBalancing {
     pub spread: Vec<String>,
     /// The connections to delete once the table leaves replicas out.
     pub unanswered: Vec<Unanswered>,
-    /// Replicas the observed table already leaves out that stay out: state
-    /// shown in the plan, not a change.
+    /// Replicas the observed table already leaves out that stay out, and
+    /// replicas whose worker holds a canary: state shown in the plan, not a
+    /// change.
     pub kept_out: Vec<String>,
     /// VIP ports none of whose replicas answers (all are kept in the spread).
     pub warnings: Vec<String>,
@@ -466,7 +789,9 @@ struct Target<'a> {
 ///   spec's, unless it stops answering and the other answers (failover);
 /// - when the spec's version differs (an upgrade on the worker), the other
 ///   address takes over as soon as it answers; with `stop-start` the worker
-///   replaces the replica in place, so the address stays;
+///   replaces the replica in place, so the address stays; with a canary, it
+///   takes over only once the recorded address stops answering (the worker
+///   holds the canary, then promotes it by dropping this node's probes);
 /// - with nothing recorded, `address` unless only `nextAddress` answers;
 ///
 /// and whether it is in the spread: a replica neither of whose addresses
@@ -498,19 +823,16 @@ pub(super) fn load_balancing(
     let mut spread = BTreeSet::new();
     let mut unanswered = Vec::new();
     let mut kept_out = BTreeSet::new();
+    let mut canaries = BTreeSet::new();
     let mut warnings = BTreeSet::new();
+    let (source, unread) = Answers::of(spec, observed);
+    warnings.extend(unread);
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
-        let answers = |address: IpAddr| {
-            let address = address.to_string();
-            observed
-                .probes
-                .iter()
-                .find(|p| &p.service == name && p.address == address)
-                .map(|p| p.healthy)
-        };
+        let answers = |address: IpAddr| source.at(name, address);
         let healthy = |address: IpAddr| answers(address) == Some(true);
+        let canary = service.upgrade.canary.is_some();
         let mut targets = Vec::new();
         let placed = replicas_of(spec, service);
         for replica in placed.iter().filter(|r| vip_port.reaches(r.pair.address)) {
@@ -550,10 +872,21 @@ pub(super) fn load_balancing(
                 Some((at, _)) if service.upgrade.strategy == Strategy::StopStart => {
                     (at, wanted, None)
                 }
+                Some((at, tag)) if canary && other_answers(at) && healthy(at) => {
+                    canaries.insert(format!(
+                        "{name} on {node} ({at}): canary: new connections stay here while the worker sends a share of them on to {}; they move there once the worker promotes it ({at} stops answering this node's probes)",
+                        pair.other(at)
+                    ));
+                    (at, tag, None)
+                }
                 Some((at, _)) if other_answers(at) => (
                     pair.other(at),
                     wanted,
-                    Some("the next version answers there"),
+                    Some(if canary {
+                        "the canary was promoted: the old version stopped answering and the next one answers there"
+                    } else {
+                        "the next version answers there"
+                    }),
                 ),
                 Some((at, tag)) => (at, tag, None),
             };
@@ -599,11 +932,12 @@ pub(super) fn load_balancing(
                 (true, Some(false)) => {
                     let when = since.map(|s| out_since(s, now)).unwrap_or_default();
                     kept_out.insert(format!(
-                        "{who} stays out of the spread: neither address answers{when}"
+                        "{who} stays out of the spread: {}{when}",
+                        source.silent()
                     ));
                 }
                 (true, _) => {
-                    spread.insert(format!("{who}: out of the spread: neither address answers"));
+                    spread.insert(format!("{who}: out of the spread: {}", source.silent()));
                     dropped.extend([target.pair.address, target.pair.next_address]);
                 }
                 (false, Some(false)) if target.down => {
@@ -615,7 +949,10 @@ pub(super) fn load_balancing(
                     let when = since
                         .map(|s| format!(", out{}", out_since(s, now)))
                         .unwrap_or_default();
-                    spread.insert(format!("{who}: back in the spread: it answers again{when}"));
+                    spread.insert(format!(
+                        "{who}: back in the spread: {}{when}",
+                        source.back()
+                    ));
                 }
                 (false, _) => {}
             }
@@ -653,7 +990,7 @@ pub(super) fn load_balancing(
         switches,
         spread: spread.into_iter().collect(),
         unanswered,
-        kept_out: kept_out.into_iter().collect(),
+        kept_out: kept_out.into_iter().chain(canaries).collect(),
         warnings: warnings.into_iter().collect(),
     }
 }

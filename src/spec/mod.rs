@@ -2,6 +2,7 @@
 //! becomes its description in the JSON Schema, shown as hover text in editors.
 
 mod address;
+mod cluster;
 mod de;
 mod duration;
 mod load;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use address::{Address, Subnet};
+pub use cluster::{Cluster, Etcd, EtcdTls, MAX_LEASE_TTL, MIN_LEASE_TTL};
 pub use duration::{DurationError, HumanDuration};
 pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
 pub use located::Located;
@@ -41,6 +43,11 @@ pub struct Spec {
     /// The services to run.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Cluster coordination through etcd (optional): agents register their
+    /// nodes and healthy replicas, load-balancer nodes follow the
+    /// registrations. Without it, every node decides from its own probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
 }
 
 /// A host managed by lessnat.
@@ -352,11 +359,28 @@ pub struct Upgrade {
     /// its own next apply: run them more often than this). Default `30s`.
     #[serde(default = "default_switch_wait")]
     pub switch_wait: Located<HumanDuration>,
-    /// Host mode, redirect-drain: before all new connections go to the new
-    /// version, send it only a share of them for a while, watching its
-    /// health (see [`Canary`]).
+    /// Redirect-drain: before all new connections go to the new version,
+    /// send it only a share of them for a while, watching its health (see
+    /// [`Canary`]). In routed mode the worker splits the new connections
+    /// that reach each old replica; load-balancer nodes switch once it
+    /// promotes the canary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Located<Canary>>,
+    /// Routed mode: how many replicas of the service on one node upgrade at
+    /// the same time (their next versions start, load-balancer nodes switch
+    /// them, and they drain together). Default `1`: one after the other.
+    #[serde(default = "default_max_parallel", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1))]
+    pub max_parallel: Located<u32>,
+}
+
+fn default_max_parallel() -> Located<u32> {
+    1.into()
+}
+
+/// Whether `value` is the default `maxParallel`, 1 (left out of plans' JSON).
+fn is_one(value: &Located<u32>) -> bool {
+    value.value == 1
 }
 
 /// A canary: once the new version is healthy, `weight` of the new
@@ -393,6 +417,7 @@ impl Default for Upgrade {
             stop_timeout: default_stop_timeout(),
             switch_wait: default_switch_wait(),
             canary: None,
+            max_parallel: default_max_parallel(),
         }
     }
 }

@@ -32,6 +32,9 @@ pub fn validate(spec: &Spec) -> Vec<Diagnostic> {
     check.node_ports(spec);
     check.vip_ports(spec);
     check.routed_families(spec);
+    if let Some(cluster) = &spec.cluster {
+        check.found.extend(super::cluster::check(cluster));
+    }
     check.found
 }
 
@@ -385,20 +388,16 @@ impl Checker {
         if let Some(canary) = &service.upgrade.canary {
             self.canary(service, canary);
         }
+        self.max_parallel(service);
         self.placeholders(service);
     }
 
-    /// A canary splits a host-mode redirect-drain upgrade's redirect.
+    /// A canary splits a redirect-drain upgrade's new connections.
     fn canary(&mut self, service: &Service, canary: &Located<Canary>) {
-        if service.network == NetworkMode::Routed {
-            self.push(
-                error(canary.span, "`canary` is for host-mode services")
-                    .with_help("routed upgrades have no canary yet; remove `canary`"),
-            );
-        } else if service.upgrade.strategy == Strategy::StopStart {
+        if service.upgrade.strategy == Strategy::StopStart {
             self.push(
                 error(canary.span, "a canary needs the redirect-drain strategy")
-                    .with_help("remove `canary`, or `strategy: stop-start`"),
+                    .with_help("remove `canary`, or use `strategy: redirect-drain`"),
             );
         }
         if canary.hold.get().is_zero() {
@@ -419,6 +418,23 @@ impl Checker {
                 .with_help(
                     "the number of failed health checks in a row that abort the canary, e.g. `3`",
                 ),
+            );
+        }
+    }
+
+    /// `maxParallel` counts a node's routed replicas that upgrade together.
+    fn max_parallel(&mut self, service: &Service) {
+        let max = &service.upgrade.max_parallel;
+        if max.value == 0 {
+            self.push(
+                error(max.span, "`maxParallel` must be at least 1").with_help(
+                    "the number of a node's replicas that upgrade at the same time, e.g. `2`",
+                ),
+            );
+        } else if max.value > 1 && service.network == NetworkMode::Host {
+            self.push(
+                error(max.span, "`maxParallel` is for routed services")
+                    .with_help("a host-mode service runs one container; remove `maxParallel`"),
             );
         }
     }

@@ -4,9 +4,11 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod conntrack;
+pub mod etcd;
 pub mod git;
 pub mod image;
 pub mod load;
+pub mod process;
 pub mod registry;
 
 use std::process::{Command, Output};
@@ -37,6 +39,14 @@ fn has_command(name: &str) -> bool {
         std::fs::metadata(dir.join(name))
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
+}
+
+/// True when the given commands are installed (no root needed).
+pub fn commands(test: &str, commands: &[&str]) -> bool {
+    match commands.iter().find(|c| !has_command(c)) {
+        Some(missing) => skip_or_fail(test, &format!("needs the `{missing}` command")),
+        None => true,
+    }
 }
 
 /// True when the test may use root, network namespaces and the given commands.

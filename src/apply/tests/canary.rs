@@ -33,7 +33,7 @@ fn with_canary(image: &str, canary: &str) -> String {
 
 /// Asks the holding canary in `dir` to end, as `lessnat apply --promote` /
 /// `--abort` does once it has checked that an apply holds one.
-fn ask(dir: &Path, verdict: &str) -> impl FnOnce() + 'static {
+pub(super) fn ask(dir: &Path, verdict: &str) -> impl FnOnce() + 'static {
     let path = dir.join(CANARY_FILE);
     let request = format!("{verdict} {}\n", std::process::id());
     move || std::fs::write(path, request).expect("request written")

@@ -3,8 +3,10 @@
 //! applies the plan, and checks the host left behind and the order of the
 //! changes made. No root, no Docker, no real drain waits.
 
+mod batch;
 mod canary;
 mod routed;
+mod routed_canary;
 mod upgrade;
 
 use super::fake::{FakeContainer, FakeHost};
@@ -130,6 +132,14 @@ impl Harness {
             "{first:?} comes after {then:?} in {calls:#?}"
         );
     }
+}
+
+/// Where `call` is in `calls` (the first time); fails when it is not there.
+fn position(calls: &[String], call: &str) -> usize {
+    calls
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("no {call:?} in {calls:#?}"))
 }
 
 /// The operation of a plan that has exactly one change besides pulling

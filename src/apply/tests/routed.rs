@@ -4,21 +4,21 @@
 use std::net::IpAddr;
 
 use super::super::fake::{FakeContainer, Health};
-use super::{Harness, only_operation};
+use super::{Harness, only_operation, position};
 use crate::apply::ApplyError;
 use crate::backend::conntrack::FlowTo;
 use crate::ownership::LABEL_ADDRESS;
 use crate::plan::operation::Operation;
 use crate::plan::{Decision, InFlight};
 
-const NODE: &str = "w";
-const PRIMARY: &str = "lessnat-api.w";
-const NEXT: &str = "lessnat-api.w.next";
-const ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 20, 1, 5));
+pub(super) const NODE: &str = "w";
+pub(super) const PRIMARY: &str = "lessnat-api.w";
+pub(super) const NEXT: &str = "lessnat-api.w.next";
+pub(super) const ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 20, 1, 5));
 
 /// The routed service `api` with its replica on worker `w` at 10.20.1.5,
 /// at `image` with `upgrade` settings (the inside of a YAML flow mapping).
-fn api(image: &str, upgrade: &str) -> String {
+pub(super) fn api(image: &str, upgrade: &str) -> String {
     format!(
         r#"version: 1
 nodes:
@@ -38,12 +38,12 @@ services:
 }
 
 /// Api 1 installed, wired in at 10.20.1.5.
-fn installed() -> Harness {
+pub(super) fn installed() -> Harness {
     Harness::installed(NODE, &api("api:1", ""))
 }
 
 /// The addresses the service's veths lead to.
-fn wired(h: &Harness) -> Vec<String> {
+pub(super) fn wired(h: &Harness) -> Vec<String> {
     h.fake
         .observed(NODE)
         .veths
@@ -53,7 +53,7 @@ fn wired(h: &Harness) -> Vec<String> {
 }
 
 /// Asserts that `image` serves alone as the primary, wired in at `address`.
-fn assert_serves(h: &Harness, image: &str, address: IpAddr) {
+pub(super) fn assert_serves(h: &Harness, image: &str, address: IpAddr) {
     let primary = h.assert_only(PRIMARY, image);
     assert_eq!(primary.spec.labels[LABEL_ADDRESS], address.to_string());
     assert_eq!(wired(h), [address.to_string()]);
@@ -89,7 +89,7 @@ fn next_at(operation: &Operation) -> IpAddr {
 }
 
 /// A client's connection to the old replica (`live`: open).
-fn client_connection(live: bool) -> FlowTo {
+pub(super) fn client_connection(live: bool) -> FlowTo {
     FlowTo {
         id: 7,
         live,
@@ -337,7 +337,7 @@ fn a_replica_left_out_of_the_spread_loses_its_unanswered_connections_once() {
 
 /// `api` with two replicas on worker `w` (10.20.1.5 and 10.20.1.7, next
 /// addresses .6 and .8) at `image`.
-fn two_on_one_worker(image: &str) -> String {
+pub(super) fn two_on_one_worker(image: &str) -> String {
     api(image, "switchWait: 1s, drainTimeout: 10s").replace(
         "replicas: [{node: w, address: 10.20.1.5}]",
         "replicas: [{node: w, address: 10.20.1.5, count: 2}]",
@@ -376,12 +376,7 @@ fn two_replicas_on_one_worker_each_have_their_containers_and_addresses() {
     );
     h.apply_plan(&plan).expect("upgrades both");
     let changes = h.changes();
-    let at = |call: &str| {
-        changes
-            .iter()
-            .position(|c| c == call)
-            .unwrap_or_else(|| panic!("no {call:?} in {changes:#?}"))
-    };
+    let at = |call: &str| position(&changes, call);
     assert!(
         at("rename lessnat-api.w.next lessnat-api.w") < at("create lessnat-api.w.2.next"),
         "the second replica starts its next version once the first is done: {changes:#?}"

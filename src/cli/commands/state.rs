@@ -1,10 +1,12 @@
 //! `lessnat status`, `suspend` and `resume`: reconcile's state on this node.
 
+use std::path::Path;
 use std::process::ExitCode;
 
-use super::{print, print_json, stdout_style};
+use super::{load_spec, print, print_json, stdout_style};
 use crate::cli::args::GlobalArgs;
-use crate::gitops::status::Status;
+use crate::cluster::status::ClusterStatus;
+use crate::gitops::status::{Status, render_cluster};
 use crate::gitops::suspend::{SuspendError, SuspendFile, end_backoff};
 
 /// `lessnat status`.
@@ -14,6 +16,23 @@ pub fn status(global: &GlobalArgs, json: bool) -> anyhow::Result<ExitCode> {
         print_json(&status)?;
     } else {
         print(status.render(stdout_style(global)))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lessnat status --cluster --spec FILE`: the site as etcd holds it.
+pub fn cluster_status(global: &GlobalArgs, spec: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let spec = load_spec(global, spec)?;
+    let Some(cluster) = &spec.cluster else {
+        anyhow::bail!(
+            "the spec has no `cluster:` block: without etcd there is no cluster status; `lessnat status` shows this node's"
+        );
+    };
+    let status = ClusterStatus::read(cluster)?;
+    if json {
+        print_json(&status)?;
+    } else {
+        print(render_cluster(&status, stdout_style(global)))?;
     }
     Ok(ExitCode::SUCCESS)
 }

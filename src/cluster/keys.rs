@@ -1,0 +1,171 @@
+//! The key layout in etcd and the JSON values stored there, in one place
+//! (`docs/cluster.md`, "Keys"). Every key lives under the spec's
+//! `cluster.etcd.prefix` (default `/lessnat`):
+//!
+//! | key | value | written by | lease |
+//! | --- | --- | --- | --- |
+//! | `{prefix}/nodes/{node}` | [`NodeRecord`] | every node's agent | the node's |
+//! | `{prefix}/replicas/{service}/{address}` | [`ReplicaRecord`] | the worker running it | the node's |
+//!
+//! Reserved for the upgrade handshake and fleet rollouts (their values are
+//! defined where they are used): `{prefix}/upgrades/…` (a worker's upgrade
+//! in flight and its ready `next`), `{prefix}/acks/…` (each load-balancer
+//! node's acknowledgement of a switch) and `{prefix}/rollouts/…` (per-service
+//! slots and versions marked bad). Nothing else is written under the prefix.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a site's keys live: its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys under `prefix` (no trailing `/`).
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The site's prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where every node registers: `{prefix}/nodes/`.
+    pub fn nodes(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+
+    /// Node `node`'s registration.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}{node}", self.nodes())
+    }
+
+    /// Where every replica registers: `{prefix}/replicas/`.
+    pub fn replicas(&self) -> String {
+        format!("{}/replicas/", self.prefix)
+    }
+
+    /// The registration of `service`'s replica serving at `address`.
+    pub fn replica(&self, service: &str, address: &str) -> String {
+        format!("{}{service}/{address}", self.replicas())
+    }
+
+    /// The node a key of [`Keys::node`] names.
+    pub fn node_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let node = key.strip_prefix(&self.nodes())?;
+        (!node.is_empty() && !node.contains('/')).then_some(node)
+    }
+
+    /// The service and address a key of [`Keys::replica`] names.
+    pub fn replica_of<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        let rest = key.strip_prefix(&self.replicas())?;
+        let (service, address) = rest.split_once('/')?;
+        (!service.is_empty() && !address.is_empty() && !address.contains('/'))
+            .then_some((service, address))
+    }
+}
+
+/// What a node is in the site, as registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// It balances routed services (`loadBalancer`).
+    LoadBalancer,
+    /// It runs routed replicas (`containerSubnet`).
+    Worker,
+    /// It runs host-mode services.
+    Host,
+}
+
+/// `{prefix}/nodes/{node}`: a node whose agent is alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    /// The node's roles in the spec.
+    pub roles: Vec<Role>,
+    /// The Git commit of the spec it last planned (`agent --repo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The hash of the spec it last planned (`sha256:…` of the file's bytes).
+    pub spec_hash: String,
+    /// The lessnat version of its agent.
+    pub agent_version: String,
+    /// When its lease was granted (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// Which of a replica's containers serves at a registered address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaSlot {
+    /// The replica's primary container.
+    Primary,
+    /// The next version an upgrade started.
+    Next,
+}
+
+/// `{prefix}/replicas/{service}/{address}`: a replica a worker runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaRecord {
+    /// The worker it runs on.
+    pub node: String,
+    /// Its number among the service's replicas on that node (1 for the first).
+    pub replica: u32,
+    /// Its version: the container's spec hash (the `io.lessnat.spec` label).
+    pub version: String,
+    /// Primary or the next version of an upgrade.
+    pub slot: ReplicaSlot,
+    /// Whether the worker's own health probe passes.
+    pub healthy: bool,
+    /// Since when it has been registered with this health (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_what_they_register_and_read_back() {
+        let keys = Keys::new("/sites/paris/");
+        assert_eq!(keys.node("lb-1"), "/sites/paris/nodes/lb-1");
+        assert_eq!(
+            keys.replica("api", "10.20.1.5"),
+            "/sites/paris/replicas/api/10.20.1.5"
+        );
+        assert_eq!(keys.node_of("/sites/paris/nodes/lb-1"), Some("lb-1"));
+        assert_eq!(keys.node_of("/sites/paris/nodes/"), None);
+        assert_eq!(
+            keys.replica_of("/sites/paris/replicas/api/10.20.1.5"),
+            Some(("api", "10.20.1.5"))
+        );
+        assert_eq!(keys.replica_of("/sites/paris/replicas/api"), None);
+        assert_eq!(keys.replica_of("/sites/lyon/replicas/api/10.20.1.5"), None);
+    }
+
+    #[test]
+    fn values_are_camel_case_json() {
+        let record = ReplicaRecord {
+            node: "web-1".into(),
+            replica: 1,
+            version: "sha256:ab".into(),
+            slot: ReplicaSlot::Next,
+            healthy: true,
+            since: 1_790_000_000,
+        };
+        let json = serde_json::to_string(&record).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"node":"web-1","replica":1,"version":"sha256:ab","slot":"next","healthy":true,"since":1790000000}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ReplicaRecord>(&json).ok(),
+            Some(record)
+        );
+    }
+}

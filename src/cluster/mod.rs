@@ -1,0 +1,16 @@
+//! Cluster coordination through etcd (`docs/cluster.md`): what the agents
+//! of a site share while they are alive.
+//!
+//! | file | what it does |
+//! | --- | --- |
+//! | `keys.rs` | the key layout and the JSON values stored under it |
+//! | `config.rs` | the spec's `cluster:` block as the etcd backend's settings |
+//! | `registration.rs` | what a node registers (its record, its running replicas and their health) and the `Registrar` keeping it under a lease |
+//! | `status.rs` | `lessnat status --cluster`: every registered node, its lease, replicas, and the upgrade and rollout keys |
+//! | `view.rs` | the registrations a load-balancer node plans with, read once or kept by a watch |
+
+pub mod config;
+pub mod keys;
+pub mod registration;
+pub mod status;
+pub mod view;

@@ -1,0 +1,301 @@
+//! A node's registrations: what it registers (its record, and on workers
+//! each routed replica it runs with its health by the worker's own probe),
+//! and the [`Registrar`] that keeps them in etcd under one lease. A new
+//! lease (after etcd was lost for longer than the TTL) gets everything
+//! written again; revoking the lease (a clean stop) removes it all at once.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::backend::etcd::{Etcd, EtcdError, KeepAlive, LeaseId};
+use crate::desired::routed::{load_balancer_role, worker_role};
+use crate::model::{Container, Probe};
+use crate::ownership::Slot;
+use crate::spec::{Cluster, NetworkMode, Spec};
+
+use super::config::{etcd_config, keys, lease_ttl};
+use super::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role};
+
+/// A routed replica a worker runs: a running primary or next container
+/// wired in at an address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningReplica {
+    /// The service.
+    pub service: String,
+    /// The address it is wired in at.
+    pub address: IpAddr,
+    /// Its number among the service's replicas on the node.
+    pub replica: u32,
+    /// Primary or next.
+    pub slot: ReplicaSlot,
+    /// The container's spec hash.
+    pub version: String,
+}
+
+/// The roles `node` has in `spec`.
+pub fn roles(spec: &Spec, node: &str) -> Vec<Role> {
+    let mut roles = Vec::new();
+    if load_balancer_role(spec, node).is_some() {
+        roles.push(Role::LoadBalancer);
+    }
+    if worker_role(spec, node).is_some() {
+        roles.push(Role::Worker);
+    }
+    let hosts = spec.services.iter().any(|s| {
+        s.network == NetworkMode::Host && s.node.as_ref().is_some_and(|n| n.value == node)
+    });
+    if hosts {
+        roles.push(Role::Host);
+    }
+    roles
+}
+
+/// The routed replicas among a node's `containers`: running primary and
+/// next containers of routed services of `spec` that carry an address.
+pub fn running_replicas(spec: &Spec, containers: &[Container]) -> Vec<RunningReplica> {
+    let routed = |name: &str| {
+        spec.services
+            .iter()
+            .any(|s| s.name.value == name && s.network == NetworkMode::Routed)
+    };
+    let mut running: Vec<RunningReplica> = containers
+        .iter()
+        .filter(|c| c.state == "running" && routed(&c.service))
+        .filter_map(|c| {
+            let slot = match c.slot {
+                Slot::Primary => ReplicaSlot::Primary,
+                Slot::Next => ReplicaSlot::Next,
+                Slot::Prev => return None,
+            };
+            let name = crate::ownership::parse_container_name(&c.name)?;
+            Some(RunningReplica {
+                service: c.service.clone(),
+                address: c.address.as_deref()?.parse().ok()?,
+                replica: name.replica,
+                slot,
+                version: c.spec_hash.clone(),
+            })
+        })
+        .collect();
+    running.sort_by(|a, b| (&a.service, a.address).cmp(&(&b.service, b.address)));
+    running
+}
+
+/// Whether each running replica is healthy: its probe passed, or its service
+/// has no network check (`exec` only) and it runs.
+pub fn healthy(replica: &RunningReplica, probes: &[Probe]) -> bool {
+    let address = replica.address.to_string();
+    probes
+        .iter()
+        .find(|p| p.service == replica.service && p.address == address)
+        .is_none_or(|p| p.healthy)
+}
+
+/// Everything one node registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// The node.
+    pub node: String,
+    /// Its record (`since` is the registrar's: when the lease was granted).
+    pub record: NodeRecord,
+    /// Its replicas' records, by service and address.
+    pub replicas: BTreeMap<(String, String), ReplicaRecord>,
+}
+
+/// Keeps one node's registrations in etcd under one lease.
+#[derive(Debug)]
+pub struct Registrar {
+    etcd: Etcd,
+    keys: Keys,
+    ttl: Duration,
+    lease: Option<Kept>,
+    /// What is written under the current lease, by key.
+    published: BTreeMap<String, Vec<u8>>,
+}
+
+/// A lease being kept alive.
+#[derive(Debug)]
+struct Kept {
+    keeper: KeepAlive,
+    renewed: Instant,
+    granted: Instant,
+    /// When it was granted, in seconds since the Unix epoch: the node
+    /// record's `since`.
+    granted_unix: u64,
+}
+
+impl Registrar {
+    /// A registrar for the etcd of `cluster` (no lease yet).
+    pub fn new(cluster: &Cluster) -> Result<Registrar, EtcdError> {
+        Ok(Registrar {
+            etcd: Etcd::connect(&etcd_config(&cluster.etcd))?,
+            keys: keys(&cluster.etcd),
+            ttl: lease_ttl(&cluster.etcd),
+            lease: None,
+            published: BTreeMap::new(),
+        })
+    }
+
+    /// The lease the registrations live under, and when it was granted.
+    pub fn lease(&self) -> Option<(LeaseId, Instant)> {
+        self.lease.as_ref().map(|k| (k.keeper.lease(), k.granted))
+    }
+
+    /// How many keys are written under the lease.
+    pub fn published(&self) -> usize {
+        self.published.len()
+    }
+
+    /// Makes etcd hold `wanted` under a live lease: grants one when there is
+    /// none (or it expired), renews it when a third of its TTL has passed,
+    /// writes what changed and deletes what is no longer wanted. The node
+    /// record's `since` is when the lease was granted.
+    pub fn step(&mut self, wanted: &Wanted) -> Result<(), EtcdError> {
+        let renew_every = self.ttl / 3;
+        match &mut self.lease {
+            Some(kept) if kept.renewed.elapsed() >= renew_every => match kept.keeper.renew() {
+                Ok(_) => kept.renewed = Instant::now(),
+                Err(error) => {
+                    if matches!(error, EtcdError::LeaseGone { .. }) {
+                        self.lease = None;
+                        self.published.clear();
+                    } else {
+                        // The stream may have broken with its member: keep alive anew.
+                        let lease = kept.keeper.lease();
+                        match self.etcd.keep_alive(lease) {
+                            Ok(keeper) => kept.keeper = keeper,
+                            Err(_) => return Err(error),
+                        }
+                    }
+                }
+            },
+            _ => {}
+        }
+        let (lease, since) = match &self.lease {
+            Some(kept) => (kept.keeper.lease(), kept.granted_unix),
+            None => {
+                let lease = self.etcd.grant(self.ttl)?;
+                let keeper = self.etcd.keep_alive(lease)?;
+                self.lease = Some(Kept {
+                    keeper,
+                    renewed: Instant::now(),
+                    granted: Instant::now(),
+                    granted_unix: super::view::now(),
+                });
+                self.published.clear();
+                (lease, super::view::now())
+            }
+        };
+        let mut values: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let record = NodeRecord {
+            since,
+            ..wanted.record.clone()
+        };
+        values.insert(self.keys.node(&wanted.node), to_json(&record));
+        for ((service, address), record) in &wanted.replicas {
+            values.insert(self.keys.replica(service, address), to_json(record));
+        }
+        let gone: Vec<String> = self
+            .published
+            .keys()
+            .filter(|k| !values.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.etcd.delete(&key)?;
+            self.published.remove(&key);
+        }
+        for (key, value) in values {
+            if self.published.get(&key) != Some(&value) {
+                self.etcd.put(&key, &value, Some(lease))?;
+                self.published.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes the lease: every registration goes at once.
+    pub fn revoke(&mut self) -> Result<(), EtcdError> {
+        self.published.clear();
+        match self.lease.take() {
+            Some(kept) => self.etcd.revoke(kept.keeper.lease()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings and numbers always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/cluster.yaml"
+        ))
+        .expect("example");
+        crate::spec::load_bytes("cluster.yaml", text.as_bytes()).expect("valid")
+    }
+
+    fn container(name: &str, slot: Slot, state: &str, address: &str) -> Container {
+        Container {
+            id: name.into(),
+            name: name.into(),
+            service: "api".into(),
+            slot,
+            spec_hash: "sha256:aa".into(),
+            image: "registry.example/api:7".into(),
+            ports: Vec::new(),
+            state: state.into(),
+            health: None,
+            pid: None,
+            address: Some(address.into()),
+            stop_timeout: None,
+            digest: None,
+        }
+    }
+
+    #[test]
+    fn a_worker_registers_its_running_primaries_and_nexts() {
+        let spec = spec();
+        assert_eq!(roles(&spec, "lb-1"), [Role::LoadBalancer]);
+        assert_eq!(roles(&spec, "web-1"), [Role::Worker]);
+        let containers = vec![
+            container("lessnat-api.web-1", Slot::Primary, "running", "10.20.1.5"),
+            container(
+                "lessnat-api.web-1.next",
+                Slot::Next,
+                "running",
+                "10.20.1.254",
+            ),
+            container("lessnat-api.web-1.prev", Slot::Prev, "running", "10.20.1.6"),
+            container("lessnat-api.web-1.2", Slot::Primary, "exited", "10.20.1.7"),
+        ];
+        let running = running_replicas(&spec, &containers);
+        let found: Vec<(String, ReplicaSlot)> = running
+            .iter()
+            .map(|r| (r.address.to_string(), r.slot))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("10.20.1.5".to_string(), ReplicaSlot::Primary),
+                ("10.20.1.254".to_string(), ReplicaSlot::Next)
+            ]
+        );
+        let probe = Probe {
+            service: "api".into(),
+            address: "10.20.1.5".into(),
+            healthy: false,
+            detail: None,
+        };
+        assert!(!healthy(&running[0], &[probe]));
+        assert!(healthy(&running[0], &[]), "not probed: it runs");
+    }
+}

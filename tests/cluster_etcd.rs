@@ -1,0 +1,258 @@
+//! The etcd backend against a real three-member etcd cluster on loopback
+//! (`tests/support/etcd.rs`): leases keep their keys while kept alive, also
+//! across the leader's death; keys go when the lease ends; a watch sees puts
+//! and expiries; a dead etcd answers with an error within the timeout; a
+//! registrar whose lease was lost writes everything again under a new one.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use lessnat::backend::etcd::{
+    CONNECT_TIMEOUT, Etcd, EtcdConfig, EtcdError, KeyChange, REQUEST_TIMEOUT, TlsFiles,
+};
+use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role};
+use lessnat::cluster::registration::{Registrar, Wanted};
+use lessnat::error::chain;
+use support::etcd::EtcdCluster;
+
+fn config(endpoints: Vec<String>) -> EtcdConfig {
+    EtcdConfig {
+        endpoints,
+        tls: None,
+        connect_timeout: CONNECT_TIMEOUT,
+        request_timeout: REQUEST_TIMEOUT,
+    }
+}
+
+fn record_bytes() -> Vec<u8> {
+    serde_json::to_vec(&NodeRecord {
+        roles: vec![Role::LoadBalancer],
+        commit: None,
+        spec_hash: "sha256:00".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        since: 0,
+    })
+    .expect("serialises")
+}
+
+/// Retries `call` for up to 10 s (a member may be electing a leader).
+fn retry<T>(what: &str, mut call: impl FnMut() -> Result<T, EtcdError>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call() {
+            Ok(value) => return value,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("{what}: {} (retrying)", chain(&error));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => panic!("{what}: {}", chain(&error)),
+        }
+    }
+}
+
+#[test]
+fn a_kept_lease_and_its_keys_survive_the_leaders_death() {
+    if !support::commands(
+        "a_kept_lease_and_its_keys_survive_the_leaders_death",
+        &["etcd"],
+    ) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/lessnat-test");
+    let lease = etcd.grant(Duration::from_secs(2)).expect("lease");
+    etcd.put(&keys.node("lb-1"), &record_bytes(), Some(lease))
+        .expect("put");
+    let mut keeper = etcd.keep_alive(lease).expect("keep alive");
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill(leader);
+    eprintln!("killed the leader, member {leader}");
+    // Keep the lease alive through the election, for twice its TTL.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut renewals = 0;
+    while Instant::now() < until {
+        match keeper.renew() {
+            Ok(ttl) => {
+                assert!(ttl > Duration::ZERO);
+                renewals += 1;
+            }
+            Err(EtcdError::LeaseGone { id }) => {
+                panic!("lease {id:x} expired while kept alive\n{}", cluster.logs())
+            }
+            // The stream to the dead member broke: keep alive anew.
+            Err(error) => {
+                eprintln!("renewing: {} (keeping alive anew)", chain(&error));
+                keeper = retry("keep alive", || etcd.keep_alive(lease));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(renewals >= 4, "renewed {renewals} times in 4 s");
+    let read = retry("read", || etcd.get_prefix(&keys.nodes()));
+    assert_eq!(
+        read.entries.len(),
+        1,
+        "the key outlived the leader: {read:?}"
+    );
+    assert_eq!(read.entries[0].lease, lease);
+    assert_ne!(cluster.leader(), None, "a new leader was elected");
+    // The killed member comes back and the lease still holds.
+    cluster.restart(leader);
+    assert!(retry("lease", || etcd.lease_left(lease)).is_some());
+    etcd.revoke(lease).expect("revoke");
+    let read = etcd.get_prefix(&keys.nodes()).expect("read");
+    assert!(
+        read.entries.is_empty(),
+        "revoking deleted the key: {read:?}"
+    );
+}
+
+#[test]
+fn a_lease_left_alone_expires_and_the_watch_sees_its_keys_go() {
+    if !support::commands(
+        "a_lease_left_alone_expires_and_the_watch_sees_its_keys_go",
+        &["etcd"],
+    ) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/lessnat-test");
+    let before = etcd.get_prefix(&keys.replicas()).expect("read");
+    let mut watch = etcd
+        .watch_prefix(&keys.replicas(), before.revision + 1)
+        .expect("watch");
+    let lease = etcd.grant(Duration::from_secs(2)).expect("lease");
+    let key = keys.replica("api", "10.20.1.5");
+    let granted = Instant::now();
+    etcd.put(&key, b"{}", Some(lease)).expect("put");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.iter().any(|c| matches!(c, KeyChange::Delete { .. })) {
+        assert!(Instant::now() < deadline, "no deletion seen: {seen:?}");
+        if let Some((_, changes)) = watch.next(Duration::from_millis(500)).expect("watch") {
+            seen.extend(changes);
+        }
+    }
+    let gone_after = granted.elapsed();
+    assert!(
+        matches!(&seen[0], KeyChange::Put(entry) if entry.key == key && entry.lease == lease),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[1], KeyChange::Delete { key: k, .. } if *k == key),
+        "{seen:?}"
+    );
+    eprintln!("the key went {gone_after:?} after its 2 s lease was granted");
+    assert!(gone_after >= Duration::from_secs(2), "{gone_after:?}");
+    assert!(etcd.lease_left(lease).expect("lease").is_none());
+}
+
+#[test]
+fn a_dead_etcd_fails_each_call_within_its_timeout() {
+    if !support::commands("a_dead_etcd_fails_each_call_within_its_timeout", &["etcd"]) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    let endpoints = cluster.endpoints();
+    cluster.kill_all();
+    let started = Instant::now();
+    let etcd = Etcd::connect(&config(endpoints)).expect("a client connects lazily");
+    let error = etcd.get_prefix("/lessnat-test/").expect_err("etcd is dead");
+    let took = started.elapsed();
+    let text = chain(&error);
+    eprintln!("{text} ({took:?})");
+    assert!(text.starts_with("etcd at http://127.0.0.1:"), "{text}");
+    assert!(
+        took < CONNECT_TIMEOUT + REQUEST_TIMEOUT + Duration::from_secs(1),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_stop() {
+    let test = "a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_stop";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let yaml = format!(
+        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /reg\n    leaseTtl: 2s\n\
+         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
+        cluster.endpoints().join(", ")
+    );
+    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
+    let settings = spec.cluster.as_ref().expect("cluster block");
+    let mut registrar = Registrar::new(settings).expect("registrar");
+    let record = ReplicaRecord {
+        node: "web-1".into(),
+        replica: 1,
+        version: "sha256:aa".into(),
+        slot: ReplicaSlot::Primary,
+        healthy: true,
+        since: 0,
+    };
+    let wanted = Wanted {
+        node: "web-1".into(),
+        record: serde_json::from_slice(&record_bytes()).expect("node record"),
+        replicas: [(("api".to_string(), "10.20.1.5".to_string()), record)].into(),
+    };
+    registrar.step(&wanted).expect("registered");
+    let (first, _) = registrar.lease().expect("a lease");
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/reg");
+    let read = etcd.get_prefix("/reg/").expect("read");
+    assert_eq!(read.entries.len(), 2, "{read:?}");
+    // Someone (or an outage longer than the TTL) ends the lease.
+    etcd.revoke(first).expect("revoke");
+    assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+    std::thread::sleep(Duration::from_millis(700));
+    registrar.step(&wanted).expect("registered again");
+    let (second, _) = registrar.lease().expect("a new lease");
+    assert_ne!(first, second);
+    let read = etcd.get_prefix("/reg/").expect("read");
+    let leases: Vec<i64> = read.entries.iter().map(|e| e.lease).collect();
+    assert_eq!(leases, [second, second], "{read:?}");
+    assert!(
+        read.entries
+            .iter()
+            .any(|e| e.key == keys.replica("api", "10.20.1.5"))
+    );
+    registrar.revoke().expect("revoke");
+    assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+}
+
+#[test]
+fn tls_with_a_client_certificate_works_and_without_one_is_refused() {
+    let test = "tls_with_a_client_certificate_works_and_without_one_is_refused";
+    if !support::commands(test, &["etcd", "openssl"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start_tls(1);
+    let files = cluster.tls().expect("TLS files").clone();
+    let with_identity = EtcdConfig {
+        tls: Some(TlsFiles {
+            ca: files.ca.clone(),
+            identity: Some((files.cert.clone(), files.key.clone())),
+        }),
+        ..config(cluster.endpoints())
+    };
+    let etcd = Etcd::connect(&with_identity).expect("client");
+    let lease = retry("grant", || etcd.grant(Duration::from_secs(2)));
+    etcd.put("/tls/key", b"value", Some(lease))
+        .expect("put over TLS");
+    assert_eq!(etcd.get_prefix("/tls/").expect("read").entries.len(), 1);
+    let without = EtcdConfig {
+        tls: Some(TlsFiles {
+            ca: files.ca,
+            identity: None,
+        }),
+        ..config(cluster.endpoints())
+    };
+    let refused = Etcd::connect(&without)
+        .and_then(|etcd| etcd.get_prefix("/tls/"))
+        .expect_err("etcd asks for a client certificate");
+    eprintln!("without a client certificate: {}", chain(&refused));
+}
