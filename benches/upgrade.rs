@@ -21,7 +21,13 @@
 //! bench profile = release). Results are printed as Markdown tables; they are
 //! recorded in docs/benchmarks.md.
 //!
-//! Environment: `LESSNAT_BENCH_CLIENTS` (client threads, default 32),
+//! First, without Docker (root and `nft` only; `upgrade/cutover.rs`): next
+//! healthy → redirect live, end to end, the element written over netlink
+//! and by an `nft` process alternately.
+//!
+//! Environment: `LESSNAT_BENCH_CUTOVER_TRIALS` (trials of each cutover
+//! writer, default 100), `LESSNAT_BENCH_PARTS` (`cutover`, `upgrades` or
+//! both, comma-separated; default both), `LESSNAT_BENCH_CLIENTS` (client threads, default 32),
 //! `LESSNAT_BENCH_ROUNDS` (repetitions, default 2), `LESSNAT_BENCH_CT_TRACE=1`
 //! (during each redirect-drain apply, read conntrack back to back with
 //! lessnat's own reader and print what the drain stages count, and how long
@@ -29,6 +35,9 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+#[path = "upgrade/cutover.rs"]
+mod cutover;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -71,8 +80,17 @@ fn main() {
         println!("upgrade benchmark: run it with `cargo bench --bench upgrade`");
         return;
     }
+    let parts = std::env::var("LESSNAT_BENCH_PARTS").unwrap_or_else(|_| "cutover,upgrades".into());
+    if parts.split(',').any(|p| p.trim() == "cutover")
+        && support::root_with("bench cutover", &["nft"])
+    {
+        cutover::run(env_number("LESSNAT_BENCH_CUTOVER_TRIALS", 100));
+    }
     let name = "bench upgrade";
-    if !support::root_with(name, &["nft", "docker"]) || !support::docker(name) {
+    if !parts.split(',').any(|p| p.trim() == "upgrades")
+        || !support::root_with(name, &["nft", "docker"])
+        || !support::docker(name)
+    {
         return;
     }
     let clients = env_number("LESSNAT_BENCH_CLIENTS", 32);

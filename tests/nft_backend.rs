@@ -393,15 +393,35 @@ fn redirect_elements_are_added_and_removed_alone() {
         port: 53,
         temp_port: 10053,
     };
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let _old = Server::start(&netns, ip, 8000);
+    let _next = Server::start(&netns, ip, 18000);
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "a"), "8000 a");
     set_redirect(&netns, &web, true).expect("add tcp");
+    assert_eq!(
+        ask(&mut connect_to(&netns, ip, 8000, None), "b"),
+        "18000 b",
+        "a new connection lands on the temporary port at once"
+    );
     set_redirect(&netns, &dns, true).expect("add udp");
     set_redirect(&netns, &web, true).expect("adding again is fine");
     assert_eq!(
         observe(&netns).expect("observe"),
         only(host_table(&[web, dns]))
     );
+    // The port is redirected elsewhere already: refused, nothing changes.
+    let error = set_redirect(&netns, &tcp(8000, 28000), true).expect_err("a clash");
+    assert!(
+        matches!(&error, NftError::Element { source, .. } if source.raw_os_error() == Some(17)),
+        "{error:?}"
+    );
+    assert_eq!(
+        observe(&netns).expect("observe"),
+        only(host_table(&[web, dns]))
+    );
     set_redirect(&netns, &web, false).expect("remove tcp");
     assert_eq!(observe(&netns).expect("observe"), only(host_table(&[dns])));
+    assert_eq!(ask(&mut connect_to(&netns, ip, 8000, None), "c"), "8000 c");
     set_redirect(&netns, &web, false).expect("removing an absent element is fine");
     set_redirect(&netns, &dns, false).expect("remove udp");
     assert_eq!(observe(&netns).expect("observe"), only(host_table(&[])));
@@ -415,12 +435,17 @@ fn notrack_rules_are_reported() {
     let ns = TestNetns::new("notrack");
     let netns = ns.netns();
     assert!(
-        lessnat::backend::nft::untracked_warnings(&netns)
+        lessnat::backend::nft::observe_ruleset(&netns)
             .expect("scan")
+            .1
             .is_empty()
     );
     ns.nft("table inet raw { chain pre { type filter hook prerouting priority -300; udp dport 53 notrack; }; }");
-    let warnings = lessnat::backend::nft::untracked_warnings(&netns).expect("scan");
+    let (state, warnings) = lessnat::backend::nft::observe_ruleset(&netns).expect("scan");
+    assert!(
+        state.tables.is_empty(),
+        "only lessnat's table is read: {state:?}"
+    );
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].starts_with("chain inet raw pre has notrack rules"),
@@ -611,7 +636,7 @@ fn removing_a_redirect_that_is_gone_succeeds() {
     set_redirect(&netns, &tcp(8000, 18000), false).expect("no such table");
     assert_eq!(list_tables(&ns), "", "removing creates nothing");
     let error = set_redirect(&netns, &tcp(8000, 18000), true).expect_err("no table to add to");
-    assert!(matches!(error, NftError::Failed { .. }), "{error:?}");
+    assert!(matches!(error, NftError::Element { .. }), "{error:?}");
 }
 
 #[test]

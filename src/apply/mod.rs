@@ -266,7 +266,7 @@ pub fn apply_change(
                 progress,
                 &workload.service,
                 &workload.container,
-                Some(redirected_table),
+                Some(redirected_table.as_ref()),
             )
             .with_canary(canary.as_deref(), *split_found);
             let result = upgrade.run(in_flight.as_ref(), from.as_ref());

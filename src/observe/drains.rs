@@ -4,12 +4,12 @@
 //! no service upgrades has its conntrack table left unread (its fill level
 //! still comes from the sysctls).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::backend::conntrack::Interest;
 use crate::desired::desired_node;
 use crate::desired::host_table::redirects_in;
-use crate::model::Observed;
+use crate::model::{Container, Observed};
 use crate::ownership::Slot;
 use crate::spec::{NetworkMode, Protocol, Spec};
 
@@ -24,6 +24,13 @@ pub fn drain_interests(spec: &Spec, node: &str, observed: &Observed) -> Vec<Inte
         .flat_map(redirects_in)
         .map(|redirect| redirect.port)
         .collect();
+    let mut containers: HashMap<&str, Vec<&Container>> = HashMap::new();
+    for container in &observed.containers {
+        containers
+            .entry(container.service.as_str())
+            .or_default()
+            .push(container);
+    }
     let mut interests = Vec::new();
     for (service, desired) in desired_node(spec, node).services {
         if service.network != NetworkMode::Host {
@@ -36,11 +43,11 @@ pub fn drain_interests(spec: &Spec, node: &str, observed: &Observed) -> Vec<Inte
             .map(|p| p.port.value)
             .collect();
         let hash = desired.spec_hash();
-        let mut containers = observed
-            .containers
-            .iter()
-            .filter(|c| c.service == service.name.value);
-        let upgrading = containers.any(|c| c.slot != Slot::Primary || c.spec_hash != hash)
+        let upgrading = containers
+            .get(service.name.value.as_str())
+            .into_iter()
+            .flatten()
+            .any(|c| c.slot != Slot::Primary || c.spec_hash != hash)
             || ports.iter().any(|port| redirected.contains(port));
         if upgrading {
             interests.extend(ports.into_iter().map(|port| Interest::ToPort {

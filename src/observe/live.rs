@@ -102,7 +102,7 @@ fn observe_reading(
     docker: &Docker,
     interests: impl FnOnce(&Observed) -> Vec<Interest>,
 ) -> Result<Observed, ObserveError> {
-    let nft = nft::observe(netns)?;
+    let (nft, untracked) = nft::observe_ruleset(netns)?;
     let routing = netlink::observe(netns)?;
     let (containers, foreign_containers) = docker.observe(node)?;
     let veths = veth::observe(netns)?;
@@ -129,7 +129,7 @@ fn observe_reading(
     };
     observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);
-    warnings.extend(nft::untracked_warnings(netns)?);
+    warnings.extend(untracked);
     warnings.sort();
     observed.warnings = warnings;
     Ok(observed)

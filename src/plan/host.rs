@@ -8,11 +8,11 @@ use super::{
 };
 use crate::desired::DesiredContainer;
 use crate::desired::host_table::{
-    add_canary, add_redirects, canary_comments, canary_rules, host_table, remove_canary,
-    service_redirects,
+    add_canary, add_redirects, canary_comments, canary_rules, remove_canary, service_redirects,
 };
 use crate::model::Redirect;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::model::{Container, NftTable, Observed};
 use crate::ownership::{Slot, container_name};
@@ -47,8 +47,11 @@ pub(super) fn redirects_of(service: &Service, index: &RedirectIndex) -> Vec<Redi
 pub(super) struct ServiceTable<'a> {
     /// The service's redirects found in the observed table.
     pub found: &'a [Redirect],
-    /// The table the plan wants (`None`: the node needs none).
-    pub planned: Option<&'a NftTable>,
+    /// The table the plan wants (lessnat's host table when the node needs
+    /// none), shared by the upgrades whose redirect it already holds.
+    pub shared: &'a Arc<NftTable>,
+    /// The redirects in `shared`.
+    pub shared_redirects: &'a HashSet<Redirect>,
     /// Whether the service's canary rules are in the observed table (a
     /// canary was holding).
     pub split: bool,
@@ -56,17 +59,24 @@ pub(super) struct ServiceTable<'a> {
 
 impl ServiceTable<'_> {
     /// The planned table plus `service`'s redirect elements: what an upgrade
-    /// restores when the table is deleted while its redirect must hold.
-    fn redirected(&self, service: &Service) -> NftTable {
+    /// restores when the table is deleted while its redirect must hold. The
+    /// shared planned table itself when it has them and no split of the
+    /// service (which it keeps only when one was found), so that a node with
+    /// many upgrades in flight plans in linear time.
+    fn redirected(&self, service: &Service) -> Arc<NftTable> {
+        let own = service_redirects(service);
+        if !self.split && own.iter().all(|r| self.shared_redirects.contains(r)) {
+            return Arc::clone(self.shared);
+        }
         let mut table = self.without_split(service);
-        add_redirects(&mut table, &service_redirects(service));
-        table
+        add_redirects(&mut table, &own);
+        Arc::new(table)
     }
 
     /// The planned table without `service`'s canary split (the planned
     /// table keeps one found holding until its upgrade ends it).
     fn without_split(&self, service: &Service) -> NftTable {
-        let mut table = self.planned.cloned().unwrap_or_else(|| host_table(&[]));
+        let mut table = NftTable::clone(self.shared);
         remove_canary(&mut table, &canary_comments(service));
         table
     }

@@ -11,7 +11,8 @@ pub mod render;
 mod routed;
 pub mod saved;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 pub use fingerprint::fingerprint;
 pub use model::{
@@ -58,6 +59,8 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     let wanted_table = desired_table(spec, node, observed);
     let redirects = host::index_redirects(observed_table.map(redirects_in).unwrap_or_default());
     let slots = slots_by_service(observed);
+    let shared = Arc::new(wanted_table.clone().unwrap_or_else(|| host_table(&[])));
+    let shared_redirects: HashSet<Redirect> = redirects_in(&shared).into_iter().collect();
 
     for (service, container) in &desired.services {
         let replica = container.replica_number();
@@ -73,7 +76,8 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
                     .is_some_and(|t| !canary_rules_in(t, &canary_comments(service)).is_empty());
                 let table = host::ServiceTable {
                     found: &found,
-                    planned: wanted_table.as_ref(),
+                    shared: &shared,
+                    shared_redirects: &shared_redirects,
                     split,
                 };
                 let change = host::plan_service(

@@ -7,6 +7,7 @@
 //! reads the spec or re-runs a planner decision.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -227,7 +228,9 @@ pub enum Operation {
         /// lessnat's table as it must be while this upgrade's redirect holds:
         /// the planned table plus the redirect's elements. Written whole when
         /// someone else deletes the table (or part of it) during the upgrade.
-        redirected_table: NftTable,
+        /// Upgrades whose redirects the planned table holds already share it.
+        #[serde(with = "shared_table")]
+        redirected_table: Arc<NftTable>,
         /// The canary before the redirect, if the upgrade has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         canary: Option<Box<CanarySplit>>,
@@ -404,5 +407,28 @@ impl Operation {
             | Operation::ReplaceReplica { workload, .. } => Some(&workload.container),
             _ => None,
         }
+    }
+}
+
+/// (De)serialises a shared table as the table itself (serde's `rc` feature,
+/// which would do the same, is off).
+mod shared_table {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::model::NftTable;
+
+    pub(super) fn serialize<S: Serializer>(
+        table: &Arc<NftTable>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        table.as_ref().serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Arc<NftTable>, D::Error> {
+        NftTable::deserialize(deserializer).map(Arc::new)
     }
 }

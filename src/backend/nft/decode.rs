@@ -23,13 +23,6 @@ struct Listing {
     nftables: Vec<serde_json::Map<String, Value>>,
 }
 
-/// A table as `nft -j list tables` reports it.
-#[derive(Deserialize)]
-struct ListedTable {
-    family: String,
-    name: String,
-}
-
 /// A chain as `nft -j list table` reports it.
 #[derive(Deserialize)]
 struct ListedChain {
@@ -101,15 +94,6 @@ fn parse(json: &str) -> Result<Listing, String> {
     serde_json::from_str(json).map_err(|e| chain(&e))
 }
 
-/// The `(family, name)` of every table in `nft -j list tables` output.
-pub(super) fn table_names(json: &str) -> Result<Vec<(String, String)>, String> {
-    let listing = parse(json)?;
-    Ok(objects::<ListedTable>(&listing, &["table"])?
-        .into_iter()
-        .map(|t| (t.family, t.name))
-        .collect())
-}
-
 /// A rule's place, as `nft -j list ruleset` reports every rule.
 #[derive(Deserialize)]
 struct PlacedRule {
@@ -120,11 +104,42 @@ struct PlacedRule {
     expr: Vec<Value>,
 }
 
-/// `family table chain` of every rule with a `notrack` statement in
-/// `nft -j list ruleset` output, without repeats.
-pub(super) fn notrack_chains(json: &str) -> Result<Vec<String>, String> {
+/// What one `nft -j list ruleset` shows: the table `family name` (`None`
+/// when absent) and, for every rule anywhere with a `notrack` statement, its
+/// `family table chain`, without repeats.
+pub(super) fn ruleset(
+    family: &str,
+    name: &str,
+    json: &str,
+) -> Result<(Option<NftTable>, Vec<String>), String> {
     let listing = parse(json)?;
-    let mut found: Vec<String> = objects::<PlacedRule>(&listing, &["rule"])?
+    let notrack = notrack_chains(&listing)?;
+    let own = Listing {
+        nftables: listing
+            .nftables
+            .into_iter()
+            .filter(|object| in_table(object, family, name))
+            .collect(),
+    };
+    let present = own
+        .nftables
+        .iter()
+        .any(|object| object.contains_key("table"));
+    let table = present.then(|| table_in(family, name, &own)).transpose()?;
+    Ok((table, notrack))
+}
+
+/// Whether a listed object is the table `family name` or part of it.
+fn in_table(object: &serde_json::Map<String, Value>, family: &str, name: &str) -> bool {
+    object.iter().any(|(kind, value)| {
+        let field = if kind == "table" { "name" } else { "table" };
+        value.get("family").and_then(Value::as_str) == Some(family)
+            && value.get(field).and_then(Value::as_str) == Some(name)
+    })
+}
+
+fn notrack_chains(listing: &Listing) -> Result<Vec<String>, String> {
+    let mut found: Vec<String> = objects::<PlacedRule>(listing, &["rule"])?
         .into_iter()
         .filter(|rule| {
             rule.expr
@@ -139,13 +154,17 @@ pub(super) fn notrack_chains(json: &str) -> Result<Vec<String>, String> {
 
 /// The table `family name` from `nft -j list table family name` output.
 pub(super) fn table(family: &str, name: &str, json: &str) -> Result<NftTable, String> {
-    let listing = parse(json)?;
-    let rules = objects::<ListedRule>(&listing, &["rule"])?;
-    let chains = objects::<ListedChain>(&listing, &["chain"])?
+    table_in(family, name, &parse(json)?)
+}
+
+/// The table `family name` from a listing of its objects only.
+fn table_in(family: &str, name: &str, listing: &Listing) -> Result<NftTable, String> {
+    let rules = objects::<ListedRule>(listing, &["rule"])?;
+    let chains = objects::<ListedChain>(listing, &["chain"])?
         .into_iter()
         .map(|chain| decode_chain(chain, &rules))
         .collect();
-    let maps = objects::<ListedSet>(&listing, &["set", "map"])?
+    let maps = objects::<ListedSet>(listing, &["set", "map"])?
         .into_iter()
         .map(decode_set)
         .collect();
@@ -231,17 +250,34 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn table_names_come_from_list_tables() {
-        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
-            {"table": {"family": "ip", "name": "nat", "handle": 1}},
-            {"table": {"family": "inet", "name": "lessnat", "handle": 2}}]}"#;
+    fn a_ruleset_listing_gives_the_table_and_the_notrack_chains() {
+        let json = json!({"nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "ip", "name": "lessnat", "handle": 1}},
+            {"chain": {"family": "ip", "table": "lessnat", "name": "pre", "handle": 2}},
+            {"rule": {"family": "ip", "table": "lessnat", "chain": "pre", "handle": 3, "expr": [{"notrack": null}]}},
+            {"table": {"family": "inet", "name": "lessnat", "handle": 4}},
+            {"chain": {"family": "inet", "table": "lessnat", "name": "out", "handle": 5}},
+            {"rule": {"family": "inet", "table": "lessnat", "chain": "out", "handle": 6, "expr": [{"accept": null}]}},
+            {"table": {"family": "inet", "name": "other", "handle": 7}},
+            {"chain": {"family": "inet", "table": "other", "name": "out", "handle": 8}},
+            {"rule": {"family": "inet", "table": "other", "chain": "out", "handle": 9, "expr": [{"drop": null}]}}
+        ]})
+        .to_string();
+        let (table, notrack) = ruleset("inet", "lessnat", &json).expect("decodes");
+        let table = table.expect("the table is there");
+        assert_eq!(table.chains.len(), 1);
         assert_eq!(
-            table_names(json).expect("decodes"),
-            vec![
-                ("ip".to_string(), "nat".to_string()),
-                ("inet".to_string(), "lessnat".to_string())
-            ]
+            table.chains[0].rules,
+            [NftRule {
+                comment: None,
+                expr: vec![json!({"accept": null})],
+            }],
+            "only the rules of inet lessnat"
         );
+        assert_eq!(notrack, ["ip lessnat pre"]);
+        let (absent, _) = ruleset("inet", "missing", &json).expect("decodes");
+        assert_eq!(absent, None);
     }
 
     #[test]
@@ -332,7 +368,7 @@ mod tests {
 
     #[test]
     fn malformed_output_is_an_error() {
-        assert!(table_names("not json").is_err());
+        assert!(ruleset("inet", "lessnat", "not json").is_err());
         let bad_chain = r#"{"nftables": [{"chain": {"prio": "high"}}]}"#;
         let error = table("inet", "lessnat", bad_chain).expect_err("bad chain");
         assert!(error.contains("a chain object"), "{error}");

@@ -5,9 +5,7 @@ use std::borrow::Cow;
 
 use nftables::batch::Batch;
 use nftables::expr::Expression;
-use nftables::schema::{
-    Chain, Element, Map, NfListObject, Rule, Set, SetType, SetTypeValue, Table,
-};
+use nftables::schema::{Chain, Map, NfListObject, Rule, Set, SetType, SetTypeValue, Table};
 use nftables::stmt::Statement;
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::de::DeserializeOwned;
@@ -15,7 +13,6 @@ use serde_json::Value;
 
 use super::NftError;
 use crate::model::{NftChain, NftMap, NftRule, NftTable};
-use crate::model::{Redirect, redirect_map_name};
 use crate::ownership::{NFT_FAMILY, NFT_TABLE};
 
 /// lessnat's table, the only one these batches touch.
@@ -104,29 +101,6 @@ fn encode_rule(
         comment: rule.comment.clone().map(Cow::Owned),
         ..Rule::default()
     }))
-}
-
-/// Commands that add (`present`) or remove one redirect element, leaving the
-/// rest of the table alone. Removal adds the element first, so it succeeds
-/// whether or not the element exists.
-pub(super) fn set_redirect(redirect: &Redirect, present: bool) -> Batch<'static> {
-    let element = || {
-        NfListObject::Element(Element {
-            family: NfFamily::INet,
-            table: NFT_TABLE.into(),
-            name: redirect_map_name(redirect.protocol).into(),
-            elem: Cow::Owned(vec![Expression::List(vec![
-                Expression::Number(u32::from(redirect.port)),
-                Expression::Number(u32::from(redirect.temp_port)),
-            ])]),
-        })
-    };
-    let mut batch = Batch::new();
-    batch.add(element());
-    if !present {
-        batch.delete(element());
-    }
-    batch
 }
 
 fn encode_map(map: &NftMap) -> Result<NfListObject<'static>, NftError> {

@@ -2,8 +2,9 @@
 //! written to the host through `nft -j`, and shown as nft text ([`text`]).
 //!
 //! Only `inet lessnat` is ever read or written; other tables are seen by name
-//! only, to know whether ours exists. Every change is one atomic `nft -j -f`
-//! transaction.
+//! only, to know whether ours exists. Every change is one atomic transaction:
+//! an `nft -j -f` one, or, for the element of one redirect (the cutover,
+//! where time counts), one nf_tables netlink batch (`element`).
 //!
 //! How the `nftables` crate is used:
 //! - listings run through `nftables::helper::get_current_ruleset_raw`, and their
@@ -16,6 +17,7 @@
 //!   missing from the error (nftables-rs issue #209).
 
 mod decode;
+mod element;
 mod encode;
 mod events;
 mod guard;
@@ -100,24 +102,51 @@ pub enum NftError {
         /// Why.
         source: std::io::Error,
     },
+    /// The kernel refused a redirect element, or could not be asked.
+    #[error("cannot {doing} in lessnat's table over nf_tables netlink{netns}")]
+    Element {
+        /// What was being done.
+        doing: String,
+        /// ` in NAMESPACE`, or nothing for lessnat's own namespace.
+        netns: String,
+        /// The kernel's answer or the socket's failure.
+        source: std::io::Error,
+    },
     /// The network namespace could not be entered.
     #[error(transparent)]
     Netns(#[from] NetnsError),
 }
 
-/// Reads lessnat's table (`inet lessnat`) in `netns`. Other tables are only
-/// listed by name; a missing table gives an empty [`NftState`].
+/// Reads lessnat's table (`inet lessnat`) in `netns`; a missing table gives
+/// an empty [`NftState`]. See [`observe_ruleset`].
 pub fn observe(netns: &Netns) -> Result<NftState, NftError> {
-    let command = describe("nft -j list tables", netns);
-    let json = list(netns, &command, &["list", "tables"])?;
-    let names =
-        decode::table_names(&json).map_err(|detail| NftError::Output { command, detail })?;
-    if !names.iter().any(|(f, n)| f == NFT_FAMILY && n == NFT_TABLE) {
-        return Ok(NftState::default());
-    }
-    Ok(NftState {
-        tables: read_table(netns, NFT_TABLE)?.into_iter().collect(),
-    })
+    observe_ruleset(netns).map(|(state, _)| state)
+}
+
+/// Reads lessnat's table (`inet lessnat`) in `netns` and warns about rules
+/// anywhere in the ruleset that exempt traffic from connection tracking
+/// (`notrack`: connections they match are invisible to conntrack, so drain
+/// counts would miss them), from one `nft -j list ruleset`. Of other tables
+/// only notrack rules are looked at, and foreign tables are never changed.
+pub fn observe_ruleset(netns: &Netns) -> Result<(NftState, Vec<String>), NftError> {
+    let command = describe("nft -j list ruleset", netns);
+    let json = list(netns, &command, &["list", "ruleset"])?;
+    let (table, chains) = decode::ruleset(NFT_FAMILY, NFT_TABLE, &json)
+        .map_err(|detail| NftError::Output { command, detail })?;
+    let warnings = chains
+        .into_iter()
+        .map(|chain| {
+            format!(
+                "chain {chain} has notrack rules: connections they match are not in conntrack, so drains cannot wait for them"
+            )
+        })
+        .collect();
+    Ok((
+        NftState {
+            tables: table.into_iter().collect(),
+        },
+        warnings,
+    ))
 }
 
 /// Reads the table `inet NAME` in `netns` with one listing; `None` when it is
@@ -139,25 +168,6 @@ fn is_absent(error: &NftError) -> bool {
     matches!(error, NftError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
 }
 
-/// Warnings about rules anywhere in the ruleset that exempt traffic from
-/// connection tracking (`notrack`): connections they match are invisible to
-/// conntrack, so drain counts would miss them. Reads only; foreign tables are
-/// never changed.
-pub fn untracked_warnings(netns: &Netns) -> Result<Vec<String>, NftError> {
-    let command = describe("nft -j list ruleset", netns);
-    let json = list(netns, &command, &["list", "ruleset"])?;
-    let chains =
-        decode::notrack_chains(&json).map_err(|detail| NftError::Output { command, detail })?;
-    Ok(chains
-        .into_iter()
-        .map(|chain| {
-            format!(
-                "chain {chain} has notrack rules: connections they match are not in conntrack, so drains cannot wait for them"
-            )
-        })
-        .collect())
-}
-
 /// Replaces lessnat's table in `netns` with `desired`, in one atomic
 /// transaction: nothing in between is ever visible to packets. `desired` must
 /// be `inet lessnat`. Conntrack entries are not touched, so established flows
@@ -171,21 +181,23 @@ pub fn apply_table(netns: &Netns, desired: &NftTable) -> Result<(), NftError> {
 }
 
 /// Adds (`present`) or removes the map element of one redirect in lessnat's
-/// table, in one transaction; nothing else in the table changes. Removing an
-/// absent element succeeds, also when its map or the whole table is gone
-/// (deleted by someone else).
+/// table, in one transaction (an nf_tables netlink batch, no `nft` process);
+/// nothing else in the table changes. Removing an absent element succeeds,
+/// also when its map or the whole table is gone (deleted by someone else).
 pub fn set_redirect(netns: &Netns, redirect: &Redirect, present: bool) -> Result<(), NftError> {
-    let doing = format!(
-        "{} redirect {}/{} -> {}",
-        if present { "adding" } else { "removing" },
-        redirect.port,
-        redirect.protocol.as_str(),
-        redirect.temp_port
-    );
-    match transact(netns, &doing, encode::set_redirect(redirect, present)) {
-        Err(error) if !present && is_absent(&error) => Ok(()),
-        result => result,
-    }
+    netns
+        .run(|| element::set(redirect, present))?
+        .map_err(|source| NftError::Element {
+            doing: format!(
+                "{} redirect {}/{} -> {}",
+                if present { "add" } else { "remove" },
+                redirect.port,
+                redirect.protocol.as_str(),
+                redirect.temp_port
+            ),
+            netns: describe("", netns),
+            source,
+        })
 }
 
 /// Replaces the rules of lessnat's table commented with one of `remove` by
