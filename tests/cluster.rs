@@ -633,7 +633,12 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
     // registration probes of the old replica are not counted as clients.
     assert!(
         took < Duration::from_secs(25),
-        "the upgrade took {took:?}: the drain waited for its timeout"
+        "the upgrade took {took:?}: the drain waited for its timeout; workers:\n{}",
+        workers
+            .iter()
+            .map(Process::output)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
     finish_load(loads, origin, "upgrade");
     drop(workers);
