@@ -281,12 +281,14 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
         }
         let wanted = wanted(&target, &running, &probes, &mut healths);
         match current.step(&wanted) {
-            Ok(()) => {
+            Ok(answered) => {
                 let (lease, count) = (
                     current.lease().map(|(id, _)| format!("{id:x}")),
                     current.published(),
                 );
-                let back = shared.worked();
+                // A step with nothing due asked etcd nothing: it must not
+                // mark as reachable an etcd the watch just found gone.
+                let back = answered && shared.worked();
                 shared.update_link(|link| {
                     link.lease = lease;
                     link.registrations = count;

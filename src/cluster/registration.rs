@@ -150,12 +150,18 @@ impl Registrar {
     /// Makes etcd hold `wanted` under a live lease: grants one when there is
     /// none (or it expired), renews it when a third of its TTL has passed,
     /// writes what changed and deletes what is no longer wanted. The node
-    /// record's `since` is when the lease was granted.
-    pub fn step(&mut self, wanted: &Wanted) -> Result<(), EtcdError> {
+    /// record's `since` is when the lease was granted. Returns whether etcd
+    /// answered a call: a step with nothing due makes none, and says nothing
+    /// of whether etcd is reachable.
+    pub fn step(&mut self, wanted: &Wanted) -> Result<bool, EtcdError> {
         let renew_every = self.ttl / 3;
+        let mut answered = false;
         match &mut self.lease {
             Some(kept) if kept.renewed.elapsed() >= renew_every => match kept.keeper.renew() {
-                Ok(_) => kept.renewed = Instant::now(),
+                Ok(_) => {
+                    kept.renewed = Instant::now();
+                    answered = true;
+                }
                 Err(error) => {
                     if matches!(error, EtcdError::LeaseGone { .. }) {
                         self.lease = None;
@@ -164,7 +170,10 @@ impl Registrar {
                         // The stream may have broken with its member: keep alive anew.
                         let lease = kept.keeper.lease();
                         match self.etcd.keep_alive(lease) {
-                            Ok(keeper) => kept.keeper = keeper,
+                            Ok(keeper) => {
+                                kept.keeper = keeper;
+                                answered = true;
+                            }
                             Err(_) => return Err(error),
                         }
                     }
@@ -184,6 +193,7 @@ impl Registrar {
                     granted_unix: super::view::now(),
                 });
                 self.published.clear();
+                answered = true;
                 (lease, super::view::now())
             }
         };
@@ -205,14 +215,16 @@ impl Registrar {
         for key in gone {
             self.etcd.delete(&key)?;
             self.published.remove(&key);
+            answered = true;
         }
         for (key, value) in values {
             if self.published.get(&key) != Some(&value) {
                 self.etcd.put(&key, &value, Some(lease))?;
                 self.published.insert(key, value);
+                answered = true;
             }
         }
-        Ok(())
+        Ok(answered)
     }
 
     /// Revokes the lease: every registration goes at once.
