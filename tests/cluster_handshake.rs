@@ -153,7 +153,11 @@ fn the_old_replica_goes_only_after_both_lbs_acknowledged_with_one_lb_idle() {
     site.site.apply_all(&spec);
     let (worker, lbs) = agents(&site, &spec, [&spec, &spec]);
     let keys = site.keys();
-    site.wait_key(&keys.replica("web", OLD), true, BOUND);
+    assert!(
+        site.wait_key(&keys.replica("web", OLD), true, BOUND),
+        "{}",
+        worker.output()
+    );
     let clock = KeyClock::start(site.client(), format!("{}/", site.prefix));
     let old = container_id(&format!("lessnat-web.{}", site.site.workers[0].name));
     let origin = Instant::now();
@@ -227,13 +231,14 @@ fn the_old_replica_goes_only_after_both_lbs_acknowledged_with_one_lb_idle() {
 /// the second LB has not switched, and the worker has published the
 /// upgrade and waits for both LBs.
 struct Behind {
-    site: ClusterSite,
-    forwarder: Forwarder,
-    lb2_spec: std::path::PathBuf,
+    // Fields drop in order: the agents end before the site is destroyed.
     worker: Process,
     lbs: Vec<Process>,
     busy: Load,
     origin: Instant,
+    forwarder: Forwarder,
+    lb2_spec: std::path::PathBuf,
+    site: ClusterSite,
 }
 
 impl Behind {
@@ -244,7 +249,8 @@ impl Behind {
         let lb2_spec = site.write_spec("lb2", &test_image("v1"), Some(&[forwarder.url()]));
         site.site.apply_all(&spec);
         let (worker, lbs) = agents(&site, &spec, [&spec, &lb2_spec]);
-        site.wait_key(&site.keys().replica("web", OLD), true, BOUND);
+        let registered = site.wait_key(&site.keys().replica("web", OLD), true, BOUND);
+        assert!(registered, "{}", worker.output());
         let origin = Instant::now();
         let busy = load_through(&site.site, 0, 8);
         busy.wait_requests(50, BOUND).expect("the load runs");
@@ -257,7 +263,8 @@ impl Behind {
         );
         eprintln!("worker: {line}");
         let lb1 = &site.site.lbs[0].name;
-        site.wait_key(&site.keys().ack("web", OLD, lb1), true, BOUND);
+        let acked = site.wait_key(&site.keys().ack("web", OLD, lb1), true, BOUND);
+        assert!(acked, "{}", lbs[0].output());
         assert!(
             names_in_spread(&site.site.lbs[1], OLD),
             "lb2 switched early"
@@ -319,9 +326,10 @@ fn an_lb_that_switched_while_cut_off_acknowledges_once_it_reaches_etcd_again() {
     );
     let restored = Instant::now();
     behind.forwarder.restore();
-    behind
+    let acked = behind
         .site
         .wait_key(&keys.ack("web", OLD, &lb2), true, BOUND);
+    assert!(acked, "{}", behind.lbs[1].output());
     eprintln!(
         "{lb2}: acknowledged {:.3}s after it could reach etcd again ({:.3}s after it switched)",
         restored.elapsed().as_secs_f64(),
@@ -389,7 +397,12 @@ fn an_lb_cut_off_past_its_lease_lets_the_worker_go_on_and_converges_when_it_retu
     let restored = Instant::now();
     behind.forwarder.restore();
     wait_etcd_up(&behind.lbs[1], behind.lb2(), true);
-    behind.site.wait_key(&keys.node(&lb2), true, BOUND);
+    let back = behind.site.wait_key(&keys.node(&lb2), true, BOUND);
+    assert!(
+        back,
+        "{lb2} not registered again:\n{}",
+        behind.lbs[1].output()
+    );
     wait_spread(behind.lb2(), NEW, true, BOUND);
     assert!(
         !names_in_spread(behind.lb2(), OLD),

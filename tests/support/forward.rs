@@ -52,8 +52,10 @@ impl Forwarder {
 
     /// Cuts every connection and refuses new ones until [`Forwarder::restore`].
     pub fn cut(&self) {
+        // Under the lock: no connection is added between the flag and the cut.
+        let mut open = self.shared.open.lock().expect("open");
         self.shared.cut.store(true, Ordering::SeqCst);
-        for stream in self.shared.open.lock().expect("open").drain(..) {
+        for stream in open.drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
     }
@@ -84,26 +86,25 @@ fn accept(listener: &TcpListener, upstream: SocketAddr, shared: &Shared) {
             }
             Err(_) => continue,
         };
-        if shared.cut.load(Ordering::SeqCst) {
+        let _ = client.set_nonblocking(false);
+        let server = TcpStream::connect_timeout(&upstream, Duration::from_secs(2));
+        let mut open = shared.open.lock().expect("open");
+        let (Ok(server), false) = (server, shared.cut.load(Ordering::SeqCst)) else {
             let _ = client.shutdown(Shutdown::Both);
             continue;
-        }
-        let _ = client.set_nonblocking(false);
-        let Ok(server) = TcpStream::connect_timeout(&upstream, Duration::from_secs(2)) else {
+        };
+        let clones = [&client, &server, &client, &server].map(|s| s.try_clone());
+        let [
+            Ok(client_back),
+            Ok(server_back),
+            Ok(client_kept),
+            Ok(server_kept),
+        ] = clones
+        else {
             continue;
         };
-        let pairs = (client.try_clone(), server.try_clone());
-        let (Ok(client_back), Ok(server_back)) = pairs else {
-            continue;
-        };
-        {
-            let mut open = shared.open.lock().expect("open");
-            for stream in [&client, &server] {
-                if let Ok(clone) = stream.try_clone() {
-                    open.push(clone);
-                }
-            }
-        }
+        open.extend([client_kept, server_kept]);
+        drop(open);
         std::thread::spawn(move || pipe(client, server));
         std::thread::spawn(move || pipe(server_back, client_back));
     }
