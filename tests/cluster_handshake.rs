@@ -21,6 +21,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::Value;
 use support::cluster_site::{
     ClusterSite, KeyClock, load_through, member_address, names_in_spread, wait_output, wait_spread,
 };
@@ -28,7 +29,7 @@ use support::forward::Forwarder;
 use support::image::test_image;
 use support::load::{Load, Report};
 use support::process::Process;
-use support::topology::Node;
+use support::topology::{Node, Topology, output_within, show};
 
 /// The longest the test waits for anything that should take a few seconds.
 const BOUND: Duration = Duration::from_secs(30);
@@ -260,10 +261,15 @@ impl Behind {
         let busy = load_through(&site.site, 0, 8);
         busy.wait_requests(50, BOUND).expect("the load runs");
         site.write_spec("spec", &test_image("v2"), None);
-        let names = sorted(&site.site.lbs).join(", ");
+        // The first LB may have acknowledged before the worker published
+        // (it switches once the next version is registered): the second,
+        // still on v1, is waited for.
         let (_, line) = wait_output(
             &worker,
-            &["load-balancer nodes to acknowledge: ", &names],
+            &[
+                "load-balancer nodes to acknowledge: ",
+                &site.site.lbs[1].name,
+            ],
             Duration::from_secs(90),
         );
         eprintln!("worker: {line}");
@@ -274,6 +280,7 @@ impl Behind {
             names_in_spread(&site.site.lbs[1], OLD),
             "lb2 switched early"
         );
+        upgrade_in_status(&site, &spec);
         Some(Behind {
             site,
             forwarder,
@@ -307,6 +314,48 @@ impl Behind {
         assert_eq!(written, self.lb2_spec);
         cut
     }
+}
+
+/// `status --cluster` shows the upgrade in flight: acknowledged by the
+/// first LB, pending on the second.
+fn upgrade_in_status(site: &ClusterSite, spec: &Path) {
+    let (lb1, lb2) = (&site.site.lbs[0].name, &site.site.lbs[1].name);
+    let status = |json: bool| {
+        let mut args = vec!["status", "--cluster", "--spec"];
+        if json {
+            args.insert(2, "--json");
+        }
+        let mut command = Topology::lessnat(&site.site.lbs[0], &args);
+        command.arg(spec);
+        let output = output_within(command, BOUND);
+        assert!(output.status.success(), "{}", show(&output));
+        output.stdout
+    };
+    let json: Value = serde_json::from_slice(&status(true)).expect("status JSON");
+    let upgrade = &json["upgrades"][0];
+    assert_eq!(upgrade["service"], "web", "{json:#}");
+    assert_eq!(upgrade["worker"], site.site.workers[0].name.as_str());
+    assert_eq!(
+        (upgrade["from"].as_str(), upgrade["to"].as_str()),
+        (Some(OLD), Some(NEW))
+    );
+    assert_eq!(
+        upgrade["acknowledged"],
+        serde_json::json!([lb1]),
+        "{json:#}"
+    );
+    assert_eq!(upgrade["pending"], serde_json::json!([lb2]), "{json:#}");
+    let text = String::from_utf8_lossy(&status(false)).into_owned();
+    let line = format!("{OLD} -> {NEW}");
+    let pending = format!("acknowledged by {lb1}; pending: {lb2}");
+    assert!(text.contains(&line) && text.contains(&pending), "{text}");
+    eprintln!(
+        "status --cluster: {}",
+        text.lines()
+            .find(|l| l.contains(&pending))
+            .unwrap_or_default()
+            .trim()
+    );
 }
 
 #[test]
