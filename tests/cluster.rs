@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use lessnat::backend::etcd::{CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT};
 use lessnat::cluster::keys::Keys;
 use serde_json::Value;
+use support::cluster_site::ClusterSite;
 use support::etcd::EtcdCluster;
 use support::image::test_image;
 use support::load::{Load, LoadConfig, Report};
@@ -41,9 +42,6 @@ use support::topology::{Node, Replica, Service, Topology, output_within, show};
 /// The longest the test waits for anything that should take a second or
 /// two (a lease TTL of 2 s included).
 const BOUND: Duration = Duration::from_secs(15);
-
-/// The longest a first converge may take.
-const FIRST_RUN: Duration = Duration::from_secs(60);
 
 /// The replica on the second worker: the one the test takes out.
 const VICTIM: &str = "10.20.2.5";
@@ -188,21 +186,7 @@ impl Cluster {
     /// Starts the agent of `node`, running every `interval` without events,
     /// and waits until it is ready.
     fn agent_every(&self, node: &Node, interval: &str) -> Process {
-        let mut command = Topology::lessnat(
-            node,
-            &[
-                "agent",
-                "--interval",
-                interval,
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "-f",
-            ],
-        );
-        command.arg(&self.spec).env_remove("NOTIFY_SOCKET");
-        let mut agent = Process::spawn(command);
-        agent.wait_line("Ready:", 1, FIRST_RUN);
-        agent
+        ClusterSite::agent(node, &self.spec, interval)
     }
 
     /// `lessnat status --cluster --json` (from the first LB's view of the CLI).

@@ -17,7 +17,7 @@ use super::record::{
 use super::suspend::{SuspendError, SuspendFile, Suspension};
 use crate::agent::state::{AgentState, StateError, StateFile};
 use crate::cluster::keys::{ReplicaSlot, Role};
-use crate::cluster::status::{ClusterStatus, ReplicaStatus};
+use crate::cluster::status::{ClusterStatus, ReplicaStatus, UpgradeStatus};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
 use crate::lock::{AGENT_LOCK_FILE, holder};
 use crate::plan::Summary;
@@ -395,16 +395,42 @@ pub fn render_cluster(status: &ClusterStatus, style: Style) -> String {
         }
     }
     out.push('\n');
-    for (name, keys) in [
-        ("upgrades", &status.upgrades),
-        ("rollouts", &status.rollouts),
-    ] {
-        if keys.is_empty() {
-            let _ = writeln!(out, "  {name:<12} none");
-        }
-        for key in keys {
-            let _ = writeln!(out, "  {name:<12} {} = {}", key.key, key.value);
-        }
+    out.push_str(&render_upgrades(&status.upgrades));
+    if status.rollouts.is_empty() {
+        let _ = writeln!(out, "  {:<12} none", "rollouts");
+    }
+    for key in &status.rollouts {
+        let _ = writeln!(out, "  {:<12} {} = {}", "rollouts", key.key, key.value);
+    }
+    out
+}
+
+/// The upgrades in flight of `status --cluster`, one line each: the
+/// replica's move, its version, since when, and which live load-balancer
+/// nodes acknowledged it and which are still to.
+fn render_upgrades(upgrades: &[UpgradeStatus]) -> String {
+    let name = "upgrades";
+    if upgrades.is_empty() {
+        return format!("  {name:<12} none\n");
+    }
+    let list = |names: &[String]| match names {
+        [] => "none".to_string(),
+        names => names.join(", "),
+    };
+    let mut out = String::new();
+    for upgrade in upgrades {
+        let _ = writeln!(
+            out,
+            "  {name:<12} {} on {}: {} -> {}, version {}, since {}; acknowledged by {}; pending: {}",
+            upgrade.service,
+            upgrade.worker,
+            upgrade.from,
+            upgrade.to,
+            short_hash(&upgrade.version),
+            Timestamp(UNIX_EPOCH + Duration::from_secs(upgrade.since)),
+            list(&upgrade.acknowledged),
+            list(&upgrade.pending)
+        );
     }
     out
 }
