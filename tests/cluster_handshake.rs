@@ -12,7 +12,10 @@
 //!   a later run once it can reach etcd again, before its lease expires;
 //! - an LB cut off for longer than its lease: the worker goes on once the
 //!   lease expired; back, the LB's spread no longer names the removed
-//!   replica and no request through it fails.
+//!   replica and no request through it fails;
+//! - the etcd leader killed while the worker waits for the second LB's
+//!   acknowledgement: the upgrade completes on the other members, and no
+//!   request through either LB fails.
 //!
 //! Timings are printed, not asserted.
 
@@ -473,4 +476,77 @@ fn an_lb_cut_off_past_its_lease_lets_the_worker_go_on_and_converges_when_it_retu
     no_failures(through, origin, "the LB that came back");
     assert!(!names_in_spread(behind.lb2(), OLD));
     no_failures(behind.busy, behind.origin, "the first LB");
+}
+
+#[test]
+fn the_upgrade_completes_without_loss_when_the_etcd_leader_dies_mid_handshake() {
+    let test = "the_upgrade_completes_without_loss_when_the_etcd_leader_dies_mid_handshake";
+    let Some(mut site) = ClusterSite::new(test, 1, 2) else {
+        return;
+    };
+    // The second LB has a spec file of its own, still on v1 once the
+    // worker's says v2: the worker publishes and waits for it.
+    let spec = site.write_spec("spec", &test_image("v1"), None);
+    let lb2_spec = site.write_spec("lb2", &test_image("v1"), None);
+    site.site.apply_all(&spec);
+    let (worker, lbs) = agents(&site, &spec, [&spec, &lb2_spec]);
+    let keys = site.keys();
+    assert!(
+        site.wait_key(&keys.replica("web", OLD), true, BOUND),
+        "{}",
+        worker.output()
+    );
+    for (lb, agent) in site.site.lbs.iter().zip(&lbs) {
+        let live = site.wait_key(&keys.node(&lb.name), true, BOUND);
+        assert!(live, "{} not registered:\n{}", lb.name, agent.output());
+    }
+    let origin = Instant::now();
+    let loads: Vec<Load> = (0..2).map(|c| load_through(&site.site, c, 4)).collect();
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    site.write_spec("spec", &test_image("v2"), None);
+    let lb2 = site.site.lbs[1].name.clone();
+    wait_output(
+        &worker,
+        &["load-balancer nodes to acknowledge: ", &lb2],
+        Duration::from_secs(90),
+    );
+    let leader = site.etcd.leader().expect("etcd has a leader");
+    let killed = Instant::now();
+    site.etcd.kill(leader);
+    eprintln!("killed the etcd leader (member {leader}) while the worker waits for {lb2}");
+    site.write_spec("lb2", &test_image("v2"), None);
+    let names = sorted(&site.site.lbs);
+    let (_, line) = wait_output(
+        &worker,
+        &[
+            "every live load-balancer node switched to",
+            &handshake_line(&names, &[]),
+        ],
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "worker, {:.3}s after the kill: {line}",
+        killed.elapsed().as_secs_f64()
+    );
+    wait_output(&worker, &["removing the old version at", OLD], BOUND);
+    wait_output(&worker, &["becoming", NEW], BOUND);
+    eprintln!(
+        "upgrade done {:.3}s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    for lb in &site.site.lbs {
+        wait_spread(lb, NEW, true, BOUND);
+        assert!(
+            !names_in_spread(lb, OLD),
+            "{} still sends to {OLD}",
+            lb.name
+        );
+    }
+    for (index, load) in loads.into_iter().enumerate() {
+        no_failures(load, origin, &site.site.lbs[index].name.clone());
+    }
+    drop(lbs);
+    drop(worker);
 }
