@@ -368,6 +368,8 @@ mod tests {
                 stop_timeout: None,
                 digest: None,
             }],
+            // The example rolls api out: nothing in etcd yet, web-1 may go.
+            rollouts: Some(crate::model::RolloutView::default()),
             ..Observed::default()
         }
     }
@@ -402,7 +404,9 @@ mod tests {
         let text = example();
         let start = text.find("cluster:").expect("cluster block");
         let end = text.find("nodes:").expect("nodes");
-        let without = spec(&format!("{}{}", &text[..start], &text[end..]));
+        // Its rollout needs the cluster too (it ends the file).
+        let rollout = text.find("      # Fleet rollout").unwrap_or(text.len());
+        let without = spec(&format!("{}{}", &text[..start], &text[end..rollout]));
         assert_eq!(upgrade_of(&without).0, None);
     }
 }

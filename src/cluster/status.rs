@@ -14,6 +14,7 @@ use crate::spec::Cluster;
 
 use super::config::{etcd_config, keys};
 use super::keys::{NodeRecord, ReplicaRecord};
+use super::rollout::{ServiceRollout, by_service, view_of};
 use super::view::now;
 
 /// The site as etcd holds it.
@@ -30,8 +31,9 @@ pub struct ClusterStatus {
     pub orphans: Vec<ReplicaStatus>,
     /// Upgrades in flight (`{prefix}/upgrades/…`), as stored.
     pub upgrades: Vec<RawKey>,
-    /// Rollout slots and marks (`{prefix}/rollouts/…`), as stored.
-    pub rollouts: Vec<RawKey>,
+    /// Fleet rollouts (`{prefix}/rollouts/…`), by service: who holds the
+    /// slots, who is done with which version, which versions are bad.
+    pub rollouts: Vec<ServiceRollout>,
 }
 
 /// One registered node.
@@ -85,7 +87,6 @@ impl ClusterStatus {
         let mut nodes = BTreeMap::new();
         let mut replicas: Vec<ReplicaStatus> = Vec::new();
         let mut upgrades = Vec::new();
-        let mut rollouts = Vec::new();
         for entry in &snapshot.entries {
             let below = entry.key.strip_prefix(&prefix).unwrap_or(&entry.key);
             if let Some(node) = keys.node_of(&entry.key) {
@@ -102,8 +103,6 @@ impl ClusterStatus {
                 }
             } else if below.starts_with("upgrades/") {
                 upgrades.push(raw(below, &entry.value));
-            } else if below.starts_with("rollouts/") {
-                rollouts.push(raw(below, &entry.value));
             }
         }
         let now = now();
@@ -137,7 +136,7 @@ impl ClusterStatus {
             nodes: statuses,
             orphans,
             upgrades,
-            rollouts,
+            rollouts: by_service(&view_of(&keys, &snapshot, now)),
         })
     }
 }

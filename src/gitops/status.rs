@@ -17,6 +17,7 @@ use super::record::{
 use super::suspend::{SuspendError, SuspendFile, Suspension};
 use crate::agent::state::{AgentState, StateError, StateFile};
 use crate::cluster::keys::{ReplicaSlot, Role};
+use crate::cluster::rollout::ServiceRollout;
 use crate::cluster::status::{ClusterStatus, ReplicaStatus};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
 use crate::lock::{AGENT_LOCK_FILE, holder};
@@ -395,18 +396,66 @@ pub fn render_cluster(status: &ClusterStatus, style: Style) -> String {
         }
     }
     out.push('\n');
-    for (name, keys) in [
-        ("upgrades", &status.upgrades),
-        ("rollouts", &status.rollouts),
-    ] {
-        if keys.is_empty() {
-            let _ = writeln!(out, "  {name:<12} none");
+    let name = "upgrades";
+    if status.upgrades.is_empty() {
+        let _ = writeln!(out, "  {name:<12} none");
+    }
+    for key in &status.upgrades {
+        let _ = writeln!(out, "  {name:<12} {} = {}", key.key, key.value);
+    }
+    out.push_str(&render_rollouts(&status.rollouts, style));
+    out
+}
+
+/// The fleet rollouts of `status --cluster`: per service, who holds its
+/// slots, who is done with which version, which versions are bad.
+fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
+    let mut out = String::new();
+    if rollouts.is_empty() {
+        let _ = writeln!(out, "  {:<12} none", "rollouts");
+    }
+    for rollout in rollouts {
+        let _ = writeln!(
+            out,
+            "  {:<12} {}",
+            "rollout",
+            style.paint("1", &rollout.service)
+        );
+        if rollout.slots.is_empty() {
+            let _ = writeln!(out, "    {:<10} none held", "slots");
         }
-        for key in keys {
-            let _ = writeln!(out, "  {name:<12} {} = {}", key.key, key.value);
+        for slot in &rollout.slots {
+            let _ = writeln!(
+                out,
+                "    {:<10} {}: {} upgrading to {} since {}",
+                "slot",
+                slot.slot,
+                slot.node,
+                slot.version,
+                utc(slot.since)
+            );
+        }
+        for (version, nodes) in &rollout.done {
+            let _ = writeln!(out, "    {:<10} {version}: {}", "done", nodes.join(", "));
+        }
+        for bad in &rollout.bad {
+            let _ = writeln!(
+                out,
+                "    {:<10} {}: marked by {} at {}: {}",
+                "bad",
+                style.paint("1;31", &bad.version),
+                bad.node,
+                utc(bad.since),
+                bad.reason
+            );
         }
     }
     out
+}
+
+/// `seconds` since the Unix epoch as a UTC time.
+fn utc(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
 }
 
 fn replica_line(replica: &ReplicaStatus, style: Style) -> String {

@@ -126,6 +126,7 @@ fn observe_reading(
         remote_digests: Vec::new(),
         probed_at: None,
         cluster: None,
+        rollouts: None,
     };
     observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);

@@ -1,0 +1,446 @@
+//! Fleet rollouts end to end (`docs/cluster.md`, "Rollouts"): a real
+//! three-member etcd on loopback (`support::etcd`), the routed site in
+//! network namespaces (`support::topology`: two clients, two load-balancer
+//! nodes, two workers) with containers of the test server, and `lessnat
+//! agent` as the real binary on every node, under load from both clients.
+//! The service rolls out one node at a time, one canary node first:
+//!
+//! - a version whose health check never passes (the test server with
+//!   `--unhealthy`): exactly one worker (the canary) starts it, rolls back
+//!   (its old replica keeps serving) and marks it bad in etcd; the other
+//!   worker never creates a container of it, and its plan says the version
+//!   is bad;
+//! - the next, good version: the canary upgrades first, the other worker
+//!   takes the slot only after the canary is done and its hold has passed;
+//! - no request fails through either.
+//!
+//! Timings are printed, not asserted (the hold is a lower bound).
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lessnat::backend::etcd::{
+    CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT, Snapshot,
+};
+use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
+use serde_json::Value;
+use support::etcd::EtcdCluster;
+use support::image::test_image;
+use support::load::{Load, LoadConfig, Report};
+use support::process::Process;
+use support::topology::{Node, Replica, Service, Topology, output_within, show};
+
+/// The longest the test waits for something that takes a few seconds.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// The canary's hold in the spec.
+const HOLD: Duration = Duration::from_secs(4);
+
+/// The site, its etcd and the spec's path.
+struct Site {
+    etcd: EtcdCluster,
+    site: Topology,
+    spec: PathBuf,
+    prefix: String,
+}
+
+impl Site {
+    /// `None` (skipped) without root, the tools or Docker.
+    fn new(test: &str) -> Option<Site> {
+        if !support::root_with(test, &["nft", "sysctl", "etcd"]) || !support::docker(test) {
+            return None;
+        }
+        let mut site = Site {
+            etcd: EtcdCluster::start(3),
+            site: Topology::new(2),
+            spec: PathBuf::new(),
+            prefix: format!("/lessnat-test-rollout-{}", std::process::id()),
+        };
+        site.etcd.wait_healthy();
+        site.spec = site.write_spec(&test_image("v1"), false);
+        site.site.apply_all(&site.spec);
+        Some(site)
+    }
+
+    /// Writes the spec with the service's `image` (its health check failing
+    /// when `unhealthy`), a `cluster:` block (lease TTL 2 s) and a rollout
+    /// of one node at a time after one canary node; returns its path.
+    fn write_spec(&self, image: &str, unhealthy: bool) -> PathBuf {
+        let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
+        let spec = self
+            .site
+            .write_spec("spec", &[Service::new("web", image, replicas)]);
+        let text = std::fs::read_to_string(&spec).expect("spec");
+        let cluster = format!(
+            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {}\n    leaseTtl: 2s\n",
+            self.etcd.endpoints().join(", "),
+            self.prefix
+        );
+        let rollout = format!(
+            "      stopTimeout: 5s\n      rollout: {{ maxParallel: 1, canary: {{ nodes: 1, hold: {}s }} }}\n",
+            HOLD.as_secs()
+        );
+        let mut text = text
+            .replacen("version: 1\n", &format!("version: 1\n{cluster}"), 1)
+            .replacen("      stopTimeout: 5s\n", &rollout, 1)
+            .replacen("startTimeout: 20s", "startTimeout: 6s", 1);
+        if unhealthy {
+            text = text.replacen("\"--udp\"", "\"--unhealthy\", \"--udp\"", 1);
+        }
+        assert!(text.contains("rollout:"), "{text}");
+        std::fs::write(&spec, text).expect("write spec");
+        spec
+    }
+
+    /// Starts the agent of `node`, running every `interval` without events,
+    /// and waits until it is ready.
+    fn agent(&self, node: &Node, interval: &str) -> Process {
+        let args = ["agent", "--interval", interval, "-f"];
+        let mut command = Topology::lessnat(node, &args);
+        command.arg(&self.spec).env_remove("NOTIFY_SOCKET");
+        let mut agent = Process::spawn(command);
+        agent.wait_line("Ready:", 1, BOUND);
+        agent
+    }
+
+    fn client(&self) -> Etcd {
+        Etcd::connect(&EtcdConfig {
+            endpoints: self.etcd.endpoints(),
+            tls: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        })
+        .expect("etcd client")
+    }
+
+    /// Waits until the rollout keys satisfy `done`; the last read.
+    fn wait_rollouts(&self, what: &str, done: impl Fn(&Keys, &Snapshot) -> bool) -> Snapshot {
+        let (etcd, keys) = (self.client(), Keys::new(&self.prefix));
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Ok(read) = etcd.get_prefix(&keys.rollouts())
+                && done(&keys, &read)
+            {
+                return read;
+            }
+            assert!(Instant::now() < deadline, "{what} within {BOUND:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The plan of `node` (`lessnat plan`), as text.
+    fn plan(&self, node: &Node) -> String {
+        Topology::plan_exit(node, &self.spec).1
+    }
+}
+
+/// The rollout keys of kind `kind` (`"slot"`, `"done"`, `"bad"`) in `read`.
+fn count(keys: &Keys, read: &Snapshot, kind: &str) -> usize {
+    read.entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                (keys.rollout_of(&e.key), kind),
+                (Some(RolloutKey::Slot { .. }), "slot")
+                    | (Some(RolloutKey::Done { .. }), "done")
+                    | (Some(RolloutKey::Bad { .. }), "bad")
+            )
+        })
+        .count()
+}
+
+/// Every change to the rollout keys, with the instant it was seen.
+struct RolloutClock {
+    seen: Arc<Mutex<Vec<(Instant, KeyChange)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RolloutClock {
+    fn start(etcd: Etcd, keys: Keys) -> RolloutClock {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut revision = etcd.get_prefix(&keys.rollouts()).expect("read").revision;
+        let (into, stopped) = (Arc::clone(&seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut watch = None;
+            while !stopped.load(Ordering::SeqCst) {
+                // A broken watch starts again after the last revision seen.
+                let Some(current) = watch.as_mut() else {
+                    watch = etcd.watch_prefix(&keys.rollouts(), revision + 1).ok();
+                    continue;
+                };
+                match current.next(Duration::from_millis(100)) {
+                    Ok(Some((at_revision, changes))) => {
+                        let at = Instant::now();
+                        revision = revision.max(at_revision);
+                        let mut seen = into.lock().expect("clock");
+                        seen.extend(changes.into_iter().map(|c| (at, c)));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        eprintln!("the test's watch of the rollout keys broke: {error}");
+                        watch = None;
+                    }
+                }
+            }
+        });
+        RolloutClock {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// When `node` first took a slot, and when it was first done.
+    fn turn_of(&self, keys: &Keys, node: &str) -> (Option<Instant>, Option<Instant>) {
+        let seen = self.seen.lock().expect("clock");
+        let first = |wanted: &dyn Fn(&KeyChange) -> bool| {
+            seen.iter().find(|(_, c)| wanted(c)).map(|(at, _)| *at)
+        };
+        let took = first(&|c| match c {
+            KeyChange::Put(e) => {
+                matches!(keys.rollout_of(&e.key), Some(RolloutKey::Slot { .. }))
+                    && serde_json::from_slice::<SlotRecord>(&e.value).is_ok_and(|r| r.node == node)
+            }
+            KeyChange::Delete { .. } => false,
+        });
+        let done = first(&|c| match c {
+            KeyChange::Put(e) => matches!(
+                keys.rollout_of(&e.key),
+                Some(RolloutKey::Done { node: n, .. }) if n == node
+            ),
+            KeyChange::Delete { .. } => false,
+        });
+        (took, done)
+    }
+}
+
+impl Drop for RolloutClock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Names of the containers created from `image` since `since` (Unix
+/// seconds) until now, of the nodes `nodes`.
+fn created_from(image: &str, since: u64, nodes: &[&Node]) -> Vec<String> {
+    let until = (unix_now() + 1).to_string();
+    let output = support::run(
+        "docker",
+        &[
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &until,
+            "--filter",
+            "event=create",
+            "--filter",
+            &format!("image={image}"),
+            "--format",
+            "{{.Actor.Attributes.name}}",
+        ],
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|name| nodes.iter().any(|n| name.contains(&format!(".{}", n.name))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The images of `worker`'s containers, by name.
+fn images(worker: &Node) -> Vec<(String, String)> {
+    Topology::containers(worker)
+        .into_iter()
+        .map(|name| {
+            let output = support::run("docker", &["inspect", "-f", "{{.Config.Image}}", &name]);
+            let image = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            (name, image)
+        })
+        .collect()
+}
+
+/// Load from both clients through the VIP (a request counts as failed
+/// after 1 s), running once each has had 50 answers.
+fn load(site: &Topology) -> Vec<Load> {
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    loads
+}
+
+#[test]
+fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_rolls_out_canary_first()
+ {
+    let test = "a_canary_that_never_becomes_healthy_marks_its_version_bad";
+    let Some(site) = Site::new(test) else {
+        return;
+    };
+    let keys = Keys::new(&site.prefix);
+    let workers: Vec<Process> = site
+        .site
+        .workers
+        .iter()
+        .map(|w| site.agent(w, "1s"))
+        .collect();
+    let lbs: Vec<Process> = site
+        .site
+        .lbs
+        .iter()
+        .map(|lb| site.agent(lb, "60s"))
+        .collect();
+    let origin = Instant::now();
+    let loads = load(&site.site);
+    let started = unix_now();
+    let bad_image = test_image("v2");
+    let good_image = test_image("v3");
+
+    // A version whose health check never passes.
+    site.write_spec(&bad_image, true);
+    let read = site.wait_rollouts("the version marked bad", |keys, read| {
+        count(keys, read, "bad") == 1 && count(keys, read, "slot") == 0
+    });
+    let bad: BadRecord = read
+        .entries
+        .iter()
+        .find(|e| matches!(keys.rollout_of(&e.key), Some(RolloutKey::Bad { .. })))
+        .and_then(|e| serde_json::from_slice(&e.value).ok())
+        .expect("a bad record");
+    eprintln!(
+        "marked bad by {} {:.1}s after the spec changed: {}",
+        bad.node,
+        origin.elapsed().as_secs_f64(),
+        bad.reason
+    );
+    assert_eq!(count(&keys, &read, "done"), 0, "nobody is done with it");
+    let (canary, other) = match site.site.workers.iter().position(|w| w.name == bad.node) {
+        Some(0) => (&site.site.workers[0], &site.site.workers[1]),
+        Some(_) => (&site.site.workers[1], &site.site.workers[0]),
+        None => panic!("{} is not a worker", bad.node),
+    };
+    assert!(bad.reason.contains("not healthy"), "{}", bad.reason);
+    // The other worker's plan says why it does not start the version.
+    let plan = site.plan(other);
+    assert!(
+        plan.contains(&format!("was marked bad by {}", canary.name))
+            && plan.contains("change the spec to try again"),
+        "{plan}"
+    );
+    // A few more runs of both agents: still nothing of the bad version.
+    std::thread::sleep(Duration::from_secs(3));
+    let bad_created = created_from(&bad_image, started, &[canary, other]);
+    assert_eq!(bad_created.len(), 1, "{bad_created:?}");
+    assert!(
+        bad_created[0].contains(&canary.name) && bad_created[0].ends_with(".next"),
+        "{bad_created:?}"
+    );
+    // The canary's old replica serves on.
+    for worker in [canary, other] {
+        let found = images(worker);
+        assert_eq!(found.len(), 1, "{}: {found:?}", worker.name);
+        assert_eq!(found[0].1, test_image("v1"), "{}: {found:?}", worker.name);
+    }
+
+    // A good version: the canary first, the other after the hold.
+    let clock = RolloutClock::start(site.client(), keys.clone());
+    let good_at = Instant::now();
+    site.write_spec(&good_image, false);
+    site.wait_rollouts("both workers done with the good version", |keys, read| {
+        count(keys, read, "done") == 2 && count(keys, read, "slot") == 0
+    });
+    eprintln!(
+        "both workers upgraded {:.1}s after the spec changed",
+        good_at.elapsed().as_secs_f64()
+    );
+    let (first, second) = {
+        let one = clock.turn_of(&keys, &site.site.workers[0].name);
+        let two = clock.turn_of(&keys, &site.site.workers[1].name);
+        if one.0 < two.0 {
+            (one, two)
+        } else {
+            (two, one)
+        }
+    };
+    let (Some(_), Some(first_done)) = first else {
+        panic!(
+            "the canary's slot or done not seen: {first:?}; seen: {:#?}",
+            clock.seen.lock().expect("clock")
+        );
+    };
+    let Some(second_took) = second.0 else {
+        panic!("the other worker's slot not seen: {second:?}");
+    };
+    let gap = second_took.saturating_duration_since(first_done);
+    eprintln!(
+        "the second worker took the slot {:.1}s after the canary was done (hold {HOLD:?})",
+        gap.as_secs_f64()
+    );
+    assert!(
+        second_took > first_done && gap + Duration::from_millis(500) >= HOLD,
+        "the second worker started {gap:?} after the canary was done, hold {HOLD:?}"
+    );
+    assert!(
+        created_from(&bad_image, started, &[other]).is_empty(),
+        "the other worker created a container of the bad version"
+    );
+    for worker in &site.site.workers {
+        let found = images(worker);
+        assert_eq!(found.len(), 1, "{}: {found:?}", worker.name);
+        assert_eq!(found[0].1, good_image, "{}: {found:?}", worker.name);
+    }
+
+    // `status --cluster` shows the rollout.
+    let mut command = Topology::lessnat(
+        &site.site.lbs[0],
+        &["status", "--cluster", "--json", "--spec"],
+    );
+    command.arg(&site.spec);
+    let output = output_within(command, BOUND);
+    assert!(output.status.success(), "{}", show(&output));
+    let status: Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    let rollout = &status["rollouts"][0];
+    assert_eq!(rollout["service"], "web", "{status:#}");
+    assert_eq!(rollout["bad"][0]["node"], Value::from(bad.node.clone()));
+    let done: Vec<&Value> = rollout["done"]
+        .as_object()
+        .expect("done by version")
+        .values()
+        .collect();
+    assert_eq!(done.len(), 1, "{rollout:#}");
+    assert_eq!(done[0].as_array().map(Vec::len), Some(2), "{rollout:#}");
+
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    let failed = report.failed();
+    eprintln!(
+        "load through both rollouts: {}; failed: {}",
+        report.summary(origin),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    drop(clock);
+    for agent in workers.into_iter().chain(lbs) {
+        let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+        assert!(!output.contains("panicked"), "{output}");
+    }
+}
