@@ -23,16 +23,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lessnat::backend::etcd::{
-    CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT, Snapshot,
-};
+use lessnat::backend::etcd::{Etcd, KeyChange, Snapshot};
 use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
 use serde_json::Value;
 use support::etcd::EtcdCluster;
 use support::image::test_image;
-use support::load::{Load, LoadConfig, Report};
 use support::process::Process;
-use support::topology::{Node, Replica, Service, Topology, output_within, show};
+use support::topology::{Node, Replica, Service, Topology, finish_load, output_within, show};
 
 /// The longest the test waits for something that takes a few seconds.
 const BOUND: Duration = Duration::from_secs(60);
@@ -75,17 +72,13 @@ impl Site {
             .site
             .write_spec("spec", &[Service::new("web", image, replicas)]);
         let text = std::fs::read_to_string(&spec).expect("spec");
-        let cluster = format!(
-            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {}\n    leaseTtl: 2s\n",
-            self.etcd.endpoints().join(", "),
-            self.prefix
-        );
         let rollout = format!(
             "      stopTimeout: 5s\n      rollout: {{ maxParallel: 1, canary: {{ nodes: 1, hold: {}s }} }}\n",
             HOLD.as_secs()
         );
-        let mut text = text
-            .replacen("version: 1\n", &format!("version: 1\n{cluster}"), 1)
+        let mut text = self
+            .etcd
+            .with_cluster_block(&text, &self.prefix)
             .replacen("      stopTimeout: 5s\n", &rollout, 1)
             .replacen("startTimeout: 20s", "startTimeout: 6s", 1);
         if unhealthy {
@@ -96,30 +89,9 @@ impl Site {
         spec
     }
 
-    /// Starts the agent of `node`, running every `interval` without events,
-    /// and waits until it is ready.
-    fn agent(&self, node: &Node, interval: &str) -> Process {
-        let args = ["agent", "--interval", interval, "-f"];
-        let mut command = Topology::lessnat(node, &args);
-        command.arg(&self.spec).env_remove("NOTIFY_SOCKET");
-        let mut agent = Process::spawn(command);
-        agent.wait_line("Ready:", 1, BOUND);
-        agent
-    }
-
-    fn client(&self) -> Etcd {
-        Etcd::connect(&EtcdConfig {
-            endpoints: self.etcd.endpoints(),
-            tls: None,
-            connect_timeout: CONNECT_TIMEOUT,
-            request_timeout: REQUEST_TIMEOUT,
-        })
-        .expect("etcd client")
-    }
-
     /// Waits until the rollout keys satisfy `done`; the last read.
     fn wait_rollouts(&self, what: &str, done: impl Fn(&Keys, &Snapshot) -> bool) -> Snapshot {
-        let (etcd, keys) = (self.client(), Keys::new(&self.prefix));
+        let (etcd, keys) = (self.etcd.client(), Keys::new(&self.prefix));
         let deadline = Instant::now() + BOUND;
         loop {
             if let Ok(read) = etcd.get_prefix(&keys.rollouts())
@@ -274,19 +246,6 @@ fn images(worker: &Node) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Load from both clients through the VIP (a request counts as failed
-/// after 1 s), running once each has had 50 answers.
-fn load(site: &Topology) -> Vec<Load> {
-    let loads = site.load(8, |config| LoadConfig {
-        io_timeout: Duration::from_secs(1),
-        ..config
-    });
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
-    loads
-}
-
 #[test]
 fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_rolls_out_canary_first()
  {
@@ -299,16 +258,16 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         .site
         .workers
         .iter()
-        .map(|w| site.agent(w, "1s"))
+        .map(|w| Topology::agent(w, &site.spec, "1s"))
         .collect();
     let lbs: Vec<Process> = site
         .site
         .lbs
         .iter()
-        .map(|lb| site.agent(lb, "60s"))
+        .map(|lb| Topology::agent(lb, &site.spec, "60s"))
         .collect();
     let origin = Instant::now();
-    let loads = load(&site.site);
+    let loads = site.site.steady_load(BOUND);
     let started = unix_now();
     let bad_image = test_image("v2");
     let good_image = test_image("v3");
@@ -360,7 +319,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     }
 
     // A good version: the canary first, the other after the hold.
-    let clock = RolloutClock::start(site.client(), keys.clone());
+    let clock = RolloutClock::start(site.etcd.client(), keys.clone());
     let good_at = Instant::now();
     site.write_spec(&good_image, false);
     site.wait_rollouts("both workers done with the good version", |keys, read| {
@@ -427,17 +386,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     assert_eq!(done.len(), 1, "{rollout:#}");
     assert_eq!(done[0].as_array().map(Vec::len), Some(2), "{rollout:#}");
 
-    for load in &loads {
-        load.wait_requests(100, BOUND).expect("the load runs");
-    }
-    let report = Report::merged(loads.into_iter().map(Load::stop));
-    let failed = report.failed();
-    eprintln!(
-        "load through both rollouts: {}; failed: {}",
-        report.summary(origin),
-        failed.len()
-    );
-    assert!(failed.is_empty(), "requests failed: {failed:?}");
+    finish_load(loads, origin, "rollouts", BOUND);
     drop(clock);
     for agent in workers.into_iter().chain(lbs) {
         let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);

@@ -264,40 +264,20 @@ fn at(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Container, RolloutBad, RolloutSlot};
-    use crate::ownership::Slot;
+    use crate::cluster::handshake::tests as handshake;
+    use crate::model::{RolloutBad, RolloutSlot};
     use crate::plan::Plan;
 
     /// The example: api rolls out (maxParallel 1, one canary node, hold 5m).
     fn spec() -> Spec {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/cluster.yaml"
-        ))
-        .expect("example");
-        crate::spec::load_bytes("cluster.yaml", text.as_bytes()).expect("valid")
+        handshake::spec(&handshake::example())
     }
 
     /// web-1 runs api at an older version; the rollout keys are `view`.
     fn plan_with(view: Option<RolloutView>) -> Plan {
         let observed = Observed {
-            containers: vec![Container {
-                id: "c1".into(),
-                name: "lessnat-api.web-1".into(),
-                service: "api".into(),
-                slot: Slot::Primary,
-                spec_hash: "old".into(),
-                image: "registry.example/api:6".into(),
-                ports: Vec::new(),
-                state: "running".into(),
-                health: None,
-                pid: Some(1),
-                address: Some("10.20.1.5".into()),
-                stop_timeout: None,
-                digest: None,
-            }],
             rollouts: view,
-            ..Observed::default()
+            ..handshake::running_old()
         };
         crate::plan::plan(&spec(), "web-1", &observed)
     }
