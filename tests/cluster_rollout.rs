@@ -125,6 +125,9 @@ fn count(keys: &Keys, read: &Snapshot, kind: &str) -> usize {
         .count()
 }
 
+/// When a node first took a slot, and when it was first done.
+type Turn = (Option<Instant>, Option<Instant>);
+
 /// Every change to the rollout keys, with the instant it was seen.
 struct RolloutClock {
     seen: Arc<Mutex<Vec<(Instant, KeyChange)>>>,
@@ -169,7 +172,7 @@ impl RolloutClock {
     }
 
     /// When `node` first took a slot, and when it was first done.
-    fn turn_of(&self, keys: &Keys, node: &str) -> (Option<Instant>, Option<Instant>) {
+    fn turn_of(&self, keys: &Keys, node: &str) -> Turn {
         let seen = self.seen.lock().expect("clock");
         let first = |wanted: &dyn Fn(&KeyChange) -> bool| {
             seen.iter().find(|(_, c)| wanted(c)).map(|(at, _)| *at)
@@ -329,23 +332,23 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         "both workers upgraded {:.1}s after the spec changed",
         good_at.elapsed().as_secs_f64()
     );
-    let (first, second) = {
-        let one = clock.turn_of(&keys, &site.site.workers[0].name);
-        let two = clock.turn_of(&keys, &site.site.workers[1].name);
-        if one.0 < two.0 {
-            (one, two)
-        } else {
-            (two, one)
-        }
-    };
-    let (Some(_), Some(first_done)) = first else {
+    // Each worker's turn (when it took a slot, when it was done), in order.
+    let mut turns: Vec<(&str, Turn)> = site
+        .site
+        .workers
+        .iter()
+        .map(|w| (w.name.as_str(), clock.turn_of(&keys, &w.name)))
+        .collect();
+    turns.sort_by_key(|(_, (took, _))| *took);
+    let [
+        (first, (Some(_), Some(first_done))),
+        (second, (Some(second_took), _)),
+    ] = turns[..]
+    else {
         panic!(
-            "the canary's slot or done not seen: {first:?}; seen: {:#?}",
+            "a slot or done not seen: {turns:?}; seen: {:#?}",
             clock.seen.lock().expect("clock")
         );
-    };
-    let Some(second_took) = second.0 else {
-        panic!("the other worker's slot not seen: {second:?}");
     };
     let gap = second_took.saturating_duration_since(first_done);
     eprintln!(
@@ -378,14 +381,25 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     let rollout = &status["rollouts"][0];
     assert_eq!(rollout["service"], "web", "{status:#}");
     assert_eq!(rollout["bad"][0]["node"], Value::from(bad.node.clone()));
-    let done: Vec<&Value> = rollout["done"]
+    let done: Vec<(&String, &Value)> = rollout["done"]
         .as_object()
         .expect("done by version")
-        .values()
+        .iter()
         .collect();
     assert_eq!(done.len(), 1, "{rollout:#}");
-    assert_eq!(done[0].as_array().map(Vec::len), Some(2), "{rollout:#}");
+    let (version, nodes) = done[0];
+    assert_eq!(nodes, &serde_json::json!([first, second]), "{rollout:#}");
 
+    let mut command = Topology::lessnat(&site.site.lbs[0], &["status", "--cluster", "--spec"]);
+    command.arg(&site.spec);
+    let text = show(&output_within(command, BOUND));
+    eprintln!("{text}");
+    let marked = format!("marked by {}", bad.node);
+    let both = format!("done       {version}: {first}, {second}");
+    assert!(
+        text.contains("rollout      web") && text.contains(&marked) && text.contains(&both),
+        "{text}"
+    );
     finish_load(loads, origin, "rollouts", BOUND);
     drop(clock);
     for agent in workers.into_iter().chain(lbs) {
