@@ -14,6 +14,10 @@
 //!   takes the slot only after the canary is done and its hold has passed;
 //! - no request fails through either.
 //!
+//! And without Docker: taking a slot is atomic (three workers at once, one
+//! slot), a version marked bad gets none, a node takes over the slot it
+//! holds, and a slot no longer kept alive frees itself.
+//!
 //! Timings are printed, not asserted (the hold is a lower bound).
 
 mod support;
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lessnat::backend::etcd::{Etcd, KeyChange, Snapshot};
 use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
+use lessnat::cluster::rollout::{Taken, Turn};
 use serde_json::Value;
 use support::etcd::EtcdCluster;
 use support::image::test_image;
@@ -126,7 +131,7 @@ fn count(keys: &Keys, read: &Snapshot, kind: &str) -> usize {
 }
 
 /// When a node first took a slot, and when it was first done.
-type Turn = (Option<Instant>, Option<Instant>);
+type Taking = (Option<Instant>, Option<Instant>);
 
 /// Every change to the rollout keys, with the instant it was seen.
 struct RolloutClock {
@@ -172,7 +177,7 @@ impl RolloutClock {
     }
 
     /// When `node` first took a slot, and when it was first done.
-    fn turn_of(&self, keys: &Keys, node: &str) -> Turn {
+    fn turn_of(&self, keys: &Keys, node: &str) -> Taking {
         let seen = self.seen.lock().expect("clock");
         let first = |wanted: &dyn Fn(&KeyChange) -> bool| {
             seen.iter().find(|(_, c)| wanted(c)).map(|(at, _)| *at)
@@ -333,7 +338,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         good_at.elapsed().as_secs_f64()
     );
     // Each worker's turn (when it took a slot, when it was done), in order.
-    let mut turns: Vec<(&str, Turn)> = site
+    let mut turns: Vec<(&str, Taking)> = site
         .site
         .workers
         .iter()
@@ -405,5 +410,116 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     for agent in workers.into_iter().chain(lbs) {
         let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
         assert!(!output.contains("panicked"), "{output}");
+    }
+}
+
+/// A turn of `node` in the rollout of `api` to `version`, from one slot.
+fn turn(etcd: &EtcdCluster, prefix: &str, node: &str, version: &str, last: bool) -> Turn {
+    Turn {
+        etcd: etcd.etcd_spec(prefix),
+        service: "api".into(),
+        version: version.into(),
+        node: node.into(),
+        slots: 1,
+        last,
+    }
+}
+
+/// Who holds slot 0 of `api` now, if anyone.
+fn holder(etcd: &Etcd, keys: &Keys) -> Option<String> {
+    let read = etcd.get_prefix(&keys.rollout_slot("api", 0)).expect("read");
+    let entry = read.entries.first()?;
+    serde_json::from_slice::<SlotRecord>(&entry.value)
+        .ok()
+        .map(|r| r.node)
+}
+
+/// Slots against a real etcd, without Docker: three workers taking the one
+/// slot at once get it once; a version marked bad gives no slot; a node
+/// takes over the slot it holds, and a slot left behind frees itself
+/// within the lease TTL.
+#[test]
+fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
+    let test = "taking_a_slot_is_atomic";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    cluster.wait_healthy();
+    let prefix = format!("/lessnat-test-slots-{}", std::process::id());
+    let (etcd, keys) = (cluster.client(), Keys::new(&prefix));
+
+    // Three at once: one slot, two told it is taken.
+    let barrier = std::sync::Barrier::new(3);
+    let taken: Vec<Taken> = std::thread::scope(|scope| {
+        let threads: Vec<_> = ["web-1", "web-2", "web-3"]
+            .into_iter()
+            .map(|node| {
+                let (turn, barrier) = (turn(&cluster, &prefix, node, "v2", true), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    turn.take().expect("take")
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("taker"))
+            .collect()
+    });
+    let (mut held, full): (Vec<Taken>, Vec<Taken>) =
+        taken.into_iter().partition(|t| matches!(t, Taken::Slot(_)));
+    assert_eq!((held.len(), full.len()), (1, 2), "{held:?} {full:?}");
+    let Some(Taken::Slot(first)) = held.pop() else {
+        unreachable!()
+    };
+    let winner = holder(&etcd, &keys).expect("the slot is held");
+    first.done().expect("done");
+    assert_eq!(holder(&etcd, &keys), None, "done frees the slot");
+    let done = etcd
+        .get_prefix(&keys.rollout_done("api", "v2", &winner))
+        .expect("read");
+    assert_eq!(done.entries.len(), 1, "done is written");
+
+    // A failed upgrade marks the version bad: nobody gets a slot for it.
+    let Taken::Slot(second) = turn(&cluster, &prefix, "web-2", "v3", true)
+        .take()
+        .expect("take")
+    else {
+        panic!("the slot is free");
+    };
+    second.bad("not healthy").expect("bad");
+    assert_eq!(holder(&etcd, &keys), None, "bad frees the slot");
+    match turn(&cluster, &prefix, "web-3", "v3", true).take() {
+        Ok(Taken::Bad(by)) => assert_eq!(by, "web-2"),
+        other => panic!("a slot for a bad version: {other:?}"),
+    }
+
+    // A node's first batch keeps the slot for its next one, which takes
+    // it over; another node meanwhile finds it taken.
+    let Taken::Slot(batch) = turn(&cluster, &prefix, "web-1", "v4", false)
+        .take()
+        .expect("take")
+    else {
+        panic!("the slot is free");
+    };
+    batch.done().expect("not the last batch");
+    assert_eq!(holder(&etcd, &keys).as_deref(), Some("web-1"));
+    assert!(matches!(
+        turn(&cluster, &prefix, "web-2", "v4", true).take(),
+        Ok(Taken::Full(_))
+    ));
+    let Taken::Slot(again) = turn(&cluster, &prefix, "web-1", "v4", false)
+        .take()
+        .expect("take")
+    else {
+        panic!("web-1 takes its own slot over");
+    };
+    // Not kept alive any more (as when its apply dies): it frees itself.
+    again.done().expect("not the last batch");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder(&etcd, &keys).is_some() {
+        assert!(Instant::now() < deadline, "the slot outlived its lease");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

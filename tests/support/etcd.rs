@@ -182,6 +182,17 @@ impl EtcdCluster {
         .expect("etcd client")
     }
 
+    /// The spec's `cluster.etcd` for this cluster (plain HTTP) under
+    /// `prefix`, with a lease TTL of 2 s.
+    pub fn etcd_spec(&self, prefix: &str) -> lessnat::spec::Etcd {
+        lessnat::spec::Etcd {
+            endpoints: self.endpoints().into_iter().map(Into::into).collect(),
+            prefix: prefix.to_string().into(),
+            tls: None,
+            lease_ttl: lessnat::spec::HumanDuration::secs(2).into(),
+        }
+    }
+
     /// `spec` (a spec's text) with a `cluster:` block for this cluster
     /// under `prefix`, with a lease TTL of 2 s.
     pub fn with_cluster_block(&self, spec: &str, prefix: &str) -> String {
