@@ -422,6 +422,7 @@ fn turn(etcd: &EtcdCluster, prefix: &str, node: &str, version: &str, last: bool)
         node: node.into(),
         slots: 1,
         last,
+        resumed: false,
     }
 }
 

@@ -22,6 +22,9 @@ pub(super) fn in_turn(
         return upgrade(progress);
     };
     let service = &turn.service;
+    if turn.resumed {
+        return resumed(progress, turn, upgrade);
+    }
     let held = match turn.take() {
         Ok(Taken::Slot(held)) => {
             progress.step(&format!(
@@ -76,6 +79,40 @@ pub(super) fn in_turn(
             "{service}: could not record the rollout's end in etcd ({}); the slot frees itself when its lease expires",
             chain(&error)
         )),
+    }
+    result
+}
+
+/// An upgrade found in flight that resumes (it took its turn when it
+/// started): runs it without a slot, then records `done` (the node's last
+/// upgrade of the service) or `bad`.
+fn resumed(
+    progress: &mut Progress,
+    turn: &Turn,
+    upgrade: impl FnOnce(&mut Progress) -> Result<usize, ApplyError>,
+) -> Result<usize, ApplyError> {
+    let result = upgrade(progress);
+    let recorded = match &result {
+        Ok(_) if turn.last => Some((turn.record_done(), "done")),
+        Ok(_) => None,
+        Err(error) => version_failure(error).map(|reason| {
+            (
+                turn.record_bad(&reason),
+                "the version is marked bad: no other node starts it",
+            )
+        }),
+    };
+    let service = &turn.service;
+    match recorded {
+        Some((Ok(()), said)) => progress.step(&format!(
+            "{service}: rollout of version {} (resumed): {said}",
+            turn.version
+        )),
+        Some((Err(error), _)) => progress.step(&format!(
+            "{service}: could not record the rollout's end in etcd ({})",
+            chain(&error)
+        )),
+        None => {}
     }
     result
 }

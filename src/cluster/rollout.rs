@@ -163,6 +163,10 @@ pub struct Turn {
     /// it writes `done` and frees the slot (an earlier one keeps the slot
     /// for the next, which takes it over).
     pub last: bool,
+    /// An upgrade found in flight that resumes: it took its turn when it
+    /// started, so it takes no slot and only records `done` or `bad`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 /// What [`Turn::take`] found.
@@ -177,6 +181,34 @@ pub enum Taken {
 }
 
 impl Turn {
+    /// Records that this node upgraded to the version (`done`).
+    pub fn record_done(&self) -> Result<(), EtcdError> {
+        let etcd = Etcd::connect(&etcd_config(&self.etcd))?;
+        self.write_done(&etcd, &keys(&self.etcd))
+    }
+
+    /// Marks the version bad, with `reason`.
+    pub fn record_bad(&self, reason: &str) -> Result<(), EtcdError> {
+        let etcd = Etcd::connect(&etcd_config(&self.etcd))?;
+        self.write_bad(&etcd, &keys(&self.etcd), reason)
+    }
+
+    fn write_done(&self, etcd: &Etcd, keys: &Keys) -> Result<(), EtcdError> {
+        let key = keys.rollout_done(&self.service, &self.version, &self.node);
+        etcd.put(&key, &to_json(&DoneRecord { since: now() }), None)
+            .map(drop)
+    }
+
+    fn write_bad(&self, etcd: &Etcd, keys: &Keys, reason: &str) -> Result<(), EtcdError> {
+        let record = BadRecord {
+            node: self.node.clone(),
+            reason: reason.to_string(),
+            since: now(),
+        };
+        let key = keys.rollout_bad(&self.service, &self.version);
+        etcd.put(&key, &to_json(&record), None).map(drop)
+    }
+
     /// Takes a slot, atomically: grants a lease (the spec's `leaseTtl`,
     /// kept alive by a thread until the upgrade ends), then takes over a
     /// slot this node holds already (an earlier upgrade of the same apply,
@@ -291,12 +323,7 @@ impl Held {
         if !self.turn.last {
             return Ok(());
         }
-        let turn = &self.turn;
-        let key = self
-            .keys
-            .rollout_done(&turn.service, &turn.version, &turn.node);
-        self.etcd
-            .put(&key, &to_json(&DoneRecord { since: now() }), None)?;
+        self.turn.write_done(&self.etcd, &self.keys)?;
         self.etcd.revoke(self.lease)
     }
 
@@ -304,14 +331,7 @@ impl Held {
     /// (with `reason`) and frees the slot.
     pub fn bad(self, reason: &str) -> Result<(), EtcdError> {
         self.keeping.store(false, Ordering::SeqCst);
-        let turn = &self.turn;
-        let record = BadRecord {
-            node: turn.node.clone(),
-            reason: reason.to_string(),
-            since: now(),
-        };
-        let key = self.keys.rollout_bad(&turn.service, &turn.version);
-        self.etcd.put(&key, &to_json(&record), None)?;
+        self.turn.write_bad(&self.etcd, &self.keys, reason)?;
         self.etcd.revoke(self.lease)
     }
 

@@ -9,12 +9,12 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::Change;
 use super::operation::Operation;
+use super::{Change, Decision};
 use crate::cluster::rollout::Turn;
 use crate::desired::DesiredContainer;
 use crate::model::{Observed, RolloutDone, RolloutView};
-use crate::spec::{HumanDuration, Rollout, Service, Spec};
+use crate::spec::{Etcd, HumanDuration, Rollout, Service, Spec};
 
 /// A service's version as its rollout counts it: the hash of what makes
 /// its containers (image, command, environment, ports, digest), without a
@@ -56,8 +56,9 @@ pub(super) struct Gated {
 
 /// Gives each new routed upgrade of a service with `upgrade.rollout` its
 /// turn, or leaves it out of `changes` when the rollout says to wait or
-/// refuses its version. Upgrades found in flight are left as they are:
-/// they finish or roll back without a slot.
+/// refuses its version. An upgrade found in flight that resumes took its
+/// turn when it started: it takes no slot and only records `done` or
+/// `bad`; one that rolls back is left as it is.
 pub(super) fn gate(
     spec: &Spec,
     node: &str,
@@ -70,7 +71,7 @@ pub(super) fn gate(
     for mut change in changes {
         let Operation::UpgradeReplica {
             workload,
-            in_flight: None,
+            in_flight,
             rollout,
             ..
         } = &mut change.operation
@@ -83,6 +84,18 @@ pub(super) fn gate(
             continue;
         };
         let name = workload.service.name.value.clone();
+        if let Some(found) = in_flight {
+            if found.decision == Decision::Resume {
+                let version = rollout_version(&workload.container);
+                *rollout = spec.cluster.as_ref().map(|cluster| {
+                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, 0);
+                    turn.resumed = true;
+                    turn
+                });
+            }
+            kept.push(change);
+            continue;
+        }
         let verdict = match decided.iter().find(|(s, _)| *s == name) {
             Some((_, verdict)) => verdict.clone(),
             None => {
@@ -171,16 +184,7 @@ fn verdict(
         ));
     }
     let max = settings.max_parallel.value.max(1);
-    let turn = |slots: u32| {
-        Box::new(Turn {
-            etcd: cluster.etcd.value.clone(),
-            service: name.clone(),
-            version: version.to_string(),
-            node: node.to_string(),
-            slots,
-            last: false,
-        })
-    };
+    let turn = |slots: u32| new_turn(&cluster.etcd, node, name, version, slots);
     let slots: Vec<_> = view.slots.iter().filter(|s| s.service == *name).collect();
     if let Some(own) = slots.iter().find(|s| s.node == node) {
         return Verdict::Start {
@@ -254,6 +258,20 @@ fn verdict(
             done.len()
         ),
     }
+}
+
+/// `node`'s turn in the rollout of `service` to `version` from `slots`
+/// slots, in the etcd of `etcd`.
+fn new_turn(etcd: &Etcd, node: &str, service: &str, version: &str, slots: u32) -> Box<Turn> {
+    Box::new(Turn {
+        etcd: etcd.clone(),
+        service: service.to_string(),
+        version: version.to_string(),
+        node: node.to_string(),
+        slots,
+        last: false,
+        resumed: false,
+    })
 }
 
 /// `seconds` (since the Unix epoch) as a UTC time.
@@ -439,6 +457,32 @@ mod tests {
         view.slots.push(slot("web-1", &version));
         let plan = plan_with(Some(view));
         assert!(turn_of(&plan).is_some(), "{plan:#?}");
+    }
+
+    #[test]
+    fn an_upgrade_found_in_flight_resumes_without_a_slot_and_records_its_end() {
+        let spec = spec();
+        let desired = crate::desired::desired_node(&spec, "web-1");
+        let (_, container) = desired.services.into_iter().next().expect("api");
+        let mut observed = Observed {
+            rollouts: Some(RolloutView::default()),
+            ..handshake::running_old()
+        };
+        let mut next = observed.containers[0].clone();
+        next.name = "lessnat-api.web-1.next".into();
+        next.slot = crate::ownership::Slot::Next;
+        next.spec_hash = container.spec_hash();
+        next.address = Some("10.20.1.254".into());
+        observed.containers.push(next);
+        // Even with every slot held by another node.
+        if let Some(view) = observed.rollouts.as_mut() {
+            view.slots.push(slot("web-2", "other"));
+        }
+        let plan = crate::plan::plan(&spec, "web-1", &observed);
+        let turn = turn_of(&plan).expect("the resumed upgrade records its end");
+        assert!(turn.resumed && turn.last, "{turn:?}");
+        assert_eq!(turn.version, rollout_version(&container));
+        assert!(plan.rollouts.is_empty(), "{:?}", plan.rollouts);
     }
 
     #[test]

@@ -548,11 +548,17 @@ fn batch_change(node: &str, changes: Vec<Change>) -> Option<Change> {
         Operation::UpgradeReplica { load_balancers, .. } => load_balancers.clone(),
         _ => Vec::new(),
     };
-    // The batch takes the rollout turn its new upgrades were given.
-    let rollout = changes.iter().find_map(|c| match &c.operation {
-        Operation::UpgradeReplica { rollout, .. } => rollout.clone(),
-        _ => None,
-    });
+    // The batch takes the rollout turn its new upgrades were given (one
+    // that takes a slot before one of an upgrade found in flight).
+    let mut turns: Vec<_> = changes
+        .iter()
+        .filter_map(|c| match &c.operation {
+            Operation::UpgradeReplica { rollout, .. } => rollout.clone(),
+            _ => None,
+        })
+        .collect();
+    turns.sort_by_key(|t| t.resumed);
+    let rollout = turns.into_iter().next();
     let service = batch.first()?.workload.service.clone();
     let name = &service.name.value;
     let moves: Vec<Move> = batch
