@@ -29,13 +29,15 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lessnat::backend::etcd::{Etcd, KeyChange};
+use lessnat::backend::etcd::{CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT};
 use lessnat::cluster::keys::Keys;
 use serde_json::Value;
+use support::cluster_site::ClusterSite;
 use support::etcd::EtcdCluster;
 use support::image::test_image;
+use support::load::{Load, LoadConfig, Report};
 use support::process::Process;
-use support::topology::{Node, Replica, Service, Topology, finish_load, output_within, show};
+use support::topology::{Node, Replica, Service, Topology, output_within, show};
 
 /// The longest the test waits for anything that should take a second or
 /// two (a lease TTL of 2 s included).
@@ -66,11 +68,18 @@ struct RegistrationClock {
 }
 
 impl RegistrationClock {
-    fn start(etcd: Etcd, prefix: &str) -> RegistrationClock {
+    fn start(endpoints: Vec<String>, prefix: &str) -> RegistrationClock {
         let changes = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let keys = Keys::new(prefix);
         let key = keys.replica("web", VICTIM);
+        let etcd = Etcd::connect(&EtcdConfig {
+            endpoints,
+            tls: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            request_timeout: REQUEST_TIMEOUT,
+        })
+        .expect("etcd client");
         let (seen, stopped) = (Arc::clone(&changes), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
             let mut watch = None;
@@ -139,7 +148,7 @@ impl Cluster {
         let etcd = EtcdCluster::start(3);
         let site = Topology::new(2);
         let prefix = format!("/lessnat-test-{}", std::process::id());
-        let clock = RegistrationClock::start(etcd.client(), &prefix);
+        let clock = RegistrationClock::start(etcd.endpoints(), &prefix);
         let mut cluster = Cluster {
             etcd,
             site,
@@ -159,7 +168,12 @@ impl Cluster {
             .site
             .write_spec("spec", &[Service::new("web", image, replicas)]);
         let text = std::fs::read_to_string(&spec).expect("spec");
-        let text = self.etcd.with_cluster_block(&text, &self.prefix);
+        let block = format!(
+            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {}\n    leaseTtl: 2s\n",
+            self.etcd.endpoints().join(", "),
+            self.prefix
+        );
+        let text = text.replacen("version: 1\n", &format!("version: 1\n{block}"), 1);
         std::fs::write(&spec, text).expect("write spec");
         spec
     }
@@ -172,7 +186,7 @@ impl Cluster {
     /// Starts the agent of `node`, running every `interval` without events,
     /// and waits until it is ready.
     fn agent_every(&self, node: &Node, interval: &str) -> Process {
-        Topology::agent(node, &self.spec, interval)
+        ClusterSite::agent(node, &self.spec, interval)
     }
 
     /// `lessnat status --cluster --json` (from the first LB's view of the CLI).
@@ -428,7 +442,7 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         .collect();
     cluster.wait_registered(4, 2);
     let origin = Instant::now();
-    let loads = cluster.site.steady_load(BOUND);
+    let loads = start_load(&cluster.site);
     let cut = Instant::now();
     cluster.etcd.kill_all();
     for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
@@ -500,11 +514,43 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     cluster.wait_registered(4, 2);
-    finish_load(loads, origin, "outage", BOUND);
+    finish_load(loads, origin, "outage");
     // Converged: a replica paused now leaves the spreads as before.
     pause_and_unpause(&cluster, "pause after etcd came back");
     drop(workers);
     drop(lbs);
+}
+
+/// Load from both clients through the VIP (a request counts as failed
+/// after 1 s), running once each has had 50 answers.
+fn start_load(site: &Topology) -> Vec<Load> {
+    let loads = site.load(8, |config| LoadConfig {
+        io_timeout: Duration::from_secs(1),
+        ..config
+    });
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    loads
+}
+
+/// Stops `loads` after 100 more answers each, prints the report and
+/// asserts that no request failed through `what`.
+fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    let failed = report.failed();
+    eprintln!(
+        "load through the {what}: {}; failed: {}",
+        report.summary(origin),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed through the {what}: {failed:?}"
+    );
 }
 
 /// `lessnat status --json` on `lb`.
@@ -540,7 +586,7 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
     cluster.wait_registered(4, 2);
     wait_spreads(&cluster.site.lbs, VICTIM, true, Instant::now());
     let origin = Instant::now();
-    let loads = cluster.site.steady_load(BOUND);
+    let loads = start_load(&cluster.site);
     let started = Instant::now();
     cluster.write_spec(&test_image("v2"));
     // Both replicas move to their other addresses (.6), new version.
@@ -578,7 +624,7 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
             .collect::<Vec<_>>()
             .join("\n----\n")
     );
-    finish_load(loads, origin, "upgrade", BOUND);
+    finish_load(loads, origin, "upgrade");
     drop(workers);
     drop(lbs);
 }

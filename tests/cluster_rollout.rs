@@ -28,13 +28,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lessnat::backend::etcd::{Etcd, KeyChange, Snapshot};
+use lessnat::cluster::config::etcd_config;
 use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
-use lessnat::cluster::rollout::{Taken, Turn};
+use lessnat::cluster::rollout::{Held, Taken, Turn};
 use serde_json::Value;
+use support::cluster_site::{ClusterSite, load_through};
 use support::etcd::EtcdCluster;
 use support::image::test_image;
+use support::load::{Load, Report};
 use support::process::Process;
-use support::topology::{Node, Replica, Service, Topology, finish_load, output_within, show};
+use support::topology::{Node, Topology, output_within, show};
 
 /// The longest the test waits for something that takes a few seconds.
 const BOUND: Duration = Duration::from_secs(60);
@@ -42,48 +45,37 @@ const BOUND: Duration = Duration::from_secs(60);
 /// The canary's hold in the spec.
 const HOLD: Duration = Duration::from_secs(4);
 
-/// The site, its etcd and the spec's path.
+/// The site with etcd (`ClusterSite`, lease TTL 2 s) and the spec's path.
 struct Site {
-    etcd: EtcdCluster,
-    site: Topology,
+    cluster: ClusterSite,
     spec: PathBuf,
-    prefix: String,
 }
 
 impl Site {
     /// `None` (skipped) without root, the tools or Docker.
     fn new(test: &str) -> Option<Site> {
-        if !support::root_with(test, &["nft", "sysctl", "etcd"]) || !support::docker(test) {
-            return None;
-        }
+        let mut cluster = ClusterSite::new(test, 2, 2)?;
+        cluster.etcd.wait_healthy();
         let mut site = Site {
-            etcd: EtcdCluster::start(3),
-            site: Topology::new(2),
+            cluster,
             spec: PathBuf::new(),
-            prefix: format!("/lessnat-test-rollout-{}", std::process::id()),
         };
-        site.etcd.wait_healthy();
         site.spec = site.write_spec(&test_image("v1"), false);
-        site.site.apply_all(&site.spec);
+        site.cluster.site.apply_all(&site.spec);
         Some(site)
     }
 
     /// Writes the spec with the service's `image` (its health check failing
-    /// when `unhealthy`), a `cluster:` block (lease TTL 2 s) and a rollout
-    /// of one node at a time after one canary node; returns its path.
+    /// when `unhealthy`) and a rollout of one node at a time after one
+    /// canary node; returns its path.
     fn write_spec(&self, image: &str, unhealthy: bool) -> PathBuf {
-        let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
-        let spec = self
-            .site
-            .write_spec("spec", &[Service::new("web", image, replicas)]);
+        let spec = self.cluster.write_spec("spec", image, None);
         let text = std::fs::read_to_string(&spec).expect("spec");
         let rollout = format!(
             "      stopTimeout: 5s\n      rollout: {{ maxParallel: 1, canary: {{ nodes: 1, hold: {}s }} }}\n",
             HOLD.as_secs()
         );
-        let mut text = self
-            .etcd
-            .with_cluster_block(&text, &self.prefix)
+        let mut text = text
             .replacen("      stopTimeout: 5s\n", &rollout, 1)
             .replacen("startTimeout: 20s", "startTimeout: 6s", 1);
         if unhealthy {
@@ -96,7 +88,7 @@ impl Site {
 
     /// Waits until the rollout keys satisfy `done`; the last read.
     fn wait_rollouts(&self, what: &str, done: impl Fn(&Keys, &Snapshot) -> bool) -> Snapshot {
-        let (etcd, keys) = (self.etcd.client(), Keys::new(&self.prefix));
+        let (etcd, keys) = (self.cluster.client(), self.cluster.keys());
         let deadline = Instant::now() + BOUND;
         loop {
             if let Ok(read) = etcd.get_prefix(&keys.rollouts())
@@ -261,21 +253,20 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     let Some(site) = Site::new(test) else {
         return;
     };
-    let keys = Keys::new(&site.prefix);
-    let workers: Vec<Process> = site
-        .site
-        .workers
-        .iter()
-        .map(|w| Topology::agent(w, &site.spec, "1s"))
-        .collect();
-    let lbs: Vec<Process> = site
-        .site
-        .lbs
-        .iter()
-        .map(|lb| Topology::agent(lb, &site.spec, "60s"))
-        .collect();
+    let keys = site.cluster.keys();
+    let agents = |nodes: &[Node], interval: &str| -> Vec<Process> {
+        let agent = |node| ClusterSite::agent(node, &site.spec, interval);
+        nodes.iter().map(agent).collect()
+    };
+    let workers = agents(&site.cluster.site.workers, "1s");
+    let lbs = agents(&site.cluster.site.lbs, "60s");
     let origin = Instant::now();
-    let loads = site.site.steady_load(BOUND);
+    let loads: Vec<Load> = (0..2)
+        .map(|client| load_through(&site.cluster.site, client, 8))
+        .collect();
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
     let started = unix_now();
     let bad_image = test_image("v2");
     let good_image = test_image("v3");
@@ -298,9 +289,15 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         bad.reason
     );
     assert_eq!(count(&keys, &read, "done"), 0, "nobody is done with it");
-    let (canary, other) = match site.site.workers.iter().position(|w| w.name == bad.node) {
-        Some(0) => (&site.site.workers[0], &site.site.workers[1]),
-        Some(_) => (&site.site.workers[1], &site.site.workers[0]),
+    let (canary, other) = match site
+        .cluster
+        .site
+        .workers
+        .iter()
+        .position(|w| w.name == bad.node)
+    {
+        Some(0) => (&site.cluster.site.workers[0], &site.cluster.site.workers[1]),
+        Some(_) => (&site.cluster.site.workers[1], &site.cluster.site.workers[0]),
         None => panic!("{} is not a worker", bad.node),
     };
     assert!(bad.reason.contains("not healthy"), "{}", bad.reason);
@@ -327,7 +324,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     }
 
     // A good version: the canary first, the other after the hold.
-    let clock = RolloutClock::start(site.etcd.client(), keys.clone());
+    let clock = RolloutClock::start(site.cluster.client(), keys.clone());
     let good_at = Instant::now();
     site.write_spec(&good_image, false);
     site.wait_rollouts("both workers done with the good version", |keys, read| {
@@ -339,6 +336,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     );
     // Each worker's turn (when it took a slot, when it was done), in order.
     let mut turns: Vec<(&str, Taking)> = site
+        .cluster
         .site
         .workers
         .iter()
@@ -368,7 +366,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         created_from(&bad_image, started, &[other]).is_empty(),
         "the other worker created a container of the bad version"
     );
-    for worker in &site.site.workers {
+    for worker in &site.cluster.site.workers {
         let found = images(worker);
         assert_eq!(found.len(), 1, "{}: {found:?}", worker.name);
         assert_eq!(found[0].1, good_image, "{}: {found:?}", worker.name);
@@ -376,7 +374,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
 
     // `status --cluster` shows the rollout.
     let mut command = Topology::lessnat(
-        &site.site.lbs[0],
+        &site.cluster.site.lbs[0],
         &["status", "--cluster", "--json", "--spec"],
     );
     command.arg(&site.spec);
@@ -395,7 +393,10 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     let (version, nodes) = done[0];
     assert_eq!(nodes, &serde_json::json!([first, second]), "{rollout:#}");
 
-    let mut command = Topology::lessnat(&site.site.lbs[0], &["status", "--cluster", "--spec"]);
+    let mut command = Topology::lessnat(
+        &site.cluster.site.lbs[0],
+        &["status", "--cluster", "--spec"],
+    );
     command.arg(&site.spec);
     let text = show(&output_within(command, BOUND));
     eprintln!("{text}");
@@ -405,7 +406,12 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         text.contains("rollout      web") && text.contains(&marked) && text.contains(&both),
         "{text}"
     );
-    finish_load(loads, origin, "rollouts", BOUND);
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    eprintln!("load through the rollouts: {}", report.summary(origin));
+    assert!(report.failed().is_empty(), "{:?}", report.failed());
     drop(clock);
     for agent in workers.into_iter().chain(lbs) {
         let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
@@ -423,6 +429,14 @@ fn turn(etcd: &EtcdCluster, prefix: &str, node: &str, version: &str, last: bool)
         slots: 1,
         last,
         resumed: false,
+    }
+}
+
+/// The slot `turn` takes (it must get one).
+fn slot(turn: Turn) -> Box<Held> {
+    match turn.take() {
+        Ok(Taken::Slot(held)) => held,
+        other => panic!("{} got no slot: {other:?}", turn.node),
     }
 }
 
@@ -448,7 +462,8 @@ fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
     let mut cluster = EtcdCluster::start(3);
     cluster.wait_healthy();
     let prefix = format!("/lessnat-test-slots-{}", std::process::id());
-    let (etcd, keys) = (cluster.client(), Keys::new(&prefix));
+    let etcd = Etcd::connect(&etcd_config(&cluster.etcd_spec(&prefix))).expect("client");
+    let keys = Keys::new(&prefix);
 
     // Three at once: one slot, two told it is taken.
     let barrier = std::sync::Barrier::new(3);
@@ -483,12 +498,7 @@ fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
     assert_eq!(done.entries.len(), 1, "done is written");
 
     // A failed upgrade marks the version bad: nobody gets a slot for it.
-    let Taken::Slot(second) = turn(&cluster, &prefix, "web-2", "v3", true)
-        .take()
-        .expect("take")
-    else {
-        panic!("the slot is free");
-    };
+    let second = slot(turn(&cluster, &prefix, "web-2", "v3", true));
     second.bad("not healthy").expect("bad");
     assert_eq!(holder(&etcd, &keys), None, "bad frees the slot");
     match turn(&cluster, &prefix, "web-3", "v3", true).take() {
@@ -498,24 +508,14 @@ fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
 
     // A node's first batch keeps the slot for its next one, which takes
     // it over; another node meanwhile finds it taken.
-    let Taken::Slot(batch) = turn(&cluster, &prefix, "web-1", "v4", false)
-        .take()
-        .expect("take")
-    else {
-        panic!("the slot is free");
-    };
+    let batch = slot(turn(&cluster, &prefix, "web-1", "v4", false));
     batch.done().expect("not the last batch");
     assert_eq!(holder(&etcd, &keys).as_deref(), Some("web-1"));
     assert!(matches!(
         turn(&cluster, &prefix, "web-2", "v4", true).take(),
         Ok(Taken::Full(_))
     ));
-    let Taken::Slot(again) = turn(&cluster, &prefix, "web-1", "v4", false)
-        .take()
-        .expect("take")
-    else {
-        panic!("web-1 takes its own slot over");
-    };
+    let again = slot(turn(&cluster, &prefix, "web-1", "v4", false));
     // Not kept alive any more (as when its apply dies): it frees itself.
     again.done().expect("not the last batch");
     let deadline = Instant::now() + Duration::from_secs(10);

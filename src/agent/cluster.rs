@@ -9,10 +9,12 @@
 //!   runs) and probes each routed replica with the service's check, and
 //!   registers it with that health. On a clean stop it revokes the lease,
 //!   so everything it registered goes at once.
-//! - watch (load-balancer nodes): reads the replica registrations, then
+//! - watch (load-balancer nodes): reads the replica registrations, the
+//!   upgrades in flight and their acknowledgements (the whole prefix), then
 //!   watches them, keeping [`ClusterShared::view`] current and waking the
-//!   agent ([`Trigger::Cluster`]) on every change, so the run that follows
-//!   moves the spreads. When etcd cannot be read the view says so and the
+//!   agent ([`Trigger::Cluster`]) on every change of them, so the run that
+//!   follows moves the spreads (and acknowledges switches it has not yet
+//!   acknowledged). When etcd cannot be read the view says so and the
 //!   planner follows the node's own probes.
 //!
 //! Neither is in the data path: with etcd gone, runs go on and the tables
@@ -445,6 +447,10 @@ fn watch(shared: &ClusterShared, waker: &Waker, stop: &AtomicBool) {
         match current.watch.next(WATCH_WAIT) {
             Ok(None) => {}
             Ok(Some((revision, changes))) => {
+                let changes: Vec<KeyChange> = changes
+                    .into_iter()
+                    .filter(|c| view::concerns(&current.keys, c))
+                    .collect();
                 if changes.is_empty() {
                     continue;
                 }
@@ -463,12 +469,12 @@ fn watch(shared: &ClusterShared, waker: &Waker, stop: &AtomicBool) {
     }
 }
 
-/// Reads the registrations of `cluster` and watches them from there.
+/// Reads the view of `cluster` and watches it from there.
 fn start_watch(cluster: &Cluster) -> Result<Watching, EtcdError> {
     let etcd = Etcd::connect(&etcd_config(&cluster.etcd))?;
     let keys = keys(&cluster.etcd);
     let view = view::read(&etcd, &keys)?;
-    let watch = etcd.watch_prefix(&keys.replicas(), view.revision + 1)?;
+    let watch = etcd.watch_prefix(&view::watched(&keys), view.revision + 1)?;
     Ok(Watching {
         cluster: cluster.clone(),
         keys,
@@ -478,32 +484,54 @@ fn start_watch(cluster: &Cluster) -> Result<Watching, EtcdError> {
 }
 
 /// Makes `view` the one runs plan with; whether it differs from the last
-/// one in what the planner reads (reachability and registrations).
+/// one in what the planner reads (reachability, registrations, upgrades
+/// and acknowledgements).
 fn publish(shared: &ClusterShared, cluster: &Cluster, view: &ClusterView) -> bool {
     let mut current = lock(&shared.view);
     let changed = current.as_ref().is_none_or(|(c, v)| {
-        c != cluster || v.is_current() != view.is_current() || v.replicas != view.replicas
+        c != cluster
+            || v.is_current() != view.is_current()
+            || v.replicas != view.replicas
+            || v.upgrades != view.upgrades
+            || v.acks != view.acks
     });
     *current = Some((cluster.clone(), view.clone()));
     changed
 }
 
-/// What changed, for people: `api 10.20.1.5 registered`, `… left`.
+/// What changed, for people: `api 10.20.1.5 registered healthy`, `api
+/// 10.20.1.5 deregistered`, `api 10.20.1.5 upgrade published`, `api
+/// 10.20.1.5 acknowledged by lb-1`.
 fn describe(keys: &Keys, changes: &[KeyChange]) -> String {
     let said: Vec<String> = changes
         .iter()
-        .filter_map(|change| match change {
-            KeyChange::Put(entry) => {
-                let (service, address) = keys.replica_of(&entry.key)?;
-                let health = serde_json::from_slice::<ReplicaRecord>(&entry.value)
-                    .map(|r| if r.healthy { "healthy" } else { "unhealthy" })
-                    .unwrap_or("unreadable");
-                Some(format!("{service} {address} registered {health}"))
+        .filter_map(|change| {
+            let (key, put) = match change {
+                KeyChange::Put(entry) => (entry.key.as_str(), Some(&entry.value)),
+                KeyChange::Delete { key, .. } => (key.as_str(), None),
+            };
+            if let Some((service, address)) = keys.replica_of(key) {
+                let what = match put {
+                    Some(value) => match serde_json::from_slice::<ReplicaRecord>(value) {
+                        Ok(r) if r.healthy => "registered healthy",
+                        Ok(_) => "registered unhealthy",
+                        Err(_) => "registered unreadable",
+                    },
+                    None => "deregistered",
+                };
+                return Some(format!("{service} {address} {what}"));
             }
-            KeyChange::Delete { key, .. } => {
-                let (service, address) = keys.replica_of(key)?;
-                Some(format!("{service} {address} deregistered"))
+            if let Some((service, from)) = keys.upgrade_of(key) {
+                let what = if put.is_some() { "published" } else { "ended" };
+                return Some(format!("{service} {from} upgrade {what}"));
             }
+            let (service, from, node) = keys.ack_of(key)?;
+            let what = if put.is_some() {
+                "acknowledged by"
+            } else {
+                "acknowledgement deleted of"
+            };
+            Some(format!("{service} {from} {what} {node}"))
         })
         .collect();
     format!("registrations changed: {}", said.join(", "))

@@ -181,6 +181,9 @@ impl Agent {
             reconciler
                 .catch_signals()
                 .map_err(|error| AgentError::Session(Box::new(error)))?;
+            // Reconcile runs plan with the watch's view, as `-f` runs do.
+            let views = Arc::clone(&cluster);
+            reconciler.use_cluster_views(Box::new(move |spec| views.view(spec)));
         }
         let state = AgentState::new(settings.source.describe(), settings.interval.as_secs_f64());
         let agent = Agent {

@@ -239,6 +239,18 @@ pub fn apply_change(
             routed::forget_unanswered(ctx, progress, unanswered)?;
             routed::report_drained(ctx, progress, switches)?;
         }
+        Operation::Acknowledge {
+            service,
+            worker,
+            from,
+            to,
+            ack,
+        } => {
+            progress.step(&format!(
+                "{address}: {worker}'s upgrade of {service} waits for this node's acknowledgement"
+            ));
+            routed::acknowledge(progress, service, *from, *to, ack);
+        }
         Operation::DeleteTable => {
             progress.step(&format!("{address}: deleting lessnat's table"));
             ctx.host.delete_table()?;

@@ -23,7 +23,7 @@ use super::{ApplyError, Context, container_spec};
 use crate::backend::conntrack::FlowTo;
 use crate::backend::etcd::EtcdError;
 use crate::backend::veth::Wiring;
-use crate::cluster::handshake::{Handshake, Published};
+use crate::cluster::handshake::{Handshake, Published, SwitchAck};
 use crate::desired::DesiredContainer;
 use crate::error::chain;
 use crate::journal::{CanaryRecord, UpgradeRecord, now};
@@ -45,22 +45,8 @@ pub(super) fn report_drained(
     // The table is live: acknowledge every switch first (workers wait for
     // these), then wait for this node's own connections.
     for switch in switches {
-        let Some(ack) = &switch.ack else {
-            continue;
-        };
-        match ack.acknowledge(&switch.service, switch.from, switch.to) {
-            Ok(()) => progress.step(&format!(
-                "{}: acknowledged in etcd: this node sends new connections to {} ({})",
-                switch.service,
-                switch.to,
-                short_version(&ack.version)
-            )),
-            Err(error) => progress.step(&format!(
-                "{}: could not acknowledge the switch to {} in etcd ({}); the worker goes on once this node's lease expires, or rolls back after drainTimeout",
-                switch.service,
-                switch.to,
-                chain(&error)
-            )),
+        if let Some(ack) = &switch.ack {
+            acknowledge(progress, &switch.service, switch.from, switch.to, ack);
         }
     }
     for switch in switches {
@@ -87,6 +73,29 @@ pub(super) fn report_drained(
         }
     }
     Ok(())
+}
+
+/// On a load-balancer node whose table sends `service`'s new connections
+/// from `from` to `to`: writes `ack` in etcd and says so. A write that
+/// fails is said, not an error: serving does not depend on etcd, and a
+/// later run acknowledges again while the upgrade is in flight.
+pub(super) fn acknowledge(
+    progress: &mut Progress,
+    service: &str,
+    from: IpAddr,
+    to: IpAddr,
+    ack: &SwitchAck,
+) {
+    match ack.acknowledge(service, from, to) {
+        Ok(()) => progress.step(&format!(
+            "{service}: acknowledged in etcd: this node sends new connections to {to} ({})",
+            short_version(&ack.version)
+        )),
+        Err(error) => progress.step(&format!(
+            "{service}: could not acknowledge the switch to {to} in etcd ({}); a later run acknowledges it while the upgrade is in flight, else the worker goes on once this node's lease expires, or rolls back after drainTimeout",
+            chain(&error)
+        )),
+    }
 }
 
 /// On a load-balancer node, after a table change that left replicas out of

@@ -6,7 +6,6 @@
 //! | --- | --- | --- | --- |
 //! | `{prefix}/nodes/{node}` | [`NodeRecord`] | every node's agent | the node's |
 //! | `{prefix}/replicas/{service}/{address}` | [`ReplicaRecord`] | the worker running it | the node's |
-//!
 //! | `{prefix}/upgrades/{service}/{from}` | [`UpgradeRecord`] | the upgrading worker's apply | its own |
 //! | `{prefix}/acks/{service}/{from}/{node}` | [`AckRecord`] | load-balancer node `node`'s apply | none (the worker deletes them) |
 //! | `{prefix}/rollouts/{service}/slots/{n}` | [`SlotRecord`] | the upgrading worker's apply (`n` < `rollout.maxParallel`) | its own |
@@ -96,6 +95,23 @@ impl Keys {
     /// `service`'s replica away from `from`.
     pub fn ack(&self, service: &str, from: &str, node: &str) -> String {
         format!("{}{node}", self.acks_of(service, from))
+    }
+
+    /// The service and old address a key of [`Keys::upgrade`] names.
+    pub fn upgrade_of<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        let rest = key.strip_prefix(&self.upgrades())?;
+        let (service, from) = rest.split_once('/')?;
+        (!service.is_empty() && !from.is_empty() && !from.contains('/')).then_some((service, from))
+    }
+
+    /// The service, old address and load-balancer node a key of
+    /// [`Keys::ack`] names.
+    pub fn ack_of<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str, &'k str)> {
+        let rest = key.strip_prefix(&self.acks())?;
+        let mut parts = rest.split('/');
+        let (service, from, node) = (parts.next()?, parts.next()?, parts.next()?);
+        let named = [service, from, node].iter().all(|p| !p.is_empty());
+        (named && parts.next().is_none()).then_some((service, from, node))
     }
 
     // Fleet rollouts (`docs/cluster.md`, "Rollouts").
@@ -348,6 +364,16 @@ mod tests {
         assert_eq!(keys.rollout_of("/sites/paris/rollouts/api/slots/x"), None);
         assert_eq!(keys.rollout_of("/sites/paris/rollouts/api//bad"), None);
         assert_eq!(keys.replica_of("/sites/lyon/replicas/api/10.20.1.5"), None);
+        assert_eq!(
+            keys.upgrade_of(&keys.upgrade("api", "10.20.1.5")),
+            Some(("api", "10.20.1.5"))
+        );
+        assert_eq!(
+            keys.ack_of(&keys.ack("api", "10.20.1.5", "lb-1")),
+            Some(("api", "10.20.1.5", "lb-1"))
+        );
+        assert_eq!(keys.ack_of("/sites/paris/acks/api/10.20.1.5/"), None);
+        assert_eq!(keys.upgrade_of("/sites/paris/upgrades/api"), None);
     }
 
     #[test]

@@ -156,30 +156,35 @@ impl Registrar {
     pub fn step(&mut self, wanted: &Wanted) -> Result<bool, EtcdError> {
         let renew_every = self.ttl / 3;
         let mut answered = false;
-        match &mut self.lease {
-            Some(kept) if kept.renewed.elapsed() >= renew_every => match kept.keeper.renew() {
+        let mut expired = false;
+        if let Some(kept) = self.lease.as_mut()
+            && kept.renewed.elapsed() >= renew_every
+        {
+            match kept.keeper.renew() {
                 Ok(_) => {
                     kept.renewed = Instant::now();
                     answered = true;
                 }
+                Err(EtcdError::LeaseGone { .. }) => expired = true,
                 Err(error) => {
-                    if matches!(error, EtcdError::LeaseGone { .. }) {
-                        self.lease = None;
-                        self.published.clear();
-                    } else {
-                        // The stream may have broken with its member: keep alive anew.
-                        let lease = kept.keeper.lease();
-                        match self.etcd.keep_alive(lease) {
-                            Ok(keeper) => {
-                                kept.keeper = keeper;
-                                answered = true;
-                            }
-                            Err(_) => return Err(error),
-                        }
+                    // The stream may have broken with its member: keep
+                    // alive anew, unless the lease expired meanwhile (this
+                    // node was cut off for longer than its TTL; keeping it
+                    // alive would fail for ever): then grant another and
+                    // write everything again.
+                    let lease = kept.keeper.lease();
+                    match self.etcd.lease_left(lease) {
+                        Ok(Some(_)) => kept.keeper = self.etcd.keep_alive(lease)?,
+                        Ok(None) => expired = true,
+                        Err(_) => return Err(error),
                     }
+                    answered = true;
                 }
-            },
-            _ => {}
+            }
+        }
+        if expired {
+            self.lease = None;
+            self.published.clear();
         }
         let (lease, since) = match &self.lease {
             Some(kept) => (kept.keeper.lease(), kept.granted_unix),

@@ -1,7 +1,10 @@
 //! `lessnat status --cluster`: the site as etcd holds it now — every
 //! registered node (roles, commit, agent version, its lease's age and time
-//! left) with its replicas and their health, and the keys of upgrades in
-//! flight and rollout slots (`{prefix}/upgrades/`, `{prefix}/rollouts/`).
+//! left) with its replicas and their health, the upgrades in flight with
+//! the live load-balancer nodes that acknowledged them and those still to
+//! (`{prefix}/upgrades/`, `{prefix}/acks/`), and each service's fleet
+//! rollout: slot holders, nodes done per version, versions marked bad
+//! (`{prefix}/rollouts/`).
 //! One read of the whole prefix and one lease look-up per node, each within
 //! the backend's timeouts.
 
@@ -13,7 +16,7 @@ use crate::backend::etcd::{Etcd, EtcdError};
 use crate::spec::Cluster;
 
 use super::config::{etcd_config, keys};
-use super::keys::{NodeRecord, ReplicaRecord};
+use super::keys::{AckRecord, Keys, NodeRecord, ReplicaRecord, Role, UpgradeRecord};
 use super::rollout::{ServiceRollout, by_service, view_of};
 use super::view::now;
 
@@ -29,8 +32,8 @@ pub struct ClusterStatus {
     /// Replicas registered by a node whose own record is missing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub orphans: Vec<ReplicaStatus>,
-    /// Upgrades in flight (`{prefix}/upgrades/…`), as stored.
-    pub upgrades: Vec<RawKey>,
+    /// Upgrades in flight (`{prefix}/upgrades/…`) and their acknowledgements.
+    pub upgrades: Vec<UpgradeStatus>,
     /// Fleet rollouts (`{prefix}/rollouts/…`), by service: who holds the
     /// slots, who is done with which version, which versions are bad.
     pub rollouts: Vec<ServiceRollout>,
@@ -68,13 +71,26 @@ pub struct ReplicaStatus {
     pub record: ReplicaRecord,
 }
 
-/// A key shown as stored (JSON when it parses, else text).
+/// A worker's routed upgrade in flight and where its handshake stands.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RawKey {
-    /// The key below the prefix.
-    pub key: String,
-    /// The value.
-    pub value: serde_json::Value,
+pub struct UpgradeStatus {
+    /// The service.
+    pub service: String,
+    /// The upgrading worker.
+    pub worker: String,
+    /// The replica's old address.
+    pub from: String,
+    /// The next version's address.
+    pub to: String,
+    /// The next version (its container's spec hash).
+    pub version: String,
+    /// When it was published (seconds since the Unix epoch).
+    pub since: u64,
+    /// Live load-balancer nodes that acknowledged this switch (its `to` and `version`).
+    pub acknowledged: Vec<String>,
+    /// Live load-balancer nodes still to acknowledge it (none, or another
+    /// address or version, acknowledged).
+    pub pending: Vec<String>,
 }
 
 impl ClusterStatus {
@@ -87,8 +103,8 @@ impl ClusterStatus {
         let mut nodes = BTreeMap::new();
         let mut replicas: Vec<ReplicaStatus> = Vec::new();
         let mut upgrades = Vec::new();
+        let mut acks = Vec::new();
         for entry in &snapshot.entries {
-            let below = entry.key.strip_prefix(&prefix).unwrap_or(&entry.key);
             if let Some(node) = keys.node_of(&entry.key) {
                 if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
                     nodes.insert(node.to_string(), (record, entry.lease));
@@ -101,11 +117,28 @@ impl ClusterStatus {
                         record,
                     });
                 }
-            } else if below.starts_with("upgrades/") {
-                upgrades.push(raw(below, &entry.value));
+            } else if let Some((service, from)) = keys.upgrade_of(&entry.key) {
+                if let Ok(record) = serde_json::from_slice::<UpgradeRecord>(&entry.value) {
+                    upgrades.push((service.to_string(), from.to_string(), record));
+                }
+            } else if keys.ack_of(&entry.key).is_some()
+                && let Ok(record) = serde_json::from_slice::<AckRecord>(&entry.value)
+            {
+                acks.push((entry.key.clone(), record));
             }
         }
         let now = now();
+        let balancers: Vec<&str> = nodes
+            .iter()
+            .filter(|(_, (record, _))| record.roles.contains(&Role::LoadBalancer))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let upgrades = upgrades
+            .into_iter()
+            .map(|(service, from, record)| {
+                handshake(&keys, &balancers, &acks, service, from, record)
+            })
+            .collect();
         let mut listed = BTreeSet::new();
         let mut statuses = Vec::new();
         for (name, (record, lease)) in nodes {
@@ -141,10 +174,30 @@ impl ClusterStatus {
     }
 }
 
-fn raw(key: &str, value: &[u8]) -> RawKey {
-    RawKey {
-        key: key.to_string(),
-        value: serde_json::from_slice(value)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into())),
+/// The upgrade of `service`'s replica at `from` and where its handshake
+/// stands with the live `balancers`, from the acknowledgements (`acks`, by key).
+fn handshake(
+    keys: &Keys,
+    balancers: &[&str],
+    acks: &[(String, AckRecord)],
+    service: String,
+    from: String,
+    record: UpgradeRecord,
+) -> UpgradeStatus {
+    let (acknowledged, pending) = balancers.iter().partition::<Vec<&str>, _>(|node| {
+        let key = keys.ack(&service, &from, node);
+        acks.iter()
+            .any(|(k, ack)| *k == key && ack.to == record.to && ack.version == record.version)
+    });
+    let names = |list: Vec<&str>| list.into_iter().map(str::to_string).collect();
+    UpgradeStatus {
+        service,
+        worker: record.node,
+        from,
+        to: record.to,
+        version: record.version,
+        since: record.since,
+        acknowledged: names(acknowledged),
+        pending: names(pending),
     }
 }

@@ -20,10 +20,11 @@ use super::suspend::SuspendFile;
 use crate::apply::ApplyError;
 use crate::error::chain;
 use crate::lock::LockError;
+use crate::model::ClusterView;
 use crate::plan::{Action, Change, Decision, Resource, Summary, plan};
 use crate::report::{Report, Reporter};
 use crate::session::{self, Planned, Session, SessionError};
-use crate::spec::load_bytes;
+use crate::spec::{Spec, load_bytes};
 use crate::style::Style;
 
 /// The mirror's directory name inside the state directory.
@@ -84,7 +85,12 @@ pub struct Reconciler {
     session: Session,
     clock: Arc<Mutex<UpgradeClock>>,
     events: Events,
+    cluster_views: Option<ClusterViews>,
 }
+
+/// What the etcd view a run of a spec plans with comes from, when someone
+/// keeps one (the agent's watch); `None` from it: the run reads etcd once.
+pub type ClusterViews = Box<dyn Fn(&Spec) -> Option<ClusterView> + Send>;
 
 /// Passes the session's reports on to people, and notes how long each staged
 /// upgrade took and each rollback, for the record and the `applied` event.
@@ -176,7 +182,15 @@ impl Reconciler {
             session: Session::new(session, Box::new(Arc::clone(&clock))),
             clock,
             events,
+            cluster_views: None,
         }
+    }
+
+    /// From now on runs plan with the etcd view `views` gives for their
+    /// spec (the agent's watch keeps it current), instead of reading etcd
+    /// once per run.
+    pub fn use_cluster_views(&mut self, views: ClusterViews) {
+        self.cluster_views = Some(views);
     }
 
     /// From now on SIGINT and SIGTERM stop a fetch, roll back an upgrade
@@ -505,7 +519,11 @@ impl Reconciler {
             .map_err(|e| Failure::new(Stage::Spec, &e))?;
         notes.node = Some(node.clone());
 
-        let planned = self.session.plan(spec, node).map_err(failure)?;
+        let view = self.cluster_views.as_ref().and_then(|views| views(&spec));
+        let planned = self
+            .session
+            .plan_with_cluster(spec, node, None, view)
+            .map_err(failure)?;
         let plan = &planned.plan;
         notes.planned = Some(plan.summary());
         notes.drift = Some(plan.changes.len());

@@ -18,7 +18,7 @@ use super::suspend::{SuspendError, SuspendFile, Suspension};
 use crate::agent::state::{AgentState, StateError, StateFile};
 use crate::cluster::keys::{ReplicaSlot, Role};
 use crate::cluster::rollout::ServiceRollout;
-use crate::cluster::status::{ClusterStatus, ReplicaStatus};
+use crate::cluster::status::{ClusterStatus, ReplicaStatus, UpgradeStatus};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
 use crate::lock::{AGENT_LOCK_FILE, holder};
 use crate::plan::Summary;
@@ -396,13 +396,7 @@ pub fn render_cluster(status: &ClusterStatus, style: Style) -> String {
         }
     }
     out.push('\n');
-    let name = "upgrades";
-    if status.upgrades.is_empty() {
-        let _ = writeln!(out, "  {name:<12} none");
-    }
-    for key in &status.upgrades {
-        let _ = writeln!(out, "  {name:<12} {} = {}", key.key, key.value);
-    }
+    out.push_str(&render_upgrades(&status.upgrades));
     out.push_str(&render_rollouts(&status.rollouts, style));
     out
 }
@@ -414,13 +408,10 @@ fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
     if rollouts.is_empty() {
         let _ = writeln!(out, "  {:<12} none", "rollouts");
     }
+    let at = |since: u64| Timestamp(UNIX_EPOCH + Duration::from_secs(since));
     for rollout in rollouts {
-        let _ = writeln!(
-            out,
-            "  {:<12} {}",
-            "rollout",
-            style.paint("1", &rollout.service)
-        );
+        let service = style.paint("1", &rollout.service);
+        let _ = writeln!(out, "  {:<12} {service}", "rollout");
         if rollout.slots.is_empty() {
             let _ = writeln!(out, "    {:<10} none held", "slots");
         }
@@ -432,7 +423,7 @@ fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
                 slot.slot,
                 slot.node,
                 slot.version,
-                utc(slot.since)
+                at(slot.since)
             );
         }
         for (version, nodes) in &rollout.done {
@@ -445,7 +436,7 @@ fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
                 "bad",
                 style.paint("1;31", &bad.version),
                 bad.node,
-                utc(bad.since),
+                at(bad.since),
                 bad.reason
             );
         }
@@ -453,9 +444,34 @@ fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
     out
 }
 
-/// `seconds` since the Unix epoch as a UTC time.
-fn utc(seconds: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
+/// The upgrades in flight of `status --cluster`, one line each: the
+/// replica's move, its version, since when, and which live load-balancer
+/// nodes acknowledged it and which are still to.
+fn render_upgrades(upgrades: &[UpgradeStatus]) -> String {
+    let name = "upgrades";
+    if upgrades.is_empty() {
+        return format!("  {name:<12} none\n");
+    }
+    let list = |names: &[String]| match names {
+        [] => "none".to_string(),
+        names => names.join(", "),
+    };
+    let mut out = String::new();
+    for upgrade in upgrades {
+        let _ = writeln!(
+            out,
+            "  {name:<12} {} on {}: {} -> {}, version {}, since {}; acknowledged by {}; pending: {}",
+            upgrade.service,
+            upgrade.worker,
+            upgrade.from,
+            upgrade.to,
+            short_hash(&upgrade.version),
+            Timestamp(UNIX_EPOCH + Duration::from_secs(upgrade.since)),
+            list(&upgrade.acknowledged),
+            list(&upgrade.pending)
+        );
+    }
+    out
 }
 
 fn replica_line(replica: &ReplicaStatus, style: Style) -> String {

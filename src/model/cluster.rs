@@ -21,6 +21,13 @@ pub struct ClusterView {
     /// Every registered replica, by service and address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<Registration>,
+    /// Routed upgrades in flight (`{prefix}/upgrades/`), by service and old address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<UpgradeInFlight>,
+    /// Load-balancer nodes' acknowledgements of their switches
+    /// (`{prefix}/acks/`), by service, old address and node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acks: Vec<Acknowledgement>,
 }
 
 impl ClusterView {
@@ -58,4 +65,39 @@ pub struct Registration {
     pub next: bool,
     /// Whether the worker's own health check passes.
     pub healthy: bool,
+}
+
+/// A worker's routed upgrade whose next version is ready, as published.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeInFlight {
+    /// The service.
+    pub service: String,
+    /// The replica's old address: new connections leave it.
+    pub from: String,
+    /// The worker.
+    pub node: String,
+    /// The next version's address: new connections go there.
+    pub to: String,
+    /// The next version: its container's spec hash.
+    pub version: String,
+    /// When it was published (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// A load-balancer node's acknowledgement that its table sends a replica's
+/// new connections to `to`, at `version`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acknowledgement {
+    /// The service.
+    pub service: String,
+    /// The replica's old address.
+    pub from: String,
+    /// The load-balancer node.
+    pub node: String,
+    /// Where its new connections go.
+    pub to: String,
+    /// The version registered at `to` when its table was planned.
+    pub version: String,
 }

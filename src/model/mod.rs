@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use cluster::{ClusterView, Registration};
+pub use cluster::{Acknowledgement, ClusterView, Registration, UpgradeInFlight};
 pub use rollout::{RolloutBad, RolloutDone, RolloutSlot, RolloutView};
 
 use crate::ownership::Slot;
@@ -66,8 +66,9 @@ pub struct Observed {
     /// fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probed_at: Option<u64>,
-    /// With the spec's `cluster:`: the replicas registered in etcd, or why
-    /// etcd could not be read. Not part of the fingerprint.
+    /// With the spec's `cluster:`: the replicas registered in etcd, the
+    /// upgrades in flight and their acknowledgements, or why etcd could not
+    /// be read. Not part of the fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
     /// With a service of the node's that has `upgrade.rollout`: the site's

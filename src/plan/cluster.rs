@@ -3,9 +3,14 @@
 //! the registrations (a replica registered healthy at an address answers
 //! there; any other address of the service does not); otherwise, and when
 //! etcd could not be read, from the node's own probes, as without a cluster.
+//! And the acknowledgements of upgrades in flight that such a node owes.
 
 use std::net::IpAddr;
 
+use super::operation::{Operation, Switch};
+use super::{Action, Change, FieldChange, Resource};
+use crate::cluster::handshake::SwitchAck;
+use crate::desired::routed::ReplicaAddresses;
 use crate::model::{ClusterView, Observed};
 use crate::spec::Spec;
 
@@ -77,4 +82,110 @@ impl<'a> Answers<'a> {
                 .map(|p| p.healthy),
         }
     }
+}
+
+/// Where a load-balancer node's planned table sends one replica's new
+/// connections: the service, the replica's two addresses, the one chosen.
+pub(super) struct Sends<'a> {
+    /// The service.
+    pub service: &'a str,
+    /// The replica's addresses.
+    pub pair: ReplicaAddresses,
+    /// Where its new connections go.
+    pub to: IpAddr,
+}
+
+/// With the spec's `cluster:` and a current view, on load-balancer node
+/// `balancer`: an acknowledgement of every upgrade in flight whose switch
+/// the planned table makes (`sends`: new connections go to its `to`, where
+/// its version is registered healthy) and whose acknowledgement from this
+/// node is missing or of another address or version; on any run, not only
+/// the one that switches. `switches` acknowledge theirs already.
+pub(super) fn owed_acknowledgements(
+    spec: &Spec,
+    balancer: &str,
+    source: &Answers,
+    sends: &[Sends],
+    switches: &[Switch],
+) -> Vec<Change> {
+    let (Some(cluster), Answers::Registered(view)) = (spec.cluster.as_ref(), source) else {
+        return Vec::new();
+    };
+    let mut owed = Vec::new();
+    for upgrade in &view.upgrades {
+        let (Ok(from), Ok(to)) = (upgrade.from.parse::<IpAddr>(), upgrade.to.parse::<IpAddr>())
+        else {
+            continue;
+        };
+        let switched = sends.iter().any(|s| {
+            s.service == upgrade.service
+                && s.pair.contains(from)
+                && s.pair.contains(to)
+                && s.to == to
+        });
+        let registered = view.replicas.iter().any(|r| {
+            r.service == upgrade.service
+                && r.address == upgrade.to
+                && r.healthy
+                && r.version == upgrade.version
+        });
+        let by_switch = switches.iter().any(|s| {
+            s.service == upgrade.service && s.from == from && s.to == to && s.ack.is_some()
+        });
+        let found = view
+            .acks
+            .iter()
+            .find(|a| a.service == upgrade.service && a.from == upgrade.from && a.node == balancer);
+        let current = found.is_some_and(|a| a.to == upgrade.to && a.version == upgrade.version);
+        if !switched || !registered || by_switch || current {
+            continue;
+        }
+        let why = match found {
+            None => "this node's acknowledgement is missing".to_string(),
+            Some(a) => format!(
+                "this node's acknowledgement is of {} at {}",
+                a.to, a.version
+            ),
+        };
+        let field = |name: &str, old: Option<&String>, new: &String| {
+            (old != Some(new)).then(|| FieldChange {
+                name: name.into(),
+                old: old.map(|o| o.clone().into()),
+                new: Some(new.clone().into()),
+            })
+        };
+        owed.push(Change {
+            action: Action::Create,
+            resource: Resource::Acknowledgement {
+                service: upgrade.service.clone(),
+                from: upgrade.from.clone(),
+                node: balancer.to_string(),
+            },
+            reason: format!(
+                "{}'s upgrade in flight on {} waits for it: this node sends new connections to {to} instead of {from}, and {why}",
+                upgrade.service, upgrade.node
+            ),
+            fields: [
+                field("to", found.map(|a| &a.to), &upgrade.to),
+                field("version", found.map(|a| &a.version), &upgrade.version),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            diff: Vec::new(),
+            upgrade: None,
+            operation: Operation::Acknowledge {
+                service: upgrade.service.clone(),
+                worker: upgrade.node.clone(),
+                from,
+                to,
+                ack: SwitchAck {
+                    etcd: cluster.etcd.value.clone(),
+                    node: balancer.to_string(),
+                    version: upgrade.version.clone(),
+                },
+            },
+        });
+    }
+    owed
 }

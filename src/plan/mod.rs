@@ -123,8 +123,17 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     );
     let balancing = load_balancer_role(spec, node)
         .map(|role| routed::load_balancing(spec, node, &role, observed));
-    let (switches, spread, unanswered, kept_out, balancing_warnings) = balancing
-        .map(|b| (b.switches, b.spread, b.unanswered, b.kept_out, b.warnings))
+    let (switches, spread, unanswered, kept_out, balancing_warnings, acknowledgements) = balancing
+        .map(|b| {
+            (
+                b.switches,
+                b.spread,
+                b.unanswered,
+                b.kept_out,
+                b.warnings,
+                b.acknowledgements,
+            )
+        })
         .unwrap_or_default();
     planner.table(
         observed_table,
@@ -135,6 +144,8 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
         },
         &spread,
     );
+    // After the table: what they acknowledge is what it sends.
+    planner.first.extend(acknowledgements);
     let routing = desired_routing(spec, node);
     let wiring = routed::plan_wiring(
         &routing.rules,

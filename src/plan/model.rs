@@ -133,6 +133,16 @@ pub enum Resource {
         /// The reference, as the spec names it.
         reference: String,
     },
+    /// A load-balancer node's acknowledgement in etcd of a routed upgrade's
+    /// switch (`{prefix}/acks/{service}/{from}/{node}`).
+    Acknowledgement {
+        /// The service.
+        service: String,
+        /// The replica's old address.
+        from: String,
+        /// The load-balancer node.
+        node: String,
+    },
 }
 
 impl Resource {
@@ -148,6 +158,11 @@ impl Resource {
             Resource::Address { device, address } => format!("address.{device}.{address}"),
             Resource::Sysctl { key } => format!("sysctl.{key}"),
             Resource::Image { reference } => format!("image.{reference}"),
+            Resource::Acknowledgement {
+                service,
+                from,
+                node,
+            } => format!("ack.{service}.{from}.{node}"),
         }
     }
 }

@@ -363,6 +363,24 @@ pub enum Operation {
         /// The value.
         value: String,
     },
+    /// With the spec's `cluster:`, on a load-balancer node: acknowledge in
+    /// etcd a routed upgrade in flight whose switch this node's table
+    /// already makes (the worker waits for it), because this node's
+    /// acknowledgement is missing or of another address or version: the
+    /// run that switched could not write it (etcd out of reach), or it
+    /// switched on its own probes.
+    Acknowledge {
+        /// The service.
+        service: String,
+        /// The upgrading worker.
+        worker: String,
+        /// The replica's old address.
+        from: IpAddr,
+        /// Where this node's table sends its new connections.
+        to: IpAddr,
+        /// What this node writes (the version registered at `to`).
+        ack: SwitchAck,
+    },
 }
 
 impl Operation {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::cluster::Answers;
+use super::cluster::{Answers, Sends, owed_acknowledgements};
 use super::host::{container_fields, create_primary, restart_if_stopped, workload};
 use super::operation::Workload;
 use super::operation::{CanarySplit, Operation, ReplicaCanary, ReplicaMove, Switch, Unanswered};
@@ -812,6 +812,9 @@ pub struct LoadBalancing {
     pub kept_out: Vec<String>,
     /// VIP ports none of whose replicas answers (all are kept in the spread).
     pub warnings: Vec<String>,
+    /// With the spec's `cluster:`: acknowledgements of upgrades in flight
+    /// this node owes beyond its `switches`' (to write once the table is).
+    pub acknowledgements: Vec<Change>,
 }
 
 /// One replica of a VIP port as a load-balancer node sends to it.
@@ -872,6 +875,7 @@ pub(super) fn load_balancing(
     let mut warnings = BTreeSet::new();
     let (source, unread) = Answers::of(spec, observed);
     warnings.extend(unread);
+    let mut sends = Vec::new();
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
@@ -947,6 +951,11 @@ pub(super) fn load_balancing(
                 });
             }
             chosen.insert(key, (address, tag));
+            sends.push(Sends {
+                service: name,
+                pair,
+                to: address,
+            });
             targets.push(Target {
                 node,
                 pair,
@@ -1025,7 +1034,9 @@ pub(super) fn load_balancing(
             port: vip_port.port.port.value,
         });
     }
+    let acknowledgements = owed_acknowledgements(spec, balancer, &source, &sends, &switches);
     LoadBalancing {
+        acknowledgements,
         rules: LoadBalancerRules {
             id: role.id,
             dnat,

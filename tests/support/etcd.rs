@@ -10,8 +10,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lessnat::backend::etcd::{CONNECT_TIMEOUT, Etcd, EtcdConfig, REQUEST_TIMEOUT};
-
 /// One member: its name, ports and process (while it runs).
 struct Member {
     name: String,
@@ -171,17 +169,6 @@ impl EtcdCluster {
         self.members.iter().map(Member::client_url).collect()
     }
 
-    /// A client of every member (plain HTTP), with lessnat's timeouts.
-    pub fn client(&self) -> Etcd {
-        Etcd::connect(&EtcdConfig {
-            endpoints: self.endpoints(),
-            tls: None,
-            connect_timeout: CONNECT_TIMEOUT,
-            request_timeout: REQUEST_TIMEOUT,
-        })
-        .expect("etcd client")
-    }
-
     /// The spec's `cluster.etcd` for this cluster (plain HTTP) under
     /// `prefix`, with a lease TTL of 2 s.
     pub fn etcd_spec(&self, prefix: &str) -> lessnat::spec::Etcd {
@@ -191,16 +178,6 @@ impl EtcdCluster {
             tls: None,
             lease_ttl: lessnat::spec::HumanDuration::secs(2).into(),
         }
-    }
-
-    /// `spec` (a spec's text) with a `cluster:` block for this cluster
-    /// under `prefix`, with a lease TTL of 2 s.
-    pub fn with_cluster_block(&self, spec: &str, prefix: &str) -> String {
-        let block = format!(
-            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {prefix}\n    leaseTtl: 2s\n",
-            self.endpoints().join(", ")
-        );
-        spec.replacen("version: 1\n", &format!("version: 1\n{block}"), 1)
     }
 
     /// The client URL of member `index`.

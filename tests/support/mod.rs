@@ -3,8 +3,10 @@
 //! network namespaces that are always removed.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cluster_site;
 pub mod conntrack;
 pub mod etcd;
+pub mod forward;
 pub mod git;
 pub mod image;
 pub mod load;

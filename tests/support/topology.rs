@@ -26,8 +26,7 @@ pub use lessnat::demo::topology::{
 };
 
 use super::TestNetns;
-use super::load::{Load, LoadConfig, Report, Sample, enter_netns};
-use super::process::Process;
+use super::load::{Sample, enter_netns};
 
 /// A client namespace.
 pub type Client = topology::Client<TestNetns>;
@@ -62,25 +61,6 @@ fn random_tag() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("{:06x}", hasher.finish() & 0xff_ffff)
-}
-
-/// Stops `loads` after 100 more answers each (within `within`), prints
-/// the report and asserts that no request failed through `what`.
-pub fn finish_load(loads: Vec<Load>, origin: Instant, what: &str, within: Duration) {
-    for load in &loads {
-        load.wait_requests(100, within).expect("the load runs");
-    }
-    let report = Report::merged(loads.into_iter().map(Load::stop));
-    let failed = report.failed();
-    eprintln!(
-        "load through the {what}: {}; failed: {}",
-        report.summary(origin),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "requests failed through the {what}: {failed:?}"
-    );
 }
 
 /// Runs `command`, killing it after `timeout`; its output whatever the status.
@@ -206,37 +186,6 @@ impl Topology {
         for node in self.workers.iter().chain(&self.lbs) {
             Topology::apply(node, spec);
         }
-    }
-
-    /// `lessnat agent -f SPEC` on `node`, running every `interval` without
-    /// events, with its metrics on a free port; waits until it is ready.
-    pub fn agent(node: &Node, spec: &Path, interval: &str) -> Process {
-        let args = [
-            "agent",
-            "--interval",
-            interval,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "-f",
-        ];
-        let mut command = Topology::lessnat(node, &args);
-        command.arg(spec).env_remove("NOTIFY_SOCKET");
-        let mut agent = Process::spawn(command);
-        agent.wait_line("Ready:", 1, Duration::from_secs(60));
-        agent
-    }
-
-    /// Load from both clients through the VIP (a request counts as failed
-    /// after 1 s), running once each has had 50 answers (within `within`).
-    pub fn steady_load(&self, within: Duration) -> Vec<Load> {
-        let loads = self.load(8, |config| LoadConfig {
-            io_timeout: Duration::from_secs(1),
-            ..config
-        });
-        for load in &loads {
-            load.wait_requests(50, within).expect("the load runs");
-        }
-        loads
     }
 
     /// `lessnat plan --detailed-exitcode -f SPEC` on `node`: the exit code and output.
