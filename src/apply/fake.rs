@@ -261,6 +261,18 @@ impl FakeHost {
             .insert(name.to_string(), health);
     }
 
+    /// The running container `name` answers its next health checks as
+    /// `health`, its checks counted from zero again.
+    pub fn rescript_health(&self, name: &str, health: Health) {
+        let mut state = self.state.borrow_mut();
+        let container = state
+            .containers
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("no container {name} to rescript"));
+        container.health = health;
+        container.checks = 0;
+    }
+
     /// What the conntrack reads return, one per read; the last one stays.
     pub fn set_conntrack(&self, reads: Vec<ConntrackState>) {
         self.state.borrow_mut().conntrack = Script(reads.into());

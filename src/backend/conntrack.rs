@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
     DecodeError, DefaultNla, NLA_F_NESTED, NLA_HEADER_SIZE, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-    NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NlaBuffer, NlasIterator, Parseable,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer, NlasIterator, Parseable,
 };
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
@@ -31,6 +30,7 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+use super::netlink_answer::{self, AnswerError};
 use crate::error::chain;
 use crate::model::{ConntrackState, FlowCount};
 use crate::netns::{Netns, NetnsError};
@@ -1042,36 +1042,17 @@ impl Ctnetlink {
         doing: &str,
         mut each: impl FnMut(&[u8]) -> Result<(), DecodeError>,
     ) -> Result<(), Fault> {
-        loop {
-            let size = self
-                .socket
-                .recv(&mut &mut self.buffer[..], nix::libc::MSG_TRUNC)
-                .map_err(Fault::io(doing))?;
-            if size > self.buffer.len() {
-                return Err(Fault::Io(
-                    doing.into(),
-                    io::Error::other(format!("netlink datagram of {size} bytes truncated")),
-                ));
+        netlink_answer::receive(&self.socket, &mut self.buffer, sequence, |kind, payload| {
+            if is_ctnetlink_message(kind) {
+                each(payload)
+            } else {
+                Ok(())
             }
-            let mut rest = &self.buffer[..size];
-            while !rest.is_empty() {
-                let message = NetlinkBuffer::new_checked(rest).map_err(Fault::Decode)?;
-                let length = message.length() as usize;
-                rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
-                if message.sequence_number() != sequence {
-                    continue;
-                }
-                match message.message_type() {
-                    NLMSG_ERROR | NLMSG_DONE => {
-                        return status(message.payload()).map_err(Fault::io(doing));
-                    }
-                    kind if is_ctnetlink_message(kind) => {
-                        each(message.payload()).map_err(Fault::Decode)?;
-                    }
-                    _ => {}
-                }
-            }
-        }
+        })
+        .map_err(|error| match error {
+            AnswerError::Io(error) => Fault::Io(doing.into(), error),
+            AnswerError::Decode(error) => Fault::Decode(error),
+        })
     }
 }
 
@@ -1079,19 +1060,6 @@ impl Ctnetlink {
 /// or an event).
 pub(super) fn is_ctnetlink_message(kind: u16) -> bool {
     kind >> 8 == NFNL_SUBSYS_CTNETLINK
-}
-
-/// The status code that ends an answer (`NLMSG_ERROR`, or `NLMSG_DONE` of a
-/// dump): 0 is success, otherwise a negated errno.
-fn status(payload: &[u8]) -> io::Result<()> {
-    let code = payload
-        .first_chunk::<4>()
-        .map_or(0, |bytes| i32::from_ne_bytes(*bytes));
-    if code == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(code.saturating_neg()))
-    }
 }
 
 /// Errors with which the kernel says ctnetlink is not there.
@@ -1346,14 +1314,6 @@ mod tests {
         assert_eq!(tcp_state_name(7), "TIME_WAIT");
         assert_eq!(tcp_state_name(9), "SYN_SENT2");
         assert_eq!(tcp_state_name(42), "UNKNOWN(42)");
-    }
-
-    #[test]
-    fn answer_status_codes() {
-        assert!(status(&0i32.to_ne_bytes()).is_ok());
-        assert!(status(&[]).is_ok());
-        let error = status(&(-nix::libc::ENOENT).to_ne_bytes()).expect_err("an error");
-        assert_eq!(error.raw_os_error(), Some(nix::libc::ENOENT));
     }
 
     fn state(table_count: u64, table_max: u64) -> ConntrackState {

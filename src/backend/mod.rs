@@ -6,6 +6,8 @@ pub mod conntrack_watch;
 pub mod docker;
 pub mod etcd;
 pub mod netlink;
+mod netlink_answer;
 pub mod nft;
+pub mod sock_diag;
 pub mod sysctl;
 pub mod veth;

@@ -78,6 +78,13 @@ pub struct Observed {
     pub rollouts: Option<RolloutView>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
+    /// Established TCP connections of the services that can be draining,
+    /// counted from the node's sockets (sock_diag) by local port: every port
+    /// read is listed, zeros included. Absent when those counts come from
+    /// `conntrack` instead (sock_diag unavailable, nothing draining, or a
+    /// snapshot from before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_connections: Option<Vec<PortConnections>>,
     /// Things the observers noticed that make the picture less reliable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -398,6 +405,17 @@ pub struct FlowCount {
     pub state: String,
     /// Number of entries.
     pub count: u64,
+}
+
+/// Established TCP connections whose socket's local port is `port`: the
+/// connections a version listening there serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConnections {
+    /// The local port (a service's port, or the temporary port behind a redirect).
+    pub port: u16,
+    /// Sockets in state `ESTABLISHED` on it.
+    pub established: u64,
 }
 
 /// New connections to `port` are sent to `temp_port` on the same host.

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::backend::conntrack::{self, ConntrackError, Interest};
+use crate::backend::conntrack::{self, ConntrackError};
 use crate::backend::docker::{Docker, DockerError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft::{self, NftError};
@@ -13,7 +13,7 @@ use crate::netns::Netns;
 use crate::ownership::{IPV6_FORWARDING, ROUTED_SYSCTLS};
 use crate::spec::Spec;
 
-use super::drains::drain_interests;
+use super::drains::{Drains, draining, read_drains};
 use super::images::{ImagesError, observe_images};
 use super::probe::{RecentProbes, probe_replicas};
 use crate::model::{ConntrackState, OBSERVED_FORMAT, Observed};
@@ -63,7 +63,7 @@ pub fn observe_for(
     probe: bool,
 ) -> Result<Observed, ObserveError> {
     let mut observed = observe_reading(node, netns, docker, |observed| {
-        drain_interests(spec, node, observed)
+        draining(spec, node, observed)
     })?;
     (observed.images, observed.remote_digests) = observe_images(spec, node, docker)?;
     let reused = recent.and_then(|recent| recent.for_plan(spec, node, Instant::now()));
@@ -91,16 +91,16 @@ pub fn observe_for(
 /// spec no service can be known to drain, so no conntrack entry is read
 /// (the table's fill level is).
 pub fn observe_with(node: &str, netns: &Netns, docker: &Docker) -> Result<Observed, ObserveError> {
-    observe_reading(node, netns, docker, |_| Vec::new())
+    observe_reading(node, netns, docker, |_| Drains::default())
 }
 
-/// Observes the host, reading the conntrack entries that `interests` asks
-/// for once the rest is known.
+/// Observes the host, counting the connections that `drains` asks for once
+/// the rest is known.
 fn observe_reading(
     node: &str,
     netns: &Netns,
     docker: &Docker,
-    interests: impl FnOnce(&Observed) -> Vec<Interest>,
+    drains: impl FnOnce(&Observed) -> Drains,
 ) -> Result<Observed, ObserveError> {
     let (nft, untracked) = nft::observe_ruleset(netns)?;
     let routing = netlink::observe(netns)?;
@@ -117,6 +117,7 @@ fn observe_reading(
         containers,
         foreign_containers,
         conntrack: ConntrackState::default(),
+        tcp_connections: None,
         warnings: Vec::new(),
         veths,
         addresses,
@@ -128,7 +129,7 @@ fn observe_reading(
         cluster: None,
         rollouts: None,
     };
-    observed.conntrack = conntrack::observe(netns, &interests(&observed))?;
+    (observed.conntrack, observed.tcp_connections) = read_drains(netns, &drains(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);
     warnings.extend(untracked);
     warnings.sort();

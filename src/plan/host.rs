@@ -487,7 +487,15 @@ fn redirect_list(service: &Service) -> String {
     pairs.join(", ")
 }
 
+/// Established connections to `dport` answered from `sport`: counted from
+/// the sockets on local port `sport` when the observation has them (TCP),
+/// else from conntrack.
 fn established(observed: &Observed, protocol: Protocol, dport: u16, sport: u16) -> u64 {
+    if protocol == Protocol::Tcp
+        && let Some(port) = (observed.tcp_connections.iter().flatten()).find(|c| c.port == sport)
+    {
+        return port.established;
+    }
     observed
         .conntrack
         .flows
@@ -560,7 +568,7 @@ fn upgrade_stages(
     };
     let udp = udp_note(service).unwrap_or_default();
     let count = |n: u64| {
-        if observed.conntrack.available {
+        if observed.conntrack.available || observed.tcp_connections.is_some() {
             format!(" (now {n})")
         } else {
             String::new()
