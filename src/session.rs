@@ -15,6 +15,7 @@ use crate::apply::progress::Progress;
 use crate::apply::stale::changes_since;
 use crate::apply::{self, ApplyError};
 use crate::backend::docker::{Docker, DockerError};
+use crate::cluster::rollout;
 use crate::cluster::view::read_once;
 use crate::desired::routed::load_balancer_role;
 use crate::journal::JournalFile;
@@ -331,6 +332,13 @@ impl Session {
             .and_then(|spec| spec.cluster.as_ref())
         {
             observed.cluster = Some(view.unwrap_or_else(|| read_once(cluster)));
+        }
+        // A worker with a service that rolls out reads the rollout keys.
+        if let Some(cluster) = spec
+            .filter(|spec| rollout::rolls_out_on(spec, node))
+            .and_then(|spec| spec.cluster.as_ref())
+        {
+            observed.rollouts = Some(rollout::read_once(cluster));
         }
         Ok(observed)
     }

@@ -19,7 +19,7 @@ use lessnat::backend::etcd::{
 };
 use lessnat::cluster::handshake::{Handshake, Published, SwitchAck};
 use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, Role};
-use lessnat::spec::{Etcd as EtcdSpec, HumanDuration};
+use lessnat::spec::Etcd as EtcdSpec;
 use support::etcd::EtcdCluster;
 
 const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 5));
@@ -27,12 +27,7 @@ const TO: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 20, 1, 6));
 const VERSION: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000002";
 
 fn spec(cluster: &EtcdCluster, prefix: &str) -> EtcdSpec {
-    EtcdSpec {
-        endpoints: cluster.endpoints().into_iter().map(Into::into).collect(),
-        prefix: prefix.to_string().into(),
-        tls: None,
-        lease_ttl: HumanDuration::secs(2).into(),
-    }
+    cluster.etcd_spec(prefix)
 }
 
 fn client(cluster: &EtcdCluster) -> Etcd {

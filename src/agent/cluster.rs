@@ -134,6 +134,11 @@ impl ClusterShared {
         lock(&self.target).clone()
     }
 
+    /// The spec and node the last run planned, if any.
+    pub(super) fn target_spec(&self) -> Option<(Spec, String)> {
+        self.target().map(|t| (t.spec, t.node))
+    }
+
     fn update_link(&self, change: impl FnOnce(&mut Link)) -> bool {
         let mut link = lock(&self.link);
         let before = link.up;

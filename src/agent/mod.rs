@@ -8,6 +8,7 @@
 //! | `container_events.rs` | Docker `die`/`start` events of lessnat's containers |
 //! | `health_watch.rs` | a replica address of a load-balancer node changing health |
 //! | `cluster.rs` | with `cluster:`, the replica registrations in etcd changing (load-balancer nodes); it also keeps the node's own registrations |
+//! | `rollout_watch.rs` | with `cluster:`, on a worker with a service that rolls out: a rollout slot freed, a node done (and its canary hold passed) |
 //!
 //! The loop (`run.rs`) coalesces wake-ups, holds back after failures and for
 //! crash loops (`backoff.rs`), takes the apply lock for each run (so a
@@ -25,6 +26,7 @@ pub mod health_watch;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod rollout_watch;
 mod run;
 pub mod state;
 pub mod table_events;

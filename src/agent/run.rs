@@ -22,7 +22,7 @@ use super::metrics::AgentMetrics;
 use super::notify::notify;
 use super::state::{AgentState, Outcome, Run, StateFile};
 use super::wake::{Trigger, Wake, Waker};
-use super::{AgentError, container_events, table_events};
+use super::{AgentError, container_events, rollout_watch, table_events};
 use crate::apply::ApplyError;
 use crate::backend::nft::reassert;
 use crate::error::chain;
@@ -164,7 +164,8 @@ impl Agent {
                 waker.clone(),
                 Arc::clone(&stop),
             )?,
-            cluster::spawn_watch(Arc::clone(&cluster), waker, Arc::clone(&stop))?,
+            cluster::spawn_watch(Arc::clone(&cluster), waker.clone(), Arc::clone(&stop))?,
+            rollout_watch::spawn(Arc::clone(&cluster), waker, Arc::clone(&stop))?,
         ];
         let metrics = Arc::new(AgentMetrics::new());
         let healthz: Healthz = Arc::default();

@@ -12,6 +12,7 @@ mod primary;
 pub mod progress;
 mod pull;
 mod ready;
+mod rollout;
 mod routed;
 pub mod stale;
 #[cfg(test)]
@@ -300,17 +301,23 @@ pub fn apply_change(
         Operation::UpgradeReplica {
             load_balancers,
             canary,
+            rollout,
             ..
         } => {
             let members: Vec<ReplicaMove> = change.operation.replica_move().into_iter().collect();
-            return routed::upgrade(ctx, progress, &members, load_balancers, canary.as_deref());
+            return rollout::in_turn(progress, rollout.as_deref(), |progress| {
+                routed::upgrade(ctx, progress, &members, load_balancers, canary.as_deref())
+            });
         }
         Operation::UpgradeReplicas {
             batch,
             load_balancers,
             canary,
+            rollout,
         } => {
-            return routed::upgrade(ctx, progress, batch, load_balancers, canary.as_deref());
+            return rollout::in_turn(progress, rollout.as_deref(), |progress| {
+                routed::upgrade(ctx, progress, batch, load_balancers, canary.as_deref())
+            });
         }
         Operation::Wire {
             service,

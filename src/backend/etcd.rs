@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, TlsOptions, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 use tokio::runtime::Runtime;
 
@@ -148,6 +149,15 @@ pub enum KeyChange {
         /// The revision of the deletion.
         revision: i64,
     },
+}
+
+/// What a compare-and-put expects of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist (its create revision is 0).
+    Absent,
+    /// The key was last written at this revision (no one wrote it since it was read).
+    ModRevision(i64),
 }
 
 /// A connected etcd client. Cheap to clone; clones share the connection.
@@ -297,6 +307,37 @@ impl Etcd {
             c.put(key, value, options).await
         })?;
         Ok(put.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Writes `key` (attached to `lease` when given) only when every key
+    /// of `expect` is as expected, in one transaction; whether it was written.
+    pub fn put_if(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Option<LeaseId>,
+        expect: &[(&str, Expect)],
+    ) -> Result<bool, EtcdError> {
+        let compares: Vec<Compare> = expect
+            .iter()
+            .map(|(key, expect)| match expect {
+                Expect::Absent => Compare::create_revision(*key, CompareOp::Equal, 0),
+                Expect::ModRevision(revision) => {
+                    Compare::mod_revision(*key, CompareOp::Equal, *revision)
+                }
+            })
+            .collect();
+        let txn = self.call("writing a key if unchanged", |mut c| {
+            let compares = compares.clone();
+            async move {
+                let options = lease.map(|id| PutOptions::new().with_lease(id));
+                let txn = Txn::new()
+                    .when(compares)
+                    .and_then([TxnOp::put(key, value, options)]);
+                c.txn(txn).await
+            }
+        })?;
+        Ok(txn.succeeded())
     }
 
     /// Deletes `key`; returns the revision.

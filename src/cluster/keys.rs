@@ -8,9 +8,11 @@
 //! | `{prefix}/replicas/{service}/{address}` | [`ReplicaRecord`] | the worker running it | the node's |
 //! | `{prefix}/upgrades/{service}/{from}` | [`UpgradeRecord`] | the upgrading worker's apply | its own |
 //! | `{prefix}/acks/{service}/{from}/{node}` | [`AckRecord`] | load-balancer node `node`'s apply | none (the worker deletes them) |
+//! | `{prefix}/rollouts/{service}/slots/{n}` | [`SlotRecord`] | the upgrading worker's apply (`n` < `rollout.maxParallel`) | its own |
+//! | `{prefix}/rollouts/{service}/{version}/done/{node}` | [`DoneRecord`] | worker `node`'s apply, once upgraded | none |
+//! | `{prefix}/rollouts/{service}/{version}/bad` | [`BadRecord`] | the apply whose upgrade to `version` failed | none |
 //!
-//! Reserved for fleet rollouts: `{prefix}/rollouts/…` (per-service slots
-//! and versions marked bad). Nothing else is written under the prefix.
+//! Nothing else is written under the prefix.
 
 use serde::{Deserialize, Serialize};
 
@@ -111,6 +113,123 @@ impl Keys {
         let named = [service, from, node].iter().all(|p| !p.is_empty());
         (named && parts.next().is_none()).then_some((service, from, node))
     }
+
+    // Fleet rollouts (`docs/cluster.md`, "Rollouts").
+
+    /// Where every rollout lives: `{prefix}/rollouts/`.
+    pub fn rollouts(&self) -> String {
+        format!("{}/rollouts/", self.prefix)
+    }
+
+    /// Every rollout key of `service`: `{prefix}/rollouts/{service}/`.
+    pub fn rollout(&self, service: &str) -> String {
+        format!("{}{service}/", self.rollouts())
+    }
+
+    /// `service`'s rollout slots: `{prefix}/rollouts/{service}/slots/`.
+    pub fn rollout_slots(&self, service: &str) -> String {
+        format!("{}slots/", self.rollout(service))
+    }
+
+    /// `service`'s rollout slot `n`.
+    pub fn rollout_slot(&self, service: &str, n: u32) -> String {
+        format!("{}{n}", self.rollout_slots(service))
+    }
+
+    /// Node `node` has upgraded `service` to `version`.
+    pub fn rollout_done(&self, service: &str, version: &str, node: &str) -> String {
+        format!("{}{version}/done/{node}", self.rollout(service))
+    }
+
+    /// `service`'s `version` is marked bad.
+    pub fn rollout_bad(&self, service: &str, version: &str) -> String {
+        format!("{}{version}/bad", self.rollout(service))
+    }
+
+    /// What a key under [`Keys::rollouts`] names.
+    pub fn rollout_of<'k>(&self, key: &'k str) -> Option<RolloutKey<'k>> {
+        let rest = key.strip_prefix(&self.rollouts())?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        match parts[..] {
+            [service, "slots", n] => Some(RolloutKey::Slot {
+                service,
+                n: n.parse().ok()?,
+            }),
+            [service, version, "done", node] => Some(RolloutKey::Done {
+                service,
+                version,
+                node,
+            }),
+            [service, version, "bad"] => Some(RolloutKey::Bad { service, version }),
+            _ => None,
+        }
+    }
+}
+
+/// A key of a fleet rollout, as [`Keys::rollout_of`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutKey<'k> {
+    /// `{prefix}/rollouts/{service}/slots/{n}`.
+    Slot {
+        /// The service.
+        service: &'k str,
+        /// The slot's number.
+        n: u32,
+    },
+    /// `{prefix}/rollouts/{service}/{version}/done/{node}`.
+    Done {
+        /// The service.
+        service: &'k str,
+        /// The version.
+        version: &'k str,
+        /// The node that upgraded.
+        node: &'k str,
+    },
+    /// `{prefix}/rollouts/{service}/{version}/bad`.
+    Bad {
+        /// The service.
+        service: &'k str,
+        /// The version.
+        version: &'k str,
+    },
+}
+
+/// `{prefix}/rollouts/{service}/slots/{n}`: a worker upgrading `service`,
+/// under a lease of its apply (a dead worker frees the slot within the TTL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotRecord {
+    /// The worker.
+    pub node: String,
+    /// The version it upgrades to (the service's rollout version).
+    pub version: String,
+    /// When it took the slot (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// `{prefix}/rollouts/{service}/{version}/done/{node}`: `node` upgraded
+/// `service` to `version` (not leased).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DoneRecord {
+    /// When its upgrade finished (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// `{prefix}/rollouts/{service}/{version}/bad`: an upgrade to `version`
+/// failed; no node starts it again (not leased).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BadRecord {
+    /// The worker whose upgrade failed.
+    pub node: String,
+    /// Why.
+    pub reason: String,
+    /// When (seconds since the Unix epoch).
+    pub since: u64,
 }
 
 /// `{prefix}/upgrades/{service}/{from}`: a worker's routed upgrade whose
@@ -220,6 +339,30 @@ mod tests {
             Some(("api", "10.20.1.5"))
         );
         assert_eq!(keys.replica_of("/sites/paris/replicas/api"), None);
+        assert_eq!(
+            keys.rollout_of(&keys.rollout_slot("api", 1)),
+            Some(RolloutKey::Slot {
+                service: "api",
+                n: 1
+            })
+        );
+        assert_eq!(
+            keys.rollout_of(&keys.rollout_done("api", "0123abcd", "web-1")),
+            Some(RolloutKey::Done {
+                service: "api",
+                version: "0123abcd",
+                node: "web-1"
+            })
+        );
+        assert_eq!(
+            keys.rollout_of("/sites/paris/rollouts/api/0123abcd/bad"),
+            Some(RolloutKey::Bad {
+                service: "api",
+                version: "0123abcd"
+            })
+        );
+        assert_eq!(keys.rollout_of("/sites/paris/rollouts/api/slots/x"), None);
+        assert_eq!(keys.rollout_of("/sites/paris/rollouts/api//bad"), None);
         assert_eq!(keys.replica_of("/sites/lyon/replicas/api/10.20.1.5"), None);
         assert_eq!(
             keys.upgrade_of(&keys.upgrade("api", "10.20.1.5")),

@@ -2,7 +2,8 @@
 //! registered node (roles, commit, agent version, its lease's age and time
 //! left) with its replicas and their health, the upgrades in flight with
 //! the live load-balancer nodes that acknowledged them and those still to
-//! (`{prefix}/upgrades/`, `{prefix}/acks/`), and the keys of rollout slots
+//! (`{prefix}/upgrades/`, `{prefix}/acks/`), and each service's fleet
+//! rollout: slot holders, nodes done per version, versions marked bad
 //! (`{prefix}/rollouts/`).
 //! One read of the whole prefix and one lease look-up per node, each within
 //! the backend's timeouts.
@@ -16,6 +17,7 @@ use crate::spec::Cluster;
 
 use super::config::{etcd_config, keys};
 use super::keys::{AckRecord, Keys, NodeRecord, ReplicaRecord, Role, UpgradeRecord};
+use super::rollout::{ServiceRollout, by_service, view_of};
 use super::view::now;
 
 /// The site as etcd holds it.
@@ -32,8 +34,9 @@ pub struct ClusterStatus {
     pub orphans: Vec<ReplicaStatus>,
     /// Upgrades in flight (`{prefix}/upgrades/…`) and their acknowledgements.
     pub upgrades: Vec<UpgradeStatus>,
-    /// Rollout slots and marks (`{prefix}/rollouts/…`), as stored.
-    pub rollouts: Vec<RawKey>,
+    /// Fleet rollouts (`{prefix}/rollouts/…`), by service: who holds the
+    /// slots, who is done with which version, which versions are bad.
+    pub rollouts: Vec<ServiceRollout>,
 }
 
 /// One registered node.
@@ -90,15 +93,6 @@ pub struct UpgradeStatus {
     pub pending: Vec<String>,
 }
 
-/// A key shown as stored (JSON when it parses, else text).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RawKey {
-    /// The key below the prefix.
-    pub key: String,
-    /// The value.
-    pub value: serde_json::Value,
-}
-
 impl ClusterStatus {
     /// Reads the site of `cluster` from etcd.
     pub fn read(cluster: &Cluster) -> Result<ClusterStatus, EtcdError> {
@@ -110,9 +104,7 @@ impl ClusterStatus {
         let mut replicas: Vec<ReplicaStatus> = Vec::new();
         let mut upgrades = Vec::new();
         let mut acks = Vec::new();
-        let mut rollouts = Vec::new();
         for entry in &snapshot.entries {
-            let below = entry.key.strip_prefix(&prefix).unwrap_or(&entry.key);
             if let Some(node) = keys.node_of(&entry.key) {
                 if let Ok(record) = serde_json::from_slice::<NodeRecord>(&entry.value) {
                     nodes.insert(node.to_string(), (record, entry.lease));
@@ -129,12 +121,10 @@ impl ClusterStatus {
                 if let Ok(record) = serde_json::from_slice::<UpgradeRecord>(&entry.value) {
                     upgrades.push((service.to_string(), from.to_string(), record));
                 }
-            } else if keys.ack_of(&entry.key).is_some() {
-                if let Ok(record) = serde_json::from_slice::<AckRecord>(&entry.value) {
-                    acks.push((entry.key.clone(), record));
-                }
-            } else if below.starts_with("rollouts/") {
-                rollouts.push(raw(below, &entry.value));
+            } else if keys.ack_of(&entry.key).is_some()
+                && let Ok(record) = serde_json::from_slice::<AckRecord>(&entry.value)
+            {
+                acks.push((entry.key.clone(), record));
             }
         }
         let now = now();
@@ -179,7 +169,7 @@ impl ClusterStatus {
             nodes: statuses,
             orphans,
             upgrades,
-            rollouts,
+            rollouts: by_service(&view_of(&keys, &snapshot, now)),
         })
     }
 }
@@ -209,13 +199,5 @@ fn handshake(
         since: record.since,
         acknowledged: names(acknowledged),
         pending: names(pending),
-    }
-}
-
-fn raw(key: &str, value: &[u8]) -> RawKey {
-    RawKey {
-        key: key.to_string(),
-        value: serde_json::from_slice(value)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(value).into())),
     }
 }

@@ -17,6 +17,7 @@ use super::record::{
 use super::suspend::{SuspendError, SuspendFile, Suspension};
 use crate::agent::state::{AgentState, StateError, StateFile};
 use crate::cluster::keys::{ReplicaSlot, Role};
+use crate::cluster::rollout::ServiceRollout;
 use crate::cluster::status::{ClusterStatus, ReplicaStatus, UpgradeStatus};
 use crate::journal::{JournalError, JournalFile, UpgradeRecord};
 use crate::lock::{AGENT_LOCK_FILE, holder};
@@ -396,11 +397,49 @@ pub fn render_cluster(status: &ClusterStatus, style: Style) -> String {
     }
     out.push('\n');
     out.push_str(&render_upgrades(&status.upgrades));
-    if status.rollouts.is_empty() {
+    out.push_str(&render_rollouts(&status.rollouts, style));
+    out
+}
+
+/// The fleet rollouts of `status --cluster`: per service, who holds its
+/// slots, who is done with which version, which versions are bad.
+fn render_rollouts(rollouts: &[ServiceRollout], style: Style) -> String {
+    let mut out = String::new();
+    if rollouts.is_empty() {
         let _ = writeln!(out, "  {:<12} none", "rollouts");
     }
-    for key in &status.rollouts {
-        let _ = writeln!(out, "  {:<12} {} = {}", "rollouts", key.key, key.value);
+    let at = |since: u64| Timestamp(UNIX_EPOCH + Duration::from_secs(since));
+    for rollout in rollouts {
+        let service = style.paint("1", &rollout.service);
+        let _ = writeln!(out, "  {:<12} {service}", "rollout");
+        if rollout.slots.is_empty() {
+            let _ = writeln!(out, "    {:<10} none held", "slots");
+        }
+        for slot in &rollout.slots {
+            let _ = writeln!(
+                out,
+                "    {:<10} {}: {} upgrading to {} since {}",
+                "slot",
+                slot.slot,
+                slot.node,
+                slot.version,
+                at(slot.since)
+            );
+        }
+        for (version, nodes) in &rollout.done {
+            let _ = writeln!(out, "    {:<10} {version}: {}", "done", nodes.join(", "));
+        }
+        for bad in &rollout.bad {
+            let _ = writeln!(
+                out,
+                "    {:<10} {}: marked by {} at {}: {}",
+                "bad",
+                style.paint("1;31", &bad.version),
+                bad.node,
+                at(bad.since),
+                bad.reason
+            );
+        }
     }
     out
 }

@@ -7,6 +7,7 @@
 
 mod cluster;
 pub mod nft_text;
+mod rollout;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use cluster::{Acknowledgement, ClusterView, Registration, UpgradeInFlight};
+pub use rollout::{RolloutBad, RolloutDone, RolloutSlot, RolloutView};
 
 use crate::ownership::Slot;
 use crate::spec::{HumanDuration, Protocol};
@@ -69,6 +71,11 @@ pub struct Observed {
     /// be read. Not part of the fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterView>,
+    /// With a service of the node's that has `upgrade.rollout`: the site's
+    /// rollout slots, done nodes and bad versions in etcd, or why etcd
+    /// could not be read. Not part of the fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollouts: Option<RolloutView>,
     /// Connection tracking counts.
     pub conntrack: ConntrackState,
     /// Established TCP connections of the services that can be draining,

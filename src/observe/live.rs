@@ -127,6 +127,7 @@ fn observe_reading(
         remote_digests: Vec::new(),
         probed_at: None,
         cluster: None,
+        rollouts: None,
     };
     (observed.conntrack, observed.tcp_connections) = read_drains(netns, &drains(&observed))?;
     let mut warnings = conntrack::warnings(&observed.conntrack);

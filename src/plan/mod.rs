@@ -8,6 +8,7 @@ mod model;
 pub mod operation;
 mod pull;
 pub mod render;
+pub mod rollout;
 mod routed;
 pub mod saved;
 
@@ -102,7 +103,10 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             )),
         }
     }
-    planner.changes = routed::batch_upgrades(node, std::mem::take(&mut planner.changes));
+    let (changes, gated) =
+        rollout::gate(spec, node, observed, std::mem::take(&mut planner.changes));
+    planner.changes = routed::batch_upgrades(node, changes);
+    rollout::mark_last(&mut planner.changes);
     routed::attach_canaries(
         &mut planner.changes,
         spec,
@@ -177,6 +181,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
     } = planner;
     let mut warnings = observed.warnings.clone();
     warnings.extend(balancing_warnings);
+    warnings.extend(gated.warnings);
     warnings.sort();
     let pulls = pull::pulls(&changes, observed);
     Plan {
@@ -192,6 +197,7 @@ pub fn plan(spec: &Spec, node: &str, observed: &Observed) -> Plan {
             .chain(last)
             .collect(),
         load_balancing: kept_out,
+        rollouts: gated.lines,
         warnings,
     }
 }

@@ -30,6 +30,10 @@ pub struct Plan {
     /// holds a canary (new connections stay on the old address).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub load_balancing: Vec<String>,
+    /// Fleet rollouts: services whose upgrade waits its turn (a canary
+    /// node or every slot busy, a canary's hold): not a change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<String>,
     /// Warnings from observation (conntrack full, ...) and from load
     /// balancing (no replica of a VIP port answers).
     pub warnings: Vec<String>,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Decision, InFlight};
 use crate::cluster::handshake::{Handshake, SwitchAck};
+use crate::cluster::rollout::Turn;
 use crate::desired::DesiredContainer;
 use crate::model::{IpRule, NftRule, NftTable, OwnedAddress, Route};
 use crate::spec::{HumanDuration, Percent, Protocol, Service};
@@ -290,6 +291,10 @@ pub enum Operation {
         /// cannot be reached).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         handshake: Option<Box<Handshake>>,
+        /// With `upgrade.rollout`: the rollout slot apply takes before the
+        /// next version starts (and frees when the upgrade ends).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollout: Option<Box<Turn>>,
     },
     /// Routed mode: upgrades of several replicas of one service on this node
     /// at once (`maxParallel`): every next version starts, then one switch
@@ -304,6 +309,10 @@ pub enum Operation {
         /// has one (or its rules were found and must end).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         canary: Option<Box<ReplicaCanary>>,
+        /// With `upgrade.rollout`: the rollout slot apply takes before the
+        /// next versions start (and frees when the upgrade ends).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollout: Option<Box<Turn>>,
     },
     /// Routed mode: wire a running container in again (its veth was lost).
     Wire {

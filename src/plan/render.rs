@@ -67,6 +67,13 @@ pub fn render(plan: &Plan, style: Style) -> String {
         }
         out.push('\n');
     }
+    if !plan.rollouts.is_empty() {
+        let _ = writeln!(out, "{}", style.paint("1", "Rollouts:"));
+        for line in &plan.rollouts {
+            let _ = writeln!(out, "  - {line}");
+        }
+        out.push('\n');
+    }
     if plan.changes.is_empty() {
         let _ = writeln!(out, "No changes. Node \"{}\" matches the spec.", plan.node);
         return out;

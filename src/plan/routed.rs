@@ -210,6 +210,7 @@ pub(super) fn plan_replica(
                     load_balancers: load_balancer_addresses(spec),
                     canary: None,
                     handshake: handshake(spec, on, service, at, next_for(&pair, at), &hash),
+                    rollout: None,
                 },
             },
         }];
@@ -360,6 +361,7 @@ fn in_flight(
             load_balancers: load_balancer_addresses(spec),
             canary: None,
             handshake,
+            rollout: None,
         },
     }
 }
@@ -546,6 +548,17 @@ fn batch_change(node: &str, changes: Vec<Change>) -> Option<Change> {
         Operation::UpgradeReplica { load_balancers, .. } => load_balancers.clone(),
         _ => Vec::new(),
     };
+    // The batch takes the rollout turn its new upgrades were given (one
+    // that takes a slot before one of an upgrade found in flight).
+    let mut turns: Vec<_> = changes
+        .iter()
+        .filter_map(|c| match &c.operation {
+            Operation::UpgradeReplica { rollout, .. } => rollout.clone(),
+            _ => None,
+        })
+        .collect();
+    turns.sort_by_key(|t| t.resumed);
+    let rollout = turns.into_iter().next();
     let service = batch.first()?.workload.service.clone();
     let name = &service.name.value;
     let moves: Vec<Move> = batch
@@ -592,6 +605,7 @@ fn batch_change(node: &str, changes: Vec<Change>) -> Option<Change> {
             batch,
             load_balancers,
             canary: None,
+            rollout,
         },
     })
 }

@@ -9,6 +9,7 @@ mod load;
 mod located;
 mod percent;
 mod placeholder;
+mod rollout;
 mod tree;
 mod validate;
 mod warnings;
@@ -24,6 +25,7 @@ pub use load::{MAX_SPEC_BYTES, load_bytes, load_file};
 pub use located::Located;
 pub use percent::{Percent, PercentError};
 pub use placeholder::{PlaceholderError, render_placeholders};
+pub use rollout::{Rollout, RolloutCanary};
 pub use warnings::{DEFAULT_EPHEMERAL_PORTS, ephemeral_port_warnings, parse_port_range};
 
 /// The spec format version this build of lessnat reads.
@@ -372,6 +374,11 @@ pub struct Upgrade {
     #[serde(default = "default_max_parallel", skip_serializing_if = "is_one")]
     #[schemars(range(min = 1))]
     pub max_parallel: Located<u32>,
+    /// Routed mode, with the spec's `cluster:`: how the service's workers
+    /// take turns upgrading it (slots in etcd), canary nodes first (see
+    /// [`Rollout`]). Without it, each worker upgrades on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Located<Rollout>>,
 }
 
 fn default_max_parallel() -> Located<u32> {
@@ -418,6 +425,7 @@ impl Default for Upgrade {
             switch_wait: default_switch_wait(),
             canary: None,
             max_parallel: default_max_parallel(),
+            rollout: None,
         }
     }
 }

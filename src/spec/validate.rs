@@ -389,6 +389,7 @@ impl Checker {
             self.canary(service, canary);
         }
         self.max_parallel(service);
+        self.found.extend(super::rollout::check(spec, service));
         self.placeholders(service);
     }
 

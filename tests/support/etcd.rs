@@ -169,6 +169,17 @@ impl EtcdCluster {
         self.members.iter().map(Member::client_url).collect()
     }
 
+    /// The spec's `cluster.etcd` for this cluster (plain HTTP) under
+    /// `prefix`, with a lease TTL of 2 s.
+    pub fn etcd_spec(&self, prefix: &str) -> lessnat::spec::Etcd {
+        lessnat::spec::Etcd {
+            endpoints: self.endpoints().into_iter().map(Into::into).collect(),
+            prefix: prefix.to_string().into(),
+            tls: None,
+            lease_ttl: lessnat::spec::HumanDuration::secs(2).into(),
+        }
+    }
+
     /// The client URL of member `index`.
     pub fn endpoint(&self, index: usize) -> String {
         self.members[index].client_url()

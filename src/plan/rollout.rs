@@ -1,0 +1,502 @@
+//! Fleet rollouts in the plan of a worker (`docs/cluster.md`, "Rollouts"):
+//! whether each new routed upgrade of a service with `upgrade.rollout` may
+//! start now, decided from the rollout keys read from etcd
+//! ([`RolloutView`]): a version marked bad never starts; canary nodes go one
+//! at a time; the others wait `hold` after the last canary finished, then
+//! start while a slot is free. An upgrade that may start carries its
+//! [`Turn`] (apply takes the slot); one that may not is left out of the
+//! plan, which says why.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use super::operation::Operation;
+use super::{Change, Decision};
+use crate::cluster::rollout::Turn;
+use crate::desired::DesiredContainer;
+use crate::model::{Observed, RolloutDone, RolloutView};
+use crate::spec::{Etcd, HumanDuration, Rollout, Service, Spec};
+
+/// A service's version as its rollout counts it: the hash of what makes
+/// its containers (image, command, environment, ports, digest), without a
+/// replica's own address and number, so it is the same on every node.
+pub fn rollout_version(container: &DesiredContainer) -> String {
+    DesiredContainer {
+        address: None,
+        replica: None,
+        ..container.clone()
+    }
+    .spec_hash()
+}
+
+/// What the rollout lets a node's upgrade of a service do now.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Verdict {
+    /// Start, taking a slot as the turn says; `note` says how (for the
+    /// change's reason).
+    Start {
+        /// The turn apply takes.
+        turn: Box<Turn>,
+        /// How this node takes part, for people.
+        note: String,
+    },
+    /// Not now: why, for the plan's rollout lines.
+    Wait(String),
+    /// Not at all: why, for the plan's warnings.
+    Refuse(String),
+}
+
+/// What the rollouts did to a plan's changes: their lines and warnings.
+#[derive(Debug, Default)]
+pub(super) struct Gated {
+    /// Services waiting their turn, for the plan's rollout lines.
+    pub lines: Vec<String>,
+    /// Versions that do not start (marked bad, etcd unread).
+    pub warnings: Vec<String>,
+}
+
+/// Gives each new routed upgrade of a service with `upgrade.rollout` its
+/// turn, or leaves it out of `changes` when the rollout says to wait or
+/// refuses its version. An upgrade found in flight that resumes took its
+/// turn when it started: it takes no slot and only records `done` or
+/// `bad`; one that rolls back is left as it is.
+pub(super) fn gate(
+    spec: &Spec,
+    node: &str,
+    observed: &Observed,
+    changes: Vec<Change>,
+) -> (Vec<Change>, Gated) {
+    let mut gated = Gated::default();
+    let mut kept = Vec::with_capacity(changes.len());
+    let mut decided: Vec<(String, Verdict)> = Vec::new();
+    for mut change in changes {
+        let Operation::UpgradeReplica {
+            workload,
+            in_flight,
+            rollout,
+            ..
+        } = &mut change.operation
+        else {
+            kept.push(change);
+            continue;
+        };
+        let Some(settings) = &workload.service.upgrade.rollout else {
+            kept.push(change);
+            continue;
+        };
+        let name = workload.service.name.value.clone();
+        if let Some(found) = in_flight {
+            if found.decision == Decision::Resume {
+                let version = rollout_version(&workload.container);
+                *rollout = spec.cluster.as_ref().map(|cluster| {
+                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, 0);
+                    turn.resumed = true;
+                    turn
+                });
+            }
+            kept.push(change);
+            continue;
+        }
+        let verdict = match decided.iter().find(|(s, _)| *s == name) {
+            Some((_, verdict)) => verdict.clone(),
+            None => {
+                let version = rollout_version(&workload.container);
+                let verdict = verdict(
+                    spec,
+                    node,
+                    &workload.service,
+                    settings,
+                    &version,
+                    observed.rollouts.as_ref(),
+                );
+                match &verdict {
+                    Verdict::Wait(line) => gated.lines.push(line.clone()),
+                    Verdict::Refuse(warning) => gated.warnings.push(warning.clone()),
+                    Verdict::Start { .. } => {}
+                }
+                decided.push((name, verdict.clone()));
+                verdict
+            }
+        };
+        if let Verdict::Start { turn, note } = verdict {
+            *rollout = Some(turn);
+            change.reason = format!("{}; {note}", change.reason);
+            kept.push(change);
+        }
+    }
+    (kept, gated)
+}
+
+/// Marks, for each service, the last change of `changes` that takes a
+/// rollout turn: its apply writes `done` and frees the slot.
+pub(super) fn mark_last(changes: &mut [Change]) {
+    let mut seen: Vec<String> = Vec::new();
+    for change in changes.iter_mut().rev() {
+        let turn = match &mut change.operation {
+            Operation::UpgradeReplica { rollout, .. }
+            | Operation::UpgradeReplicas { rollout, .. } => rollout.as_deref_mut(),
+            _ => None,
+        };
+        if let Some(turn) = turn {
+            turn.last = !seen.contains(&turn.service);
+            seen.push(turn.service.clone());
+        }
+    }
+}
+
+/// The verdict for `node`'s upgrade of `service` to `version` under
+/// `settings`, from the rollout keys read (`None`: not read).
+fn verdict(
+    spec: &Spec,
+    node: &str,
+    service: &Service,
+    settings: &Rollout,
+    version: &str,
+    view: Option<&RolloutView>,
+) -> Verdict {
+    let name = &service.name.value;
+    let Some(cluster) = &spec.cluster else {
+        return Verdict::Refuse(format!(
+            "{name}: `rollout` needs the spec's `cluster:`; the upgrade to version {version} does not start"
+        ));
+    };
+    let view = match view {
+        Some(view) if view.unreachable.is_none() => view,
+        Some(view) => {
+            return Verdict::Refuse(format!(
+                "etcd could not be read ({}): rollouts pause, so {name}'s upgrade to version {version} does not start until it can",
+                view.unreachable.as_deref().unwrap_or("no answer")
+            ));
+        }
+        None => {
+            return Verdict::Refuse(format!(
+                "the rollout keys in etcd were not read: {name}'s upgrade to version {version} does not start"
+            ));
+        }
+    };
+    if let Some(bad) = view
+        .bad
+        .iter()
+        .find(|b| b.service == *name && b.version == version)
+    {
+        return Verdict::Refuse(format!(
+            "version {version} of {name} was marked bad by {}: {}; change the spec to try again",
+            bad.node, bad.reason
+        ));
+    }
+    let max = settings.max_parallel.value.max(1);
+    let turn = |slots: u32| new_turn(&cluster.etcd, node, name, version, slots);
+    let slots: Vec<_> = view.slots.iter().filter(|s| s.service == *name).collect();
+    if let Some(own) = slots.iter().find(|s| s.node == node) {
+        return Verdict::Start {
+            turn: turn(max),
+            note: format!("rollout: this node holds slot {} already", own.slot),
+        };
+    }
+    let others: Vec<String> = slots
+        .iter()
+        .map(|s| {
+            format!(
+                "{} (slot {}, to version {} since {})",
+                s.node,
+                s.slot,
+                s.version,
+                at(s.since)
+            )
+        })
+        .collect();
+    let mut done: Vec<&RolloutDone> = view
+        .done
+        .iter()
+        .filter(|d| d.service == *name && d.version == version && d.node != node)
+        .collect();
+    done.sort_by_key(|d| (d.since, d.node.clone()));
+    if let Some(canary) = &settings.canary {
+        let wanted = canary.nodes.value.max(1) as usize;
+        if done.len() < wanted {
+            if !others.is_empty() {
+                return Verdict::Wait(format!(
+                    "{name}: waits: version {version} is in its canary phase ({} of {wanted} canary nodes done) and canary nodes go one at a time: {} upgrading",
+                    done.len(),
+                    others.join(", ")
+                ));
+            }
+            return Verdict::Start {
+                turn: turn(1),
+                note: format!(
+                    "rollout: canary node {} of {wanted} for version {version}",
+                    done.len() + 1
+                ),
+            };
+        }
+        let canaries = &done[..wanted];
+        let finished = canaries.iter().map(|d| d.since).max().unwrap_or(0);
+        let hold = canary.hold.value.get().as_secs();
+        // Both times are whole seconds: one more, so the hold is never cut short.
+        let until = finished.saturating_add(hold).saturating_add(1);
+        if view.read_at < until {
+            let names: Vec<&str> = canaries.iter().map(|d| d.node.as_str()).collect();
+            return Verdict::Wait(format!(
+                "{name}: waits: version {version} passed its canary nodes ({}); the others start {} after the last finished, at {} (in {})",
+                names.join(", "),
+                canary.hold.value,
+                at(until),
+                HumanDuration::secs(until - view.read_at)
+            ));
+        }
+    }
+    let held = slots.iter().filter(|s| s.slot < max).count();
+    if held >= max as usize {
+        return Verdict::Wait(format!(
+            "{name}: waits: every rollout slot ({max}) is held: {}",
+            others.join(", ")
+        ));
+    }
+    Verdict::Start {
+        turn: turn(max),
+        note: format!(
+            "rollout: takes one of {max} slots for version {version} ({} nodes done)",
+            done.len()
+        ),
+    }
+}
+
+/// `node`'s turn in the rollout of `service` to `version` from `slots`
+/// slots, in the etcd of `etcd`.
+fn new_turn(etcd: &Etcd, node: &str, service: &str, version: &str, slots: u32) -> Box<Turn> {
+    Box::new(Turn {
+        etcd: etcd.clone(),
+        service: service.to_string(),
+        version: version.to_string(),
+        node: node.to_string(),
+        slots,
+        last: false,
+        resumed: false,
+    })
+}
+
+/// `seconds` (since the Unix epoch) as a UTC time.
+fn at(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::handshake::tests as handshake;
+    use crate::model::{RolloutBad, RolloutSlot};
+    use crate::plan::Plan;
+
+    /// The example: api rolls out (maxParallel 1, one canary node, hold 5m).
+    fn spec() -> Spec {
+        handshake::spec(&handshake::example())
+    }
+
+    /// web-1 runs api at an older version; the rollout keys are `view`.
+    fn plan_with(view: Option<RolloutView>) -> Plan {
+        let observed = Observed {
+            rollouts: view,
+            ..handshake::running_old()
+        };
+        crate::plan::plan(&spec(), "web-1", &observed)
+    }
+
+    fn turn_of(plan: &Plan) -> Option<&Turn> {
+        plan.changes.iter().find_map(|c| match &c.operation {
+            Operation::UpgradeReplica { rollout, .. } => rollout.as_deref(),
+            _ => None,
+        })
+    }
+
+    /// Whether `plan` upgrades anything.
+    fn upgrades(plan: &Plan) -> bool {
+        plan.changes
+            .iter()
+            .any(|c| matches!(c.operation, Operation::UpgradeReplica { .. }))
+    }
+
+    /// The version web-1 upgrades to, and a view read at `read_at`.
+    fn version_and_view(read_at: u64) -> (String, RolloutView) {
+        let plan = plan_with(Some(RolloutView::default()));
+        let version = turn_of(&plan).expect("a turn").version.clone();
+        let view = RolloutView {
+            read_at,
+            ..RolloutView::default()
+        };
+        (version, view)
+    }
+
+    fn slot(node: &str, version: &str) -> RolloutSlot {
+        RolloutSlot {
+            service: "api".into(),
+            slot: 0,
+            node: node.into(),
+            version: version.into(),
+            since: 900,
+        }
+    }
+
+    fn done(node: &str, version: &str, since: u64) -> RolloutDone {
+        RolloutDone {
+            service: "api".into(),
+            version: version.into(),
+            node: node.into(),
+            since,
+        }
+    }
+
+    #[test]
+    fn the_version_is_the_same_on_every_node() {
+        let spec = spec();
+        let service = &spec.services[0];
+        let on = |node: &str| {
+            let desired = crate::desired::desired_node(&spec, node);
+            let (_, container) = desired
+                .services
+                .into_iter()
+                .find(|(s, _)| s.name == service.name)
+                .expect("api runs there");
+            (container.spec_hash(), rollout_version(&container))
+        };
+        let (web1, web2) = (on("web-1"), on("web-2"));
+        assert_ne!(web1.0, web2.0, "each replica's own hash has its address");
+        assert_eq!(web1.1, web2.1);
+    }
+
+    #[test]
+    fn with_nothing_in_etcd_the_first_node_is_the_canary() {
+        let plan = plan_with(Some(RolloutView::default()));
+        let turn = turn_of(&plan).expect("the upgrade takes a turn");
+        assert_eq!(turn.slots, 1, "canary nodes go one at a time");
+        assert!(turn.last);
+        assert_eq!(
+            (turn.service.as_str(), turn.node.as_str()),
+            ("api", "web-1")
+        );
+        assert!(
+            plan.changes
+                .iter()
+                .any(|c| c.reason.contains("canary node 1 of 1"))
+        );
+        assert!(
+            plan.rollouts.is_empty() && plan.warnings.is_empty(),
+            "{plan:#?}"
+        );
+    }
+
+    #[test]
+    fn a_version_marked_bad_does_not_start() {
+        let (version, mut view) = version_and_view(1000);
+        view.bad.push(RolloutBad {
+            service: "api".into(),
+            version: version.clone(),
+            node: "web-2".into(),
+            reason: "lessnat-api.web-2.next was not healthy after 1m".into(),
+            since: 950,
+        });
+        let plan = plan_with(Some(view));
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert_eq!(
+            plan.warnings,
+            [format!(
+                "version {version} of api was marked bad by web-2: lessnat-api.web-2.next was not healthy after 1m; change the spec to try again"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_canary_node_upgrading_holds_the_others() {
+        let (version, mut view) = version_and_view(1000);
+        view.slots.push(slot("web-2", &version));
+        let plan = plan_with(Some(view));
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert_eq!(plan.rollouts.len(), 1);
+        assert!(
+            plan.rollouts[0].contains("canary phase (0 of 1 canary nodes done)")
+                && plan.rollouts[0].contains("web-2 (slot 0"),
+            "{}",
+            plan.rollouts[0]
+        );
+    }
+
+    #[test]
+    fn after_the_canary_the_others_wait_for_its_hold() {
+        let (version, mut view) = version_and_view(1000);
+        view.done.push(done("web-2", &version, 900));
+        let plan = plan_with(Some(view.clone()));
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert!(
+            plan.rollouts[0].contains("passed its canary nodes (web-2)")
+                && plan.rollouts[0].contains("(in 3m21s)"),
+            "{}",
+            plan.rollouts[0]
+        );
+        // Once the hold has passed: every slot may be taken.
+        view.read_at = 900 + 300 + 1;
+        let plan = plan_with(Some(view));
+        assert_eq!(turn_of(&plan).map(|t| t.slots), Some(1));
+        assert!(plan.rollouts.is_empty());
+    }
+
+    #[test]
+    fn every_slot_held_means_wait_naming_the_holders() {
+        let (version, mut view) = version_and_view(10_000);
+        view.done.push(done("web-3", &version, 100));
+        view.slots.push(slot("web-2", &version));
+        let plan = plan_with(Some(view));
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert!(
+            plan.rollouts[0].contains("every rollout slot (1) is held: web-2 (slot 0"),
+            "{}",
+            plan.rollouts[0]
+        );
+    }
+
+    #[test]
+    fn a_slot_this_node_holds_is_its_own() {
+        let (version, mut view) = version_and_view(1000);
+        view.slots.push(slot("web-1", &version));
+        let plan = plan_with(Some(view));
+        assert!(turn_of(&plan).is_some(), "{plan:#?}");
+    }
+
+    #[test]
+    fn an_upgrade_found_in_flight_resumes_without_a_slot_and_records_its_end() {
+        let spec = spec();
+        let desired = crate::desired::desired_node(&spec, "web-1");
+        let (_, container) = desired.services.into_iter().next().expect("api");
+        let mut observed = Observed {
+            rollouts: Some(RolloutView::default()),
+            ..handshake::running_old()
+        };
+        let mut next = observed.containers[0].clone();
+        next.name = "lessnat-api.web-1.next".into();
+        next.slot = crate::ownership::Slot::Next;
+        next.spec_hash = container.spec_hash();
+        next.address = Some("10.20.1.254".into());
+        observed.containers.push(next);
+        // Even with every slot held by another node.
+        if let Some(view) = observed.rollouts.as_mut() {
+            view.slots.push(slot("web-2", "other"));
+        }
+        let plan = crate::plan::plan(&spec, "web-1", &observed);
+        let turn = turn_of(&plan).expect("the resumed upgrade records its end");
+        assert!(turn.resumed && turn.last, "{turn:?}");
+        assert_eq!(turn.version, rollout_version(&container));
+        assert!(plan.rollouts.is_empty(), "{:?}", plan.rollouts);
+    }
+
+    #[test]
+    fn without_etcd_no_rollout_starts() {
+        let view = RolloutView::unreachable("no answer within 2s".into(), 1000);
+        let plan = plan_with(Some(view));
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert!(
+            plan.warnings[0]
+                .starts_with("etcd could not be read (no answer within 2s): rollouts pause"),
+            "{:?}",
+            plan.warnings
+        );
+        let plan = plan_with(None);
+        assert!(!upgrades(&plan), "{plan:#?}");
+    }
+}

@@ -1,0 +1,526 @@
+//! Fleet rollouts end to end (`docs/cluster.md`, "Rollouts"): a real
+//! three-member etcd on loopback (`support::etcd`), the routed site in
+//! network namespaces (`support::topology`: two clients, two load-balancer
+//! nodes, two workers) with containers of the test server, and `lessnat
+//! agent` as the real binary on every node, under load from both clients.
+//! The service rolls out one node at a time, one canary node first:
+//!
+//! - a version whose health check never passes (the test server with
+//!   `--unhealthy`): exactly one worker (the canary) starts it, rolls back
+//!   (its old replica keeps serving) and marks it bad in etcd; the other
+//!   worker never creates a container of it, and its plan says the version
+//!   is bad;
+//! - the next, good version: the canary upgrades first, the other worker
+//!   takes the slot only after the canary is done and its hold has passed;
+//! - no request fails through either.
+//!
+//! And without Docker: taking a slot is atomic (three workers at once, one
+//! slot), a version marked bad gets none, a node takes over the slot it
+//! holds, and a slot no longer kept alive frees itself.
+//!
+//! Timings are printed, not asserted (the hold is a lower bound).
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lessnat::backend::etcd::{Etcd, KeyChange, Snapshot};
+use lessnat::cluster::config::etcd_config;
+use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
+use lessnat::cluster::rollout::{Held, Taken, Turn};
+use serde_json::Value;
+use support::cluster_site::{ClusterSite, load_through};
+use support::etcd::EtcdCluster;
+use support::image::test_image;
+use support::load::{Load, Report};
+use support::process::Process;
+use support::topology::{Node, Topology, output_within, show};
+
+/// The longest the test waits for something that takes a few seconds.
+const BOUND: Duration = Duration::from_secs(60);
+
+/// The canary's hold in the spec.
+const HOLD: Duration = Duration::from_secs(4);
+
+/// The site with etcd (`ClusterSite`, lease TTL 2 s) and the spec's path.
+struct Site {
+    cluster: ClusterSite,
+    spec: PathBuf,
+}
+
+impl Site {
+    /// `None` (skipped) without root, the tools or Docker.
+    fn new(test: &str) -> Option<Site> {
+        let mut cluster = ClusterSite::new(test, 2, 2)?;
+        cluster.etcd.wait_healthy();
+        let mut site = Site {
+            cluster,
+            spec: PathBuf::new(),
+        };
+        site.spec = site.write_spec(&test_image("v1"), false);
+        site.cluster.site.apply_all(&site.spec);
+        Some(site)
+    }
+
+    /// Writes the spec with the service's `image` (its health check failing
+    /// when `unhealthy`) and a rollout of one node at a time after one
+    /// canary node; returns its path.
+    fn write_spec(&self, image: &str, unhealthy: bool) -> PathBuf {
+        let spec = self.cluster.write_spec("spec", image, None);
+        let text = std::fs::read_to_string(&spec).expect("spec");
+        let rollout = format!(
+            "      stopTimeout: 5s\n      rollout: {{ maxParallel: 1, canary: {{ nodes: 1, hold: {}s }} }}\n",
+            HOLD.as_secs()
+        );
+        let mut text = text
+            .replacen("      stopTimeout: 5s\n", &rollout, 1)
+            .replacen("startTimeout: 20s", "startTimeout: 6s", 1);
+        if unhealthy {
+            text = text.replacen("\"--udp\"", "\"--unhealthy\", \"--udp\"", 1);
+        }
+        assert!(text.contains("rollout:"), "{text}");
+        std::fs::write(&spec, text).expect("write spec");
+        spec
+    }
+
+    /// Waits until the rollout keys satisfy `done`; the last read.
+    fn wait_rollouts(&self, what: &str, done: impl Fn(&Keys, &Snapshot) -> bool) -> Snapshot {
+        let (etcd, keys) = (self.cluster.client(), self.cluster.keys());
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Ok(read) = etcd.get_prefix(&keys.rollouts())
+                && done(&keys, &read)
+            {
+                return read;
+            }
+            assert!(Instant::now() < deadline, "{what} within {BOUND:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The plan of `node` (`lessnat plan`), as text.
+    fn plan(&self, node: &Node) -> String {
+        Topology::plan_exit(node, &self.spec).1
+    }
+}
+
+/// The rollout keys of kind `kind` (`"slot"`, `"done"`, `"bad"`) in `read`.
+fn count(keys: &Keys, read: &Snapshot, kind: &str) -> usize {
+    read.entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                (keys.rollout_of(&e.key), kind),
+                (Some(RolloutKey::Slot { .. }), "slot")
+                    | (Some(RolloutKey::Done { .. }), "done")
+                    | (Some(RolloutKey::Bad { .. }), "bad")
+            )
+        })
+        .count()
+}
+
+/// When a node first took a slot, and when it was first done.
+type Taking = (Option<Instant>, Option<Instant>);
+
+/// Every change to the rollout keys, with the instant it was seen.
+struct RolloutClock {
+    seen: Arc<Mutex<Vec<(Instant, KeyChange)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RolloutClock {
+    fn start(etcd: Etcd, keys: Keys) -> RolloutClock {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut revision = etcd.get_prefix(&keys.rollouts()).expect("read").revision;
+        let (into, stopped) = (Arc::clone(&seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut watch = None;
+            while !stopped.load(Ordering::SeqCst) {
+                // A broken watch starts again after the last revision seen.
+                let Some(current) = watch.as_mut() else {
+                    watch = etcd.watch_prefix(&keys.rollouts(), revision + 1).ok();
+                    continue;
+                };
+                match current.next(Duration::from_millis(100)) {
+                    Ok(Some((at_revision, changes))) => {
+                        let at = Instant::now();
+                        revision = revision.max(at_revision);
+                        let mut seen = into.lock().expect("clock");
+                        seen.extend(changes.into_iter().map(|c| (at, c)));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        eprintln!("the test's watch of the rollout keys broke: {error}");
+                        watch = None;
+                    }
+                }
+            }
+        });
+        RolloutClock {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// When `node` first took a slot, and when it was first done.
+    fn turn_of(&self, keys: &Keys, node: &str) -> Taking {
+        let seen = self.seen.lock().expect("clock");
+        let first = |wanted: &dyn Fn(&KeyChange) -> bool| {
+            seen.iter().find(|(_, c)| wanted(c)).map(|(at, _)| *at)
+        };
+        let took = first(&|c| match c {
+            KeyChange::Put(e) => {
+                matches!(keys.rollout_of(&e.key), Some(RolloutKey::Slot { .. }))
+                    && serde_json::from_slice::<SlotRecord>(&e.value).is_ok_and(|r| r.node == node)
+            }
+            KeyChange::Delete { .. } => false,
+        });
+        let done = first(&|c| match c {
+            KeyChange::Put(e) => matches!(
+                keys.rollout_of(&e.key),
+                Some(RolloutKey::Done { node: n, .. }) if n == node
+            ),
+            KeyChange::Delete { .. } => false,
+        });
+        (took, done)
+    }
+}
+
+impl Drop for RolloutClock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Names of the containers created from `image` since `since` (Unix
+/// seconds) until now, of the nodes `nodes`.
+fn created_from(image: &str, since: u64, nodes: &[&Node]) -> Vec<String> {
+    let until = (unix_now() + 1).to_string();
+    let output = support::run(
+        "docker",
+        &[
+            "events",
+            "--since",
+            &since.to_string(),
+            "--until",
+            &until,
+            "--filter",
+            "event=create",
+            "--filter",
+            &format!("image={image}"),
+            "--format",
+            "{{.Actor.Attributes.name}}",
+        ],
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|name| nodes.iter().any(|n| name.contains(&format!(".{}", n.name))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The images of `worker`'s containers, by name.
+fn images(worker: &Node) -> Vec<(String, String)> {
+    Topology::containers(worker)
+        .into_iter()
+        .map(|name| {
+            let output = support::run("docker", &["inspect", "-f", "{{.Config.Image}}", &name]);
+            let image = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            (name, image)
+        })
+        .collect()
+}
+
+#[test]
+fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_rolls_out_canary_first()
+ {
+    let test = "a_canary_that_never_becomes_healthy_marks_its_version_bad";
+    let Some(site) = Site::new(test) else {
+        return;
+    };
+    let keys = site.cluster.keys();
+    let agents = |nodes: &[Node], interval: &str| -> Vec<Process> {
+        let agent = |node| ClusterSite::agent(node, &site.spec, interval);
+        nodes.iter().map(agent).collect()
+    };
+    let workers = agents(&site.cluster.site.workers, "1s");
+    let lbs = agents(&site.cluster.site.lbs, "60s");
+    let origin = Instant::now();
+    let loads: Vec<Load> = (0..2)
+        .map(|client| load_through(&site.cluster.site, client, 8))
+        .collect();
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    let started = unix_now();
+    let bad_image = test_image("v2");
+    let good_image = test_image("v3");
+
+    // A version whose health check never passes.
+    site.write_spec(&bad_image, true);
+    let read = site.wait_rollouts("the version marked bad", |keys, read| {
+        count(keys, read, "bad") == 1 && count(keys, read, "slot") == 0
+    });
+    let bad: BadRecord = read
+        .entries
+        .iter()
+        .find(|e| matches!(keys.rollout_of(&e.key), Some(RolloutKey::Bad { .. })))
+        .and_then(|e| serde_json::from_slice(&e.value).ok())
+        .expect("a bad record");
+    eprintln!(
+        "marked bad by {} {:.1}s after the spec changed: {}",
+        bad.node,
+        origin.elapsed().as_secs_f64(),
+        bad.reason
+    );
+    assert_eq!(count(&keys, &read, "done"), 0, "nobody is done with it");
+    let (canary, other) = match site
+        .cluster
+        .site
+        .workers
+        .iter()
+        .position(|w| w.name == bad.node)
+    {
+        Some(0) => (&site.cluster.site.workers[0], &site.cluster.site.workers[1]),
+        Some(_) => (&site.cluster.site.workers[1], &site.cluster.site.workers[0]),
+        None => panic!("{} is not a worker", bad.node),
+    };
+    assert!(bad.reason.contains("not healthy"), "{}", bad.reason);
+    // The other worker's plan says why it does not start the version.
+    let plan = site.plan(other);
+    assert!(
+        plan.contains(&format!("was marked bad by {}", canary.name))
+            && plan.contains("change the spec to try again"),
+        "{plan}"
+    );
+    // A few more runs of both agents: still nothing of the bad version.
+    std::thread::sleep(Duration::from_secs(3));
+    let bad_created = created_from(&bad_image, started, &[canary, other]);
+    assert_eq!(bad_created.len(), 1, "{bad_created:?}");
+    assert!(
+        bad_created[0].contains(&canary.name) && bad_created[0].ends_with(".next"),
+        "{bad_created:?}"
+    );
+    // The canary's old replica serves on.
+    for worker in [canary, other] {
+        let found = images(worker);
+        assert_eq!(found.len(), 1, "{}: {found:?}", worker.name);
+        assert_eq!(found[0].1, test_image("v1"), "{}: {found:?}", worker.name);
+    }
+
+    // A good version: the canary first, the other after the hold.
+    let clock = RolloutClock::start(site.cluster.client(), keys.clone());
+    let good_at = Instant::now();
+    site.write_spec(&good_image, false);
+    site.wait_rollouts("both workers done with the good version", |keys, read| {
+        count(keys, read, "done") == 2 && count(keys, read, "slot") == 0
+    });
+    eprintln!(
+        "both workers upgraded {:.1}s after the spec changed",
+        good_at.elapsed().as_secs_f64()
+    );
+    // Each worker's turn (when it took a slot, when it was done), in order.
+    let mut turns: Vec<(&str, Taking)> = site
+        .cluster
+        .site
+        .workers
+        .iter()
+        .map(|w| (w.name.as_str(), clock.turn_of(&keys, &w.name)))
+        .collect();
+    turns.sort_by_key(|(_, (took, _))| *took);
+    let [
+        (first, (Some(_), Some(first_done))),
+        (second, (Some(second_took), _)),
+    ] = turns[..]
+    else {
+        panic!(
+            "a slot or done not seen: {turns:?}; seen: {:#?}",
+            clock.seen.lock().expect("clock")
+        );
+    };
+    let gap = second_took.saturating_duration_since(first_done);
+    eprintln!(
+        "the second worker took the slot {:.1}s after the canary was done (hold {HOLD:?})",
+        gap.as_secs_f64()
+    );
+    assert!(
+        second_took > first_done && gap + Duration::from_millis(500) >= HOLD,
+        "the second worker started {gap:?} after the canary was done, hold {HOLD:?}"
+    );
+    assert!(
+        created_from(&bad_image, started, &[other]).is_empty(),
+        "the other worker created a container of the bad version"
+    );
+    for worker in &site.cluster.site.workers {
+        let found = images(worker);
+        assert_eq!(found.len(), 1, "{}: {found:?}", worker.name);
+        assert_eq!(found[0].1, good_image, "{}: {found:?}", worker.name);
+    }
+
+    // `status --cluster` shows the rollout.
+    let mut command = Topology::lessnat(
+        &site.cluster.site.lbs[0],
+        &["status", "--cluster", "--json", "--spec"],
+    );
+    command.arg(&site.spec);
+    let output = output_within(command, BOUND);
+    assert!(output.status.success(), "{}", show(&output));
+    let status: Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    let rollout = &status["rollouts"][0];
+    assert_eq!(rollout["service"], "web", "{status:#}");
+    assert_eq!(rollout["bad"][0]["node"], Value::from(bad.node.clone()));
+    let done: Vec<(&String, &Value)> = rollout["done"]
+        .as_object()
+        .expect("done by version")
+        .iter()
+        .collect();
+    assert_eq!(done.len(), 1, "{rollout:#}");
+    let (version, nodes) = done[0];
+    assert_eq!(nodes, &serde_json::json!([first, second]), "{rollout:#}");
+
+    let mut command = Topology::lessnat(
+        &site.cluster.site.lbs[0],
+        &["status", "--cluster", "--spec"],
+    );
+    command.arg(&site.spec);
+    let text = show(&output_within(command, BOUND));
+    eprintln!("{text}");
+    let marked = format!("marked by {}", bad.node);
+    let both = format!("done       {version}: {first}, {second}");
+    assert!(
+        text.contains("rollout      web") && text.contains(&marked) && text.contains(&both),
+        "{text}"
+    );
+    for load in &loads {
+        load.wait_requests(100, BOUND).expect("the load runs");
+    }
+    let report = Report::merged(loads.into_iter().map(Load::stop));
+    eprintln!("load through the rollouts: {}", report.summary(origin));
+    assert!(report.failed().is_empty(), "{:?}", report.failed());
+    drop(clock);
+    for agent in workers.into_iter().chain(lbs) {
+        let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+        assert!(!output.contains("panicked"), "{output}");
+    }
+}
+
+/// A turn of `node` in the rollout of `api` to `version`, from one slot.
+fn turn(etcd: &EtcdCluster, prefix: &str, node: &str, version: &str, last: bool) -> Turn {
+    Turn {
+        etcd: etcd.etcd_spec(prefix),
+        service: "api".into(),
+        version: version.into(),
+        node: node.into(),
+        slots: 1,
+        last,
+        resumed: false,
+    }
+}
+
+/// The slot `turn` takes (it must get one).
+fn slot(turn: Turn) -> Box<Held> {
+    match turn.take() {
+        Ok(Taken::Slot(held)) => held,
+        other => panic!("{} got no slot: {other:?}", turn.node),
+    }
+}
+
+/// Who holds slot 0 of `api` now, if anyone.
+fn holder(etcd: &Etcd, keys: &Keys) -> Option<String> {
+    let read = etcd.get_prefix(&keys.rollout_slot("api", 0)).expect("read");
+    let entry = read.entries.first()?;
+    serde_json::from_slice::<SlotRecord>(&entry.value)
+        .ok()
+        .map(|r| r.node)
+}
+
+/// Slots against a real etcd, without Docker: three workers taking the one
+/// slot at once get it once; a version marked bad gives no slot; a node
+/// takes over the slot it holds, and a slot left behind frees itself
+/// within the lease TTL.
+#[test]
+fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
+    let test = "taking_a_slot_is_atomic";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(3);
+    cluster.wait_healthy();
+    let prefix = format!("/lessnat-test-slots-{}", std::process::id());
+    let etcd = Etcd::connect(&etcd_config(&cluster.etcd_spec(&prefix))).expect("client");
+    let keys = Keys::new(&prefix);
+
+    // Three at once: one slot, two told it is taken.
+    let barrier = std::sync::Barrier::new(3);
+    let taken: Vec<Taken> = std::thread::scope(|scope| {
+        let threads: Vec<_> = ["web-1", "web-2", "web-3"]
+            .into_iter()
+            .map(|node| {
+                let (turn, barrier) = (turn(&cluster, &prefix, node, "v2", true), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    turn.take().expect("take")
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("taker"))
+            .collect()
+    });
+    let (mut held, full): (Vec<Taken>, Vec<Taken>) =
+        taken.into_iter().partition(|t| matches!(t, Taken::Slot(_)));
+    assert_eq!((held.len(), full.len()), (1, 2), "{held:?} {full:?}");
+    let Some(Taken::Slot(first)) = held.pop() else {
+        unreachable!()
+    };
+    let winner = holder(&etcd, &keys).expect("the slot is held");
+    first.done().expect("done");
+    assert_eq!(holder(&etcd, &keys), None, "done frees the slot");
+    let done = etcd
+        .get_prefix(&keys.rollout_done("api", "v2", &winner))
+        .expect("read");
+    assert_eq!(done.entries.len(), 1, "done is written");
+
+    // A failed upgrade marks the version bad: nobody gets a slot for it.
+    let second = slot(turn(&cluster, &prefix, "web-2", "v3", true));
+    second.bad("not healthy").expect("bad");
+    assert_eq!(holder(&etcd, &keys), None, "bad frees the slot");
+    match turn(&cluster, &prefix, "web-3", "v3", true).take() {
+        Ok(Taken::Bad(by)) => assert_eq!(by, "web-2"),
+        other => panic!("a slot for a bad version: {other:?}"),
+    }
+
+    // A node's first batch keeps the slot for its next one, which takes
+    // it over; another node meanwhile finds it taken.
+    let batch = slot(turn(&cluster, &prefix, "web-1", "v4", false));
+    batch.done().expect("not the last batch");
+    assert_eq!(holder(&etcd, &keys).as_deref(), Some("web-1"));
+    assert!(matches!(
+        turn(&cluster, &prefix, "web-2", "v4", true).take(),
+        Ok(Taken::Full(_))
+    ));
+    let again = slot(turn(&cluster, &prefix, "web-1", "v4", false));
+    // Not kept alive any more (as when its apply dies): it frees itself.
+    again.done().expect("not the last batch");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder(&etcd, &keys).is_some() {
+        assert!(Instant::now() < deadline, "the slot outlived its lease");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
