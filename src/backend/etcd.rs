@@ -22,10 +22,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one request may take, from sending to its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How often an idle connection is pinged, and how long the answer may take:
-/// a member that died (or a cut network) breaks watches and keep-alives in
-/// about this long, instead of leaving them waiting on a dead connection.
-const PING: Duration = Duration::from_secs(1);
+/// How often a connection with open streams (watches, lease keep-alives) is
+/// pinged: a cut network breaks them within this plus [`PING_TIMEOUT`]
+/// instead of leaving them waiting on a dead connection (a member that dies
+/// closes its connections at once). Above etcd's `--grpc-keepalive-min-time`
+/// (5 s by default): a member answers more frequent pings, or pings without
+/// a stream, with GOAWAY ("too many pings"), which broke watches every few
+/// seconds when this was 1 s.
+const PING: Duration = Duration::from_secs(6);
+
+/// How long a ping's answer may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// gRPC's status code `UNAVAILABLE`: the member cannot take the call now.
 const GRPC_UNAVAILABLE: i32 = 14;
@@ -191,8 +198,8 @@ impl Etcd {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout)
-            .with_keep_alive(PING, PING)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive(PING, PING_TIMEOUT)
+            .with_keep_alive_while_idle(false)
             .with_require_leader(true);
         if let Some(tls) = &config.tls {
             options = options.with_tls(tls_options(tls)?);
