@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lessnat::backend::etcd::{Etcd, KeyChange, Snapshot};
+use lessnat::backend::etcd::{Etcd, Expect, KeyChange, Snapshot};
 use lessnat::cluster::config::etcd_config;
 use lessnat::cluster::keys::{BadRecord, Keys, RolloutKey, SlotRecord};
 use lessnat::cluster::rollout::{Held, Taken, Turn};
@@ -429,6 +429,7 @@ fn turn(etcd: &EtcdCluster, prefix: &str, node: &str, version: &str, last: bool)
         slots: 1,
         last,
         resumed: false,
+        canary_after: None,
     }
 }
 
@@ -523,4 +524,33 @@ fn taking_a_slot_is_atomic_and_a_bad_version_gets_none() {
         assert!(Instant::now() < deadline, "the slot outlived its lease");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // Two canary turns planned while no node was done: the first takes the
+    // slot and finishes; the second, taken after that, does not start
+    // (it would skip the hold).
+    let canary = |node: &str| Turn {
+        canary_after: Some(0),
+        ..turn(&cluster, &prefix, node, "v5", true)
+    };
+    slot(canary("web-1")).done().expect("done");
+    match canary("web-2").take() {
+        Ok(Taken::Moved(done)) => assert_eq!(done, 1),
+        other => panic!("a second canary started after the first finished: {other:?}"),
+    }
+    assert_eq!(holder(&etcd, &keys), None);
+    // What guards the window between that read and the slot's transaction:
+    // nothing new under the done prefix since the read's revision.
+    let done_nodes = keys.rollout_done_nodes("api", "v6");
+    let read = etcd.get_prefix(&done_nodes).expect("read");
+    let guarded = |revision| {
+        let expect = [(done_nodes.as_str(), Expect::NothingNewUnder(revision))];
+        etcd.put_if(&format!("{prefix}/guarded"), b"x", None, &expect)
+            .expect("txn")
+    };
+    assert!(guarded(read.revision), "an empty prefix has nothing new");
+    etcd.put(&keys.rollout_done("api", "v6", "web-1"), b"{}", None)
+        .expect("put");
+    assert!(!guarded(read.revision), "a key created since the read");
+    let now = etcd.get_prefix(&done_nodes).expect("read").revision;
+    assert!(guarded(now), "nothing created since the second read");
 }

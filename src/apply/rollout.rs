@@ -42,6 +42,13 @@ pub(super) fn in_turn(
             ));
             return Ok(0);
         }
+        Ok(Taken::Moved(done)) => {
+            progress.step(&format!(
+                "{service}: the canary phase of version {} moved on since the plan ({done} other nodes done now): the upgrade does not start; the next run decides again",
+                turn.version
+            ));
+            return Ok(0);
+        }
         Ok(Taken::Bad(by)) => {
             progress.step(&format!(
                 "{service}: version {} was marked bad by {by} since the plan: the upgrade does not start; change the spec to try again",

@@ -165,6 +165,8 @@ pub enum Expect {
     Absent,
     /// The key was last written at this revision (no one wrote it since it was read).
     ModRevision(i64),
+    /// No key under this prefix was created after this revision.
+    NothingNewUnder(i64),
 }
 
 /// A connected etcd client. Cheap to clone; clones share the connection.
@@ -331,6 +333,9 @@ impl Etcd {
                 Expect::Absent => Compare::create_revision(*key, CompareOp::Equal, 0),
                 Expect::ModRevision(revision) => {
                     Compare::mod_revision(*key, CompareOp::Equal, *revision)
+                }
+                Expect::NothingNewUnder(revision) => {
+                    Compare::create_revision(*key, CompareOp::Less, revision + 1).with_prefix()
                 }
             })
             .collect();

@@ -136,9 +136,15 @@ impl Keys {
         format!("{}{n}", self.rollout_slots(service))
     }
 
+    /// Every node that has upgraded `service` to `version`:
+    /// `{prefix}/rollouts/{service}/{version}/done/`.
+    pub fn rollout_done_nodes(&self, service: &str, version: &str) -> String {
+        format!("{}{version}/done/", self.rollout(service))
+    }
+
     /// Node `node` has upgraded `service` to `version`.
     pub fn rollout_done(&self, service: &str, version: &str, node: &str) -> String {
-        format!("{}{version}/done/{node}", self.rollout(service))
+        format!("{}{node}", self.rollout_done_nodes(service, version))
     }
 
     /// `service`'s `version` is marked bad.

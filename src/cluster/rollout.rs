@@ -167,6 +167,12 @@ pub struct Turn {
     /// started, so it takes no slot and only records `done` or `bad`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resumed: bool,
+    /// A canary node's turn: how many other nodes were done with the
+    /// version when it was planned. The slot is taken only while that is
+    /// still so: a canary that finished since would otherwise let this node
+    /// start as another canary, without the hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_after: Option<u32>,
 }
 
 /// What [`Turn::take`] found.
@@ -178,6 +184,9 @@ pub enum Taken {
     Full(Vec<String>),
     /// The version was marked bad since the plan (by the node named).
     Bad(String),
+    /// The version's canary phase moved on since the plan: this many other
+    /// nodes are done with it now.
+    Moved(u32),
 }
 
 impl Turn {
@@ -227,6 +236,18 @@ impl Turn {
                 .map_or_else(|_| "an unreadable record".to_string(), |r| r.node);
             return Ok(Taken::Bad(by));
         }
+        let done_nodes = keys.rollout_done_nodes(&self.service, &self.version);
+        if let Some(planned) = self.canary_after {
+            let now = read
+                .entries
+                .iter()
+                .filter_map(|e| e.key.strip_prefix(&done_nodes))
+                .filter(|node| *node != self.node)
+                .count();
+            if now != planned as usize {
+                return Ok(Taken::Moved(u32::try_from(now).unwrap_or(u32::MAX)));
+            }
+        }
         let lease = etcd.grant(ttl)?;
         let record = SlotRecord {
             node: self.node.clone(),
@@ -261,10 +282,13 @@ impl Turn {
                 break;
             }
             let key = keys.rollout_slot(&self.service, n);
-            let free = [
+            let mut free = vec![
                 (key.as_str(), Expect::Absent),
                 (bad.as_str(), Expect::Absent),
             ];
+            if self.canary_after.is_some() {
+                free.push((done_nodes.as_str(), Expect::NothingNewUnder(read.revision)));
+            }
             if etcd.put_if(&key, &value, Some(lease), &free)? {
                 taken = Some(n);
             } else {

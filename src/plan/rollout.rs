@@ -88,7 +88,7 @@ pub(super) fn gate(
             if found.decision == Decision::Resume {
                 let version = rollout_version(&workload.container);
                 *rollout = spec.cluster.as_ref().map(|cluster| {
-                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, 0);
+                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, 0, None);
                     turn.resumed = true;
                     turn
                 });
@@ -184,11 +184,13 @@ fn verdict(
         ));
     }
     let max = settings.max_parallel.value.max(1);
-    let turn = |slots: u32| new_turn(&cluster.etcd, node, name, version, slots);
+    let turn = |slots: u32, canary_after: Option<u32>| {
+        new_turn(&cluster.etcd, node, name, version, slots, canary_after)
+    };
     let slots: Vec<_> = view.slots.iter().filter(|s| s.service == *name).collect();
     if let Some(own) = slots.iter().find(|s| s.node == node) {
         return Verdict::Start {
-            turn: turn(max),
+            turn: turn(max, None),
             note: format!("rollout: this node holds slot {} already", own.slot),
         };
     }
@@ -221,7 +223,7 @@ fn verdict(
                 ));
             }
             return Verdict::Start {
-                turn: turn(1),
+                turn: turn(1, Some(u32::try_from(done.len()).unwrap_or(u32::MAX))),
                 note: format!(
                     "rollout: canary node {} of {wanted} for version {version}",
                     done.len() + 1
@@ -252,7 +254,7 @@ fn verdict(
         ));
     }
     Verdict::Start {
-        turn: turn(max),
+        turn: turn(max, None),
         note: format!(
             "rollout: takes one of {max} slots for version {version} ({} nodes done)",
             done.len()
@@ -261,8 +263,16 @@ fn verdict(
 }
 
 /// `node`'s turn in the rollout of `service` to `version` from `slots`
-/// slots, in the etcd of `etcd`.
-fn new_turn(etcd: &Etcd, node: &str, service: &str, version: &str, slots: u32) -> Box<Turn> {
+/// slots, in the etcd of `etcd`; a canary node's after `canary_after` other
+/// nodes were done.
+fn new_turn(
+    etcd: &Etcd,
+    node: &str,
+    service: &str,
+    version: &str,
+    slots: u32,
+    canary_after: Option<u32>,
+) -> Box<Turn> {
     Box::new(Turn {
         etcd: etcd.clone(),
         service: service.to_string(),
@@ -271,6 +281,7 @@ fn new_turn(etcd: &Etcd, node: &str, service: &str, version: &str, slots: u32) -
         slots,
         last: false,
         resumed: false,
+        canary_after,
     })
 }
 
@@ -367,6 +378,11 @@ mod tests {
         let plan = plan_with(Some(RolloutView::default()));
         let turn = turn_of(&plan).expect("the upgrade takes a turn");
         assert_eq!(turn.slots, 1, "canary nodes go one at a time");
+        assert_eq!(
+            turn.canary_after,
+            Some(0),
+            "its slot only while no node is done"
+        );
         assert!(turn.last);
         assert_eq!(
             (turn.service.as_str(), turn.node.as_str()),
