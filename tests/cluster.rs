@@ -514,7 +514,12 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     cluster.wait_registered(4, 2);
-    finish_load(loads, origin, "outage");
+    finish_load(
+        loads,
+        origin,
+        "outage",
+        &workers.iter().chain(&lbs).collect::<Vec<_>>(),
+    );
     // Converged: a replica paused now leaves the spreads as before.
     pause_and_unpause(&cluster, "pause after etcd came back");
     drop(workers);
@@ -535,8 +540,9 @@ fn start_load(site: &Topology) -> Vec<Load> {
 }
 
 /// Stops `loads` after 100 more answers each, prints the report and
-/// asserts that no request failed through `what`.
-fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
+/// asserts that no request failed through `what`; when one did, shows the
+/// `agents`' output on the load's clock.
+fn finish_load(loads: Vec<Load>, origin: Instant, what: &str, agents: &[&Process]) {
     for load in &loads {
         load.wait_requests(100, BOUND).expect("the load runs");
     }
@@ -549,7 +555,12 @@ fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
     );
     assert!(
         failed.is_empty(),
-        "requests failed through the {what}: {failed:?}"
+        "requests failed through the {what}: {failed:?}\nagents:\n{}",
+        agents
+            .iter()
+            .map(|a| a.output_since(origin))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
 }
 
@@ -624,7 +635,12 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
             .collect::<Vec<_>>()
             .join("\n----\n")
     );
-    finish_load(loads, origin, "upgrade");
+    finish_load(
+        loads,
+        origin,
+        "upgrade",
+        &workers.iter().chain(&lbs).collect::<Vec<_>>(),
+    );
     drop(workers);
     drop(lbs);
 }
