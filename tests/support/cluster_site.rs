@@ -244,28 +244,6 @@ impl KeyClock {
             })
             .map(|(instant, time, _)| (*instant, *time))
     }
-
-    /// When the first change of `key` seen at or after `after` that
-    /// `matching` accepts arrived, if one did.
-    pub fn first_after(
-        &self,
-        key: &str,
-        after: Instant,
-        matching: impl Fn(&KeyChange) -> bool,
-    ) -> Option<Instant> {
-        self.seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .find(|(at, _, change)| {
-                let changed = match change {
-                    KeyChange::Put(entry) => &entry.key,
-                    KeyChange::Delete { key, .. } => key,
-                };
-                *at >= after && changed == key && matching(change)
-            })
-            .map(|(at, _, _)| *at)
-    }
 }
 
 impl Drop for KeyClock {
