@@ -408,8 +408,23 @@ impl KeepAlive {
     }
 
     /// Renews the lease once; returns its TTL from now.
-    /// [`EtcdError::LeaseGone`] when it expired meanwhile.
+    /// [`EtcdError::LeaseGone`] when it expired meanwhile. A stream that
+    /// broke (its member died, say) is opened again, through any member
+    /// that answers, and the renewal tried once more: a lease must outlive
+    /// the member its keep-alive happened to use.
     pub fn renew(&mut self) -> Result<Duration, EtcdError> {
+        match self.renew_on_stream() {
+            Err(EtcdError::LeaseGone { id }) => Err(EtcdError::LeaseGone { id }),
+            Err(_) => {
+                *self = self.etcd.keep_alive(self.lease())?;
+                self.renew_on_stream()
+            }
+            renewed => renewed,
+        }
+    }
+
+    /// One renewal on the current stream.
+    fn renew_on_stream(&mut self) -> Result<Duration, EtcdError> {
         let id = self.keeper.id();
         let (keeper, stream) = (&mut self.keeper, &mut self.stream);
         let etcd = &self.etcd;
