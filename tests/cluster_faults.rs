@@ -1,0 +1,260 @@
+//! Cluster coordination when etcd is slow rather than gone: a real
+//! three-member etcd on loopback, the routed site in network namespaces
+//! (two clients, two load-balancer nodes, two workers) with containers of
+//! the test server, and `lessnat agent` as the real binary on every node
+//! (`support::cluster_site`). Each LB reaches etcd through a TCP forwarder
+//! of the test's own (`support::forward`) that adds latency or stalls:
+//!
+//! - latency well above the client's timeouts on one LB's link, a stall
+//!   (connections accepted, nothing passed on) on the other's, under load
+//!   through both: no request fails, both agents' runs keep completing,
+//!   metrics and `lessnat status` say etcd is unreachable, and the LBs
+//!   follow their own probes (a replica deregistered meanwhile stays in
+//!   their spreads: it still answers);
+//! - then a latency just below the timeouts: both LBs read the
+//!   registrations again and leave the deregistered replica out, keep etcd
+//!   reachable, and follow a registration made under that latency.
+//!
+//! Timings are printed; the bounds asserted are generous.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use lessnat::backend::etcd::REQUEST_TIMEOUT;
+use serde_json::Value;
+use support::cluster_site::{ClusterSite, load_through, member_address, wait_spread};
+use support::forward::Forwarder;
+use support::image::test_image;
+use support::load::{Load, Report};
+use support::process::Process;
+use support::topology::{Node, Topology, output_within, show};
+
+/// The longest the test waits for anything that should take a few seconds.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// The workers' replicas.
+const FIRST: &str = "10.20.1.5";
+const SECOND: &str = "10.20.2.5";
+
+/// One-way latency well above the client's timeouts (2 s a call, 2 s a
+/// connection, 2 s a ping's answer): a round trip takes 6 s.
+const SLOW: Duration = Duration::from_secs(3);
+
+/// One-way latency just below them: a round trip takes 1.4 s.
+const SLOW_BUT_IN_TIME: Duration = Duration::from_millis(700);
+
+/// The value of the metric line starting with `name` (the sum over its
+/// labels) in the agent's `/metrics`.
+fn metric(agent: &Process, name: &str) -> f64 {
+    agent
+        .http_get("/metrics")
+        .lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How many runs the agent finished, whatever their trigger and outcome.
+fn runs(agent: &Process) -> f64 {
+    metric(agent, "lessnat_agent_runs_total")
+}
+
+/// Waits until `lessnat_cluster_etcd_up` of `agent` is `up`; how long that took.
+fn wait_etcd_up(agent: &Process, node: &Node, up: bool) -> Duration {
+    let started = Instant::now();
+    while metric(agent, "lessnat_cluster_etcd_up") != f64::from(u8::from(up)) {
+        assert!(
+            started.elapsed() < BOUND,
+            "{}: lessnat_cluster_etcd_up never {}:\n{}",
+            node.name,
+            u8::from(up),
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// `lessnat status --json` on `node`.
+fn status(node: &Node) -> Value {
+    let output = output_within(Topology::lessnat(node, &["status", "--json"]), BOUND);
+    assert!(output.status.success(), "{}", show(&output));
+    serde_json::from_slice(&output.stdout).expect("status JSON")
+}
+
+/// Stops `load` and asserts that none of its requests failed.
+fn no_failures(load: Load, origin: Instant, what: &str) -> Report {
+    load.wait_requests(50, BOUND).expect("the load runs");
+    let report = load.stop();
+    let failed = report.failed();
+    eprintln!(
+        "load through {what}: {}; failed: {}",
+        report.summary(origin),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed through {what}: {failed:?}"
+    );
+    report
+}
+
+/// Waits until `address` is in (`want`) or out of both LBs' spreads; how
+/// long that took.
+fn wait_spreads(site: &ClusterSite, address: &str, want: bool) -> Duration {
+    let started = Instant::now();
+    for lb in &site.site.lbs {
+        wait_spread(lb, address, want, BOUND);
+    }
+    started.elapsed()
+}
+
+#[test]
+fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_time() {
+    let test = "slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_time";
+    let Some(site) = ClusterSite::new(test, 2, 3) else {
+        return;
+    };
+    let links: Vec<Forwarder> = (0..2)
+        .map(|member| Forwarder::start(member_address(&site.etcd, member)))
+        .collect();
+    let spec = site.write_spec("spec", &test_image("v1"), None);
+    site.site.apply_all(&spec);
+    let workers: Vec<Process> = site
+        .site
+        .workers
+        .iter()
+        .map(|worker| ClusterSite::agent(worker, &spec, "1s"))
+        .collect();
+    let lbs: Vec<Process> = site
+        .site
+        .lbs
+        .iter()
+        .zip(&links)
+        .map(|(lb, link)| {
+            let own = site.write_spec(&lb.name, &test_image("v1"), Some(&[link.url()]));
+            ClusterSite::agent(lb, &own, "1s")
+        })
+        .collect();
+    let keys = site.keys();
+    for lb in &site.site.lbs {
+        assert!(site.wait_key(&keys.node(&lb.name), true, BOUND), "{}", lb.name);
+    }
+    for address in [FIRST, SECOND] {
+        assert!(site.wait_key(&keys.replica("web", address), true, BOUND));
+        wait_spreads(&site, address, true);
+    }
+    let origin = Instant::now();
+    let loads: Vec<Load> = (0..2).map(|c| load_through(&site.site, c, 4)).collect();
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+
+    // Too slow: one link with latency, the other stalled.
+    let slowed = Instant::now();
+    links[0].delay(SLOW);
+    links[1].stall();
+    for ((lb, agent), how) in site.site.lbs.iter().zip(&lbs).zip(["slow", "stalled"]) {
+        wait_etcd_up(agent, lb, false);
+        eprintln!(
+            "{} ({how}): lessnat_cluster_etcd_up 0 {:.3}s after the link slowed",
+            lb.name,
+            slowed.elapsed().as_secs_f64()
+        );
+        let status = status(lb);
+        assert_eq!(status["agent"]["cluster"]["up"], false, "{status:#}");
+        let text = show(&output_within(Topology::lessnat(lb, &["status"]), BOUND));
+        assert!(text.contains("unreachable since"), "{text}");
+    }
+    // The second worker's agent stops cleanly: its lease is revoked, so its
+    // replica is no longer registered; it still runs and answers.
+    let mut workers = workers.into_iter();
+    let (first_worker, second_worker) = (workers.next().expect("two"), workers.next().expect("two"));
+    let (stopped, _) = second_worker.end(nix::sys::signal::Signal::SIGTERM);
+    assert!(stopped.success(), "the second worker's agent: {stopped}");
+    assert!(site.wait_key(&keys.replica("web", SECOND), false, BOUND));
+    // Runs go on: every agent finishes runs on its interval.
+    let before: Vec<f64> = lbs.iter().map(runs).collect();
+    let watched = Duration::from_secs(6);
+    std::thread::sleep(watched);
+    for ((lb, agent), before) in site.site.lbs.iter().zip(&lbs).zip(before) {
+        let done = runs(agent) - before;
+        let last = metric(agent, "lessnat_agent_last_run_duration_seconds");
+        eprintln!(
+            "{}: {done} runs in {watched:?} while etcd was too slow; the last took {last:.3}s",
+            lb.name
+        );
+        assert!(done >= 3.0, "{}: {done} runs:\n{}", lb.name, agent.output());
+        assert!(
+            last < REQUEST_TIMEOUT.as_secs_f64() * 2.0,
+            "{}: the last run took {last}s",
+            lb.name
+        );
+        assert_eq!(metric(agent, "lessnat_cluster_etcd_up"), 0.0, "{}", lb.name);
+        // Own probes: the deregistered replica answers, so it stays.
+        wait_spread(lb, SECOND, true, Duration::ZERO);
+    }
+
+    // In time, barely: both links get a latency just below the timeouts.
+    let eased = Instant::now();
+    for link in &links {
+        link.delay(SLOW_BUT_IN_TIME);
+    }
+    for (lb, agent) in site.site.lbs.iter().zip(&lbs) {
+        wait_etcd_up(agent, lb, true);
+        eprintln!(
+            "{}: etcd reachable {:.3}s after the latency went down to {SLOW_BUT_IN_TIME:?}",
+            lb.name,
+            eased.elapsed().as_secs_f64()
+        );
+    }
+    wait_spreads(&site, SECOND, false);
+    eprintln!(
+        "both LBs left the deregistered replica out {:.3}s after the latency went down",
+        eased.elapsed().as_secs_f64()
+    );
+    for lb in &site.site.lbs {
+        assert!(site.wait_key(&keys.node(&lb.name), true, BOUND), "{}", lb.name);
+    }
+    // Under that latency, a registration reaches the LBs, and etcd stays
+    // reachable for them throughout.
+    let restarted = Instant::now();
+    let second_worker = ClusterSite::agent(&site.site.workers[1], &spec, "1s");
+    let mut back = None;
+    while back.is_none() || restarted.elapsed() < Duration::from_secs(10) {
+        for (lb, agent) in site.site.lbs.iter().zip(&lbs) {
+            assert_eq!(
+                metric(agent, "lessnat_cluster_etcd_up"),
+                1.0,
+                "{}: etcd unreachable under {SLOW_BUT_IN_TIME:?} of latency:\n{}",
+                lb.name,
+                agent.output()
+            );
+        }
+        let both = site
+            .site
+            .lbs
+            .iter()
+            .all(|lb| support::cluster_site::names_in_spread(lb, SECOND));
+        if both && back.is_none() {
+            back = Some(restarted.elapsed());
+        }
+        assert!(restarted.elapsed() < BOUND, "{SECOND} never back in both spreads");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "both LBs sent new connections to the replica registered again {:.3}s after its agent started (its first run included)",
+        back.unwrap_or_default().as_secs_f64()
+    );
+    for link in &links {
+        link.delay(Duration::ZERO);
+    }
+    for (index, load) in loads.into_iter().enumerate() {
+        no_failures(load, origin, &site.site.lbs[index].name.clone());
+    }
+    drop(second_worker);
+    drop(first_worker);
+    drop(lbs);
+    drop(links);
+}
