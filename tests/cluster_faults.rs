@@ -2,7 +2,7 @@
 //! three-member etcd on loopback, the routed site in network namespaces
 //! (two clients, two load-balancer nodes, two workers) with containers of
 //! the test server, and `lessnat agent` as the real binary on every node
-//! (`support::cluster_site`). Each LB reaches etcd through a TCP forwarder
+//! (`support::cluster_site`). A node reaches etcd through a TCP forwarder
 //! of the test's own (`support::forward`) that adds latency or stalls:
 //!
 //! - latency well above the client's timeouts on one LB's link, a stall
@@ -13,7 +13,12 @@
 //!   their spreads: it still answers);
 //! - then a latency just below the timeouts: both LBs read the
 //!   registrations again and leave the deregistered replica out, keep etcd
-//!   reachable, and follow a registration made under that latency.
+//!   reachable, and follow a registration made under that latency;
+//! - a worker whose link is slow, just in time, upgrades by the handshake;
+//!   too slow, from the moment its spec changes, it falls back to
+//!   `switchWait` (its lease expires meanwhile, so the LBs drop its
+//!   replicas and the other worker's serve); no request fails through
+//!   either LB, and once the link is fast the LBs take its new replica in.
 //!
 //! Timings are printed; the bounds asserted are generous.
 
@@ -23,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use lessnat::backend::etcd::REQUEST_TIMEOUT;
 use serde_json::Value;
-use support::cluster_site::{ClusterSite, load_through, member_address, wait_spread};
+use support::cluster_site::{
+    ClusterSite, load_through, member_address, names_in_spread, wait_output_after, wait_spread,
+};
 use support::forward::Forwarder;
 use support::image::test_image;
 use support::load::{Load, Report};
@@ -110,6 +117,27 @@ fn wait_spreads(site: &ClusterSite, address: &str, want: bool) -> Duration {
     started.elapsed()
 }
 
+/// Waits until both LBs and both replicas are registered and in both
+/// spreads, then starts load through each LB (4 clients each); when it
+/// started, and the loads, each running.
+fn registered_and_loaded(site: &ClusterSite) -> (Instant, Vec<Load>) {
+    let keys = site.keys();
+    for lb in &site.site.lbs {
+        let live = site.wait_key(&keys.node(&lb.name), true, BOUND);
+        assert!(live, "{} not registered", lb.name);
+    }
+    for address in [FIRST, SECOND] {
+        assert!(site.wait_key(&keys.replica("web", address), true, BOUND));
+        wait_spreads(site, address, true);
+    }
+    let origin = Instant::now();
+    let loads: Vec<Load> = (0..2).map(|c| load_through(&site.site, c, 4)).collect();
+    for load in &loads {
+        load.wait_requests(50, BOUND).expect("the load runs");
+    }
+    (origin, loads)
+}
+
 #[test]
 fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_time() {
     let test = "slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_time";
@@ -138,18 +166,7 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
         })
         .collect();
     let keys = site.keys();
-    for lb in &site.site.lbs {
-        assert!(site.wait_key(&keys.node(&lb.name), true, BOUND), "{}", lb.name);
-    }
-    for address in [FIRST, SECOND] {
-        assert!(site.wait_key(&keys.replica("web", address), true, BOUND));
-        wait_spreads(&site, address, true);
-    }
-    let origin = Instant::now();
-    let loads: Vec<Load> = (0..2).map(|c| load_through(&site.site, c, 4)).collect();
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
+    let (origin, loads) = registered_and_loaded(&site);
 
     // Too slow: one link with latency, the other stalled.
     let slowed = Instant::now();
@@ -170,7 +187,8 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
     // The second worker's agent stops cleanly: its lease is revoked, so its
     // replica is no longer registered; it still runs and answers.
     let mut workers = workers.into_iter();
-    let (first_worker, second_worker) = (workers.next().expect("two"), workers.next().expect("two"));
+    let (first_worker, second_worker) =
+        (workers.next().expect("two"), workers.next().expect("two"));
     let (stopped, _) = second_worker.end(nix::sys::signal::Signal::SIGTERM);
     assert!(stopped.success(), "the second worker's agent: {stopped}");
     assert!(site.wait_key(&keys.replica("web", SECOND), false, BOUND));
@@ -215,7 +233,11 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
         eased.elapsed().as_secs_f64()
     );
     for lb in &site.site.lbs {
-        assert!(site.wait_key(&keys.node(&lb.name), true, BOUND), "{}", lb.name);
+        assert!(
+            site.wait_key(&keys.node(&lb.name), true, BOUND),
+            "{}",
+            lb.name
+        );
     }
     // Under that latency, a registration reaches the LBs, and etcd stays
     // reachable for them throughout.
@@ -232,15 +254,14 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
                 agent.output()
             );
         }
-        let both = site
-            .site
-            .lbs
-            .iter()
-            .all(|lb| support::cluster_site::names_in_spread(lb, SECOND));
+        let both = site.site.lbs.iter().all(|lb| names_in_spread(lb, SECOND));
         if both && back.is_none() {
             back = Some(restarted.elapsed());
         }
-        assert!(restarted.elapsed() < BOUND, "{SECOND} never back in both spreads");
+        assert!(
+            restarted.elapsed() < BOUND,
+            "{SECOND} never back in both spreads"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!(
@@ -257,4 +278,187 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
     drop(first_worker);
     drop(lbs);
     drop(links);
+}
+
+/// Every line of the agents' output, by when it came (from `origin`).
+fn timeline(agents: &[(&str, &Process)], origin: Instant) -> String {
+    let mut lines: Vec<(Instant, String)> = agents
+        .iter()
+        .flat_map(|(name, agent)| {
+            agent
+                .lines_with("")
+                .into_iter()
+                .map(move |(at, line)| (at, format!("{name}: {line}")))
+        })
+        .collect();
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|(at, line)| {
+            let t = at
+                .checked_duration_since(origin)
+                .map_or(0.0, |d| d.as_secs_f64());
+            format!("+{t:.3} {line}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_worker_upgrades_without_loss_over_a_slow_etcd_link_by_handshake_or_switch_wait() {
+    let test = "a_worker_upgrades_without_loss_over_a_slow_etcd_link_by_handshake_or_switch_wait";
+    let Some(site) = ClusterSite::new(test, 2, 3) else {
+        return;
+    };
+    // The first worker reaches etcd through the forwarder; everyone else
+    // directly, with its own spec file that follows the same versions.
+    let link = Forwarder::start(member_address(&site.etcd, 0));
+    let specs = |version: &str| {
+        let shared = site.write_spec("spec", &test_image(version), None);
+        let slow = site.write_spec("slow", &test_image(version), Some(&[link.url()]));
+        (shared, slow)
+    };
+    let (spec, slow_spec) = specs("v1");
+    site.site.apply_all(&spec);
+    let (worker1, worker2) = (&site.site.workers[0], &site.site.workers[1]);
+    let slow_worker = ClusterSite::agent(worker1, &slow_spec, "1s");
+    let other_worker = ClusterSite::agent(worker2, &spec, "1s");
+    let lbs: Vec<Process> = site
+        .site
+        .lbs
+        .iter()
+        .map(|lb| ClusterSite::agent(lb, &spec, "1s"))
+        .collect();
+    let keys = site.keys();
+    let (origin, loads) = registered_and_loaded(&site);
+    let lb_names = {
+        let mut names: Vec<&str> = site.site.lbs.iter().map(|lb| lb.name.as_str()).collect();
+        names.sort_unstable();
+        names.join(", ")
+    };
+
+    // Slow, in time: the handshake works, only slower.
+    link.delay(SLOW_BUT_IN_TIME);
+    std::thread::sleep(2 * SLOW_BUT_IN_TIME);
+    let changed = Instant::now();
+    specs("v2");
+    let (acked, line) = wait_output_after(
+        &slow_worker,
+        Some(changed),
+        &[
+            "every live load-balancer node switched to 10.20.1.6",
+            &format!("acknowledged by {lb_names}; lease expired: none"),
+        ],
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "{} ({SLOW_BUT_IN_TIME:?} each way): {:.3}s after the spec changed: {line}",
+        worker1.name,
+        acked.duration_since(changed).as_secs_f64()
+    );
+    let (removed, _) = wait_output_after(
+        &slow_worker,
+        Some(changed),
+        &["removing the old version at", FIRST],
+        BOUND,
+    );
+    let took = removed.duration_since(changed);
+    eprintln!(
+        "{}: upgrade by handshake, old replica removed {:.3}s after the spec changed",
+        worker1.name,
+        took.as_secs_f64()
+    );
+    // Well within drainTimeout (30 s), which bounds a handshake that hangs.
+    assert!(took < Duration::from_secs(25), "{took:?}");
+    assert!(
+        slow_worker
+            .lines_with("falling back to switchWait")
+            .is_empty(),
+        "the handshake fell back under {SLOW_BUT_IN_TIME:?}:\n{}",
+        slow_worker.output()
+    );
+    wait_output_after(
+        &other_worker,
+        Some(changed),
+        &["removing the old version at", SECOND],
+        BOUND,
+    );
+    for address in ["10.20.1.6", "10.20.2.6"] {
+        wait_spreads(&site, address, true);
+    }
+    for address in [FIRST, SECOND] {
+        wait_spreads(&site, address, false);
+    }
+
+    // Too slow, from the moment the spec changes: the worker's calls time
+    // out, so it falls back to switchWait; its lease expires meanwhile and
+    // the LBs drop its replicas (the other worker's serve).
+    let changed = Instant::now();
+    link.delay(SLOW);
+    specs("v3");
+    let (fell_back, line) = wait_output_after(
+        &slow_worker,
+        Some(changed),
+        &["web: etcd cannot be reached", "falling back to switchWait"],
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "{} ({SLOW:?} each way): {:.3}s after the spec changed: {line}",
+        worker1.name,
+        fell_back.duration_since(changed).as_secs_f64()
+    );
+    let (removed, _) = wait_output_after(
+        &slow_worker,
+        Some(changed),
+        &["removing the old version at", "10.20.1.6"],
+        BOUND,
+    );
+    let took = removed.duration_since(changed);
+    eprintln!(
+        "{}: upgrade on switchWait, old replica removed {:.3}s after the spec changed",
+        worker1.name,
+        took.as_secs_f64()
+    );
+    // A start, the calls that time out (2 s each), switchWait (3 s) and the
+    // drain's 2 s of quiet, with room to spare.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    wait_output_after(
+        &other_worker,
+        Some(changed),
+        &["removing the old version at", "10.20.2.6"],
+        BOUND,
+    );
+    let worker_key = keys.node(&worker1.name);
+    assert!(
+        site.wait_key(&worker_key, false, BOUND),
+        "{}'s lease never expired",
+        worker1.name
+    );
+    // Back to a fast link: the worker registers its new replica again and
+    // the LBs take it in.
+    let restored = Instant::now();
+    link.delay(Duration::ZERO);
+    wait_spreads(&site, FIRST, true);
+    eprintln!(
+        "{}: its new replica in both spreads {:.3}s after the link was fast again",
+        worker1.name,
+        restored.elapsed().as_secs_f64()
+    );
+    wait_spreads(&site, SECOND, true);
+    for address in ["10.20.1.6", "10.20.2.6"] {
+        wait_spreads(&site, address, false);
+    }
+    let mut all: Vec<(&str, &Process)> = vec![
+        (worker1.name.as_str(), &slow_worker),
+        (worker2.name.as_str(), &other_worker),
+    ];
+    all.extend(site.site.lbs.iter().map(|lb| lb.name.as_str()).zip(&lbs));
+    eprintln!("{}", timeline(&all, origin));
+    for (index, load) in loads.into_iter().enumerate() {
+        no_failures(load, origin, &site.site.lbs[index].name.clone());
+    }
+    drop(lbs);
+    drop(other_worker);
+    drop(slow_worker);
+    drop(link);
 }
