@@ -20,13 +20,22 @@
 //!   replicas and the other worker's serve); no request fails through
 //!   either LB, and once the link is fast the LBs take its new replica in.
 //!
+//! - a worker `kill -9`ed (its agent, and the apply it runs in-process)
+//!   while it holds the rollout slot and its upgrade is in flight: the slot
+//!   frees itself within `leaseTtl`; its agent started again resumes the
+//!   upgrade found in flight without taking another slot and records
+//!   `done`; the other worker upgrades too (possibly at the same time: it
+//!   may take the freed slot before the resumed upgrade ends, printed); no
+//!   request through either LB fails.
+//!
 //! Timings are printed; the bounds asserted are generous.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use lessnat::backend::etcd::REQUEST_TIMEOUT;
+use lessnat::backend::etcd::{REQUEST_TIMEOUT, Snapshot};
+use lessnat::cluster::keys::{Keys, RolloutKey, SlotRecord};
 use serde_json::Value;
 use support::cluster_site::{
     ClusterSite, load_through, member_address, names_in_spread, wait_output_after, wait_spread,
@@ -476,4 +485,172 @@ fn a_worker_upgrades_without_loss_over_a_slow_etcd_link_by_handshake_or_switch_w
     drop(other_worker);
     drop(slow_worker);
     drop(link);
+}
+
+/// The rollout keys of `web` now: each slot's holder, and the nodes done.
+fn rollout(site: &ClusterSite, keys: &Keys) -> (Vec<String>, Vec<String>) {
+    let read: Snapshot = site
+        .client()
+        .get_prefix(&keys.rollouts())
+        .expect("read the rollouts");
+    let (mut slots, mut done) = (Vec::new(), Vec::new());
+    for entry in &read.entries {
+        match keys.rollout_of(&entry.key) {
+            Some(RolloutKey::Slot { .. }) => {
+                let record: SlotRecord = serde_json::from_slice(&entry.value).expect("a slot");
+                slots.push(record.node);
+            }
+            Some(RolloutKey::Done { node, .. }) => done.push(node.to_string()),
+            _ => {}
+        }
+    }
+    (slots, done)
+}
+
+/// Waits until the rollout keys satisfy `want`; how long that took, and
+/// the last read.
+fn wait_rollout(
+    site: &ClusterSite,
+    keys: &Keys,
+    what: &str,
+    want: impl Fn(&[String], &[String]) -> bool,
+) -> (Duration, (Vec<String>, Vec<String>)) {
+    let started = Instant::now();
+    loop {
+        let read = rollout(site, keys);
+        if want(&read.0, &read.1) {
+            return (started.elapsed(), read);
+        }
+        assert!(started.elapsed() < BOUND * 2, "{what}: {read:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_rollout_frees_its_slot_and_resumes_its_upgrade_when_back() {
+    let test = "a_worker_killed_mid_rollout_frees_its_slot_and_resumes_its_upgrade_when_back";
+    let lease_ttl = 3;
+    let Some(mut site) = ClusterSite::new(test, 2, lease_ttl) else {
+        return;
+    };
+    site.etcd.wait_healthy();
+    // One node at a time, one canary node held for 2 s.
+    let write = |version: &str| {
+        let spec = site.write_spec("spec", &test_image(version), None);
+        let text = std::fs::read_to_string(&spec).expect("spec").replacen(
+            "      stopTimeout: 5s\n",
+            "      stopTimeout: 5s\n      rollout: { maxParallel: 1, canary: { nodes: 1, hold: 2s } }\n",
+            1,
+        );
+        assert!(text.contains("rollout:"), "{text}");
+        std::fs::write(&spec, text).expect("write spec");
+        spec
+    };
+    let spec = write("v1");
+    site.site.apply_all(&spec);
+    let mut workers: Vec<Option<Process>> = site
+        .site
+        .workers
+        .iter()
+        .map(|w| Some(ClusterSite::agent(w, &spec, "1s")))
+        .collect();
+    let lbs: Vec<Process> = site
+        .site
+        .lbs
+        .iter()
+        .map(|lb| ClusterSite::agent(lb, &spec, "1s"))
+        .collect();
+    let keys = site.keys();
+    let (origin, loads) = registered_and_loaded(&site);
+    let changed = Instant::now();
+    write("v2");
+    let (_, (slots, _)) = wait_rollout(&site, &keys, "a slot taken", |slots, _| !slots.is_empty());
+    let holder = site
+        .site
+        .workers
+        .iter()
+        .position(|w| w.name == slots[0])
+        .expect("a worker holds the slot");
+    let (victim, other) = (&site.site.workers[holder], &site.site.workers[1 - holder]);
+    // In flight: its next version published, the drain under way.
+    let agent = workers[holder].as_ref().expect("running");
+    wait_output_after(agent, Some(changed), &["web: published"], BOUND);
+    let killed = Instant::now();
+    let (status, _) = workers[holder]
+        .take()
+        .expect("running")
+        .end(nix::sys::signal::Signal::SIGKILL);
+    assert!(!status.success());
+    eprintln!(
+        "{}: killed with the slot held and its upgrade published, {:.3}s after the spec changed",
+        victim.name,
+        killed.duration_since(changed).as_secs_f64()
+    );
+    let (freed, read) = wait_rollout(&site, &keys, "the slot freed", |slots, _| {
+        !slots.contains(&victim.name)
+    });
+    eprintln!(
+        "{}: its slot freed {:.3}s after the kill (leaseTtl {lease_ttl}s); rollout then: {read:?}",
+        victim.name,
+        freed.as_secs_f64()
+    );
+    assert!(freed <= Duration::from_secs(lease_ttl + 1), "{freed:?}");
+    let restarted = Instant::now();
+    workers[holder] = Some(ClusterSite::agent(victim, &spec, "1s"));
+    let agent = workers[holder].as_ref().expect("running");
+    let (_, line) = wait_output_after(agent, None, &["resuming the upgrade"], BOUND);
+    eprintln!("{}: {line}", victim.name);
+    let (_, read) = wait_rollout(&site, &keys, "the resumed upgrade done", |_, done| {
+        done.contains(&victim.name)
+    });
+    eprintln!(
+        "{}: done {:.3}s after its agent started again; rollout then: {read:?}",
+        victim.name,
+        restarted.elapsed().as_secs_f64()
+    );
+    // The resumed upgrade holds no slot (it took its turn when it began):
+    // the other worker, woken when the slot freed, may have taken it
+    // meanwhile, as the canary, and upgraded at the same time.
+    eprintln!(
+        "{}: {}",
+        other.name,
+        if read.0.contains(&other.name) || read.1.contains(&other.name) {
+            "took the freed slot before the resumed upgrade was done (both upgraded at once)"
+        } else {
+            "had not taken the slot when the resumed upgrade was done"
+        }
+    );
+    assert!(
+        agent.lines_with("every rollout slot").is_empty(),
+        "the resumed upgrade waited for a slot:\n{}",
+        agent.output()
+    );
+    let (_, read) = wait_rollout(&site, &keys, "both done", |slots, done| {
+        slots.is_empty() && done.len() == 2
+    });
+    eprintln!(
+        "{}: done too {:.3}s after the spec changed; rollout: {read:?}",
+        other.name,
+        changed.elapsed().as_secs_f64()
+    );
+    for address in ["10.20.1.6", "10.20.2.6"] {
+        wait_spreads(&site, address, true);
+    }
+    for address in [FIRST, SECOND] {
+        wait_spreads(&site, address, false);
+    }
+    let mut all: Vec<(&str, &Process)> = site
+        .site
+        .workers
+        .iter()
+        .map(|w| w.name.as_str())
+        .zip(workers.iter().flatten())
+        .collect();
+    all.extend(site.site.lbs.iter().map(|lb| lb.name.as_str()).zip(&lbs));
+    eprintln!("{}", timeline(&all, origin));
+    for (index, load) in loads.into_iter().enumerate() {
+        no_failures(load, origin, &site.site.lbs[index].name.clone());
+    }
+    drop(lbs);
+    drop(workers);
 }
