@@ -26,18 +26,13 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
-use lessnat::backend::etcd::{CONNECT_TIMEOUT, Etcd, EtcdConfig, KeyChange, REQUEST_TIMEOUT};
-use lessnat::cluster::keys::Keys;
+use lessnat::backend::etcd::KeyChange;
 use serde_json::Value;
-use support::cluster_site::ClusterSite;
-use support::etcd::EtcdCluster;
+use support::cluster_site::{ClusterSite, KeyClock, wait_etcd_up};
 use support::image::test_image;
 use support::load::{Load, LoadConfig, Report};
 use support::process::Process;
-use support::topology::{Node, Replica, Service, Topology, output_within, show};
+use support::topology::{Node, Topology, output_within, show};
 
 /// The longest the test waits for anything that should take a second or
 /// two (a lease TTL of 2 s included).
@@ -50,132 +45,40 @@ const VICTIM: &str = "10.20.2.5";
 const STAYS: &str = "10.20.1.5";
 
 /// A site with etcd, a spec with a `cluster:` block (lease TTL 2 s), both
-/// workers' replicas applied by hand.
+/// workers' replicas applied by hand, and a watch of the test's own on the
+/// replica registrations.
 struct Cluster {
-    etcd: EtcdCluster,
-    site: Topology,
+    base: ClusterSite,
     spec: PathBuf,
-    prefix: String,
-    clock: RegistrationClock,
-}
-
-/// When the victim's registration changed, as seen by a watch of the test's
-/// own (the instant each change arrived, and whether it says healthy).
-struct RegistrationClock {
-    changes: Arc<Mutex<Vec<(Instant, bool)>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RegistrationClock {
-    fn start(endpoints: Vec<String>, prefix: &str) -> RegistrationClock {
-        let changes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let keys = Keys::new(prefix);
-        let key = keys.replica("web", VICTIM);
-        let etcd = Etcd::connect(&EtcdConfig {
-            endpoints,
-            tls: None,
-            connect_timeout: CONNECT_TIMEOUT,
-            request_timeout: REQUEST_TIMEOUT,
-        })
-        .expect("etcd client");
-        let (seen, stopped) = (Arc::clone(&changes), Arc::clone(&stop));
-        let thread = std::thread::spawn(move || {
-            let mut watch = None;
-            while !stopped.load(Ordering::SeqCst) {
-                let Some(current) = watch.as_mut() else {
-                    let revision = etcd.get_prefix(&keys.replicas()).map(|s| s.revision + 1);
-                    watch = revision
-                        .and_then(|r| etcd.watch_prefix(&keys.replicas(), r))
-                        .ok();
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                };
-                match current.next(Duration::from_millis(100)) {
-                    Ok(Some((_, changes))) => {
-                        let at = Instant::now();
-                        for change in changes {
-                            let healthy = match change {
-                                KeyChange::Put(entry) if entry.key == key => {
-                                    serde_json::from_slice::<Value>(&entry.value)
-                                        .is_ok_and(|v| v["healthy"] == true)
-                                }
-                                KeyChange::Delete { key: k, .. } if k == key => false,
-                                _ => continue,
-                            };
-                            seen.lock().expect("clock").push((at, healthy));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(_) => watch = None,
-                }
-            }
-        });
-        RegistrationClock {
-            changes,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// The first change to `healthy` seen after `after`.
-    fn first(&self, healthy: bool, after: Instant) -> Option<Instant> {
-        self.changes
-            .lock()
-            .expect("clock")
-            .iter()
-            .find(|(at, h)| *at >= after && *h == healthy)
-            .map(|(at, _)| *at)
-    }
-}
-
-impl Drop for RegistrationClock {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    clock: KeyClock,
 }
 
 impl Cluster {
     /// `None` (skipped) without root, the tools or Docker.
     fn new(test: &str) -> Option<Cluster> {
-        if !support::root_with(test, &["nft", "sysctl", "etcd"]) || !support::docker(test) {
-            return None;
-        }
-        let etcd = EtcdCluster::start(3);
-        let site = Topology::new(2);
-        let prefix = format!("/lessnat-test-{}", std::process::id());
-        let clock = RegistrationClock::start(etcd.endpoints(), &prefix);
-        let mut cluster = Cluster {
-            etcd,
-            site,
-            spec: PathBuf::new(),
-            prefix,
-            clock,
-        };
-        cluster.spec = cluster.write_spec(&test_image("v1"));
-        cluster.site.apply_all(&cluster.spec);
-        Some(cluster)
+        let base = ClusterSite::new(test, 2, 2)?;
+        let spec = base.write_spec("spec", &test_image("v1"), None);
+        base.site.apply_all(&spec);
+        let clock = KeyClock::start(base.client(), base.keys().replicas());
+        Some(Cluster { base, spec, clock })
     }
 
-    /// Writes the spec (`spec.yaml`) with the service's `image`; returns its path.
-    fn write_spec(&self, image: &str) -> PathBuf {
-        let replicas = vec![Replica::on(0, 5), Replica::on(1, 5)];
-        let spec = self
-            .site
-            .write_spec("spec", &[Service::new("web", image, replicas)]);
-        let text = std::fs::read_to_string(&spec).expect("spec");
-        let block = format!(
-            "cluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {}\n    leaseTtl: 2s\n",
-            self.etcd.endpoints().join(", "),
-            self.prefix
-        );
-        let text = text.replacen("version: 1\n", &format!("version: 1\n{block}"), 1);
-        std::fs::write(&spec, text).expect("write spec");
-        spec
+    /// Writes the spec (`spec.yaml`) with the service's `image`.
+    fn write_spec(&self, image: &str) {
+        self.base.write_spec("spec", image, None);
+    }
+
+    /// The first change of the victim's registration to `healthy` (a
+    /// deletion counts as unhealthy) that the test's watch saw after `after`.
+    fn registered(&self, healthy: bool, after: Instant) -> Option<Instant> {
+        let key = self.base.keys().replica("web", VICTIM);
+        self.clock.first_after(&key, after, |change| match change {
+            KeyChange::Put(entry) => {
+                serde_json::from_slice::<Value>(&entry.value).is_ok_and(|v| v["healthy"] == true)
+                    == healthy
+            }
+            KeyChange::Delete { .. } => !healthy,
+        })
     }
 
     /// Starts the agent of `node` and waits until it is ready.
@@ -192,7 +95,7 @@ impl Cluster {
     /// `lessnat status --cluster --json` (from the first LB's view of the CLI).
     fn status(&self) -> Value {
         let mut command = Topology::lessnat(
-            &self.site.lbs[0],
+            &self.base.site.lbs[0],
             &["status", "--cluster", "--json", "--spec"],
         );
         command.arg(&self.spec);
@@ -286,19 +189,19 @@ fn container_of(worker: &Node) -> String {
 /// Pauses the victim's container, waits for both LBs to drop it, unpauses
 /// it and waits for it to come back; prints how long each took.
 fn pause_and_unpause(cluster: &Cluster, what: &str) {
-    let victim = container_of(&cluster.site.workers[1]);
+    let victim = container_of(&cluster.base.site.workers[1]);
     let paused = Instant::now();
     support::run("docker", &["pause", &victim]);
-    let out = wait_spreads(&cluster.site.lbs, VICTIM, false, paused);
-    let registered_out = cluster.clock.first(false, paused);
+    let out = wait_spreads(&cluster.base.site.lbs, VICTIM, false, paused);
+    let registered_out = cluster.registered(false, paused);
     assert!(
-        cluster.site.lbs.iter().all(|lb| in_spread(lb, STAYS)),
+        cluster.base.site.lbs.iter().all(|lb| in_spread(lb, STAYS)),
         "the healthy replica stays in"
     );
     // `lessnat status` on an LB shows it out, unhealthy by its registration.
     let deadline = Instant::now() + BOUND;
     loop {
-        let status = lb_status(&cluster.site.lbs[0]);
+        let status = lb_status(&cluster.base.site.lbs[0]);
         let replicas = &status["agent"]["spreads"][0]["replicas"];
         let shown_out =
             replicas.as_array().into_iter().flatten().any(|r| {
@@ -315,8 +218,8 @@ fn pause_and_unpause(cluster: &Cluster, what: &str) {
     }
     let unpaused = Instant::now();
     support::run("docker", &["unpause", &victim]);
-    let back = wait_spreads(&cluster.site.lbs, VICTIM, true, unpaused);
-    let registered_back = cluster.clock.first(true, unpaused);
+    let back = wait_spreads(&cluster.base.site.lbs, VICTIM, true, unpaused);
+    let registered_back = cluster.registered(true, unpaused);
     let after = |registered: Option<Instant>, since: Instant, took: Duration| {
         registered.map_or("?".to_string(), |at| {
             format!(
@@ -344,12 +247,14 @@ fn registrations_move_the_spreads_through_pauses_a_killed_leader_and_a_killed_ag
         return;
     };
     let mut workers: Vec<Process> = cluster
+        .base
         .site
         .workers
         .iter()
         .map(|w| cluster.agent(w))
         .collect();
     let mut lbs: Vec<Process> = cluster
+        .base
         .site
         .lbs
         .iter()
@@ -357,10 +262,11 @@ fn registrations_move_the_spreads_through_pauses_a_killed_leader_and_a_killed_ag
         .collect();
     let status = cluster.wait_registered(4, 2);
     eprintln!("registered: {status:#}");
-    wait_spreads(&cluster.site.lbs, VICTIM, true, Instant::now());
-    wait_spreads(&cluster.site.lbs, STAYS, true, Instant::now());
+    wait_spreads(&cluster.base.site.lbs, VICTIM, true, Instant::now());
+    wait_spreads(&cluster.base.site.lbs, STAYS, true, Instant::now());
     assert!(
         cluster
+            .base
             .site
             .lbs
             .iter()
@@ -371,16 +277,16 @@ fn registrations_move_the_spreads_through_pauses_a_killed_leader_and_a_killed_ag
     pause_and_unpause(&cluster, "pause");
 
     // The etcd leader killed: registrations and watches go on.
-    let leader = cluster.etcd.leader().expect("a leader");
-    cluster.etcd.kill(leader);
+    let leader = cluster.base.etcd.leader().expect("a leader");
+    cluster.base.etcd.kill(leader);
     eprintln!("killed etcd member {leader}, the leader");
     pause_and_unpause(&cluster, "pause with the etcd leader killed");
-    cluster.etcd.restart(leader);
+    cluster.base.etcd.restart(leader);
 
     // A worker's agent killed: its lease expires, its replica leaves.
     let killed = Instant::now();
     let (_, output) = workers.remove(1).end(nix::sys::signal::Signal::SIGKILL);
-    let out = wait_spreads(&cluster.site.lbs, VICTIM, false, killed);
+    let out = wait_spreads(&cluster.base.site.lbs, VICTIM, false, killed);
     eprintln!(
         "kill -9 of a worker's agent: its replica out of both spreads {:.3}s after the kill (lease TTL 2s)",
         out.as_secs_f64()
@@ -388,15 +294,15 @@ fn registrations_move_the_spreads_through_pauses_a_killed_leader_and_a_killed_ag
     assert!(!output.contains("panicked"), "{output}");
     cluster.wait_registered(3, 1);
     let restarted = Instant::now();
-    workers.insert(1, cluster.agent(&cluster.site.workers[1]));
-    let back = wait_spreads(&cluster.site.lbs, VICTIM, true, restarted);
+    workers.insert(1, cluster.agent(&cluster.base.site.workers[1]));
+    let back = wait_spreads(&cluster.base.site.lbs, VICTIM, true, restarted);
     eprintln!(
         "the worker's agent started again: its replica back {:.3}s after the start",
         back.as_secs_f64()
     );
 
     // How long the LB agents' runs woken by registration changes took.
-    for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
+    for (lb, agent) in cluster.base.site.lbs.iter().zip(&lbs) {
         let seconds = cluster_run_seconds(agent);
         eprintln!(
             "{}: runs that moved the spread after a registration change took {seconds:?} s",
@@ -405,8 +311,10 @@ fn registrations_move_the_spreads_through_pauses_a_killed_leader_and_a_killed_ag
         assert!(seconds.len() >= 4, "{}:\n{}", lb.name, agent.output());
     }
     let text = {
-        let mut command =
-            Topology::lessnat(&cluster.site.lbs[0], &["status", "--cluster", "--spec"]);
+        let mut command = Topology::lessnat(
+            &cluster.base.site.lbs[0],
+            &["status", "--cluster", "--spec"],
+        );
         command.arg(&cluster.spec);
         show(&output_within(command, BOUND))
     };
@@ -429,12 +337,14 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         return;
     };
     let workers: Vec<Process> = cluster
+        .base
         .site
         .workers
         .iter()
         .map(|w| cluster.agent(w))
         .collect();
     let lbs: Vec<Process> = cluster
+        .base
         .site
         .lbs
         .iter()
@@ -442,23 +352,11 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         .collect();
     cluster.wait_registered(4, 2);
     let origin = Instant::now();
-    let loads = start_load(&cluster.site);
+    let loads = start_load(&cluster.base.site);
     let cut = Instant::now();
-    cluster.etcd.kill_all();
-    for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
-        let deadline = Instant::now() + BOUND;
-        while !agent
-            .http_get("/metrics")
-            .contains("lessnat_cluster_etcd_up 0")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{}: etcd_up never 0:\n{}",
-                lb.name,
-                agent.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    cluster.base.etcd.kill_all();
+    for (lb, agent) in cluster.base.site.lbs.iter().zip(&lbs) {
+        wait_etcd_up(BOUND, agent, lb, false);
         eprintln!(
             "{}: lessnat_cluster_etcd_up 0 {:.3}s after etcd died",
             lb.name,
@@ -476,7 +374,7 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     let text = {
-        let command = Topology::lessnat(&cluster.site.lbs[0], &["status"]);
+        let command = Topology::lessnat(&cluster.base.site.lbs[0], &["status"]);
         show(&output_within(command, BOUND))
     };
     assert!(text.contains("unreachable since"), "{text}");
@@ -486,27 +384,16 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
     }
     assert!(
         cluster
+            .base
             .site
             .lbs
             .iter()
             .all(|lb| in_spread(lb, VICTIM) && in_spread(lb, STAYS))
     );
     let restored = Instant::now();
-    cluster.etcd.restart_all();
-    for (lb, agent) in cluster.site.lbs.iter().zip(&lbs) {
-        let deadline = Instant::now() + BOUND;
-        while !agent
-            .http_get("/metrics")
-            .contains("lessnat_cluster_etcd_up 1")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{}: etcd_up never 1 again:\n{}",
-                lb.name,
-                agent.output()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    cluster.base.etcd.restart_all();
+    for (lb, agent) in cluster.base.site.lbs.iter().zip(&lbs) {
+        wait_etcd_up(BOUND, agent, lb, true);
         eprintln!(
             "{}: etcd reachable again {:.3}s after its members restarted",
             lb.name,
@@ -514,7 +401,12 @@ fn an_lb_cut_off_from_etcd_keeps_serving_and_converges_when_it_returns() {
         );
     }
     cluster.wait_registered(4, 2);
-    finish_load(loads, origin, "outage");
+    finish_load(
+        loads,
+        origin,
+        "outage",
+        &workers.iter().chain(&lbs).collect::<Vec<_>>(),
+    );
     // Converged: a replica paused now leaves the spreads as before.
     pause_and_unpause(&cluster, "pause after etcd came back");
     drop(workers);
@@ -535,8 +427,9 @@ fn start_load(site: &Topology) -> Vec<Load> {
 }
 
 /// Stops `loads` after 100 more answers each, prints the report and
-/// asserts that no request failed through `what`.
-fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
+/// asserts that no request failed through `what`; when one did, shows the
+/// `agents`' output on the load's clock.
+fn finish_load(loads: Vec<Load>, origin: Instant, what: &str, agents: &[&Process]) {
     for load in &loads {
         load.wait_requests(100, BOUND).expect("the load runs");
     }
@@ -549,7 +442,12 @@ fn finish_load(loads: Vec<Load>, origin: Instant, what: &str) {
     );
     assert!(
         failed.is_empty(),
-        "requests failed through the {what}: {failed:?}"
+        "requests failed through the {what}: {failed:?}\nagents:\n{}",
+        agents
+            .iter()
+            .map(|a| a.output_since(origin))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     );
 }
 
@@ -572,26 +470,28 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
         return;
     };
     let workers: Vec<Process> = cluster
+        .base
         .site
         .workers
         .iter()
         .map(|w| cluster.agent_every(w, "1s"))
         .collect();
     let lbs: Vec<Process> = cluster
+        .base
         .site
         .lbs
         .iter()
         .map(|lb| cluster.agent(lb))
         .collect();
     cluster.wait_registered(4, 2);
-    wait_spreads(&cluster.site.lbs, VICTIM, true, Instant::now());
+    wait_spreads(&cluster.base.site.lbs, VICTIM, true, Instant::now());
     let origin = Instant::now();
-    let loads = start_load(&cluster.site);
+    let loads = start_load(&cluster.base.site);
     let started = Instant::now();
     cluster.write_spec(&test_image("v2"));
     // Both replicas move to their other addresses (.6), new version.
-    let moved = wait_spreads(&cluster.site.lbs, "10.20.2.6", true, started);
-    wait_spreads(&cluster.site.lbs, "10.20.1.6", true, started);
+    let moved = wait_spreads(&cluster.base.site.lbs, "10.20.2.6", true, started);
+    wait_spreads(&cluster.base.site.lbs, "10.20.1.6", true, started);
     eprintln!(
         "both LBs send new connections to the next replicas {:.3}s after the spec changed",
         moved.as_secs_f64()
@@ -624,7 +524,12 @@ fn a_routed_upgrade_run_by_agents_follows_the_registrations_without_loss() {
             .collect::<Vec<_>>()
             .join("\n----\n")
     );
-    finish_load(loads, origin, "upgrade");
+    finish_load(
+        loads,
+        origin,
+        "upgrade",
+        &workers.iter().chain(&lbs).collect::<Vec<_>>(),
+    );
     drop(workers);
     drop(lbs);
 }

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use support::cluster_site::{
-    ClusterSite, KeyClock, load_through, member_address, names_in_spread, wait_output, wait_spread,
+    ClusterSite, KeyClock, load_through, member_address, names_in_spread, wait_etcd_up,
+    wait_output, wait_spread,
 };
 use support::forward::Forwarder;
 use support::image::test_image;
@@ -90,21 +91,6 @@ fn destroyed_at(id: &str, since: SystemTime) -> Option<SystemTime> {
         .parse()
         .ok()?;
     Some(UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-/// `lessnat_cluster_etcd_up` of `agent` is `up` (waited for).
-fn wait_etcd_up(agent: &Process, node: &Node, up: bool) {
-    let want = format!("lessnat_cluster_etcd_up {}", u8::from(up));
-    let deadline = Instant::now() + BOUND;
-    while !agent.http_get("/metrics").contains(&want) {
-        assert!(
-            Instant::now() < deadline,
-            "{}: never {want}:\n{}",
-            node.name,
-            agent.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The names in a worker's `acknowledged by …; lease expired: …` line.
@@ -304,7 +290,7 @@ impl Behind {
     fn cut_and_catch_up(&self) -> Instant {
         let cut = Instant::now();
         self.forwarder.cut();
-        wait_etcd_up(&self.lbs[1], self.lb2(), false);
+        wait_etcd_up(BOUND, &self.lbs[1], self.lb2(), false);
         eprintln!(
             "{}: etcd unreachable {:.3}s after the cut",
             self.lb2().name,
@@ -454,7 +440,7 @@ fn an_lb_cut_off_past_its_lease_lets_the_worker_go_on_and_converges_when_it_retu
     wait_output(&behind.worker, &["becoming", NEW], BOUND);
     let restored = Instant::now();
     behind.forwarder.restore();
-    wait_etcd_up(&behind.lbs[1], behind.lb2(), true);
+    wait_etcd_up(BOUND, &behind.lbs[1], behind.lb2(), true);
     let back = behind.site.wait_key(&keys.node(&lb2), true, BOUND);
     assert!(
         back,

@@ -20,7 +20,6 @@
 //! Neither is in the data path: with etcd gone, runs go on and the tables
 //! stay as they are.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,7 +37,7 @@ use crate::backend::etcd::{Etcd, EtcdError, KeyChange, Watch};
 use crate::cluster::config::{etcd_config, keys};
 use crate::cluster::keys::{Keys, NodeRecord, ReplicaRecord};
 use crate::cluster::registration::{
-    Registrar, RunningReplica, Wanted, healthy, roles, running_replicas,
+    Healths, Registrar, RunningReplica, Wanted, roles, running_replicas,
 };
 use crate::cluster::view::{self, now};
 use crate::desired::routed::{load_balancer_role, replicas_of, worker_role};
@@ -228,16 +227,12 @@ pub fn registered_health(spec: &Spec, node: &str, observed: &Observed) -> Option
     Some(probes)
 }
 
-/// Each replica's health as last registered, and since when.
-type Healths = BTreeMap<(String, String), (bool, u64)>;
-
 fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicBool) {
     let mut registrar: Option<(Cluster, Registrar)> = None;
-    let mut probes: Vec<Probe> = Vec::new();
     let mut running: Vec<RunningReplica> = Vec::new();
     let mut docker: Option<Docker> = None;
     let mut probed: Option<Instant> = None;
-    let mut healths: Healths = BTreeMap::new();
+    let mut healths = Healths::default();
     while !stop.load(Ordering::SeqCst) {
         let target = shared.target();
         let Some((target, cluster)) = target.and_then(|t| t.spec.cluster.clone().map(|c| (t, c)))
@@ -283,10 +278,11 @@ fn register(netns: &Netns, shared: &ClusterShared, waker: &Waker, stop: &AtomicB
                 .iter()
                 .map(|r| (r.service.clone(), r.address))
                 .collect();
-            probes = probe_own_replicas(&target.spec, &addresses, netns);
+            let probes = probe_own_replicas(&target.spec, &addresses, netns);
+            healths.observe(&running, &probes, now());
             probed = Some(Instant::now());
         }
-        let wanted = wanted(&target, &running, &probes, &mut healths);
+        let wanted = wanted(&target, &running, &healths);
         match current.step(&wanted) {
             Ok(answered) => {
                 let (lease, count) = (
@@ -339,37 +335,28 @@ fn own_probe_period(spec: &Spec, node: &str) -> Duration {
         .max(Duration::from_millis(100))
 }
 
-/// What `target`'s node registers, with each replica's health from
-/// `probes` (and since when it has had it, kept in `healths`).
-fn wanted(
-    target: &Target,
-    running: &[RunningReplica],
-    probes: &[Probe],
-    healths: &mut Healths,
-) -> Wanted {
-    let mut replicas = BTreeMap::new();
-    let mut seen = Healths::new();
-    for replica in running {
-        let key = (replica.service.clone(), replica.address.to_string());
-        let ok = healthy(replica, probes);
-        let since = match healths.get(&key) {
-            Some((was, at)) if *was == ok => *at,
-            _ => now(),
-        };
-        seen.insert(key.clone(), (ok, since));
-        replicas.insert(
-            key,
-            ReplicaRecord {
+/// What `target`'s node registers: its record and its `running`
+/// replicas, each with the health `healths` registers for it (unhealthy
+/// before its first probe).
+fn wanted(target: &Target, running: &[RunningReplica], healths: &Healths) -> Wanted {
+    let replicas = running
+        .iter()
+        .map(|replica| {
+            let health = healths.of(replica);
+            let record = ReplicaRecord {
                 node: target.node.clone(),
                 replica: replica.replica,
                 version: replica.version.clone(),
                 slot: replica.slot,
-                healthy: ok,
-                since,
-            },
-        );
-    }
-    *healths = seen;
+                healthy: health.is_some_and(|h| h.healthy),
+                since: health.map_or_else(now, |h| h.since),
+            };
+            (
+                (replica.service.clone(), replica.address.to_string()),
+                record,
+            )
+        })
+        .collect();
     Wanted {
         node: target.node.clone(),
         record: NodeRecord {

@@ -438,6 +438,9 @@ impl<'a, 'c> Batch<'a, 'c> {
             match self.wait_drained(&olds) {
                 Ok(0) => {}
                 Ok(left) if self.service.upgrade.on_drain_timeout == OnDrainTimeout::Rollback => {
+                    // The old replica takes new connections again: load-balancer
+                    // nodes may fail back to it once the upgrade's key is gone.
+                    self.abandon(std::mem::take(&mut published));
                     return self.fail(
                         "drain",
                         ApplyError::DrainTimeout {

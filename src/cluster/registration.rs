@@ -82,14 +82,77 @@ pub fn running_replicas(spec: &Spec, containers: &[Container]) -> Vec<RunningRep
     running
 }
 
-/// Whether each running replica is healthy: its probe passed, or its service
-/// has no network check (`exec` only) and it runs.
-pub fn healthy(replica: &RunningReplica, probes: &[Probe]) -> bool {
+/// Whether a running replica's probe passed (true too when its service
+/// has no network check, `exec` only, and it runs).
+fn passed(replica: &RunningReplica, probes: &[Probe]) -> bool {
     let address = replica.address.to_string();
     probes
         .iter()
         .find(|p| p.service == replica.service && p.address == address)
         .is_none_or(|p| p.healthy)
+}
+
+/// How many probes in a row must fail before a replica registered healthy
+/// is registered unhealthy: one probe that times out on a loaded worker
+/// would otherwise move every load-balancer node's spread (and, during an
+/// upgrade, make them fail back to the old address being removed).
+pub const UNHEALTHY_AFTER: u32 = 2;
+
+/// One replica's registered health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredHealth {
+    /// What is registered.
+    pub healthy: bool,
+    /// Since when (seconds since the Unix epoch).
+    pub since: u64,
+    /// Probes failed in a row while registered healthy.
+    failed: u32,
+}
+
+/// The health a worker registers for each replica it runs, from its rounds
+/// of probes: healthy at the first probe that passes, unhealthy from the
+/// first probe of a replica that has not passed yet or after
+/// [`UNHEALTHY_AFTER`] failed probes in a row.
+#[derive(Debug, Clone, Default)]
+pub struct Healths {
+    by_replica: BTreeMap<(String, IpAddr), RegisteredHealth>,
+}
+
+impl Healths {
+    /// Takes in one round of `probes` of the `running` replicas at `now`
+    /// (seconds since the Unix epoch); replicas no longer running are
+    /// forgotten.
+    pub fn observe(&mut self, running: &[RunningReplica], probes: &[Probe], now: u64) {
+        let mut next = BTreeMap::new();
+        for replica in running {
+            let key = (replica.service.clone(), replica.address);
+            let ok = passed(replica, probes);
+            let health = match self.by_replica.get(&key) {
+                Some(was) if ok && was.healthy => RegisteredHealth { failed: 0, ..*was },
+                Some(was) if !ok && was.healthy && was.failed + 1 < UNHEALTHY_AFTER => {
+                    RegisteredHealth {
+                        failed: was.failed + 1,
+                        ..*was
+                    }
+                }
+                Some(was) if ok == was.healthy => *was,
+                _ => RegisteredHealth {
+                    healthy: ok,
+                    since: now,
+                    failed: 0,
+                },
+            };
+            next.insert(key, health);
+        }
+        self.by_replica = next;
+    }
+
+    /// `replica`'s registered health; `None` before its first probe.
+    pub fn of(&self, replica: &RunningReplica) -> Option<RegisteredHealth> {
+        self.by_replica
+            .get(&(replica.service.clone(), replica.address))
+            .copied()
+    }
 }
 
 /// Everything one node registers.
@@ -281,6 +344,70 @@ mod tests {
         }
     }
 
+    fn probe(address: &str, healthy: bool) -> Probe {
+        Probe {
+            service: "api".into(),
+            address: address.into(),
+            healthy,
+            detail: None,
+        }
+    }
+
+    fn replica(address: &str) -> RunningReplica {
+        RunningReplica {
+            service: "api".into(),
+            address: address.parse().expect("address"),
+            replica: 0,
+            slot: ReplicaSlot::Primary,
+            version: "sha256:aa".into(),
+        }
+    }
+
+    #[test]
+    fn a_replica_is_registered_unhealthy_after_failed_probes_in_a_row() {
+        let (a, b) = (replica("10.20.1.5"), replica("10.20.1.6"));
+        let running = [a.clone(), b.clone()];
+        let mut healths = Healths::default();
+        assert_eq!(healths.of(&a), None, "before the first round");
+        healths.observe(
+            &running,
+            &[probe("10.20.1.5", true), probe("10.20.1.6", false)],
+            10,
+        );
+        let registered = |h: &Healths, r: &RunningReplica| h.of(r).map(|h| (h.healthy, h.since));
+        assert_eq!(registered(&healths, &a), Some((true, 10)));
+        assert_eq!(
+            registered(&healths, &b),
+            Some((false, 10)),
+            "a replica that never passed is unhealthy at once"
+        );
+        // One failed probe is not enough; a pass in between starts again.
+        for (now, ok) in [(11, false), (12, true), (13, false)] {
+            healths.observe(
+                &running,
+                &[probe("10.20.1.5", ok), probe("10.20.1.6", false)],
+                now,
+            );
+            assert_eq!(registered(&healths, &a), Some((true, 10)), "at {now}");
+        }
+        let failing = [probe("10.20.1.5", false), probe("10.20.1.6", true)];
+        healths.observe(&running, &failing, 14);
+        assert_eq!(
+            registered(&healths, &a),
+            Some((false, 14)),
+            "{UNHEALTHY_AFTER} failures in a row"
+        );
+        assert_eq!(
+            registered(&healths, &b),
+            Some((true, 14)),
+            "healthy at the first pass"
+        );
+        healths.observe(&running, &failing, 15);
+        assert_eq!(registered(&healths, &a), Some((false, 14)), "since stays");
+        healths.observe(std::slice::from_ref(&b), &failing, 16);
+        assert_eq!(healths.of(&a), None, "gone when it no longer runs");
+    }
+
     #[test]
     fn a_worker_registers_its_running_primaries_and_nexts() {
         let spec = spec();
@@ -309,13 +436,7 @@ mod tests {
                 ("10.20.1.254".to_string(), ReplicaSlot::Next)
             ]
         );
-        let probe = Probe {
-            service: "api".into(),
-            address: "10.20.1.5".into(),
-            healthy: false,
-            detail: None,
-        };
-        assert!(!healthy(&running[0], &[probe]));
-        assert!(healthy(&running[0], &[]), "not probed: it runs");
+        assert!(!passed(&running[0], &[probe("10.20.1.5", false)]));
+        assert!(passed(&running[0], &[]), "not probed: it runs");
     }
 }

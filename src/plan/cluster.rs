@@ -1,7 +1,8 @@
 //! Where a load-balancer node's plan learns whether a replica address
 //! answers: with the spec's `cluster:` and registrations read from etcd, from
 //! the registrations (a replica registered healthy at an address answers
-//! there; any other address of the service does not); otherwise, and when
+//! there, unless an upgrade in flight moves new connections away from that
+//! address; any other address of the service does not); otherwise, and when
 //! etcd could not be read, from the node's own probes, as without a cluster.
 //! And the acknowledgements of upgrades in flight that such a node owes.
 
@@ -49,12 +50,35 @@ impl<'a> Answers<'a> {
         }
     }
 
-    /// Why a replica is out of the spread, for people.
-    pub(super) fn silent(&self) -> &'static str {
-        match self {
-            Answers::Registered(_) => "not registered healthy at either address",
-            Answers::Probed(_) => "neither address answers",
+    /// Why `service`'s replica is out of the spread, for people; `leaving`
+    /// is the address of it an upgrade in flight leaves (see
+    /// [`Answers::leaving`]).
+    pub(super) fn silent(&self, service: &str, leaving: Option<IpAddr>) -> String {
+        match (self, leaving) {
+            (Answers::Registered(_), Some(from)) if self.at(service, from) == Some(true) => {
+                format!(
+                    "registered healthy only at {from}, which an upgrade in flight is moving away from"
+                )
+            }
+            (Answers::Registered(_), _) => "not registered healthy at either address".to_string(),
+            (Answers::Probed(_), _) => "neither address answers".to_string(),
         }
+    }
+
+    /// By the registrations: the address of `service`'s replica at `pair`
+    /// that an upgrade in flight moves new connections away from. Its
+    /// worker drains it and removes it next, so a node that already sends
+    /// the replica's new connections elsewhere must not send them back
+    /// there, even when the next version's registration flips meanwhile (a
+    /// rollback withdraws the upgrade first).
+    pub(super) fn leaving(&self, service: &str, pair: ReplicaAddresses) -> Option<IpAddr> {
+        let Answers::Registered(view) = self else {
+            return None;
+        };
+        view.upgrades.iter().find_map(|u| {
+            let (from, to) = (u.from.parse().ok()?, u.to.parse().ok()?);
+            (u.service == service && pair.contains(from) && pair.contains(to)).then_some(from)
+        })
     }
 
     /// Why a replica is back in the spread, for people.

@@ -827,6 +827,9 @@ struct Target<'a> {
     address: IpAddr,
     /// Neither of its addresses answered its probe.
     down: bool,
+    /// The address of it an upgrade in flight leaves, where it takes no
+    /// new connections from this node.
+    leaving: Option<IpAddr>,
 }
 
 /// Decides, for each replica a load-balancer node sends connections to, which
@@ -834,6 +837,9 @@ struct Target<'a> {
 ///
 /// - the address recorded in the table stays while its recorded version is the
 ///   spec's, unless it stops answering and the other answers (failover);
+///   with the spec's `cluster:`, the old address of an upgrade in flight
+///   never answers for a node that no longer sends there (no failing back
+///   to a replica being drained and removed);
 /// - when the spec's version differs (an upgrade on the worker), the other
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays; with a canary, it
@@ -879,13 +885,24 @@ pub(super) fn load_balancing(
     for vip_port in &role.vip_ports {
         let service = vip_port.service;
         let name = &service.name.value;
-        let answers = |address: IpAddr| source.at(name, address);
-        let healthy = |address: IpAddr| answers(address) == Some(true);
         let canary = service.upgrade.canary.is_some();
         let mut targets = Vec::new();
         let placed = replicas_of(spec, service);
         for replica in placed.iter().filter(|r| vip_port.reaches(r.pair.address)) {
             let pair = replica.pair;
+            let current = [pair.address, pair.next_address]
+                .into_iter()
+                .find_map(|a| Some((a, *recorded.get(&a)?)));
+            // The address an upgrade in flight leaves answers only for a
+            // node still sending there (one whose spec is behind may).
+            let leaving = source
+                .leaving(name, pair)
+                .filter(|from| current.is_none_or(|(at, _)| at != *from));
+            let answers = |address: IpAddr| match leaving {
+                Some(from) if from == address => Some(false),
+                _ => source.at(name, address),
+            };
+            let healthy = |address: IpAddr| answers(address) == Some(true);
             // Only a replica probed at both addresses can be known to be down.
             let down =
                 answers(pair.address) == Some(false) && answers(pair.next_address) == Some(false);
@@ -897,13 +914,11 @@ pub(super) fn load_balancing(
                     pair,
                     address: *address,
                     down,
+                    leaving,
                 });
                 continue;
             }
             let wanted = version_tag(&replica_container(service, replica).spec_hash());
-            let current = [pair.address, pair.next_address]
-                .into_iter()
-                .find_map(|a| Some((a, *recorded.get(&a)?)));
             let other_answers = |a: IpAddr| healthy(pair.other(a));
             let (address, tag, why) = match current {
                 None if healthy(pair.address) || !healthy(pair.next_address) => {
@@ -961,6 +976,7 @@ pub(super) fn load_balancing(
                 pair,
                 address,
                 down,
+                leaving,
             });
         }
         let comment = vip_port.comment.clone();
@@ -988,11 +1004,14 @@ pub(super) fn load_balancing(
                     let when = since.map(|s| out_since(s, now)).unwrap_or_default();
                     kept_out.insert(format!(
                         "{who} stays out of the spread: {}{when}",
-                        source.silent()
+                        source.silent(name, target.leaving)
                     ));
                 }
                 (true, _) => {
-                    spread.insert(format!("{who}: out of the spread: {}", source.silent()));
+                    spread.insert(format!(
+                        "{who}: out of the spread: {}",
+                        source.silent(name, target.leaving)
+                    ));
                     dropped.extend([target.pair.address, target.pair.next_address]);
                 }
                 (false, Some(false)) if target.down => {

@@ -211,6 +211,27 @@ impl KeyClock {
         }
     }
 
+    /// When `key` first changed after `after` in a way `matches` accepts.
+    pub fn first_after(
+        &self,
+        key: &str,
+        after: Instant,
+        matches: impl Fn(&KeyChange) -> bool,
+    ) -> Option<Instant> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(at, _, change)| {
+                let of_key = match change {
+                    KeyChange::Put(entry) => entry.key == key,
+                    KeyChange::Delete { key: k, .. } => k == key,
+                };
+                *at >= after && of_key && matches(change)
+            })
+            .map(|(at, _, _)| *at)
+    }
+
     /// When `key` was first written (`put`) or deleted, if it was.
     pub fn first(&self, key: &str, put: bool) -> Option<(Instant, SystemTime)> {
         self.seen
@@ -270,4 +291,21 @@ pub fn member_address(etcd: &EtcdCluster, index: usize) -> SocketAddr {
     url.trim_start_matches("http://")
         .parse()
         .expect("member address")
+}
+
+/// Waits (up to `within`) until `agent`'s `lessnat_cluster_etcd_up` is
+/// `up`; returns when it saw it. Panics with the output after `within`.
+pub fn wait_etcd_up(within: Duration, agent: &Process, node: &Node, up: bool) -> Instant {
+    let want = format!("lessnat_cluster_etcd_up {}", u8::from(up));
+    let deadline = Instant::now() + within;
+    while !agent.http_get("/metrics").contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: never {want}:\n{}",
+            node.name,
+            agent.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Instant::now()
 }

@@ -99,6 +99,21 @@ impl Process {
             .join("\n")
     }
 
+    /// Everything it printed so far, each line after the seconds from
+    /// `origin` it was read at (`+1.234s `), to line up with other clocks.
+    pub fn output_since(&self, origin: Instant) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(at, l)| {
+                let secs = at.saturating_duration_since(origin).as_secs_f64();
+                format!("+{secs:.3}s {l}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The lines containing `text`, with when each was read.
     pub fn lines_with(&self, text: &str) -> Vec<(Instant, String)> {
         self.lines
