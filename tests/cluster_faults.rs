@@ -38,7 +38,8 @@ use lessnat::backend::etcd::{REQUEST_TIMEOUT, Snapshot};
 use lessnat::cluster::keys::{Keys, RolloutKey, SlotRecord};
 use serde_json::Value;
 use support::cluster_site::{
-    ClusterSite, load_through, member_address, names_in_spread, wait_output_after, wait_spread,
+    ClusterSite, load_through, member_address, names_in_spread, wait_etcd_up, wait_output_after,
+    wait_spread,
 };
 use support::forward::Forwarder;
 use support::image::test_image;
@@ -74,22 +75,6 @@ fn metric(agent: &Process, name: &str) -> f64 {
 /// How many runs the agent finished, whatever their trigger and outcome.
 fn runs(agent: &Process) -> f64 {
     metric(agent, "lessnat_agent_runs_total")
-}
-
-/// Waits until `lessnat_cluster_etcd_up` of `agent` is `up`; how long that took.
-fn wait_etcd_up(agent: &Process, node: &Node, up: bool) -> Duration {
-    let started = Instant::now();
-    while metric(agent, "lessnat_cluster_etcd_up") != f64::from(u8::from(up)) {
-        assert!(
-            started.elapsed() < BOUND,
-            "{}: lessnat_cluster_etcd_up never {}:\n{}",
-            node.name,
-            u8::from(up),
-            agent.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    started.elapsed()
 }
 
 /// `lessnat status --json` on `node`.
@@ -182,7 +167,7 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
     links[0].delay(SLOW);
     links[1].stall();
     for ((lb, agent), how) in site.site.lbs.iter().zip(&lbs).zip(["slow", "stalled"]) {
-        wait_etcd_up(agent, lb, false);
+        wait_etcd_up(BOUND, agent, lb, false);
         eprintln!(
             "{} ({how}): lessnat_cluster_etcd_up 0 {:.3}s after the link slowed",
             lb.name,
@@ -244,7 +229,7 @@ fn slow_etcd_links_leave_serving_and_runs_alone_and_the_lbs_converge_once_in_tim
         link.delay(SLOW_BUT_IN_TIME);
     }
     for (lb, agent) in site.site.lbs.iter().zip(&lbs) {
-        wait_etcd_up(agent, lb, true);
+        wait_etcd_up(BOUND, agent, lb, true);
         eprintln!(
             "{}: etcd reachable {:.3}s after the latency went down to {SLOW_BUT_IN_TIME:?}",
             lb.name,
