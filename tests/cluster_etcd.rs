@@ -15,6 +15,7 @@ use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role}
 use lessnat::cluster::registration::{Registrar, Wanted};
 use lessnat::error::chain;
 use support::etcd::EtcdCluster;
+use support::forward::Forwarder;
 
 fn config(endpoints: Vec<String>) -> EtcdConfig {
     EtcdConfig {
@@ -226,6 +227,68 @@ fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_st
     );
     registrar.revoke().expect("revoke");
     assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+}
+
+#[test]
+fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys() {
+    let test = "a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let link = Forwarder::start(
+        cluster
+            .endpoint(0)
+            .trim_start_matches("http://")
+            .parse()
+            .expect("member address"),
+    );
+    // A round trip takes 1.4 s: within the 2 s timeout of each call, but
+    // a few calls in a row take longer than the lease's 3 s.
+    link.delay(Duration::from_millis(700));
+    let yaml = format!(
+        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /slow\n    leaseTtl: 3s\n\
+         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
+        link.url()
+    );
+    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
+    let settings = spec.cluster.as_ref().expect("cluster block");
+    let mut registrar = Registrar::new(settings).expect("registrar");
+    let replicas = (5..10)
+        .map(|n| {
+            let record = ReplicaRecord {
+                node: "web-1".into(),
+                replica: n,
+                version: "sha256:aa".into(),
+                slot: ReplicaSlot::Primary,
+                healthy: true,
+                since: 0,
+            };
+            (("api".to_string(), format!("10.20.1.{n}")), record)
+        })
+        .collect();
+    let wanted = Wanted {
+        node: "web-1".into(),
+        record: serde_json::from_slice(&record_bytes()).expect("node record"),
+        replicas,
+    };
+    // As the registration thread does: a step every 100 ms.
+    let mut leases = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        registrar.step(&wanted).expect("a step within the timeouts");
+        let (lease, _) = registrar.lease().expect("a lease");
+        if leases.last() != Some(&lease) {
+            eprintln!("{:.3}s: lease {lease:x}", started.elapsed().as_secs_f64());
+            leases.push(lease);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(leases.len(), 1, "the lease expired and was granted again");
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let read = etcd.get_prefix("/slow/").expect("read");
+    let on_lease = read.entries.iter().filter(|e| e.lease == leases[0]).count();
+    assert_eq!(on_lease, 6, "{read:?}");
 }
 
 #[test]
