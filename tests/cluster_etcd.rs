@@ -1,6 +1,6 @@
 //! The etcd backend against a real three-member etcd cluster on loopback
 //! (`tests/support/etcd.rs`): leases keep their keys while kept alive, also
-//! across the leader's death; keys go when the lease ends; a watch sees puts
+//! across each member's death (the keep-alive opens its stream again); keys go when the lease ends; a watch sees puts
 //! and expiries; a dead etcd answers with an error within the timeout; a
 //! registrar whose lease was lost writes everything again under a new one.
 
@@ -15,6 +15,7 @@ use lessnat::cluster::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role}
 use lessnat::cluster::registration::{Registrar, Wanted};
 use lessnat::error::chain;
 use support::etcd::EtcdCluster;
+use support::forward::Forwarder;
 
 fn config(endpoints: Vec<String>) -> EtcdConfig {
     EtcdConfig {
@@ -52,9 +53,9 @@ fn retry<T>(what: &str, mut call: impl FnMut() -> Result<T, EtcdError>) -> T {
 }
 
 #[test]
-fn a_kept_lease_and_its_keys_survive_the_leaders_death() {
+fn a_kept_lease_and_its_keys_survive_each_members_death() {
     if !support::commands(
-        "a_kept_lease_and_its_keys_survive_the_leaders_death",
+        "a_kept_lease_and_its_keys_survive_each_members_death",
         &["etcd"],
     ) {
         return;
@@ -66,40 +67,44 @@ fn a_kept_lease_and_its_keys_survive_the_leaders_death() {
     etcd.put(&keys.node("lb-1"), &record_bytes(), Some(lease))
         .expect("put");
     let mut keeper = etcd.keep_alive(lease).expect("keep alive");
+    // The leader first, then the others: one of them carries the
+    // keep-alive stream, which `renew` must open again elsewhere by itself.
     let leader = cluster.leader().expect("a leader");
-    cluster.kill(leader);
-    eprintln!("killed the leader, member {leader}");
-    // Keep the lease alive through the election, for twice its TTL.
-    let until = Instant::now() + Duration::from_secs(4);
-    let mut renewals = 0;
-    while Instant::now() < until {
-        match keeper.renew() {
-            Ok(ttl) => {
-                assert!(ttl > Duration::ZERO);
-                renewals += 1;
+    for member in [leader, (leader + 1) % 3, (leader + 2) % 3] {
+        cluster.kill(member);
+        eprintln!("killed member {member}");
+        // Keep the lease alive through the election, for twice its TTL.
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut renewals = 0;
+        while Instant::now() < until {
+            match keeper.renew() {
+                Ok(ttl) => {
+                    assert!(ttl > Duration::ZERO);
+                    renewals += 1;
+                }
+                Err(EtcdError::LeaseGone { id }) => {
+                    panic!("lease {id:x} expired while kept alive\n{}", cluster.logs())
+                }
+                // An election in progress: the next renewal tries again.
+                Err(error) => eprintln!("renewing: {}", chain(&error)),
             }
-            Err(EtcdError::LeaseGone { id }) => {
-                panic!("lease {id:x} expired while kept alive\n{}", cluster.logs())
-            }
-            // The stream to the dead member broke: keep alive anew.
-            Err(error) => {
-                eprintln!("renewing: {} (keeping alive anew)", chain(&error));
-                keeper = retry("keep alive", || etcd.keep_alive(lease));
-            }
+            std::thread::sleep(Duration::from_millis(500));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            renewals >= 4,
+            "renewed {renewals} times in 4 s with member {member} dead"
+        );
+        let read = retry("read", || etcd.get_prefix(&keys.nodes()));
+        assert_eq!(
+            read.entries.len(),
+            1,
+            "the key outlived member {member}: {read:?}"
+        );
+        assert_eq!(read.entries[0].lease, lease);
+        assert_ne!(cluster.leader(), None, "a leader without member {member}");
+        cluster.restart(member);
+        cluster.wait_healthy();
     }
-    assert!(renewals >= 4, "renewed {renewals} times in 4 s");
-    let read = retry("read", || etcd.get_prefix(&keys.nodes()));
-    assert_eq!(
-        read.entries.len(),
-        1,
-        "the key outlived the leader: {read:?}"
-    );
-    assert_eq!(read.entries[0].lease, lease);
-    assert_ne!(cluster.leader(), None, "a new leader was elected");
-    // The killed member comes back and the lease still holds.
-    cluster.restart(leader);
     assert!(retry("lease", || etcd.lease_left(lease)).is_some());
     etcd.revoke(lease).expect("revoke");
     let read = etcd.get_prefix(&keys.nodes()).expect("read");
@@ -222,6 +227,68 @@ fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_st
     );
     registrar.revoke().expect("revoke");
     assert!(etcd.get_prefix("/reg/").expect("read").entries.is_empty());
+}
+
+#[test]
+fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys() {
+    let test = "a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    let link = Forwarder::start(
+        cluster
+            .endpoint(0)
+            .trim_start_matches("http://")
+            .parse()
+            .expect("member address"),
+    );
+    // A round trip takes 1.4 s: within the 2 s timeout of each call, but
+    // a few calls in a row take longer than the lease's 3 s.
+    link.delay(Duration::from_millis(700));
+    let yaml = format!(
+        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /slow\n    leaseTtl: 3s\n\
+         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
+        link.url()
+    );
+    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
+    let settings = spec.cluster.as_ref().expect("cluster block");
+    let mut registrar = Registrar::new(settings).expect("registrar");
+    let replicas = (5..10)
+        .map(|n| {
+            let record = ReplicaRecord {
+                node: "web-1".into(),
+                replica: n,
+                version: "sha256:aa".into(),
+                slot: ReplicaSlot::Primary,
+                healthy: true,
+                since: 0,
+            };
+            (("api".to_string(), format!("10.20.1.{n}")), record)
+        })
+        .collect();
+    let wanted = Wanted {
+        node: "web-1".into(),
+        record: serde_json::from_slice(&record_bytes()).expect("node record"),
+        replicas,
+    };
+    // As the registration thread does: a step every 100 ms.
+    let mut leases = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        registrar.step(&wanted).expect("a step within the timeouts");
+        let (lease, _) = registrar.lease().expect("a lease");
+        if leases.last() != Some(&lease) {
+            eprintln!("{:.3}s: lease {lease:x}", started.elapsed().as_secs_f64());
+            leases.push(lease);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(leases.len(), 1, "the lease expired and was granted again");
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let read = etcd.get_prefix("/slow/").expect("read");
+    let on_lease = read.entries.iter().filter(|e| e.lease == leases[0]).count();
+    assert_eq!(on_lease, 6, "{read:?}");
 }
 
 #[test]

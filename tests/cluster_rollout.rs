@@ -14,6 +14,13 @@
 //!   takes the slot only after the canary is done and its hold has passed;
 //! - no request fails through either.
 //!
+//! And a canary whose version is healthy at first and turns unhealthy during
+//! its hold (the test server's `--unhealthy-file`, the file copied into the
+//! canary's container once it is done): the other worker, waiting for the
+//! hold, marks the version bad in etcd, naming the canary's replica, and
+//! never creates a container of it; the canary keeps running it (out of the
+//! spreads); no request fails.
+//!
 //! And without Docker: taking a slot is atomic (three workers at once, one
 //! slot), a version marked bad gets none, a node takes over the slot it
 //! holds, and a slot no longer kept alive frees itself.
@@ -45,6 +52,25 @@ const BOUND: Duration = Duration::from_secs(60);
 /// The canary's hold in the spec.
 const HOLD: Duration = Duration::from_secs(4);
 
+/// The canary's hold when the test turns the canary unhealthy during it:
+/// long enough for the canary's registration and the other worker's mark
+/// (a few seconds) to come well before it ends, even on a loaded machine.
+const LONG_HOLD: Duration = Duration::from_secs(30);
+
+/// The file whose existence makes the test server's health check fail.
+const UNHEALTHY_FILE: &str = "/unhealthy";
+
+/// What the service's health check does at a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Passes.
+    Passes,
+    /// Never passes.
+    Fails,
+    /// Passes until [`UNHEALTHY_FILE`] exists in the container.
+    FailsOnceTheFileExists,
+}
+
 /// The site with etcd (`ClusterSite`, lease TTL 2 s) and the spec's path.
 struct Site {
     cluster: ClusterSite,
@@ -60,27 +86,32 @@ impl Site {
             cluster,
             spec: PathBuf::new(),
         };
-        site.spec = site.write_spec(&test_image("v1"), false);
+        site.spec = site.write_spec(&test_image("v1"), Health::Passes, HOLD);
         site.cluster.site.apply_all(&site.spec);
         Some(site)
     }
 
-    /// Writes the spec with the service's `image` (its health check failing
-    /// when `unhealthy`) and a rollout of one node at a time after one
-    /// canary node; returns its path.
-    fn write_spec(&self, image: &str, unhealthy: bool) -> PathBuf {
+    /// Writes the spec with the service's `image` (its health check as
+    /// `health` says) and a rollout of one node at a time after one canary
+    /// node held for `hold`; returns its path.
+    fn write_spec(&self, image: &str, health: Health, hold: Duration) -> PathBuf {
         let spec = self.cluster.write_spec("spec", image, None);
         let text = std::fs::read_to_string(&spec).expect("spec");
         let rollout = format!(
             "      stopTimeout: 5s\n      rollout: {{ maxParallel: 1, canary: {{ nodes: 1, hold: {}s }} }}\n",
-            HOLD.as_secs()
+            hold.as_secs()
         );
         let mut text = text
             .replacen("      stopTimeout: 5s\n", &rollout, 1)
             .replacen("startTimeout: 20s", "startTimeout: 6s", 1);
-        if unhealthy {
-            text = text.replacen("\"--udp\"", "\"--unhealthy\", \"--udp\"", 1);
-        }
+        let flag = match health {
+            Health::Passes => String::new(),
+            Health::Fails => "\"--unhealthy\", ".to_string(),
+            Health::FailsOnceTheFileExists => {
+                format!("\"--unhealthy-file\", \"{UNHEALTHY_FILE}\", ")
+            }
+        };
+        text = text.replacen("\"--udp\"", &format!("{flag}\"--udp\""), 1);
         assert!(text.contains("rollout:"), "{text}");
         std::fs::write(&spec, text).expect("write spec");
         spec
@@ -101,10 +132,76 @@ impl Site {
         }
     }
 
+    /// Starts the agents (the workers' every 1 s, the LBs' every 60 s) and
+    /// load from both clients, and waits until the load runs.
+    fn run(&self) -> Running {
+        let agents = |nodes: &[Node], interval: &str| -> Vec<Process> {
+            let agent = |node| ClusterSite::agent(node, &self.spec, interval);
+            nodes.iter().map(agent).collect()
+        };
+        let mut agents_started = agents(&self.cluster.site.workers, "1s");
+        agents_started.extend(agents(&self.cluster.site.lbs, "60s"));
+        let origin = Instant::now();
+        let running = Running {
+            agents: agents_started,
+            loads: (0..2)
+                .map(|client| load_through(&self.cluster.site, client, 8))
+                .collect(),
+            origin,
+        };
+        for load in &running.loads {
+            load.wait_requests(50, BOUND).expect("the load runs");
+        }
+        running
+    }
+
+    /// The worker named `canary`, and the other one.
+    fn canary_and_other(&self, canary: &str) -> (&Node, &Node) {
+        let workers = &self.cluster.site.workers;
+        match workers.iter().position(|w| w.name == canary) {
+            Some(0) => (&workers[0], &workers[1]),
+            Some(_) => (&workers[1], &workers[0]),
+            None => panic!("{canary} is not a worker"),
+        }
+    }
+
     /// The plan of `node` (`lessnat plan`), as text.
     fn plan(&self, node: &Node) -> String {
         Topology::plan_exit(node, &self.spec).1
     }
+}
+
+/// The agents of every node and the load from both clients.
+struct Running {
+    agents: Vec<Process>,
+    loads: Vec<Load>,
+    origin: Instant,
+}
+
+impl Running {
+    /// Stops the load once it ran a little longer, and the agents; asserts
+    /// no request through `what` failed and no agent panicked.
+    fn stop(self, what: &str) {
+        for load in &self.loads {
+            load.wait_requests(100, BOUND).expect("the load runs");
+        }
+        let report = Report::merged(self.loads.into_iter().map(Load::stop));
+        eprintln!("load through {what}: {}", report.summary(self.origin));
+        assert!(report.failed().is_empty(), "{:?}", report.failed());
+        for agent in self.agents {
+            let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
+            assert!(!output.contains("panicked"), "{output}");
+        }
+    }
+}
+
+/// The `bad` record in `read` (there must be one).
+fn bad_of(keys: &Keys, read: &Snapshot) -> BadRecord {
+    read.entries
+        .iter()
+        .find(|e| matches!(keys.rollout_of(&e.key), Some(RolloutKey::Bad { .. })))
+        .and_then(|e| serde_json::from_slice(&e.value).ok())
+        .expect("a bad record")
 }
 
 /// The rollout keys of kind `kind` (`"slot"`, `"done"`, `"bad"`) in `read`.
@@ -254,52 +351,25 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         return;
     };
     let keys = site.cluster.keys();
-    let agents = |nodes: &[Node], interval: &str| -> Vec<Process> {
-        let agent = |node| ClusterSite::agent(node, &site.spec, interval);
-        nodes.iter().map(agent).collect()
-    };
-    let workers = agents(&site.cluster.site.workers, "1s");
-    let lbs = agents(&site.cluster.site.lbs, "60s");
-    let origin = Instant::now();
-    let loads: Vec<Load> = (0..2)
-        .map(|client| load_through(&site.cluster.site, client, 8))
-        .collect();
-    for load in &loads {
-        load.wait_requests(50, BOUND).expect("the load runs");
-    }
+    let running = site.run();
     let started = unix_now();
     let bad_image = test_image("v2");
     let good_image = test_image("v3");
 
     // A version whose health check never passes.
-    site.write_spec(&bad_image, true);
+    site.write_spec(&bad_image, Health::Fails, HOLD);
     let read = site.wait_rollouts("the version marked bad", |keys, read| {
         count(keys, read, "bad") == 1 && count(keys, read, "slot") == 0
     });
-    let bad: BadRecord = read
-        .entries
-        .iter()
-        .find(|e| matches!(keys.rollout_of(&e.key), Some(RolloutKey::Bad { .. })))
-        .and_then(|e| serde_json::from_slice(&e.value).ok())
-        .expect("a bad record");
+    let bad = bad_of(&keys, &read);
     eprintln!(
         "marked bad by {} {:.1}s after the spec changed: {}",
         bad.node,
-        origin.elapsed().as_secs_f64(),
+        running.origin.elapsed().as_secs_f64(),
         bad.reason
     );
     assert_eq!(count(&keys, &read, "done"), 0, "nobody is done with it");
-    let (canary, other) = match site
-        .cluster
-        .site
-        .workers
-        .iter()
-        .position(|w| w.name == bad.node)
-    {
-        Some(0) => (&site.cluster.site.workers[0], &site.cluster.site.workers[1]),
-        Some(_) => (&site.cluster.site.workers[1], &site.cluster.site.workers[0]),
-        None => panic!("{} is not a worker", bad.node),
-    };
+    let (canary, other) = site.canary_and_other(&bad.node);
     assert!(bad.reason.contains("not healthy"), "{}", bad.reason);
     // The other worker's plan says why it does not start the version.
     let plan = site.plan(other);
@@ -326,7 +396,7 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
     // A good version: the canary first, the other after the hold.
     let clock = RolloutClock::start(site.cluster.client(), keys.clone());
     let good_at = Instant::now();
-    site.write_spec(&good_image, false);
+    site.write_spec(&good_image, Health::Passes, HOLD);
     site.wait_rollouts("both workers done with the good version", |keys, read| {
         count(keys, read, "done") == 2 && count(keys, read, "slot") == 0
     });
@@ -406,17 +476,125 @@ fn a_canary_that_never_becomes_healthy_marks_its_version_bad_and_the_next_one_ro
         text.contains("rollout      web") && text.contains(&marked) && text.contains(&both),
         "{text}"
     );
-    for load in &loads {
-        load.wait_requests(100, BOUND).expect("the load runs");
-    }
-    let report = Report::merged(loads.into_iter().map(Load::stop));
-    eprintln!("load through the rollouts: {}", report.summary(origin));
-    assert!(report.failed().is_empty(), "{:?}", report.failed());
     drop(clock);
-    for agent in workers.into_iter().chain(lbs) {
-        let (_, output) = agent.end(nix::sys::signal::Signal::SIGTERM);
-        assert!(!output.contains("panicked"), "{output}");
-    }
+    running.stop("the rollouts");
+}
+
+#[test]
+fn a_canary_that_turns_unhealthy_during_its_hold_marks_its_version_bad_and_the_other_worker_never_starts_it()
+ {
+    let test = "a_canary_that_turns_unhealthy_during_its_hold";
+    let Some(site) = Site::new(test) else {
+        return;
+    };
+    let keys = site.cluster.keys();
+    // A tag of its own: the version must have `--unhealthy-file`.
+    let image = test_image("v2-unhealthy-file");
+    // The same path: the agents start with the long hold.
+    site.write_spec(&test_image("v1"), Health::Passes, LONG_HOLD);
+    let running = site.run();
+    let started = unix_now();
+
+    // A version that is healthy until the test says otherwise.
+    let changed = Instant::now();
+    site.write_spec(&image, Health::FailsOnceTheFileExists, LONG_HOLD);
+    let read = site.wait_rollouts("the canary done (or the version bad)", |keys, read| {
+        count(keys, read, "done") == 1 || count(keys, read, "bad") == 1
+    });
+    let done_at = Instant::now();
+    assert_eq!(
+        (count(&keys, &read, "done"), count(&keys, &read, "bad")),
+        (1, 0),
+        "the canary's upgrade succeeded: {:?}",
+        read.entries
+            .iter()
+            .map(|e| (&e.key, String::from_utf8_lossy(&e.value)))
+            .collect::<Vec<_>>()
+    );
+    let canary_name = read
+        .entries
+        .iter()
+        .find_map(|e| match keys.rollout_of(&e.key) {
+            Some(RolloutKey::Done { node, .. }) => Some(node.to_string()),
+            _ => None,
+        })
+        .expect("a done key");
+    let (canary, other) = site.canary_and_other(&canary_name);
+    eprintln!(
+        "{} done {:.1}s after the spec changed",
+        canary.name,
+        changed.elapsed().as_secs_f64()
+    );
+    // The canary's replica of the version turns unhealthy, during its hold.
+    let found = images(canary);
+    let upgraded: Vec<&String> = found
+        .iter()
+        .filter(|(_, i)| *i == image)
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(upgraded.len(), 1, "{}: {found:?}", canary.name);
+    let empty = tempfile::NamedTempFile::new().expect("an empty file");
+    let into = format!("{}:{UNHEALTHY_FILE}", upgraded[0]);
+    support::run("docker", &["cp", &empty.path().to_string_lossy(), &into]);
+    let unhealthy_at = Instant::now();
+
+    let read = site.wait_rollouts("the version marked bad", |keys, read| {
+        count(keys, read, "bad") == 1
+    });
+    let marked_at = Instant::now();
+    let bad = bad_of(&keys, &read);
+    eprintln!(
+        "marked bad {:.1}s after the canary's replica turned unhealthy ({:.1}s after it was done, hold {LONG_HOLD:?}): {}",
+        marked_at.duration_since(unhealthy_at).as_secs_f64(),
+        marked_at.duration_since(done_at).as_secs_f64(),
+        bad.reason
+    );
+    assert_eq!(bad.node, canary.name, "{}", bad.reason);
+    assert!(
+        bad.reason
+            .starts_with(&format!("{}'s replica ", canary.name))
+            && bad
+                .reason
+                .contains("turned unhealthy during the canary hold"),
+        "{}",
+        bad.reason
+    );
+    assert!(
+        marked_at.duration_since(done_at) < LONG_HOLD,
+        "marked before the hold ended"
+    );
+    assert_eq!(count(&keys, &read, "done"), 1, "only the canary is done");
+    // The other worker's plan says why it does not start the version.
+    let plan = site.plan(other);
+    assert!(
+        plan.contains(&format!("was marked bad by {}", canary.name))
+            && plan.contains("turned unhealthy during the canary hold"),
+        "{plan}"
+    );
+    // Past the hold, and a few more runs of both agents: the other worker
+    // never created a container of the version; the canary keeps it.
+    let past_hold =
+        (done_at + LONG_HOLD + Duration::from_secs(3)).saturating_duration_since(Instant::now());
+    std::thread::sleep(past_hold);
+    let read = site.wait_rollouts("the rollout keys read", |_, _| true);
+    assert_eq!(
+        (count(&keys, &read, "slot"), count(&keys, &read, "done")),
+        (0, 1),
+        "no other node took a slot or finished"
+    );
+    let created = created_from(&image, started, &[canary, other]);
+    assert!(
+        created.iter().all(|name| name.contains(&canary.name)) && !created.is_empty(),
+        "{created:?}"
+    );
+    let found = images(other);
+    assert_eq!(found.len(), 1, "{}: {found:?}", other.name);
+    assert_eq!(found[0].1, test_image("v1"), "{}: {found:?}", other.name);
+    let found = images(canary);
+    assert_eq!(found.len(), 1, "{}: {found:?}", canary.name);
+    assert_eq!(found[0].1, image, "{}: {found:?}", canary.name);
+
+    running.stop("the canary's hold");
 }
 
 /// A turn of `node` in the rollout of `api` to `version`, from one slot.

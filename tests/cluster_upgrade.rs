@@ -4,7 +4,8 @@
 //! them: a worker's published upgrade waits for every live load-balancer
 //! node's acknowledgement of its version, and goes on when an idle node's
 //! lease expires; an acknowledgement of another version does not count;
-//! the leader's death mid-wait does not stop it.
+//! the old replica's registration goes before its container; the leader's
+//! death mid-wait does not stop it.
 //!
 //! Not here yet (see the report of branch `cluster-upgrade`): the routed
 //! upgrade under load with namespaces and Docker, and fleet rollouts.
@@ -148,6 +149,14 @@ fn the_worker_waits_for_the_live_balancer_and_goes_on_when_the_idle_ones_lease_e
     assert_eq!(standing.expired.iter().collect::<Vec<_>>(), ["lb-2"]);
     let lb2 = etcd.get_prefix(&keys.node("lb-2")).expect("read");
     assert!(lb2.entries.is_empty(), "done before lb-2's lease expired");
+    // The old replica, registered as the worker's agent does, is
+    // deregistered before apply removes its container.
+    let old = keys.replica("api", &FROM.to_string());
+    etcd.put(&old, b"{}", None)
+        .expect("register the old replica");
+    published.deregister_old().expect("deregister");
+    let read = etcd.get_prefix(&old).expect("read");
+    assert!(read.entries.is_empty(), "the old replica stays: {read:?}");
     published.finish().expect("finish");
     let left = etcd.get_prefix(&keys.upgrades()).expect("read");
     assert!(left.entries.is_empty(), "the upgrade key stays");

@@ -251,6 +251,13 @@ pub fn apply_change(
             ));
             routed::acknowledge(progress, service, *from, *to, ack);
         }
+        Operation::MarkRolloutBad { mark } => {
+            progress.step(&format!(
+                "{address}: marking version {} of {} bad in etcd",
+                mark.version, mark.service
+            ));
+            rollout::mark_bad(progress, mark);
+        }
         Operation::DeleteTable => {
             progress.step(&format!("{address}: deleting lessnat's table"));
             ctx.host.delete_table()?;

@@ -4,11 +4,13 @@
 //! since the plan, or etcd cannot be reached, the upgrade does not start
 //! (the next run tries again) and the apply goes on. Once the upgrade ends
 //! the slot is freed: with `done` written when it succeeded, with the
-//! version marked bad when it failed because of the version.
+//! version marked bad when it failed because of the version. A planned
+//! [`BadMark`] (a canary node's replica turned unhealthy) is written as
+//! planned.
 
 use super::ApplyError;
 use super::progress::Progress;
-use crate::cluster::rollout::{Taken, Turn};
+use crate::cluster::rollout::{BadMark, Taken, Turn};
 use crate::error::chain;
 
 /// Runs `upgrade` in `turn` (or at once without a rollout); returns what
@@ -122,6 +124,28 @@ fn resumed(
         None => {}
     }
     result
+}
+
+/// Marks the version of `mark` bad in etcd, unless it is marked already.
+/// An etcd out of reach fails nothing: the version does not start on this
+/// node anyway, and the next run plans the mark again.
+pub(super) fn mark_bad(progress: &mut Progress, mark: &BadMark) {
+    let BadMark {
+        service, version, ..
+    } = mark;
+    let said = match mark.write() {
+        Ok(true) => format!(
+            "{service}: version {version} marked bad in etcd: no node starts it until the spec changes"
+        ),
+        Ok(false) => format!(
+            "{service}: version {version} was marked bad already (by another node since the plan)"
+        ),
+        Err(error) => format!(
+            "{service}: could not mark version {version} bad in etcd ({}); it does not start here, and the next run marks it",
+            chain(&error)
+        ),
+    };
+    progress.step(&said);
 }
 
 /// When `error` says the new version itself failed (not healthy in time,

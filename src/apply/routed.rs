@@ -458,6 +458,15 @@ impl<'a, 'c> Batch<'a, 'c> {
                     return self.fail("drain", error);
                 }
             }
+            for published in &published {
+                if let Err(error) = published.deregister_old() {
+                    self.progress.step(&format!(
+                        "{}: could not deregister the old version from etcd ({}); the worker's agent does once it is removed",
+                        self.service.name,
+                        chain(&error)
+                    ));
+                }
+            }
             finishing = published;
             for member in &switching {
                 let primary = self.name(member, Slot::Primary);

@@ -40,6 +40,10 @@ const GRPC_UNAVAILABLE: i32 = 14;
 /// How long to wait before making a call again that a member could not take.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
+/// The most keys one transaction of [`Etcd::write_all`] writes or deletes:
+/// below etcd's `--max-txn-ops` (128 by default).
+const TXN_OPS: usize = 64;
+
 /// A lease's id, as etcd gives it.
 pub type LeaseId = i64;
 
@@ -352,6 +356,34 @@ impl Etcd {
         Ok(txn.succeeded())
     }
 
+    /// Writes every key of `puts` (attached to `lease` when given) and
+    /// deletes every key of `deletes` (keys must not repeat), in one
+    /// transaction (one per [`TXN_OPS`] keys): one round trip for a node's
+    /// registrations, not one per key, so a slow link does not keep the
+    /// caller from renewing the lease they live under.
+    pub fn write_all(
+        &self,
+        puts: &[(String, Vec<u8>)],
+        deletes: &[String],
+        lease: Option<LeaseId>,
+    ) -> Result<(), EtcdError> {
+        let ops: Vec<TxnOp> = deletes
+            .iter()
+            .map(|key| TxnOp::delete(key.as_str(), None))
+            .chain(puts.iter().map(|(key, value)| {
+                let options = lease.map(|id| PutOptions::new().with_lease(id));
+                TxnOp::put(key.as_str(), value.as_slice(), options)
+            }))
+            .collect();
+        for batch in ops.chunks(TXN_OPS) {
+            self.call("writing keys", |mut c| {
+                let txn = Txn::new().and_then(batch.to_vec());
+                async move { c.txn(txn).await }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Deletes `key`; returns the revision.
     pub fn delete(&self, key: &str) -> Result<i64, EtcdError> {
         let deleted = self.call("deleting a key", |mut c| async move {
@@ -408,8 +440,23 @@ impl KeepAlive {
     }
 
     /// Renews the lease once; returns its TTL from now.
-    /// [`EtcdError::LeaseGone`] when it expired meanwhile.
+    /// [`EtcdError::LeaseGone`] when it expired meanwhile. A stream that
+    /// broke (its member died, say) is opened again, through any member
+    /// that answers, and the renewal tried once more: a lease must outlive
+    /// the member its keep-alive happened to use.
     pub fn renew(&mut self) -> Result<Duration, EtcdError> {
+        match self.renew_on_stream() {
+            Err(EtcdError::LeaseGone { id }) => Err(EtcdError::LeaseGone { id }),
+            Err(_) => {
+                *self = self.etcd.keep_alive(self.lease())?;
+                self.renew_on_stream()
+            }
+            renewed => renewed,
+        }
+    }
+
+    /// One renewal on the current stream.
+    fn renew_on_stream(&mut self) -> Result<Duration, EtcdError> {
         let id = self.keeper.id();
         let (keeper, stream) = (&mut self.keeper, &mut self.stream);
         let etcd = &self.etcd;

@@ -125,6 +125,15 @@ impl Handshake {
         let ttl = self.etcd.lease_ttl.value.get();
         let lease = etcd.grant(ttl)?;
         let keeper = etcd.keep_alive(lease)?;
+        // Kept alive from here: on a slow link the calls below may take
+        // longer than the lease. Until `published` owns the flag, a failure
+        // stops the renewals (the keys then go with the lease).
+        let keeping = Arc::new(AtomicBool::new(true));
+        keep(keeper, ttl / 3, Arc::clone(&keeping));
+        let stop_keeping = |error: EtcdError| {
+            keeping.store(false, Ordering::SeqCst);
+            error
+        };
         let record = UpgradeRecord {
             node: self.node.clone(),
             from: self.from.to_string(),
@@ -141,21 +150,23 @@ impl Handshake {
             healthy: true,
             since: now(),
         };
-        etcd.put(
-            &keys.replica(&self.service, &self.to.to_string()),
-            &to_json(&next),
-            Some(lease),
-        )?;
-        etcd.put(
-            &keys.upgrade(&self.service, &from),
-            &to_json(&record),
-            Some(lease),
-        )?;
-        let keeping = Arc::new(AtomicBool::new(true));
-        keep(keeper, ttl / 3, Arc::clone(&keeping));
-        let snapshot = etcd.get_prefix(&format!("{}/", keys.prefix()))?;
+        let both = [
+            (
+                keys.replica(&self.service, &self.to.to_string()),
+                to_json(&next),
+            ),
+            (keys.upgrade(&self.service, &from), to_json(&record)),
+        ];
+        etcd.write_all(&both, &[], Some(lease))
+            .map_err(stop_keeping)?;
+        let snapshot = etcd
+            .get_prefix(&format!("{}/", keys.prefix()))
+            .map_err(stop_keeping)?;
+        let watch = etcd
+            .watch_prefix(&format!("{}/", keys.prefix()), snapshot.revision + 1)
+            .map_err(stop_keeping)?;
         let mut published = Published {
-            watch: etcd.watch_prefix(&format!("{}/", keys.prefix()), snapshot.revision + 1)?,
+            watch,
             etcd,
             keys,
             handshake: self.clone(),
@@ -213,6 +224,19 @@ impl Published {
             }
         }
         Ok(&self.standing)
+    }
+
+    /// The old replica is drained and about to be removed: deletes its
+    /// registration first. The worker's agent deregisters it only after it
+    /// saw the container go (a round of its probes, and a round trip to
+    /// etcd): meanwhile a load-balancer node given the next spec would take
+    /// the old address, still registered healthy, for that spec's next
+    /// version and send new connections to a removed replica.
+    pub fn deregister_old(&self) -> Result<(), EtcdError> {
+        let from = self.handshake.from.to_string();
+        self.etcd
+            .delete(&self.keys.replica(&self.handshake.service, &from))
+            .map(drop)
     }
 
     /// The upgrade is done: deletes its key and the acknowledgements it saw

@@ -212,7 +212,8 @@ impl Registrar {
 
     /// Makes etcd hold `wanted` under a live lease: grants one when there is
     /// none (or it expired), renews it when a third of its TTL has passed,
-    /// writes what changed and deletes what is no longer wanted. The node
+    /// writes what changed and deletes what is no longer wanted (in one
+    /// transaction). The node
     /// record's `since` is when the lease was granted. Returns whether etcd
     /// answered a call: a step with nothing due makes none, and says nothing
     /// of whether etcd is reachable.
@@ -280,17 +281,19 @@ impl Registrar {
             .filter(|k| !values.contains_key(*k))
             .cloned()
             .collect();
-        for key in gone {
-            self.etcd.delete(&key)?;
-            self.published.remove(&key);
-            answered = true;
-        }
-        for (key, value) in values {
-            if self.published.get(&key) != Some(&value) {
-                self.etcd.put(&key, &value, Some(lease))?;
-                self.published.insert(key, value);
-                answered = true;
+        let changed: Vec<(String, Vec<u8>)> = values
+            .into_iter()
+            .filter(|(key, value)| self.published.get(key) != Some(value))
+            .collect();
+        if !gone.is_empty() || !changed.is_empty() {
+            // One round trip for all of them: a slow link must not outlast
+            // the lease between two renewals.
+            self.etcd.write_all(&changed, &gone, Some(lease))?;
+            for key in gone {
+                self.published.remove(&key);
             }
+            self.published.extend(changed);
+            answered = true;
         }
         Ok(answered)
     }

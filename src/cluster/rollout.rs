@@ -2,11 +2,14 @@
 //! turns upgrading it through slots in etcd, canary nodes first, and a
 //! failed upgrade marks its version bad so no other node starts it.
 //!
-//! [`read_once`] reads the rollout keys for a worker's plan (the planner
-//! decides from them: `plan/rollout.rs`). A planned upgrade carries its
-//! [`Turn`]; apply calls [`Turn::take`] before it starts the next version
-//! (a slot taken atomically, under a lease of its own, or none free), then
-//! [`Held::done`] or [`Held::bad`] or [`Held::release`] when it ends.
+//! [`read_once`] reads the rollout keys (and the replicas registered
+//! unhealthy) for a worker's plan (the planner decides from them:
+//! `plan/rollout.rs`). A planned upgrade carries its [`Turn`]; apply calls
+//! [`Turn::take`] before it starts the next version (a slot taken
+//! atomically, under a lease of its own, or none free), then [`Held::done`]
+//! or [`Held::bad`] or [`Held::release`] when it ends. A planned
+//! [`BadMark`] (a canary node's replica turned unhealthy) is written with
+//! [`BadMark::write`], once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,11 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::etcd::{Etcd, EtcdError, Expect, KeepAlive, LeaseId, Snapshot};
 use crate::error::chain;
-use crate::model::{RolloutBad, RolloutDone, RolloutSlot, RolloutView};
+use crate::model::{RolloutBad, RolloutDone, RolloutSlot, RolloutView, UnhealthyReplica};
 use crate::spec::{Cluster, Etcd as EtcdSpec, Spec};
 
 use super::config::{etcd_config, keys};
-use super::keys::{BadRecord, DoneRecord, Keys, RolloutKey, SlotRecord};
+use super::keys::{BadRecord, DoneRecord, Keys, ReplicaRecord, RolloutKey, SlotRecord};
 use super::view::now;
 
 /// Whether `node` runs a replica of a service of `spec` with
@@ -32,18 +35,27 @@ pub fn rolls_out_on(spec: &Spec, node: &str) -> bool {
         .any(|s| s.upgrade.rollout.is_some() && s.replicas.iter().any(|r| r.node.value == node))
 }
 
-/// Reads every rollout key of `cluster` once; a view saying why when etcd
-/// cannot be read (within the backend's timeouts).
+/// Reads every rollout key of `cluster` once, and the replicas registered
+/// unhealthy; a view saying why when etcd cannot be read (within the
+/// backend's timeouts).
 pub fn read_once(cluster: &Cluster) -> RolloutView {
     let keys = keys(&cluster.etcd);
+    let read = |etcd: Etcd| -> Result<Snapshot, EtcdError> {
+        let mut snapshot = etcd.get_prefix(&keys.rollouts())?;
+        snapshot
+            .entries
+            .extend(etcd.get_prefix(&keys.replicas())?.entries);
+        Ok(snapshot)
+    };
     Etcd::connect(&etcd_config(&cluster.etcd))
-        .and_then(|etcd| etcd.get_prefix(&keys.rollouts()))
+        .and_then(read)
         .map(|snapshot| view_of(&keys, &snapshot, now()))
         .unwrap_or_else(|error| RolloutView::unreachable(chain(&error), now()))
 }
 
-/// The view of a read of `{prefix}/rollouts/` made at `at` (values that do
-/// not parse, from a newer or broken writer, are left out).
+/// The view of a read of `{prefix}/rollouts/` (and `{prefix}/replicas/`,
+/// for the replicas registered unhealthy) made at `at` (values that do not
+/// parse, from a newer or broken writer, are left out).
 pub fn view_of(keys: &Keys, snapshot: &Snapshot, at: u64) -> RolloutView {
     let mut view = RolloutView {
         read_at: at,
@@ -51,6 +63,20 @@ pub fn view_of(keys: &Keys, snapshot: &Snapshot, at: u64) -> RolloutView {
     };
     for entry in &snapshot.entries {
         let value = entry.value.as_slice();
+        if let Some((service, address)) = keys.replica_of(&entry.key) {
+            if let Ok(record) = serde_json::from_slice::<ReplicaRecord>(value)
+                && !record.healthy
+            {
+                view.unhealthy.push(UnhealthyReplica {
+                    service: service.to_string(),
+                    address: address.to_string(),
+                    node: record.node,
+                    version: record.version,
+                    since: record.since,
+                });
+            }
+            continue;
+        }
         match keys.rollout_of(&entry.key) {
             Some(RolloutKey::Slot { service, n }) => {
                 if let Ok(record) = serde_json::from_slice::<SlotRecord>(value) {
@@ -94,6 +120,7 @@ pub fn view_of(keys: &Keys, snapshot: &Snapshot, at: u64) -> RolloutView {
     view.slots.sort();
     view.done.sort();
     view.bad.sort();
+    view.unhealthy.sort();
     view
 }
 
@@ -312,6 +339,38 @@ impl Turn {
     }
 }
 
+/// A version to mark bad because a canary node's replica of it turned
+/// unhealthy, as planned by a worker waiting to start it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BadMark {
+    /// Where etcd is.
+    pub etcd: EtcdSpec,
+    /// The service.
+    pub service: String,
+    /// The version (the service's rollout version).
+    pub version: String,
+    /// The canary node whose replica turned unhealthy (the `bad` record's node).
+    pub node: String,
+    /// Why, naming the replica.
+    pub reason: String,
+}
+
+impl BadMark {
+    /// Writes `{version}/bad` in one transaction, only if it is absent
+    /// (another worker may have marked it first); returns whether this
+    /// call wrote it.
+    pub fn write(&self) -> Result<bool, EtcdError> {
+        let etcd = Etcd::connect(&etcd_config(&self.etcd))?;
+        let key = keys(&self.etcd).rollout_bad(&self.service, &self.version);
+        let record = BadRecord {
+            node: self.node.clone(),
+            reason: self.reason.clone(),
+            since: now(),
+        };
+        etcd.put_if(&key, &to_json(&record), None, &[(&key, Expect::Absent)])
+    }
+}
+
 /// A rollout slot this upgrade holds; its lease is kept alive until
 /// [`Held::done`], [`Held::bad`] or [`Held::release`] (or drop).
 pub struct Held {
@@ -420,6 +479,7 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::backend::etcd::Entry;
+    use crate::cluster::keys::ReplicaSlot;
 
     fn entry(key: String, value: &impl Serialize) -> Entry {
         Entry {
@@ -457,6 +517,28 @@ mod tests {
                     },
                 ),
                 entry(keys.rollout_bad("api", "v0"), &"not a record"),
+                entry(
+                    keys.replica("api", "10.20.1.6"),
+                    &ReplicaRecord {
+                        node: "web-1".into(),
+                        replica: 1,
+                        version: "sha256:v2".into(),
+                        slot: ReplicaSlot::Next,
+                        healthy: false,
+                        since: 8,
+                    },
+                ),
+                entry(
+                    keys.replica("api", "10.20.2.5"),
+                    &ReplicaRecord {
+                        node: "web-2".into(),
+                        replica: 1,
+                        version: "sha256:v1".into(),
+                        slot: ReplicaSlot::Primary,
+                        healthy: true,
+                        since: 2,
+                    },
+                ),
             ],
         };
         let view = view_of(&keys, &snapshot, 10);
@@ -470,5 +552,16 @@ mod tests {
         assert_eq!(view.done[0].node, "web-1");
         assert_eq!(view.bad.len(), 1, "the unreadable one is left out");
         assert_eq!(view.bad[0].reason, "not healthy");
+        assert_eq!(
+            view.unhealthy,
+            [UnhealthyReplica {
+                service: "api".into(),
+                address: "10.20.1.6".into(),
+                node: "web-1".into(),
+                version: "sha256:v2".into(),
+                since: 8,
+            }],
+            "only the unhealthy replica"
+        );
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use cluster::{Acknowledgement, ClusterView, Registration, UpgradeInFlight};
-pub use rollout::{RolloutBad, RolloutDone, RolloutSlot, RolloutView};
+pub use rollout::{RolloutBad, RolloutDone, RolloutSlot, RolloutView, UnhealthyReplica};
 
 use crate::ownership::Slot;
 use crate::spec::{HumanDuration, Protocol};

@@ -1,7 +1,8 @@
 //! What a worker knows of its site's fleet rollouts (`docs/cluster.md`,
 //! "Rollouts"): who holds each service's rollout slots, which nodes have
-//! upgraded to which version, which versions are marked bad, as read from
-//! etcd once per plan, or why it could not be read. Part of
+//! upgraded to which version, which versions are marked bad, which replicas
+//! are registered unhealthy, as read from etcd once per plan, or why it
+//! could not be read. Part of
 //! [`Observed`](super::Observed) when a service of the node has
 //! `upgrade.rollout`; not part of the fingerprint.
 
@@ -26,6 +27,10 @@ pub struct RolloutView {
     /// Every version marked bad, by service and version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bad: Vec<RolloutBad>,
+    /// Every replica registered unhealthy (`{prefix}/replicas/`), by
+    /// service and address: a canary node's makes its version bad.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unhealthy: Vec<UnhealthyReplica>,
 }
 
 impl RolloutView {
@@ -82,5 +87,22 @@ pub struct RolloutBad {
     /// Why.
     pub reason: String,
     /// When (seconds since the Unix epoch).
+    pub since: u64,
+}
+
+/// A replica its worker registered unhealthy (from the worker's own probes).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnhealthyReplica {
+    /// The service.
+    pub service: String,
+    /// The address it serves at.
+    pub address: String,
+    /// The worker it runs on.
+    pub node: String,
+    /// Its container's spec hash.
+    pub version: String,
+    /// Since when it has been registered unhealthy (seconds since the
+    /// Unix epoch, the worker's clock).
     pub since: u64,
 }

@@ -67,8 +67,8 @@ impl<'a> Answers<'a> {
 
     /// By the registrations: the address of `service`'s replica at `pair`
     /// that an upgrade in flight moves new connections away from. Its
-    /// worker drains it and removes it next, so a node that already sends
-    /// the replica's new connections elsewhere must not send them back
+    /// worker published its ready (or promoted) next version, drains this
+    /// address and removes it next: new connections must not go (back)
     /// there, even when the next version's registration flips meanwhile (a
     /// rollback withdraws the upgrade first).
     pub(super) fn leaving(&self, service: &str, pair: ReplicaAddresses) -> Option<IpAddr> {
@@ -79,6 +79,27 @@ impl<'a> Answers<'a> {
             let (from, to) = (u.from.parse().ok()?, u.to.parse().ok()?);
             (u.service == service && pair.contains(from) && pair.contains(to)).then_some(from)
         })
+    }
+
+    /// How a canary's promotion reaches this node, for people (the canary
+    /// holds new connections at `at`).
+    pub(super) fn promotion(&self, at: IpAddr) -> String {
+        match self {
+            Answers::Registered(_) => "the worker publishes its upgrade in etcd".to_string(),
+            Answers::Probed(_) => format!("{at} stops answering this node's probes"),
+        }
+    }
+
+    /// Why new connections left a promoted canary's old address, for people.
+    pub(super) fn promoted(&self) -> &'static str {
+        match self {
+            Answers::Registered(_) => {
+                "the canary was promoted: the worker published its upgrade in etcd"
+            }
+            Answers::Probed(_) => {
+                "the canary was promoted: the old version stopped answering and the next one answers there"
+            }
+        }
     }
 
     /// Why a replica is back in the spread, for people.

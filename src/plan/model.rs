@@ -143,6 +143,14 @@ pub enum Resource {
         /// The load-balancer node.
         node: String,
     },
+    /// A version of a service marked bad in its fleet rollout
+    /// (`{prefix}/rollouts/{service}/{version}/bad`).
+    RolloutBad {
+        /// The service.
+        service: String,
+        /// The version.
+        version: String,
+    },
 }
 
 impl Resource {
@@ -163,6 +171,9 @@ impl Resource {
                 from,
                 node,
             } => format!("ack.{service}.{from}.{node}"),
+            Resource::RolloutBad { service, version } => {
+                format!("rollout_bad.{service}.{version}")
+            }
         }
     }
 }

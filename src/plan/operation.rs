@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Decision, InFlight};
 use crate::cluster::handshake::{Handshake, SwitchAck};
-use crate::cluster::rollout::Turn;
+use crate::cluster::rollout::{BadMark, Turn};
 use crate::desired::DesiredContainer;
 use crate::model::{IpRule, NftRule, NftTable, OwnedAddress, Route};
 use crate::spec::{HumanDuration, Percent, Protocol, Service};
@@ -380,6 +380,13 @@ pub enum Operation {
         to: IpAddr,
         /// What this node writes (the version registered at `to`).
         ack: SwitchAck,
+    },
+    /// With `upgrade.rollout`, on a worker waiting to start a version: mark
+    /// the version bad in etcd (`{version}/bad`, only if absent) because a
+    /// canary node's replica of it turned unhealthy.
+    MarkRolloutBad {
+        /// The version, the canary node and why.
+        mark: Box<BadMark>,
     },
 }
 

@@ -5,15 +5,18 @@
 //! at a time; the others wait `hold` after the last canary finished, then
 //! start while a slot is free. An upgrade that may start carries its
 //! [`Turn`] (apply takes the slot); one that may not is left out of the
-//! plan, which says why.
+//! plan, which says why. A canary node's replica of the version registered
+//! unhealthy for [`UNHEALTHY_FOR_SECS`] makes the plan mark the version
+//! bad instead ([`BadMark`]); registered unhealthy for less, the upgrade
+//! waits.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::operation::Operation;
-use super::{Change, Decision};
-use crate::cluster::rollout::Turn;
-use crate::desired::DesiredContainer;
-use crate::model::{Observed, RolloutDone, RolloutView};
+use super::{Action, Change, Decision, FieldChange, Resource};
+use crate::cluster::rollout::{BadMark, Turn};
+use crate::desired::{DesiredContainer, desired_node};
+use crate::model::{Observed, RolloutDone, RolloutView, UnhealthyReplica};
 use crate::spec::{Etcd, HumanDuration, Rollout, Service, Spec};
 
 /// A service's version as its rollout counts it: the hash of what makes
@@ -27,6 +30,11 @@ pub fn rollout_version(container: &DesiredContainer) -> String {
     }
     .spec_hash()
 }
+
+/// How long (in the whole seconds registrations carry) a canary node's
+/// replica must have been registered unhealthy before a waiting worker
+/// marks its version bad: one lost probe is not a verdict.
+pub const UNHEALTHY_FOR_SECS: u64 = 3;
 
 /// What the rollout lets a node's upgrade of a service do now.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +51,9 @@ pub(super) enum Verdict {
     Wait(String),
     /// Not at all: why, for the plan's warnings.
     Refuse(String),
+    /// Not at all, and mark the version bad: a canary node's replica of it
+    /// turned unhealthy.
+    Mark(Box<BadMark>),
 }
 
 /// What the rollouts did to a plan's changes: their lines and warnings.
@@ -111,6 +122,13 @@ pub(super) fn gate(
                 match &verdict {
                     Verdict::Wait(line) => gated.lines.push(line.clone()),
                     Verdict::Refuse(warning) => gated.warnings.push(warning.clone()),
+                    Verdict::Mark(mark) => {
+                        gated.lines.push(format!(
+                            "{name}: version {} does not start: this plan marks it bad: {}",
+                            mark.version, mark.reason
+                        ));
+                        kept.push(mark_change(mark));
+                    }
                     Verdict::Start { .. } => {}
                 }
                 decided.push((name, verdict.clone()));
@@ -214,6 +232,16 @@ fn verdict(
     done.sort_by_key(|d| (d.since, d.node.clone()));
     if let Some(canary) = &settings.canary {
         let wanted = canary.nodes.value.max(1) as usize;
+        let canaries = &done[..done.len().min(wanted)];
+        let hold = canary.hold.value.get().as_secs();
+        // Both times are whole seconds: one more, so the hold is never cut short.
+        let until = (canaries.len() == wanted)
+            .then(|| canaries.iter().map(|d| d.since).max().unwrap_or(0))
+            .map(|finished| finished.saturating_add(hold).saturating_add(1));
+        let canary_nodes: Vec<&str> = canaries.iter().map(|d| d.node.as_str()).collect();
+        if let Some(verdict) = unhealthy_canary(spec, name, version, &canary_nodes, until, view) {
+            return verdict;
+        }
         if done.len() < wanted {
             if !others.is_empty() {
                 return Verdict::Wait(format!(
@@ -230,16 +258,11 @@ fn verdict(
                 ),
             };
         }
-        let canaries = &done[..wanted];
-        let finished = canaries.iter().map(|d| d.since).max().unwrap_or(0);
-        let hold = canary.hold.value.get().as_secs();
-        // Both times are whole seconds: one more, so the hold is never cut short.
-        let until = finished.saturating_add(hold).saturating_add(1);
+        let until = until.unwrap_or(0);
         if view.read_at < until {
-            let names: Vec<&str> = canaries.iter().map(|d| d.node.as_str()).collect();
             return Verdict::Wait(format!(
                 "{name}: waits: version {version} passed its canary nodes ({}); the others start {} after the last finished, at {} (in {})",
-                names.join(", "),
+                canary_nodes.join(", "),
                 canary.hold.value,
                 at(until),
                 HumanDuration::secs(until - view.read_at)
@@ -259,6 +282,92 @@ fn verdict(
             "rollout: takes one of {max} slots for version {version} ({} nodes done)",
             done.len()
         ),
+    }
+}
+
+/// The verdict when a replica of `service` at `version` on one of the
+/// canary nodes `canaries` (done with it) is registered unhealthy: marks
+/// the version bad once it has been so for [`UNHEALTHY_FOR_SECS`], else
+/// waits. `hold_until`: when the canary hold ends (`None`: canary nodes
+/// are still to come). The registered version is the replica container's
+/// spec hash, which this node computes from the spec for the canary node.
+fn unhealthy_canary(
+    spec: &Spec,
+    service: &str,
+    version: &str,
+    canaries: &[&str],
+    hold_until: Option<u64>,
+    view: &RolloutView,
+) -> Option<Verdict> {
+    let of_version = |replica: &&UnhealthyReplica| {
+        replica.service == service
+            && canaries.contains(&replica.node.as_str())
+            && desired_node(spec, &replica.node)
+                .services
+                .iter()
+                .any(|(s, c)| s.name.value == service && c.spec_hash() == replica.version)
+    };
+    let unhealthy: Vec<&UnhealthyReplica> = view.unhealthy.iter().filter(of_version).collect();
+    let settled =
+        |r: &&&UnhealthyReplica| view.read_at >= r.since.saturating_add(UNHEALTHY_FOR_SECS);
+    if let Some(replica) = unhealthy.iter().find(settled) {
+        let Some(cluster) = &spec.cluster else {
+            return None;
+        };
+        let when = match hold_until {
+            Some(until) if replica.since >= until => {
+                "after the canary hold, while the rollout went on"
+            }
+            _ => "during the canary hold",
+        };
+        return Some(Verdict::Mark(Box::new(BadMark {
+            etcd: cluster.etcd.value.clone(),
+            service: service.to_string(),
+            version: version.to_string(),
+            node: replica.node.clone(),
+            reason: format!(
+                "{}'s replica {} of version {version} turned unhealthy {when} (registered unhealthy since {})",
+                replica.node,
+                replica.address,
+                at(replica.since)
+            ),
+        })));
+    }
+    unhealthy.first().map(|replica| {
+        let by = replica.since.saturating_add(UNHEALTHY_FOR_SECS);
+        Verdict::Wait(format!(
+            "{service}: waits: canary node {}'s replica {} of version {version} is registered unhealthy since {}; if it still is at {}, the version is marked bad",
+            replica.node,
+            replica.address,
+            at(replica.since),
+            at(by)
+        ))
+    })
+}
+
+/// The change that marks `mark`'s version bad in etcd.
+fn mark_change(mark: &BadMark) -> Change {
+    let field = |name: &str, value: &str| FieldChange {
+        name: name.into(),
+        old: None,
+        new: Some(value.to_string().into()),
+    };
+    Change {
+        action: Action::Create,
+        resource: Resource::RolloutBad {
+            service: mark.service.clone(),
+            version: mark.version.clone(),
+        },
+        reason: format!(
+            "a canary node's replica of version {} turned unhealthy: no other node starts it",
+            mark.version
+        ),
+        fields: vec![field("node", &mark.node), field("reason", &mark.reason)],
+        diff: Vec::new(),
+        upgrade: None,
+        operation: Operation::MarkRolloutBad {
+            mark: Box::new(mark.clone()),
+        },
     }
 }
 
@@ -294,7 +403,7 @@ fn at(seconds: u64) -> String {
 mod tests {
     use super::*;
     use crate::cluster::handshake::tests as handshake;
-    use crate::model::{RolloutBad, RolloutSlot};
+    use crate::model::{RolloutBad, RolloutSlot, UnhealthyReplica};
     use crate::plan::Plan;
 
     /// The example: api rolls out (maxParallel 1, one canary node, hold 5m).
@@ -499,6 +608,134 @@ mod tests {
         assert!(turn.resumed && turn.last, "{turn:?}");
         assert_eq!(turn.version, rollout_version(&container));
         assert!(plan.rollouts.is_empty(), "{:?}", plan.rollouts);
+    }
+
+    /// web-2's replica of api at `version` registered unhealthy since `since`.
+    fn unhealthy_on_web_2(version: &str, since: u64) -> UnhealthyReplica {
+        UnhealthyReplica {
+            service: "api".into(),
+            address: "10.20.2.254".into(),
+            node: "web-2".into(),
+            version: version.into(),
+            since,
+        }
+    }
+
+    /// The spec hash web-2's replica of api has at the spec's version.
+    fn web_2_hash() -> String {
+        let spec = spec();
+        let desired = desired_node(&spec, "web-2");
+        desired.services[0].1.spec_hash()
+    }
+
+    /// web-1's plan read at `read_at`, web-2 the canary done at 900 with
+    /// its replica of the version registered unhealthy since `since`; and
+    /// the version.
+    fn with_canary_unhealthy(read_at: u64, since: u64) -> (String, Plan) {
+        let (version, mut view) = version_and_view(read_at);
+        view.done.push(done("web-2", &version, 900));
+        view.unhealthy
+            .push(unhealthy_on_web_2(&web_2_hash(), since));
+        (version, plan_with(Some(view)))
+    }
+
+    /// The marks of `plan`.
+    fn marks(plan: &Plan) -> Vec<&BadMark> {
+        plan.changes
+            .iter()
+            .filter_map(|c| match &c.operation {
+                Operation::MarkRolloutBad { mark } => Some(mark.as_ref()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_canary_replica_unhealthy_for_a_moment_holds_the_others() {
+        let (version, plan) = with_canary_unhealthy(1000, 999);
+        assert!(!upgrades(&plan) && marks(&plan).is_empty(), "{plan:#?}");
+        assert_eq!(
+            plan.rollouts,
+            [format!(
+                "api: waits: canary node web-2's replica 10.20.2.254 of version {version} is registered unhealthy since 1970-01-01T00:16:39Z; if it still is at 1970-01-01T00:16:42Z, the version is marked bad"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_canary_replica_unhealthy_for_long_enough_marks_the_version_bad() {
+        let (version, plan) = with_canary_unhealthy(1000, 1000 - UNHEALTHY_FOR_SECS);
+        assert!(!upgrades(&plan), "{plan:#?}");
+        let reason = format!(
+            "web-2's replica 10.20.2.254 of version {version} turned unhealthy during the canary hold (registered unhealthy since 1970-01-01T00:16:37Z)"
+        );
+        assert_eq!(
+            marks(&plan),
+            [&BadMark {
+                etcd: spec().cluster.expect("cluster").etcd.value,
+                service: "api".into(),
+                version: version.clone(),
+                node: "web-2".into(),
+                reason: reason.clone(),
+            }]
+        );
+        assert_eq!(
+            plan.rollouts,
+            [format!(
+                "api: version {version} does not start: this plan marks it bad: {reason}"
+            )]
+        );
+        let text = crate::plan::render::render(&plan, crate::style::Style::Plain);
+        assert!(
+            text.contains(&format!(
+                "# rollout_bad.api.{version} will be created: a canary node's replica of version {version} turned unhealthy: no other node starts it"
+            )) && text.contains("+ node   = \"web-2\""),
+            "{text}"
+        );
+        let json = serde_json::to_value(&plan).expect("JSON");
+        let op = json["changes"]
+            .as_array()
+            .and_then(|changes| {
+                changes
+                    .iter()
+                    .map(|c| &c["operation"])
+                    .find(|o| o["op"] == "mark-rollout-bad")
+            })
+            .expect("the mark in the JSON plan");
+        assert_eq!(op["mark"]["node"], "web-2", "{op:#}");
+        let back: Plan = serde_json::from_value(json).expect("the plan reads back");
+        assert_eq!(marks(&back), marks(&plan));
+    }
+
+    #[test]
+    fn a_canary_replica_turning_unhealthy_after_the_hold_still_counts_until_this_node_is_done() {
+        let (_, plan) = with_canary_unhealthy(2000, 1500);
+        assert!(!upgrades(&plan), "{plan:#?}");
+        assert!(
+            marks(&plan)[0]
+                .reason
+                .contains("turned unhealthy after the canary hold, while the rollout went on"),
+            "{plan:#?}"
+        );
+    }
+
+    #[test]
+    fn unhealthy_replicas_of_another_version_or_a_node_not_done_are_not_the_canarys() {
+        let (version, mut view) = version_and_view(1000);
+        view.done.push(done("web-2", &version, 900));
+        // web-2's replica at its old version, and web-3's (done with nothing).
+        view.unhealthy.push(unhealthy_on_web_2("sha256:old", 500));
+        view.unhealthy.push(UnhealthyReplica {
+            node: "web-3".into(),
+            ..unhealthy_on_web_2(&web_2_hash(), 500)
+        });
+        let plan = plan_with(Some(view));
+        assert!(marks(&plan).is_empty(), "{plan:#?}");
+        assert!(
+            plan.rollouts[0].contains("passed its canary nodes (web-2)"),
+            "{:?}",
+            plan.rollouts
+        );
     }
 
     #[test]

@@ -838,8 +838,9 @@ struct Target<'a> {
 /// - the address recorded in the table stays while its recorded version is the
 ///   spec's, unless it stops answering and the other answers (failover);
 ///   with the spec's `cluster:`, the old address of an upgrade in flight
-///   never answers for a node that no longer sends there (no failing back
-///   to a replica being drained and removed);
+///   does not answer (no failing back to a replica being drained and
+///   removed; a canary's promotion), except for a node whose spec is
+///   behind and still sends there;
 /// - when the spec's version differs (an upgrade on the worker), the other
 ///   address takes over as soon as it answers; with `stop-start` the worker
 ///   replaces the replica in place, so the address stays; with a canary, it
@@ -893,11 +894,14 @@ pub(super) fn load_balancing(
             let current = [pair.address, pair.next_address]
                 .into_iter()
                 .find_map(|a| Some((a, *recorded.get(&a)?)));
-            // The address an upgrade in flight leaves answers only for a
-            // node still sending there (one whose spec is behind may).
+            let wanted = version_tag(&replica_container(service, replica).spec_hash());
+            // The address an upgrade in flight leaves does not answer (the
+            // worker published its ready next version: a canary's
+            // promotion reaches this node that way), except for a node
+            // whose spec is behind and still sends there.
             let leaving = source
                 .leaving(name, pair)
-                .filter(|from| current.is_none_or(|(at, _)| at != *from));
+                .filter(|from| current != Some((*from, wanted)));
             let answers = |address: IpAddr| match leaving {
                 Some(from) if from == address => Some(false),
                 _ => source.at(name, address),
@@ -918,7 +922,6 @@ pub(super) fn load_balancing(
                 });
                 continue;
             }
-            let wanted = version_tag(&replica_container(service, replica).spec_hash());
             let other_answers = |a: IpAddr| healthy(pair.other(a));
             let (address, tag, why) = match current {
                 None if healthy(pair.address) || !healthy(pair.next_address) => {
@@ -938,8 +941,9 @@ pub(super) fn load_balancing(
                 }
                 Some((at, tag)) if canary && other_answers(at) && healthy(at) => {
                     canaries.insert(format!(
-                        "{name} on {node} ({at}): canary: new connections stay here while the worker sends a share of them on to {}; they move there once the worker promotes it ({at} stops answering this node's probes)",
-                        pair.other(at)
+                        "{name} on {node} ({at}): canary: new connections stay here while the worker sends a share of them on to {}; they move there once the worker promotes it ({})",
+                        pair.other(at),
+                        source.promotion(at)
                     ));
                     (at, tag, None)
                 }
@@ -947,7 +951,7 @@ pub(super) fn load_balancing(
                     pair.other(at),
                     wanted,
                     Some(if canary {
-                        "the canary was promoted: the old version stopped answering and the next one answers there"
+                        source.promoted()
                     } else {
                         "the next version answers there"
                     }),

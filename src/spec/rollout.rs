@@ -22,8 +22,10 @@ pub struct Rollout {
     pub max_parallel: Located<u32>,
     /// The canary nodes: the first nodes to upgrade do so one at a time,
     /// and the others start only `hold` after the last of them finished.
-    /// A canary node whose upgrade fails marks the version bad: no other
-    /// node starts it until the spec changes. Without it, nodes start as
+    /// A canary node whose upgrade fails, or whose replica of the version
+    /// turns unhealthy afterwards (while other nodes still wait to start
+    /// it), marks the version bad: no other node starts it until the spec
+    /// changes; the canary keeps running it. Without it, nodes start as
     /// slots are free (a failed upgrade on any node marks the version bad).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<Located<RolloutCanary>>,

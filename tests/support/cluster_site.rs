@@ -258,12 +258,21 @@ impl Drop for KeyClock {
 /// The first line of `agent`'s output containing every one of `parts`,
 /// waited for up to `within`; panics with the output when none comes.
 pub fn wait_output(agent: &Process, parts: &[&str], within: Duration) -> (Instant, String) {
+    wait_output_after(agent, None, parts, within)
+}
+
+/// As [`wait_output`], counting only lines that came after `since` (when given).
+pub fn wait_output_after(
+    agent: &Process,
+    since: Option<Instant>,
+    parts: &[&str],
+    within: Duration,
+) -> (Instant, String) {
     let deadline = Instant::now() + within;
     loop {
-        let found = agent
-            .lines_with(parts[0])
-            .into_iter()
-            .find(|(_, line)| parts.iter().all(|p| line.contains(p)));
+        let found = agent.lines_with(parts[0]).into_iter().find(|(at, line)| {
+            since.is_none_or(|since| *at > since) && parts.iter().all(|p| line.contains(p))
+        });
         if let Some(found) = found {
             return found;
         }

@@ -4,7 +4,8 @@
 //! `lessnat demo` runs it as its demo app (`lessnat demo-server ARGS`, [`run`]).
 //!
 //! HTTP endpoints (every response carries `X-Version: TEXT`):
-//! `GET /` → `TEXT`; `GET /healthz` → `ok` (503 with `--unhealthy`);
+//! `GET /` → `TEXT`; `GET /healthz` → `ok` (503 with `--unhealthy`, or
+//! while the file of `--unhealthy-file` exists);
 //! `GET /peer` → the client's `ip:port`; `GET /hold?ms=N` → `TEXT` after N ms;
 //! `GET /stream?chunks=N&ms=M` → N chunks M ms apart. UDP: each datagram is
 //! answered with `TEXT <peer>`.
@@ -19,6 +20,7 @@ mod http;
 use std::fmt::Write as _;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,13 +33,16 @@ use crate::http::{Request, parse_request, read_head};
 
 const USAGE: &str = "\
 usage: lessnat-testserver [--listen ADDR:PORT]... [--udp ADDR:PORT]...
-                          [--version TEXT] [--unhealthy] [--grace MS]
+                          [--version TEXT] [--unhealthy] [--unhealthy-file PATH]
+                          [--grace MS]
 
   --listen ADDR:PORT  serve HTTP on this TCP address (repeatable); `:PORT`
                       means every address (IPv6 and IPv4, or IPv4 only)
   --udp ADDR:PORT     answer UDP datagrams on this address (repeatable)
   --version TEXT      the version to report (default `dev`)
   --unhealthy         /healthz answers 503
+  --unhealthy-file PATH
+                      /healthz answers 503 while PATH exists
   --grace MS          on SIGTERM, wait at most this long for requests in
                       progress (default 10000)
 
@@ -93,6 +98,7 @@ struct Config {
     udp: Vec<Bind>,
     version: String,
     healthy: bool,
+    unhealthy_file: Option<PathBuf>,
     grace: Duration,
 }
 
@@ -102,6 +108,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
         udp: Vec::new(),
         version: "dev".to_string(),
         healthy: true,
+        unhealthy_file: None,
         grace: Duration::from_secs(10),
     };
     let mut args = args.into_iter();
@@ -112,6 +119,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
             "--udp" => config.udp.push(Bind::parse(&value()?)?),
             "--version" => config.version = value()?,
             "--unhealthy" => config.healthy = false,
+            "--unhealthy-file" => config.unhealthy_file = Some(PathBuf::from(value()?)),
             "--grace" => {
                 let ms = value()?;
                 let ms = ms.parse().map_err(|_| format!("bad --grace {ms:?}"))?;
@@ -131,8 +139,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Config>, 
 struct Server {
     version: String,
     healthy: bool,
+    unhealthy_file: Option<PathBuf>,
     stopping: AtomicBool,
     in_flight: AtomicUsize,
+}
+
+impl Server {
+    /// Whether `/healthz` answers `ok` now.
+    fn healthy(&self) -> bool {
+        self.healthy && !self.unhealthy_file.as_ref().is_some_and(|f| f.exists())
+    }
 }
 
 /// Counts a request as in progress while it lives.
@@ -188,6 +204,7 @@ fn serve(config: &Config, signals: &SigSet) -> Result<(), String> {
     let server = Arc::new(Server {
         version: config.version.clone(),
         healthy: config.healthy,
+        unhealthy_file: config.unhealthy_file.clone(),
         stopping: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
     });
@@ -363,7 +380,7 @@ fn respond(
     let version = format!("{}\n", server.version);
     let reply = match (request.method.as_str(), request.path.as_str()) {
         ("GET" | "HEAD", "/") => Reply::text(200, &version),
-        ("GET" | "HEAD", "/healthz") if server.healthy => Reply::text(200, "ok\n"),
+        ("GET" | "HEAD", "/healthz") if server.healthy() => Reply::text(200, "ok\n"),
         ("GET" | "HEAD", "/healthz") => Reply::text(503, "unhealthy\n"),
         ("GET" | "HEAD", "/peer") => Reply::text(200, &format!("{peer}\n")),
         ("GET" | "HEAD", "/hold") => match millis(request, "ms") {
@@ -466,6 +483,8 @@ mod tests {
             "--version",
             "v2",
             "--unhealthy",
+            "--unhealthy-file",
+            "/unhealthy",
             "--grace",
             "250",
         ])
@@ -475,11 +494,30 @@ mod tests {
         assert_eq!(config.udp, vec![Bind::Any(53)]);
         assert_eq!(config.version, "v2");
         assert!(!config.healthy);
+        assert_eq!(config.unhealthy_file, Some(PathBuf::from("/unhealthy")));
         assert_eq!(config.grace, Duration::from_millis(250));
         assert_eq!(args(&["--help"]), Ok(None));
         assert!(args(&[]).is_err());
         assert!(args(&["--listen"]).is_err());
         assert!(args(&["--listen", ":1", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn health_fails_while_the_unhealthy_file_exists() {
+        let file =
+            std::env::temp_dir().join(format!("testserver-unhealthy-{}", std::process::id()));
+        let server = Server {
+            version: "v1".into(),
+            healthy: true,
+            unhealthy_file: Some(file.clone()),
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        };
+        assert!(server.healthy());
+        std::fs::write(&file, "").unwrap();
+        assert!(!server.healthy());
+        std::fs::remove_file(&file).unwrap();
+        assert!(server.healthy());
     }
 
     #[test]
