@@ -10,7 +10,7 @@
 
 use super::ApplyError;
 use super::progress::Progress;
-use crate::cluster::rollout::{BadMark, Taken, Turn};
+use crate::cluster::rollout::{BadMark, Held, Taken, Turn};
 use crate::error::chain;
 
 /// Runs `upgrade` in `turn` (or at once without a rollout); returns what
@@ -68,7 +68,20 @@ pub(super) fn in_turn(
         }
     };
     let result = upgrade(progress);
-    let (ended, said) = match &result {
+    end_in_slot(progress, turn, held, &result);
+    result
+}
+
+/// Frees `held` once `turn`'s upgrade ended with `result`: with `done`
+/// written when it succeeded, with the version marked bad when it failed
+/// because of the version.
+fn end_in_slot(
+    progress: &mut Progress,
+    turn: &Turn,
+    held: Box<Held>,
+    result: &Result<usize, ApplyError>,
+) {
+    let (ended, said) = match result {
         Ok(_) if turn.last => (held.done(), "done: the slot is free"),
         Ok(_) => (held.done(), "the slot passes to this node's next upgrade"),
         Err(error) => match version_failure(error) {
@@ -82,6 +95,7 @@ pub(super) fn in_turn(
             ),
         },
     };
+    let service = &turn.service;
     match ended {
         Ok(()) => progress.step(&format!("{service}: rollout of version {}: {said}", turn.version)),
         Err(error) => progress.step(&format!(
@@ -89,17 +103,42 @@ pub(super) fn in_turn(
             chain(&error)
         )),
     }
-    result
 }
 
 /// An upgrade found in flight that resumes (it took its turn when it
-/// started): runs it without a slot, then records `done` (the node's last
-/// upgrade of the service) or `bad`.
+/// started, and must end either way): takes a slot again when it can (its
+/// own, if its lease has not expired, or a free one), so that other nodes
+/// wait for it; else resumes without one and says so. Then records `done`
+/// (the node's last upgrade of the service) or `bad`.
 fn resumed(
     progress: &mut Progress,
     turn: &Turn,
     upgrade: impl FnOnce(&mut Progress) -> Result<usize, ApplyError>,
 ) -> Result<usize, ApplyError> {
+    let service = &turn.service;
+    let without = match turn.take() {
+        Ok(Taken::Slot(held)) => {
+            progress.step(&format!(
+                "{service}: took rollout slot {} again for the upgrade to version {} found in flight",
+                held.slot(),
+                turn.version
+            ));
+            let result = upgrade(progress);
+            end_in_slot(progress, turn, held, &result);
+            return result;
+        }
+        Ok(Taken::Full(holders)) => format!(
+            "every rollout slot is held ({}), so more nodes than `maxParallel` may be upgrading {service} now",
+            holders.join(", ")
+        ),
+        Ok(Taken::Bad(by)) => format!("version {} was marked bad by {by}", turn.version),
+        Ok(Taken::Moved(done)) => format!("{done} other nodes are done with it"),
+        Err(error) => format!("etcd: {}", chain(&error)),
+    };
+    progress.step(&format!(
+        "{service}: the upgrade to version {} found in flight resumes without a rollout slot ({without})",
+        turn.version
+    ));
     let result = upgrade(progress);
     let recorded = match &result {
         Ok(_) if turn.last => Some((turn.record_done(), "done")),
@@ -111,7 +150,6 @@ fn resumed(
             )
         }),
     };
-    let service = &turn.service;
     match recorded {
         Some((Ok(()), said)) => progress.step(&format!(
             "{service}: rollout of version {} (resumed): {said}",

@@ -68,8 +68,9 @@ pub(super) struct Gated {
 /// Gives each new routed upgrade of a service with `upgrade.rollout` its
 /// turn, or leaves it out of `changes` when the rollout says to wait or
 /// refuses its version. An upgrade found in flight that resumes took its
-/// turn when it started: it takes no slot and only records `done` or
-/// `bad`; one that rolls back is left as it is.
+/// turn when it started: it may take any slot again (apply resumes it
+/// without one when none is free) and records `done` or `bad`; one that
+/// rolls back is left as it is.
 pub(super) fn gate(
     spec: &Spec,
     node: &str,
@@ -98,8 +99,10 @@ pub(super) fn gate(
         if let Some(found) = in_flight {
             if found.decision == Decision::Resume {
                 let version = rollout_version(&workload.container);
+                // It takes a slot again if it can (apply: its own, or a free one).
+                let slots = settings.max_parallel.value.max(1);
                 *rollout = spec.cluster.as_ref().map(|cluster| {
-                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, 0, None);
+                    let mut turn = new_turn(&cluster.etcd, node, &name, &version, slots, None);
                     turn.resumed = true;
                     turn
                 });
