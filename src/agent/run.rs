@@ -341,9 +341,7 @@ impl Agent {
             Some(error) if outcome == Outcome::Failed => Err(error.clone()),
             _ => Ok(()),
         });
-        let link = self.cluster.link();
-        self.metrics.cluster(link.as_ref());
-        self.state.cluster = link;
+        self.state.cluster = self.cluster.link();
         self.state.ran(Run {
             at: Timestamp::now(),
             trigger: wake.trigger,
@@ -359,7 +357,11 @@ impl Agent {
             wake.trigger.as_str(),
             self.state.runs
         ));
-        self.state_file.write(&self.state)?;
+        let written = self.state_file.write(&self.state);
+        // After the state file: whoever reads a gauge then `lessnat status`
+        // finds the same link there.
+        self.metrics.cluster(self.state.cluster.as_ref());
+        written?;
         Ok(outcome)
     }
 
