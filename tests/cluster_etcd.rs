@@ -2,7 +2,10 @@
 //! (`tests/support/etcd.rs`): leases keep their keys while kept alive, also
 //! across each member's death (the keep-alive opens its stream again); keys go when the lease ends; a watch sees puts
 //! and expiries; a dead etcd answers with an error within the timeout; a
-//! registrar whose lease was lost writes everything again under a new one.
+//! registrar whose lease was lost writes everything again under a new one;
+//! behind a slow link it keeps its lease while every call is answered in
+//! time, and stops renewing and writing once a renewal is not (so its
+//! lease expires instead of being kept alive by late renewals).
 
 mod support;
 
@@ -35,6 +38,49 @@ fn record_bytes() -> Vec<u8> {
         since: 0,
     })
     .expect("serialises")
+}
+
+/// A registrar of node `web-1` reaching etcd at `endpoints`, under
+/// `prefix` with a lease of `ttl_secs`.
+fn registrar_of(endpoints: &[String], prefix: &str, ttl_secs: u64) -> Registrar {
+    let yaml = format!(
+        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: {prefix}\n    leaseTtl: {ttl_secs}s\n\
+         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
+        endpoints.join(", ")
+    );
+    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
+    let settings = spec.cluster.as_ref().expect("cluster block");
+    Registrar::new(settings).expect("registrar")
+}
+
+/// A forwarder to the first member of `cluster` (`support::forward`) and a
+/// registrar ([`registrar_of`]) that reaches etcd through it only.
+fn registrar_through_a_forwarder(
+    cluster: &EtcdCluster,
+    prefix: &str,
+    ttl_secs: u64,
+) -> (Forwarder, Registrar) {
+    let link = Forwarder::start(
+        cluster
+            .endpoint(0)
+            .trim_start_matches("http://")
+            .parse()
+            .expect("member address"),
+    );
+    let registrar = registrar_of(&[link.url()], prefix, ttl_secs);
+    (link, registrar)
+}
+
+/// Replica `replica` of node `web-1`, a healthy primary.
+fn healthy_primary(replica: u32) -> ReplicaRecord {
+    ReplicaRecord {
+        node: "web-1".into(),
+        replica,
+        version: "sha256:aa".into(),
+        slot: ReplicaSlot::Primary,
+        healthy: true,
+        since: 0,
+    }
 }
 
 /// Retries `call` for up to 10 s (a member may be electing a leader).
@@ -183,22 +229,8 @@ fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_st
         return;
     }
     let cluster = EtcdCluster::start(3);
-    let yaml = format!(
-        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /reg\n    leaseTtl: 2s\n\
-         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
-        cluster.endpoints().join(", ")
-    );
-    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
-    let settings = spec.cluster.as_ref().expect("cluster block");
-    let mut registrar = Registrar::new(settings).expect("registrar");
-    let record = ReplicaRecord {
-        node: "web-1".into(),
-        replica: 1,
-        version: "sha256:aa".into(),
-        slot: ReplicaSlot::Primary,
-        healthy: true,
-        since: 0,
-    };
+    let mut registrar = registrar_of(&cluster.endpoints(), "/reg", 2);
+    let record = healthy_primary(1);
     let wanted = Wanted {
         node: "web-1".into(),
         record: serde_json::from_slice(&record_bytes()).expect("node record"),
@@ -230,41 +262,22 @@ fn a_registrar_whose_lease_was_lost_registers_everything_again_and_revokes_on_st
 }
 
 #[test]
-fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys() {
-    let test = "a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys";
+fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_on_every_step() {
+    let test = "a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_on_every_step";
     if !support::commands(test, &["etcd"]) {
         return;
     }
     let cluster = EtcdCluster::start(3);
-    let link = Forwarder::start(
-        cluster
-            .endpoint(0)
-            .trim_start_matches("http://")
-            .parse()
-            .expect("member address"),
-    );
+    let (link, mut registrar) = registrar_through_a_forwarder(&cluster, "/slow", 3);
     // A round trip takes 1.4 s: within the 2 s timeout of each call, but
     // a few calls in a row take longer than the lease's 3 s.
     link.delay(Duration::from_millis(700));
-    let yaml = format!(
-        "version: 1\ncluster:\n  etcd:\n    endpoints: [{}]\n    prefix: /slow\n    leaseTtl: 3s\n\
-         nodes:\n  - name: web-1\n    address: 192.0.2.10\nservices: []\n",
-        link.url()
-    );
-    let spec = lessnat::spec::load_bytes("spec.yaml", yaml.as_bytes()).expect("valid spec");
-    let settings = spec.cluster.as_ref().expect("cluster block");
-    let mut registrar = Registrar::new(settings).expect("registrar");
     let replicas = (5..10)
         .map(|n| {
-            let record = ReplicaRecord {
-                node: "web-1".into(),
-                replica: n,
-                version: "sha256:aa".into(),
-                slot: ReplicaSlot::Primary,
-                healthy: true,
-                since: 0,
-            };
-            (("api".to_string(), format!("10.20.1.{n}")), record)
+            (
+                ("api".to_string(), format!("10.20.1.{n}")),
+                healthy_primary(n),
+            )
         })
         .collect();
     let wanted = Wanted {
@@ -272,10 +285,15 @@ fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys() {
         record: serde_json::from_slice(&record_bytes()).expect("node record"),
         replicas,
     };
-    // As the registration thread does: a step every 100 ms.
+    // As the registration thread does: a step every 100 ms; here each
+    // step has a write to make (one replica's health flips), so renewals
+    // must not wait for the writes.
+    let mut wanted = wanted;
     let mut leases = Vec::new();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
+        let flipping = wanted.replicas.values_mut().next().expect("a replica");
+        flipping.healthy = !flipping.healthy;
         registrar.step(&wanted).expect("a step within the timeouts");
         let (lease, _) = registrar.lease().expect("a lease");
         if leases.last() != Some(&lease) {
@@ -289,6 +307,99 @@ fn a_registrar_behind_a_slow_link_keeps_its_lease_while_it_writes_many_keys() {
     let read = etcd.get_prefix("/slow/").expect("read");
     let on_lease = read.entries.iter().filter(|e| e.lease == leases[0]).count();
     assert_eq!(on_lease, 6, "{read:?}");
+}
+
+#[test]
+fn a_registrar_behind_a_link_slower_than_its_timeouts_stops_renewing_and_writing_until_etcd_answers()
+ {
+    let test = "a_registrar_behind_a_link_slower_than_its_timeouts_stops_renewing_and_writing_until_etcd_answers";
+    if !support::commands(test, &["etcd"]) {
+        return;
+    }
+    let cluster = EtcdCluster::start(3);
+    // Renewals every 2 s. A blind renewal every few seconds, each landing
+    // 3 s late, would keep this lease alive for ever.
+    let ttl = Duration::from_secs(6);
+    let (link, mut registrar) = registrar_through_a_forwarder(&cluster, "/cut", ttl.as_secs());
+    let replica = |address: &str| (("api".to_string(), address.to_string()), healthy_primary(1));
+    let mut wanted = Wanted {
+        node: "web-1".into(),
+        record: serde_json::from_slice(&record_bytes()).expect("node record"),
+        replicas: [replica("10.20.1.5")].into(),
+    };
+    registrar.step(&wanted).expect("registered");
+    let (first, _) = registrar.lease().expect("a lease");
+    let etcd = Etcd::connect(&config(cluster.endpoints())).expect("client");
+    let keys = Keys::new("/cut");
+    let (node, later) = (keys.node("web-1"), keys.replica("api", "10.20.1.6"));
+    let present = |key: &str| {
+        etcd.get_prefix("/cut/")
+            .expect("read")
+            .entries
+            .iter()
+            .any(|e| e.key == key)
+    };
+    // Slower than every timeout (2 s a call), each way.
+    let latency = Duration::from_secs(3);
+    link.delay(latency);
+    let slowed = Instant::now();
+    // As the registration thread does: a step every 100 ms, 500 ms after
+    // an error. Once a renewal went unanswered (within a third of the TTL
+    // and a timeout), a second replica is wanted: it must not be written
+    // while renewals go unanswered, however late.
+    let mut gone = None;
+    let mut errors = 0;
+    while slowed.elapsed() < Duration::from_secs(25) {
+        if slowed.elapsed() > ttl / 3 + REQUEST_TIMEOUT + Duration::from_secs(1) {
+            wanted.replicas.extend([replica("10.20.1.6")]);
+        }
+        match registrar.step(&wanted) {
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => {
+                errors += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        assert!(
+            !present(&later),
+            "{:.3}s after the link slowed: a replica wanted while renewals went unanswered was written",
+            slowed.elapsed().as_secs_f64()
+        );
+        if gone.is_none() && !present(&node) {
+            gone = Some(slowed.elapsed());
+            eprintln!(
+                "the node's lease expired {:.3}s after the link slowed",
+                slowed.elapsed().as_secs_f64()
+            );
+        }
+        // Past when a write sent before the renewals stopped could land.
+        if gone.is_some_and(|g| slowed.elapsed() > g + 2 * latency) {
+            break;
+        }
+    }
+    assert!(errors > 0, "no step failed behind the slow link");
+    // The last renewal sent (within a third of the TTL and a timeout) lands
+    // `latency` late and keeps the lease for its TTL, then some slack.
+    let bound = ttl / 3 + REQUEST_TIMEOUT + latency + ttl + Duration::from_secs(2);
+    let gone =
+        gone.unwrap_or_else(|| panic!("the node's lease never expired behind the slow link"));
+    assert!(
+        gone < bound,
+        "the lease expired only {gone:?} after the link slowed"
+    );
+    // Fast again: a new lease, everything written under it.
+    link.delay(Duration::ZERO);
+    let restored = Instant::now();
+    retry("registering again", || registrar.step(&wanted));
+    let (second, _) = registrar.lease().expect("a lease");
+    assert_ne!(first, second, "the expired lease was kept");
+    let read = etcd.get_prefix("/cut/").expect("read");
+    let on_lease = read.entries.iter().filter(|e| e.lease == second).count();
+    assert_eq!(on_lease, 3, "{read:?}");
+    eprintln!(
+        "registered again {:.3}s after the link was fast again",
+        restored.elapsed().as_secs_f64()
+    );
 }
 
 #[test]

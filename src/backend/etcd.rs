@@ -85,6 +85,15 @@ pub enum EtcdError {
         /// How long it waited.
         timeout: Duration,
     },
+    /// The thread that keeps a lease alive could not start.
+    #[error("starting the thread that keeps etcd lease {id:x} alive")]
+    KeeperThread {
+        /// The lease.
+        id: LeaseId,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A lease is gone (expired or revoked).
     #[error(
         "etcd lease {id:x} has expired or was revoked; registrations must be made again under a new lease"
@@ -445,18 +454,20 @@ impl KeepAlive {
     /// that answers, and the renewal tried once more: a lease must outlive
     /// the member its keep-alive happened to use.
     pub fn renew(&mut self) -> Result<Duration, EtcdError> {
-        match self.renew_on_stream() {
+        match self.renew_once() {
             Err(EtcdError::LeaseGone { id }) => Err(EtcdError::LeaseGone { id }),
             Err(_) => {
                 *self = self.etcd.keep_alive(self.lease())?;
-                self.renew_on_stream()
+                self.renew_once()
             }
             renewed => renewed,
         }
     }
 
-    /// One renewal on the current stream.
-    fn renew_on_stream(&mut self) -> Result<Duration, EtcdError> {
+    /// One renewal on the current stream, which is not opened again when
+    /// it fails: the caller decides what an unanswered renewal means
+    /// (`cluster::lease`).
+    pub fn renew_once(&mut self) -> Result<Duration, EtcdError> {
         let id = self.keeper.id();
         let (keeper, stream) = (&mut self.keeper, &mut self.stream);
         let etcd = &self.etcd;

@@ -1,14 +1,16 @@
 //! A node's registrations: what it registers (its record, and on workers
 //! each routed replica it runs with its health by the worker's own probe),
-//! and the [`Registrar`] that keeps them in etcd under one lease. A new
-//! lease (after etcd was lost for longer than the TTL) gets everything
-//! written again; revoking the lease (a clean stop) removes it all at once.
+//! and the [`Registrar`] that keeps them in etcd under one lease
+//! ([`KeptLease`]). A new lease (after etcd was lost for longer than the
+//! TTL), or the same one kept alive again after a renewal went unanswered,
+//! gets everything written again; revoking the lease (a clean stop)
+//! removes it all at once.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::backend::etcd::{Etcd, EtcdError, KeepAlive, LeaseId};
+use crate::backend::etcd::{Etcd, EtcdError, LeaseId};
 use crate::desired::routed::{load_balancer_role, worker_role};
 use crate::model::{Container, Probe};
 use crate::ownership::Slot;
@@ -16,6 +18,7 @@ use crate::spec::{Cluster, NetworkMode, Spec};
 
 use super::config::{etcd_config, keys, lease_ttl};
 use super::keys::{Keys, NodeRecord, ReplicaRecord, ReplicaSlot, Role};
+use super::lease::{KeptLease, Renewals};
 
 /// A routed replica a worker runs: a running primary or next container
 /// wired in at an address.
@@ -180,12 +183,13 @@ pub struct Registrar {
 /// A lease being kept alive.
 #[derive(Debug)]
 struct Kept {
-    keeper: KeepAlive,
-    renewed: Instant,
+    lease: KeptLease,
     granted: Instant,
     /// When it was granted, in seconds since the Unix epoch: the node
     /// record's `since`.
     granted_unix: u64,
+    /// When its renewals were last answered, as of the last step.
+    answered: Option<Instant>,
 }
 
 impl Registrar {
@@ -202,7 +206,7 @@ impl Registrar {
 
     /// The lease the registrations live under, and when it was granted.
     pub fn lease(&self) -> Option<(LeaseId, Instant)> {
-        self.lease.as_ref().map(|k| (k.keeper.lease(), k.granted))
+        self.lease.as_ref().map(|k| (k.lease.id(), k.granted))
     }
 
     /// How many keys are written under the lease.
@@ -211,36 +215,34 @@ impl Registrar {
     }
 
     /// Makes etcd hold `wanted` under a live lease: grants one when there is
-    /// none (or it expired), renews it when a third of its TTL has passed,
-    /// writes what changed and deletes what is no longer wanted (in one
-    /// transaction). The node
+    /// none (or it expired), writes what changed and deletes what is no
+    /// longer wanted (in one transaction). The lease is renewed on a thread
+    /// of its own ([`KeptLease`]); once a renewal went unanswered, nothing
+    /// is written until etcd answers whether the lease is still there: if
+    /// it is, it is kept alive again and everything written again (writes
+    /// that timed out meanwhile may or may not have landed). The node
     /// record's `since` is when the lease was granted. Returns whether etcd
-    /// answered a call: a step with nothing due makes none, and says nothing
-    /// of whether etcd is reachable.
+    /// answered a call (a renewal counts): a step with nothing due makes
+    /// none, and says nothing of whether etcd is reachable.
     pub fn step(&mut self, wanted: &Wanted) -> Result<bool, EtcdError> {
-        let renew_every = self.ttl / 3;
         let mut answered = false;
         let mut expired = false;
-        if let Some(kept) = self.lease.as_mut()
-            && kept.renewed.elapsed() >= renew_every
-        {
-            match kept.keeper.renew() {
-                Ok(_) => {
-                    kept.renewed = Instant::now();
-                    answered = true;
-                }
-                Err(EtcdError::LeaseGone { .. }) => expired = true,
-                Err(error) => {
-                    // The stream may have broken with its member: keep
-                    // alive anew, unless the lease expired meanwhile (this
-                    // node was cut off for longer than its TTL; keeping it
-                    // alive would fail for ever): then grant another and
-                    // write everything again.
-                    let lease = kept.keeper.lease();
-                    match self.etcd.lease_left(lease) {
-                        Ok(Some(_)) => kept.keeper = self.etcd.keep_alive(lease)?,
-                        Ok(None) => expired = true,
-                        Err(_) => return Err(error),
+        if let Some(kept) = self.lease.as_mut() {
+            let renewed = kept.lease.answered();
+            answered = renewed > kept.answered;
+            kept.answered = renewed;
+            match kept.lease.renewals() {
+                Renewals::Answered => {}
+                Renewals::Gone => expired = true,
+                Renewals::Unanswered => {
+                    let id = kept.lease.id();
+                    match self.etcd.lease_left(id)? {
+                        Some(_) => {
+                            let keeper = self.etcd.keep_alive(id)?;
+                            kept.lease = KeptLease::start(keeper, self.ttl / 3)?;
+                            self.published.clear();
+                        }
+                        None => expired = true,
                     }
                     answered = true;
                 }
@@ -251,13 +253,14 @@ impl Registrar {
             self.published.clear();
         }
         let (lease, since) = match &self.lease {
-            Some(kept) => (kept.keeper.lease(), kept.granted_unix),
+            Some(kept) => (kept.lease.id(), kept.granted_unix),
             None => {
                 let lease = self.etcd.grant(self.ttl)?;
                 let keeper = self.etcd.keep_alive(lease)?;
+                let kept = KeptLease::start(keeper, self.ttl / 3)?;
                 self.lease = Some(Kept {
-                    keeper,
-                    renewed: Instant::now(),
+                    answered: kept.answered(),
+                    lease: kept,
                     granted: Instant::now(),
                     granted_unix: super::view::now(),
                 });
@@ -302,7 +305,7 @@ impl Registrar {
     pub fn revoke(&mut self) -> Result<(), EtcdError> {
         self.published.clear();
         match self.lease.take() {
-            Some(kept) => self.etcd.revoke(kept.keeper.lease()),
+            Some(kept) => self.etcd.revoke(kept.lease.id()),
             None => Ok(()),
         }
     }
